@@ -1,0 +1,291 @@
+"""One way to address data: ``s3://bucket/key`` URIs and local paths (plain or ``file://``).
+
+:class:`Storage` hands out pyarrow filesystems (for Ray Data and Parquet) and boto3 clients (for
+single objects). Both retry transient errors through the libraries' own retry settings
+(``AwsStandardS3RetryStrategy`` for pyarrow, botocore's ``standard`` retry mode for boto3).
+
+Credentials are resolved where the code runs, never stored in the config or pickled with it:
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from the environment first, then the JSON file named
+by ``credentials_file`` (or ``TESSERA_S3_CREDENTIALS_FILE``), then the AWS default chain (instance
+roles on a real cluster). The endpoint comes from config, else ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``; the region from config, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+
+Example::
+
+    store = Storage(StorageConfig())
+    store.write_bytes("s3://tessera-demo/hello.txt", b"hi")
+    fs, path = store.filesystem("s3://tessera-demo/corpus/items/")
+    table = pyarrow.parquet.read_table(path, filesystem=fs)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from pydantic import Field
+
+from tessera.config import TesseraConfig
+
+CREDENTIALS_FILE_ENV = "TESSERA_S3_CREDENTIALS_FILE"
+
+
+class StorageConfig(TesseraConfig):
+    """Where object storage is and how hard to retry.
+
+    Args:
+        endpoint_url: S3 endpoint (``http://127.0.0.1:8333`` for the embedded store); None means the
+            environment's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS itself.
+        region: S3 region; None means ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+        credentials_file: JSON file with ``access_key_id`` and ``secret_access_key`` (used only when
+            the standard AWS environment variables are not set).
+        max_attempts: total attempts per request, retries included, for transient errors.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    credentials_file: str | None = None
+    max_attempts: int = Field(default=8, ge=1, le=50)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: ``scheme`` is ``"s3"`` or ``"file"``; ``path`` is ``bucket/key`` or a local path."""
+
+    scheme: str
+    path: str
+
+    @property
+    def bucket(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    @property
+    def key(self) -> str:
+        parts = self.path.split("/", 1)
+        return parts[1] if len(parts) == 2 else ""
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.path}" if self.scheme == "s3" else self.path
+
+
+def parse_uri(uri: str) -> Location:
+    """Parse ``s3://bucket/key``, ``file:///abs/path`` or a plain local path."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"expected a storage URI or path, got {uri!r}")
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        if not rest or rest.startswith("/"):
+            raise ValueError(f"S3 URI {uri!r} has no bucket")
+        return Location("s3", rest)
+    if uri.startswith("file://"):
+        return Location("file", os.path.abspath(urlparse(uri).path))
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use s3://bucket/key or a local path")
+    return Location("file", os.path.abspath(uri))
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with single slashes: ``join_uri("s3://b/x/", "y")`` -> ``s3://b/x/y``."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    access_key_id: str
+    secret_access_key: str
+
+    def __repr__(self) -> str:  # never print secrets
+        return "_Credentials(<redacted>)"
+
+
+class Storage:
+    """Filesystems and clients for the URIs Tessera reads and writes.
+
+    Cheap to construct and safe to pickle across the Ray boundary: it carries only the config;
+    credentials and clients are created lazily in the process that uses them.
+    """
+
+    def __init__(self, config: StorageConfig | None = None):
+        self.config = config or StorageConfig()
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint={self.endpoint_url!r}, region={self.region!r})"
+
+    # --- resolution -------------------------------------------------------------------------
+    @property
+    def endpoint_url(self) -> str | None:
+        return (self.config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+    @property
+    def region(self) -> str:
+        return (self.config.region or os.environ.get("AWS_REGION")
+                or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+    def _credentials(self) -> _Credentials | None:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            return _Credentials(key, secret)
+        path = self.config.credentials_file or os.environ.get(CREDENTIALS_FILE_ENV)
+        if path:
+            try:
+                data = json.loads(Path(path).read_text())
+                return _Credentials(data["access_key_id"], data["secret_access_key"])
+            except (OSError, ValueError, KeyError) as err:
+                raise RuntimeError(f"cannot read S3 credentials from {path}: {type(err).__name__}") from None
+        return None
+
+    # --- handles ----------------------------------------------------------------------------
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        """A pyarrow S3 filesystem for this store (one per thread, reused)."""
+        fs = getattr(self._local, "s3fs", None)
+        if fs is None:
+            creds = self._credentials()
+            kwargs: dict = {
+                "region": self.region,
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.config.max_attempts),
+                "connect_timeout": self.config.connect_timeout_s,
+                "request_timeout": self.config.request_timeout_s,
+            }
+            if creds:
+                kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
+            if self.endpoint_url:
+                parsed = urlparse(self.endpoint_url)
+                kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+            fs = pafs.S3FileSystem(**kwargs)
+            self._local.s3fs = fs
+        return fs
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """Return ``(pyarrow filesystem, path within it)`` for a URI or local path."""
+        loc = parse_uri(uri)
+        if loc.scheme == "s3":
+            return self.s3_filesystem(), loc.path
+        return pafs.LocalFileSystem(), loc.path
+
+    def client(self):
+        """A boto3 S3 client (one per thread, reused) with path-style addressing and standard retries."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = _make_client(self.endpoint_url, self.region, self._credentials(), self.config.max_attempts,
+                                  self.config.connect_timeout_s, self.config.request_timeout_s)
+            self._local.client = client
+        return client
+
+    # --- single objects ---------------------------------------------------------------------
+    def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """Read a whole object. Raises ``FileNotFoundError`` if absent, ``ValueError`` if over ``max_bytes``."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            p = Path(loc.path)
+            if max_bytes is not None and p.stat().st_size > max_bytes:
+                raise ValueError(f"{uri} is {p.stat().st_size} bytes, over the limit of {max_bytes}")
+            return p.read_bytes()
+        from botocore.exceptions import ClientError
+
+        try:
+            resp = self.client().get_object(Bucket=loc.bucket, Key=loc.key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise FileNotFoundError(uri) from None
+            raise
+        size = resp.get("ContentLength")
+        if max_bytes is not None and size is not None and size > max_bytes:
+            resp["Body"].close()
+            raise ValueError(f"{uri} is {size} bytes, over the limit of {max_bytes}")
+        return resp["Body"].read()
+
+    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            p = Path(loc.path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+            return
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **extra)
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_json(self, uri: str):
+        return json.loads(self.read_bytes(uri))
+
+    def write_json(self, uri: str, obj) -> None:
+        self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode(), "application/json")
+
+    def list_files(self, prefix_uri: str, suffix: str = "") -> list[str]:
+        """All object URIs under a prefix (recursive), sorted; empty when the prefix does not exist."""
+        return sorted(self._iter_files(prefix_uri, suffix))
+
+    def _iter_files(self, prefix_uri: str, suffix: str) -> Iterator[str]:
+        loc = parse_uri(prefix_uri)
+        fs, path = self.filesystem(prefix_uri)
+        selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
+        for info in fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.path.endswith(suffix):
+                yield f"s3://{info.path}" if loc.scheme == "s3" else info.path
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        """Delete everything under a prefix (used by tests and explicit ``--overwrite`` only)."""
+        fs, path = self.filesystem(prefix_uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir_contents(path.rstrip("/"), missing_dir_ok=True)
+
+    def ensure_bucket(self, uri: str) -> None:
+        """Create the bucket of an ``s3://`` URI if it does not exist (no-op for local paths)."""
+        loc = parse_uri(uri)
+        if loc.scheme != "s3":
+            Path(loc.path).mkdir(parents=True, exist_ok=True)
+            return
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=loc.bucket)
+        except ClientError:
+            client.create_bucket(Bucket=loc.bucket)
+
+
+@functools.lru_cache(maxsize=8)
+def _botocore_config(max_attempts: int, connect_timeout: float, read_timeout: float):
+    from botocore.config import Config
+
+    return Config(retries={"max_attempts": max_attempts, "mode": "standard"},
+                  s3={"addressing_style": "path"}, connect_timeout=connect_timeout,
+                  read_timeout=read_timeout, max_pool_connections=64)
+
+
+def _make_client(endpoint_url, region, creds, max_attempts, connect_timeout, read_timeout):
+    import boto3
+
+    kwargs = {"region_name": region, "config": _botocore_config(max_attempts, connect_timeout, read_timeout)}
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+    if creds:
+        kwargs.update(aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key)
+    session = boto3.session.Session()
+    return session.client("s3", **kwargs)
