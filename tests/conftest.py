@@ -55,18 +55,30 @@ def bucket_uri(storage) -> str:
     return f"s3://tessera-test/{uuid.uuid4().hex[:12]}"
 
 
+def pytest_configure(config):
+    """Turn Ray token auth on before anything imports Ray: its core reads the mode once, at import."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.pop("RAY_ADDRESS", None)
+    token_dir = Path(config.rootpath) / ".pytest_cache"
+    token_dir.mkdir(exist_ok=True)
+    token = token_dir / f"ray_auth_token_{os.getpid()}"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
+def pytest_unconfigure(config):
+    Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "/nonexistent")).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
-def ray_session(embedded_s3, tessera_home):
-    """A real local Ray (2 CPUs, token auth on) for the session, started after the S3 env is set."""
+def ray_session(embedded_s3):
+    """A real local Ray (2 CPUs, token auth on) for the session, started after the S3 env is set,
+    so that its workers inherit the object store settings."""
     import ray
 
-    token = tessera_home / "ray_auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,40 @@
+"""Generate the sample multimodal corpus into object storage.
+
+    python -m jobs.make_corpus --config configs/corpus.yaml [--force]
+    ray job submit --working-dir . -- python -m jobs.make_corpus --config configs/corpus.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tessera.config import ConfigError, load_config
+from tessera.corpus import CorpusConfig, generate_corpus
+from tessera.ray_utils import init_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--config", default="configs/corpus.yaml")
+    parser.add_argument("--force", action="store_true", help="regenerate even if the same corpus exists")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(CorpusConfig, args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    init_ray()
+    manifest = generate_corpus(cfg, force=args.force)
+    c = manifest["counts"]
+    state = "already present (same settings), kept" if manifest.get("reused") else "written"
+    print(f"corpus {state} at {cfg.root}: {c['items']} items ({c['with_text']} with text, "
+          f"{c['with_image']} with image, {c['with_audio']} with audio, {c.get('real_media', 0)} real media), "
+          f"{sum(c.get('bad', {}).values())} deliberately bad, {c['users']} users, {c['interactions']} interactions")
+    print(json.dumps(manifest["counts"], sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

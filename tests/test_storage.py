@@ -1,0 +1,73 @@
+import os
+import pickle
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tessera.storage import Storage, StorageConfig, join_uri, parse_uri
+
+
+def test_parse_and_join():
+    assert parse_uri("s3://b/k/x").bucket == "b" and parse_uri("s3://b/k/x").key == "k/x"
+    assert parse_uri("file:///tmp/a").path == "/tmp/a"
+    assert parse_uri("rel/path").scheme == "file"
+    assert join_uri("s3://b/x/", "/y/", "z") == "s3://b/x/y/z"
+    for bad in ("gs://b/k", "s3://", "", "s3:///k"):
+        with pytest.raises(ValueError):
+            parse_uri(bad)
+
+
+def test_s3_round_trip_listing_and_missing(storage, bucket_uri):
+    storage.write_bytes(join_uri(bucket_uri, "a/one.bin"), b"1")
+    storage.write_bytes(join_uri(bucket_uri, "a/b/two.bin"), b"22")
+    storage.write_json(join_uri(bucket_uri, "m.json"), {"x": 1})
+    assert storage.read_bytes(join_uri(bucket_uri, "a/b/two.bin")) == b"22"
+    assert storage.read_json(join_uri(bucket_uri, "m.json")) == {"x": 1}
+    assert storage.list_files(join_uri(bucket_uri, "a")) == [join_uri(bucket_uri, "a/b/two.bin"),
+                                                             join_uri(bucket_uri, "a/one.bin")]
+    assert storage.list_files(join_uri(bucket_uri, "nothing-here")) == []
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(join_uri(bucket_uri, "absent"))
+    assert not storage.exists(join_uri(bucket_uri, "absent"))
+    with pytest.raises(ValueError, match="over the limit"):
+        storage.read_bytes(join_uri(bucket_uri, "a/b/two.bin"), max_bytes=1)
+
+
+def test_pyarrow_multipart_parquet_over_s3(storage, bucket_uri):
+    # 24 MiB of incompressible data forces a multipart upload (the identity config makes it allowed)
+    table = pa.table({"blob": [os.urandom(1 << 20) for _ in range(24)]})
+    fs, path = storage.filesystem(join_uri(bucket_uri, "big.parquet"))
+    pq.write_table(table, path, filesystem=fs, compression="none")
+    assert pq.read_table(path, filesystem=fs).equals(table)
+
+
+def test_local_paths(tmp_path):
+    s = Storage()
+    s.write_bytes(str(tmp_path / "x" / "y.bin"), b"abc")
+    assert s.read_bytes(f"file://{tmp_path}/x/y.bin") == b"abc"
+    assert s.list_files(str(tmp_path)) == [str(tmp_path / "x" / "y.bin")]
+
+
+def test_secrets_never_in_repr_or_pickle(storage, embedded_s3):
+    secret = embedded_s3.secret_access_key
+    assert secret not in repr(storage) and secret not in repr(embedded_s3)
+    assert secret.encode() not in pickle.dumps(storage)
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone.read_bytes is not None and clone.config == storage.config
+
+
+def test_credentials_file_used_when_env_absent(storage, bucket_uri, embedded_s3, tmp_path, monkeypatch):
+    import json
+
+    storage.write_bytes(join_uri(bucket_uri, "c.bin"), b"c")
+    creds = tmp_path / "creds.json"
+    creds.write_text(json.dumps({"access_key_id": embedded_s3.access_key_id,
+                                 "secret_access_key": embedded_s3.secret_access_key}))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s = Storage(StorageConfig(credentials_file=str(creds)))
+    assert s.read_bytes(join_uri(bucket_uri, "c.bin")) == b"c"
+    wrong = Storage(StorageConfig(credentials_file=str(tmp_path / "absent.json")))
+    with pytest.raises(RuntimeError, match="cannot read S3 credentials"):
+        wrong.read_bytes(join_uri(bucket_uri, "c.bin"))
