@@ -44,8 +44,7 @@ def _ray(action: str, num_cpus: int | None, num_gpus: int | None) -> int:
         print(f"Ray head up; dashboard {head.dashboard_url} (token auth on). "
               f"For `ray job submit`: source {path}")
     elif action == "down":
-        head.stop()
-        print("Ray stopped")
+        print("Ray head stopped" if head.stop() else "Ray head was not running")
     else:
         up = head.running()
         print(f"Ray head answering at {head.dashboard_url}" if up else "Ray head not running")

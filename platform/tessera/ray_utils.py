@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def init_ray(**kwargs) -> None:
     """Connect to the cluster a job was submitted to, or start a local Ray when there is none.
@@ -14,10 +12,5 @@ def init_ray(**kwargs) -> None:
     """
     import ray
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address.startswith("http"):
-        # RAY_ADDRESS names the dashboard for the Jobs CLI; a driver connects to the GCS instead.
-        address = "auto"
-    ray.init(address=address or None, log_to_driver=True, **kwargs)
+    if not ray.is_initialized():
+        ray.init(**kwargs)

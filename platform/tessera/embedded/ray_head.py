@@ -9,8 +9,10 @@ with the project's virtualenv first on ``PATH`` so that ``python -m jobs.<name>`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -22,13 +24,29 @@ from tessera.embedded.state import write_private
 
 
 class EmbeddedRay:
-    def __init__(self, home: Path, dashboard_port: int = 8265, gcs_port: int = 6379,
-                 num_cpus: int | None = None, num_gpus: int | None = None):
+    """A Ray head whose state (auth token) lives under ``home/ray``.
+
+    Args:
+        home: the state folder.
+        port_offset: added to the fixed Ray ports (GCS 6379, dashboard 8265, dashboard agent 52365;
+            the Ray client's 10001 moves to 20000 + offset), so that a second head (tests) can run
+            beside the demo's.
+        num_cpus / num_gpus: resources to advertise (logical GPUs work without a GPU).
+    """
+
+    def __init__(self, home: Path, port_offset: int = 0, num_cpus: int | None = None,
+                 num_gpus: int | None = None):
         self.root = Path(home) / "ray"
-        self.dashboard_port = dashboard_port
-        self.gcs_port = gcs_port
+        self.port_offset = port_offset
+        self.gcs_port = 6379 + port_offset
+        self.dashboard_port = 8265 + port_offset
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+
+    @property
+    def client_port(self) -> int:
+        # Ray's worker ports take 10002-19999, so a shifted client server port goes above them
+        return 10001 if self.port_offset == 0 else 20000 + self.port_offset
 
     @property
     def token_file(self) -> Path:
@@ -38,10 +56,20 @@ class EmbeddedRay:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def temp_dir(self) -> str:
+        """This head's own Ray temp dir (short: Ray's socket paths must stay under 107 bytes).
+
+        Every Ray process of this head carries it on its command line, which is how :meth:`stop`
+        stops this head and no other Ray on the machine."""
+        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return f"/tmp/tessera-ray-{digest}"
+
     def client_env(self) -> dict[str, str]:
-        """What a client (``ray job submit``, ``ray.init``) needs to reach this head."""
+        """What a client needs: ``ray job submit`` reads RAY_API_SERVER_ADDRESS (the dashboard),
+        a driver's ``ray.init()`` reads RAY_ADDRESS (the GCS)."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
-                "RAY_ADDRESS": self.dashboard_url}
+                "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
 
     def ensure_token(self) -> None:
         if not self.token_file.exists():
@@ -71,10 +99,13 @@ class EmbeddedRay:
         env.update(extra_env or {})
         env.update(self.client_env())
         env.pop("RAY_ADDRESS")
+        env.pop("RAY_API_SERVER_ADDRESS")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               "--disable-usage-stats"]
+               f"--ray-client-server-port={self.client_port}",
+               f"--dashboard-agent-listen-port={52365 + self.port_offset}",
+               "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         if self.num_gpus is not None:
@@ -89,7 +120,37 @@ class EmbeddedRay:
             time.sleep(1.0)
         raise TimeoutError(f"Ray dashboard did not answer on {self.dashboard_url} within {timeout_s:.0f}s")
 
-    def stop(self) -> None:
-        env = dict(os.environ)
-        env.update(self.client_env())
-        subprocess.run([self._ray(), "stop", "--force"], env=env, capture_output=True, text=True)
+    def _processes(self) -> list:
+        """This head's processes: those naming its temp dir, their descendants (workers and agents
+        rename themselves), and the Ray client server, which names the GCS port instead."""
+        import psutil
+
+        found: dict[int, psutil.Process] = {}
+        client_marker = f":{self.gcs_port} "
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info.get("cmdline") or []) + " "
+            if self.temp_dir in cmdline or ("ray.util.client.server" in cmdline and client_marker in cmdline):
+                found[proc.pid] = proc
+                try:
+                    found.update({c.pid: c for c in proc.children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+        return list(found.values())
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop this head's processes (and with its raylet, its workers); other Rays are left alone."""
+        import psutil
+
+        procs = self._processes()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return bool(procs)

@@ -1,0 +1,52 @@
+"""The embedded Ray head: token auth on, dashboard on loopback, `ray job submit` works with the token only.
+
+Starts its own head on other ports than the demo's, so it is marked slow (about 30 s) but runs in CI.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.embedded.ray_head import EmbeddedRay
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, embedded_s3):
+    home = tmp_path_factory.mktemp("ray-head")
+    h = EmbeddedRay(home, port_offset=1000, num_cpus=1)
+    h.start(extra_env=embedded_s3.env())
+    yield h
+    h.stop()
+
+
+def _submit(head, workdir, env_overrides, entry="python job.py"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(env_overrides)
+    return subprocess.run([RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", str(workdir),
+                           "--", *entry.split()], env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_job_submit_needs_the_token(head, tmp_path, embedded_s3):
+    (tmp_path / "job.py").write_text(
+        "import os, ray\nray.init()\nprint('CPUS', ray.cluster_resources().get('CPU'))\n"
+        "print('S3', os.environ.get('AWS_ENDPOINT_URL'))\n")
+    refused = _submit(head, tmp_path, {})
+    assert refused.returncode != 0
+    assert "uthentication" in refused.stdout + refused.stderr
+    ok = _submit(head, tmp_path, {k: v for k, v in head.client_env().items() if k != "RAY_ADDRESS"})
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert "CPUS 1.0" in ok.stdout
+    # the head hands the object store's endpoint to jobs, as an instance role would on a cluster
+    assert f"S3 {embedded_s3.endpoint_url}" in ok.stdout
+
+
+def test_token_file_private_and_dashboard_on_loopback(head):
+    assert oct(head.token_file.stat().st_mode & 0o777) == "0o600"
+    assert head.dashboard_url.startswith("http://127.0.0.1:")
+    assert head.running()
