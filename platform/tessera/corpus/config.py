@@ -67,7 +67,7 @@ class CorpusConfig(TesseraConfig):
     bad: BadItemShares = BadItemShares()
     missing: MissingShares = MissingShares()
     real_media: RealMediaConfig = RealMediaConfig()
-    upload_threads: int = Field(16, ge=1, le=256)
+    upload_threads: int = Field(8, ge=1, le=256)
     max_parts_in_flight: int = Field(4, ge=1)
     task_num_cpus: float = Field(1.0, gt=0)
     storage: StorageConfig = StorageConfig()

@@ -1,0 +1,1 @@
+"""Ray Serve applications (the recommender endpoint and its ``serve deploy`` YAML) live here."""
