@@ -1,0 +1,122 @@
+"""Ranker inputs: dense features and training lists with hard and random negatives (torch / numpy).
+
+Example::
+
+    ex = build_ranker_examples(positives, retrieved_topk, num_items=10_000, num_hard=8, num_random=8,
+                               rng=np.random.default_rng(0))
+    ex.candidates   # (U, 17) item rows, the positive in column 0;  ex.labels: 1 then 0s
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def ranker_dense_features(retrieval_score: torch.Tensor, log_popularity: torch.Tensor,
+                          candidate_modal: Mapping[str, torch.Tensor], candidate_present: Mapping[str, torch.Tensor],
+                          history_modal: Mapping[str, torch.Tensor], history_present: Mapping[str, torch.Tensor],
+                          modalities: Sequence[str]) -> torch.Tensor:
+    """Dense features in :func:`tessera.models.ranker.dense_feature_names` order.
+
+    Per modality ``m``: ``sim_m`` is the cosine between the candidate's ``m`` embedding and the
+    normalised mean of the history's ``m`` embeddings, and ``has_m`` is 1 when both exist (else
+    both are 0). Raw encoder embeddings work, as do :meth:`ItemTower.project` vectors.
+
+    Args:
+        retrieval_score: ``(B, C)`` user-item score from the retrieval stage.
+        log_popularity: ``(B, C)`` log interaction count (or share) of each candidate.
+        candidate_modal: m -> ``(B, C, Dm)``; candidate_present: m -> ``(B, C)`` bool.
+        history_modal: m -> ``(B, N, Dm)``; history_present: m -> ``(B, N)`` bool, already False
+            at padded history positions.
+        modalities: modality order.
+
+    Returns:
+        ``(B, C, 1 + 2 M + 1)`` float.
+    """
+    sims, has = [], []
+    for m in modalities:
+        hp = history_present[m].bool()  # (B, N)
+        hv = F.normalize(torch.where(hp[..., None], history_modal[m], torch.zeros_like(history_modal[m])), dim=-1)
+        mean = F.normalize(hv.sum(dim=1), dim=-1)  # (B, Dm); zero when no history item has m
+        cp = candidate_present[m].bool()  # (B, C)
+        cv = candidate_modal[m]
+        cv = F.normalize(torch.where(cp[..., None], cv, torch.zeros_like(cv)), dim=-1)  # (B, C, Dm)
+        both = cp & hp.any(dim=1, keepdim=True)  # (B, C)
+        sim = torch.einsum("bcd,bd->bc", cv, mean)  # (B, C)
+        sims.append(torch.where(both, sim, torch.zeros_like(sim)))
+        has.append(both.to(sim.dtype))
+    cols = [retrieval_score.float()] + sims + has + [log_popularity.float()]
+    return torch.stack(cols, dim=-1)  # (B, C, F)
+
+
+@dataclass
+class RankerExamples:
+    """Ranking lists: ``candidates`` ``(U, 1 + H + R)`` int64 item rows, positive first; ``labels``
+    the same shape, float32, 1 for the positive and 0 otherwise; ``is_hard`` marks retrieval negatives."""
+
+    candidates: np.ndarray
+    labels: np.ndarray
+    is_hard: np.ndarray
+
+
+def _duplicates_of_earlier(rows: np.ndarray) -> np.ndarray:
+    """``(U, C)`` bool, True where the entry equals an entry to its left in the same row."""
+    eq = rows[:, :, None] == rows[:, None, :]  # (U, C, C)
+    return np.tril(eq, k=-1).any(axis=2)
+
+
+def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_items: int, num_hard: int,
+                          num_random: int, rng: np.random.Generator, max_rounds: int = 100) -> RankerExamples:
+    """Lists of one positive, ``num_hard`` negatives from retrieval and ``num_random`` uniform ones.
+
+    Hard negatives are the best-ranked retrieved items that are not the positive (``-1`` entries in
+    ``retrieved`` are padding); when too few remain the gap is filled with random items. Random
+    negatives are uniform over the catalog, never the positive and never repeated in a list.
+    (They may be items the user saw earlier; filter those upstream if they count as positives.)
+
+    Args:
+        positives: ``(U,)`` item row of each example's positive.
+        retrieved: ``(U, K)`` retrieval top-K item rows, best first.
+        num_items: catalog size.
+        num_hard: H.
+        num_random: R.
+        rng: numpy random generator.
+        max_rounds: resampling rounds before giving up on collisions.
+    """
+    positives = np.asarray(positives, dtype=np.int64)
+    retrieved = np.asarray(retrieved, dtype=np.int64).reshape(len(positives), -1)
+    U, H, R = len(positives), num_hard, num_random
+    if num_items < 1 + H + R:
+        raise ValueError(f"a catalog of {num_items} items cannot fill lists of {1 + H + R} distinct items")
+    ok = (retrieved >= 0) & (retrieved != positives[:, None]) & ~_duplicates_of_earlier(retrieved)  # (U, K)
+    order = np.argsort(~ok, axis=1, kind="stable")[:, :H]  # usable ones first, rank order kept
+    hard = np.take_along_axis(retrieved, order, axis=1)
+    hard_ok = np.take_along_axis(ok, order, axis=1)
+    if hard.shape[1] < H:  # K < H
+        pad = H - hard.shape[1]
+        hard = np.concatenate([hard, np.zeros((U, pad), dtype=np.int64)], axis=1)
+        hard_ok = np.concatenate([hard_ok, np.zeros((U, pad), dtype=bool)], axis=1)
+    rows = np.concatenate([positives[:, None], hard, rng.integers(0, num_items, size=(U, R))], axis=1)
+    fixed = np.concatenate([np.ones((U, 1), bool), hard_ok, np.zeros((U, R), bool)], axis=1)
+    C = rows.shape[1]
+    earlier_or_fixed = np.tril(np.ones((C, C), bool), k=-1)[None] | fixed[:, None, :]  # (U, C, C)
+    earlier_or_fixed &= ~np.eye(C, dtype=bool)[None]
+    bad = ~fixed
+    for _ in range(max_rounds):
+        if not bad.any():
+            break
+        rows[bad] = rng.integers(0, num_items, size=int(bad.sum()))
+        # A draw is bad when it repeats a fixed entry (positive, hard) or an earlier draw.
+        clash = ((rows[:, :, None] == rows[:, None, :]) & earlier_or_fixed).any(axis=2)  # (U, C)
+        bad = clash & ~fixed
+    else:
+        raise RuntimeError(f"could not draw distinct random negatives in {max_rounds} rounds")
+    labels = np.zeros(rows.shape, dtype=np.float32)
+    labels[:, 0] = 1.0
+    is_hard = np.concatenate([np.zeros((U, 1), bool), hard_ok, np.zeros((U, R), bool)], axis=1)
+    return RankerExamples(candidates=rows, labels=labels, is_hard=is_hard)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.models import build_ranker_examples, dense_feature_names, ranker_dense_features
+
+
+def test_examples_positive_first_hard_then_random():
+    rng = np.random.default_rng(0)
+    positives = np.array([5, 9, 2])
+    retrieved = np.array([[5, 1, 1, 7, 8],     # positive and a duplicate are skipped
+                          [3, 4, 9, 6, -1],
+                          [2, -1, -1, -1, -1]])  # too few retrieved: random fill
+    ex = build_ranker_examples(positives, retrieved, num_items=50, num_hard=3, num_random=4, rng=rng)
+    assert ex.candidates.shape == ex.labels.shape == (3, 8)
+    assert (ex.candidates[:, 0] == positives).all()
+    assert (ex.labels[:, 0] == 1).all() and (ex.labels[:, 1:] == 0).all()
+    assert ex.candidates[0, 1:4].tolist() == [1, 7, 8]
+    assert ex.candidates[1, 1:4].tolist() == [3, 4, 6]
+    assert ex.is_hard[0, 1:4].all() and not ex.is_hard[2, 1:].any()
+    for row in ex.candidates:
+        assert len(set(row.tolist())) == len(row)  # distinct, positive never repeated as negative
+        assert ((row >= 0) & (row < 50)).all()
+
+
+def test_examples_small_catalog_is_refused():
+    with pytest.raises(ValueError):
+        build_ranker_examples(np.array([0]), np.array([[1]]), num_items=3, num_hard=1, num_random=2,
+                              rng=np.random.default_rng(0))
+
+
+def test_examples_random_fill_is_distinct_in_a_tight_catalog():
+    rng = np.random.default_rng(1)
+    ex = build_ranker_examples(np.arange(20) % 6, np.full((20, 2), -1), num_items=6, num_hard=2, num_random=3,
+                               rng=rng)
+    for row in ex.candidates:
+        assert sorted(row.tolist()) == list(range(6))
+
+
+def test_dense_features_by_hand():
+    # One user, history of 2 items, 2 candidates, modalities "t" (2-d) and "i" (2-d).
+    hist_t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    hist_i = torch.tensor([[[1.0, 0.0], [float("nan"), 0.0]]])
+    hist_present = {"t": torch.tensor([[True, True]]), "i": torch.tensor([[True, False]])}
+    cand_t = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    cand_i = torch.tensor([[[0.0, 3.0], [0.0, 0.0]]])
+    cand_present = {"t": torch.tensor([[True, True]]), "i": torch.tensor([[True, False]])}
+    out = ranker_dense_features(torch.tensor([[0.9, 0.1]]), torch.tensor([[2.0, 3.0]]),
+                                {"t": cand_t, "i": cand_i}, cand_present, {"t": hist_t, "i": hist_i},
+                                hist_present, ["t", "i"])
+    assert out.shape == (1, 2, len(dense_feature_names(["t", "i"])))
+    s = 1 / 2 ** 0.5
+    expected = torch.tensor([[[0.9, 1.0, 0.0, 1.0, 1.0, 2.0],
+                              [0.1, s, 0.0, 1.0, 0.0, 3.0]]])
+    torch.testing.assert_close(out, expected)
