@@ -1,0 +1,161 @@
+"""The index manifest, ``index/<version>/_MANIFEST.json``: what an index was built from and how.
+
+It names the model version and embedding run the item vectors came from (so serving pairs query and
+item vectors of the same model), the dimension, every shard's manifest (counts, build params, file
+checksums, build seconds, self-check recall) with the checksum of each ``shard.json``, job timings,
+and a recall self-check of the whole sharded index against exact search.
+
+Example::
+
+    manifest = make_index_manifest("v3", shard_manifests, build_config=cfg, model_version="m7",
+                                   embedding_run="e12", recall_check=check)
+    write_index_manifest(storage, "s3://bucket/index/v3", manifest)
+    again = read_index_manifest(storage, "s3://bucket/index/v3")
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tessera.index.params import IndexConfig
+from tessera.index.shard_io import IndexCorruptError, ShardManifest, manifest_bytes
+from tessera.storage import Storage, join_uri
+
+INDEX_MANIFEST = "_MANIFEST.json"
+FORMAT_VERSION = 1
+
+
+class RecallCheck(BaseModel):
+    """Recall@k of the sharded index against exact search on a sample of queries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int
+    num_queries: int
+    recall: float
+    queries: str = Field(default="sample of item vectors",
+                         description="where the queries came from, e.g. 'held-out user vectors'")
+    search_seconds: float | None = None
+
+
+class IndexManifest(BaseModel):
+    """Everything needed to trust and load one index version.
+
+    ``build_config`` is kept as a plain mapping so that an old manifest still loads after
+    :class:`IndexConfig` gains or loses fields.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    index_version: str
+    model_version: str | None = None
+    embedding_run: str | None = None
+    similarity: str = "dot_product"
+    dim: int
+    num_items: int
+    num_shards: int
+    shards: list[ShardManifest]
+    shard_manifest_sha256: dict[str, str]
+    build_config: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    recall_check: RecallCheck | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IndexManifest:
+        if len(self.shards) != self.num_shards:
+            raise ValueError(f"num_shards is {self.num_shards} but {len(self.shards)} shards are listed")
+        if sum(s.count for s in self.shards) != self.num_items:
+            raise ValueError(f"num_items is {self.num_items} but the shards hold {sum(s.count for s in self.shards)}")
+        if [s.shard_id for s in self.shards] != list(range(self.num_shards)):
+            raise ValueError("shards must be listed in order with ids 0..num_shards-1")
+        if any(s.dim != self.dim for s in self.shards):
+            raise ValueError(f"every shard must have dim {self.dim}")
+        if set(self.shard_manifest_sha256) != {s.name for s in self.shards}:
+            raise ValueError("shard_manifest_sha256 must name exactly the listed shards")
+        return self
+
+    @property
+    def shard_counts(self) -> dict[str, int]:
+        """Items per shard, by shard name."""
+        return {s.name: s.count for s in self.shards}
+
+
+def make_index_manifest(index_version: str, shards: list[ShardManifest], *, build_config: IndexConfig | None = None,
+                        model_version: str | None = None, embedding_run: str | None = None,
+                        timings: dict[str, float] | None = None,
+                        recall_check: RecallCheck | None = None) -> IndexManifest:
+    """Assemble the manifest from the shard manifests :func:`~tessera.index.shard_io.save_shard` returned.
+
+    Args:
+        index_version: the version folder name (``index/<version>/``).
+        shards: one manifest per shard, any order (sorted by shard id here).
+        build_config: the config the shards were built with.
+        model_version: the model whose item tower produced the vectors (None for raw embeddings).
+        embedding_run: the embedding run the vectors came from.
+        timings: job phase durations in seconds, e.g. ``{"read": 3.1, "build": 40.2}``.
+        recall_check: result of :func:`tessera.index.sharded.measure_recall`.
+
+    Example::
+
+        manifest = make_index_manifest("v1", [save_shard(storage, uri, s) for s in shards])
+    """
+    ordered = sorted(shards, key=lambda s: s.shard_id)
+    if not ordered:
+        raise ValueError("an index needs at least one shard")
+    return IndexManifest(
+        index_version=index_version, model_version=model_version, embedding_run=embedding_run,
+        dim=ordered[0].dim, num_items=sum(s.count for s in ordered), num_shards=len(ordered), shards=ordered,
+        shard_manifest_sha256={s.name: hashlib.sha256(manifest_bytes(s)).hexdigest() for s in ordered},
+        build_config=build_config.model_dump(mode="json") if build_config else {},
+        timings=dict(timings or {}), recall_check=recall_check,
+    )
+
+
+def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManifest) -> str:
+    """Write ``<index_uri>/_MANIFEST.json``; returns its URI.
+
+    Write it after every shard: its presence marks the index complete.
+
+    Args:
+        storage: where to write.
+        index_uri: the index version's root, e.g. ``s3://bucket/index/v3``.
+        manifest: from :func:`make_index_manifest`.
+
+    Example::
+
+        write_index_manifest(storage, uri, make_index_manifest("v3", shard_manifests))
+    """
+    uri = join_uri(index_uri, INDEX_MANIFEST)
+    storage.write_bytes(uri, manifest_bytes(manifest), "application/json")
+    return uri
+
+
+def read_index_manifest(storage: Storage, index_uri: str) -> IndexManifest:
+    """Read and validate ``<index_uri>/_MANIFEST.json``.
+
+    Args:
+        storage: where to read.
+        index_uri: the index version's root.
+
+    Example::
+
+        manifest = read_index_manifest(storage, "s3://bucket/index/v3")
+        print(manifest.model_version, manifest.shard_counts)
+
+    Raises:
+        FileNotFoundError: there is no manifest (the index was never completely written).
+        IndexCorruptError: the manifest does not parse or is inconsistent.
+    """
+    raw = storage.read_bytes(join_uri(index_uri, INDEX_MANIFEST))
+    try:
+        return IndexManifest.model_validate_json(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise IndexCorruptError("(index)", INDEX_MANIFEST, f"invalid: {'.'.join(map(str, first['loc']))}: "
+                                                           f"{first['msg']} ({err.error_count()} errors)") from None

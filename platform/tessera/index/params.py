@@ -1,0 +1,169 @@
+"""Index configuration and the ScaNN build parameters derived from a shard's size.
+
+ScaNN's own rules of thumb (``scann/docs/algorithms.md``) decide the algorithm per shard:
+
+* fewer than ~20k points: brute force (here: exact float32 numpy, see :mod:`tessera.index.exact`);
+* fewer than ~100k points: asymmetric hashing (AH) with ``dimensions_per_block=2``, then exact
+  reordering of the best candidates;
+* more: a k-means tree with ``num_leaves`` ~ sqrt(n), AH inside the searched leaves, then reordering.
+
+``num_leaves_to_search`` and the reordering depth should be "tuned based on recall target"; left
+unset (``None``) they are tuned per shard at build time (see :func:`tessera.index.shard.build_shard`).
+Every value can be pinned in :class:`IndexConfig`. Similarity is the dot product of L2-normalised
+vectors (cosine).
+
+Example::
+
+    cfg = IndexConfig(brute_force_below=5_000)
+    params = derive_params(num_points=30_000, dim=64, config=cfg)
+    assert params.mode == "ah"
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tessera.config import TesseraConfig
+
+Mode = Literal["brute_force", "ah", "tree_ah"]
+
+
+class IndexConfig(TesseraConfig):
+    """How shards are built. ``None`` means "derive from the shard's size" (or tune, where noted).
+
+    Args:
+        mode: ``auto`` applies the size rules below; otherwise every shard uses the named algorithm.
+        brute_force_below: shards with fewer points are searched exactly.
+        partition_min_points: shards with at least this many points get a k-means tree.
+        exact_catalog_below: when the whole catalog is smaller, every shard is exact, whatever its size.
+        num_neighbors: the k the shards are tuned for (searches may ask for any k).
+        dimensions_per_block: AH dimensions per codebook block (ScaNN recommends 2).
+        anisotropic_quantization_threshold: AH noise-shaping threshold for dot-product search (0.2,
+            from Guo et al. 2020, "Accelerating Large-Scale Inference with Anisotropic Vector
+            Quantization").
+        hash_type: ``lut16`` (16 centres per block, fastest) or ``lut256``.
+        reorder_num_neighbors: AH candidates rescored exactly; None tunes it from ``10 * num_neighbors``.
+        num_leaves: tree leaves; None means ``round(sqrt(n))``.
+        num_leaves_to_search: leaves searched per query; None tunes it for ``recall_target``.
+        recall_target: recall@num_neighbors the tuning aims for (leave-one-out on shard vectors).
+        tuning_queries: how many shard vectors serve as tuning / self-check queries.
+        training_sample_size: points sampled to train the tree and AH codebooks; None: min(n, 100k).
+        training_threads: ScaNN training threads (0 lets ScaNN use every core; set 1 in Ray tasks
+            that hold one CPU).
+        normalize: L2-normalise item vectors (and queries) so dot product is cosine similarity.
+        seed: seeds the choice of tuning queries.
+    """
+
+    mode: Literal["auto", "brute_force", "ah", "tree_ah"] = "auto"
+    brute_force_below: int = Field(default=20_000, ge=0)
+    partition_min_points: int = Field(default=100_000, ge=1)
+    exact_catalog_below: int = Field(default=20_000, ge=0)
+    num_neighbors: int = Field(default=10, ge=1)
+    dimensions_per_block: int = Field(default=2, ge=1)
+    anisotropic_quantization_threshold: float = 0.2
+    hash_type: Literal["lut16", "lut256"] = "lut16"
+    reorder_num_neighbors: int | None = Field(default=None, ge=1)
+    num_leaves: int | None = Field(default=None, ge=1)
+    num_leaves_to_search: int | None = Field(default=None, ge=1)
+    recall_target: float = Field(default=0.95, gt=0, le=1)
+    tuning_queries: int = Field(default=256, ge=1)
+    training_sample_size: int | None = Field(default=None, ge=1)
+    training_threads: int = Field(default=0, ge=0)
+    normalize: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> IndexConfig:
+        if self.partition_min_points < self.brute_force_below:
+            raise ValueError(f"partition_min_points ({self.partition_min_points}) must be >= "
+                             f"brute_force_below ({self.brute_force_below})")
+        return self
+
+
+class ScannParams(BaseModel):
+    """The concrete parameters one shard was built (and is searched) with; saved in its manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode
+    num_points: int
+    dim: int
+    num_neighbors: int
+    normalized: bool = True
+    dimensions_per_block: int | None = None
+    anisotropic_quantization_threshold: float | None = None
+    hash_type: str | None = None
+    reorder_num_neighbors: int | None = None
+    num_leaves: int | None = None
+    num_leaves_to_search: int | None = None
+    training_sample_size: int | None = None
+
+
+def choose_mode(num_points: int, config: IndexConfig, catalog_size: int | None = None) -> Mode:
+    """The algorithm for a shard of ``num_points``, by ScaNN's size rules unless ``config.mode`` pins it.
+
+    Args:
+        num_points: points in this shard.
+        config: thresholds and overrides.
+        catalog_size: points in the whole index (all shards); below ``exact_catalog_below`` every
+            shard is exact. None means this shard is the whole catalog.
+    """
+    catalog = num_points if catalog_size is None else catalog_size
+    if config.mode != "auto":
+        mode: Mode = config.mode
+    elif catalog < config.exact_catalog_below or num_points < config.brute_force_below:
+        mode = "brute_force"
+    elif num_points < config.partition_min_points:
+        mode = "ah"
+    else:
+        mode = "tree_ah"
+    if mode == "tree_ah" and num_points < 2:
+        mode = "ah"
+    if mode != "brute_force" and num_points < 16:  # too few points to train 16-centre AH codebooks
+        mode = "brute_force"
+    return mode
+
+
+def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
+                  catalog_size: int | None = None) -> ScannParams:
+    """Build parameters for one shard; tunable values not pinned in ``config`` get starting points.
+
+    Args:
+        num_points: points in the shard (> 0).
+        dim: vector dimension.
+        config: overrides; defaults follow ScaNN's guidance.
+        catalog_size: total points over all shards (see :func:`choose_mode`).
+
+    Returns:
+        A :class:`ScannParams`. ``reorder_num_neighbors`` / ``num_leaves_to_search`` hold the
+        starting values that :func:`tessera.index.shard.build_shard` tunes when the config left
+        them unset.
+
+    Example::
+
+        derive_params(150_000, 128).num_leaves  # 387 = round(sqrt(150_000))
+    """
+    if num_points <= 0 or dim <= 0:
+        raise ValueError(f"need num_points > 0 and dim > 0, got {num_points} and {dim}")
+    config = config or IndexConfig()
+    mode = choose_mode(num_points, config, catalog_size)
+    if mode == "brute_force":
+        return ScannParams(mode=mode, num_points=num_points, dim=dim, num_neighbors=config.num_neighbors,
+                           normalized=config.normalize)
+    reorder = config.reorder_num_neighbors or 10 * config.num_neighbors
+    common = dict(
+        num_points=num_points, dim=dim, num_neighbors=config.num_neighbors, normalized=config.normalize,
+        dimensions_per_block=min(config.dimensions_per_block, dim),
+        anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+        hash_type=config.hash_type, reorder_num_neighbors=max(reorder, config.num_neighbors),
+        training_sample_size=min(num_points, config.training_sample_size or 100_000),
+    )
+    if mode == "ah":
+        return ScannParams(mode=mode, **common)
+    leaves = config.num_leaves or max(1, round(math.sqrt(num_points)))
+    leaves = min(leaves, num_points)
+    to_search = config.num_leaves_to_search or max(1, math.ceil(leaves / 20))
+    return ScannParams(mode=mode, num_leaves=leaves, num_leaves_to_search=min(to_search, leaves), **common)

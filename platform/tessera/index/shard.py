@@ -1,0 +1,244 @@
+"""One index shard: build it (ScaNN, or exact vectors for small shards), tune it, search it.
+
+:func:`build_shard` is the unit of work a Ray task runs (no Ray here): it normalises the vectors,
+picks the algorithm from the shard's size (:func:`tessera.index.params.derive_params`), builds the
+ScaNN searcher, and tunes the reordering depth and ``num_leaves_to_search`` for the recall target on
+leave-one-out queries (shard vectors searched with themselves excluded), recording the final recall.
+
+Thread safety: :func:`search_shard` only reads the shard. ScaNN's ``search_batched`` (non-parallel
+mode) is a const search in C++ and releases the GIL while it runs; 8 threads hammering one searcher
+return bit-identical results to serial calls (``tests/index/test_concurrency.py``), so no lock is
+taken. ``search_batched_parallel`` and ``set_num_threads`` mutate the searcher's thread pool and are
+not used.
+
+Example::
+
+    shard = build_shard(ids, vectors, IndexConfig(), shard_id=0)
+    rows, scores = search_shard(shard, queries, k=10)
+    best_ids = shard.ids[rows[0]]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from tessera.index.exact import as_float_matrix, exact_search, l2_normalize, recall_at_k
+from tessera.index.params import IndexConfig, ScannParams, derive_params
+
+
+@dataclass
+class ShardArtifact:
+    """A built or loaded shard, searchable in memory.
+
+    Attributes:
+        shard_id: position of the shard in its index (names the ``shard-NNNN`` folder).
+        ids: (N,) object array of item ids; row ``i`` of the searcher is ``ids[i]``.
+        params: the parameters it was built and is searched with.
+        searcher: the ScaNN searcher (None for brute-force shards).
+        vectors: (N, D) float32 normalised vectors (brute-force shards only, else None).
+        build_seconds: wall time of build + tuning.
+        self_recall: leave-one-out recall@num_neighbors measured after tuning (1.0 when exact).
+    """
+
+    shard_id: int
+    ids: np.ndarray
+    params: ScannParams
+    searcher: Any | None = None
+    vectors: np.ndarray | None = None
+    build_seconds: float = 0.0
+    self_recall: float | None = None
+    row_of: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids, dtype=object)
+        self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
+        if len(self.row_of) != len(self.ids):
+            raise ValueError(f"shard {self.shard_id}: item ids must be unique")
+        if (self.searcher is None) == (self.vectors is None):
+            raise ValueError(f"shard {self.shard_id}: needs exactly one of a ScaNN searcher or exact vectors")
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.params.dim
+
+    def rows_of(self, item_ids: Iterable[str]) -> np.ndarray:
+        """Rows of the given ids that live in this shard (others are ignored)."""
+        rows = [self.row_of[i] for i in item_ids if i in self.row_of]
+        return np.asarray(rows, dtype=np.int64)
+
+
+def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, shard_id: int = 0,
+                catalog_size: int | None = None) -> ShardArtifact:
+    """Build one shard from its ids and vectors.
+
+    Args:
+        ids: N unique item ids.
+        vectors: (N, D) array-like of item vectors (normalised here when ``config.normalize``).
+        config: build settings; defaults follow ScaNN's guidance.
+        shard_id: the shard's position in its index.
+        catalog_size: items in the whole index, when this is one shard of several.
+
+    Returns:
+        A searchable :class:`ShardArtifact` with tuned params and its self-check recall.
+
+    Example::
+
+        shard = build_shard([f"item-{i}" for i in range(n)], vecs, IndexConfig(), shard_id=2)
+    """
+    config = config or IndexConfig()
+    start = time.perf_counter()
+    ids = [str(i) for i in ids]
+    x = as_float_matrix(vectors, "item vectors")
+    if x.shape[0] != len(ids):
+        raise ValueError(f"shard {shard_id}: {len(ids)} ids for {x.shape[0]} vectors")
+    if x.shape[0] == 0:
+        raise ValueError(f"shard {shard_id} is empty")
+    if config.normalize:
+        x = l2_normalize(x, "item vectors")
+    params = derive_params(x.shape[0], x.shape[1], config, catalog_size)
+    if params.mode == "brute_force":
+        shard = ShardArtifact(shard_id, np.asarray(ids, dtype=object), params, vectors=x, self_recall=1.0)
+    else:
+        searcher = _build_searcher(x, params, config.training_threads)
+        shard = ShardArtifact(shard_id, np.asarray(ids, dtype=object), params, searcher=searcher)
+        shard.params, shard.self_recall = _tune(shard, x, config)
+    shard.build_seconds = time.perf_counter() - start
+    return shard
+
+
+def _build_searcher(x: np.ndarray, params: ScannParams, training_threads: int):
+    from scann.scann_ops.py import scann_ops_pybind
+
+    builder = scann_ops_pybind.builder(x, params.num_neighbors, "dot_product")
+    if params.mode == "tree_ah":
+        builder = builder.tree(num_leaves=params.num_leaves, num_leaves_to_search=params.num_leaves_to_search,
+                               training_sample_size=params.training_sample_size)
+    builder = builder.score_ah(params.dimensions_per_block,
+                               anisotropic_quantization_threshold=params.anisotropic_quantization_threshold,
+                               training_sample_size=params.training_sample_size, hash_type=params.hash_type)
+    builder = builder.reorder(params.reorder_num_neighbors)
+    return builder.set_n_training_threads(training_threads).build()
+
+
+def _tune(shard: ShardArtifact, x: np.ndarray, config: IndexConfig) -> tuple[ScannParams, float]:
+    """Raise reordering depth, then leaves searched, until leave-one-out recall meets the target."""
+    params, n = shard.params, shard.count
+    k = min(params.num_neighbors, n - 1)
+    if k < 1:
+        return params, 1.0
+    rng = np.random.default_rng(config.seed + shard.shard_id)
+    sample = np.sort(rng.choice(n, size=min(config.tuning_queries, n), replace=False))
+    queries, self_rows = x[sample], [np.asarray([s]) for s in sample]
+    truth, _ = exact_search(queries, x, k, exclude_rows=self_rows)
+
+    def recall(p: ScannParams) -> float:
+        rows, _ = _scann_search(shard.searcher, p, n, queries, k, self_rows)
+        return recall_at_k(rows.tolist(), truth.tolist())
+
+    target = config.recall_target
+    if config.reorder_num_neighbors is None:
+        # Rescoring alone must clear the target with margin, or no number of leaves can reach it.
+        probe = params.model_copy(update={"num_leaves_to_search": params.num_leaves})
+        goal = target + (1 - target) / 2 if params.mode == "tree_ah" else target
+        while recall(probe) < goal and probe.reorder_num_neighbors < n:
+            probe = probe.model_copy(update={"reorder_num_neighbors": min(n, 2 * probe.reorder_num_neighbors)})
+        params = params.model_copy(update={"reorder_num_neighbors": probe.reorder_num_neighbors})
+    if params.mode == "tree_ah" and config.num_leaves_to_search is None:
+        while recall(params) < target and params.num_leaves_to_search < params.num_leaves:
+            grown = min(params.num_leaves, 2 * params.num_leaves_to_search)
+            params = params.model_copy(update={"num_leaves_to_search": grown})
+    return params, recall(params)
+
+
+def search_shard(shard: ShardArtifact, queries: np.ndarray, k: int,
+                 exclude_rows: Sequence[np.ndarray] | None = None,
+                 params: ScannParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of one shard for each query, never returning an excluded row.
+
+    Args:
+        shard: the shard.
+        queries: (Q, D) float32, already normalised as the index expects.
+        k: neighbours per query.
+        exclude_rows: per query, shard rows to leave out; the search asks ScaNN for that many more
+            neighbours so that ``k`` are still returned when the shard has enough items.
+        params: search-time overrides of ``shard.params`` (leaves to search, reordering depth).
+
+    Returns:
+        ``(rows int64 (Q, k), scores float32 (Q, k))`` best first, padded with row ``-1`` and
+        score ``-inf`` where the shard has fewer than ``k`` eligible items.
+
+    Example::
+
+        rows, scores = search_shard(shard, q, 10, exclude_rows=[shard.rows_of({"item-7"})] * len(q))
+        best = shard.ids[rows[0][rows[0] >= 0]]
+    """
+    if shard.vectors is not None:
+        rows, scores = exact_search(queries, shard.vectors, k, exclude_rows)
+    else:
+        rows, scores = _scann_search(shard.searcher, params or shard.params, shard.count, queries, k, exclude_rows)
+    if rows.shape[1] < k:  # the shard holds fewer than k items
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return rows, scores
+
+
+def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k: int,
+                  exclude_rows: Sequence[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    q = queries.shape[0]
+    kk = min(k, n)
+    rows_out = np.full((q, kk), -1, np.int64)
+    scores_out = np.full((q, kk), -np.inf, np.float32)
+    extras = np.zeros(q, np.int64) if exclude_rows is None else np.asarray([len(r) for r in exclude_rows])
+    # Queries needing the same headroom (rounded up to a power of two) share one batched call.
+    buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
+    for bucket in np.unique(buckets):
+        members = np.flatnonzero(buckets == bucket)
+        final_nn = min(n, kk + int(bucket))
+        excl = None if exclude_rows is None else [exclude_rows[i] for i in members]
+        rows, scores = _scann_call(searcher, params, n, queries[members], final_nn, kk, excl,
+                                   params.num_leaves_to_search)
+        short = (rows != -1).sum(axis=1) < np.minimum(kk, n - extras[members])
+        if short.any() and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
+            # The searched leaves held too few items: search every leaf for those queries.
+            retry = np.flatnonzero(short)
+            sub_excl = None if excl is None else [excl[i] for i in retry]
+            rows[retry], scores[retry] = _scann_call(searcher, params, n, queries[members[retry]], final_nn, kk,
+                                                     sub_excl, params.num_leaves)
+        rows_out[members], scores_out[members] = rows, scores
+    return rows_out, scores_out
+
+
+def _scann_call(searcher, params: ScannParams, n: int, queries: np.ndarray, final_nn: int, k: int,
+                exclude_rows: Sequence[np.ndarray] | None, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One ``search_batched`` call, then drop padding (NaN) and excluded rows, keeping the first ``k``."""
+    ratio = params.reorder_num_neighbors / params.num_neighbors
+    pre = min(n, max(params.reorder_num_neighbors, math.ceil(final_nn * ratio)))
+    idx, dist = searcher.search_batched(queries, final_num_neighbors=final_nn, pre_reorder_num_neighbors=pre,
+                                        leaves_to_search=leaves if leaves is not None else -1)
+    idx = idx.astype(np.int64)  # (B, final_nn)
+    dist = np.asarray(dist, dtype=np.float32)  # (B, final_nn): dot products, best first; NaN pads
+    drop = np.isnan(dist)
+    if exclude_rows is not None:
+        for i, rows in enumerate(exclude_rows):
+            if len(rows):
+                drop[i] |= np.isin(idx[i], rows)
+    keep_order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept entries first, in score order
+    rows = np.take_along_axis(idx, keep_order, axis=1)
+    scores = np.take_along_axis(dist, keep_order, axis=1)
+    dropped = np.take_along_axis(drop, keep_order, axis=1)
+    rows[dropped], scores[dropped] = -1, -np.inf
+    if rows.shape[1] < k:
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return rows, scores

@@ -1,0 +1,281 @@
+"""A sharded item index: every shard is searched, per-shard top-k are merged into a global top-k.
+
+Shards are built independently (one Ray task each in ``jobs.build_index``; here in-process with
+:meth:`ShardedIndex.from_arrays`), saved under ``index/<version>/shard-NNNN/`` and loaded with
+:meth:`ShardedIndex.load`, which verifies every file's checksum. Small shards are exact numpy
+searches; larger ones are ScaNN searchers (see :mod:`tessera.index.params`).
+
+Thread safety: :meth:`ShardedIndex.search` may be called from many threads at once. It keeps no
+per-call state on the index; ScaNN's batched search is read-only and releases the GIL (see
+:mod:`tessera.index.shard`). With ``SearchConfig.search_threads > 1`` the shards of one call are
+searched in parallel on a shared thread pool.
+
+Example::
+
+    index = ShardedIndex.from_arrays(ids, vectors, IndexConfig(), num_shards=3)
+    ids, scores = index.search(queries, k=10, exclude=[{"item-1"}] * len(queries))
+    index.save(storage, "s3://bucket/index/v1", model_version="m1", embedding_run="e1")
+    same = ShardedIndex.load(storage, "s3://bucket/index/v1")
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+from pydantic import Field
+
+from tessera.config import TesseraConfig
+from tessera.index.exact import as_float_matrix, exact_search, l2_normalize, recall_at_k, top_k_rows
+from tessera.index.manifest import (
+    INDEX_MANIFEST,
+    IndexManifest,
+    RecallCheck,
+    make_index_manifest,
+    read_index_manifest,
+    write_index_manifest,
+)
+from tessera.index.params import IndexConfig
+from tessera.index.shard import ShardArtifact, build_shard, search_shard
+from tessera.index.shard_io import SHARD_MANIFEST, IndexCorruptError, load_shard, save_shard
+from tessera.index.sharding import assign_shards
+from tessera.storage import Storage, join_uri
+
+
+class SearchConfig(TesseraConfig):
+    """Query-time settings of a :class:`ShardedIndex`.
+
+    Args:
+        search_threads: threads searching the shards of one call in parallel (1: one after another).
+        load_threads: shards downloaded and loaded at once by :meth:`ShardedIndex.load`.
+        num_leaves_to_search: override the tuned leaves searched in tree shards.
+        reorder_num_neighbors: override the tuned number of candidates rescored exactly.
+    """
+
+    search_threads: int = Field(default=1, ge=1)
+    load_threads: int = Field(default=4, ge=1)
+    num_leaves_to_search: int | None = Field(default=None, ge=1)
+    reorder_num_neighbors: int | None = Field(default=None, ge=1)
+
+
+class ShardedIndex:
+    """Searches several shards of one item catalog as one index.
+
+    Args:
+        shards: shards with ids 0..S-1, all of one dimension, with disjoint item ids.
+        config: query-time settings.
+        manifest: the index manifest it was loaded from, if any.
+    """
+
+    def __init__(self, shards: Sequence[ShardArtifact], config: SearchConfig | None = None,
+                 manifest: IndexManifest | None = None):
+        self.shards = sorted(shards, key=lambda s: s.shard_id)
+        if not self.shards:
+            raise ValueError("an index needs at least one shard")
+        if [s.shard_id for s in self.shards] != list(range(len(self.shards))):
+            raise ValueError(f"shard ids must be 0..{len(self.shards) - 1}, got {[s.shard_id for s in self.shards]}")
+        if len({s.dim for s in self.shards}) != 1 or len({s.params.normalized for s in self.shards}) != 1:
+            raise ValueError("all shards must share one dimension and one normalisation")
+        if sum(s.count for s in self.shards) != len(set().union(*(s.row_of for s in self.shards))):
+            raise ValueError("item ids must be unique across shards")
+        self.config = config or SearchConfig()
+        self.manifest = manifest
+        self._search_params = [self._with_overrides(s) for s in self.shards]
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.shards[0].dim
+
+    @property
+    def num_items(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def _with_overrides(self, shard: ShardArtifact):
+        update = {}
+        if self.config.num_leaves_to_search and shard.params.mode == "tree_ah":
+            update["num_leaves_to_search"] = min(self.config.num_leaves_to_search, shard.params.num_leaves)
+        if self.config.reorder_num_neighbors and shard.params.mode != "brute_force":
+            update["reorder_num_neighbors"] = max(self.config.reorder_num_neighbors, shard.params.num_neighbors)
+        return shard.params.model_copy(update=update)
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, ids: Sequence[str], vectors, config: IndexConfig | None = None, num_shards: int = 1,
+                    search_config: SearchConfig | None = None) -> ShardedIndex:
+        """Build every shard in this process (the Ray job builds them as parallel tasks instead).
+
+        Args:
+            ids: N unique item ids.
+            vectors: (N, D) item vectors.
+            config: build settings (per-shard algorithm by size, tuning).
+            num_shards: shards to split into (balanced, by id hash: :func:`assign_shards`).
+            search_config: query-time settings.
+
+        Example::
+
+            index = ShardedIndex.from_arrays([f"i{j}" for j in range(n)], vecs, num_shards=2)
+        """
+        ids = [str(i) for i in ids]
+        x = as_float_matrix(vectors, "item vectors")
+        if x.shape[0] != len(ids):
+            raise ValueError(f"{len(ids)} ids for {x.shape[0]} vectors")
+        parts = assign_shards(ids, num_shards)
+        if any(len(rows) == 0 for rows in parts):
+            raise ValueError(f"{num_shards} shards for {len(ids)} items leaves a shard empty")
+        shards = [build_shard([ids[r] for r in rows], x[rows], config, shard_id=i, catalog_size=len(ids))
+                  for i, rows in enumerate(parts)]
+        return cls(shards, search_config)
+
+    @classmethod
+    def load(cls, storage: Storage, uri: str, config: SearchConfig | None = None,
+             cache_dir: str | os.PathLike | None = None) -> ShardedIndex:
+        """Load an index version from ``s3://`` or a local folder, verifying every checksum.
+
+        Uses ``_MANIFEST.json`` when present; otherwise loads every ``shard-NNNN/shard.json`` found.
+
+        Args:
+            storage: where to read.
+            uri: the version folder, e.g. ``s3://bucket/index/v3``.
+            config: query-time settings.
+            cache_dir: keep downloaded files here (see :func:`~tessera.index.shard_io.load_shard`).
+
+        Raises:
+            IndexCorruptError: naming the shard and file whose checksum, size or content is wrong.
+            FileNotFoundError: no index at ``uri``.
+        """
+        config = config or SearchConfig()
+        manifest = read_index_manifest(storage, uri) if storage.exists(join_uri(uri, INDEX_MANIFEST)) else None
+        if manifest is not None:
+            wanted = [(s.name, manifest.shard_manifest_sha256[s.name]) for s in manifest.shards]
+        else:
+            found = storage.list_files(uri, suffix=f"/{SHARD_MANIFEST}")
+            wanted = sorted((f.rsplit("/", 2)[-2], None) for f in found)
+            if not wanted:
+                raise FileNotFoundError(f"no index at {uri}: neither {INDEX_MANIFEST} nor shard folders")
+        with ThreadPoolExecutor(max_workers=config.load_threads) as pool:
+            shards = list(pool.map(lambda w: load_shard(storage, join_uri(uri, w[0]), cache_dir, w[1]), wanted))
+        if manifest is not None:
+            for shard, entry in zip(shards, manifest.shards, strict=True):
+                if shard.params != entry.params or shard.shard_id != entry.shard_id:
+                    raise IndexCorruptError(entry.name, SHARD_MANIFEST, "does not match the index manifest")
+        return cls(shards, config, manifest)
+
+    def save(self, storage: Storage, uri: str, *, index_version: str | None = None, model_version: str | None = None,
+             embedding_run: str | None = None, build_config: IndexConfig | None = None,
+             recall_check: RecallCheck | None = None) -> IndexManifest:
+        """Write every shard, then ``_MANIFEST.json``, under ``uri``; returns the manifest.
+
+        Example::
+
+            index.save(storage, "s3://bucket/index/v1", model_version="m1", embedding_run="e1")
+        """
+        start = time.perf_counter()
+        shard_manifests = [save_shard(storage, uri, shard) for shard in self.shards]
+        timings = {"build": sum(s.build_seconds for s in self.shards), "save": time.perf_counter() - start}
+        manifest = make_index_manifest(index_version or uri.rstrip("/").rsplit("/", 1)[-1], shard_manifests,
+                                       build_config=build_config, model_version=model_version,
+                                       embedding_run=embedding_run, timings=timings, recall_check=recall_check)
+        write_index_manifest(storage, uri, manifest)
+        self.manifest = manifest
+        return manifest
+
+    # --- search ---------------------------------------------------------------------------
+    def search(self, queries, k: int = 10,
+               exclude: Sequence[set[str]] | None = None) -> tuple[list[list[str]], np.ndarray]:
+        """Global top-``k`` items for each query, by dot product (cosine when the index is normalised).
+
+        Args:
+            queries: (Q, D) float32 query vectors (normalised here when the index is).
+            k: results per query.
+            exclude: per query, item ids never to return (e.g. already seen); the search still returns
+                ``k`` items per query when the catalog has ``k`` others.
+
+        Returns:
+            ``(ids, scores)``: ``ids[q]`` lists up to ``k`` item ids best first; ``scores`` is (Q, k)
+            float32 with ``-inf`` after the last id when fewer than ``k`` items are eligible.
+
+        Example::
+
+            ids, scores = index.search(q, k=5, exclude=[{"item-3"}, set()])
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = as_float_matrix(queries, "queries", self.dim)
+        if exclude is not None and len(exclude) != q.shape[0]:
+            raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
+        if q.shape[0] == 0:
+            return [], np.empty((0, k), np.float32)
+        if self.shards[0].params.normalized:
+            q = l2_normalize(q, "queries")
+
+        def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+            shard = self.shards[i]
+            rows = None if exclude is None else [shard.rows_of(ex) for ex in exclude]
+            return search_shard(shard, q, k, rows, self._search_params[i])
+
+        if self.config.search_threads > 1 and len(self.shards) > 1:
+            results = list(self._executor().map(one, range(len(self.shards))))
+        else:
+            results = [one(i) for i in range(len(self.shards))]
+        return self._merge(results, k)
+
+    def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
+        scores = np.concatenate([s for _, s in results], axis=1)  # (Q, S*k)
+        # (Q, S*k) ids; padding entries (row -1) carry -inf scores and are dropped below
+        cand = np.concatenate([shard.ids[np.maximum(rows, 0)]
+                               for shard, (rows, _) in zip(self.shards, results, strict=True)], axis=1)
+        cols, best = top_k_rows(scores, k)  # ties: lower shard, then that shard's order
+        ids = [[cand[i, c] for c in row if c >= 0] for i, row in enumerate(cols)]
+        return ids, best
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(self.config.search_threads, len(self.shards)),
+                                                thread_name_prefix="tessera-index")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the shard thread pool (if one was started)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10) -> RecallCheck:
+    """Recall@k of ``index`` against exact search over the full catalog (the index's self-check).
+
+    Args:
+        index: the index to check.
+        queries: (Q, D) query vectors (e.g. a sample of item vectors or held-out user vectors).
+        item_ids, item_vectors: the whole catalog the index was built from.
+        k: cut-off.
+
+    Example::
+
+        check = measure_recall(index, vecs[:500], ids, vecs, k=10)
+        assert check.recall >= 0.95
+    """
+    x = as_float_matrix(item_vectors, "item vectors", index.dim)
+    q = as_float_matrix(queries, "queries", index.dim)
+    if index.shards[0].params.normalized:
+        x, q = l2_normalize(x), l2_normalize(q, "queries")
+    start = time.perf_counter()
+    approx, _ = index.search(q, k)
+    seconds = time.perf_counter() - start
+    rows, _ = exact_search(q, x, k)
+    exact = [[item_ids[r] for r in row if r >= 0] for row in rows]
+    return RecallCheck(k=k, num_queries=len(q), recall=recall_at_k(approx, exact), search_seconds=seconds)

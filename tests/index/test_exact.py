@@ -1,0 +1,41 @@
+"""Exact search (the recall reference): order, ties, exclusion, padding; recall@k."""
+
+import numpy as np
+import pytest
+
+from tessera.index import exact_search, l2_normalize, recall_at_k
+
+
+def test_matches_full_sort():
+    rng = np.random.default_rng(0)
+    x, q = rng.standard_normal((500, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
+    rows, scores = exact_search(q, x, 10)
+    expected = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(rows, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, expected, axis=1), rtol=1e-6)
+
+
+def test_ties_go_to_the_lower_row_and_exclusion_applies():
+    x = np.ones((6, 4), np.float32)
+    q = np.ones((2, 4), np.float32)
+    rows, _ = exact_search(q, x, 3, exclude_rows=[[0, 2], []])
+    assert rows.tolist() == [[1, 3, 4], [0, 1, 2]]
+
+
+def test_pads_when_too_few_rows_are_eligible():
+    x = np.eye(3, dtype=np.float32)
+    rows, scores = exact_search(x[:1], x, 5, exclude_rows=[[1]])
+    assert rows.tolist() == [[0, 2, -1]] and np.isneginf(scores[0, 2])
+
+
+def test_normalize_rejects_zero_rows():
+    assert np.allclose(np.linalg.norm(l2_normalize(np.array([[3.0, 4.0]], np.float32)), axis=1), 1)
+    with pytest.raises(ValueError, match="row 1 has zero norm"):
+        l2_normalize(np.array([[1.0, 0.0], [0.0, 0.0]], np.float32))
+
+
+def test_recall_at_k():
+    assert recall_at_k([["a", "b"], ["c", "d"]], [["a", "x"], ["c", "d"]]) == 0.75
+    assert recall_at_k([["a", "b", "c"]], [["c", "a", "z"]], k=2) == 0.5
+    with pytest.raises(ValueError):
+        recall_at_k([["a"]], [])

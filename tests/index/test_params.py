@@ -1,0 +1,90 @@
+"""Build parameters follow ScaNN's size rules; every value can be pinned; the split is balanced."""
+
+import math
+
+import pytest
+
+from tessera.config import ConfigError, parse_config
+from tessera.index import IndexConfig, assign_shards, choose_mode, derive_params, num_shards_for
+
+
+@pytest.mark.parametrize("n, mode", [(1, "brute_force"), (500, "brute_force"), (19_999, "brute_force"),
+                                     (20_000, "ah"), (99_999, "ah"), (100_000, "tree_ah"),
+                                     (2_000_000, "tree_ah")])
+def test_mode_by_shard_size(n, mode):
+    assert derive_params(n, 128).mode == mode
+
+
+def test_brute_force_has_no_scann_settings():
+    p = derive_params(5_000, 64)
+    assert (p.num_leaves, p.reorder_num_neighbors, p.dimensions_per_block) == (None, None, None)
+
+
+def test_ah_follows_scann_guidance():
+    p = derive_params(50_000, 64)
+    assert p.dimensions_per_block == 2 and p.anisotropic_quantization_threshold == 0.2
+    assert p.hash_type == "lut16" and p.reorder_num_neighbors == 100 and p.num_leaves is None
+    assert p.training_sample_size == 50_000
+
+
+@pytest.mark.parametrize("n", [100_000, 400_000, 2_000_000])
+def test_tree_leaves_near_sqrt_n(n):
+    p = derive_params(n, 64)
+    assert p.num_leaves == round(math.sqrt(n))
+    assert p.num_leaves_to_search == math.ceil(p.num_leaves / 20)  # tuning starts here
+    assert p.training_sample_size == 100_000
+
+
+def test_every_value_overridable():
+    cfg = IndexConfig(num_leaves=50, num_leaves_to_search=7, reorder_num_neighbors=300, dimensions_per_block=4,
+                      anisotropic_quantization_threshold=0.1, hash_type="lut256", training_sample_size=5_000,
+                      num_neighbors=20)
+    p = derive_params(200_000, 64, cfg)
+    assert (p.num_leaves, p.num_leaves_to_search, p.reorder_num_neighbors) == (50, 7, 300)
+    assert (p.dimensions_per_block, p.anisotropic_quantization_threshold, p.hash_type) == (4, 0.1, "lut256")
+    assert (p.training_sample_size, p.num_neighbors) == (5_000, 20)
+    assert derive_params(1_000, 64, IndexConfig(mode="tree_ah")).mode == "tree_ah"
+    assert derive_params(500_000, 64, IndexConfig(mode="brute_force")).mode == "brute_force"
+    assert derive_params(30_000, 64, IndexConfig(brute_force_below=40_000, partition_min_points=50_000)).mode \
+        == "brute_force"
+
+
+def test_small_catalog_is_exact_whatever_the_shard_thresholds():
+    cfg = IndexConfig(brute_force_below=1_000)
+    assert choose_mode(5_000, cfg, catalog_size=15_000) == "brute_force"
+    assert choose_mode(5_000, cfg, catalog_size=25_000) == "ah"
+
+
+def test_too_few_points_for_ah_fall_back_to_exact():
+    assert derive_params(10, 8, IndexConfig(mode="ah")).mode == "brute_force"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="partition_min_points"):
+        IndexConfig(brute_force_below=50_000, partition_min_points=10_000)
+    with pytest.raises(ConfigError, match="unknown key 'num_leafs'"):
+        parse_config(IndexConfig, {"num_leafs": 10})
+    with pytest.raises(ValueError):
+        derive_params(0, 64)
+
+
+def test_balanced_deterministic_sharding():
+    ids = [f"id-{i}" for i in range(10_007)]
+    parts = assign_shards(ids, 4)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes == [2_501, 2_502, 2_502, 2_502]
+    rows = sorted(int(r) for p in parts for r in p)
+    assert rows == list(range(len(ids)))
+    # Depends on the ids only, not on their order.
+    shuffled = list(reversed(ids))
+    again = assign_shards(shuffled, 4)
+    assert [{shuffled[r] for r in p} for p in again] == [{ids[r] for r in p} for p in parts]
+
+
+def test_sharding_errors_and_sizes():
+    with pytest.raises(ValueError, match="unique"):
+        assign_shards(["a", "a"], 2)
+    with pytest.raises(ValueError):
+        assign_shards(["a"], 0)
+    assert [len(p) for p in assign_shards(["a", "b"], 3)].count(0) == 1
+    assert num_shards_for(250_000, 100_000) == 3 and num_shards_for(0, 10) == 1

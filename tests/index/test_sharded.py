@@ -1,0 +1,102 @@
+"""Sharded search: recall against exact search, merge correctness, exclusion, small catalogs."""
+
+import numpy as np
+import pytest
+
+from tessera.index import SearchConfig, ShardArtifact, ShardedIndex, exact_search, measure_recall, recall_at_k
+
+
+def _exact_ids(ids, vectors, queries, k, exclude=None):
+    rows_excl = None
+    if exclude is not None:
+        pos = {item: i for i, item in enumerate(ids)}
+        rows_excl = [[pos[e] for e in ex if e in pos] for ex in exclude]
+    rows, scores = exact_search(queries, vectors, k, rows_excl)
+    return [[ids[r] for r in row if r >= 0] for row in rows], scores
+
+
+def test_ah_shards_recall_at_10(ah_index, catalog, queries):
+    ids, vectors = catalog
+    found, scores = ah_index.search(queries, k=10)
+    truth, truth_scores = _exact_ids(ids, vectors, queries, 10)
+    assert recall_at_k(found, truth) >= 0.95
+    assert all(len(row) == 10 for row in found)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    np.testing.assert_allclose(scores[:, 0], truth_scores[:, 0], atol=1e-5)  # reordered scores are exact
+
+
+def test_sharding_does_not_cost_recall(ah_index, catalog, queries, ah_config):
+    ids, vectors = catalog
+    single = ShardedIndex.from_arrays(ids, vectors, ah_config, num_shards=1)
+    assert single.shards[0].params.mode == "ah"
+    sharded = measure_recall(ah_index, queries, ids, vectors, k=10).recall
+    unsharded = measure_recall(single, queries, ids, vectors, k=10).recall
+    assert unsharded >= 0.95
+    # Merging three per-shard top-10s only adds candidates, so sharding may help but must not hurt.
+    assert sharded >= unsharded - 0.01
+
+
+def test_merge_of_exact_shards_equals_exact_search(exact_index, small_catalog):
+    ids, vectors = small_catalog
+    q = vectors[:50] + 0.3 * np.random.default_rng(1).standard_normal((50, vectors.shape[1])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    found, scores = exact_index.search(q, k=25)
+    truth, truth_scores = _exact_ids(ids, vectors, q, 25)
+    assert found == truth
+    np.testing.assert_allclose(scores, truth_scores, rtol=0, atol=1e-6)
+    exclude = [set(row[::3]) | {"not-in-catalog"} for row in truth]
+    found_ex, _ = exact_index.search(q, k=25, exclude=exclude)
+    assert found_ex == _exact_ids(ids, vectors, q, 25, exclude)[0]
+
+
+@pytest.mark.parametrize("index_name", ["ah_index", "exact_index"])
+def test_exclusion_still_returns_k(index_name, request, queries):
+    index = request.getfixturevalue(index_name)
+    q = np.random.default_rng(2).standard_normal((40, index.dim)).astype(np.float32)
+    top, _ = index.search(q, k=60)
+    # Exclude each query's best 50 (beyond any one call's headroom), plus one query excluding nothing.
+    exclude = [set(row[:50]) for row in top[:-1]] + [set()]
+    found, scores = index.search(q, k=10, exclude=exclude)
+    for row, ex, before in zip(found, exclude, top, strict=True):
+        assert len(row) == 10 and not set(row) & ex
+        if ex and index_name == "exact_index":
+            assert row == before[50:60]  # the next best ones come up
+        elif ex:
+            assert len(set(row[:5]) & set(before[50:55])) >= 4
+    assert found[-1] == top[-1][:10]
+    assert np.isfinite(scores).all()
+
+
+def test_fewer_items_than_k(small_catalog):
+    ids, vectors = small_catalog
+    index = ShardedIndex.from_arrays(ids[:5], vectors[:5], num_shards=2)
+    found, scores = index.search(vectors[:2], k=8, exclude=[{ids[0]}, set()])
+    assert [len(r) for r in found] == [4, 5] and found[1][0] == ids[1]
+    assert np.isneginf(scores[0, 4:]).all() and np.isfinite(scores[1, :5]).all()
+
+
+def test_parallel_shard_search_equals_serial(ah_index, queries):
+    serial = ah_index.search(queries, k=10)
+    with ShardedIndex(ah_index.shards, SearchConfig(search_threads=3)) as threaded:
+        parallel = threaded.search(queries, k=10)
+    assert parallel[0] == serial[0] and np.array_equal(parallel[1], serial[1])
+
+
+def test_query_validation(exact_index):
+    with pytest.raises(ValueError, match="dimension 5"):
+        exact_index.search(np.ones((2, 5), np.float32), k=3)
+    with pytest.raises(ValueError, match="zero norm"):
+        exact_index.search(np.zeros((1, exact_index.dim), np.float32), k=3)
+    with pytest.raises(ValueError, match="exclude has 1 sets for 2 queries"):
+        exact_index.search(np.ones((2, exact_index.dim), np.float32), k=3, exclude=[set()])
+    ids, scores = exact_index.search(np.empty((0, exact_index.dim), np.float32), k=3)
+    assert ids == [] and scores.shape == (0, 3)
+
+
+def test_shards_must_be_numbered_and_disjoint(exact_index):
+    first = exact_index.shards[0]
+    with pytest.raises(ValueError, match="shard ids"):
+        ShardedIndex([first, first])
+    twin = ShardArtifact(shard_id=1, ids=first.ids, params=first.params, vectors=first.vectors)
+    with pytest.raises(ValueError, match="unique across shards"):
+        ShardedIndex([first, twin])
