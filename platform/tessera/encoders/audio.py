@@ -1,0 +1,152 @@
+"""Audio encoder: raw-waveform transformer (Wav2Vec2 family) with mean / max pooling over frames.
+
+The default weights are a **placeholder**: a small Wav2Vec2 (4 layers, hidden 256) with seeded random
+weights written by ``python -m jobs.make_models`` (no pretrained audio weights can be downloaded here).
+They load with ``AutoModel.from_pretrained`` and the feature-extractor settings in
+``preprocessor_config.json`` exactly as a pretrained checkpoint does, so pointing ``weights`` at a real
+wav2vec2 / HuBERT / WavLM folder is a config change.
+
+Preprocessing decodes, downmixes, resamples to the checkpoint's rate, keeps the first
+``clip_seconds`` and (if the checkpoint says ``do_normalize``) scales it to zero mean and unit variance;
+it ships the unpadded clip. ``encode`` zero-pads every clip to the full ``clip_seconds`` (so a clip's
+vector never depends on its batch-mates) and pools only the frames that cover real samples.
+
+Example::
+
+    enc = AudioEncoder(AudioEncoderConfig(weights="s3://tessera-demo/models/encoders/audio-wav2vec2-seeded"))
+    vecs = enc.embed([Path("0_george_0.wav").read_bytes()])     # (1, 256)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from transformers import AutoModel
+
+from tessera.encoders.audio_decode import decode_audio_bytes
+from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
+from tessera.encoders.errors import MediaError
+from tessera.encoders.pooling import pool_sequence
+from tessera.encoders.seeded import DEFAULT_MODELS_URI, SEEDED_AUDIO_FOLDER
+from tessera.encoders.weights import read_json
+from tessera.storage import join_uri
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class AudioEncoderConfig(EncoderConfig):
+    """Audio encoder settings.
+
+    Args:
+        weights: default: the placeholder seeded Wav2Vec2 that ``jobs.make_models`` writes.
+        pooling: ``mean`` or ``max`` over the frames covering real (unpadded) audio.
+        sample_rate: None uses the checkpoint's ``sampling_rate``; a value must agree with it
+            (it is only needed for checkpoints that do not state one).
+        clip_seconds: audio kept per item (from the start); shorter items are zero-padded.
+        max_bytes: larger objects are ``oversized``.
+
+    Example::
+
+        AudioEncoderConfig(weights="/models/wav2vec2-base", pooling="mean", clip_seconds=4.0)
+    """
+
+    modality: Literal["audio"] = "audio"
+    weights: str = join_uri(DEFAULT_MODELS_URI, SEEDED_AUDIO_FOLDER)
+    pooling: Literal["mean", "max"] = "mean"
+    sample_rate: int | None = Field(None, ge=1000, le=192_000)
+    clip_seconds: float = Field(1.0, gt=0, le=600)
+    max_bytes: int = Field(20_000_000, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+class AudioPreprocessor(Preprocessor[AudioEncoderConfig]):
+    """Audio bytes -> ``float32`` waveform ``(T,)`` with ``T <= clip_samples``, at ``sample_rate``.
+
+    Example::
+
+        clip = AudioPreprocessor(cfg)(wav_bytes)    # (≤16000,) float32
+    """
+
+    @functools.cached_property
+    def feature_config(self) -> dict:
+        cfg = read_json(self.weights_dir, PREPROCESSOR_FILE)
+        if cfg is None:
+            raise FileNotFoundError(f"{self.weights_dir} has no {PREPROCESSOR_FILE}")
+        return cfg
+
+    @functools.cached_property
+    def sample_rate(self) -> int:
+        stated, wanted = self.feature_config.get("sampling_rate"), self.config.sample_rate
+        if stated is not None and wanted is not None and int(stated) != wanted:
+            raise ValueError(f"sample_rate {wanted} disagrees with the checkpoint's sampling_rate {stated}")
+        rate = wanted if wanted is not None else stated
+        if rate is None:
+            raise ValueError(f"{PREPROCESSOR_FILE} states no sampling_rate: set sample_rate in the config")
+        return int(rate)
+
+    @property
+    def clip_samples(self) -> int:
+        return max(1, round(self.config.clip_seconds * self.sample_rate))
+
+    def __call__(self, raw: bytes | None) -> np.ndarray:
+        if raw is None:
+            raise MediaError("missing", "no audio bytes")
+        wave = decode_audio_bytes(bytes(raw), self.config.max_bytes, self.sample_rate)  # (T,)
+        clip = wave[: self.clip_samples]  # (T',) T' <= clip_samples
+        if self.feature_config.get("do_normalize", False):
+            # as Wav2Vec2FeatureExtractor: zero mean, unit variance per utterance
+            clip = (clip - clip.mean()) / np.sqrt(clip.var() + 1e-7)
+        return clip.astype(np.float32, copy=False)
+
+
+def conv_output_length(samples: torch.Tensor, kernels: list[int], strides: list[int]) -> torch.Tensor:
+    """Frames a stack of 1-D convolutions (no padding) produces from ``samples`` inputs."""
+    for k, s in zip(kernels, strides, strict=True):
+        samples = torch.div(samples - k, s, rounding_mode="floor") + 1
+    return samples.clamp(min=1)
+
+
+class AudioEncoder(Encoder[AudioEncoderConfig]):
+    """Waveform clips -> unit vectors through a Wav2Vec2-style model and frame pooling.
+
+    Example::
+
+        enc = AudioEncoder(AudioEncoderConfig(weights="/tmp/models/audio-wav2vec2-seeded", device="cpu"))
+        vecs = enc.encode(enc.preprocessor.map([wav_a, wav_b]))     # (2, 256)
+    """
+
+    modality = "audio"
+    preprocessor_class = AudioPreprocessor
+
+    def _load_model(self) -> torch.nn.Module:
+        model = AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
+        cfg = model.config
+        if not (hasattr(cfg, "conv_kernel") and hasattr(cfg, "conv_stride")):
+            raise ValueError(f"{self.weights_dir} holds a {cfg.model_type} model; the audio encoder needs a "
+                             "raw-waveform model with a convolutional feature encoder (wav2vec2, HuBERT, WavLM)")
+        self._kernels, self._strides = list(cfg.conv_kernel), list(cfg.conv_stride)
+        self._use_mask = bool(self.preprocessor.feature_config.get("return_attention_mask", False))
+        self._pad_value = float(self.preprocessor.feature_config.get("padding_value", 0.0))
+        return model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
+        total = self.preprocessor.clip_samples
+        wave = torch.full((len(items), total), self._pad_value, dtype=torch.float32)  # (b, T)
+        lengths = torch.tensor([min(len(x), total) for x in items], dtype=torch.long)  # (b,)
+        for row, x in enumerate(items):
+            wave[row, : lengths[row]] = torch.from_numpy(np.asarray(x[:total], dtype=np.float32))
+        sample_mask = torch.arange(total).unsqueeze(0) < lengths.unsqueeze(1)  # (b, T)
+        wave, sample_mask = wave.to(self._device), sample_mask.to(self._device)
+        kwargs = {"attention_mask": sample_mask.long()} if self._use_mask else {}
+        hidden = self.model(input_values=wave, **kwargs).last_hidden_state  # (b, F, D)
+        frames = conv_output_length(lengths, self._kernels, self._strides).to(self._device)  # (b,)
+        frame_mask = torch.arange(hidden.shape[1], device=self._device).unsqueeze(0) < frames.unsqueeze(1)  # (b, F)
+        return pool_sequence(hidden, frame_mask, self.config.pooling)  # (b, D)

@@ -1,0 +1,224 @@
+"""The encoder interface shared by every modality: config, preprocessing side, encoding side.
+
+Each modality splits into two objects so a Ray Data pipeline can place them apart:
+
+- a :class:`Preprocessor` (CPU tasks): raw input -> one numpy array per item, small enough to travel
+  through the object store; bad input raises :class:`~tessera.encoders.errors.MediaError`. It needs
+  only the small config files stored with the weights (tokenizer, preprocessing config).
+- an :class:`Encoder` (one per actor): loads the model once and turns a list of those arrays into
+  L2-normalised ``float32`` vectors ``(N, D)``, in micro-batches of ``batch_size``, under
+  ``torch.inference_mode`` and, where the hardware supports it, bf16/fp16 autocast.
+
+Example::
+
+    enc = TextEncoder(TextEncoderConfig())
+    inputs = [enc.preprocessor(t) for t in ["red apple", "green pear"]]   # in CPU tasks
+    vectors = enc.encode(inputs)                                          # in an actor: (2, 384)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Iterator, Literal, Sequence, TypeVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from tessera.config import TesseraConfig
+from tessera.encoders.errors import MediaError
+from tessera.encoders.weights import resolve_weights, weights_checksum
+from tessera.storage import Storage, parse_uri
+
+
+class EncoderConfig(TesseraConfig):
+    """Settings every encoder shares; each modality subclasses it with its own defaults.
+
+    Args:
+        weights: a local folder or an ``s3://`` prefix holding the model in its library's own layout.
+        name: label recorded in manifests; None derives it from the weights location.
+        batch_size: items per forward pass (``encode`` splits larger inputs).
+        max_bytes: raw inputs above this size are rejected as ``oversized``.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+        bf16_autocast: run the forward pass under autocast: bf16 on CPUs with native bf16
+            (AVX512-BF16 / AMX) and on CUDA GPUs that support it, fp16 on older GPUs; on other CPUs
+            the flag is ignored and the model runs in fp32.
+        cache_dir: where ``s3://`` weights are cached on each node (None: ``~/.cache/tessera/weights``).
+    """
+
+    weights: str
+    name: str | None = None
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_bytes: int = Field(20_000_000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16_autocast: bool = True
+    cache_dir: str | None = None
+
+
+C = TypeVar("C", bound=EncoderConfig)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16, AMX or Arm BF16)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def choose_device(requested: str) -> torch.device:
+    """Map the config's ``device`` to a torch device; asking for ``cuda`` without one is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None to run in fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, computed in fp32."""
+    return torch.nn.functional.normalize(x.float(), p=2.0, dim=-1)
+
+
+class Preprocessor(ABC, Generic[C]):
+    """Raw input -> model input (one numpy array per item), on CPU, without loading the model.
+
+    Loads what it needs (tokenizer, preprocessing config) lazily on first use and drops it when
+    pickled, so it is cheap to ship to Ray tasks.
+
+    Args:
+        config: the modality's encoder config.
+        storage: how to reach ``s3://`` weights (default: from the environment).
+        weights_dir: an already resolved local weights folder (the encoder passes its own).
+    """
+
+    # The small files the preprocessing side needs from the weights folder.
+    config_files: ClassVar[tuple[str, ...]] = ("*.json", "*.txt", "*.model")
+
+    def __init__(self, config: C, storage: Storage | None = None, weights_dir: Path | None = None):
+        self.config = config
+        self.storage = storage
+        self._given_dir = weights_dir
+
+    def __getstate__(self) -> dict:
+        local = self._given_dir if parse_uri(self.config.weights).scheme == "file" else None
+        return {"config": self.config, "storage": self.storage, "weights_dir": local}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"], state["storage"], state["weights_dir"])
+
+    @functools.cached_property
+    def weights_dir(self) -> Path:
+        if self._given_dir is not None:
+            return self._given_dir
+        return resolve_weights(self.config.weights, self.storage, self.config.cache_dir, self.config_files).path
+
+    @abstractmethod
+    def __call__(self, raw: Any) -> np.ndarray:
+        """Turn one raw item into the model input; raises ``MediaError`` for bad input."""
+
+    def map(self, raws: Sequence[Any]) -> list[np.ndarray | MediaError]:
+        """Preprocess many items; a bad item yields its ``MediaError`` in place instead of raising."""
+        out: list[np.ndarray | MediaError] = []
+        for raw in raws:
+            try:
+                out.append(self(raw))
+            except MediaError as err:
+                out.append(err)
+        return out
+
+
+class Encoder(ABC, Generic[C]):
+    """Loads one model once and encodes preprocessed inputs to unit vectors.
+
+    Subclasses set ``modality`` and ``preprocessor_class`` and implement ``_load_model``,
+    ``dim`` and ``_forward``.
+
+    Args:
+        config: the modality's encoder config.
+        storage: how to reach ``s3://`` weights (default: from the environment).
+    """
+
+    modality: ClassVar[str]
+    preprocessor_class: ClassVar[type[Preprocessor]]
+
+    def __init__(self, config: C, storage: Storage | None = None):
+        self.config = config
+        self.weights_dir = resolve_weights(config.weights, storage, config.cache_dir).path
+        self._device = choose_device(config.device)
+        self.autocast_dtype = autocast_dtype(self._device, config.bf16_autocast)
+        self.preprocessor = self.preprocessor_class(config, storage, weights_dir=self.weights_dir)
+        self.model = self._load_model().to(self._device).eval()
+
+    @abstractmethod
+    def _load_model(self) -> torch.nn.Module:
+        """Build the model from ``self.weights_dir`` exactly as its library loads a checkpoint."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of the output vectors."""
+
+    @abstractmethod
+    def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
+        """One micro-batch of preprocessed items -> ``(b, D)`` un-normalised vectors on the device."""
+
+    @property
+    def name(self) -> str:
+        """``<modality>:<name>``, the name from config or the last two parts of the weights location."""
+        label = self.config.name or "/".join(Path(parse_uri(self.config.weights).path).parts[-2:])
+        return f"{self.modality}:{label}"
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @functools.cached_property
+    def weights_checksum(self) -> str:
+        """``sha256:<hex>`` over the weight files (the same wherever the folder was loaded from)."""
+        return weights_checksum(self.weights_dir)
+
+    def _micro_batches(self, batch: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        """Index arrays of the micro-batches to run; in input order by default."""
+        n, size = len(batch), self.config.batch_size
+        for start in range(0, n, size):
+            yield np.arange(start, min(start + size, n))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device.type, dtype=self.autocast_dtype)
+
+    def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
+        """Encode preprocessed items (outputs of ``self.preprocessor``) to unit vectors.
+
+        Args:
+            batch: a list of per-item arrays (or one stacked array), any length.
+
+        Returns:
+            ``(N, dim)`` float32, rows L2-normalised, in the order of ``batch``.
+        """
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for idx in self._micro_batches(batch):
+                with self._autocast():
+                    vectors = self._forward([batch[i] for i in idx])  # (b, D)
+                out[idx] = l2_normalize(vectors).cpu().numpy()
+        return out
+
+    def embed(self, raws: Sequence[Any]) -> np.ndarray:
+        """Preprocess then encode raw items in this process (for queries and tests).
+
+        Raises:
+            MediaError: for the first bad item.
+        """
+        return self.encode([self.preprocessor(raw) for raw in raws])

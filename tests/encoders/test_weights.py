@@ -1,0 +1,148 @@
+"""Weights through the real S3 store: make_models writes them, encoders load them back via s3://."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from jobs import make_models
+from tessera.encoders import (
+    AudioEncoder,
+    AudioEncoderConfig,
+    ImageEncoder,
+    ImageEncoderConfig,
+    MediaError,
+    TextEncoderConfig,
+    fetch_media,
+    load_preprocessor,
+    resolve_weights,
+    weights_checksum,
+)
+from tessera.encoders.seeded import SEEDED_AUDIO_FOLDER, SEEDED_IMAGE_FOLDER
+from tessera.storage import join_uri
+
+
+@pytest.fixture(scope="module")
+def models_uri(storage) -> str:
+    """make_models run once against the S3 fixture (seed 0, like the local seeded_root)."""
+    storage.ensure_bucket("s3://tessera-test")
+    uri = f"s3://tessera-test/{uuid.uuid4().hex[:12]}/models/encoders"
+    assert make_models.main(["--out", uri, "--seed", "0"]) == 0
+    return uri
+
+
+def test_make_models_writes_self_describing_folders(storage, models_uri, seeded_root):
+    for folder in (SEEDED_IMAGE_FOLDER, SEEDED_AUDIO_FOLDER):
+        names = {u.rsplit("/", 1)[1] for u in storage.list_files(join_uri(models_uri, folder))}
+        assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+                "_MANIFEST.json"} <= names
+        assert b"placeholder seeded weights" in storage.read_bytes(join_uri(models_uri, folder, "README.md"))
+        manifest = storage.read_json(join_uri(models_uri, folder, "_MANIFEST.json"))
+        assert manifest["seed"] == 0 and manifest["kind"] == "placeholder seeded weights"
+        # same seed written elsewhere -> byte-identical weights
+        assert manifest["checksum"] == weights_checksum(seeded_root / folder)
+
+
+def test_make_models_keeps_identical_and_refuses_different_weights(models_uri):
+    assert make_models.main(["--out", models_uri, "--seed", "0"]) == 0
+    assert make_models.main(["--out", models_uri, "--seed", "1"]) == 1
+
+
+@pytest.mark.parametrize("encoder_cls, config_cls, folder, media", [
+    (ImageEncoder, ImageEncoderConfig, SEEDED_IMAGE_FOLDER, "grocery_jpegs"),
+    (AudioEncoder, AudioEncoderConfig, SEEDED_AUDIO_FOLDER, "fsdd_wavs"),
+])
+def test_s3_weights_load_identically_to_local(storage, models_uri, seeded_root, tmp_path, request,
+                                              encoder_cls, config_cls, folder, media):
+    raws = [p.read_bytes() for p in request.getfixturevalue(media)[:3]]
+    common = {"device": "cpu", "bf16_autocast": False}
+    remote = encoder_cls(config_cls(weights=join_uri(models_uri, folder), cache_dir=str(tmp_path), **common),
+                         storage)
+    local = encoder_cls(config_cls(weights=str(seeded_root / folder), **common))
+    assert remote.weights_dir.is_relative_to(tmp_path)
+    assert remote.weights_checksum == local.weights_checksum
+    assert remote.dim == local.dim
+    np.testing.assert_array_equal(remote.embed(raws), local.embed(raws))
+
+
+def test_concurrent_resolution_downloads_once(storage, models_uri, tmp_path):
+    uri = join_uri(models_uri, SEEDED_AUDIO_FOLDER)
+    results, errors = [], []
+
+    def resolve():
+        try:
+            results.append(resolve_weights(uri, storage, tmp_path))
+        except OSError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=resolve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sum(r.fetched for r in results) == 1
+    assert len({r.path for r in results}) == 1
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [results[0].path.name]
+    again = resolve_weights(uri, storage, tmp_path)
+    assert not again.fetched and again.path == results[0].path
+
+
+def test_preprocessor_downloads_only_config_files(storage, models_uri, tmp_path, fsdd_wavs):
+    cfg = AudioEncoderConfig(weights=join_uri(models_uri, SEEDED_AUDIO_FOLDER), cache_dir=str(tmp_path))
+    prep = pickle.loads(pickle.dumps(load_preprocessor(cfg, storage)))
+    clip = prep(fsdd_wavs[0].read_bytes())
+    assert clip.dtype == np.float32 and len(clip) > 0
+    names = {p.name for p in prep.weights_dir.iterdir()}
+    assert {"config.json", "preprocessor_config.json"} <= names and "model.safetensors" not in names
+
+
+def test_checksum_covers_weights_not_docs(image_weights, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(image_weights, copy)
+    assert weights_checksum(copy) == weights_checksum(image_weights)
+    (copy / "README.md").write_text("edited docs")
+    assert weights_checksum(copy) == weights_checksum(image_weights)
+    (copy / "preprocessor_config.json").write_text("{}")
+    assert weights_checksum(copy) != weights_checksum(image_weights)
+
+
+def test_packaged_text_weights_resolve_in_place():
+    cfg = TextEncoderConfig()
+    resolved = resolve_weights(cfg.weights)
+    assert not resolved.fetched and (resolved.path / "model.safetensors").is_file()
+
+
+def test_missing_weights_are_a_clear_error(storage, bucket_uri, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        resolve_weights(join_uri(bucket_uri, "nothing-here"), storage, tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_weights(str(tmp_path / "absent"))
+
+
+def test_fetch_media_maps_storage_errors(storage, bucket_uri):
+    uri = join_uri(bucket_uri, "media", "a.bin")
+    storage.write_bytes(uri, b"x" * 100)
+    assert fetch_media(storage, uri, max_bytes=100) == b"x" * 100
+    with pytest.raises(MediaError) as err:
+        fetch_media(storage, uri, max_bytes=99)
+    assert err.value.kind == "oversized"
+    with pytest.raises(MediaError) as err:
+        fetch_media(storage, join_uri(bucket_uri, "media", "absent.bin"))
+    assert err.value.kind == "missing"
+    with pytest.raises(MediaError) as err:
+        fetch_media(storage, "ftp://nowhere/x")
+    assert err.value.kind == "missing"
+
+
+def test_media_error_pickles_and_validates_kind():
+    err = pickle.loads(pickle.dumps(MediaError("truncated", "WAV data chunk declares 10 bytes, 2 present")))
+    assert err.kind == "truncated" and str(err) == "truncated: WAV data chunk declares 10 bytes, 2 present"
+    assert MediaError.missing("s3://b/k").kind == "missing"
+    with pytest.raises(ValueError, match="unknown media error kind"):
+        MediaError("weird")
