@@ -1,0 +1,65 @@
+"""Embed the items table: one encoder actor pool per modality, embeddings written back to storage.
+
+    ray job submit --working-dir . -- python -m jobs.embed --config configs/embed.yaml
+    python -m jobs.embed --config configs/embed.yaml [--run-id R] [--max-error-rate 0.1]
+
+Exit codes: 0 done; 2 bad config; 3 error rate above --max-error-rate (the summary is printed and the
+output is kept); 4 the output does not hold every input item exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tessera.config import ConfigError, load_config
+from tessera.embed.config import EmbedConfig
+from tessera.embed.pipeline import EmbeddingIntegrityError, error_rate, run_embedding
+from tessera.ray_utils import init_ray
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    lines = []
+    for m, c in manifest["counts"].items():
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(c["errors"].items())) or "none"
+        lines.append(f"  {m:5s}: {c['ok']} ok, {c['failed']} failed ({kinds}), {c['missing']} without {m}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--config", default="configs/embed.yaml")
+    parser.add_argument("--run-id", default=None, help="override run_id from the config")
+    parser.add_argument("--max-error-rate", type=float, default=None,
+                        help="fail (exit 3) when failed / present modality inputs exceed this (default: config)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(EmbedConfig, args.config)
+        if args.run_id:
+            cfg.run_id = args.run_id
+        if args.max_error_rate is not None:
+            cfg.max_error_rate = args.max_error_rate
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    init_ray()
+    try:
+        manifest = run_embedding(cfg)
+    except EmbeddingIntegrityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
+    rate = error_rate(manifest)
+    state = "already complete, kept" if manifest.get("reused") else "written"
+    print(f"embeddings {state} at {manifest['output']['uri']}: {manifest['input']['items']} items, "
+          f"error rate {rate:.3f}")
+    print("\n".join(summary_lines(manifest)))
+    print(json.dumps({"counts": manifest["counts"], "timings": manifest["timings"]}, sort_keys=True))
+    if rate > cfg.max_error_rate:
+        print(f"error: error rate {rate:.3f} is above max_error_rate {cfg.max_error_rate}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The batch embedding job (Ray Data): items table in object storage -> per-modality embeddings."""

@@ -1,0 +1,109 @@
+"""Config of the batch embedding job (``configs/embed.yaml``).
+
+Sizing on a real cluster: give each GPU modality pool ``num_gpus: 1`` and ``max_actors`` up to the
+GPUs you want it to hold (autoscaling between ``min_actors`` and ``max_actors``), raise its
+``batch_size`` until the GPU is busy (256-1024 for MiniLM on an A10G), and give the CPU stages
+enough ``concurrency`` to keep the pools fed (decode is the usual bottleneck for images: about one
+CPU per 150-300 images/s). On the 2-core embedded stack the defaults keep all three pools and the CPU
+stages inside 2 CPUs (fractional requests), so the job cannot stall waiting for resources.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from tessera.config import TesseraConfig
+from tessera.encoders.audio import AudioEncoderConfig
+from tessera.encoders.image import ImageEncoderConfig
+from tessera.encoders.text import TextEncoderConfig
+from tessera.storage import StorageConfig
+
+
+class PoolConfig(TesseraConfig):
+    """One encoder actor pool: autoscales between ``min_actors`` and ``max_actors``.
+
+    ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); ``torch_threads`` caps the
+    intra-op threads of a CPU actor (None: Ray's default, one thread per requested CPU).
+    """
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(64, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+    max_tasks_in_flight_per_actor: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PoolConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below min_actors ({self.min_actors})")
+        return self
+
+
+class StageConfig(TesseraConfig):
+    """A stateless CPU stage (fetch or decode): ``num_cpus`` per task, at most ``concurrency`` tasks."""
+
+    num_cpus: float = Field(0.1, gt=0)
+    batch_size: int = Field(64, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+
+
+class FetchConfig(StageConfig):
+    """Fetching media bytes is I/O-bound: few CPUs, a thread pool per task, bounded tasks."""
+
+    num_cpus: float = Field(0.1, gt=0)
+    threads: int = Field(16, ge=1, le=256)
+    concurrency: int | None = Field(4, ge=1)
+
+
+class TextModality(TesseraConfig):
+    enabled: bool = True
+    encoder: TextEncoderConfig = TextEncoderConfig()
+    preprocess: StageConfig = StageConfig()
+    pool: PoolConfig = PoolConfig()
+
+
+class ImageModality(TesseraConfig):
+    enabled: bool = True
+    encoder: ImageEncoderConfig = ImageEncoderConfig()
+    fetch: FetchConfig = FetchConfig()
+    preprocess: StageConfig = StageConfig(batch_size=32)
+    pool: PoolConfig = PoolConfig(batch_size=32)
+
+
+class AudioModality(TesseraConfig):
+    enabled: bool = True
+    encoder: AudioEncoderConfig = AudioEncoderConfig()
+    fetch: FetchConfig = FetchConfig()
+    preprocess: StageConfig = StageConfig(batch_size=32)
+    pool: PoolConfig = PoolConfig(batch_size=32)
+
+
+class EmbedConfig(TesseraConfig):
+    """The embedding job.
+
+    Args:
+        items_uri: the items table (a prefix of ``part-*.parquet`` files).
+        output_uri: the embeddings root; the run writes to ``<output_uri>/<run_id>/``.
+        run_id: names the run; rerunning the same run id resumes it (completed rows are skipped).
+        max_error_rate: the job exits non-zero when failed modality inputs / present ones exceed it.
+        read_batch_rows: rows per block coming out of the reader.
+    """
+
+    items_uri: str = "s3://tessera-demo/corpus/items"
+    output_uri: str = "s3://tessera-demo/embeddings"
+    run_id: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    max_error_rate: float = Field(0.25, ge=0, le=1)
+    write_batch_size: int = Field(256, ge=1)
+    read_num_cpus: float = Field(0.1, gt=0, description="CPUs per read / write task")
+    read_batch_rows: int = Field(256, ge=1, description="rows per block coming out of the reader")
+    text: TextModality = TextModality()
+    image: ImageModality = ImageModality()
+    audio: AudioModality = AudioModality()
+    storage: StorageConfig = StorageConfig()
+
+    def modalities(self) -> dict[str, TextModality | ImageModality | AudioModality]:
+        """The enabled modalities, in pipeline order."""
+        all_ = {"image": self.image, "audio": self.audio, "text": self.text}
+        return {name: m for name, m in all_.items() if m.enabled}

@@ -1,0 +1,208 @@
+"""The embedding job: Ray Data streams the items table through one encoder actor pool per modality.
+
+    read items ─► prepare ─► image: fetch ─► decode ─► [ImageEncoder pool]
+                          ─► audio: fetch ─► decode ─► [AudioEncoder pool]
+                          ─► text: tokenise ─► [TextEncoder pool] ─► write parts ─► tally ─► manifest
+
+The corpus is never materialised: Ray Data streams blocks through the stages with backpressure, and
+the driver only sees one small summary row per written part. The manifest's counts are recomputed
+from the written parts, and the job fails loudly if any input item is missing or duplicated.
+
+Example::
+
+    manifest = run_embedding(load_config(EmbedConfig, "configs/embed.yaml"))
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tessera.embed.config import EmbedConfig
+from tessera.embed.output import done_item_ids, tally, vector_column, write_part
+from tessera.embed.stages import EncodeActor, decode, fetch, read_items, to_lists
+from tessera.encoders.audio import AudioEncoder
+from tessera.encoders.image import ImageEncoder
+from tessera.encoders.text import TextEncoder
+from tessera.storage import Storage, join_uri
+
+ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
+
+
+class EmbeddingIntegrityError(RuntimeError):
+    """The written run does not hold every input item exactly once."""
+
+
+def count_input_items(storage: Storage, files: list[str]) -> int:
+    total = 0
+    for uri in files:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
+    """Name, dim, weights checksum of an encoder (run once per modality, as a Ray task)."""
+    enc = ENCODERS[modality](encoder_cfg, storage)
+    return {"name": enc.name, "dim": enc.dim, "weights_checksum": enc.weights_checksum,
+            "weights": encoder_cfg.weights}
+
+
+def write_batch(table: pa.Table, run_uri: str, storage: Storage, dims: dict[str, int]) -> pa.Table:
+    """Write one part (the final stage); returns a one-row summary for the driver."""
+    batch = to_lists(table)
+    n = len(batch["item_id"])
+    cols = {"item_id": pa.array(batch["item_id"], pa.string())}
+    devices: dict[str, set] = {}
+    for m in ("text", "image", "audio"):
+        if m in dims:
+            cols[m] = vector_column([None if v is None else np.frombuffer(v, np.float32) for v in batch[m]],
+                                    dims[m])
+            cols[f"{m}_error"] = pa.array(batch[f"{m}_error"], pa.string())
+            devices[m] = set(batch[f"{m}_device"])
+        else:
+            cols[m] = pa.nulls(n, pa.list_(pa.float32()))
+            cols[f"{m}_error"] = pa.nulls(n, pa.string())
+    uri = write_part(storage, run_uri, pa.table(cols))
+    return pa.table({"part": [uri], "rows": [n],
+                     "devices": [";".join(f"{m}={'/'.join(sorted(d))}" for m, d in devices.items())]})
+
+
+def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], dims: dict[str, int], run_uri: str):
+    import ray
+
+    storage = Storage(cfg.storage)
+    sources = [m if m == "text" else f"{m}_uri" for m in cfg.modalities()]
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_items, batch_size=1, num_cpus=cfg.read_num_cpus,
+                        fn_kwargs={"storage": storage, "columns": ["item_id", *sources],
+                                   "rows_per_batch": cfg.read_batch_rows,
+                                   "done_ids": frozenset(done) if done else None})
+    for m, mcfg in cfg.modalities().items():
+        encoder_cls = ENCODERS[m]
+        if m != "text":
+            f = mcfg.fetch
+            ds = ds.map_batches(fetch, batch_format="pyarrow", batch_size=f.batch_size, num_cpus=f.num_cpus,
+                                compute=ray.data.TaskPoolStrategy(size=f.concurrency),
+                                fn_kwargs={"modality": m, "storage": storage, "max_bytes": mcfg.encoder.max_bytes,
+                                           "threads": f.threads})
+        p = mcfg.preprocess
+        ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=p.batch_size, num_cpus=p.num_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=p.concurrency),
+                            fn_kwargs={"modality": m, "encoder_cfg": mcfg.encoder, "storage": storage})
+        pool = mcfg.pool
+        ds = ds.map_batches(EncodeActor, batch_format="pyarrow", batch_size=pool.batch_size,
+                            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+                            compute=ray.data.ActorPoolStrategy(
+                                min_size=pool.min_actors, max_size=pool.max_actors,
+                                max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor),
+                            fn_constructor_kwargs={"modality": m, "encoder_cls": encoder_cls,
+                                                   "encoder_cfg": mcfg.encoder, "storage": storage,
+                                                   "torch_threads": pool.torch_threads})
+    return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.write_batch_size,
+                          num_cpus=cfg.read_num_cpus,
+                          fn_kwargs={"run_uri": run_uri, "storage": storage, "dims": dims})
+
+
+def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> None:
+    """Refuse a config whose pools, at their minimum size, leave no CPU for the stages that feed them.
+
+    Ray Data starts every pool's ``min_actors`` before data flows; if they hold all the CPUs the read
+    and decode tasks wait forever. This names the keys to change instead of stalling.
+    """
+    mods = cfg.modalities()
+    pools = sum(m.pool.min_actors * m.pool.num_cpus for m in mods.values())
+    stage = max([cfg.read_num_cpus] + [m.preprocess.num_cpus for m in mods.values()]
+                + [m.fetch.num_cpus for m in mods.values() if hasattr(m, "fetch")])
+    if pools + stage > cluster_cpus + 1e-9:
+        raise ValueError(
+            f"encoder pools need {pools:g} CPUs at their minimum size (<modality>.pool.min_actors x num_cpus) and "
+            f"the largest CPU stage {stage:g} more, but the cluster has {cluster_cpus:g}: lower pool.num_cpus / "
+            f"min_actors or stage num_cpus, or add nodes")
+    gpus = sum(m.pool.min_actors * m.pool.num_gpus for m in mods.values())
+    if gpus > cluster_gpus + 1e-9:
+        raise ValueError(f"encoder pools need {gpus:g} GPUs at their minimum size (pool.min_actors x num_gpus) "
+                         f"but the cluster has {cluster_gpus:g}")
+
+
+def run_embedding(cfg: EmbedConfig) -> dict:
+    """Embed every item under ``cfg.items_uri`` into ``<output_uri>/<run_id>/`` and return the manifest.
+
+    Rerunning the same run id resumes: items already in written parts are skipped, and a finished run
+    whose manifest matches the input is returned as is.
+
+    Raises:
+        FileNotFoundError: no items table at ``items_uri``.
+        EmbeddingIntegrityError: the parts do not hold every input item exactly once.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    storage = Storage(cfg.storage)
+    run_uri = join_uri(cfg.output_uri, cfg.run_id)
+    manifest_uri = join_uri(run_uri, "_MANIFEST.json")
+    files = storage.list_files(cfg.items_uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under items_uri={cfg.items_uri}")
+    n_input = count_input_items(storage, files)
+    if storage.exists(manifest_uri):
+        previous = storage.read_json(manifest_uri)
+        if previous.get("input", {}).get("items") == n_input and previous.get("complete"):
+            previous["reused"] = True
+            return previous
+    resources = ray.cluster_resources()
+    check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+    done = done_item_ids(storage, run_uri)
+    modalities = cfg.modalities()
+    describe = ray.remote(num_cpus=0.1)(describe_encoder)
+    encoders = dict(zip(modalities, ray.get([describe.remote(m, mc.encoder, storage)
+                                             for m, mc in modalities.items()]), strict=True))
+    dims = {m: e["dim"] for m, e in encoders.items()}
+    print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
+          f"encoders: {', '.join(e['name'] for e in encoders.values())}", flush=True)
+    devices: dict[str, set] = {}
+    written = 0
+    if len(done) < n_input:
+        ds = build_dataset(cfg, files, done, dims, run_uri)
+        for row in ds.iter_rows():
+            written += int(row["rows"])
+            for entry in str(row["devices"]).split(";"):
+                if "=" in entry:
+                    m, labels = entry.split("=", 1)
+                    devices.setdefault(m, set()).update(x for x in labels.split("/") if x)
+    t_pipeline = time.perf_counter() - t0
+    counts = tally(storage, run_uri, list(modalities))
+    if counts.distinct_ids != n_input or counts.duplicates:
+        raise EmbeddingIntegrityError(
+            f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
+            f"{n_input} input items; the input changed under this run id, or parts were lost")
+    for m, c in counts.per_modality.items():
+        encoders[m]["devices"] = sorted(devices.get(m, []))
+        c["errors"] = c.pop("failed_by_kind")
+    elapsed = time.perf_counter() - t0
+    manifest = {
+        "kind": "tessera.embeddings",
+        "run_id": cfg.run_id,
+        "complete": True,
+        "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
+        "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows},
+        "encoders": encoders,
+        "counts": counts.per_modality,
+        "config": cfg.model_dump(mode="json", exclude={"storage"}),
+        "timings": {"pipeline_s": round(t_pipeline, 2), "total_s": round(elapsed, 2),
+                    "items_written_this_attempt": written, "resumed_from": len(done),
+                    "items_per_s": round(written / t_pipeline, 2) if written else None},
+    }
+    storage.write_json(manifest_uri, manifest)
+    return manifest
+
+
+def error_rate(manifest: dict) -> float:
+    """Failed modality inputs / present modality inputs, over all modalities."""
+    failed = sum(c["failed"] for c in manifest["counts"].values())
+    present = sum(c["input"] for c in manifest["counts"].values())
+    return failed / present if present else 0.0

@@ -1,0 +1,186 @@
+"""The Ray Data stages of the embedding job, as plain batch functions and one actor class.
+
+Batches are pyarrow tables with explicit column types (binary payloads, string URIs and errors):
+Ray Data's numpy conversion turns a binary column whose values share a length into fixed-width
+scalars, and a column mixing arrays and nulls into tensors in some blocks and objects in others.
+Each stage works on plain Python lists and hands back a typed table. Per modality ``m`` the pipeline
+adds and removes columns as an item moves along:
+
+    fetch (tasks, I/O threads)   <m>_uri   -> <m>_bytes, <m>_error
+    decode (CPU tasks)           <m>_bytes -> <m>_input, <m>_error      (text: text -> text_input)
+    encode (actor pool)          <m>_input -> <m> (unit vector as float32 bytes), metrics
+
+A bad item never raises: its ``MediaError`` is recorded as ``"<kind>: <detail>"`` in ``<m>_error``
+and it travels on with a null vector. Only failures that are not about the item (storage still
+unreachable after the client's own retries) raise, so Ray retries the task.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tessera.encoders.base import EncoderConfig
+from tessera.encoders.errors import MediaError, fetch_media
+from tessera.encoders.registry import shared_preprocessor
+from tessera.storage import Storage
+
+MODALITIES = ("text", "image", "audio")
+_BINARY_SUFFIXES = ("_bytes", "_input")
+
+
+def column_type(name: str) -> pa.DataType:
+    """The Arrow type of every column the stages produce."""
+    if name in MODALITIES or name.endswith(_BINARY_SUFFIXES):
+        return pa.binary()
+    return pa.string()
+
+
+def to_lists(table: pa.Table) -> dict[str, list]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def to_table(cols: dict[str, list]) -> pa.Table:
+    return pa.table({name: pa.array(values, column_type(name)) for name, values in cols.items()})
+
+
+# Arrays travel between stages as .npy bytes (self-describing: dtype and shape, no pickle).
+def pack_array(arr: np.ndarray | None) -> bytes | None:
+    if arr is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def unpack_array(data: bytes | None) -> np.ndarray | None:
+    return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch: int,
+               done_ids: frozenset[str] | None = None):
+    """Read the items files named in ``batch["uri"]``, yielding blocks of at most ``rows_per_batch`` rows.
+
+    Rows finished by an earlier attempt of the run are dropped; text is read as bytes, since it may
+    not be valid UTF-8 (that fails its item later, not the block). Reading here rather than with
+    ``ray.data.read_parquet`` keeps the read's CPU request small and configurable: the reader's own
+    file-listing task asks for a whole CPU, which three encoder pools on a 2-CPU node never free.
+    """
+    done = pa.array(list(done_ids), pa.string()) if done_ids else None
+    for uri in batch["uri"]:
+        fs, path = storage.filesystem(str(uri))
+        with fs.open_input_file(path) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=columns):
+                table = pa.Table.from_batches([record_batch])
+                if done is not None:
+                    table = table.filter(pc.invert(pc.is_in(table.column("item_id"), value_set=done)))
+                if "text" in table.column_names:
+                    idx = table.column_names.index("text")
+                    table = table.set_column(idx, "text", table.column("text").cast(pa.binary()))
+                if table.num_rows:
+                    yield table
+
+
+def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, threads: int) -> pa.Table:
+    """Read the objects behind ``<modality>_uri`` in parallel threads."""
+    batch = to_lists(table)
+    uris = batch[f"{modality}_uri"]
+
+    def one(uri):
+        if uri is None:
+            return None, None
+        try:
+            return fetch_media(storage, str(uri), max_bytes=max_bytes), None
+        except MediaError as err:
+            return None, str(err)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(uris)))) as pool:
+        results = list(pool.map(one, uris))
+    batch[f"{modality}_bytes"] = [r[0] for r in results]
+    batch[f"{modality}_error"] = [r[1] for r in results]
+    del batch[f"{modality}_uri"]
+    return to_table(batch)
+
+
+def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage) -> pa.Table:
+    """Raw bytes (or text) -> model inputs with the modality's preprocessor; errors recorded per item."""
+    batch = to_lists(table)
+    source = "text" if modality == "text" else f"{modality}_bytes"
+    raws = list(batch[source])
+    errors = list(batch.get(f"{modality}_error", [None] * len(raws)))
+    todo = [i for i, raw in enumerate(raws) if raw is not None and errors[i] is None]
+    inputs: list = [None] * len(raws)
+    if todo:
+        pre = shared_preprocessor(encoder_cfg, storage)
+        for i, result in zip(todo, pre.map([raws[i] for i in todo]), strict=True):
+            if isinstance(result, MediaError):
+                errors[i] = str(result)
+            else:
+                inputs[i] = pack_array(result)
+    batch[f"{modality}_input"] = inputs
+    batch[f"{modality}_error"] = errors
+    del batch[source]
+    return to_table(batch)
+
+
+class EncodeActor:
+    """Ray Data actor UDF: loads one modality's encoder once, encodes the rows that have input.
+
+    Records Ray metrics (shown in the dashboard and its Prometheus endpoint):
+    ``tessera_embed_items_total{modality,status}``, ``tessera_embed_failures_total{modality,kind}`` and
+    ``tessera_embed_batch_seconds{modality}``.
+    """
+
+    def __init__(self, modality: str, encoder_cls: type, encoder_cfg: EncoderConfig, storage: Storage,
+                 torch_threads: int | None = None):
+        import ray
+        import torch
+        from ray.util import metrics
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.modality = modality
+        self.encoder = encoder_cls(encoder_cfg, storage)
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.items = metrics.Counter("tessera_embed_items_total", "Items through an encoder pool, by status",
+                                     tag_keys=("modality", "status"))
+        self.failures = metrics.Counter("tessera_embed_failures_total", "Failed items by error kind",
+                                        tag_keys=("modality", "kind"))
+        self.latency = metrics.Histogram("tessera_embed_batch_seconds", "Encode time per batch",
+                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
+                                         tag_keys=("modality",))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        m = self.modality
+        batch = to_lists(table)
+        inputs = batch.pop(f"{m}_input")
+        errors = batch[f"{m}_error"]
+        todo = [i for i, x in enumerate(inputs) if x is not None]
+        vectors: list = [None] * len(inputs)
+        if todo:
+            t0 = time.perf_counter()
+            encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
+            self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
+            for row, i in enumerate(todo):
+                vectors[i] = encoded[row].tobytes()  # float32, read back by the writer
+        batch[m] = vectors
+        batch[f"{m}_device"] = [self._device_label()] * len(inputs)
+        n_failed = 0
+        for err in errors:
+            if err is not None:
+                n_failed += 1
+                self.failures.inc(1, tags={"modality": m, "kind": str(err).split(":", 1)[0]})
+        for status, n in (("ok", len(todo)), ("failed", n_failed), ("missing", len(inputs) - len(todo) - n_failed)):
+            if n:
+                self.items.inc(n, tags={"modality": m, "status": status})
+        return to_table(batch)
+
+    def _device_label(self) -> str:
+        gpus = ",".join(self.gpu_ids)
+        return f"{self.encoder.device}" + (f"|gpu_ids={gpus}" if gpus else "")
