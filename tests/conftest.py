@@ -74,11 +74,12 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def ray_session(embedded_s3):
-    """A real local Ray (2 CPUs, token auth on) for the session, started after the S3 env is set,
+    """A real local Ray (2 CPUs, 2 logical GPUs, token auth on) for the session, started after the S3 env is set,
     so that its workers inherit the object store settings."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 2 logical GPUs (no device behind them) let tests check GPU placement of encoder pools
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -88,3 +89,55 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"shared test data not found at {SHARED_DATA}: ../shared/data must sit beside the repo")
     return SHARED_DATA
+
+
+# --- shared artifacts: a small corpus, seeded encoder weights and one embedding run -----------------
+TEST_ROOT = "s3://tessera-test/session"
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(ray_session, storage, shared_data):
+    """A 160-item corpus with every kind of bad item and real media mixed in (manifest returned)."""
+    from tessera.corpus import CorpusConfig, generate_corpus
+    from tessera.corpus.catalog import BAD_KINDS
+
+    storage.ensure_bucket(TEST_ROOT)
+    cfg = CorpusConfig(root=TEST_ROOT, num_items=160, num_users=80, mean_interactions_per_user=12,
+                       items_per_part=60, users_per_part=40, image_size=48, audio_seconds=0.5,
+                       bad={k: 0.03 for k in BAD_KINDS}, max_parts_in_flight=2,
+                       real_media={"enabled": True, "data_dir": str(shared_data), "share": 0.1})
+    return {"config": cfg, "manifest": generate_corpus(cfg)}
+
+
+@pytest.fixture(scope="session")
+def encoder_weights(storage):
+    """Seeded placeholder image/audio weights in the test bucket: {modality: uri}."""
+    from tessera.encoders import write_seeded_weights
+
+    storage.ensure_bucket(TEST_ROOT)
+    return write_seeded_weights(f"{TEST_ROOT}/models/encoders", storage, seed=0)
+
+
+def embed_config(encoder_weights, run_id: str, **overrides):
+    """The embedding config the tests use: small batches, pools sized for the 2-CPU test Ray."""
+    from tessera.embed.config import EmbedConfig
+
+    pool = {"num_cpus": 0.25, "batch_size": 16, "torch_threads": 1}
+    data = {
+        "items_uri": f"{TEST_ROOT}/corpus/items", "output_uri": f"{TEST_ROOT}/embeddings", "run_id": run_id,
+        "read_batch_rows": 40, "write_batch_size": 40,
+        "text": {"pool": pool},
+        "image": {"encoder": {"weights": encoder_weights["image"]}, "pool": pool},
+        "audio": {"encoder": {"weights": encoder_weights["audio"], "clip_seconds": 0.5}, "pool": pool},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return EmbedConfig.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def sample_embeddings(sample_corpus, encoder_weights, storage):
+    """One complete embedding run over ``sample_corpus`` (its manifest)."""
+    from tessera.embed.pipeline import run_embedding
+
+    return run_embedding(embed_config(encoder_weights, "session"))

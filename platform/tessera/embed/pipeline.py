@@ -146,6 +146,8 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     run_uri = join_uri(cfg.output_uri, cfg.run_id)
     manifest_uri = join_uri(run_uri, "_MANIFEST.json")
     files = storage.list_files(cfg.items_uri, ".parquet")
+    if not files and cfg.items_uri.endswith(".parquet") and storage.exists(cfg.items_uri):
+        files = [cfg.items_uri]  # a single items file
     if not files:
         raise FileNotFoundError(f"no Parquet files under items_uri={cfg.items_uri}")
     n_input = count_input_items(storage, files)

@@ -1,0 +1,158 @@
+"""The embedding job on the real S3 store and a real Ray, over a corpus with every kind of bad item."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import embed as embed_job
+from tessera.embed.config import EmbedConfig
+from tessera.embed.output import list_parts
+from tessera.embed.pipeline import check_fits, error_rate, run_embedding
+from tessera.storage import join_uri
+from tests.conftest import TEST_ROOT, embed_config
+
+# what each deliberately broken item must come out as: (modality, error kind)
+EXPECTED = {
+    "corrupt_image": ("image", "corrupt"), "truncated_audio": ("audio", "truncated"),
+    "empty_text": ("text", "empty"), "non_utf8_text": ("text", "not_utf8"),
+    "missing_object": ("image", "missing"), "oversized_image": ("image", "oversized"),
+    "wrong_format": ("image", "wrong_format"),
+}
+
+
+def _read_all(storage, uris):
+    fs, _ = storage.filesystem(uris[0])
+    return pa.concat_tables([pq.read_table(storage.filesystem(u)[1], filesystem=fs) for u in uris])
+
+
+@pytest.fixture(scope="module")
+def output(sample_embeddings, storage):
+    return _read_all(storage, list_parts(storage, sample_embeddings["output"]["uri"]))
+
+
+@pytest.fixture(scope="module")
+def truth(sample_corpus, storage):
+    return {r["item_id"]: r for r in _read_all(storage, storage.list_files(f"{TEST_ROOT}/truth/items")).to_pylist()}
+
+
+def test_every_item_exactly_once_and_counts_add_up(sample_embeddings, output, truth):
+    ids = output.column("item_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(truth) == sample_embeddings["input"]["items"]
+    for m, c in sample_embeddings["counts"].items():
+        assert c["ok"] + c["failed"] + c["missing"] == len(truth)
+        assert c["failed"] == sum(c["errors"].values())
+        assert c["ok"] == output.column(m).drop_null().length()
+        assert c["missing"] == sum(1 for t in truth.values() if not t[f"has_{m}"])
+
+
+def test_bad_items_fail_their_modality_only(output, truth):
+    rows = {r["item_id"]: r for r in output.to_pylist()}
+    seen = set()
+    for iid, t in truth.items():
+        if not t["bad_kind"]:
+            continue
+        modality, kind = EXPECTED[t["bad_kind"]]
+        row = rows[iid]
+        assert row[modality] is None and row[f"{modality}_error"].startswith(kind + ":") or \
+            row[f"{modality}_error"] == kind, (iid, t["bad_kind"], row[f"{modality}_error"])
+        others = [m for m in ("text", "image", "audio") if m != modality]
+        assert all(row[m] is not None for m in others), (iid, "a bad item loses only its broken modality")
+        seen.add(t["bad_kind"])
+    assert seen == set(EXPECTED)
+
+
+def test_vectors_unit_norm_and_absent_modalities_null(output, truth, sample_embeddings):
+    for m, enc in sample_embeddings["encoders"].items():
+        col = output.column(m)
+        assert col.type == pa.list_(pa.float32(), enc["dim"])
+        vecs = np.array(col.drop_null().to_pylist(), dtype=np.float32)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)
+    for row in output.to_pylist():
+        t = truth[row["item_id"]]
+        for m in ("text", "image", "audio"):
+            if not t[f"has_{m}"]:
+                assert row[m] is None and row[f"{m}_error"] is None
+
+
+def test_manifest_names_encoders_and_records_no_secret(sample_embeddings, storage, embedded_s3):
+    run_uri = sample_embeddings["output"]["uri"]
+    raw = storage.read_bytes(join_uri(run_uri, "_MANIFEST.json")).decode()
+    assert embedded_s3.secret_access_key not in raw and embedded_s3.access_key_id not in raw
+    for m, enc in sample_embeddings["encoders"].items():
+        assert enc["weights_checksum"].startswith("sha256:") and enc["dim"] > 0 and enc["name"].startswith(m)
+
+
+def test_rerun_keeps_a_complete_run(sample_embeddings, encoder_weights):
+    again = run_embedding(embed_config(encoder_weights, "session"))
+    assert again.get("reused") and again["counts"] == sample_embeddings["counts"]
+
+
+def test_resume_after_a_partial_run(sample_embeddings, encoder_weights, storage, output):
+    """A run that died after writing some parts resumes: only the rest is embedded, nothing twice."""
+    parts = list_parts(storage, sample_embeddings["output"]["uri"])
+    assert len(parts) >= 3
+    kept = parts[: len(parts) // 2]
+    resumed_uri = join_uri(f"{TEST_ROOT}/embeddings", "resumed")
+    for uri in kept:  # the state a killed run leaves: some whole parts, no manifest
+        storage.write_bytes(join_uri(resumed_uri, uri.rsplit("/", 1)[1]), storage.read_bytes(uri))
+    n_kept = sum(pq.read_metadata(storage.filesystem(u)[1], filesystem=storage.filesystem(u)[0]).num_rows
+                 for u in kept)
+    manifest = run_embedding(embed_config(encoder_weights, "resumed"))
+    assert manifest["timings"]["resumed_from"] == n_kept
+    assert manifest["timings"]["items_written_this_attempt"] == len(output) - n_kept
+    assert manifest["counts"] == sample_embeddings["counts"]
+    resumed = _read_all(storage, list_parts(storage, resumed_uri))
+    assert sorted(resumed.column("item_id").to_pylist()) == sorted(output.column("item_id").to_pylist())
+    first = {r["item_id"]: r for r in output.to_pylist()}
+    for row in resumed.to_pylist():
+        for m in ("text", "image", "audio"):
+            a, b = row[m], first[row["item_id"]][m]
+            assert (a is None) == (b is None)
+            if a is not None:  # same model, same input: the same vector up to bf16 batch effects
+                assert float(np.dot(a, b)) > 0.99
+
+
+def test_max_error_rate_and_bad_config_exit_codes(sample_embeddings, encoder_weights, tmp_path, capsys):
+    cfg = embed_config(encoder_weights, "session")
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert error_rate(sample_embeddings) > 0
+    assert embed_job.main(["--config", str(path), "--max-error-rate", "0"]) == 3
+    out = capsys.readouterr()
+    assert "above max_error_rate" in out.err and "corrupt" in out.out  # the error summary is printed
+    assert embed_job.main(["--config", str(path), "--max-error-rate", "0.9"]) == 0
+    path.write_text("image:\n  pool:\n    num_cpu: 1\n")
+    assert embed_job.main(["--config", str(path)]) == 2
+    assert "image.pool.num_cpu" in capsys.readouterr().err
+
+
+def test_pools_that_cannot_fit_are_refused_before_running(encoder_weights):
+    cfg = embed_config(encoder_weights, "x", image={"pool": {"num_cpus": 1.0, "min_actors": 2, "max_actors": 2}})
+    with pytest.raises(ValueError, match="min_actors"):
+        check_fits(cfg, cluster_cpus=2, cluster_gpus=0)
+    gpu = embed_config(encoder_weights, "x", image={"pool": {"num_gpus": 1, "num_cpus": 0.25}})
+    with pytest.raises(ValueError, match="GPUs"):
+        check_fits(gpu, cluster_cpus=2, cluster_gpus=0)
+
+
+def test_gpu_pools_hold_the_gpus(sample_corpus, encoder_weights, ray_session):
+    """With logical GPUs in the cluster, each GPU pool's actors hold a GPU slot; text stays on CPU."""
+    assert ray_session.cluster_resources().get("GPU") == 2
+    gpu_pool = {"num_cpus": 0.25, "num_gpus": 1, "batch_size": 16, "torch_threads": 1}
+    cfg = embed_config(encoder_weights, "gpu", items_uri=f"{TEST_ROOT}/corpus/items/part-00000.parquet",
+                       image={"pool": gpu_pool}, audio={"pool": gpu_pool})
+    manifest = run_embedding(cfg)
+    for m in ("image", "audio"):
+        assert manifest["encoders"][m]["devices"], m
+        assert all("gpu_ids=" in d for d in manifest["encoders"][m]["devices"]), manifest["encoders"][m]
+    assert all("gpu_ids" not in d for d in manifest["encoders"]["text"]["devices"])
+    # no torch device behind logical GPUs: the actors fall back to the CPU and say so
+    assert all(d.startswith("cpu") for d in manifest["encoders"]["image"]["devices"])
+
+
+def test_config_defaults_fit_the_embedded_stack():
+    cfg = EmbedConfig()
+    check_fits(cfg, cluster_cpus=2, cluster_gpus=0)
