@@ -33,8 +33,15 @@ ray-down:
 stack-up: storage-up ray-up
 stack-down: ray-down storage-down
 
+SUBMIT := $(ENV) $(VENV)/bin/ray job submit --working-dir . --
 demo: stack-up
-	@$(ENV) $(VENV)/bin/ray job submit --working-dir . -- python -m jobs.make_corpus --config configs/corpus.yaml
+	@echo "== 1/3 sample corpus -> s3://tessera-demo/corpus"
+	@$(SUBMIT) python -m jobs.make_corpus --config configs/corpus.yaml
+	@echo "== 2/3 placeholder image/audio encoder weights -> s3://tessera-demo/models/encoders"
+	@$(SUBMIT) python -m jobs.make_models --out s3://tessera-demo/models/encoders
+	@echo "== 3/3 embeddings -> s3://tessera-demo/embeddings/demo"
+	@$(SUBMIT) python -m jobs.embed --config configs/embed.yaml
+	@echo "Ray dashboard: http://127.0.0.1:8265 (token in .tessera/ray/auth_token); shell set-up: source .tessera/env.sh"
 
 test: setup
 	@$(PY) -m pytest -q
