@@ -19,7 +19,30 @@ from tessera.storage import Storage, StorageConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
-TEST_PORT_OFFSET = 20000
+TEST_PORT_OFFSET = 20000  # the first offset tried; concurrent test sessions take the next free one
+
+
+def ports_free(ports) -> bool:
+    import socket
+
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_s3_ports() -> S3Ports:
+    """Default SeaweedFS ports shifted by the first offset (20000, 20100, ...) whose ports and gRPC
+    ports (+10000) are all free, so two test sessions on one machine do not collide."""
+    for offset in range(TEST_PORT_OFFSET, TEST_PORT_OFFSET + 2000, 100):
+        ports = S3Ports.offset(offset)
+        every = [ports.s3, ports.master, ports.volume, ports.filer, ports.admin]
+        if ports_free(every + [p + 10000 for p in every]):
+            return ports
+    raise RuntimeError("no free port range for the test SeaweedFS")
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +51,18 @@ def tessera_home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_s3(tessera_home):
+def s3_server(tessera_home):
+    """The session's SeaweedFS process (an :class:`EmbeddedS3`), on the first free port range."""
+    s3 = EmbeddedS3(tessera_home, ports=free_s3_ports())
+    s3.start()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_s3(s3_server):
     """A real SeaweedFS S3 endpoint for the whole session; its credentials go into os.environ."""
-    s3 = EmbeddedS3(tessera_home, ports=S3Ports.offset(TEST_PORT_OFFSET))
-    conn = s3.start()
+    conn = s3_server.start()  # already running: returns the connection
     saved = {k: os.environ.get(k) for k in conn.env()}
     os.environ.update(conn.env())
     yield conn
@@ -40,7 +71,6 @@ def embedded_s3(tessera_home):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    s3.stop()
 
 
 @pytest.fixture(scope="session")

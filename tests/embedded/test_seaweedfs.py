@@ -8,9 +8,6 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from tessera.embedded.seaweedfs import EmbeddedS3, S3Ports
-from tests.conftest import TEST_PORT_OFFSET
-
 
 def _non_loopback_ip() -> str | None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -24,9 +21,8 @@ def _non_loopback_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
-def test_credentials_private_and_required(embedded_s3, tessera_home):
-    s3 = EmbeddedS3(tessera_home, ports=S3Ports.offset(TEST_PORT_OFFSET))
-    for path in (s3.credentials_file, s3.identity_file):
+def test_credentials_private_and_required(embedded_s3, s3_server):
+    for path in (s3_server.credentials_file, s3_server.identity_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     anon = boto3.session.Session().client(
         "s3", endpoint_url=embedded_s3.endpoint_url, region_name="us-east-1",
@@ -45,9 +41,8 @@ def test_bound_to_loopback_only(embedded_s3):
         socket.create_connection((ip, port), timeout=2).close()
 
 
-def test_start_is_idempotent(embedded_s3, tessera_home):
-    s3 = EmbeddedS3(tessera_home, ports=S3Ports.offset(TEST_PORT_OFFSET))
-    pid = s3.pid()
+def test_start_is_idempotent(embedded_s3, s3_server):
+    pid = s3_server.pid()
     assert pid is not None
-    conn = s3.start()
-    assert s3.pid() == pid and conn.access_key_id == embedded_s3.access_key_id
+    conn = s3_server.start()
+    assert s3_server.pid() == pid and conn.access_key_id == embedded_s3.access_key_id

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.embed.config import EmbedConfig
-from tessera.embed.output import done_item_ids, tally, vector_column, write_part
-from tessera.embed.stages import EncodeActor, decode, fetch, read_items, to_lists
+from tessera.embed.output import MODALITIES, done_item_ids, tally, write_part
+from tessera.embed.stages import EncodeActor, decode, fetch, read_items
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
@@ -52,27 +51,24 @@ def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
             "weights": encoder_cfg.weights}
 
 
-def write_batch(table: pa.Table, run_uri: str, storage: Storage, dims: dict[str, int]) -> pa.Table:
+def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
     """Write one part (the final stage); returns a one-row summary for the driver."""
-    batch = to_lists(table)
-    n = len(batch["item_id"])
-    cols = {"item_id": pa.array(batch["item_id"], pa.string())}
-    devices: dict[str, set] = {}
-    for m in ("text", "image", "audio"):
-        if m in dims:
-            cols[m] = vector_column([None if v is None else np.frombuffer(v, np.float32) for v in batch[m]],
-                                    dims[m])
-            cols[f"{m}_error"] = pa.array(batch[f"{m}_error"], pa.string())
-            devices[m] = set(batch[f"{m}_device"])
-        else:
+    n = table.num_rows
+    cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
+    devices = []
+    for m in MODALITIES:
+        if m in modalities:
+            cols[m] = table.column(m)
+            cols[f"{m}_error"] = table.column(f"{m}_error").cast(pa.string())
+            devices.append(f"{m}={'/'.join(sorted(set(table.column(f'{m}_device').to_pylist())))}")
+        else:  # a disabled modality keeps its columns, all null
             cols[m] = pa.nulls(n, pa.list_(pa.float32()))
             cols[f"{m}_error"] = pa.nulls(n, pa.string())
     uri = write_part(storage, run_uri, pa.table(cols))
-    return pa.table({"part": [uri], "rows": [n],
-                     "devices": [";".join(f"{m}={'/'.join(sorted(d))}" for m, d in devices.items())]})
+    return pa.table({"part": [uri], "rows": [n], "devices": [";".join(devices)]})
 
 
-def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], dims: dict[str, int], run_uri: str):
+def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: str):
     import ray
 
     storage = Storage(cfg.storage)
@@ -105,7 +101,7 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], dims: dict
                                                    "torch_threads": pool.torch_threads})
     return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.write_batch_size,
                           num_cpus=cfg.read_num_cpus,
-                          fn_kwargs={"run_uri": run_uri, "storage": storage, "dims": dims})
+                          fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities())})
 
 
 def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> None:
@@ -160,16 +156,15 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     done = done_item_ids(storage, run_uri)
     modalities = cfg.modalities()
+    # the encoders' identities for the manifest, gathered while the pipeline runs
     describe = ray.remote(num_cpus=0.1)(describe_encoder)
-    encoders = dict(zip(modalities, ray.get([describe.remote(m, mc.encoder, storage)
-                                             for m, mc in modalities.items()]), strict=True))
-    dims = {m: e["dim"] for m, e in encoders.items()}
+    described = [describe.remote(m, mc.encoder, storage) for m, mc in modalities.items()]
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
-          f"encoders: {', '.join(e['name'] for e in encoders.values())}", flush=True)
+          f"modalities: {', '.join(modalities)}", flush=True)
     devices: dict[str, set] = {}
     written = 0
     if len(done) < n_input:
-        ds = build_dataset(cfg, files, done, dims, run_uri)
+        ds = build_dataset(cfg, files, done, run_uri)
         for row in ds.iter_rows():
             written += int(row["rows"])
             for entry in str(row["devices"]).split(";"):
@@ -177,6 +172,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
                     m, labels = entry.split("=", 1)
                     devices.setdefault(m, set()).update(x for x in labels.split("/") if x)
     t_pipeline = time.perf_counter() - t0
+    encoders = dict(zip(modalities, ray.get(described), strict=True))
     counts = tally(storage, run_uri, list(modalities))
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(

@@ -8,7 +8,7 @@ adds and removes columns as an item moves along:
 
     fetch (tasks, I/O threads)   <m>_uri   -> <m>_bytes, <m>_error
     decode (CPU tasks)           <m>_bytes -> <m>_input, <m>_error      (text: text -> text_input)
-    encode (actor pool)          <m>_input -> <m> (unit vector as float32 bytes), metrics
+    encode (actor pool)          <m>_input -> <m> (fixed_size_list<float32>[dim], the output column), metrics
 
 A bad item never raises: its ``MediaError`` is recorded as ``"<kind>: <detail>"`` in ``<m>_error``
 and it travels on with a null vector. Only failures that are not about the item (storage still
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tessera.embed.output import vector_column
 from tessera.encoders.base import EncoderConfig
 from tessera.encoders.errors import MediaError, fetch_media
 from tessera.encoders.registry import shared_preprocessor
@@ -36,18 +37,25 @@ _BINARY_SUFFIXES = ("_bytes", "_input")
 
 
 def column_type(name: str) -> pa.DataType:
-    """The Arrow type of every column the stages produce."""
-    if name in MODALITIES or name.endswith(_BINARY_SUFFIXES):
+    """The Arrow type of every column the stages produce (vector columns are built by the actors)."""
+    if name.endswith(_BINARY_SUFFIXES) or name == "text":
         return pa.binary()
     return pa.string()
 
 
 def to_lists(table: pa.Table) -> dict[str, list]:
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+    """Plain Python lists of a batch's columns, leaving out the (already typed) vector columns."""
+    return {name: table.column(name).to_pylist() for name in table.column_names
+            if not pa.types.is_fixed_size_list(table.schema.field(name).type)}
 
 
-def to_table(cols: dict[str, list]) -> pa.Table:
-    return pa.table({name: pa.array(values, column_type(name)) for name, values in cols.items()})
+def to_table(cols: dict[str, list], carry: pa.Table) -> pa.Table:
+    """A typed table of ``cols`` plus the vector columns of ``carry`` (earlier pools' outputs)."""
+    table = pa.table({name: pa.array(values, column_type(name)) for name, values in cols.items()})
+    for name in carry.column_names:
+        if pa.types.is_fixed_size_list(carry.schema.field(name).type):
+            table = table.append_column(name, carry.column(name))
+    return table
 
 
 # Arrays travel between stages as .npy bytes (self-describing: dtype and shape, no pickle).
@@ -105,7 +113,7 @@ def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, thre
     batch[f"{modality}_bytes"] = [r[0] for r in results]
     batch[f"{modality}_error"] = [r[1] for r in results]
     del batch[f"{modality}_uri"]
-    return to_table(batch)
+    return to_table(batch, table)
 
 
 def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage) -> pa.Table:
@@ -126,7 +134,7 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     batch[f"{modality}_input"] = inputs
     batch[f"{modality}_error"] = errors
     del batch[source]
-    return to_table(batch)
+    return to_table(batch, table)
 
 
 class EncodeActor:
@@ -168,8 +176,7 @@ class EncodeActor:
             encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
             for row, i in enumerate(todo):
-                vectors[i] = encoded[row].tobytes()  # float32, read back by the writer
-        batch[m] = vectors
+                vectors[i] = encoded[row]
         batch[f"{m}_device"] = [self._device_label()] * len(inputs)
         n_failed = 0
         for err in errors:
@@ -179,7 +186,7 @@ class EncodeActor:
         for status, n in (("ok", len(todo)), ("failed", n_failed), ("missing", len(inputs) - len(todo) - n_failed)):
             if n:
                 self.items.inc(n, tags={"modality": m, "status": status})
-        return to_table(batch)
+        return to_table(batch, table).append_column(m, vector_column(vectors, self.encoder.dim))
 
     def _device_label(self) -> str:
         gpus = ",".join(self.gpu_ids)
