@@ -18,7 +18,10 @@ Example::
 
 from tessera.index.exact import exact_search, l2_normalize, recall_at_k
 from tessera.index.manifest import (
+    FAILED_REPORT,
+    INDEX_MANIFEST,
     IndexManifest,
+    ModalIndexRef,
     RecallCheck,
     make_index_manifest,
     read_index_manifest,
@@ -38,6 +41,7 @@ from tessera.index.sharded import SearchConfig, ShardedIndex, measure_recall
 from tessera.index.sharding import assign_shards, num_shards_for
 
 __all__ = [
+    "FAILED_REPORT", "INDEX_MANIFEST", "ModalIndexRef",
     "IndexConfig", "IndexCorruptError", "IndexManifest", "RecallCheck", "ScannParams", "SearchConfig",
     "ShardArtifact", "ShardManifest", "ShardedIndex", "assign_shards", "build_and_save_shard", "build_shard",
     "choose_mode", "derive_params", "exact_search", "l2_normalize", "load_shard", "make_index_manifest",

@@ -26,6 +26,7 @@ from tessera.index.shard_io import IndexCorruptError, ShardManifest, manifest_by
 from tessera.storage import Storage, join_uri
 
 INDEX_MANIFEST = "_MANIFEST.json"
+FAILED_REPORT = "_FAILED.json"
 FORMAT_VERSION = 1
 
 
@@ -40,6 +41,16 @@ class RecallCheck(BaseModel):
     queries: str = Field(default="sample of item vectors",
                          description="where the queries came from, e.g. 'held-out user vectors'")
     search_seconds: float | None = None
+
+
+class ModalIndexRef(BaseModel):
+    """A per-modality index stored under the version root (``modal/<modality>/``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    num_items: int
+    manifest_sha256: str
 
 
 class IndexManifest(BaseModel):
@@ -64,6 +75,14 @@ class IndexManifest(BaseModel):
     build_config: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     recall_check: RecallCheck | None = None
+    recall_checks: dict[str, RecallCheck] = Field(
+        default_factory=dict, description="every self-check by query source; recall_check is the worst of them")
+    recall_floor: float | None = None
+    modality: str | None = Field(default=None, description="set on a per-modality index")
+    modal_indexes: dict[str, ModalIndexRef] = Field(default_factory=dict)
+    counts: dict[str, int] = Field(default_factory=dict, description="items in, indexed, excluded (by reason)")
+    item_vectors: list[str] = Field(default_factory=list, description="vectors parts, relative to the root")
+    source: dict[str, Any] = Field(default_factory=dict, description="the inputs' URIs and manifests' ids")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from pydantic import Field
 from tessera.config import TesseraConfig
 from tessera.index.exact import as_float_matrix, exact_search, l2_normalize, recall_at_k, top_k_rows
 from tessera.index.manifest import (
+    FAILED_REPORT,
     INDEX_MANIFEST,
     IndexManifest,
     RecallCheck,
@@ -137,7 +138,8 @@ class ShardedIndex:
              cache_dir: str | os.PathLike | None = None) -> ShardedIndex:
         """Load an index version from ``s3://`` or a local folder, verifying every checksum.
 
-        Uses ``_MANIFEST.json`` when present; otherwise loads every ``shard-NNNN/shard.json`` found.
+        Uses ``_MANIFEST.json`` when present; otherwise loads every ``shard-NNNN/shard.json`` found,
+        unless the folder holds ``_FAILED.json`` (a build that failed its self-check): that is refused.
 
         Args:
             storage: where to read.
@@ -154,7 +156,12 @@ class ShardedIndex:
         if manifest is not None:
             wanted = [(s.name, manifest.shard_manifest_sha256[s.name]) for s in manifest.shards]
         else:
-            found = storage.list_files(uri, suffix=f"/{SHARD_MANIFEST}")
+            if storage.exists(join_uri(uri, FAILED_REPORT)):
+                reason = storage.read_json(join_uri(uri, FAILED_REPORT)).get("error", "see the report")
+                raise IndexCorruptError("(index)", FAILED_REPORT, f"the build of {uri} failed: {reason}")
+            root_name = uri.rstrip("/").rsplit("/", 1)[-1]
+            found = [f for f in storage.list_files(uri, suffix=f"/{SHARD_MANIFEST}")
+                     if f.rsplit("/", 3)[-3] == root_name]  # <root>/shard-NNNN/shard.json, not modal/...
             wanted = sorted((f.rsplit("/", 2)[-2], None) for f in found)
             if not wanted:
                 raise FileNotFoundError(f"no index at {uri}: neither {INDEX_MANIFEST} nor shard folders")

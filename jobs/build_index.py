@@ -1,0 +1,71 @@
+"""Build the sharded ScaNN index of a model bundle: item vectors, parallel shard builds, recall self-check.
+
+    ray job submit --working-dir . -- python -m jobs.build_index --config configs/index.yaml
+    python -m jobs.build_index --config configs/index.yaml [--model-uri U] [--version V] [--shards S]
+
+Exit codes: 0 done; 2 bad config; 3 a self-check recall is below the floor (``_FAILED.json`` written,
+no manifest); 4 the vectors do not hold every input item exactly once; 5 the index version already
+exists; 6 an input (bundle, embedding run) is missing or inconsistent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tessera.config import ConfigError, load_config
+from tessera.index_job import (
+    IndexExistsError,
+    IndexIntegrityError,
+    IndexJobConfig,
+    IndexRecallError,
+    IndexSourceError,
+    run_index_job,
+)
+from tessera.ray_utils import init_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--config", default="configs/index.yaml")
+    parser.add_argument("--model-uri", default=None, help="override model_uri from the config")
+    parser.add_argument("--version", default=None, help="override the index version (default: model version)")
+    parser.add_argument("--shards", type=int, default=None, help="override num_shards")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(IndexJobConfig, args.config)
+        if args.model_uri:
+            cfg.model_uri = args.model_uri
+        if args.version:
+            cfg.version = args.version
+        if args.shards is not None:
+            cfg.num_shards = args.shards
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    init_ray()
+    try:
+        manifest = run_index_job(cfg)
+    except IndexRecallError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except IndexIntegrityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
+    except IndexExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 5
+    except (IndexSourceError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 6
+    checks = {name: f"{c.recall:.4f} ({c.num_queries} queries)" for name, c in manifest.recall_checks.items()}
+    print(f"index {manifest.index_version} written: {manifest.num_items} items in {manifest.num_shards} shards "
+          f"(model {manifest.model_version}), recall@10 {checks}, modal indexes {sorted(manifest.modal_indexes)}")
+    print(json.dumps({"counts": manifest.counts, "timings": manifest.timings,
+                      "recall": {n: c.recall for n, c in manifest.recall_checks.items()}}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Config of the index job (``configs/index.yaml``).
+
+The job reads one model bundle (``model_uri``); the bundle's manifest names the model version and
+the embedding run its item tower was trained on, so the index is always built from the vectors of
+that model over that run. The index is written to ``<output_uri>/<version>/`` where the version
+defaults to the model version.
+
+Sizing on a real cluster: ``num_shards`` x ``build.num_cpus`` CPUs build in parallel (one Ray task
+per shard; ScaNN trains with ``build.num_cpus`` threads). Keep shards at or under ~1M points each
+and give a task about 3x its shard's vector bytes of memory (``build.memory_gb``).
+
+Example::
+
+    cfg = load_config(IndexJobConfig, "configs/index.yaml")
+    cfg.num_shards = 4
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tessera.config import TesseraConfig
+from tessera.index.params import IndexConfig
+from tessera.storage import StorageConfig
+
+
+class VectorStageConfig(TesseraConfig):
+    """The Ray Data stage that runs the item tower: an actor pool, the tower loaded once per actor.
+
+    Args:
+        actors: actors in the pool.
+        num_cpus: CPUs per actor (fractional on small nodes).
+        num_gpus: GPUs per actor (0 on CPU clusters).
+        batch_size: items per tower forward pass.
+        torch_threads: intra-op threads per actor (None: torch's default).
+        read_num_cpus: CPUs per read / write task.
+        read_batch_rows: rows per block read from the embeddings parts.
+    """
+
+    actors: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    torch_threads: int | None = Field(1, ge=1)
+    read_num_cpus: float = Field(0.1, gt=0)
+    read_batch_rows: int = Field(1024, ge=1)
+
+
+class BuildResources(TesseraConfig):
+    """Resources of one shard build task (ScaNN's training threads follow ``num_cpus``).
+
+    Args:
+        num_cpus: CPUs per shard build task (and ScaNN training threads, rounded down, at least 1).
+        memory_gb: memory reserved per task (None: no reservation).
+    """
+
+    num_cpus: float = Field(1.0, gt=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+    @property
+    def training_threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
+
+class SelfCheckConfig(TesseraConfig):
+    """Recall@k of the sharded index against exact search, on real queries.
+
+    Args:
+        recall_floor: the build fails when any checked recall is below it.
+        k: the cut-off.
+        user_queries: users sampled from the interaction log; their user vectors (user tower over
+            their history, the last ``holdout`` events held out) are queries.
+        item_queries: items sampled from the catalog; their fused vectors are queries (and, for each
+            per-modality index, their vectors of that modality).
+        holdout: each sampled user's last events left out of the history.
+        max_history: most recent history events fed to the user tower (None: the tower's own limit).
+        seed: seeds the samples.
+    """
+
+    recall_floor: float = Field(0.95, ge=0, le=1)
+    k: int = Field(10, ge=1)
+    user_queries: int = Field(200, ge=0)
+    item_queries: int = Field(200, ge=0)
+    holdout: int = Field(1, ge=0)
+    max_history: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class IndexJobConfig(TesseraConfig):
+    """The index job.
+
+    Args:
+        model_uri: the model bundle (``models/<version>/``) whose item tower makes the vectors.
+        output_uri: the index root; this build writes ``<output_uri>/<version>/``.
+        version: the index version folder; None uses the model version from the bundle manifest.
+        embeddings_uri: override the embedding run named by the bundle (same encoders required).
+        interactions_uri: the interaction log for the self-check's user queries; None derives
+            ``<corpus root>/corpus/interactions`` from the embedding run's items URI.
+        num_shards: shards per index (balanced by item-id hash).
+        modal_indexes: build one index per modality (``modal/<modality>/``) from the tower's
+            single-modality projections, for same-modality search ("items whose image looks like this").
+        no_modality: items without any usable modality: ``exclude`` (counted in the manifest and
+            listed in the vectors table with their reason) or ``id_only`` (indexed by their hashed-id
+            vector; needs a tower with ``num_id_buckets > 0``).
+        index: ScaNN build settings (``training_threads`` is set from ``build.num_cpus``).
+        build: resources per shard build task.
+        vectors: the item-tower stage.
+        self_check: the recall self-check.
+    """
+
+    model_uri: str = "s3://tessera-demo/models/demo"
+    output_uri: str = "s3://tessera-demo/index"
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    embeddings_uri: str | None = None
+    interactions_uri: str | None = None
+    num_shards: int = Field(2, ge=1)
+    modal_indexes: bool = True
+    no_modality: Literal["exclude", "id_only"] = "exclude"
+    index: IndexConfig = IndexConfig()
+    build: BuildResources = BuildResources()
+    vectors: VectorStageConfig = VectorStageConfig()
+    self_check: SelfCheckConfig = SelfCheckConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def index_config(self) -> IndexConfig:
+        """The shard build settings with ScaNN's training threads matched to the task's CPUs."""
+        return self.index.model_copy(update={"training_threads": self.build.training_threads})

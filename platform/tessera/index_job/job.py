@@ -1,0 +1,186 @@
+"""The index job end to end: bundle + embedding run in, ``index/<version>/`` out.
+
+    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► plan shards ─► S x (1 + M) shard
+    builds (Ray tasks) ─► self-check per index (Ray tasks, shards read back from storage) ─► manifests
+
+Manifests are written last: ``modal/<modality>/_MANIFEST.json`` for each per-modality index, then
+the version's ``_MANIFEST.json`` (its presence marks the index complete). A build whose self-check
+falls below the floor writes ``_FAILED.json`` (the would-be manifest plus the error) instead, which
+:meth:`tessera.index.ShardedIndex.load` refuses. Nothing is deleted: rerunning a failed build writes
+over the same shard folders.
+
+Example::
+
+    manifest = run_index_job(load_config(IndexJobConfig, "configs/index.yaml"))
+    manifest.recall_check.recall, manifest.counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from tessera.index import (
+    FAILED_REPORT,
+    INDEX_MANIFEST,
+    IndexManifest,
+    ModalIndexRef,
+    RecallCheck,
+    make_index_manifest,
+    write_index_manifest,
+)
+from tessera.index.shard_io import manifest_bytes
+from tessera.index_job.build import build_all, plan_indexes
+from tessera.index_job.config import IndexJobConfig
+from tessera.index_job.self_check import run_self_check
+from tessera.index_job.sources import IndexSources, resolve_sources
+from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
+from tessera.storage import Storage, join_uri
+
+
+class IndexExistsError(FileExistsError):
+    """The index version already has a manifest; indexes are immutable, pick another version."""
+
+
+class IndexIntegrityError(RuntimeError):
+    """The vectors written do not hold every input item exactly once."""
+
+
+class IndexRecallError(RuntimeError):
+    """A self-check recall is below the configured floor. ``report`` is what ``_FAILED.json`` holds."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
+    """Build, check and publish one index version; returns its manifest.
+
+    Raises:
+        IndexSourceError: a missing or inconsistent input.
+        IndexExistsError: ``<output_uri>/<version>/_MANIFEST.json`` exists.
+        IndexIntegrityError: items lost or duplicated on the way.
+        IndexRecallError: a self-check below ``self_check.recall_floor`` (``_FAILED.json`` written).
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    storage = Storage(cfg.storage)
+    src = resolve_sources(cfg, storage)
+    if storage.exists(join_uri(src.index_uri, INDEX_MANIFEST)):
+        raise IndexExistsError(f"index {src.index_uri} already exists (it has {INDEX_MANIFEST}); indexes are "
+                               f"immutable: set version (or --version) to build another")
+    tower_cfg = _tower_config(storage, cfg)
+    if cfg.no_modality == "id_only" and not tower_cfg.num_id_buckets:
+        raise ValueError("no_modality: id_only needs an item tower with num_id_buckets > 0; this one has none")
+    modalities = list(tower_cfg.modality_dims)
+    print(f"[index] model {src.model_version} ({cfg.model_uri}), embeddings {src.embedding_run}: "
+          f"{src.num_items} items in {len(src.embedding_parts)} parts -> {src.index_uri}", flush=True)
+
+    vectors = compute_item_vectors(storage, src.embedding_parts, src.index_uri, cfg.model_uri, modalities,
+                                   cfg.vectors, cfg.no_modality)
+    _check_integrity(storage, src, vectors.counts, vectors.parts)
+    plans = plan_indexes(storage, vectors.parts, cfg.num_shards, modalities if cfg.modal_indexes else [])
+    print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
+          f"{sum(len(p.shards) for p in plans)} shards ({', '.join(f'{p.name}: {len(p.shards)}' for p in plans)})",
+          flush=True)
+
+    t_build = time.perf_counter()
+    shard_manifests = build_all(storage, plans, vectors.parts, src.index_uri, cfg.index_config(),
+                                cfg.build.num_cpus, cfg.build.memory_gb)
+    build_s = time.perf_counter() - t_build
+
+    t_check = time.perf_counter()
+    rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
+    source = {"model_uri": cfg.model_uri, "embedding_run": src.embedding_run,
+              "embedding_run_id": src.embedding_manifest.get("run_id"), "interactions_uri": src.interactions_uri,
+              "encoders": {m: {k: e.get(k) for k in ("name", "dim", "weights_checksum")}
+                           for m, e in src.embedding_manifest.get("encoders", {}).items()}}
+    manifests: dict[str, IndexManifest] = {}
+    for plan in plans:
+        manifests[plan.name] = make_index_manifest(
+            src.version, shard_manifests[plan.name], build_config=cfg.index_config(),
+            model_version=src.model_version, embedding_run=src.embedding_run)
+    check = ray.remote(run_self_check).options(num_cpus=cfg.build.num_cpus)
+    refs = {}
+    for plan in plans:
+        uri = join_uri(src.index_uri, plan.path) if plan.path else src.index_uri
+        is_fused = plan.name == "fused"
+        refs[plan.name] = check.remote(storage, uri, manifests[plan.name], vectors.parts, plan.column, cfg.self_check,
+                                       model_uri=cfg.model_uri if is_fused else None,
+                                       interactions_uri=src.interactions_uri if is_fused else None,
+                                       torch_threads=cfg.build.training_threads)
+    checks = {name: ray.get(ref) for name, ref in refs.items()}
+    check_s = time.perf_counter() - t_check
+
+    floor = cfg.self_check.recall_floor
+    for plan in plans:
+        manifests[plan.name] = _with_checks(manifests[plan.name], checks[plan.name], floor)
+        manifests[plan.name].item_vectors = rel_parts
+        manifests[plan.name].source = source
+    top = manifests["fused"]
+    top.counts = {"input_items": src.num_items, **{k: v for k, v in vectors.counts.items() if k != "rows"},
+                  **{f"with_{m}": n for m, n in sorted(vectors.per_modality.items())}}
+    timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s": check_s,
+               "shard_build_s_sum": sum(s.build_seconds for ms in shard_manifests.values() for s in ms)}
+    failures = [f"{name} index, {source_name} queries: recall@{c.k} {c.recall:.4f} < floor {floor}"
+                for name, cs in checks.items() for source_name, c in cs.items() if c.recall < floor]
+    for plan in plans:
+        if plan.name != "fused":
+            manifests[plan.name].modality = plan.name
+            manifests[plan.name].counts = {"items": plan.num_items}
+    top.timings = {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}
+    if failures:
+        message = (f"index {src.index_uri} failed its self-check: " + "; ".join(failures)
+                   + ". Raise index.recall_target (or unpin index.reorder_num_neighbors / num_leaves_to_search "
+                     "so they are tuned), or lower self_check.recall_floor")
+        report = {"error": message, "manifest": top.model_dump(mode="json"),
+                  "modal_indexes": {n: m.model_dump(mode="json") for n, m in manifests.items() if n != "fused"}}
+        storage.write_json(join_uri(src.index_uri, FAILED_REPORT), report)
+        raise IndexRecallError(message, report)
+    for plan in plans:
+        if plan.name == "fused":
+            continue
+        sub = manifests[plan.name]
+        write_index_manifest(storage, join_uri(src.index_uri, plan.path), sub)
+        top.modal_indexes[plan.name] = ModalIndexRef(path=plan.path, num_items=plan.num_items,
+                                                     manifest_sha256=hashlib.sha256(manifest_bytes(sub)).hexdigest())
+    _clear_failed_report(storage, src.index_uri)
+    top.timings["total_s"] = round(time.perf_counter() - t0, 3)
+    write_index_manifest(storage, src.index_uri, top)
+    return top
+
+
+def _tower_config(storage: Storage, cfg: IndexJobConfig):
+    """The item tower's saved config (read without loading weights: the actors load them)."""
+    from tessera.models.item_tower import ItemTowerConfig
+
+    saved = storage.read_json(join_uri(cfg.model_uri, "item_tower", "config.json"))
+    return ItemTowerConfig.model_validate(saved["config"])
+
+
+def _check_integrity(storage: Storage, src: IndexSources, counts: dict[str, int], parts: list[str]) -> None:
+    from tessera.index_job.build import read_id_columns
+
+    ids = read_id_columns(storage, parts).column("item_id")
+    distinct = len(set(ids.to_pylist()))
+    if counts["rows"] != src.num_items or distinct != src.num_items:
+        raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {counts['rows']} rows, {distinct} distinct items "
+                                  f"for {src.num_items} input items in {src.embedding_run}")
+
+
+def _with_checks(manifest: IndexManifest, checks: dict[str, RecallCheck], floor: float) -> IndexManifest:
+    worst = min(checks.values(), key=lambda c: c.recall) if checks else None
+    return manifest.model_copy(update={"recall_checks": checks, "recall_check": worst, "recall_floor": floor})
+
+
+def _clear_failed_report(storage: Storage, index_uri: str) -> None:
+    """A rerun that passes removes the report of an earlier failed attempt of the same version."""
+    uri = join_uri(index_uri, FAILED_REPORT)
+    if storage.exists(uri):
+        fs, path = storage.filesystem(uri)
+        fs.delete_file(path)
+
+
+__all__ = ["FUSED", "IndexExistsError", "IndexIntegrityError", "IndexRecallError", "run_index_job"]

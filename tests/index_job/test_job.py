@@ -1,0 +1,87 @@
+"""The index job on the session's real Ray and S3, over a real embedding run, with a seeded bundle."""
+
+import numpy as np
+import pytest
+
+from jobs.build_index import main
+from tessera.index import FAILED_REPORT, INDEX_MANIFEST, IndexCorruptError, ShardedIndex, read_index_manifest
+from tessera.index_job import IndexExistsError, IndexRecallError, run_index_job
+from tessera.index_job.build import read_rows
+from tessera.storage import join_uri
+from tests.index_job.conftest import job_config
+
+
+@pytest.fixture(scope="module")
+def built(bundle_uri, ray_session, storage):
+    storage.ensure_bucket("s3://tessera-test")
+    out = "s3://tessera-test/index-job/index"
+    cfg = job_config(bundle_uri, out)
+    return cfg, run_index_job(cfg), join_uri(out, "seeded-index")
+
+
+def test_manifest_counts_and_self_check(built, sample_embeddings):
+    _, manifest, _ = built
+    n = sample_embeddings["output"]["rows"]
+    counts = manifest.counts
+    assert counts["input_items"] == n == counts["indexed"] + counts["excluded_no_modality"]
+    # items without any usable modality are excluded and counted (the policy itself: test_vectors.py)
+    assert counts["excluded_no_modality"] == counts["no_modality"]
+    assert sum(counts[f"with_{m}"] for m in ("text", "image", "audio")) > counts["indexed"]
+    assert manifest.num_items == counts["indexed"] and manifest.num_shards == 2
+    assert abs(manifest.shards[0].count - manifest.shards[1].count) <= 1
+    assert manifest.model_version == "seeded-index" and manifest.embedding_run == sample_embeddings["output"]["uri"]
+    assert set(manifest.recall_checks) == {"user", "item"} and manifest.recall_floor == 0.95
+    assert manifest.recall_checks["user"].num_queries > 10
+    assert manifest.recall_check.recall >= 0.95 and manifest.dim == 32
+    for m, ref in manifest.modal_indexes.items():
+        assert ref.num_items == counts[f"with_{m}"] > 0
+    assert set(manifest.modal_indexes) == {"text", "image", "audio"}
+
+
+def test_loads_from_s3_and_answers(built, storage):
+    cfg, manifest, uri = built
+    index = ShardedIndex.load(storage, uri)
+    ids, vectors = read_rows(storage, [join_uri(uri, p) for p in manifest.item_vectors], "fused")
+    assert sorted(ids) == sorted(i for s in index.shards for i in s.ids)
+    top, scores = index.search(vectors[:5], k=3)
+    assert all(i in t for i, t in zip(ids[:5], top)) and np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    top, _ = index.search(vectors[:1], k=3, exclude=[{ids[0]}])
+    assert ids[0] not in top[0] and len(top[0]) == 3
+    text = ShardedIndex.load(storage, join_uri(uri, manifest.modal_indexes["text"].path))
+    assert text.manifest.modality == "text" and text.num_items == manifest.modal_indexes["text"].num_items
+    # a shard damaged in storage is detected by its checksum
+    shard = manifest.shards[1]
+    name = next(iter(shard.files))
+    target = join_uri(uri, shard.name, name)
+    data = bytearray(storage.read_bytes(target))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(target, bytes(data))
+    with pytest.raises(IndexCorruptError, match=f"{shard.name}.*{name}"):
+        ShardedIndex.load(storage, uri)
+
+
+def test_existing_version_is_refused(built, bundle_uri, tmp_path):
+    cfg, _, _ = built
+    with pytest.raises(IndexExistsError):
+        run_index_job(cfg)
+    config = tmp_path / "index.yaml"
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {cfg.output_uri}\n")
+    assert main(["--config", str(config)]) == 5
+    config.write_text("num_shards: 0\n")
+    assert main(["--config", str(config)]) == 2
+
+
+def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage, bucket_uri):
+    # AH shards with reordering pinned to k: approximate, so a floor of 1.0 cannot be met.
+    cfg = job_config(bundle_uri, join_uri(bucket_uri, "index"), modal_indexes=False,
+                     index={"mode": "ah", "reorder_num_neighbors": 10, "hash_type": "lut16"},
+                     self_check={"recall_floor": 1.0})
+    with pytest.raises(IndexRecallError, match=r"fused index, \w+ queries: recall@10 0\.\d+ < floor 1\.0") as err:
+        run_index_job(cfg)
+    uri = join_uri(bucket_uri, "index", "seeded-index")
+    assert storage.exists(join_uri(uri, FAILED_REPORT)) and not storage.exists(join_uri(uri, INDEX_MANIFEST))
+    assert err.value.report["manifest"]["recall_checks"]
+    with pytest.raises(IndexCorruptError, match="failed"):
+        ShardedIndex.load(storage, uri)
+    with pytest.raises(FileNotFoundError):
+        read_index_manifest(storage, uri)
