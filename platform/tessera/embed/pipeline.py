@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
@@ -45,27 +46,46 @@ def count_input_items(storage: Storage, files: list[str]) -> int:
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
-    """Name, dim, weights checksum of an encoder (run once per modality, as a Ray task)."""
+    """Name, dim, weights checksum of an encoder, by loading it (a Ray task)."""
     enc = ENCODERS[modality](encoder_cfg, storage)
     return {"name": enc.name, "dim": enc.dim, "weights_checksum": enc.weights_checksum,
-            "weights": encoder_cfg.weights}
+            "weights": encoder_cfg.weights, "device": "not used in this attempt"}
+
+
+def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict]) -> dict[str, dict]:
+    """Per modality: the encoder the actors reported (with every device they ran on); a modality no
+    actor ran in this attempt (a resumed run with nothing left for it) is described by loading it."""
+    import ray
+
+    out: dict[str, dict] = {}
+    for ident in reported:
+        m = ident["name"].split(":", 1)[0]
+        entry = out.setdefault(m, {k: v for k, v in ident.items() if k != "device"} | {"devices": []})
+        entry["devices"] = sorted(set(entry["devices"]) | {ident["device"]})
+    missing = [m for m in cfg.modalities() if m not in out]
+    if missing:
+        describe = ray.remote(num_cpus=0.1)(describe_encoder)
+        found = ray.get([describe.remote(m, cfg.modalities()[m].encoder, storage) for m in missing])
+        for m, ident in zip(missing, found, strict=True):
+            out[m] = {k: v for k, v in ident.items() if k != "device"} | {"devices": []}
+    return {m: out[m] for m in cfg.modalities()}
 
 
 def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
     """Write one part (the final stage); returns a one-row summary for the driver."""
     n = table.num_rows
     cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
-    devices = []
+    encoders = []
     for m in MODALITIES:
         if m in modalities:
             cols[m] = table.column(m)
             cols[f"{m}_error"] = table.column(f"{m}_error").cast(pa.string())
-            devices.append(f"{m}={'/'.join(sorted(set(table.column(f'{m}_device').to_pylist())))}")
+            encoders.extend(set(table.column(f"{m}_encoder").to_pylist()))
         else:  # a disabled modality keeps its columns, all null
             cols[m] = pa.nulls(n, pa.list_(pa.float32()))
             cols[f"{m}_error"] = pa.nulls(n, pa.string())
     uri = write_part(storage, run_uri, pa.table(cols))
-    return pa.table({"part": [uri], "rows": [n], "devices": [";".join(devices)]})
+    return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
 
 
 def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: str):
@@ -156,30 +176,23 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     done = done_item_ids(storage, run_uri)
     modalities = cfg.modalities()
-    # the encoders' identities for the manifest, gathered while the pipeline runs
-    describe = ray.remote(num_cpus=0.1)(describe_encoder)
-    described = [describe.remote(m, mc.encoder, storage) for m, mc in modalities.items()]
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
-    devices: dict[str, set] = {}
+    seen: set[str] = set()  # encoder identities reported by the actors, through the writer
     written = 0
     if len(done) < n_input:
         ds = build_dataset(cfg, files, done, run_uri)
         for row in ds.iter_rows():
             written += int(row["rows"])
-            for entry in str(row["devices"]).split(";"):
-                if "=" in entry:
-                    m, labels = entry.split("=", 1)
-                    devices.setdefault(m, set()).update(x for x in labels.split("/") if x)
+            seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
-    encoders = dict(zip(modalities, ray.get(described), strict=True))
+    encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
     counts = tally(storage, run_uri, list(modalities))
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
             f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
             f"{n_input} input items; the input changed under this run id, or parts were lost")
-    for m, c in counts.per_modality.items():
-        encoders[m]["devices"] = sorted(devices.get(m, []))
+    for c in counts.per_modality.values():
         c["errors"] = c.pop("failed_by_kind")
     elapsed = time.perf_counter() - t0
     manifest = {

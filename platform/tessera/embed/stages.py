@@ -17,7 +17,9 @@ unreachable after the client's own retries) raise, so Ray retries the task.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -155,7 +157,7 @@ class EncodeActor:
             torch.set_num_threads(torch_threads)
         self.modality = modality
         self.encoder = encoder_cls(encoder_cfg, storage)
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.gpu_ids = list(ray.get_gpu_ids())
         self.items = metrics.Counter("tessera_embed_items_total", "Items through an encoder pool, by status",
                                      tag_keys=("modality", "status"))
         self.failures = metrics.Counter("tessera_embed_failures_total", "Failed items by error kind",
@@ -177,7 +179,7 @@ class EncodeActor:
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
             for row, i in enumerate(todo):
                 vectors[i] = encoded[row]
-        batch[f"{m}_device"] = [self._device_label()] * len(inputs)
+        batch[f"{m}_encoder"] = [self.identity] * len(inputs)
         n_failed = 0
         for err in errors:
             if err is not None:
@@ -188,6 +190,11 @@ class EncodeActor:
                 self.items.inc(n, tags={"modality": m, "status": status})
         return to_table(batch, table).append_column(m, vector_column(vectors, self.encoder.dim))
 
-    def _device_label(self) -> str:
-        gpus = ",".join(self.gpu_ids)
-        return f"{self.encoder.device}" + (f"|gpu_ids={gpus}" if gpus else "")
+    @functools.cached_property
+    def identity(self) -> str:
+        """JSON naming this actor's encoder and device, carried to the manifest by the writer."""
+        gpus = ",".join(str(g) for g in self.gpu_ids)
+        device = f"{self.encoder.device}" + (f"|gpu_ids={gpus}" if gpus else "")
+        return json.dumps({"name": self.encoder.name, "dim": self.encoder.dim, "device": device,
+                           "weights_checksum": self.encoder.weights_checksum,
+                           "weights": self.encoder.config.weights}, sort_keys=True)
