@@ -47,6 +47,11 @@ class ItemTowerConfig(TesseraConfig):
         num_id_buckets: hashed item-id embedding buckets; 0 turns the id token off.
         id_dropout: probability of dropping the id token while training (cold-start robustness).
         out_dim: width of the output vector (the retrieval space).
+        input_norm: standardise each modality's embedding with per-dimension statistics held as
+            buffers (set them with :meth:`ItemTower.set_input_stats`; saved with the weights).
+            Frozen encoder embeddings often share a large common component, and an L2-normalised
+            384-d vector has entries of ~0.05, below the projection's bias terms; without
+            standardisation the towers sit on a long plateau.
     """
 
     modality_dims: dict[str, int] = Field(default_factory=lambda: {"text": 384, "image": 512, "audio": 256})
@@ -59,6 +64,7 @@ class ItemTowerConfig(TesseraConfig):
     num_id_buckets: int = Field(0, ge=0)
     id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     out_dim: int = Field(128, gt=0)
+    input_norm: bool = False
 
     @field_validator("modality_dims")
     @classmethod
@@ -134,10 +140,30 @@ class ItemTower(SavableModule):
         self.blocks = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.dropout) for _ in range(c.n_layers))
         self.ln = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.out_dim)
+        if c.input_norm:
+            for m, dim in c.modality_dims.items():
+                self.register_buffer(f"input_mean_{m}", torch.zeros(dim))
+                self.register_buffer(f"input_scale_{m}", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_input_stats(self, embeddings: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]) -> None:
+        """Set the ``input_norm`` statistics from a catalog: per modality, the mean and 1 / std of the
+        present rows of ``embeddings[m]`` (``(I, Dm)``; ``present[m]`` is ``(I,)`` bool)."""
+        if not self.config.input_norm:
+            raise ValueError("this tower was built with input_norm=False")
+        for m in self.modalities:
+            x = embeddings[m][present[m].bool()]
+            if len(x) < 2:
+                continue
+            getattr(self, f"input_mean_{m}").copy_(x.mean(0))
+            getattr(self, f"input_scale_{m}").copy_(1.0 / (x.std(0) + 1e-6))
 
     def _token(self, modality: str, emb: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         # Zero missing rows first: NaN placeholders must not reach the (masked) attention values.
         x = torch.where(present[:, None], emb, torch.zeros_like(emb))  # (B, Dm)
+        if self.config.input_norm:
+            mean, scale = getattr(self, f"input_mean_{modality}"), getattr(self, f"input_scale_{modality}")
+            x = torch.where(present[:, None], (x - mean) * scale, torch.zeros_like(x))  # (B, Dm)
         return self.projections[modality](x) + self.type_embeddings[modality]  # (B, D)
 
     def _fuse(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

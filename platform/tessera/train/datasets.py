@@ -1,0 +1,73 @@
+"""Ray Data side of training: interactions + embedding run -> user records and next-item examples.
+
+    read_parquet(interactions) -> map ids to catalog rows (item ids read from the embedding run)
+      -> groupby(user_id).map_groups(time split)     = ``users``   (one row per user)
+      -> map_batches(next-item examples)              = ``train``   (fixed-width rows)
+
+Both are materialised once before training (they are small next to the object store), so restarts
+after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
+the embedding run are counted and dropped (the count goes into the manifest).
+
+Example::
+
+    data = build_datasets(cfg, storage)
+    data.train.count(), data.users.count(), data.unknown_items
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.data
+from ray.data.expressions import col
+
+from tessera.storage import Storage
+from tessera.train.config import TrainConfig
+from tessera.train.examples import next_item_examples, user_records
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "weight"]
+
+
+@dataclass
+class TrainDatasets:
+    """Materialised datasets and their counts."""
+
+    train: ray.data.Dataset
+    users: ray.data.Dataset
+    num_items: int
+    interactions: int
+    unknown_items: int
+    examples: int
+    num_users: int
+
+
+def _catalog_ids(cfg: TrainConfig, storage: Storage) -> np.ndarray:
+    fs, path = storage.filesystem(cfg.embeddings_uri)
+    ids = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(["item_id"])
+    return np.sort(np.asarray([r["item_id"] for r in ids.take_all()], dtype=str))
+
+
+def _to_rows(batch: dict[str, np.ndarray], item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    ids = batch["item_id"].astype(str)
+    pos = np.clip(np.searchsorted(item_ids, ids), 0, len(item_ids) - 1)
+    batch["item_row"] = np.where(item_ids[pos] == ids, pos, -1).astype(np.int64)
+    return batch
+
+
+def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
+    """Read, map, split and expand; see the module docstring."""
+    item_ids = _catalog_ids(cfg, storage)
+    fs, path = storage.filesystem(cfg.interactions_uri)
+    inter = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(INTERACTION_COLUMNS)
+    mapped = inter.map_batches(_to_rows, fn_kwargs={"item_ids": item_ids}, batch_format="numpy").materialize()
+    total = mapped.count()
+    known = mapped.filter(expr=col("item_row") >= 0)
+    n_known = known.count()
+    users = known.groupby("user_id").map_groups(
+        user_records, fn_kwargs={"holdout": cfg.holdout}, batch_format="numpy").materialize()
+    train = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
+                              batch_format="numpy").materialize()
+    return TrainDatasets(train=train, users=users, num_items=len(item_ids), interactions=total,
+                         unknown_items=total - n_known, examples=train.count(), num_users=users.count())

@@ -1,0 +1,119 @@
+"""Per-user time split and next-item training examples (numpy only; Ray Data calls these per batch).
+
+A *user record* is one user's interactions in time order, split by time: the last ``holdout``
+events are the test targets (users with fewer than ``holdout + 1`` events keep everything for
+training). Every training position ``t >= 1`` then gives one *example*: the (up to) ``N`` items
+before it, left-padded to fixed width, predict the item at ``t``.
+
+Example::
+
+    rec = user_records({"user_id": ..., "item_row": ..., "ts": ..., "weight": ...}, holdout=1)
+    ex = next_item_examples(rec, max_history=20)
+    ex["hist_items"].shape      # (E, 20) int64, 0 where padded;  ex["hist_len"]: (E,) real items
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tessera.models import HistoryBatch, pad_histories
+
+EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_ts", "target_w")
+
+
+def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.ndarray]:
+    """One user's events (any order) -> one record row with its time-split train and test parts.
+
+    Args:
+        events: ``user_id``, ``item_row`` (catalog row), ``ts`` (ms) and ``weight`` arrays of one user.
+        holdout: events held out at the end; users with ``<= holdout`` events keep all for training.
+
+    Returns:
+        A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w`` and ``test_items``/
+        ``test_ts`` as object arrays holding one numpy array each (chronological).
+    """
+    order = np.lexsort((np.arange(len(events["ts"])), events["ts"]))
+    items = np.asarray(events["item_row"], dtype=np.int64)[order]
+    ts = np.asarray(events["ts"], dtype=np.int64)[order]
+    w = np.asarray(events["weight"], dtype=np.float32)[order]
+    n_test = holdout if len(items) > holdout else 0
+    cut = len(items) - n_test
+
+    def one(x: np.ndarray) -> np.ndarray:
+        out = np.empty(1, dtype=object)
+        out[0] = x
+        return out
+
+    return {"user_id": np.asarray(events["user_id"][:1]), "train_items": one(items[:cut]),
+            "train_ts": one(ts[:cut]), "train_w": one(w[:cut]), "test_items": one(items[cut:]),
+            "test_ts": one(ts[cut:])}
+
+
+def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict[str, np.ndarray]:
+    """User records -> one fixed-width example per training position ``t >= 1`` of each user.
+
+    Returns:
+        ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
+        left-padded with 0), ``hist_len`` ``(E,)``, ``target``/``target_ts`` ``(E,)`` int64 and
+        ``target_w`` ``(E,)`` float32.
+    """
+    hist, hts, hw, tgt, tts, tw = [], [], [], [], [], []
+    for items, ts, w in zip(records["train_items"], records["train_ts"], records["train_w"], strict=True):
+        for t in range(1, len(items)):
+            lo = max(0, t - max_history)
+            hist.append(items[lo:t])
+            hts.append(ts[lo:t])
+            hw.append(w[lo:t])
+            tgt.append(items[t])
+            tts.append(ts[t])
+            tw.append(w[t])
+    batch = pad_histories(hist, max_len=max_history, timestamps=hts, weights=hw)
+    return {"hist_items": batch.item_idx.numpy(), "hist_ts": batch.timestamps_ms.numpy(),
+            "hist_w": batch.weights.numpy(), "hist_len": batch.mask.sum(1).numpy().astype(np.int64),
+            "target": np.asarray(tgt, dtype=np.int64), "target_ts": np.asarray(tts, dtype=np.int64),
+            "target_w": np.asarray(tw, dtype=np.float32)}
+
+
+def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:
+    """The :class:`HistoryBatch` of an example batch (mask rebuilt from ``hist_len``)."""
+    n = batch["hist_items"].shape[1]
+    mask = torch.arange(n, device=batch["hist_len"].device)[None, :] >= (n - batch["hist_len"][:, None])  # (B, N)
+    return HistoryBatch(batch["hist_items"].long(), mask, batch["hist_ts"].long(), batch["hist_w"].float())
+
+
+@dataclass
+class EvalSet:
+    """Held-out evaluation: per evaluated user, the training history (input and excluded from the
+    ranking), the held-out targets, and the request time (the first held-out event's time)."""
+
+    history: HistoryBatch
+    train_items: list[np.ndarray]
+    test_items: list[np.ndarray]
+    query_ts: torch.Tensor
+
+    @property
+    def num_users(self) -> int:
+        return len(self.test_items)
+
+    @classmethod
+    def from_records(cls, records: dict[str, np.ndarray], max_history: int) -> EvalSet:
+        """Users with at least one held-out and one training event, from user-record columns."""
+        keep = [i for i, (tr, te) in enumerate(zip(records["train_items"], records["test_items"], strict=True))
+                if len(te) and len(tr)]
+        train = [np.asarray(records["train_items"][i], dtype=np.int64) for i in keep]
+        history = pad_histories(train, max_len=max_history,
+                                timestamps=[records["train_ts"][i] for i in keep],
+                                weights=[records["train_w"][i] for i in keep])
+        return cls(history=history, train_items=train,
+                   test_items=[np.asarray(records["test_items"][i], dtype=np.int64) for i in keep],
+                   query_ts=torch.tensor([int(records["test_ts"][i][0]) for i in keep], dtype=torch.long))
+
+
+def item_counts(records: dict[str, np.ndarray], num_items: int) -> np.ndarray:
+    """``(I,)`` training interactions per catalog row (the popularity and logQ statistics)."""
+    flat = [np.asarray(x, dtype=np.int64) for x in records["train_items"]]
+    rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+    return np.bincount(rows, minlength=num_items)

@@ -1,0 +1,117 @@
+"""The training job: Ray Data inputs, one Ray Train ``TorchTrainer`` run, the model bundle.
+
+``run_training(cfg)`` builds the datasets (:mod:`tessera.train.datasets`), runs
+:func:`tessera.train.worker.train_loop_per_worker` on ``cfg.scaling.num_workers`` DDP workers with
+checkpoints on object storage (``<checkpoint_uri>/<version>``, ``FailureConfig(max_failures)``),
+then turns the final checkpoint into a :class:`tessera.models.bundle.ModelBundle` at
+``<models_uri>/<version>/`` with ``metrics.json`` and a manifest. Running it again with the same
+version restores the Ray Train run from its checkpoints instead of starting over.
+
+Example::
+
+    manifest = run_training(load_config(TrainConfig, "configs/train.yaml"))
+    manifest["metrics"]["results"]["fused"]["ndcg@10"]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from tessera.models.bundle import MANIFEST, ModelBundle
+from tessera.storage import Storage, join_uri
+from tessera.train.catalog import ItemCatalog
+from tessera.train.config import TrainConfig
+from tessera.train.datasets import build_datasets
+from tessera.train.evaluate import quality_checks
+from tessera.train.ranking import RankerModel
+from tessera.train.retrieval import TwoTowerModel, variant
+from tessera.train.state import STATE_FILE, TrainState, load_state
+from tessera.train.worker import RANKED, train_loop_per_worker
+
+METRICS_FILE = "metrics.json"
+
+
+class BundleExistsError(RuntimeError):
+    """The target ``models/<version>/`` already holds a bundle and ``overwrite`` is off."""
+
+
+class TrainingFailedError(RuntimeError):
+    """Ray Train gave up (more failures than ``max_failures``) or produced no checkpoint."""
+
+
+def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split."""
+    fs, path = storage.filesystem(cfg.checkpoint_uri)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.version, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def bundle_from_state(cfg: TrainConfig, state: TrainState, catalog: ItemCatalog, counts: np.ndarray) -> ModelBundle:
+    """Rebuild the fused towers and the ranker from a final training state (eval mode)."""
+    fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
+                                counts, cfg.max_history)
+    fused.load_state_dict(state.models["fused"])
+    ranked = RankerModel.build(fused, counts, cfg.ranker, cfg.max_history)
+    if RANKED in state.models:
+        ranked.ranker.load_state_dict(state.models[RANKED])
+    return ModelBundle(fused.item_tower.eval(), fused.user_tower.eval(), ranked.ranker.eval())
+
+
+def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
+    """Train every variant, evaluate, save the bundle; returns the bundle manifest."""
+    storage = storage or Storage(cfg.storage)
+    t0 = time.perf_counter()
+    if storage.exists(join_uri(cfg.bundle_uri, MANIFEST)):
+        if not cfg.overwrite:
+            raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
+        storage.delete_prefix(cfg.bundle_uri)
+        storage.delete_prefix(join_uri(cfg.checkpoint_uri, cfg.version))
+    embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
+    data = build_datasets(cfg, storage)
+    t_data = time.perf_counter()
+    result = make_trainer(cfg, storage, {"train": data.train, "users": data.users}).fit()
+    t_train = time.perf_counter()
+    if result.error is not None or result.checkpoint is None:
+        raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(os.path.join(d, STATE_FILE))
+    catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
+    counts = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in
+                                         data.users.to_pandas()["train_items"]]), minlength=catalog.num_items)
+    bundle = bundle_from_state(cfg, state, catalog, counts)
+    metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history}
+    storage.write_json(join_uri(cfg.bundle_uri, METRICS_FILE), metrics)
+    bundle.manifest = {
+        "version": cfg.version,
+        "embedding_run": cfg.embeddings_uri,
+        "encoders": embed_manifest["encoders"],
+        "modalities": catalog.modalities,
+        "metrics": {"results": state.results, "checks": metrics["checks"], "file": METRICS_FILE},
+        "item_ids": {"num_id_buckets": bundle.item_tower.config.num_id_buckets, "hash": "blake2b-8"},
+        "ranker_features": {"names": bundle.ranker.config.dense_features, "similarity_inputs": "encoder embeddings",
+                            "candidates": cfg.ranker.candidates, "trained": RANKED in state.models},
+        "training": {"config": cfg.model_dump(mode="json"), "checkpoint": result.checkpoint.path,
+                     "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
+                              "users": data.num_users, "examples": data.examples, "items": data.num_items}},
+        "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
+                    "total_s": round(time.perf_counter() - t0, 2)},
+    }
+    return bundle.save(storage, cfg.bundle_uri)

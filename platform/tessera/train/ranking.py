@@ -1,0 +1,137 @@
+"""The ranker stage (plain torch): lists from the fused retrieval model, trained and evaluated.
+
+For each training example the frozen fused towers score the full catalog, the user's history is
+masked out (as at serving time), and the retrieval top-K gives ``num_hard`` hard negatives; with
+``num_random`` uniform negatives and the positive they form one list
+(:func:`tessera.models.build_ranker_examples`). The ranker sees the history and candidate item-tower
+vectors plus dense features: the retrieval score, per-modality cosine between the candidate's raw
+encoder embedding and the history's mean, modality presence and log popularity.
+
+At evaluation the top-K of retrieval is re-ordered by the ranker; items below the top-K keep their
+retrieval order after it, so metrics stay full-catalog.
+
+Example::
+
+    rm = RankerModel.build(retrieval_model, counts, ranker_cfg, max_history=20)
+    loss = rm(batch, rng)                                  # training
+    scores = rm.rerank(eval_set.history, eval_set.query_ts, exclude=eval_set.train_items)   # (U, I)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.models import (
+    HistoryBatch,
+    Ranker,
+    RankerConfig,
+    build_ranker_examples,
+    dense_feature_names,
+    listwise_softmax_loss,
+    ranker_bce_loss,
+    ranker_dense_features,
+)
+from tessera.train.config import RankerSection
+from tessera.train.examples import history_from_batch
+from tessera.train.retrieval import TwoTowerModel
+
+RANKED_OFFSET = 1e4  # re-ranked top-K items sit above every retrieval score (cosines are in [-1, 1])
+
+
+def mask_rows(scores: torch.Tensor, rows: Sequence[np.ndarray] | torch.Tensor, mask: torch.Tensor | None = None,
+              ) -> torch.Tensor:
+    """``scores`` with each user's ``rows`` set to ``-inf`` (seen items are never candidates)."""
+    out = scores.clone()
+    if isinstance(rows, torch.Tensor):  # (B, N) padded history, with its mask
+        r = rows.masked_fill(~mask, -1) if mask is not None else rows
+        b = torch.arange(len(r), device=r.device)[:, None].expand_as(r)
+        keep = r >= 0
+        out[b[keep], r[keep]] = float("-inf")
+        return out
+    for u, seen in enumerate(rows):
+        if len(seen):
+            out[u, torch.as_tensor(seen, dtype=torch.long)] = float("-inf")
+    return out
+
+
+class RankerModel(nn.Module):
+    """A :class:`Ranker` on top of a frozen :class:`TwoTowerModel`; ``forward`` is the training loss."""
+
+    def __init__(self, ranker: Ranker, retrieval: TwoTowerModel, log_popularity: torch.Tensor, cfg: RankerSection):
+        super().__init__()
+        self.ranker, self.retrieval, self.cfg = ranker, retrieval.eval().requires_grad_(False), cfg
+        self.log_popularity = log_popularity
+        self._item_vecs: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, retrieval: TwoTowerModel, counts: np.ndarray, cfg: RankerSection, max_history: int) -> RankerModel:
+        mods = retrieval.catalog.modalities
+        ranker = Ranker(RankerConfig(item_dim=retrieval.item_tower.config.out_dim,
+                                     dense_features=dense_feature_names(mods), attention_hidden=[32],
+                                     mlp_hidden=[64, 32], max_history=max_history))
+        return cls(ranker, retrieval, torch.log1p(torch.as_tensor(counts, dtype=torch.float32)), cfg)
+
+    def train(self, mode: bool = True) -> RankerModel:
+        super().train(mode)
+        self.retrieval.eval()  # frozen: no dropout, no modality dropout
+        return self
+
+    @property
+    def item_vecs(self) -> torch.Tensor:
+        """``(I, D)`` frozen fused item vectors, computed once."""
+        if self._item_vecs is None:
+            self._item_vecs = self.retrieval.all_item_vectors()
+        return self._item_vecs
+
+    @torch.no_grad()
+    def retrieve(self, hist: HistoryBatch, query_ts: torch.Tensor) -> torch.Tensor:
+        """``(B, I)`` retrieval scores with the history's items at ``-inf``."""
+        scores, _ = self.retrieval.score(hist, query_ts, self.item_vecs)
+        return mask_rows(scores, hist.item_idx, hist.mask)
+
+    def logits(self, hist: HistoryBatch, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` ranker logits of ``candidates`` (catalog rows) given full retrieval ``scores``."""
+        cat, vecs = self.retrieval.catalog, self.item_vecs
+        cand_modal, cand_present = cat.features(candidates)  # m -> (B, C, Dm), (B, C)
+        hist_modal, hist_present = cat.features(hist.item_idx)  # m -> (B, N, Dm), (B, N)
+        hist_present = {m: p & hist.mask for m, p in hist_present.items()}
+        retrieval = scores.gather(1, candidates)
+        retrieval = torch.where(torch.isfinite(retrieval), retrieval, torch.full_like(retrieval, -1.0))
+        dense = ranker_dense_features(retrieval, self.log_popularity.to(candidates.device)[candidates],
+                                      cand_modal, cand_present, hist_modal, hist_present, cat.modalities)
+        return self.ranker(vecs[hist.item_idx], hist.mask, vecs[candidates], dense)  # (B, C)
+
+    def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
+        """Training loss over lists built for one batch of examples."""
+        hist = history_from_batch(batch)
+        target = batch["target"].long()
+        scores = self.retrieve(hist, batch["target_ts"].long())  # (B, I)
+        top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices.cpu().numpy()
+        ex = build_ranker_examples(target.cpu().numpy(), top, scores.shape[1], self.cfg.num_hard,
+                                   self.cfg.num_random, rng)
+        candidates = torch.from_numpy(ex.candidates).to(target.device)
+        labels = torch.from_numpy(ex.labels).to(target.device)
+        logits = self.logits(hist, candidates, scores)
+        if self.cfg.loss == "bce":
+            return ranker_bce_loss(logits, labels)
+        return listwise_softmax_loss(logits, labels)
+
+    @torch.no_grad()
+    def rerank(self, hist: HistoryBatch, query_ts: torch.Tensor, exclude: Sequence[np.ndarray] | None = None,
+               chunk: int = 256) -> torch.Tensor:
+        """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it."""
+        outs = []
+        for s in range(0, len(query_ts), chunk):
+            h = HistoryBatch(*(t[s:s + chunk] for t in (hist.item_idx, hist.mask, hist.timestamps_ms, hist.weights)))
+            scores = self.retrieve(h, query_ts[s:s + chunk])
+            if exclude is not None:
+                scores = mask_rows(scores, exclude[s:s + chunk])
+            top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices  # (b, K)
+            out = scores.clone()
+            out.scatter_(1, top, RANKED_OFFSET + self.logits(h, top, scores))
+            outs.append(out)
+        return torch.cat(outs)

@@ -1,0 +1,52 @@
+"""What a training checkpoint holds, and how it is written (plain torch, no Ray).
+
+One file, ``state.pt``: the position in the stage plan (``stage``, ``epoch``: the next epoch to
+run), the state dicts of every finished stage's model, the unfinished stage's model and optimiser,
+the evaluation results so far and the per-epoch history.
+
+Example::
+
+    save_state(TrainState(stage=1, epoch=0, models={"fused": model.state_dict()}), "ckpt/state.pt")
+    state = load_state("ckpt/state.pt")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainState:
+    """Training progress; see the module docstring."""
+
+    stage: int = 0
+    epoch: int = 0
+    models: dict[str, dict] = field(default_factory=dict)
+    current: dict | None = None
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def save_state(state: TrainState, path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` (tensors moved to CPU first, so any device can load it)."""
+
+    def cpu(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().to("cpu")
+        if isinstance(obj, dict):
+            return {k: cpu(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [cpu(v) for v in obj]
+        return obj
+
+    torch.save(cpu(asdict(state)), path)
+
+
+def load_state(path: str | os.PathLike) -> TrainState:
+    """Read a state written by :func:`save_state`."""
+    return TrainState(**torch.load(path, map_location="cpu", weights_only=False))

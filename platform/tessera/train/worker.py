@@ -1,0 +1,166 @@
+"""The Ray Train loop run by every DDP worker (``train_loop_per_worker`` of the TorchTrainer).
+
+One run trains, in order, stages of a fixed plan (:func:`stage_plan`): the fused retrieval towers,
+the ranker on top of them, then each baseline variant (single modalities, ids alone). Every epoch
+of every stage ends with one ``ray.train.report``: rank 0 evaluates on the held-out users and
+attaches a checkpoint (all models trained so far, the current optimiser and the results), so a
+killed worker resumes from the last finished epoch: ``ray.train.get_checkpoint()`` at start-up
+gives the stage and epoch to continue from.
+
+Data: the ``train`` dataset (next-item examples) is split across workers; the ``users`` dataset
+(time-split user records) is read whole by every worker for the logQ counts and, on rank 0, the
+evaluation set. The item feature table is read from the embedding run by each worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from tessera.storage import Storage
+from tessera.train.catalog import ItemCatalog
+from tessera.train.config import TrainConfig
+from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
+from tessera.train.examples import EvalSet, item_counts
+from tessera.train.ranking import RankerModel
+from tessera.train.retrieval import TwoTowerModel, variant
+from tessera.train.state import STATE_FILE, TrainState, load_state, save_state
+
+RANKED = "fused_ranked"
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # "retrieval" | "ranker"
+    name: str  # variant name, or "fused_ranked"
+    epochs: int
+
+
+def stage_plan(cfg: TrainConfig) -> list[Stage]:
+    """fused, then its ranker (when enabled), then the baselines in config order."""
+    plan = [Stage("retrieval", "fused", cfg.towers.epochs)]
+    if cfg.ranker.enabled:
+        plan.append(Stage("ranker", RANKED, cfg.ranker.epochs))
+    plan += [Stage("retrieval", v, cfg.towers.epochs) for v in cfg.variants if v != "fused"]
+    return plan
+
+
+def _users_table(shard) -> dict[str, np.ndarray]:
+    cols: dict[str, list] = {}
+    for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
+        for k, v in batch.items():
+            cols.setdefault(k, []).extend(list(v))
+    return {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+
+
+def _maybe_fail(cfg: TrainConfig, storage: Storage, global_epoch: int, rank: int, world: int) -> None:
+    """Test hook: kill this worker process once at ``cfg.fail_at_epoch`` (see TrainConfig)."""
+    if cfg.fail_at_epoch is None or global_epoch != cfg.fail_at_epoch or rank != min(1, world - 1):
+        return
+    if storage.exists(cfg.fail_marker_uri):
+        return
+    storage.write_bytes(cfg.fail_marker_uri, f"killed pid {os.getpid()} at epoch {global_epoch}".encode())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState):
+    if stage.kind == "retrieval":
+        return TwoTowerModel.build(variant(stage.name, catalog.modalities, cfg.towers.fused_ids), catalog,
+                                   cfg.towers, counts, cfg.max_history)
+    fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
+                                counts, cfg.max_history)
+    fused.load_state_dict(state.models["fused"])
+    return RankerModel.build(fused, counts, cfg.ranker, cfg.max_history)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point on each worker; ``config = {"train": TrainConfig.model_dump()}``."""
+    cfg = TrainConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    device = ray.train.torch.get_device()
+    storage = Storage(cfg.storage)
+    catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
+    users = _users_table(ray.train.get_dataset_shard("users"))
+    counts = item_counts(users, catalog.num_items)
+    eval_set = EvalSet.from_records(users, cfg.max_history) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(os.path.join(d, STATE_FILE))
+    if rank == 0 and "popularity" not in state.results:
+        state.results["popularity"] = evaluate_popularity(counts, eval_set, cfg.ks)
+
+    plan = stage_plan(cfg)
+    global_epoch = sum(s.epochs for s in plan[:state.stage]) + state.epoch
+    for stage_idx in range(state.stage, len(plan)):
+        stage = plan[stage_idx]
+        torch.manual_seed(cfg.seed + stage_idx)
+        model = _build(stage, cfg, catalog, counts, state)
+        trainable = model.ranker if stage.kind == "ranker" else model
+        opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.ranker.lr if stage.kind == "ranker" else cfg.towers.lr,
+                                weight_decay=cfg.towers.weight_decay)
+        start_epoch = 0
+        if state.stage == stage_idx and state.current is not None:
+            model.load_state_dict(state.current["model"])
+            opt.load_state_dict(state.current["optim"])
+            start_epoch = state.epoch
+        model = ray.train.torch.prepare_model(model)
+        inner = model.module if hasattr(model, "module") else model
+        batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
+        for epoch in range(start_epoch, stage.epochs):
+            _maybe_fail(cfg, storage, global_epoch, rank, world)
+            rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
+            model.train()
+            t0, total, steps, samples = time.perf_counter(), 0.0, 0, 0
+            for batch in train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                                        local_shuffle_buffer_size=4 * batch_size,
+                                                        local_shuffle_seed=int(rng.integers(1 << 31))):
+                loss = model(batch, rng) if stage.kind == "ranker" else model(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+                steps += 1
+                samples += len(batch["target"])
+            train_s = time.perf_counter() - t0
+            global_epoch += 1
+            metrics = {"stage": stage.name, "epoch": epoch + 1, "global_epoch": global_epoch,
+                       "loss": total / max(steps, 1), "samples_per_s_worker": samples / max(train_s, 1e-9),
+                       "train_s": train_s}
+            done = epoch + 1 == stage.epochs
+            state.stage, state.epoch = (stage_idx + 1, 0) if done else (stage_idx, epoch + 1)
+            if rank != 0:
+                ray.train.report(metrics)
+                continue
+            evaluated = evaluate_ranked(inner, eval_set, cfg.ks) if stage.kind == "ranker" else \
+                evaluate_retrieval(inner, eval_set, cfg.ks)
+            metrics.update({f"{stage.name}/{k}": v for k, v in evaluated.items() if k != "num_users"})
+            state.history.append({k: v for k, v in metrics.items()})
+            if done:
+                state.results[stage.name] = evaluated
+                state.models[stage.name] = _model_state(inner, stage)
+                state.current = None
+            else:
+                state.current = {"model": inner.state_dict(), "optim": opt.state_dict()}
+            with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as d:
+                save_state(state, os.path.join(d, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        state.current = None
+
+
+def _model_state(model, stage: Stage) -> dict:
+    """What the bundle and later stages need: the towers of a retrieval variant, the ranker alone."""
+    return model.ranker.state_dict() if stage.kind == "ranker" else model.state_dict()

@@ -1,0 +1,32 @@
+"""Fixtures for the training tests: a tiny TrainConfig over the session's corpus and embedding run."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tests.conftest import TEST_ROOT
+
+
+def tiny_train_config(embeddings_uri: str, out_root: str, **overrides):
+    """Few epochs, small towers, 2 workers x 0.5 CPU: fits the 2-CPU test Ray beside nothing else."""
+    from tessera.train.config import TrainConfig
+
+    data = {
+        "interactions_uri": f"{TEST_ROOT}/corpus/interactions", "embeddings_uri": embeddings_uri,
+        "models_uri": f"{out_root}/models", "checkpoint_uri": f"{out_root}/checkpoints",
+        "version": "t" + uuid.uuid4().hex[:8], "max_history": 8, "ks": [10, 20],
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
+        "towers": {"d_model": 16, "out_dim": 16, "n_heads": 2, "proj_hidden": 32, "epochs": 2, "batch_size": 32},
+        "ranker": {"epochs": 1, "batch_size": 32, "candidates": 20, "num_hard": 4, "num_random": 4},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return TrainConfig.model_validate(data)
+
+
+@pytest.fixture
+def train_root(storage, bucket_uri) -> str:
+    storage.ensure_bucket(bucket_uri)
+    return bucket_uri
