@@ -198,11 +198,15 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
     kk = min(k, n)
     rows_out = np.full((q, kk), -1, np.int64)
     scores_out = np.full((q, kk), -np.inf, np.float32)
-    extras = np.zeros(q, np.int64) if exclude_rows is None else np.asarray([len(r) for r in exclude_rows])
-    # Queries needing the same headroom (rounded up to a power of two) share one batched call.
-    buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
-    for bucket in np.unique(buckets):
-        members = np.flatnonzero(buckets == bucket)
+    if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
+        extras = np.zeros(q, np.int64)
+        groups = [(0, np.arange(q))]
+    else:
+        extras = np.asarray([len(r) for r in exclude_rows])
+        # Queries needing the same headroom (rounded up to a power of two) share one batched call.
+        buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
+        groups = [(b, np.flatnonzero(buckets == b)) for b in np.unique(buckets)]
+    for bucket, members in groups:
         final_nn = min(n, kk + int(bucket))
         excl = None if exclude_rows is None else [exclude_rows[i] for i in members]
         rows, scores = _scann_call(searcher, params, n, queries[members], final_nn, kk, excl,
@@ -232,6 +236,8 @@ def _scann_call(searcher, params: ScannParams, n: int, queries: np.ndarray, fina
         for i, rows in enumerate(exclude_rows):
             if len(rows):
                 drop[i] |= np.isin(idx[i], rows)
+    if not drop.any() and idx.shape[1] >= k:  # nothing to drop: ScaNN's order is the answer
+        return idx[:, :k], dist[:, :k]
     keep_order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept entries first, in score order
     rows = np.take_along_axis(idx, keep_order, axis=1)
     scores = np.take_along_axis(dist, keep_order, axis=1)

@@ -237,7 +237,14 @@ class ShardedIndex:
         # (Q, S*k) ids; padding entries (row -1) carry -inf scores and are dropped below
         cand = np.concatenate([shard.ids[np.maximum(rows, 0)]
                                for shard, (rows, _) in zip(self.shards, results, strict=True)], axis=1)
-        cols, best = top_k_rows(scores, k)  # ties: lower shard, then that shard's order
+        if scores.shape[1] <= 4096:
+            # Few candidates: one stable sort, the same order as top_k_rows (score desc, then column
+            # asc: lower shard, then that shard's order) at a fraction of its per-call overhead.
+            cols = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
+            best = scores[np.arange(scores.shape[0])[:, None], cols]  # (Q, k)
+            cols[~np.isfinite(best)] = -1
+        else:
+            cols, best = top_k_rows(scores, k)
         ids = [[cand[i, c] for c in row if c >= 0] for i, row in enumerate(cols)]
         return ids, best
 
