@@ -44,7 +44,7 @@ def test_loads_from_s3_and_answers(built, storage):
     ids, vectors = read_rows(storage, [join_uri(uri, p) for p in manifest.item_vectors], "fused")
     assert sorted(ids) == sorted(i for s in index.shards for i in s.ids)
     top, scores = index.search(vectors[:5], k=3)
-    assert all(i in t for i, t in zip(ids[:5], top)) and np.allclose(scores[:, 0], 1.0, atol=1e-4)
+    assert all(i in t for i, t in zip(ids[:5], top, strict=True)) and np.allclose(scores[:, 0], 1.0, atol=1e-4)
     top, _ = index.search(vectors[:1], k=3, exclude=[{ids[0]}])
     assert ids[0] not in top[0] and len(top[0]) == 3
     text = ShardedIndex.load(storage, join_uri(uri, manifest.modal_indexes["text"].path))
