@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import pytest
@@ -30,3 +32,15 @@ def tiny_train_config(embeddings_uri: str, out_root: str, **overrides):
 def train_root(storage, bucket_uri) -> str:
     storage.ensure_bucket(bucket_uri)
     return bucket_uri
+
+
+def read_final_state(storage, manifest: dict):
+    """The :class:`TrainState` in the final checkpoint named by a bundle manifest."""
+    from tessera.storage import join_uri
+    from tessera.train.state import STATE_FILE, load_state
+
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, STATE_FILE)
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(join_uri(manifest["training"]["checkpoint"], STATE_FILE)))
+        return load_state(local)

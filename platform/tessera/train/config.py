@@ -109,9 +109,11 @@ class TrainConfig(TesseraConfig):
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
         ks: cut-offs of Recall@K / NDCG@K / coverage@K.
+        group_partitions: hash partitions of the per-user groupby (Ray Data's default, 200, is far
+            too many for a small log; raise it with the number of users).
         seed: seeds torch and numpy on every worker.
         fail_at_epoch: test hook: the rank-1 worker (rank 0 with one worker) kills its own process
-            once, at the start of this global epoch, when ``fail_marker_uri`` does not exist yet
+            once, after the first step of this global epoch (0-based), when ``fail_marker_uri`` does not exist yet
             (it writes the marker first). None in production.
     """
 
@@ -127,6 +129,7 @@ class TrainConfig(TesseraConfig):
     max_history: int = Field(20, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
     ks: list[int] = Field(default_factory=lambda: [10, 50])
+    group_partitions: int = Field(8, ge=1)
     seed: int = 0
     scaling: ScalingSection = ScalingSection()
     towers: TowerSection = TowerSection()

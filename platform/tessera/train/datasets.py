@@ -65,7 +65,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     total = mapped.count()
     known = mapped.filter(expr=col("item_row") >= 0)
     n_known = known.count()
-    users = known.groupby("user_id").map_groups(
+    users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
         user_records, fn_kwargs={"holdout": cfg.holdout}, batch_format="numpy").materialize()
     train = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
                               batch_format="numpy").materialize()

@@ -23,7 +23,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from tessera.models.bundle import MANIFEST, ModelBundle
-from tessera.storage import Storage, join_uri
+from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.datasets import build_datasets
@@ -42,6 +42,11 @@ class BundleExistsError(RuntimeError):
 
 class TrainingFailedError(RuntimeError):
     """Ray Train gave up (more failures than ``max_failures``) or produced no checkpoint."""
+
+
+def _uri_of(base_uri: str, fs_path: str) -> str:
+    """A path in the storage filesystem of ``base_uri`` as a URI (``s3://`` paths carry no scheme)."""
+    return f"s3://{fs_path}" if parse_uri(base_uri).scheme == "s3" else fs_path
 
 
 def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTrainer:
@@ -108,7 +113,8 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "item_ids": {"num_id_buckets": bundle.item_tower.config.num_id_buckets, "hash": "blake2b-8"},
         "ranker_features": {"names": bundle.ranker.config.dense_features, "similarity_inputs": "encoder embeddings",
                             "candidates": cfg.ranker.candidates, "trained": RANKED in state.models},
-        "training": {"config": cfg.model_dump(mode="json"), "checkpoint": result.checkpoint.path,
+        "training": {"config": cfg.model_dump(mode="json"),
+                     "checkpoint": _uri_of(cfg.checkpoint_uri, result.checkpoint.path),
                      "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
                               "users": data.num_users, "examples": data.examples, "items": data.num_items}},
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),

@@ -2,7 +2,7 @@
 
 One file, ``state.pt``: the position in the stage plan (``stage``, ``epoch``: the next epoch to
 run), the state dicts of every finished stage's model, the unfinished stage's model and optimiser,
-the evaluation results so far and the per-epoch history.
+the evaluation results so far, the per-epoch history and where each restart resumed from.
 
 Example::
 
@@ -30,6 +30,7 @@ class TrainState:
     current: dict | None = None
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)
 
 
 def save_state(state: TrainState, path: str | os.PathLike) -> None:

@@ -62,7 +62,7 @@ def _users_table(shard) -> dict[str, np.ndarray]:
 
 
 def _maybe_fail(cfg: TrainConfig, storage: Storage, global_epoch: int, rank: int, world: int) -> None:
-    """Test hook: kill this worker process once at ``cfg.fail_at_epoch`` (see TrainConfig)."""
+    """Test hook: kill this worker process once during ``cfg.fail_at_epoch`` (see TrainConfig)."""
     if cfg.fail_at_epoch is None or global_epoch != cfg.fail_at_epoch or rank != min(1, world - 1):
         return
     if storage.exists(cfg.fail_marker_uri):
@@ -100,6 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(os.path.join(d, STATE_FILE))
+        state.resumes.append({"stage": state.stage, "epoch": state.epoch, "world_size": world})
     if rank == 0 and "popularity" not in state.results:
         state.results["popularity"] = evaluate_popularity(counts, eval_set, cfg.ks)
 
@@ -121,7 +122,6 @@ def train_loop_per_worker(config: dict) -> None:
         inner = model.module if hasattr(model, "module") else model
         batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
         for epoch in range(start_epoch, stage.epochs):
-            _maybe_fail(cfg, storage, global_epoch, rank, world)
             rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
             model.train()
             t0, total, steps, samples = time.perf_counter(), 0.0, 0, 0
@@ -134,27 +134,30 @@ def train_loop_per_worker(config: dict) -> None:
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
+                if steps == 1:
+                    _maybe_fail(cfg, storage, global_epoch, rank, world)  # mid-epoch, after a DDP step
                 samples += len(batch["target"])
             train_s = time.perf_counter() - t0
             global_epoch += 1
             metrics = {"stage": stage.name, "epoch": epoch + 1, "global_epoch": global_epoch,
-                       "loss": total / max(steps, 1), "samples_per_s_worker": samples / max(train_s, 1e-9),
+                       "loss": total / max(steps, 1), "samples_global": samples * world,
+                       "samples_per_s": samples * world / max(train_s, 1e-9),
                        "train_s": train_s}
             done = epoch + 1 == stage.epochs
             state.stage, state.epoch = (stage_idx + 1, 0) if done else (stage_idx, epoch + 1)
+            # Every rank keeps finished models (DDP keeps replicas equal): later stages build on them.
+            if done:
+                state.models[stage.name] = _model_state(inner, stage)
             if rank != 0:
                 ray.train.report(metrics)
                 continue
             evaluated = evaluate_ranked(inner, eval_set, cfg.ks) if stage.kind == "ranker" else \
                 evaluate_retrieval(inner, eval_set, cfg.ks)
             metrics.update({f"{stage.name}/{k}": v for k, v in evaluated.items() if k != "num_users"})
-            state.history.append({k: v for k, v in metrics.items()})
+            state.history.append(dict(metrics))
             if done:
                 state.results[stage.name] = evaluated
-                state.models[stage.name] = _model_state(inner, stage)
-                state.current = None
-            else:
-                state.current = {"model": inner.state_dict(), "optim": opt.state_dict()}
+            state.current = None if done else {"model": inner.state_dict(), "optim": opt.state_dict()}
             with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as d:
                 save_state(state, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -1,0 +1,66 @@
+"""Time split, next-item examples, the evaluation set and the item table (numpy / torch, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tessera.train.catalog import ItemCatalog, vector_matrix
+from tessera.train.evaluate import metrics_of_scores
+from tessera.train.examples import EvalSet, history_from_batch, item_counts, next_item_examples, user_records
+
+
+def _records():
+    a = user_records({"user_id": np.array(["u1"] * 4), "item_row": np.array([5, 3, 9, 1]),
+                      "ts": np.array([40, 10, 30, 20]), "weight": np.ones(4, np.float32)}, holdout=1)
+    b = user_records({"user_id": np.array(["u2"]), "item_row": np.array([7]), "ts": np.array([1]),
+                      "weight": np.ones(1, np.float32)}, holdout=1)
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def test_time_split_holds_out_the_last_event_and_keeps_short_users_in_train():
+    rec = _records()
+    assert rec["train_items"][0].tolist() == [3, 1, 9] and rec["test_items"][0].tolist() == [5]
+    assert rec["train_items"][1].tolist() == [7] and len(rec["test_items"][1]) == 0
+    assert item_counts(rec, 10).tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 0, 1]
+
+
+def test_next_item_examples_use_only_earlier_items_left_padded():
+    ex = next_item_examples(_records(), max_history=2)
+    assert ex["target"].tolist() == [1, 9]  # u1 positions 1 and 2; u2 has a single event
+    assert ex["hist_items"].tolist() == [[0, 3], [3, 1]] and ex["hist_len"].tolist() == [1, 2]
+    assert ex["target_ts"].tolist() == [20, 30]
+    hist = history_from_batch({k: torch.from_numpy(v) for k, v in ex.items()})
+    assert hist.mask.tolist() == [[False, True], [True, True]]
+
+
+def test_eval_set_keeps_users_with_history_and_targets():
+    ev = EvalSet.from_records(_records(), max_history=4)
+    assert ev.num_users == 1 and ev.test_items[0].tolist() == [5] and ev.query_ts.tolist() == [40]
+    assert ev.history.item_idx.tolist() == [[0, 3, 1, 9]]
+
+
+def test_nan_scores_are_misses_in_the_training_evaluation():
+    ev = EvalSet.from_records(_records(), max_history=4)
+    scores = torch.zeros(1, 10)
+    scores[0, 5] = float("nan")  # the held-out item's score is NaN: it must not rank first
+    scores[0, 0] = 0.5
+    out = metrics_of_scores(scores, ev, ks=(10,))
+    assert out["recall@10"] == 0.0 and out["mrr"] == 0.0
+    scores[0, 5] = 1.0
+    assert metrics_of_scores(scores, ev, ks=(10,))["ndcg@10"] == 1.0
+
+
+def test_catalog_sorts_ids_and_marks_null_and_nonfinite_vectors_missing():
+    dim = 3
+    vecs = [np.ones(dim, np.float32), None, np.array([np.nan, 0, 0], np.float32)]
+    col = vector_matrix(pa.chunked_array([pa.FixedSizeListArray.from_arrays(
+        pa.array(np.concatenate([v if v is not None else np.zeros(dim, np.float32) for v in vecs])), dim,
+        mask=pa.array([v is None for v in vecs]))]), dim)
+    assert col[1].tolist() == [True, False, False] and np.isfinite(col[0]).all()
+    table = pa.table({"item_id": ["b", "c", "a"], "text": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.arange(9, dtype=np.float32)), dim)})
+    cat = ItemCatalog.from_table(table, {"text": dim})
+    assert cat.item_ids.tolist() == ["a", "b", "c"] and cat.embeddings["text"][0].tolist() == [6, 7, 8]
+    assert cat.rows(["c", "zz", "a"]).tolist() == [2, -1, 0]

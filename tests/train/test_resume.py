@@ -1,0 +1,32 @@
+"""A training worker killed mid-run (SIGKILL) is restarted by Ray Train and resumes from the last
+checkpoint on S3, not from scratch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera.models.bundle import ModelBundle
+from tessera.storage import join_uri
+
+from .conftest import read_final_state, tiny_train_config
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, train_root):
+    from tessera.train.job import run_training
+
+    marker = join_uri(train_root, "fail-marker")
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, variants=["fused"],
+                            towers={"epochs": 3}, ranker={"epochs": 1}, fail_at_epoch=2, fail_marker_uri=marker)
+    manifest = run_training(cfg, storage)
+
+    assert storage.read_bytes(marker).startswith(b"killed pid")  # the worker really killed itself
+    state = read_final_state(storage, manifest)
+    # Restarted once, from a checkpoint of the fused stage taken before the kill (the last one the
+    # controller had registered: epoch 2, or epoch 1 when the kill raced the report).
+    assert len(state.resumes) == 1, state.resumes
+    assert state.resumes[0]["stage"] == 0 and state.resumes[0]["epoch"] in (1, 2)
+    # Each epoch is in the history once, in order: 3 fused + 1 ranker.
+    assert [h["global_epoch"] for h in state.history] == [1, 2, 3, 4]
+    assert set(state.results) == {"popularity", "fused", "fused_ranked"}
+    assert ModelBundle.load(storage, cfg.bundle_uri).version == cfg.version
