@@ -34,9 +34,14 @@ stack-up: storage-up ray-up
 stack-down: ray-down storage-down
 
 SUBMIT := $(ENV) $(VENV)/bin/ray job submit --working-dir . --
+# A job runs in a copy of the working dir, so the real media folder is passed as an absolute path
+# (a path on this machine: on a real cluster, disable real_media or copy the media to every node).
+SHARED_DATA := $(abspath ../shared/data)
 demo: stack-up
 	@echo "== 1/3 sample corpus -> s3://tessera-demo/corpus"
-	@$(SUBMIT) python -m jobs.make_corpus --config configs/corpus.yaml
+	@$(ENV) $(VENV)/bin/ray job submit --working-dir . \
+		--runtime-env-json '{"env_vars": {"TESSERA__REAL_MEDIA__DATA_DIR": "$(SHARED_DATA)"}}' \
+		-- python -m jobs.make_corpus --config configs/corpus.yaml
 	@echo "== 2/3 placeholder image/audio encoder weights -> s3://tessera-demo/models/encoders"
 	@$(SUBMIT) python -m jobs.make_models --out s3://tessera-demo/models/encoders
 	@echo "== 3/3 embeddings -> s3://tessera-demo/embeddings/demo"

@@ -88,5 +88,8 @@ class CorpusConfig(TesseraConfig):
         return -(-self.num_users // self.users_per_part)
 
     def identity(self) -> dict:
-        """The settings that determine the corpus content (for rerun checks in the manifest)."""
-        return self.model_dump(exclude={"upload_threads", "max_parts_in_flight", "task_num_cpus", "storage"})
+        """The settings that determine the corpus content (for rerun checks in the manifest); where the
+        real media folder sits on this machine is not one of them."""
+        out = self.model_dump(exclude={"upload_threads", "max_parts_in_flight", "task_num_cpus", "storage"})
+        out["real_media"].pop("data_dir")
+        return out
