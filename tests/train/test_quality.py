@@ -9,7 +9,6 @@ cold, so only content generalises. The training code under test is the job's own
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from tessera.train.catalog import ItemCatalog
@@ -51,7 +50,6 @@ def _fit(name, catalog, records, cfg, steps=150, seed=0):
     return model
 
 
-@pytest.mark.slow
 def test_fused_beats_each_single_modality_on_cold_items():
     problem = make_problem(seed=0)
     catalog = ItemCatalog(item_ids=np.array([f"i{i:04d}" for i in range(problem.num_items)]),

@@ -81,6 +81,12 @@ class RankerSection(TesseraConfig):
         candidates: K, retrieval top-K re-ranked at evaluation (and serving).
         num_hard / num_random: negatives per training list from the top-K and uniformly.
         loss: ``listwise`` softmax over each list or pointwise ``bce``.
+        tail: each user's last ``tail`` training examples train the ranker only; the retrieval
+            towers never see them, so the ranker learns how retrieval scores look on unseen data
+            (trained on the towers' own training examples it learns to trust an over-fitted score).
+        residual: the final score is ``retrieval_score / towers.temperature + ranker logit``, with
+            the ranker's last layer initialised to 0, so training starts from the retrieval order
+            and learns a correction (serving must add the same term: the manifest says so).
     """
 
     enabled: bool = True
@@ -91,6 +97,8 @@ class RankerSection(TesseraConfig):
     num_hard: int = Field(16, ge=0)
     num_random: int = Field(16, ge=0)
     loss: Literal["listwise", "bce"] = "listwise"
+    tail: int = Field(2, ge=1)
+    residual: bool = True
 
 
 class TrainConfig(TesseraConfig):

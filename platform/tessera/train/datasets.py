@@ -2,7 +2,9 @@
 
     read_parquet(interactions) -> map ids to catalog rows (item ids read from the embedding run)
       -> groupby(user_id).map_groups(time split)     = ``users``   (one row per user)
-      -> map_batches(next-item examples)              = ``train``   (fixed-width rows)
+      -> map_batches(next-item examples)
+      -> each user's last ``ranker.tail`` examples     = ``ranker``  (the ranker's lists)
+         the others                                   = ``train``   (the retrieval towers)
 
 Both are materialised once before training (they are small next to the object store), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
@@ -35,6 +37,7 @@ class TrainDatasets:
     """Materialised datasets and their counts."""
 
     train: ray.data.Dataset
+    ranker: ray.data.Dataset
     users: ray.data.Dataset
     num_items: int
     interactions: int
@@ -67,7 +70,10 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     n_known = known.count()
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
         user_records, fn_kwargs={"holdout": cfg.holdout}, batch_format="numpy").materialize()
-    train = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
-                              batch_format="numpy").materialize()
-    return TrainDatasets(train=train, users=users, num_items=len(item_ids), interactions=total,
-                         unknown_items=total - n_known, examples=train.count(), num_users=users.count())
+    examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
+                                 batch_format="numpy").materialize()
+    tail = cfg.ranker.tail if cfg.ranker.enabled else 0
+    train = examples.filter(expr=col("from_end") >= tail).materialize()
+    ranker = examples.filter(expr=col("from_end") < tail).materialize()
+    return TrainDatasets(train=train, ranker=ranker, users=users, num_items=len(item_ids), interactions=total,
+                         unknown_items=total - n_known, examples=examples.count(), num_users=users.count())

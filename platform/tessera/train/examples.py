@@ -21,7 +21,7 @@ import torch
 
 from tessera.models import HistoryBatch, pad_histories
 
-EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_ts", "target_w")
+EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_ts", "target_w", "from_end")
 
 
 def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.ndarray]:
@@ -57,10 +57,12 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
 
     Returns:
         ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
-        left-padded with 0), ``hist_len`` ``(E,)``, ``target``/``target_ts`` ``(E,)`` int64 and
-        ``target_w`` ``(E,)`` float32.
+        left-padded with 0), ``hist_len`` ``(E,)``, ``target``/``target_ts`` ``(E,)`` int64,
+        ``target_w`` ``(E,)`` float32 and ``from_end`` ``(E,)`` int64: 0 for the user's last training
+        event, 1 for the one before... (the ranker trains on the most recent examples, which the
+        retrieval towers do not see).
     """
-    hist, hts, hw, tgt, tts, tw = [], [], [], [], [], []
+    hist, hts, hw, tgt, tts, tw, fe = [], [], [], [], [], [], []
     for items, ts, w in zip(records["train_items"], records["train_ts"], records["train_w"], strict=True):
         for t in range(1, len(items)):
             lo = max(0, t - max_history)
@@ -70,11 +72,12 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
             tgt.append(items[t])
             tts.append(ts[t])
             tw.append(w[t])
+            fe.append(len(items) - 1 - t)
     batch = pad_histories(hist, max_len=max_history, timestamps=hts, weights=hw)
     return {"hist_items": batch.item_idx.numpy(), "hist_ts": batch.timestamps_ms.numpy(),
             "hist_w": batch.weights.numpy(), "hist_len": batch.mask.sum(1).numpy().astype(np.int64),
             "target": np.asarray(tgt, dtype=np.int64), "target_ts": np.asarray(tts, dtype=np.int64),
-            "target_w": np.asarray(tw, dtype=np.float32)}
+            "target_w": np.asarray(tw, dtype=np.float32), "from_end": np.asarray(fe, dtype=np.int64)}
 
 
 def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:

@@ -65,7 +65,7 @@ def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTra
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "ranker"]),
     )
 
 
@@ -92,7 +92,7 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
     data = build_datasets(cfg, storage)
     t_data = time.perf_counter()
-    result = make_trainer(cfg, storage, {"train": data.train, "users": data.users}).fit()
+    result = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users}).fit()
     t_train = time.perf_counter()
     if result.error is not None or result.checkpoint is None:
         raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")
@@ -116,7 +116,8 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "training": {"config": cfg.model_dump(mode="json"),
                      "checkpoint": _uri_of(cfg.checkpoint_uri, result.checkpoint.path),
                      "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
-                              "users": data.num_users, "examples": data.examples, "items": data.num_items}},
+                              "users": data.num_users, "examples": data.examples, "items": data.num_items,
+                              "retrieval_examples": data.train.count(), "ranker_examples": data.ranker.count()}},
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
                     "total_s": round(time.perf_counter() - t0, 2)},
     }

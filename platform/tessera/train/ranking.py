@@ -63,6 +63,10 @@ class RankerModel(nn.Module):
 
     def __init__(self, ranker: Ranker, retrieval: TwoTowerModel, log_popularity: torch.Tensor, cfg: RankerSection):
         super().__init__()
+        if cfg.residual:  # start exactly at the retrieval order: the last layer outputs 0
+            last = ranker.score_mlp[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.ranker, self.retrieval, self.cfg = ranker, retrieval.eval().requires_grad_(False), cfg
         self.log_popularity = log_popularity
         self._item_vecs: torch.Tensor | None = None
@@ -103,7 +107,10 @@ class RankerModel(nn.Module):
         retrieval = torch.where(torch.isfinite(retrieval), retrieval, torch.full_like(retrieval, -1.0))
         dense = ranker_dense_features(retrieval, self.log_popularity.to(candidates.device)[candidates],
                                       cand_modal, cand_present, hist_modal, hist_present, cat.modalities)
-        return self.ranker(vecs[hist.item_idx], hist.mask, vecs[candidates], dense)  # (B, C)
+        correction = self.ranker(vecs[hist.item_idx], hist.mask, vecs[candidates], dense)  # (B, C)
+        if self.cfg.residual:  # the ranker corrects the retrieval logit instead of replacing it
+            return retrieval / self.retrieval.cfg.temperature + correction
+        return correction
 
     def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
         """Training loss over lists built for one batch of examples."""

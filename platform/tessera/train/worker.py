@@ -7,7 +7,8 @@ attaches a checkpoint (all models trained so far, the current optimiser and the 
 killed worker resumes from the last finished epoch: ``ray.train.get_checkpoint()`` at start-up
 gives the stage and epoch to continue from.
 
-Data: the ``train`` dataset (next-item examples) is split across workers; the ``users`` dataset
+Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the ranker's are
+each user's most recent ones, unseen by the towers) are split across workers; the ``users`` dataset
 (time-split user records) is read whole by every worker for the logQ counts and, on rank 0, the
 evaluation set. The item feature table is read from the embedding run by each worker.
 """
@@ -93,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
     eval_set = EvalSet.from_records(users, cfg.max_history) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
+    shards = {"retrieval": ray.train.get_dataset_shard("train"), "ranker": ray.train.get_dataset_shard("ranker")}
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -125,9 +126,10 @@ def train_loop_per_worker(config: dict) -> None:
             rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
             model.train()
             t0, total, steps, samples = time.perf_counter(), 0.0, 0, 0
-            for batch in train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                                        local_shuffle_buffer_size=4 * batch_size,
-                                                        local_shuffle_seed=int(rng.integers(1 << 31))):
+            batches = shards[stage.kind].iter_torch_batches(
+                batch_size=batch_size, drop_last=stage.kind == "retrieval", device=device,
+                local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(1 << 31)))
+            for batch in batches:
                 loss = model(batch, rng) if stage.kind == "ranker" else model(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
