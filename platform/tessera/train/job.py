@@ -112,7 +112,11 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "metrics": {"results": state.results, "checks": metrics["checks"], "file": METRICS_FILE},
         "item_ids": {"num_id_buckets": bundle.item_tower.config.num_id_buckets, "hash": "blake2b-8"},
         "ranker_features": {"names": bundle.ranker.config.dense_features, "similarity_inputs": "encoder embeddings",
-                            "candidates": cfg.ranker.candidates, "trained": RANKED in state.models},
+                            "candidates": cfg.ranker.candidates, "trained": RANKED in state.models,
+                            "log_popularity": "log1p(training interactions of the item)",
+                            "score": ("retrieval_score / temperature + ranker_logit" if cfg.ranker.residual
+                                      else "ranker_logit"),
+                            "temperature": cfg.towers.temperature},
         "training": {"config": cfg.model_dump(mode="json"),
                      "checkpoint": _uri_of(cfg.checkpoint_uri, result.checkpoint.path),
                      "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
