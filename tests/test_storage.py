@@ -40,6 +40,7 @@ def test_pyarrow_multipart_parquet_over_s3(storage, bucket_uri):
     fs, path = storage.filesystem(join_uri(bucket_uri, "big.parquet"))
     pq.write_table(table, path, filesystem=fs, compression="none")
     assert pq.read_table(path, filesystem=fs).equals(table)
+    assert storage.parquet_rows([join_uri(bucket_uri, "big.parquet")] * 2) == 48
 
 
 def test_local_paths(tmp_path):

@@ -245,6 +245,17 @@ class Storage:
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
                 yield f"s3://{info.path}" if loc.scheme == "s3" else info.path
 
+    def parquet_rows(self, uris: list[str]) -> int:
+        """Total rows over Parquet files, read from their footers only."""
+        import pyarrow.parquet as pq
+
+        total = 0
+        for uri in uris:
+            fs, path = self.filesystem(uri)
+            with fs.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
     def delete_prefix(self, prefix_uri: str) -> None:
         """Delete everything under a prefix (used by tests and explicit ``--overwrite`` only)."""
         fs, path = self.filesystem(prefix_uri)

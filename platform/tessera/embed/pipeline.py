@@ -19,7 +19,6 @@ import json
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tessera.embed.config import EmbedConfig
 from tessera.embed.output import MODALITIES, done_item_ids, tally, write_part
@@ -34,15 +33,6 @@ ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
 
 class EmbeddingIntegrityError(RuntimeError):
     """The written run does not hold every input item exactly once."""
-
-
-def count_input_items(storage: Storage, files: list[str]) -> int:
-    total = 0
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
@@ -166,7 +156,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
         files = [cfg.items_uri]  # a single items file
     if not files:
         raise FileNotFoundError(f"no Parquet files under items_uri={cfg.items_uri}")
-    n_input = count_input_items(storage, files)
+    n_input = storage.parquet_rows(files)
     if storage.exists(manifest_uri):
         previous = storage.read_json(manifest_uri)
         if previous.get("input", {}).get("items") == n_input and previous.get("complete"):

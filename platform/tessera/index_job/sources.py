@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from tessera.index_job.config import IndexJobConfig
 from tessera.storage import Storage, join_uri
 
@@ -53,16 +51,6 @@ class IndexSources:
     interactions_uri: str | None
 
 
-def count_rows(storage: Storage, files: list[str]) -> int:
-    """Rows over Parquet files, from their footers."""
-    total = 0
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
 def corpus_root(items_uri: str) -> str | None:
     """``s3://b/x`` for ``s3://b/x/corpus/items`` (the layout in ARCHITECTURE.md), else None."""
     trimmed = items_uri.rstrip("/")
@@ -96,7 +84,7 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
     parts = storage.list_files(run, ".parquet")
     if not parts:
         raise IndexSourceError(f"embedding run {run} holds no Parquet parts")
-    num_items = count_rows(storage, parts)
+    num_items = storage.parquet_rows(parts)
     expected = run_manifest.get("output", {}).get("rows")
     if expected is not None and expected != num_items:
         raise IndexSourceError(f"embedding run {run}: the manifest says {expected} rows, the parts hold {num_items}")
