@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._stack import bench_stack, repo_root  # noqa: E402
 from tessera.storage import Storage  # noqa: E402
-from tessera.train.job import run_training  # noqa: E402
 
 BUCKET = "s3://tessera-bench"
 
@@ -70,6 +69,7 @@ def train_config(root: str, run_uri: str, **overrides):
 def ray_samples_per_s(storage: Storage, cfg, stage: str = "fused") -> float:
     """Global samples/s of a stage: examples of all workers over the summed loop time of its epochs."""
     from tessera.storage import join_uri
+    from tessera.train.job import run_training
 
     run_training(cfg, storage)
     hist = [h for h in storage.read_json(join_uri(cfg.bundle_uri, "metrics.json"))["history"] if h["stage"] == stage]
@@ -116,6 +116,7 @@ def plain_loop_samples_per_s(cfg, storage: Storage, epochs: int) -> float:
 
 
 def run(items: int, users: int, epochs: int, speed_epochs: int) -> dict:
+    # Ray is imported only inside bench_stack: its core reads RAY_AUTH_MODE once, at import.
     with bench_stack(num_cpus=2):
         storage = Storage()
         storage.ensure_bucket(BUCKET)
@@ -132,6 +133,8 @@ def run(items: int, users: int, epochs: int, speed_epochs: int) -> dict:
             print(f"[bench] Ray Train, {workers} worker(s): {per_workers[workers]:.0f} samples/s", flush=True)
         plain = plain_loop_samples_per_s(train_config(root, run_uri, **speed), storage, speed_epochs)
         print(f"[bench] plain loop, 2 threads: {plain:.0f} samples/s", flush=True)
+
+        from tessera.train.job import run_training
 
         t0 = time.perf_counter()
         manifest = run_training(train_config(root, run_uri, towers={"epochs": epochs}), storage)
