@@ -34,6 +34,7 @@ def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, st
     # every epoch of every stage was reported (fused 2 + ranker 1 + 4 baselines x 2)
     assert len(storage.read_json(join_uri(cfg.bundle_uri, "metrics.json"))["history"]) == 11
 
+    assert storage.exists(join_uri(cfg.bundle_uri, "item_popularity.parquet"))
     assert read_final_state(storage, manifest).resumes == []  # no worker restarted in a clean run
 
     bundle = ModelBundle.load(storage, cfg.bundle_uri)

@@ -19,6 +19,8 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -34,6 +36,7 @@ from tessera.train.state import STATE_FILE, TrainState, load_state
 from tessera.train.worker import RANKED, train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
+POPULARITY_FILE = "item_popularity.parquet"
 
 
 class BundleExistsError(RuntimeError):
@@ -80,6 +83,13 @@ def bundle_from_state(cfg: TrainConfig, state: TrainState, catalog: ItemCatalog,
     return ModelBundle(fused.item_tower.eval(), fused.user_tower.eval(), ranked.ranker.eval())
 
 
+def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: np.ndarray) -> None:
+    """``item_id``, ``train_interactions``: the ranker's ``log_popularity`` input, for serving."""
+    fs, path = storage.filesystem(uri)
+    table = pa.table({"item_id": catalog.item_ids.tolist(), "train_interactions": counts.astype(np.int64)})
+    pq.write_table(table, path, filesystem=fs)
+
+
 def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     """Train every variant, evaluate, save the bundle; returns the bundle manifest."""
     storage = storage or Storage(cfg.storage)
@@ -104,6 +114,7 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history}
     storage.write_json(join_uri(cfg.bundle_uri, METRICS_FILE), metrics)
+    write_popularity(storage, join_uri(cfg.bundle_uri, POPULARITY_FILE), catalog, counts)
     bundle.manifest = {
         "version": cfg.version,
         "embedding_run": cfg.embeddings_uri,
@@ -113,7 +124,7 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "item_ids": {"num_id_buckets": bundle.item_tower.config.num_id_buckets, "hash": "blake2b-8"},
         "ranker_features": {"names": bundle.ranker.config.dense_features, "similarity_inputs": "encoder embeddings",
                             "candidates": cfg.ranker.candidates, "trained": RANKED in state.models,
-                            "log_popularity": "log1p(training interactions of the item)",
+                            "log_popularity": f"log1p(train_interactions) from {POPULARITY_FILE}",
                             "score": ("retrieval_score / temperature + ranker_logit" if cfg.ranker.residual
                                       else "ranker_logit"),
                             "temperature": cfg.towers.temperature},
