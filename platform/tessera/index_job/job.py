@@ -113,6 +113,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                                        torch_threads=cfg.build.training_threads)
     checks = {name: ray.get(ref) for name, ref in refs.items()}
     check_s = time.perf_counter() - t_check
+    _record_recall(src.version, checks)
 
     floor = cfg.self_check.recall_floor
     for plan in plans:
@@ -168,6 +169,19 @@ def _check_integrity(storage: Storage, src: IndexSources, counts: dict[str, int]
     if counts["rows"] != src.num_items or distinct != src.num_items:
         raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {counts['rows']} rows, {distinct} distinct items "
                                   f"for {src.num_items} input items in {src.embedding_run}")
+
+
+def _record_recall(version: str, checks: dict[str, dict[str, RecallCheck]]) -> None:
+    """Set the Ray gauge ``tessera_index_recall{index,queries,version}`` (Prometheus: ``ray_tessera_index_recall``)
+    from the driver, once per build and before the floor is applied, so a failing build shows too. The manifest
+    (or ``_FAILED.json``) stays the record; the gauge is for dashboards and alerts."""
+    from ray.util import metrics
+
+    gauge = metrics.Gauge("tessera_index_recall", "Recall@k of the index self-check against exact search",
+                          tag_keys=("index", "queries", "version"))
+    for name, by_source in checks.items():
+        for source_name, check in by_source.items():
+            gauge.set(float(check.recall), tags={"index": name, "queries": source_name, "version": version})
 
 
 def _with_checks(manifest: IndexManifest, checks: dict[str, RecallCheck], floor: float) -> IndexManifest:

@@ -54,6 +54,30 @@ def stage_plan(cfg: TrainConfig) -> list[Stage]:
     return plan
 
 
+class EpochGauges:
+    """Ray metrics for dashboards, set on rank 0 after every epoch (the same numbers ``ray.train.report`` gets).
+
+    Exported to Prometheus by Ray as ``ray_tessera_train_loss`` and ``ray_tessera_train_samples_per_second``,
+    tagged ``stage`` and ``version``. Created inside the worker process (Ray metrics are per process).
+    """
+
+    def __init__(self, version: str):
+        from ray.util import metrics
+
+        self.version = version
+        tags = ("stage", "version")
+        self.loss = metrics.Gauge("tessera_train_loss", "Mean training loss of the last epoch (rank 0's shard)",
+                                  tag_keys=tags)
+        self.throughput = metrics.Gauge("tessera_train_samples_per_second",
+                                        "Training examples per second over all workers in the last epoch",
+                                        tag_keys=tags)
+
+    def record(self, stage: str, loss: float, samples_per_s: float) -> None:
+        tags = {"stage": stage, "version": self.version}
+        self.loss.set(float(loss), tags=tags)
+        self.throughput.set(float(samples_per_s), tags=tags)
+
+
 def _users_table(shard) -> dict[str, np.ndarray]:
     cols: dict[str, list] = {}
     for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
@@ -95,6 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
     counts = item_counts(users, catalog.num_items)
     eval_set = EvalSet.from_records(users, cfg.max_history) if rank == 0 else None
     shards = {"retrieval": ray.train.get_dataset_shard("train"), "ranker": ray.train.get_dataset_shard("ranker")}
+    gauges = EpochGauges(cfg.version) if rank == 0 else None
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -145,6 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
                        "loss": total / max(steps, 1), "samples_global": samples * world,
                        "samples_per_s": samples * world / max(train_s, 1e-9),
                        "train_s": train_s}
+            if gauges is not None:
+                gauges.record(stage.name, metrics["loss"], metrics["samples_per_s"])
             done = epoch + 1 == stage.epochs
             state.stage, state.epoch = (stage_idx + 1, 0) if done else (stage_idx, epoch + 1)
             # Every rank keeps finished models (DDP keeps replicas equal): later stages build on them.
