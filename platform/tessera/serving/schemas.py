@@ -1,0 +1,113 @@
+"""Request and response models of the recommender API (pydantic; FastAPI turns them into OpenAPI).
+
+Limits that depend on the deployment (the largest ``k``, the largest payload) are checked by the
+ingress against its config; the models carry the static rules.
+
+Example::
+
+    RecommendRequest(user_id="user-000004", recent_item_ids=["item-000010"], k=10)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 1000  # hard ceiling; the deployment's ``max_k`` is usually lower
+MAX_RECENT = 200
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    """``POST /v1/recommend``: a known user, recent items, or both; neither gives a cold-start answer."""
+
+    user_id: str | None = Field(None, min_length=1, max_length=256,
+                                description="a user of the interaction-log snapshot (unknown users are cold)")
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_RECENT,
+                                       description="items the user interacted with since the snapshot, oldest first")
+    k: int = Field(10, ge=1, le=MAX_K, description="items to return")
+    exclude_seen: bool = Field(True, description="leave out items in the user's history and recent items")
+
+
+class SearchRequest(_Strict):
+    """``POST /v1/search``: exactly one of ``text``, ``image`` (base64), ``audio`` (base64 WAV)."""
+
+    text: str | None = Field(None, min_length=1, max_length=10_000)
+    image: str | None = Field(None, min_length=1, description="base64 of JPEG / PNG bytes")
+    audio: str | None = Field(None, min_length=1, description="base64 of WAV bytes")
+    k: int = Field(10, ge=1, le=MAX_K)
+    index: Literal["fused", "text", "image", "audio"] = Field(
+        "fused", description="search the fused item vectors, or one modality's vectors only")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchRequest:
+        given = [name for name in ("text", "image", "audio") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, audio (got {given or 'none'})")
+        return self
+
+    @property
+    def modality(self) -> str:
+        return next(name for name in ("text", "image", "audio") if getattr(self, name) is not None)
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(description="the final score (ranker when it ran, else retrieval)")
+    retrieval_score: float | None = Field(None, description="cosine of query and item vectors")
+
+
+class Timings(BaseModel):
+    encode_ms: float = 0.0
+    retrieve_ms: float = 0.0
+    rank_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class RecommendResponse(BaseModel):
+    items: list[ScoredItem]
+    cold_start: bool = Field(description="no usable history: these are the most popular items")
+    cold_start_reason: str | None = None
+    ranked: bool = Field(description="whether the ranker re-scored the candidates")
+    model_version: str
+    index_version: str
+    timings: Timings
+
+
+class SearchResponse(BaseModel):
+    items: list[ScoredItem]
+    modality: str
+    index: str
+    model_version: str
+    index_version: str
+    timings: Timings
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    items: list[ScoredItem]
+    model_version: str
+    index_version: str
+    timings: Timings
+
+
+class VersionResponse(BaseModel):
+    index_version: str
+    index_uri: str
+    model_version: str
+    model_uri: str
+    embedding_run: str
+    num_items: int
+    num_shards: int
+    created_at: str
+    recall_check: dict | None = None
+    placeholder_model: bool = False
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list
+    kind: Literal["bad_request", "unknown_items", "not_found", "too_large", "bad_media", "unavailable"] | None = None

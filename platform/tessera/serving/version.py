@@ -1,0 +1,250 @@
+"""One servable version: an index and the model bundle its manifest names, loaded together.
+
+The index manifest (``index/<version>/_MANIFEST.json``) names the bundle it was built from
+(``source.model_uri``), the embedding run and the interaction log. Everything a serving component
+loads is resolved from that one URI, so query vectors (user tower, modality projections) and item
+vectors (the index) always come from the same model.
+
+    index/<v>/_MANIFEST.json ──► model_version, source.model_uri ──► models/<m>/ (towers, ranker,
+                             │                                        item_popularity.parquet)
+                             ├─► vectors/part-*.parquet (fused item vectors, every item)
+                             ├─► source.embedding_run ──► raw encoder embeddings (ranker features)
+                             └─► source.interactions_uri ──► the interaction-log snapshot
+
+Example::
+
+    ref = VersionRef.resolve(storage, "s3://tessera-demo/index/v1")
+    items = ItemVectors.load(storage, ref)
+    items.rows(["item-000001"])          # catalog rows, -1 when unknown
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tessera.index import IndexManifest, read_index_manifest
+from tessera.storage import Storage, join_uri
+
+BUNDLE_MANIFEST = "_MANIFEST.json"
+POPULARITY_FILE = "item_popularity.parquet"
+
+
+class VersionError(RuntimeError):
+    """An index version cannot be served: a missing file, or parts that do not belong together."""
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """The resolved URIs and manifests of one index version.
+
+    Attributes:
+        index_uri: the index version root.
+        manifest: the index manifest.
+        model_uri: the bundle the index was built from.
+        bundle_manifest: that bundle's ``_MANIFEST.json``.
+        embedding_run: the embedding run the item tower read.
+        interactions_uri: the interaction log (the snapshot for user histories).
+    """
+
+    index_uri: str
+    manifest: IndexManifest
+    model_uri: str
+    bundle_manifest: dict
+    embedding_run: str
+    interactions_uri: str | None
+
+    @property
+    def index_version(self) -> str:
+        return self.manifest.index_version
+
+    @property
+    def model_version(self) -> str:
+        return str(self.bundle_manifest.get("version", ""))
+
+    @classmethod
+    def resolve(cls, storage: Storage, index_uri: str) -> VersionRef:
+        """Read the index manifest and the bundle manifest it names; check that they agree."""
+        index_uri = index_uri.rstrip("/")
+        try:
+            manifest = read_index_manifest(storage, index_uri)
+        except FileNotFoundError:
+            raise VersionError(f"no index at {index_uri} (_MANIFEST.json missing: never built, or still building)"
+                               ) from None
+        model_uri = manifest.source.get("model_uri")
+        if not model_uri:
+            raise VersionError(f"the index manifest at {index_uri} names no source.model_uri")
+        bundle_manifest_uri = join_uri(model_uri, BUNDLE_MANIFEST)
+        if not storage.exists(bundle_manifest_uri):
+            raise VersionError(f"index {index_uri} names model {model_uri}, which has no {BUNDLE_MANIFEST}")
+        bundle = storage.read_json(bundle_manifest_uri)
+        if manifest.model_version is not None and str(bundle.get("version")) != manifest.model_version:
+            raise VersionError(f"index {index_uri} was built from model version {manifest.model_version!r} but "
+                               f"{model_uri} now holds version {bundle.get('version')!r}")
+        run = manifest.source.get("embedding_run") or manifest.embedding_run
+        if not run:
+            raise VersionError(f"the index manifest at {index_uri} names no embedding run")
+        return cls(index_uri=index_uri, manifest=manifest, model_uri=model_uri, bundle_manifest=bundle,
+                   embedding_run=run, interactions_uri=manifest.source.get("interactions_uri"))
+
+    def describe(self) -> dict:
+        """What ``GET /v1/version`` reports."""
+        return {"index_version": self.index_version, "index_uri": self.index_uri,
+                "model_version": self.model_version, "model_uri": self.model_uri,
+                "embedding_run": self.embedding_run, "num_items": self.manifest.num_items,
+                "num_shards": self.manifest.num_shards, "created_at": self.manifest.created_at,
+                "recall_check": self.manifest.recall_check.model_dump() if self.manifest.recall_check else None,
+                "placeholder_model": bool(self.bundle_manifest.get("placeholder", False))}
+
+
+def _fixed_list_matrix(column: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A nullable ``fixed_size_list<float32>[dim]`` column -> ``(N, dim)`` float32 (0 where null), ``(N,)`` valid."""
+    from tessera.index_job.vectors import column_matrix
+
+    x = column_matrix(column, dim)
+    valid = np.isfinite(x).all(axis=1)
+    x[~valid] = 0.0
+    return x, valid
+
+
+@dataclass
+class ItemVectors:
+    """Every item of the version (sorted ids) with its fused item-tower vector.
+
+    Row ``i`` is the same item in every serving component of the version (the order of the sorted
+    ids, which is also the training catalog's order).
+
+    Attributes:
+        ids: ``(I,)`` sorted item ids.
+        fused: ``(I, E)`` float32 fused vectors, zeros where the item has none.
+        indexed: ``(I,)`` bool, True for items with a fused vector (the ones in the index).
+    """
+
+    ids: np.ndarray
+    fused: np.ndarray
+    indexed: np.ndarray
+
+    @property
+    def num_items(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.fused.shape[1])
+
+    @classmethod
+    def load(cls, storage: Storage, ref: VersionRef) -> ItemVectors:
+        """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``)."""
+        if not ref.manifest.item_vectors:
+            raise VersionError(f"the index manifest at {ref.index_uri} lists no item vectors parts")
+        tables = []
+        for rel in ref.manifest.item_vectors:
+            uri = join_uri(ref.index_uri, rel)
+            fs, path = storage.filesystem(uri)
+            try:
+                with fs.open_input_file(path) as f:
+                    tables.append(pq.read_table(f, columns=["item_id", "fused"]))
+            except FileNotFoundError:
+                raise VersionError(f"item vectors part {uri} named by the index manifest is missing") from None
+        table = pa.concat_tables(tables)
+        ids = np.asarray(table.column("item_id").to_pylist(), dtype=object).astype(str)
+        fused, valid = _fixed_list_matrix(table.column("fused"), ref.manifest.dim)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
+            raise VersionError(f"the item vectors of {ref.index_uri} hold an item id more than once")
+        return cls(ids=ids, fused=np.ascontiguousarray(fused[order]), indexed=valid[order])
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, ``-1`` for ids not in the catalog."""
+        ids = np.asarray(list(item_ids), dtype=str)
+        if len(ids) == 0 or self.num_items == 0:
+            return np.full(len(ids), -1, np.int64)
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, self.num_items - 1)
+        return np.where(self.ids[pos] == ids, pos, -1).astype(np.int64)
+
+
+def read_popularity(storage: Storage, ref: VersionRef, items: ItemVectors) -> np.ndarray:
+    """``(I,)`` float32 training interactions per item row, from the bundle's popularity file.
+
+    A bundle without the file (a placeholder) gives zeros: cold-start answers then fall back to id
+    order, and the ranker's popularity feature is 0 for every item.
+    """
+    uri = join_uri(ref.model_uri, POPULARITY_FILE)
+    counts = np.zeros(items.num_items, np.float32)
+    if not storage.exists(uri):
+        return counts
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=["item_id", "train_interactions"])
+    rows = items.rows(table.column("item_id").to_pylist())
+    values = table.column("train_interactions").to_numpy().astype(np.float32)
+    keep = rows >= 0
+    counts[rows[keep]] = values[keep]
+    return counts
+
+
+T = TypeVar("T")
+
+
+class VersionCache(Generic[T]):
+    """Loaded versions of one serving component, by index URI; the newest ``keep`` stay loaded.
+
+    A rollout loads the new version (``reconfigure``) while requests already routed with the old
+    version's URI still find it here; a request naming a version this replica has not loaded yet
+    (another component switched first) loads it on the spot. Thread-safe; one load per URI at a time.
+
+    Args:
+        loader: ``index_uri -> component state``.
+        keep: versions kept loaded.
+    """
+
+    def __init__(self, loader: Callable[[str], T], keep: int = 2):
+        self._loader = loader
+        self._keep = keep
+        self._loaded: OrderedDict[str, T] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.current: str | None = None
+
+    def get(self, index_uri: str) -> T:
+        """The state of ``index_uri``, loading it if needed."""
+        index_uri = index_uri.rstrip("/")
+        with self._lock:
+            if index_uri in self._loaded:
+                self._loaded.move_to_end(index_uri)
+                return self._loaded[index_uri]
+            gate = self._loading.setdefault(index_uri, threading.Lock())
+        with gate:
+            with self._lock:
+                if index_uri in self._loaded:
+                    return self._loaded[index_uri]
+            state = self._loader(index_uri)
+            with self._lock:
+                self._loaded[index_uri] = state
+                self._loaded.move_to_end(index_uri)
+                self._loading.pop(index_uri, None)
+                while len(self._loaded) > self._keep:
+                    oldest = next(iter(self._loaded))
+                    if oldest == self.current:  # never evict the version new requests use
+                        self._loaded.move_to_end(oldest)
+                        oldest = next(iter(self._loaded))
+                    self._loaded.pop(oldest)
+            return state
+
+    def set_current(self, index_uri: str) -> T:
+        """Load ``index_uri`` (if needed) and make it the version new requests use."""
+        state = self.get(index_uri)
+        self.current = index_uri.rstrip("/")
+        return state
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)

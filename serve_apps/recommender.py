@@ -1,0 +1,445 @@
+"""The recommender endpoint: Ingress (FastAPI) -> QueryEncoder -> Retriever(s) -> Ranker, on Ray Serve.
+
+    HTTP ─► Ingress ──(one call per batch)──► QueryEncoder   user tower / text, image, audio encoders
+              │  @serve.batch        ├──────► Retriever[_g]  ScaNN shards (scatter-gather over groups)
+              │                      └──────► Ranker         ranker, popular items for cold users
+              └─ FastAPI routes, 4xx errors, per-stage timings and metrics
+
+Each HTTP request costs one hop (proxy -> Ingress); the Ingress gathers concurrent requests into a
+batch (``@serve.batch``) and sends *one* call per stage for the whole batch, so the per-request cost
+of Serve composition is paid once per batch. The stages batch again across Ingress replicas.
+
+Versions: every deployment's ``user_config`` is ``{"index_uri": ...}``. The index manifest names the
+model bundle, so query and item vectors always come from the same model. The Ingress stamps every
+request with its version's URI; each stage keeps the newest two versions loaded (and loads a version
+it has not seen on first use), so changing ``index_uri`` in the YAML and running ``serve deploy``
+rolls the new version out while requests keep being answered, each from one version end to end.
+
+Run it::
+
+    serve run serve_apps/recommender.yaml          # or: serve deploy serve_apps/recommender.yaml
+    curl -s localhost:8000/v1/recommend -d '{"user_id": "user-000004", "k": 5}'
+
+Build it in Python::
+
+    app = build_app(RecommenderArgs(index_uri="s3://tessera-demo/index/v1"))
+    serve.run(app, name="recommender", route_prefix="/")
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real request models on the routes.
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from tessera.serving.errors import RequestError
+from tessera.serving.flow import Flow
+from tessera.serving.schemas import (
+    ErrorResponse,
+    RecommendRequest,
+    RecommendResponse,
+    SearchRequest,
+    SearchResponse,
+    SimilarResponse,
+    VersionResponse,
+)
+from tessera.storage import Storage, StorageConfig
+
+logger = logging.getLogger("ray.serve")
+
+STAGES = ("encode", "retrieve", "rank", "total")
+
+
+class BatchArgs(BaseModel):
+    """``@serve.batch`` settings of the Ingress (the stages take whatever is queued, without waiting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_ms: float = Field(1.0, ge=0, le=1000)
+    max_concurrent_batches: int = Field(2, ge=1, le=64)
+
+
+class RecommenderArgs(BaseModel):
+    """Typed arguments of :func:`build_app` (the ``args:`` of ``recommender.yaml``).
+
+    Args:
+        index_uri: the index version to serve first (the deployments' ``user_config`` overrides it).
+        storage: how to reach object storage (defaults: the environment, as the jobs do).
+        max_k: the largest ``k`` a request may ask for.
+        max_body_bytes: requests with a larger body are refused with 413.
+        retriever_groups: Retriever deployments, each holding every ``groups``-th shard (1: one holds all).
+        torch_threads: intra-op threads per replica.
+        preload_modalities: load the text / image / audio query encoders at start, not on first search.
+        batch: the Ingress's batching.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_uri: str
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    max_k: int = Field(100, ge=1, le=1000)
+    max_body_bytes: int = Field(8_000_000, ge=1024)
+    retriever_groups: int = Field(1, ge=1, le=64)
+    torch_threads: int = Field(1, ge=1)
+    preload_modalities: bool = True
+    batch: BatchArgs = Field(default_factory=BatchArgs)
+
+
+def _split(results: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(results[start:start + n])
+        start += n
+    return out
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+class _Versioned:
+    """Shared by the stage deployments: a :class:`VersionCache` of one core type, ``user_config`` preload."""
+
+    def _init_cache(self, storage_config: dict, loader) -> None:
+        from tessera.serving.version import VersionCache, VersionRef
+
+        self.storage = Storage(StorageConfig.model_validate(storage_config))
+        self.cache = VersionCache(lambda uri: loader(self.storage, VersionRef.resolve(self.storage, uri)))
+
+    def reconfigure(self, config: dict) -> None:
+        uri = (config or {}).get("index_uri")
+        if uri:
+            start = time.perf_counter()
+            self.cache.set_current(uri)
+            logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri, time.perf_counter() - start)
+
+    def loaded_versions(self) -> list[str]:
+        return self.cache.loaded()
+
+
+@serve.deployment(name="QueryEncoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class QueryEncoder(_Versioned):
+    """User tower over snapshot + recent history; text / image / audio query encoders and projections."""
+
+    def __init__(self, storage_config: dict, torch_threads: int = 1, preload_modalities: bool = True):
+        from tessera.serving.query import QueryCore
+
+        _set_threads(torch_threads)
+        self._init_cache(storage_config, lambda s, ref: QueryCore.load(s, ref, preload_modalities))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
+    async def encode_users(self, uris: list[str], queries: list[list]) -> list[list]:
+        out: list[list | None] = [None] * len(uris)
+        for uri in dict.fromkeys(uris):
+            calls = [i for i, u in enumerate(uris) if u == uri]
+            core = await asyncio.to_thread(self.cache.get, uri)
+            flat = [q for i in calls for q in queries[i]]
+            answers = await asyncio.to_thread(core.encode_users, flat)
+            for i, part in zip(calls, _split(answers, [len(queries[i]) for i in calls]), strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def encode_queries(self, uris: list[str], queries: list[list]) -> list[list]:
+        out: list[list | None] = [None] * len(uris)
+        for uri in dict.fromkeys(uris):
+            calls = [i for i, u in enumerate(uris) if u == uri]
+            core = await asyncio.to_thread(self.cache.get, uri)
+            flat = [q for i in calls for q in queries[i]]
+            answers = await asyncio.to_thread(core.encode_queries, flat)
+            for i, part in zip(calls, _split(answers, [len(queries[i]) for i in calls]), strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+    async def item_vectors(self, uri: str, item_ids: list[str]) -> list:
+        core = await asyncio.to_thread(self.cache.get, uri)
+        return core.item_vectors(item_ids)
+
+
+@serve.deployment(name="Retriever", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class Retriever(_Versioned):
+    """ScaNN shards of the fused and per-modality indexes (all of them, or one group's share)."""
+
+    def __init__(self, storage_config: dict, shards: list[int] | None = None, modal: bool = True,
+                 search_threads: int = 1):
+        from tessera.index import SearchConfig
+        from tessera.serving.retrieve import RetrieverCore
+
+        config = SearchConfig(search_threads=search_threads)
+        self._init_cache(storage_config, lambda s, ref: RetrieverCore.load(s, ref, config, shards, modal))
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def search(self, uris: list[str], indexes: list[str], vectors: list[np.ndarray], ks: list[int],
+                     excludes: list[list[set[str]] | None]) -> list:
+        from tessera.serving.local import search_or_error
+
+        out: list = [None] * len(uris)
+        for key in dict.fromkeys(zip(uris, indexes, strict=True)):
+            calls = [i for i, u in enumerate(zip(uris, indexes, strict=True)) if u == key]
+            core = await asyncio.to_thread(self.cache.get, key[0])
+            k = max(ks[i] for i in calls)
+            exclude = [ex for i in calls for ex in (excludes[i] or [set()] * len(vectors[i]))]
+            found = await asyncio.to_thread(search_or_error, core, key[1], np.concatenate([vectors[i] for i in calls]),
+                                            k, exclude if any(exclude) else None)
+            if isinstance(found, RequestError):
+                for i in calls:
+                    out[i] = found
+                continue
+            ids, scores = found
+            start = 0
+            for i in calls:
+                n = len(vectors[i])
+                out[i] = ([row[:ks[i]] for row in ids[start:start + n]], scores[start:start + n, :ks[i]])
+                start += n
+        return out
+
+
+@serve.deployment(name="Ranker", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class Ranker(_Versioned):
+    """Re-scores candidates with the bundle's ranker; popular items for cold requests."""
+
+    def __init__(self, storage_config: dict, torch_threads: int = 1):
+        from tessera.serving.rank import RankerCore
+
+        _set_threads(torch_threads)
+        self._init_cache(storage_config, RankerCore.load)
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
+    async def rank(self, uris: list[str], inputs: list[list]) -> list[list]:
+        out: list[list | None] = [None] * len(uris)
+        for uri in dict.fromkeys(uris):
+            calls = [i for i, u in enumerate(uris) if u == uri]
+            core = await asyncio.to_thread(self.cache.get, uri)
+            answers = await asyncio.to_thread(core.rank, [x for i in calls for x in inputs[i]])
+            for i, part in zip(calls, _split(answers, [len(inputs[i]) for i in calls]), strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+
+class HandleStages:
+    """:class:`tessera.serving.flow.Stages` over deployment handles (scatter-gather over retriever groups)."""
+
+    def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle):
+        self.query_encoder, self.retrievers, self.ranker = query_encoder, retrievers, ranker
+
+    async def encode_users(self, index_uri, queries):
+        return await self.query_encoder.encode_users.remote(index_uri, queries)
+
+    async def encode_queries(self, index_uri, queries):
+        return await self.query_encoder.encode_queries.remote(index_uri, queries)
+
+    async def item_vectors(self, index_uri, item_ids):
+        return await self.query_encoder.item_vectors.remote(index_uri, item_ids)
+
+    async def search(self, index_uri, index, vectors, k, exclude):
+        # the fused index is spread over the groups; the (small) per-modality indexes live in group 0
+        groups = self.retrievers if index == "fused" else self.retrievers[:1]
+        parts = await asyncio.gather(*(r.search.remote(index_uri, index, vectors, k, exclude) for r in groups))
+        for part in parts:
+            if isinstance(part, RequestError):
+                return part
+        if len(parts) == 1:
+            return parts[0]
+        return merge_top_k(parts, k)
+
+    async def rank(self, index_uri, inputs):
+        return await self.ranker.rank.remote(index_uri, inputs)
+
+
+def merge_top_k(parts: list[tuple[list[list[str]], np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
+    """Merge per-group top-k lists (ids, scores best first) into one global top-k per query."""
+    n = len(parts[0][0])
+    ids_out, scores_out = [], np.full((n, k), -np.inf, np.float32)
+    for q in range(n):
+        cand = [(float(s), i) for ids, scores in parts for i, s in zip(ids[q], scores[q], strict=False)
+                if np.isfinite(s)]
+        cand.sort(key=lambda x: -x[0])
+        best = cand[:k]
+        ids_out.append([i for _, i in best])
+        scores_out[q, :len(best)] = [s for s, _ in best]
+    return ids_out, scores_out
+
+
+class _Metrics:
+    def __init__(self):
+        from ray.util import metrics
+
+        self.latency = metrics.Histogram(
+            "tessera_serve_stage_latency_ms", description="latency of each stage of a request, in ms",
+            boundaries=[1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500], tag_keys=("route", "stage"))
+        self.requests = metrics.Counter("tessera_serve_requests_total", description="requests by route and status",
+                                        tag_keys=("route", "status"))
+        self.cold = metrics.Counter("tessera_serve_cold_start_total", description="cold-start answers",
+                                    tag_keys=("route",))
+
+    def observe(self, route: str, status: int, timings: dict | None = None) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        if timings:
+            for stage in STAGES:
+                self.latency.observe(timings[f"{stage}_ms"], tags={"route": route, "stage": stage})
+
+
+api = FastAPI(title="Tessera recommender",
+              description="Recommendations and cross-modal search over one model + index version.",
+              version="1", responses={422: {"model": ErrorResponse}})
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """413 for a body over the Ingress's ``max_body_bytes`` (by its declared length), before parsing it."""
+    limit = getattr(api.state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={
+            "detail": f"request body of {int(length)} bytes is over the limit of {limit} bytes", "kind": "too_large"})
+    return await call_next(request)
+
+
+def _error(err: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=err.status, content={"detail": err.detail, "kind": err.kind})
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Ingress:
+    """HTTP routes; gathers concurrent requests into batches and sends one call per stage per batch."""
+
+    def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle,
+                 args: dict):
+        self.args = RecommenderArgs.model_validate(args)
+        self.storage = Storage(self.args.storage)
+        self.stages = HandleStages(query_encoder, retrievers, ranker)
+        self.metrics = _Metrics()
+        api.state.max_body_bytes = self.args.max_body_bytes  # this replica's copy of the app
+        b = self.args.batch
+        for batched in (self._recommend_batch, self._search_batch):
+            batched.set_max_batch_size(b.max_batch_size)
+            batched.set_batch_wait_timeout_s(b.batch_wait_timeout_ms / 1000.0)
+        self.flow: Flow | None = None
+        self.ref = None
+        self.reconfigure({"index_uri": self.args.index_uri})
+
+    def reconfigure(self, config: dict) -> None:
+        from tessera.serving.version import VersionRef
+
+        uri = (config or {}).get("index_uri") or self.args.index_uri
+        ref = VersionRef.resolve(self.storage, uri)
+        candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
+        self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
+        self.ref = ref  # swapped together: a batch already running keeps the flow it started with
+
+    # --- helpers ------------------------------------------------------------------------
+    def _check_k(self, k: int) -> RequestError | None:
+        if k > self.args.max_k:
+            return RequestError(422, "bad_request", f"k={k} is above this endpoint's max_k={self.args.max_k}")
+        return None
+
+    async def _answer(self, route: str, coro, response_model: type[BaseModel]):
+        try:
+            result = await coro
+        except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
+            logger.exception("%s failed", route)
+            self.metrics.observe(route, 503)
+            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(err).__name__}: {err}",
+                                                          "kind": "unavailable"})
+        if isinstance(result, RequestError):
+            self.metrics.observe(route, result.status)
+            return _error(result)
+        self.metrics.observe(route, 200, result["timings"])
+        if result.get("cold_start"):
+            self.metrics.cold.inc(tags={"route": route})
+        return response_model.model_validate(result)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001, max_concurrent_batches=2)
+    async def _recommend_batch(self, requests: list[RecommendRequest]) -> list:
+        return await self.flow.recommend(requests)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001, max_concurrent_batches=2)
+    async def _search_batch(self, requests: list[SearchRequest], payloads: list[Any]) -> list:
+        return await self.flow.search(requests, payloads)
+
+    # --- routes -------------------------------------------------------------------------
+    @api.post("/v1/recommend", response_model=RecommendResponse,
+              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def recommend(self, body: RecommendRequest):
+        """Top-k items for a user (snapshot history + ``recent_item_ids``); popular items when cold."""
+        bad = self._check_k(body.k)
+        if bad:
+            self.metrics.observe("recommend", bad.status)
+            return _error(bad)
+        return await self._answer("recommend", self._recommend_batch(body), RecommendResponse)
+
+    @api.post("/v1/search", response_model=SearchResponse,
+              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def search(self, body: SearchRequest):
+        """Cross-modal search: items whose vectors are nearest a text, an image or a sound."""
+        bad = self._check_k(body.k)
+        payload: Any = body.text
+        if bad is None and body.text is None:
+            encoded = body.image if body.image is not None else body.audio
+            try:
+                payload = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                bad = RequestError(422, "bad_media", f"{body.modality} is not valid base64")
+        if bad:
+            self.metrics.observe("search", bad.status)
+            return _error(bad)
+        return await self._answer("search", self._search_batch(body, payload), SearchResponse)
+
+    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
+             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def similar(self, item_id: str, k: int = 10):
+        """Items nearest this item's fused vector (the item itself left out)."""
+        bad = RequestError(422, "bad_request", f"k must be >= 1, got {k}") if k < 1 else self._check_k(k)
+        if bad:
+            self.metrics.observe("similar", bad.status)
+            return _error(bad)
+
+        async def one():
+            [answer] = await self.flow.similar([item_id], [k])
+            return answer
+
+        return await self._answer("similar", one(), SimilarResponse)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "index_version": self.ref.index_version, "model_version": self.ref.model_version}
+
+    @api.get("/v1/version", response_model=VersionResponse)
+    async def version(self):
+        return VersionResponse.model_validate(self.ref.describe())
+
+
+def build_app(args: RecommenderArgs | dict) -> Application:
+    """The four-deployment application (``import_path: serve_apps.recommender:build_app``).
+
+    ``args`` is validated here (this module's postponed annotations hide the model from Serve's own
+    typed-builder check), so a wrong key fails the deploy naming the key.
+    """
+    if not isinstance(args, RecommenderArgs):
+        args = RecommenderArgs.model_validate(args)
+    storage = args.storage.model_dump(mode="json")
+    version = {"index_uri": args.index_uri}
+    encoder = QueryEncoder.options(user_config=version).bind(storage, args.torch_threads, args.preload_modalities)
+    if args.retriever_groups == 1:
+        retrievers = [Retriever.options(user_config=version).bind(storage, None, True)]
+    else:
+        g = args.retriever_groups
+        retrievers = [Retriever.options(name=f"Retriever_{i}", user_config=version)
+                      .bind(storage, list(range(i, 4096, g)), i == 0) for i in range(g)]
+    ranker = Ranker.options(user_config=version).bind(storage, args.torch_threads)
+    return Ingress.options(user_config=version).bind(encoder, retrievers, ranker, args.model_dump(mode="json"))
