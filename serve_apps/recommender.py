@@ -298,17 +298,6 @@ api = FastAPI(title="Tessera recommender",
               version="1", responses={422: {"model": ErrorResponse}})
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """413 for a body over the Ingress's ``max_body_bytes`` (by its declared length), before parsing it."""
-    limit = getattr(api.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        return JSONResponse(status_code=413, content={
-            "detail": f"request body of {int(length)} bytes is over the limit of {limit} bytes", "kind": "too_large"})
-    return await call_next(request)
-
-
 def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"detail": err.detail, "kind": err.kind})
 
@@ -320,29 +309,40 @@ class Ingress:
 
     def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle,
                  args: dict):
-        self.args = RecommenderArgs.model_validate(args)
+        # index_uri is not among the init args: it arrives through user_config (reconfigure, below)
+        self.args = RecommenderArgs.model_validate({"index_uri": "(user_config)", **args})
         self.storage = Storage(self.args.storage)
         self.stages = HandleStages(query_encoder, retrievers, ranker)
         self.metrics = _Metrics()
-        api.state.max_body_bytes = self.args.max_body_bytes  # this replica's copy of the app
         b = self.args.batch
         for batched in (self._recommend_batch, self._search_batch):
             batched.set_max_batch_size(b.max_batch_size)
             batched.set_batch_wait_timeout_s(b.batch_wait_timeout_ms / 1000.0)
         self.flow: Flow | None = None
         self.ref = None
-        self.reconfigure({"index_uri": self.args.index_uri})
 
     def reconfigure(self, config: dict) -> None:
+        """Switch to the version in ``user_config`` (Serve calls this after ``__init__`` and on every change)."""
         from tessera.serving.version import VersionRef
 
-        uri = (config or {}).get("index_uri") or self.args.index_uri
+        uri = (config or {}).get("index_uri")
+        if not uri:
+            raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
         ref = VersionRef.resolve(self.storage, uri)
         candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
         self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
 
     # --- helpers ------------------------------------------------------------------------
+    def _check_size(self, request: Request) -> RequestError | None:
+        """413 for a body over ``max_body_bytes`` (by its declared length)."""
+        length = request.headers.get("content-length", "")
+        limit = self.args.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            return RequestError(413, "too_large", f"request body of {int(length)} bytes is over the limit of "
+                                                  f"{limit} bytes")
+        return None
+
     def _check_k(self, k: int) -> RequestError | None:
         if k > self.args.max_k:
             return RequestError(422, "bad_request", f"k={k} is above this endpoint's max_k={self.args.max_k}")
@@ -375,9 +375,9 @@ class Ingress:
     # --- routes -------------------------------------------------------------------------
     @api.post("/v1/recommend", response_model=RecommendResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def recommend(self, body: RecommendRequest):
+    async def recommend(self, body: RecommendRequest, request: Request):
         """Top-k items for a user (snapshot history + ``recent_item_ids``); popular items when cold."""
-        bad = self._check_k(body.k)
+        bad = self._check_size(request) or self._check_k(body.k)
         if bad:
             self.metrics.observe("recommend", bad.status)
             return _error(bad)
@@ -385,9 +385,9 @@ class Ingress:
 
     @api.post("/v1/search", response_model=SearchResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def search(self, body: SearchRequest):
+    async def search(self, body: SearchRequest, request: Request):
         """Cross-modal search: items whose vectors are nearest a text, an image or a sound."""
-        bad = self._check_k(body.k)
+        bad = self._check_size(request) or self._check_k(body.k)
         payload: Any = body.text
         if bad is None and body.text is None:
             encoded = body.image if body.image is not None else body.audio
@@ -434,7 +434,8 @@ def build_app(args: RecommenderArgs | dict) -> Application:
         args = RecommenderArgs.model_validate(args)
     storage = args.storage.model_dump(mode="json")
     version = {"index_uri": args.index_uri}
-    encoder = QueryEncoder.options(user_config=version).bind(storage, args.torch_threads, args.preload_modalities)
+    encoder = QueryEncoder.options(user_config=version).bind(storage, args.torch_threads,
+                                                                           args.preload_modalities)
     if args.retriever_groups == 1:
         retrievers = [Retriever.options(user_config=version).bind(storage, None, True)]
     else:
@@ -442,4 +443,6 @@ def build_app(args: RecommenderArgs | dict) -> Application:
         retrievers = [Retriever.options(name=f"Retriever_{i}", user_config=version)
                       .bind(storage, list(range(i, 4096, g)), i == 0) for i in range(g)]
     ranker = Ranker.options(user_config=version).bind(storage, args.torch_threads)
-    return Ingress.options(user_config=version).bind(encoder, retrievers, ranker, args.model_dump(mode="json"))
+    # index_uri travels only in user_config: a new version is a reconfigure, not a new replica
+    ingress_args = args.model_dump(mode="json", exclude={"index_uri"})
+    return Ingress.options(user_config=version).bind(encoder, retrievers, ranker, ingress_args)

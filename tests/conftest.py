@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import uuid
 from pathlib import Path
 
@@ -102,16 +103,31 @@ def pytest_unconfigure(config):
     Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "/nonexistent")).unlink(missing_ok=True)
 
 
+_SESSION: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_session(embedded_s3):
     """A real local Ray (2 CPUs, 2 logical GPUs, token auth on) for the session, started after the S3 env is set,
     so that its workers inherit the object store settings."""
     import ray
 
-    # 2 logical GPUs (no device behind them) let tests check GPU placement of encoder pools
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    # 2 logical GPUs (no device behind them) let tests check GPU placement of encoder pools. The dashboard
+    # (on a free port, loopback) serves the Jobs and Serve REST APIs the real `serve deploy` CLI talks to.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
+    _SESSION["dashboard_url"] = "http://" + context.dashboard_url
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dashboard_url(ray_session) -> str:
+    """The session Ray's dashboard (``--address`` of ``serve deploy`` / ``ray job submit``)."""
+    return _SESSION["dashboard_url"]
 
 
 @pytest.fixture(scope="session")
@@ -171,3 +187,29 @@ def sample_embeddings(sample_corpus, encoder_weights, storage):
     from tessera.embed.pipeline import run_embedding
 
     return run_embedding(embed_config(encoder_weights, "session"))
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(sample_embeddings, storage):
+    """One tiny training run (real Ray Train, 2 workers) over ``sample_embeddings``: ``(config, manifest)``.
+
+    Shared by the training job's test and by serving, so the session trains once.
+    """
+    from tessera.train.job import run_training
+    from tests.train.conftest import tiny_train_config
+
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], f"{TEST_ROOT}/trained")
+    return cfg, run_training(cfg, storage)
+
+
+@pytest.fixture(scope="session")
+def served_index(trained_bundle, ray_session, storage) -> str:
+    """The index job over the trained bundle (2 shards + per-modality indexes); its version root URI."""
+    from tessera.index_job import run_index_job
+    from tessera.storage import join_uri
+    from tests.index_job.conftest import job_config
+
+    cfg, _ = trained_bundle
+    out = f"{TEST_ROOT}/served/index"
+    manifest = run_index_job(job_config(cfg.bundle_uri, out))
+    return join_uri(out, manifest.index_version)

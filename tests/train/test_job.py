@@ -10,16 +10,15 @@ import torch
 from tessera.models.bundle import ModelBundle
 from tessera.storage import join_uri
 
-from .conftest import read_final_state, tiny_train_config
+from .conftest import read_final_state
 
 
 @pytest.mark.slow
-def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, storage, train_root):
+def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, storage, trained_bundle):
     from tessera.train.job import BundleExistsError, run_training
 
     run_uri = sample_embeddings["output"]["uri"]
-    cfg = tiny_train_config(run_uri, train_root)
-    manifest = run_training(cfg, storage)
+    cfg, manifest = trained_bundle  # the session's one training run (serving tests use it too)
 
     results = manifest["metrics"]["results"]
     assert set(results) == {"popularity", "fused", "fused_ranked", "text", "image", "audio", "id_only"}

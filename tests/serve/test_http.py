@@ -1,0 +1,144 @@
+"""Every route of the recommender through real HTTP (Ray Serve proxy -> Ingress -> the three stages)."""
+
+import asyncio
+import base64
+import json
+
+import pytest
+import requests
+
+from tessera.serving import Flow, LocalStages, VersionRef
+from tessera.serving.schemas import RecommendRequest
+
+J = {"content-type": "application/json"}
+
+
+def post(url, path, body, **kw):
+    return requests.post(f"{url}{path}", data=json.dumps(body) if not isinstance(body, (bytes, str)) else body,
+                         headers=J, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def version(storage, served_index):
+    return VersionRef.resolve(storage, served_index)
+
+
+@pytest.fixture(scope="module")
+def local_flow(storage, served_index, version):
+    return Flow(LocalStages(storage), served_index, version.model_version, version.index_version)
+
+
+@pytest.fixture(scope="module")
+def users(local_flow, served_index):
+    return list(local_flow.stages.query.get(served_index).histories.span)
+
+
+def test_recommend_over_http_matches_the_in_process_pipeline(app_url, users, local_flow, version):
+    for user in users[:5]:
+        r = post(app_url, "/v1/recommend", {"user_id": user, "k": 7})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        [local] = asyncio.run(local_flow.recommend([RecommendRequest(user_id=user, k=7)]))
+        assert [x["item_id"] for x in body["items"]] == [x["item_id"] for x in local["items"]]
+        assert body["items"][0]["score"] == pytest.approx(local["items"][0]["score"], rel=1e-4)
+        assert body["ranked"] and not body["cold_start"]
+        assert (body["model_version"], body["index_version"]) == (version.model_version, version.index_version)
+        t = body["timings"]
+        assert t["total_ms"] >= t["encode_ms"] + t["retrieve_ms"] + t["rank_ms"] - 0.01 and t["encode_ms"] > 0
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app_url, users, local_flow):
+    from concurrent.futures import ThreadPoolExecutor
+
+    picked = users[:12]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda u: post(app_url, "/v1/recommend", {"user_id": u, "k": 5}), picked))
+    assert [a.status_code for a in answers] == [200] * len(picked)
+    expected = asyncio.run(local_flow.recommend([RecommendRequest(user_id=u, k=5) for u in picked]))
+    for a, e in zip(answers, expected, strict=True):
+        assert [x["item_id"] for x in a.json()["items"]] == [x["item_id"] for x in e["items"]]
+
+
+def test_cold_start_and_recent_items(app_url, local_flow, served_index):
+    cold = post(app_url, "/v1/recommend", {"k": 4}).json()
+    assert cold["cold_start"] and cold["cold_start_reason"] and len(cold["items"]) == 4
+    unknown_user = post(app_url, "/v1/recommend", {"user_id": "nobody-at-all", "k": 4}).json()
+    assert unknown_user["cold_start"] and [x["item_id"] for x in unknown_user["items"]] == \
+        [x["item_id"] for x in cold["items"]]
+    items = local_flow.stages.query.get(served_index).items
+    recent = [str(i) for i in items.ids[items.indexed][:2]]
+    warm = post(app_url, "/v1/recommend", {"user_id": "nobody-at-all", "recent_item_ids": recent, "k": 4}).json()
+    assert not warm["cold_start"] and not set(recent) & {x["item_id"] for x in warm["items"]}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"recent_item_ids": ["no-such-item-1", "no-such-item-2"]}, 422, ["no-such-item-1", "no-such-item-2"]),
+    ({"k": 51}, 422, ["max_k=50"]),
+    ({"k": 0}, 422, ["greater than or equal to 1"]),
+    ({"k": 5000}, 422, ["less than or equal"]),
+    ({"user": "typo"}, 422, ["Extra inputs", "user"]),
+    ({"k": "ten"}, 422, ["valid integer"]),
+    ("{not json", 422, ["JSON decode error"]),
+])
+def test_bad_recommend_requests_get_a_4xx_saying_what_is_wrong(app_url, body, status, words):
+    r = post(app_url, "/v1/recommend", body)
+    assert r.status_code == status, r.text
+    for w in words:
+        assert w in r.text
+
+
+def test_search_by_text_image_and_audio(app_url, shared_data):
+    text = post(app_url, "/v1/search", {"text": "fresh green vegetables", "k": 5})
+    assert text.status_code == 200, text.text
+    assert len(text.json()["items"]) == 5 and text.json()["modality"] == "text"
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    image = post(app_url, "/v1/search", {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"})
+    assert image.status_code == 200, image.text
+    assert image.json()["index"] == "image" and len(image.json()["items"]) == 3
+    wav = next((shared_data / "fsdd").rglob("*.wav")).read_bytes()
+    audio = post(app_url, "/v1/search", {"audio": base64.b64encode(wav).decode(), "k": 3})
+    assert audio.status_code == 200 and audio.json()["modality"] == "audio"
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"image": "%%% not base64 %%%"}, 422, ["image is not valid base64"]),
+    ({"image": base64.b64encode(b"\xff\xd8\xff\xe0 this is no jpeg").decode()}, 422, ["image query rejected"]),
+    ({"audio": base64.b64encode(b"RIFF\x10\x00\x00\x00WAVEfmt ").decode()}, 422, ["audio query rejected"]),
+    ({"text": "a", "image": "AAAA"}, 422, ["exactly one of text, image, audio"]),
+    ({}, 422, ["exactly one"]),
+    ({"text": "tomato", "index": "smell"}, 422, ["index"]),
+])
+def test_bad_search_requests_get_a_4xx(app_url, body, status, words):
+    r = post(app_url, "/v1/search", body)
+    assert r.status_code == status, r.text
+    for w in words:
+        assert w in r.text
+
+
+def test_payload_over_the_limit_is_413(app_url):
+    big = base64.b64encode(b"\x00" * 900_000).decode()  # 1.2 MB of base64 > max_body_bytes=1_000_000
+    r = post(app_url, "/v1/search", {"image": big})
+    assert r.status_code == 413 and "over the limit" in r.text
+
+
+def test_similar_items(app_url, local_flow, served_index):
+    items = local_flow.stages.query.get(served_index).items
+    item = str(items.ids[items.indexed][3])
+    r = requests.get(f"{app_url}/v1/items/{item}/similar", params={"k": 6}, timeout=30)
+    assert r.status_code == 200, r.text
+    got = [x["item_id"] for x in r.json()["items"]]
+    assert len(got) == 6 and item not in got
+    assert requests.get(f"{app_url}/v1/items/not-an-item/similar", timeout=30).status_code == 404
+    assert requests.get(f"{app_url}/v1/items/{item}/similar", params={"k": 0}, timeout=30).status_code == 422
+    assert requests.get(f"{app_url}/v1/items/{item}/similar", params={"k": 99}, timeout=30).status_code == 422
+
+
+def test_health_version_and_openapi(app_url, version):
+    assert requests.get(f"{app_url}/healthz", timeout=10).json()["status"] == "ok"
+    v = requests.get(f"{app_url}/v1/version", timeout=10).json()
+    assert v["index_version"] == version.index_version and v["model_uri"] == version.model_uri
+    assert v["num_items"] == version.manifest.num_items and v["recall_check"]["recall"] >= 0.95
+    spec = requests.get(f"{app_url}/openapi.json", timeout=10).json()
+    assert {"/v1/recommend", "/v1/search", "/v1/items/{item_id}/similar", "/healthz", "/v1/version"} <= set(
+        spec["paths"])
+    assert requests.get(f"{app_url}/docs", timeout=10).status_code == 200

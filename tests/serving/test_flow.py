@@ -1,0 +1,173 @@
+"""The serving pipeline in one process (no Serve): trained bundle + index from the session's real jobs."""
+
+import asyncio
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tessera.index import read_index_manifest
+from tessera.serving import Flow, LocalStages, RequestError, VersionCache, VersionError, VersionRef
+from tessera.serving.query import UserQuery
+from tessera.serving.rank import RankInput
+from tessera.serving.schemas import RecommendRequest, SearchRequest
+from tessera.storage import join_uri
+
+
+@pytest.fixture(scope="module")
+def local(served_index, storage):
+    stages = LocalStages(storage)
+    ref = VersionRef.resolve(storage, served_index)
+    return stages, Flow(stages, served_index, ref.model_version, ref.index_version), ref
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_version_pairs_the_index_with_the_bundle_it_names(local, trained_bundle):
+    _, _, ref = local
+    cfg, manifest = trained_bundle
+    assert ref.model_uri == cfg.bundle_uri and ref.model_version == manifest["version"]
+    assert ref.embedding_run == manifest["embedding_run"] and ref.interactions_uri
+
+
+def test_recommend_is_the_exact_top_k_of_user_tower_over_item_vectors_then_ranked(local, served_index):
+    stages, flow, ref = local
+    query = stages.query.get(served_index)
+    user = next(iter(query.histories.span))
+    [enc] = query.encode_users([UserQuery(user)])
+    items = query.items
+    # brute force over every indexed item, seen ones removed
+    scores = items.fused @ enc.vector
+    scores[~items.indexed] = -np.inf
+    scores[enc.exclude_rows] = -np.inf
+    exact = set(items.ids[np.argsort(-scores)[:flow.candidates]])
+    [answer] = run(flow.recommend([RecommendRequest(user_id=user, k=10)]))
+    got = [x["item_id"] for x in answer["items"]]
+    assert len(got) == 10 and not answer["cold_start"] and answer["ranked"]
+    assert set(got) <= exact  # ranked from the retrieval candidates (index recall is 1.0 at this size)
+    assert not set(got) & set(enc.exclude_ids)  # nothing the user has seen
+    finals = [x["score"] for x in answer["items"]]
+    assert finals == sorted(finals, reverse=True)
+    assert answer["model_version"] == ref.model_version and answer["timings"]["total_ms"] > 0
+
+
+def test_exclude_seen_false_may_return_seen_items_and_true_never_does(local, served_index):
+    stages, flow, _ = local
+    query = stages.query.get(served_index)
+    users = list(query.histories.span)[:10]
+    seen_any = False
+    answers = run(flow.recommend([RecommendRequest(user_id=u, k=20, exclude_seen=False) for u in users]))
+    for u, a in zip(users, answers, strict=True):
+        seen = set(query.items.ids[query.histories.of(u)[0]])
+        seen_any |= bool(seen & {x["item_id"] for x in a["items"]})
+    assert seen_any  # the tower puts a user's own items near them
+    for u, a in zip(users, run(flow.recommend([RecommendRequest(user_id=u, k=20) for u in users])), strict=True):
+        assert not set(query.items.ids[query.histories.of(u)[0]]) & {x["item_id"] for x in a["items"]}
+
+
+def test_cold_start_is_the_popular_items_from_the_bundle_and_flagged(local, storage, served_index):
+    stages, flow, ref = local
+    table = pq.read_table(storage.filesystem(join_uri(ref.model_uri, "item_popularity.parquet"))[1],
+                          filesystem=storage.filesystem(ref.model_uri)[0])
+    counts = dict(zip(table.column("item_id").to_pylist(), table.column("train_interactions").to_pylist(), strict=True))
+    indexed = set(stages.query.get(served_index).items.ids[stages.query.get(served_index).items.indexed])
+    for req in (RecommendRequest(k=5), RecommendRequest(user_id="no-such-user", k=5)):
+        [a] = run(flow.recommend([req]))
+        assert a["cold_start"] and a["cold_start_reason"] and not a["ranked"]
+        got = [x["item_id"] for x in a["items"]]
+        best = sorted((i for i in counts if i in indexed), key=lambda i: (-counts[i], i))[:5]
+        assert got == best
+
+
+def test_recent_items_make_a_new_user_warm_and_unknown_ones_are_listed(local, served_index):
+    stages, flow, _ = local
+    items = stages.query.get(served_index).items
+    recent = list(items.ids[items.indexed][:3])
+    a, b = run(flow.recommend([RecommendRequest(recent_item_ids=recent, k=5),
+                               RecommendRequest(recent_item_ids=[recent[0], "nope-1", "nope-2"], k=5)]))
+    assert not a["cold_start"] and not set(recent) & {x["item_id"] for x in a["items"]}
+    assert isinstance(b, RequestError) and b.status == 422 and "nope-1" in b.detail and "nope-2" in b.detail
+
+
+def test_text_search_finds_the_item_whose_text_it_is(local, served_index, storage, sample_corpus):
+    """Cross-modal sanity: an item's own description, encoded as a query, ranks that item near the top."""
+    _, flow, _ = local
+    items_uri = join_uri(sample_corpus["config"].root, "corpus", "items")
+    part = storage.list_files(items_uri, ".parquet")[0]
+    table = pq.read_table(storage.filesystem(part)[1], filesystem=storage.filesystem(part)[0],
+                          columns=["item_id", "text"])
+    rows = []
+    for item, raw in zip(table.column("item_id").to_pylist(), table.column("text").cast("binary").to_pylist(),
+                         strict=True):
+        try:
+            text = (raw or b"").decode("utf-8")
+        except UnicodeDecodeError:  # the corpus's deliberately bad texts
+            continue
+        if len(text.strip()) > 40:
+            rows.append((item, text))
+    rows = rows[:8]
+    answers = run(flow.search([SearchRequest(text=t, k=10, index="text") for _, t in rows], [t for _, t in rows]))
+    hits = sum(item in [x["item_id"] for x in a["items"]] for (item, _), a in zip(rows, answers, strict=True))
+    assert hits >= len(rows) - 1, answers
+
+
+def test_bad_media_queries_fail_their_request_only(local, shared_data):
+    _, flow, _ = local
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    wav = next((shared_data / "fsdd").rglob("*.wav")).read_bytes()
+    reqs = [SearchRequest(image="x", k=3), SearchRequest(image="x", k=3), SearchRequest(audio="x", k=3),
+            SearchRequest(audio="x", k=3)]
+    answers = run(flow.search(reqs, [jpeg, b"\xff\xd8\xff\xe0garbage", wav, wav[:60]]))
+    assert [x["item_id"] for x in answers[0]["items"]] and answers[2]["items"]
+    assert isinstance(answers[1], RequestError) and answers[1].status == 422 and "image" in answers[1].detail
+    assert isinstance(answers[3], RequestError) and answers[3].status == 422 and "audio" in answers[3].detail
+
+
+def test_similar_leaves_the_item_out_and_unknown_is_404(local, served_index):
+    stages, flow, _ = local
+    items = stages.query.get(served_index).items
+    item = str(items.ids[items.indexed][0])
+    a, b = run(flow.similar([item, "nope"], [5, 5]))
+    assert len(a["items"]) == 5 and item not in {x["item_id"] for x in a["items"]}
+    assert isinstance(b, RequestError) and b.status == 404
+
+
+def test_untrained_ranker_keeps_retrieval_order(local, served_index):
+    stages, _, _ = local
+    core = stages.ranker.get(served_index)
+    cands = [str(i) for i in core.items.ids[core.items.indexed][:6]]
+    scores = np.linspace(0.9, 0.4, 6).astype(np.float32)
+    trained = core.trained
+    try:
+        core.trained = False
+        [out] = core.rank([RankInput(np.array([0]), cands, scores, 4, np.empty(0, np.int64))])
+    finally:
+        core.trained = trained
+    assert out.ids == cands[:4] and not out.ranked
+    [out] = core.rank([RankInput(np.array([0, 1]), cands, scores, 4, np.empty(0, np.int64))])
+    assert out.ranked and set(out.ids) <= set(cands)
+
+
+def test_version_errors_name_what_is_missing(storage, served_index, bucket_uri):
+    with pytest.raises(VersionError, match="no index at"):
+        VersionRef.resolve(storage, f"{bucket_uri}/index/none")
+    # an index whose manifest names another model version than the bundle now holds
+    manifest = read_index_manifest(storage, served_index)
+    bad = manifest.model_copy(update={"model_version": "other"})
+    from tessera.index import write_index_manifest
+
+    uri = f"{bucket_uri}/index/mismatch"
+    write_index_manifest(storage, uri, bad)
+    with pytest.raises(VersionError, match="model version 'other'"):
+        VersionRef.resolve(storage, uri)
+
+
+def test_version_cache_keeps_the_current_and_newest_versions():
+    loads = []
+    cache = VersionCache(lambda uri: loads.append(uri) or uri.upper(), keep=2)
+    cache.set_current("a")
+    assert cache.get("b") == "B" and cache.get("c") == "C"
+    assert cache.loaded() == ["c", "a"]  # "b" evicted: "a" is current, so never evicted
+    assert cache.get("a") == "A" and loads == ["a", "b", "c"]
