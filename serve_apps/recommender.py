@@ -75,7 +75,9 @@ class RecommenderArgs(BaseModel):
     """Typed arguments of :func:`build_app` (the ``args:`` of ``recommender.yaml``).
 
     Args:
-        index_uri: the index version to serve first (the deployments' ``user_config`` overrides it).
+        index_uri: the index version to serve when deploying from Python or ``serve run <import path>``;
+            from a config file, leave it out and set ``user_config.index_uri`` of every deployment
+            instead (changing ``args`` replaces every replica; changing ``user_config`` does not).
         storage: how to reach object storage (defaults: the environment, as the jobs do).
         max_k: the largest ``k`` a request may ask for.
         max_body_bytes: requests with a larger body are refused with 413.
@@ -87,7 +89,7 @@ class RecommenderArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    index_uri: str
+    index_uri: str | None = None
     storage: StorageConfig = Field(default_factory=StorageConfig)
     max_k: int = Field(100, ge=1, le=1000)
     max_body_bytes: int = Field(8_000_000, ge=1024)
@@ -120,11 +122,13 @@ class _Versioned:
         self.storage = Storage(StorageConfig.model_validate(storage_config))
         self.cache = VersionCache(lambda uri: loader(self.storage, VersionRef.resolve(self.storage, uri)))
 
-    def reconfigure(self, config: dict) -> None:
+    async def reconfigure(self, config: dict) -> None:
+        """Load the version in ``user_config`` beside the current one (off the event loop: requests keep
+        being served meanwhile), then make it current."""
         uri = (config or {}).get("index_uri")
         if uri:
             start = time.perf_counter()
-            self.cache.set_current(uri)
+            await asyncio.to_thread(self.cache.set_current, uri)
             logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri, time.perf_counter() - start)
 
     def loaded_versions(self) -> list[str]:
@@ -309,8 +313,8 @@ class Ingress:
 
     def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle,
                  args: dict):
-        # index_uri is not among the init args: it arrives through user_config (reconfigure, below)
-        self.args = RecommenderArgs.model_validate({"index_uri": "(user_config)", **args})
+        # index_uri is not among the init args (build_app leaves it out): it arrives through user_config
+        self.args = RecommenderArgs.model_validate(args)
         self.storage = Storage(self.args.storage)
         self.stages = HandleStages(query_encoder, retrievers, ranker)
         self.metrics = _Metrics()
@@ -321,14 +325,19 @@ class Ingress:
         self.flow: Flow | None = None
         self.ref = None
 
-    def reconfigure(self, config: dict) -> None:
+    def check_health(self) -> None:
+        if self.flow is None:
+            raise RuntimeError("no index version to serve: set user_config.index_uri of the Ingress (and of the "
+                               "other deployments) in the Serve config, or args.index_uri")
+
+    async def reconfigure(self, config: dict) -> None:
         """Switch to the version in ``user_config`` (Serve calls this after ``__init__`` and on every change)."""
         from tessera.serving.version import VersionRef
 
         uri = (config or {}).get("index_uri")
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
-        ref = VersionRef.resolve(self.storage, uri)
+        ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
         candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
         self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
@@ -433,16 +442,16 @@ def build_app(args: RecommenderArgs | dict) -> Application:
     if not isinstance(args, RecommenderArgs):
         args = RecommenderArgs.model_validate(args)
     storage = args.storage.model_dump(mode="json")
-    version = {"index_uri": args.index_uri}
-    encoder = QueryEncoder.options(user_config=version).bind(storage, args.torch_threads,
+    version = {"user_config": {"index_uri": args.index_uri}} if args.index_uri else {}
+    encoder = QueryEncoder.options(**version).bind(storage, args.torch_threads,
                                                                            args.preload_modalities)
     if args.retriever_groups == 1:
-        retrievers = [Retriever.options(user_config=version).bind(storage, None, True)]
+        retrievers = [Retriever.options(**version).bind(storage, None, True)]
     else:
         g = args.retriever_groups
-        retrievers = [Retriever.options(name=f"Retriever_{i}", user_config=version)
+        retrievers = [Retriever.options(name=f"Retriever_{i}", **version)
                       .bind(storage, list(range(i, 4096, g)), i == 0) for i in range(g)]
-    ranker = Ranker.options(user_config=version).bind(storage, args.torch_threads)
+    ranker = Ranker.options(**version).bind(storage, args.torch_threads)
     # index_uri travels only in user_config: a new version is a reconfigure, not a new replica
     ingress_args = args.model_dump(mode="json", exclude={"index_uri"})
-    return Ingress.options(user_config=version).bind(encoder, retrievers, ranker, ingress_args)
+    return Ingress.options(**version).bind(encoder, retrievers, ranker, ingress_args)

@@ -33,7 +33,8 @@ def deploy_config(index_uri: str, port: int, **args) -> dict:
     config = yaml.safe_load((ROOT / "serve_apps" / "recommender.yaml").read_text())
     config["http_options"]["port"] = port
     [app] = config["applications"]
-    app["args"].update({"index_uri": index_uri, "max_k": 50, "max_body_bytes": 1_000_000, **args})
+    assert "index_uri" not in app["args"]  # the version is user_config only: a rollout reconfigures in place
+    app["args"].update({"max_k": 50, "max_body_bytes": 1_000_000, **args})
     for d in app["deployments"]:
         d["user_config"] = {"index_uri": index_uri}
         d["ray_actor_options"]["num_cpus"] = 0.2
