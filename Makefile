@@ -38,14 +38,21 @@ SUBMIT := $(ENV) $(VENV)/bin/ray job submit --working-dir . --
 # (a path on this machine: on a real cluster, disable real_media or copy the media to every node).
 SHARED_DATA := $(abspath ../shared/data)
 demo: stack-up
-	@echo "== 1/3 sample corpus -> s3://tessera-demo/corpus"
+	@echo "== 1/6 sample corpus -> s3://tessera-demo/corpus"
 	@$(ENV) $(VENV)/bin/ray job submit --working-dir . \
 		--runtime-env-json '{"env_vars": {"TESSERA__REAL_MEDIA__DATA_DIR": "$(SHARED_DATA)"}}' \
 		-- python -m jobs.make_corpus --config configs/corpus.yaml
-	@echo "== 2/3 placeholder image/audio encoder weights -> s3://tessera-demo/models/encoders"
+	@echo "== 2/6 placeholder image/audio encoder weights -> s3://tessera-demo/models/encoders"
 	@$(SUBMIT) python -m jobs.make_models --out s3://tessera-demo/models/encoders
-	@echo "== 3/3 embeddings -> s3://tessera-demo/embeddings/demo"
+	@echo "== 3/6 embeddings (Ray Data) -> s3://tessera-demo/embeddings/demo"
 	@$(SUBMIT) python -m jobs.embed --config configs/embed.yaml
+	@echo "== 4/6 fusion two-tower + ranker (Ray Train) -> s3://tessera-demo/models/v1"
+	@$(SUBMIT) python -m jobs.train --config configs/train.yaml --keep-existing
+	@echo "== 5/6 sharded ScaNN index (Ray tasks) -> s3://tessera-demo/index/v1"
+	@$(SUBMIT) python -m jobs.build_index --config configs/index.yaml --keep-existing
+	@echo "== 6/6 serve deploy serve_apps/recommender.yaml -> http://127.0.0.1:8000"
+	@$(ENV) $(VENV)/bin/serve deploy serve_apps/recommender.yaml
+	@$(ENV) $(PY) -m serve_apps.demo_client --wait 300
 	@echo "Ray dashboard: http://127.0.0.1:8265 (token in .tessera/ray/auth_token); shell set-up: source .tessera/env.sh"
 
 test: setup

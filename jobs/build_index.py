@@ -2,10 +2,12 @@
 
     ray job submit --working-dir . -- python -m jobs.build_index --config configs/index.yaml
     python -m jobs.build_index --config configs/index.yaml [--model-uri U] [--version V] [--shards S]
+        [--keep-existing]
 
-Exit codes: 0 done; 2 bad config; 3 a self-check recall is below the floor (``_FAILED.json`` written,
-no manifest); 4 the vectors do not hold every input item exactly once; 5 the index version already
-exists; 6 an input (bundle, embedding run) is missing or inconsistent.
+Exit codes: 0 done (or the version exists and --keep-existing was given); 2 bad config; 3 a self-check
+recall is below the floor (``_FAILED.json`` written, no manifest); 4 the vectors do not hold every
+input item exactly once; 5 the index version already exists; 6 an input (bundle, embedding run) is
+missing or inconsistent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", default=None, help="override model_uri from the config")
     parser.add_argument("--version", default=None, help="override the index version (default: model version)")
     parser.add_argument("--shards", type=int, default=None, help="override num_shards")
+    parser.add_argument("--keep-existing", action="store_true",
+                        help="an existing complete index of that version is kept and the job succeeds")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(IndexJobConfig, args.config)
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 4
     except IndexExistsError as err:
+        if args.keep_existing:
+            print(f"kept: {err}")
+            return 0
         print(f"error: {err}", file=sys.stderr)
         return 5
     except (IndexSourceError, FileNotFoundError) as err:

@@ -1,10 +1,11 @@
 """Train the fused two-tower retrieval model, its ranker and the baselines; write the model bundle.
 
     ray job submit --working-dir . -- python -m jobs.train --config configs/train.yaml
-    python -m jobs.train --config configs/train.yaml [--version v2] [--overwrite]
+    python -m jobs.train --config configs/train.yaml [--version v2] [--overwrite | --keep-existing]
 
-Exit codes: 0 done (the summary's last line is one JSON object with the metrics); 2 bad config;
-3 the bundle version already exists (pass --overwrite or another --version); 4 training failed
+Exit codes: 0 done (the summary's last line is one JSON object with the metrics), or the version
+already exists and --keep-existing was given; 2 bad config; 3 the bundle version already exists
+(pass --overwrite, --keep-existing or another --version); 4 training failed
 (more worker failures than max_failures).
 """
 
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/train.yaml")
     parser.add_argument("--version", default=None, help="override the bundle version from the config")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that version")
+    parser.add_argument("--keep-existing", action="store_true",
+                        help="an existing bundle of that version is kept and the job succeeds (re-runs of a demo)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config)
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = run_training(cfg)
     except BundleExistsError as err:
+        if args.keep_existing and not args.overwrite:
+            print(f"kept: {err}")
+            return 0
         print(f"error: {err}", file=sys.stderr)
         return 3
     except TrainingFailedError as err:

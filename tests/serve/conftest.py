@@ -42,24 +42,25 @@ def deploy_config(index_uri: str, port: int, **args) -> dict:
     return config
 
 
-def serve_cli(*args: str, dashboard_url: str) -> subprocess.CompletedProcess:
+def serve_cli(*args: str, dashboard_url: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real ``serve`` CLI against ``dashboard_url`` (``env``: the client's environment, its token)."""
     serve = str(Path(sys.executable).with_name("serve"))
     return subprocess.run([serve, *args, "--address", dashboard_url], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ), check=False)
+                          env=dict(os.environ) if env is None else env, check=False)
 
 
-def serve_deploy(config: dict, dashboard_url: str, tmp: Path) -> None:
+def serve_deploy(config: dict, dashboard_url: str, tmp: Path, env: dict | None = None) -> None:
     path = tmp / f"recommender-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = serve_cli("deploy", str(path), dashboard_url=dashboard_url)
+    done = serve_cli("deploy", str(path), dashboard_url=dashboard_url, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def wait_running(dashboard_url: str, timeout_s: float = 180) -> None:
+def wait_running(dashboard_url: str, timeout_s: float = 180, env: dict | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     status = ""
     while time.monotonic() < deadline:
-        status = serve_cli("status", dashboard_url=dashboard_url).stdout
+        status = serve_cli("status", dashboard_url=dashboard_url, env=env).stdout
         app = yaml.safe_load(status or "{}").get("applications", {}).get(APP, {})
         if app.get("status") == "RUNNING" and all(d.get("status") == "HEALTHY"
                                                   for d in app.get("deployments", {}).values()):
