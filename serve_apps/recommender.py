@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -234,6 +236,23 @@ class Ranker(_Versioned):
         return out  # type: ignore[return-value]
 
 
+RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
+
+
+async def _call(method, *args):
+    """``await method.remote(*args)``, retried when the replica serving it died or became unreachable."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    for attempt in range(RETRIES + 1):
+        try:
+            return await method.remote(*args)
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+            if attempt == RETRIES:
+                raise
+            logger.warning("stage call failed (%s: %s); retrying on another replica", type(err).__name__, err)
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+
 class HandleStages:
     """:class:`tessera.serving.flow.Stages` over deployment handles (scatter-gather over retriever groups)."""
 
@@ -241,18 +260,18 @@ class HandleStages:
         self.query_encoder, self.retrievers, self.ranker = query_encoder, retrievers, ranker
 
     async def encode_users(self, index_uri, queries):
-        return await self.query_encoder.encode_users.remote(index_uri, queries)
+        return await _call(self.query_encoder.encode_users, index_uri, queries)
 
     async def encode_queries(self, index_uri, queries):
-        return await self.query_encoder.encode_queries.remote(index_uri, queries)
+        return await _call(self.query_encoder.encode_queries, index_uri, queries)
 
     async def item_vectors(self, index_uri, item_ids):
-        return await self.query_encoder.item_vectors.remote(index_uri, item_ids)
+        return await _call(self.query_encoder.item_vectors, index_uri, item_ids)
 
     async def search(self, index_uri, index, vectors, k, exclude):
         # the fused index is spread over the groups; the (small) per-modality indexes live in group 0
         groups = self.retrievers if index == "fused" else self.retrievers[:1]
-        parts = await asyncio.gather(*(r.search.remote(index_uri, index, vectors, k, exclude) for r in groups))
+        parts = await asyncio.gather(*(_call(r.search, index_uri, index, vectors, k, exclude) for r in groups))
         for part in parts:
             if isinstance(part, RequestError):
                 return part
@@ -261,7 +280,7 @@ class HandleStages:
         return merge_top_k(parts, k)
 
     async def rank(self, index_uri, inputs):
-        return await self.ranker.rank.remote(index_uri, inputs)
+        return await _call(self.ranker.rank, index_uri, inputs)
 
 
 def merge_top_k(parts: list[tuple[list[list[str]], np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -302,6 +321,27 @@ api = FastAPI(title="Tessera recommender",
               version="1", responses={422: {"model": ErrorResponse}})
 
 
+_METRICS: list[_Metrics] = []
+
+
+def metrics() -> _Metrics:
+    """This process's metric objects (one set per replica process)."""
+    if not _METRICS:
+        _METRICS.append(_Metrics())
+    return _METRICS[0]
+
+
+def _route_of(path: str) -> str:
+    return "similar" if path.endswith("/similar") else path.rstrip("/").rsplit("/", 1)[-1] or "root"
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a body or parameter that fails validation, counted like every other answer."""
+    metrics().observe(_route_of(request.url.path), 422)
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(exc.errors()), "kind": "bad_request"})
+
+
 def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"detail": err.detail, "kind": err.kind})
 
@@ -317,7 +357,7 @@ class Ingress:
         self.args = RecommenderArgs.model_validate(args)
         self.storage = Storage(self.args.storage)
         self.stages = HandleStages(query_encoder, retrievers, ranker)
-        self.metrics = _Metrics()
+        self.metrics = metrics()
         b = self.args.batch
         for batched in (self._recommend_batch, self._search_batch):
             batched.set_max_batch_size(b.max_batch_size)
