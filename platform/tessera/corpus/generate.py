@@ -110,10 +110,13 @@ def generate_corpus(cfg: CorpusConfig, force: bool = False) -> dict:
     manifest_uri = join_uri(cfg.root, MANIFEST)
     if storage.exists(manifest_uri):
         existing = storage.read_json(manifest_uri)
-        if existing.get("config") == cfg.identity() and not force:
+        settings = dict(existing.get("config") or {})
+        if isinstance(settings.get("real_media"), dict):  # manifests before the folder left the identity
+            settings["real_media"] = {k: v for k, v in settings["real_media"].items() if k != "data_dir"}
+        if settings == cfg.identity() and not force:
             existing["reused"] = True
             return existing
-        if existing.get("config") != cfg.identity():
+        if settings != cfg.identity():
             raise FileExistsError(
                 f"{manifest_uri} describes a corpus made with other settings; remove {cfg.root}/corpus and "
                 f"{cfg.root}/truth first, or write to another root")
