@@ -72,3 +72,23 @@ def test_credentials_file_used_when_env_absent(storage, bucket_uri, embedded_s3,
     wrong = Storage(StorageConfig(credentials_file=str(tmp_path / "absent.json")))
     with pytest.raises(RuntimeError, match="cannot read S3 credentials"):
         wrong.read_bytes(join_uri(bucket_uri, "c.bin"))
+
+
+def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplog):
+    import socket
+    import time
+
+    from botocore.exceptions import EndpointConnectionError
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    s = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=1.5))
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(EndpointConnectionError):
+        s.read_bytes("s3://b/k")
+    assert 1.5 <= time.monotonic() - t0 < 10
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) >= 2 and "GET s3://b/k failed (EndpointConnectionError)" in retries[0].getMessage()

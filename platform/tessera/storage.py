@@ -2,7 +2,11 @@
 
 :class:`Storage` hands out pyarrow filesystems (for Ray Data and Parquet) and boto3 clients (for
 single objects). Both retry transient errors through the libraries' own retry settings
-(``AwsStandardS3RetryStrategy`` for pyarrow, botocore's ``standard`` retry mode for boto3).
+(``AwsStandardS3RetryStrategy`` for pyarrow, botocore's ``standard`` retry mode for boto3). botocore's
+attempts span a few seconds only (its standard mode backs off from 50 ms) and stop altogether once the
+client's retry quota, shared by every thread of the process, is spent, which a pool of fetch threads
+failing together does within a second; so single-object reads are also retried by :class:`Storage`
+itself, for ``retry_window_s``, to ride out a store restart.
 
 Credentials are resolved where the code runs, never stored in the config or pickled with it:
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from the environment first, then the JSON file named
@@ -22,8 +26,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import random
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +42,9 @@ from pydantic import Field
 from tessera.config import TesseraConfig
 
 CREDENTIALS_FILE_ENV = "TESSERA_S3_CREDENTIALS_FILE"
+_THROTTLING_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                               "TooManyRequestsException"})
+logger = logging.getLogger(__name__)
 
 
 class StorageConfig(TesseraConfig):
@@ -47,12 +57,16 @@ class StorageConfig(TesseraConfig):
         credentials_file: JSON file with ``access_key_id`` and ``secret_access_key`` (used only when
             the standard AWS environment variables are not set).
         max_attempts: total attempts per request, retries included, for transient errors.
+        retry_window_s: how long a single-object read (:meth:`Storage.read_bytes`) keeps being retried,
+            after the client's own attempts, while the store is unreachable, cuts a response short, answers
+            5xx or throttles. pyarrow's 8 attempts span about 20-60 s (random backoff up to 20 s each).
     """
 
     endpoint_url: str | None = None
     region: str | None = None
     credentials_file: str | None = None
     max_attempts: int = Field(default=8, ge=1, le=50)
+    retry_window_s: float = Field(default=120.0, ge=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
 
@@ -197,17 +211,42 @@ class Storage:
             return p.read_bytes()
         from botocore.exceptions import ClientError
 
-        try:
-            resp = self.client().get_object(Bucket=loc.bucket, Key=loc.key)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise FileNotFoundError(uri) from None
-            raise
-        size = resp.get("ContentLength")
-        if max_bytes is not None and size is not None and size > max_bytes:
-            resp["Body"].close()
-            raise ValueError(f"{uri} is {size} bytes, over the limit of {max_bytes}")
-        return resp["Body"].read()
+        def get() -> bytes:
+            try:
+                resp = self.client().get_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+                    raise FileNotFoundError(uri) from None
+                raise
+            size = resp.get("ContentLength")
+            if max_bytes is not None and size is not None and size > max_bytes:
+                resp["Body"].close()
+                raise ValueError(f"{uri} is {size} bytes, over the limit of {max_bytes}")
+            return resp["Body"].read()  # not covered by botocore's retries: a body cut short raises here
+
+        return self._retrying(f"GET {uri}", get)
+
+    def _retrying(self, what: str, call):
+        """``call()``, retried while it raises a transient boto3 error (see :func:`_transient`) until
+        ``retry_window_s`` has passed since its first failure: jittered backoff from 0.5 s doubling up to
+        8 s; each retry is logged as a warning. Other errors are raised at once."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        first_failure, attempt = None, 0
+        while True:
+            try:
+                return call()
+            except (BotoCoreError, ClientError) as err:
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                left = self.config.retry_window_s - (now - first_failure)
+                if not _transient(err) or left <= 0:
+                    raise
+                attempt += 1
+                delay = min(left, random.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
+                logger.warning("storage: %s failed (%s), retry %d in %.1fs (retrying for %.0fs more)",
+                               what, type(err).__name__, attempt, delay, left)
+                time.sleep(delay)
 
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         loc = parse_uri(uri)
@@ -275,6 +314,17 @@ class Storage:
             client.head_bucket(Bucket=loc.bucket)
         except ClientError:
             client.create_bucket(Bucket=loc.bucket)
+
+
+def _transient(err: Exception) -> bool:
+    """Whether a boto3 error may pass on its own: the store unreachable or cutting a response short
+    (connection, timeout, streaming errors), a 5xx answer, or throttling."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or err.response.get("Error", {}).get("Code") in _THROTTLING_CODES
+    return isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError))
 
 
 _HANDLES_LOCK = threading.Lock()

@@ -11,8 +11,9 @@ adds and removes columns as an item moves along:
     encode (actor pool)          <m>_input -> <m> (fixed_size_list<float32>[dim], the output column), metrics
 
 A bad item never raises: its ``MediaError`` is recorded as ``"<kind>: <detail>"`` in ``<m>_error``
-and it travels on with a null vector. Only failures that are not about the item (storage still
-unreachable after the client's own retries) raise, so Ray retries the task.
+and it travels on with a null vector. Only failures that are not about the item raise (storage still
+unreachable after :class:`Storage`'s retries, ``StorageConfig.retry_window_s`` for a media read), and
+fail the job: Ray Data does not retry a task whose function raised.
 """
 
 from __future__ import annotations
