@@ -139,6 +139,18 @@ class _Versioned:
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
 
+    async def _per_version(self, uris: list[str], batches: list[list], call) -> list[list]:
+        """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, off the
+        event loop, with the answers split back per call."""
+        out: list[list | None] = [None] * len(uris)
+        for uri in dict.fromkeys(uris):
+            calls = [i for i, u in enumerate(uris) if u == uri]
+            core = await asyncio.to_thread(self.cache.get, uri)
+            answers = await asyncio.to_thread(call, core, [x for i in calls for x in batches[i]])
+            for i, part in zip(calls, _split(answers, [len(batches[i]) for i in calls]), strict=True):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
 
 @serve.deployment(name="QueryEncoder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class QueryEncoder(_Versioned):
@@ -152,27 +164,11 @@ class QueryEncoder(_Versioned):
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
     async def encode_users(self, uris: list[str], queries: list[list]) -> list[list]:
-        out: list[list | None] = [None] * len(uris)
-        for uri in dict.fromkeys(uris):
-            calls = [i for i, u in enumerate(uris) if u == uri]
-            core = await asyncio.to_thread(self.cache.get, uri)
-            flat = [q for i in calls for q in queries[i]]
-            answers = await asyncio.to_thread(core.encode_users, flat)
-            for i, part in zip(calls, _split(answers, [len(queries[i]) for i in calls]), strict=True):
-                out[i] = part
-        return out  # type: ignore[return-value]
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_users(flat))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def encode_queries(self, uris: list[str], queries: list[list]) -> list[list]:
-        out: list[list | None] = [None] * len(uris)
-        for uri in dict.fromkeys(uris):
-            calls = [i for i, u in enumerate(uris) if u == uri]
-            core = await asyncio.to_thread(self.cache.get, uri)
-            flat = [q for i in calls for q in queries[i]]
-            answers = await asyncio.to_thread(core.encode_queries, flat)
-            for i, part in zip(calls, _split(answers, [len(queries[i]) for i in calls]), strict=True):
-                out[i] = part
-        return out  # type: ignore[return-value]
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat))
 
     async def item_vectors(self, uri: str, item_ids: list[str]) -> list:
         core = await asyncio.to_thread(self.cache.get, uri)
@@ -229,14 +225,7 @@ class Ranker(_Versioned):
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
     async def rank(self, uris: list[str], inputs: list[list]) -> list[list]:
-        out: list[list | None] = [None] * len(uris)
-        for uri in dict.fromkeys(uris):
-            calls = [i for i, u in enumerate(uris) if u == uri]
-            core = await asyncio.to_thread(self.cache.get, uri)
-            answers = await asyncio.to_thread(core.rank, [x for i in calls for x in inputs[i]])
-            for i, part in zip(calls, _split(answers, [len(inputs[i]) for i in calls]), strict=True):
-                out[i] = part
-        return out  # type: ignore[return-value]
+        return await self._per_version(uris, inputs, lambda core, flat: core.rank(flat))
 
 
 RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
