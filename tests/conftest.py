@@ -35,6 +35,14 @@ def ports_free(ports) -> bool:
     return True
 
 
+def free_head_offsets(from_top: bool = False) -> list[int]:
+    """Port offsets at which a Ray head of a test's own finds its ports free (GCS, dashboard, client
+    server, agent). The dashboard stays below Ray's worker ports (10002+); the fault tests take offsets
+    from the top, the other tests that start heads from the bottom."""
+    offsets = range(1600, 999, -100) if from_top else range(1000, 1700, 100)
+    return [o for o in offsets if ports_free([6379 + o, 8265 + o, 20000 + o, 52365 + o])]
+
+
 def free_s3_ports() -> S3Ports:
     """Default SeaweedFS ports shifted by the first offset (20000, 20100, ...) whose ports and gRPC
     ports (+10000) are all free, so two test sessions on one machine do not collide."""

@@ -21,7 +21,7 @@ import yaml
 
 from tessera.embedded.ray_head import EmbeddedRay
 from tessera.storage import join_uri
-from tests.conftest import ports_free
+from tests.conftest import free_head_offsets
 from tests.serve.conftest import deploy_config, free_port, serve_cli, serve_deploy, wait_running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,10 +30,9 @@ E2E = "s3://tessera-test/e2e"
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, embedded_s3):
-    """A Ray head as `make ray-up` starts it (2 CPUs, token auth, loopback), on ports of its own
-    (offsets keep the dashboard below Ray's worker port range, 10002+)."""
+    """A Ray head as `make ray-up` starts it (2 CPUs, token auth, loopback), on ports of its own."""
     home = tmp_path_factory.mktemp("e2e-ray")
-    offset = next(o for o in range(1200, 1700, 100) if ports_free([6379 + o, 8265 + o, 20000 + o, 52365 + o]))
+    offset = free_head_offsets()[0]
     h = EmbeddedRay(home, port_offset=offset, num_cpus=2)
     h.start(extra_env=embedded_s3.env())
     yield h

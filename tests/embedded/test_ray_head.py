@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tessera.embedded.ray_head import EmbeddedRay
-from tests.conftest import ports_free
+from tests.conftest import free_head_offsets
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
@@ -20,7 +20,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, embedded_s3):
     home = tmp_path_factory.mktemp("ray-head")
-    offset = next(o for o in range(1000, 3000, 100) if ports_free([6379 + o, 8265 + o, 20000 + o, 52365 + o]))
+    offset = free_head_offsets()[0]
     h = EmbeddedRay(home, port_offset=offset, num_cpus=1)
     h.start(extra_env=embedded_s3.env())
     yield h

@@ -36,7 +36,7 @@ import yaml
 from tessera.embedded.ray_head import EmbeddedRay
 from tessera.embedded.seaweedfs import EmbeddedS3, S3Connection
 from tessera.storage import Storage, StorageConfig
-from tests.conftest import REPO_ROOT, free_s3_ports, ports_free
+from tests.conftest import REPO_ROOT, free_head_offsets, free_s3_ports
 
 RAY = str(Path(sys.executable).with_name("ray"))
 FAULT_ROOT = "s3://tessera-faults"
@@ -285,12 +285,6 @@ class RayCluster:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def ray_offsets() -> list[int]:
-    """Free port offsets for a head (the dashboard stays below Ray's worker ports, 10002+), from the top:
-    the other tests that start heads take them from the bottom."""
-    return [o for o in range(1600, 999, -100) if ports_free([6379 + o, 8265 + o, 20000 + o, 52365 + o])]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(request, tmp_path_factory, fault_s3):
     """A Ray head of this module's own, wired to ``fault_s3``; tests add worker nodes with ``add_node``.
@@ -301,7 +295,7 @@ def ray_cluster(request, tmp_path_factory, fault_s3):
     spec = {**DEFAULT_HEAD, **getattr(request.module, "RAY_HEAD", {})}
     cluster = None
     try:
-        for offset in ray_offsets()[:3]:
+        for offset in free_head_offsets(from_top=True)[:3]:
             home = tmp_path_factory.mktemp("fault-ray")
             cluster = RayCluster(home, EmbeddedRay(home, port_offset=offset, **spec), fault_s3.conn.env())
             try:

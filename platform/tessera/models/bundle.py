@@ -33,6 +33,7 @@ from tessera.storage import Storage, join_uri
 
 COMPONENTS = {"item_tower": ItemTower, "user_tower": UserTower, "ranker": Ranker}
 MANIFEST = "_MANIFEST.json"
+POPULARITY_FILE = "item_popularity.parquet"  # item_id, train_interactions: written by jobs.train, read by serving
 
 
 class BundleCorruptError(RuntimeError):

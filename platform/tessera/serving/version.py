@@ -33,8 +33,7 @@ import pyarrow.parquet as pq
 from tessera.index import IndexManifest, read_index_manifest
 from tessera.storage import Storage, join_uri
 
-BUNDLE_MANIFEST = "_MANIFEST.json"
-POPULARITY_FILE = "item_popularity.parquet"
+BUNDLE_MANIFEST = "_MANIFEST.json"  # tessera.models.bundle.MANIFEST (not imported: it pulls torch into the Ingress)
 
 
 class VersionError(RuntimeError):
@@ -104,16 +103,6 @@ class VersionRef:
                 "placeholder_model": bool(self.bundle_manifest.get("placeholder", False))}
 
 
-def _fixed_list_matrix(column: pa.ChunkedArray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A nullable ``fixed_size_list<float32>[dim]`` column -> ``(N, dim)`` float32 (0 where null), ``(N,)`` valid."""
-    from tessera.index_job.vectors import column_matrix
-
-    x = column_matrix(column, dim)
-    valid = np.isfinite(x).all(axis=1)
-    x[~valid] = 0.0
-    return x, valid
-
-
 @dataclass
 class ItemVectors:
     """Every item of the version (sorted ids) with its fused item-tower vector.
@@ -153,9 +142,11 @@ class ItemVectors:
                     tables.append(pq.read_table(f, columns=["item_id", "fused"]))
             except FileNotFoundError:
                 raise VersionError(f"item vectors part {uri} named by the index manifest is missing") from None
+        from tessera.train.catalog import vector_matrix
+
         table = pa.concat_tables(tables)
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object).astype(str)
-        fused, valid = _fixed_list_matrix(table.column("fused"), ref.manifest.dim)
+        fused, valid = vector_matrix(table.column("fused"), ref.manifest.dim)  # zeros where null
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
@@ -177,6 +168,8 @@ def read_popularity(storage: Storage, ref: VersionRef, items: ItemVectors) -> np
     A bundle without the file (a placeholder) gives zeros: cold-start answers then fall back to id
     order, and the ranker's popularity feature is 0 for every item.
     """
+    from tessera.models.bundle import POPULARITY_FILE
+
     uri = join_uri(ref.model_uri, POPULARITY_FILE)
     counts = np.zeros(items.num_items, np.float32)
     if not storage.exists(uri):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from tessera.models.bundle import MANIFEST, ModelBundle
+from tessera.models.bundle import MANIFEST, POPULARITY_FILE, ModelBundle
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
@@ -36,7 +36,6 @@ from tessera.train.state import STATE_FILE, TrainState, load_state
 from tessera.train.worker import RANKED, train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
-POPULARITY_FILE = "item_popularity.parquet"
 
 
 class BundleExistsError(RuntimeError):
