@@ -9,11 +9,11 @@ the demo's Serve proxy (127.0.0.1:8000), next to the demo app (idle meanwhile).
 
 1. Version: a ``--items`` catalog made from the demo's real artifacts (``bench/_scaled.py``: the
    demo embedding run plus synthetic noisy copies, then the real index job with ``configs/index.yaml``
-   and the demo bundle), cached in ``s3://tessera-bench/serve`` between runs. Two ``index:`` settings
-   are overridden: ``num_neighbors`` = the candidates the app retrieves (the bundle's, 50), and
-   ``reorder_num_neighbors`` = ``--reorder`` (5000): the job tunes the reordering depth on item
-   queries, which pass at 100, while the user vectors (cosine ~0.15 to their best items) need ~5000
-   for the job's own user-query self-check (recall@10 >= 0.95) to pass at 100k items.
+   and the demo bundle), cached in ``s3://tessera-bench/serve`` between runs. The house settings
+   apply: shards tuned for recall@50 (the candidates the app retrieves) on their own vectors and on
+   user vectors (at 100k items the two fused shards tuned to reordering depths 16000 and 4000; the
+   job's user-query self-check then reads recall@10 0.98). ``--reorder`` pins the depth instead,
+   ``num_neighbors`` is overridden only when the bundle retrieves another count than the config's.
 2. In-process baseline: ``Flow(LocalStages(storage))`` in this process (1 torch thread, as each
    replica), one request at a time; request parsing and the response model included, no HTTP.
 3. Two Serve apps on the same proxy, measured one after the other at each level (alternating, so
@@ -400,6 +400,8 @@ def run(args) -> dict:
 
     from bench._scaled import scaled_version
     from serve_apps.recommender import RecommenderArgs, build_app
+    from tessera.config import load_config
+    from tessera.index_job import IndexJobConfig
     from tessera.storage import Storage, join_uri
 
     loadavg_start = os.getloadavg()
@@ -408,9 +410,13 @@ def run(args) -> dict:
     storage.ensure_bucket(BENCH_ROOT)
     candidates = int(storage.read_json(join_uri(args.model_uri, "_MANIFEST.json"))
                      .get("ranker_features", {}).get("candidates", 50))
-    # Shards tuned for the k the app retrieves, and a pinned reordering depth: the job tunes the depth on
-    # item queries, which the fused vectors answer easily; user vectors need a far deeper one (see --reorder).
-    overrides = {"num_neighbors": candidates, "reorder_num_neighbors": args.reorder}
+    # Shards tuned for the k the app retrieves (configs/index.yaml says 50); --reorder pins the depth.
+    overrides = {}
+    house = load_config(IndexJobConfig, Path(__file__).resolve().parents[1] / "configs" / "index.yaml")
+    if candidates != house.index.num_neighbors:
+        overrides["num_neighbors"] = candidates
+    if args.reorder:
+        overrides["reorder_num_neighbors"] = args.reorder
     version = scaled_version(storage, args.source_run, args.model_uri, BENCH_ROOT, args.items, args.spread, args.seed,
                              overrides)
     print(f"[bench] version {version.index_uri}: {version.corpus['items']} items ({version.corpus['built_now']}, "
@@ -494,9 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=100_000, help="catalog size of the scaled version")
     parser.add_argument("--spread", type=float, default=0.5, help="noise of the synthetic copies (bench/_scaled.py)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reorder", type=int, default=5000,
-                        help="index.reorder_num_neighbors of the scaled index (the job's self-check on user "
-                             "queries needs ~5000 at 100k items)")
+    parser.add_argument("--reorder", type=int, default=None,
+                        help="pin index.reorder_num_neighbors of the scaled index (default: tuned by the job)")
     parser.add_argument("--source-run", default="s3://tessera-demo/embeddings/demo")
     parser.add_argument("--model-uri", default="s3://tessera-demo/models/v1")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 5, 20, 50], help="concurrent clients")

@@ -85,3 +85,27 @@ def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage
         ShardedIndex.load(storage, uri)
     with pytest.raises(FileNotFoundError):
         read_index_manifest(storage, uri)
+
+
+def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, ray_session, storage, bucket_uri,
+                                                                   capsys):
+    from tessera.index_job.self_check import read_interactions, tuning_user_queries, user_query_vectors
+    from tessera.models.bundle import ModelBundle
+
+    cfg = job_config(bundle_uri, join_uri(bucket_uri, "index-tuned"), modal_indexes=False,
+                     index={"mode": "ah"}, self_check={"tuning_user_queries": 40})
+    manifest = run_index_job(cfg)
+    assert "tune on their own vectors and" in capsys.readouterr().out
+    assert all(s.params.mode == "ah" and s.params.reorder_num_neighbors >= 100 for s in manifest.shards)
+    assert manifest.recall_checks["user"].recall >= 0.95
+    uri = join_uri(bucket_uri, "index-tuned", "seeded-index")
+    parts = [join_uri(uri, p) for p in manifest.item_vectors]
+    tuning = tuning_user_queries(storage, parts, "fused", cfg.self_check, bundle_uri,
+                                 manifest.source["interactions_uri"])
+    ids, vectors = read_rows(storage, parts, "fused")
+    checked = user_query_vectors(ModelBundle.load(storage, bundle_uri).user_tower.eval(),
+                                 read_interactions(storage, manifest.source["interactions_uri"]), ids, vectors,
+                                 cfg.self_check)
+    assert len(tuning) > 10 and len(checked) > 10
+    same = np.isclose(tuning @ checked.T, 1.0, atol=1e-6)  # unit vectors: a shared user scores 1
+    assert not same.any()

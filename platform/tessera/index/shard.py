@@ -3,7 +3,10 @@
 :func:`build_shard` is the unit of work a Ray task runs (no Ray here): it normalises the vectors,
 picks the algorithm from the shard's size (:func:`tessera.index.params.derive_params`), builds the
 ScaNN searcher, and tunes the reordering depth and ``num_leaves_to_search`` for the recall target on
-leave-one-out queries (shard vectors searched with themselves excluded), recording the final recall.
+leave-one-out queries (shard vectors searched with themselves excluded) and, when given, on real
+queries of another kind (the index job passes user-tower vectors: they sit far flatter over the
+items than an item's own vector does, and need a much deeper reordering for the same recall),
+recording the final recall (the lowest over the query sets).
 
 Thread safety: :func:`search_shard` only reads the shard. ScaNN's ``search_batched`` (non-parallel
 mode) is a const search in C++ and releases the GIL while it runs; 8 threads hammering one searcher
@@ -42,7 +45,8 @@ class ShardArtifact:
         searcher: the ScaNN searcher (None for brute-force shards).
         vectors: (N, D) float32 normalised vectors (brute-force shards only, else None).
         build_seconds: wall time of build + tuning.
-        self_recall: leave-one-out recall@num_neighbors measured after tuning (1.0 when exact).
+        self_recall: recall@num_neighbors measured after tuning (1.0 when exact): the lowest of the
+            leave-one-out item queries and the extra tuning queries, if any.
     """
 
     shard_id: int
@@ -77,7 +81,7 @@ class ShardArtifact:
 
 
 def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, shard_id: int = 0,
-                catalog_size: int | None = None) -> ShardArtifact:
+                catalog_size: int | None = None, tuning_queries=None) -> ShardArtifact:
     """Build one shard from its ids and vectors.
 
     Args:
@@ -86,6 +90,8 @@ def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, 
         config: build settings; defaults follow ScaNN's guidance.
         shard_id: the shard's position in its index.
         catalog_size: items in the whole index, when this is one shard of several.
+        tuning_queries: (Q, D) array-like of real queries the tuning must also bring to the recall
+            target (against exact search over this shard), besides the shard's own vectors.
 
     Returns:
         A searchable :class:`ShardArtifact` with tuned params and its self-check recall.
@@ -104,13 +110,20 @@ def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, 
         raise ValueError(f"shard {shard_id} is empty")
     if config.normalize:
         x = l2_normalize(x, "item vectors")
+    extra = None
+    if tuning_queries is not None and len(tuning_queries):
+        extra = as_float_matrix(tuning_queries, "tuning queries")
+        if extra.shape[1] != x.shape[1]:
+            raise ValueError(f"shard {shard_id}: tuning queries have dimension {extra.shape[1]}, items {x.shape[1]}")
+        if config.normalize:
+            extra = l2_normalize(extra, "tuning queries")
     params = derive_params(x.shape[0], x.shape[1], config, catalog_size)
     if params.mode == "brute_force":
         shard = ShardArtifact(shard_id, np.asarray(ids, dtype=object), params, vectors=x, self_recall=1.0)
     else:
         searcher = _build_searcher(x, params, config.training_threads)
         shard = ShardArtifact(shard_id, np.asarray(ids, dtype=object), params, searcher=searcher)
-        shard.params, shard.self_recall = _tune(shard, x, config)
+        shard.params, shard.self_recall = _tune(shard, x, config, extra)
     shard.build_seconds = time.perf_counter() - start
     return shard
 
@@ -129,20 +142,27 @@ def _build_searcher(x: np.ndarray, params: ScannParams, training_threads: int):
     return builder.set_n_training_threads(training_threads).build()
 
 
-def _tune(shard: ShardArtifact, x: np.ndarray, config: IndexConfig) -> tuple[ScannParams, float]:
-    """Raise reordering depth, then leaves searched, until leave-one-out recall meets the target."""
+def _tune(shard: ShardArtifact, x: np.ndarray, config: IndexConfig,
+          extra: np.ndarray | None = None) -> tuple[ScannParams, float]:
+    """Raise reordering depth, then leaves searched, until every query set meets the recall target.
+
+    The query sets: a sample of the shard's own vectors searched with themselves excluded, and
+    ``extra`` (already normalised) when given. The recall of a setting is the lowest over the sets.
+    """
     params, n = shard.params, shard.count
     k = min(params.num_neighbors, n - 1)
     if k < 1:
         return params, 1.0
     rng = np.random.default_rng(config.seed + shard.shard_id)
     sample = np.sort(rng.choice(n, size=min(config.tuning_queries, n), replace=False))
-    queries, self_rows = x[sample], [np.asarray([s]) for s in sample]
-    truth, _ = exact_search(queries, x, k, exclude_rows=self_rows)
+    self_rows = [np.asarray([s]) for s in sample]
+    query_sets = [(x[sample], self_rows, exact_search(x[sample], x, k, exclude_rows=self_rows)[0])]
+    if extra is not None:
+        query_sets.append((extra, None, exact_search(extra, x, k)[0]))
 
     def recall(p: ScannParams) -> float:
-        rows, _ = _scann_search(shard.searcher, p, n, queries, k, self_rows)
-        return recall_at_k(rows.tolist(), truth.tolist())
+        return min(recall_at_k(_scann_search(shard.searcher, p, n, q, k, excl)[0].tolist(), truth.tolist())
+                   for q, excl, truth in query_sets)
 
     target = config.recall_target
     if config.reorder_num_neighbors is None:

@@ -133,7 +133,8 @@ def save_shard(storage: Storage, index_uri: str, shard: ShardArtifact) -> ShardM
 
 
 def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, vectors,
-                         config: IndexConfig | None = None, catalog_size: int | None = None) -> ShardManifest:
+                         config: IndexConfig | None = None, catalog_size: int | None = None,
+                         tuning_queries=None) -> ShardManifest:
     """Build one shard and save it; the body of one Ray task in the index job.
 
     Returns only the (small, picklable) manifest: ScaNN searchers cannot cross process boundaries.
@@ -145,6 +146,7 @@ def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, v
         ids, vectors: the shard's items, (N,) and (N, D).
         config: build settings.
         catalog_size: items over all shards.
+        tuning_queries: extra real queries the build tunes on (see :func:`~tessera.index.shard.build_shard`).
 
     Example::
 
@@ -152,7 +154,7 @@ def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, v
         manifests = [build_and_save_shard(storage, uri, i, [ids[r] for r in rows], vecs[rows])
                      for i, rows in enumerate(parts)]
     """
-    return save_shard(storage, index_uri, build_shard(ids, vectors, config, shard_id, catalog_size))
+    return save_shard(storage, index_uri, build_shard(ids, vectors, config, shard_id, catalog_size, tuning_queries))
 
 
 def manifest_bytes(manifest: BaseModel) -> bytes:

@@ -115,17 +115,20 @@ def read_rows(storage: Storage, parts: list[str], column: str, ids: list[str] | 
 
 
 def build_shard_task(storage: Storage, parts: list[str], column: str, ids: list[str], shard_id: int,
-                     index_uri: str, config: IndexConfig, catalog_size: int) -> ShardManifest:
-    """Body of one shard's Ray task: read its rows, build, save with checksums, return the manifest."""
+                     index_uri: str, config: IndexConfig, catalog_size: int,
+                     tuning_queries: np.ndarray | None = None) -> ShardManifest:
+    """Body of one shard's Ray task: read its rows, build (tuning also on ``tuning_queries``), save
+    with checksums, return the manifest."""
     got_ids, vectors = read_rows(storage, parts, column, ids)
     if len(got_ids) != len(ids):
         raise RuntimeError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} items "
                            f"in the vectors parts")
-    return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size)
+    return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries)
 
 
 def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_uri: str, config: IndexConfig,
-              num_cpus: float, memory_gb: float | None = None) -> dict[str, list[ShardManifest]]:
+              num_cpus: float, memory_gb: float | None = None,
+              tuning_queries: dict[str, np.ndarray] | None = None) -> dict[str, list[ShardManifest]]:
     """Build every shard of every planned index as parallel Ray tasks; manifests by index name.
 
     Args:
@@ -136,6 +139,8 @@ def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_
         config: shard build settings (``training_threads`` matching ``num_cpus``).
         num_cpus: CPUs per task.
         memory_gb: memory reserved per task (None: none).
+        tuning_queries: by index name, real queries its shards also tune on (e.g. user vectors for
+            ``fused``); put in the object store once and shared by that index's tasks.
     """
     import ray
 
@@ -143,9 +148,12 @@ def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_
     if memory_gb:
         options["memory"] = int(memory_gb * (1 << 30))
     task = ray.remote(build_shard_task).options(**options)
+    tuning_queries = tuning_queries or {}
     pending = {}
     for plan in plans:
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
-        pending[plan.name] = [task.remote(storage, parts, plan.column, ids, i, uri, config, plan.num_items)
-                              for i, ids in enumerate(plan.shards)]
+        queries = tuning_queries.get(plan.name)
+        queries_ref = ray.put(queries) if queries is not None and len(queries) else None
+        pending[plan.name] = [task.remote(storage, parts, plan.column, ids, i, uri, config, plan.num_items,
+                                          queries_ref) for i, ids in enumerate(plan.shards)]
     return {name: ray.get(refs) for name, refs in pending.items()}

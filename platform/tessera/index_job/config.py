@@ -74,6 +74,10 @@ class SelfCheckConfig(TesseraConfig):
             their history, the last ``holdout`` events held out) are queries.
         item_queries: items sampled from the catalog; their fused vectors are queries (and, for each
             per-modality index, their vectors of that modality).
+        tuning_user_queries: further users (never those the check measures) whose user vectors the
+            fused index's shard builds tune on, beside the shards' own item vectors: user vectors
+            sit much flatter over the items than item vectors do, so a reordering depth tuned on
+            items alone can miss the target for users (0: tune on item vectors only).
         holdout: each sampled user's last events left out of the history.
         max_history: most recent history events fed to the user tower (None: the tower's own limit).
         seed: seeds the samples.
@@ -83,6 +87,7 @@ class SelfCheckConfig(TesseraConfig):
     k: int = Field(10, ge=1)
     user_queries: int = Field(200, ge=0)
     item_queries: int = Field(200, ge=0)
+    tuning_user_queries: int = Field(200, ge=0)
     holdout: int = Field(1, ge=0)
     max_history: int | None = Field(None, ge=1)
     seed: int = 0

@@ -29,10 +29,11 @@ from tessera.index import (
     make_index_manifest,
     write_index_manifest,
 )
+from tessera.index.params import choose_mode
 from tessera.index.shard_io import manifest_bytes
 from tessera.index_job.build import build_all, plan_indexes
 from tessera.index_job.config import IndexJobConfig
-from tessera.index_job.self_check import run_self_check
+from tessera.index_job.self_check import run_self_check, tuning_user_queries
 from tessera.index_job.sources import IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.storage import Storage, join_uri
@@ -87,8 +88,18 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
           flush=True)
 
     t_build = time.perf_counter()
+    tuning = {}
+    fused_plan = next(p for p in plans if p.name == "fused")
+    approximate = any(choose_mode(len(ids), cfg.index, fused_plan.num_items) != "brute_force"
+                      for ids in fused_plan.shards)
+    if cfg.self_check.tuning_user_queries and approximate:
+        tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(num_cpus=cfg.build.num_cpus).remote(
+            storage, vectors.parts, FUSED, cfg.self_check, cfg.model_uri, src.interactions_uri,
+            cfg.build.training_threads))
+        print(f"[index] fused shards tune on their own vectors and {len(tuning['fused'])} user vectors "
+              f"(users outside the self-check's sample)", flush=True)
     shard_manifests = build_all(storage, plans, vectors.parts, src.index_uri, cfg.index_config(),
-                                cfg.build.num_cpus, cfg.build.memory_gb)
+                                cfg.build.num_cpus, cfg.build.memory_gb, tuning_queries=tuning)
     build_s = time.perf_counter() - t_build
 
     t_check = time.perf_counter()

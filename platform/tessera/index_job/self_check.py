@@ -42,14 +42,20 @@ def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
 
 
 def user_query_vectors(user_tower, interactions: pa.Table, ids: list[str], vectors: np.ndarray,
-                       cfg: SelfCheckConfig) -> np.ndarray:
-    """User vectors of up to ``cfg.user_queries`` sampled users with a non-empty history in the index.
+                       cfg: SelfCheckConfig, count: int | None = None, skip: int = 0) -> np.ndarray:
+    """User vectors of up to ``count`` sampled users with a non-empty history in the index.
+
+    Users are drawn in one seeded random order (``cfg.seed``); the sample is ``count`` users after
+    the first ``skip`` of that order, so the build's tuning queries (``skip = cfg.user_queries``)
+    never include a user the self-check measures.
 
     Args:
         user_tower: the bundle's :class:`~tessera.models.UserTower` (eval mode).
         interactions: the log (``user_id``, ``item_id``, ``ts``, ``weight``).
         ids, vectors: the indexed items and their fused vectors (N, E).
-        cfg: sample size, holdout, history length, seed.
+        cfg: holdout, history length, seed.
+        count: users wanted (None: ``cfg.user_queries``).
+        skip: users of the seeded order left out first.
 
     Returns:
         (Q, E) float32 user vectors (Q may be below the sample size for a small log).
@@ -66,8 +72,8 @@ def user_query_vectors(user_tower, interactions: pa.Table, ids: list[str], vecto
     order = np.lexsort((np.arange(len(ts)), ts, users))  # by user, then time, then log order
     _, first, counts = np.unique(users[order], return_index=True, return_counts=True)
     eligible = np.flatnonzero(counts > cfg.holdout)
-    rng = np.random.default_rng(cfg.seed)
-    picked = np.sort(rng.choice(eligible, size=min(cfg.user_queries, len(eligible)), replace=False))
+    count = cfg.user_queries if count is None else count
+    picked = np.sort(np.random.default_rng(cfg.seed).permutation(eligible)[skip:skip + count])
     max_len = cfg.max_history or user_tower.config.max_history
     hist_rows, hist_ts, hist_w, query_ts = [], [], [], []
     for u in picked:
@@ -87,6 +93,22 @@ def user_query_vectors(user_tower, interactions: pa.Table, ids: list[str], vecto
     with torch.no_grad():
         out = user_tower(item_vecs, batch.mask, batch.timestamps_ms, torch.tensor(query_ts), batch.weights)
     return out.numpy().astype(np.float32)  # (Q, E)
+
+
+def tuning_user_queries(storage: Storage, parts: list[str], column: str, cfg: SelfCheckConfig, model_uri: str,
+                        interactions_uri: str, torch_threads: int = 1) -> np.ndarray:
+    """User vectors for the shard builds' tuning: ``cfg.tuning_user_queries`` users, none of them
+    among the self-check's (the next users of the same seeded order). A Ray task in the job: it
+    reads every item vector of ``column`` and the log, and returns only the (Q, E) queries."""
+    import torch
+
+    from tessera.models.bundle import ModelBundle
+
+    torch.set_num_threads(torch_threads)
+    ids, vectors = read_rows(storage, parts, column)
+    user_tower = ModelBundle.load(storage, model_uri).user_tower.eval()
+    return user_query_vectors(user_tower, read_interactions(storage, interactions_uri), ids, vectors, cfg,
+                              count=cfg.tuning_user_queries, skip=cfg.user_queries)
 
 
 def load_saved_index(storage: Storage, index_uri: str, manifest: IndexManifest) -> ShardedIndex:
