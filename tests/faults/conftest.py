@@ -260,11 +260,12 @@ class RayCluster:
                     return row["node_id"]
         return None
 
-    def submit(self, *entrypoint: str) -> Job:
-        """``ray job submit --no-wait --working-dir <repo> -- <entrypoint>``."""
+    def submit(self, *entrypoint: str, env_vars: dict[str, str] | None = None) -> Job:
+        """``ray job submit --no-wait --working-dir <repo> [--runtime-env-json {"env_vars": ...}] -- <entrypoint>``."""
         sid = f"fault-{uuid.uuid4().hex[:10]}"
+        runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env_vars})] if env_vars else []
         cmd = [RAY, "job", "submit", "--address", self.head.dashboard_url, "--working-dir", str(REPO_ROOT),
-               "--submission-id", sid, "--no-wait", "--", *entrypoint]
+               "--submission-id", sid, "--no-wait", *runtime_env, "--", *entrypoint]
         for _ in range(30):  # the job agent comes up a little after the head; the CLI says so
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
                                   env=self.client_env(), check=False)
