@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ENV := . .tessera/env.sh &&
 
-.PHONY: setup demo test test-fast storage-up storage-down ray-up ray-down stack-up stack-down lint clean-state
+.PHONY: setup demo test test-fast storage-up storage-down ray-up ray-down prometheus-up prometheus-down stack-up stack-down lint clean-state
 
 setup: $(STAMP)
 
@@ -27,8 +27,16 @@ storage-down:
 ray-up: setup
 	@$(VENV)/bin/tessera ray up
 
+# also stops the head's Prometheus
 ray-down:
 	@$(VENV)/bin/tessera ray down
+
+# Prometheus on 127.0.0.1:9090 scraping the head, when `prometheus` is installed (one line saying it is skipped otherwise)
+prometheus-up: ray-up
+	@$(VENV)/bin/tessera prometheus up
+
+prometheus-down:
+	@$(VENV)/bin/tessera prometheus down
 
 stack-up: storage-up ray-up
 stack-down: ray-down storage-down
@@ -37,7 +45,7 @@ SUBMIT := $(ENV) $(VENV)/bin/ray job submit --working-dir . --
 # A job runs in a copy of the working dir, so the real media folder is passed as an absolute path
 # (a path on this machine: on a real cluster, disable real_media or copy the media to every node).
 SHARED_DATA := $(abspath ../shared/data)
-demo: stack-up
+demo: stack-up prometheus-up
 	@echo "== 1/6 sample corpus -> s3://tessera-demo/corpus"
 	@$(ENV) $(VENV)/bin/ray job submit --working-dir . \
 		--runtime-env-json '{"env_vars": {"TESSERA__REAL_MEDIA__DATA_DIR": "$(SHARED_DATA)"}}' \
@@ -54,6 +62,7 @@ demo: stack-up
 	@$(ENV) $(VENV)/bin/serve deploy serve_apps/recommender.yaml
 	@$(ENV) $(PY) -m serve_apps.demo_client --wait 300
 	@echo "Ray dashboard: http://127.0.0.1:8265 (token in .tessera/ray/auth_token); shell set-up: source .tessera/env.sh"
+	@$(VENV)/bin/tessera prometheus status || true
 
 test: setup
 	@$(PY) -m pytest -q

@@ -1,7 +1,10 @@
 """``tessera`` command line: bring the embedded stack up and down.
 
     tessera storage up|down|status     SeaweedFS S3 on 127.0.0.1:8333
-    tessera ray up|down|status         Ray head on 127.0.0.1 (dashboard :8265), token auth on
+    tessera ray up|down|status         Ray head on 127.0.0.1 (dashboard :8265), token auth on;
+                                       ``down`` also stops the head's Prometheus
+    tessera prometheus up|down|status  Prometheus on 127.0.0.1:9090 scraping the head's metrics,
+                                       when ``prometheus`` is installed (skipped otherwise)
     tessera env                        print the shell exports (same as .tessera/env.sh)
 
 State lives in ``.tessera/`` (or ``$TESSERA_HOME``); ``source .tessera/env.sh`` sets up a shell for
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tessera.embedded.prometheus import DEFAULT_PORT, EmbeddedPrometheus
 from tessera.embedded.ray_head import EmbeddedRay
 from tessera.embedded.seaweedfs import EmbeddedS3
 from tessera.embedded.state import env_file, read_env_file, state_dir, update_env_file
@@ -35,8 +39,8 @@ def _storage(action: str) -> int:
     return 0
 
 
-def _ray(action: str, num_cpus: int | None, num_gpus: int | None) -> int:
-    head = EmbeddedRay(state_dir(), num_cpus=num_cpus, num_gpus=num_gpus)
+def _ray(action: str, num_cpus: int | None, num_gpus: int | None, port_offset: int = 0) -> int:
+    head = EmbeddedRay(state_dir(), port_offset=port_offset, num_cpus=num_cpus, num_gpus=num_gpus)
     if action == "up":
         saved = read_env_file()
         head.start(extra_env={k: saved[k] for k in AWS_KEYS if k in saved})
@@ -44,10 +48,34 @@ def _ray(action: str, num_cpus: int | None, num_gpus: int | None) -> int:
         print(f"Ray head up; dashboard {head.dashboard_url} (token auth on). "
               f"For `ray job submit`: source {path}")
     elif action == "down":
+        if EmbeddedPrometheus.for_head(state_dir(), head).stop():  # it scrapes this head: it goes with it
+            print("Prometheus stopped")
         print("Ray head stopped" if head.stop() else "Ray head was not running")
     else:
         up = head.running()
         print(f"Ray head answering at {head.dashboard_url}" if up else "Ray head not running")
+        return 0 if up else 1
+    return 0
+
+
+def _prometheus(action: str, port: int) -> int:
+    prom = EmbeddedPrometheus.for_head(state_dir(), EmbeddedRay(state_dir()), port=port)
+    if action == "up":
+        if prom.binary() is None:
+            print("Prometheus: skipped, `prometheus` is not installed (Debian: apt-get install prometheus)")
+            return 0
+        url = prom.start()
+        print(f"Prometheus up at {url}, scraping the Ray head's nodes listed in {prom.discovery_file} "
+              f"(data in {prom.data_dir})")
+    elif action == "down":
+        print("Prometheus stopped" if prom.stop() else "Prometheus was not running")
+    else:
+        pid = prom.pid()
+        up = pid is not None and prom.ready()
+        if up:
+            print(f"Prometheus: {prom.url} (pid {pid}; Grafana set-up: README, Monitoring)")
+        else:
+            print("Prometheus not running" if prom.binary() else "Prometheus not installed")
         return 0 if up else 1
     return 0
 
@@ -61,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     p_ray.add_argument("action", choices=["up", "down", "status"])
     p_ray.add_argument("--num-cpus", type=int, default=None)
     p_ray.add_argument("--num-gpus", type=int, default=None, help="logical GPUs to advertise")
+    p_ray.add_argument("--port-offset", type=int, default=0,
+                       help="shift Ray's ports (a second head beside the demo's, as the tests start)")
+    p_prom = sub.add_parser("prometheus", help="Prometheus scraping the Ray head (when installed)")
+    p_prom.add_argument("action", choices=["up", "down", "status"])
+    p_prom.add_argument("--port", type=int, default=DEFAULT_PORT)
     sub.add_parser("env", help="print shell exports for the embedded stack")
     args = parser.parse_args(argv)
     if args.command == "storage":
         return _storage(args.action)
     if args.command == "ray":
-        return _ray(args.action, args.num_cpus, args.num_gpus)
+        return _ray(args.action, args.num_cpus, args.num_gpus, args.port_offset)
+    if args.command == "prometheus":
+        return _prometheus(args.action, args.port)
     path = env_file()
     if not path.exists():
         print(f"{path} does not exist yet: run `tessera storage up` first", file=sys.stderr)
