@@ -79,11 +79,14 @@ class RankerSection(TesseraConfig):
         enabled: train (and evaluate) a ranker; a bundle always holds one, untrained when disabled.
         epochs / batch_size / lr: optimisation.
         candidates: K, retrieval top-K re-ranked at evaluation (and serving).
-        num_hard / num_random: negatives per training list from the top-K and uniformly.
+        num_hard / num_random: negatives per training list, drawn uniformly from the retrieval
+            top-K (``K - 1`` or more: the whole top-K) and from the catalog. A list is built only
+            for an example whose target is in the top-K, as at evaluation (see
+            :meth:`tessera.train.ranking.RankerModel.training_lists`).
         loss: ``listwise`` softmax over each list or pointwise ``bce``.
-        tail: each user's last ``tail`` training examples train the ranker only; the retrieval
-            towers never see them, so the ranker learns how retrieval scores look on unseen data
-            (trained on the towers' own training examples it learns to trust an over-fitted score).
+        tail: each user's last ``tail`` training examples are kept from the retrieval towers, so
+            part of the ranker's lists carry retrieval scores of unseen data. The ranker trains on
+            every example (the tail alone, ~2 lists a user, is too few to learn from).
         residual: the final score is ``retrieval_score / towers.temperature + ranker logit``, with
             the ranker's last layer initialised to 0, so training starts from the retrieval order
             and learns a correction (serving must add the same term: the manifest says so).
@@ -94,7 +97,7 @@ class RankerSection(TesseraConfig):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     candidates: int = Field(50, ge=2)
-    num_hard: int = Field(16, ge=0)
+    num_hard: int = Field(49, ge=0)
     num_random: int = Field(16, ge=0)
     loss: Literal["listwise", "bce"] = "listwise"
     tail: int = Field(2, ge=1)

@@ -3,8 +3,8 @@
     read_parquet(interactions) -> map ids to catalog rows (item ids read from the embedding run)
       -> groupby(user_id).map_groups(time split)     = ``users``   (one row per user)
       -> map_batches(next-item examples)
-      -> each user's last ``ranker.tail`` examples     = ``ranker``  (the ranker's lists)
-         the others                                   = ``train``   (the retrieval towers)
+      -> all but each user's last ``ranker.tail``      = ``train``   (the retrieval towers)
+         every example                                = ``ranker``  (the ranker's lists)
 
 Both are materialised once before training (they are small next to the object store), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
@@ -74,6 +74,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
                                  batch_format="numpy").materialize()
     tail = cfg.ranker.tail if cfg.ranker.enabled else 0
     train = examples.filter(expr=col("from_end") >= tail).materialize()
-    ranker = examples.filter(expr=col("from_end") < tail).materialize()
+    # The ranker reads every example: the tail alone (~2 lists a user) is too few lists to learn from.
+    ranker = examples if cfg.ranker.enabled else examples.filter(expr=col("from_end") < 0).materialize()
     return TrainDatasets(train=train, ranker=ranker, users=users, num_items=len(item_ids), interactions=total,
                          unknown_items=total - n_known, examples=examples.count(), num_users=users.count())

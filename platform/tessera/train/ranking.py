@@ -1,11 +1,13 @@
 """The ranker stage (plain torch): lists from the fused retrieval model, trained and evaluated.
 
 For each training example the frozen fused towers score the full catalog, the user's history is
-masked out (as at serving time), and the retrieval top-K gives ``num_hard`` hard negatives; with
-``num_random`` uniform negatives and the positive they form one list
-(:func:`tessera.models.build_ranker_examples`). The ranker sees the history and candidate item-tower
-vectors plus dense features: the retrieval score, per-modality cosine between the candidate's raw
-encoder embedding and the history's mean, modality presence and log popularity.
+masked out (as at serving time), and when the target is in the retrieval top-K, ``num_hard`` hard
+negatives drawn uniformly from that top-K, ``num_random`` uniform negatives and the positive form
+one list (:meth:`RankerModel.training_lists`, :func:`tessera.models.build_ranker_examples`): the
+lists look like the top-K that :meth:`RankerModel.rerank` re-orders. The ranker sees the history
+and candidate item-tower vectors plus dense features: the retrieval score, per-modality cosine
+between the candidate's raw encoder embedding and the history's mean, modality presence and log
+popularity.
 
 At evaluation the top-K of retrieval is re-ordered by the ranker; items below the top-K keep their
 retrieval order after it, so metrics stay full-catalog.
@@ -112,17 +114,41 @@ class RankerModel(nn.Module):
             return retrieval / self.retrieval.cfg.temperature + correction
         return correction
 
+    def training_lists(self, target: torch.Tensor, scores: torch.Tensor, rng: np.random.Generator,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lists drawn like the ones :meth:`rerank` re-orders: ``(keep, candidates, labels)``.
+
+        Only examples whose target is in the retrieval top-K keep a list (``keep``, ``(B,)`` bool):
+        re-ranking the top-K cannot move a target outside it, and a list that always holds the
+        positive whatever its retrieval rank teaches the ranker that ranks past ``num_hard`` mean
+        "positive" (they are never negatives there) and so pushes the top of retrieval down.
+        Hard negatives are ``num_hard`` items drawn uniformly from the top-K (all of it when
+        ``num_hard >= K - 1``), not its best-ranked ones, for the same reason; ``num_random``
+        uniform items follow. ``candidates``/``labels`` are ``(B', 1 + H + R)``, positive first.
+        """
+        k = min(self.cfg.candidates, scores.shape[1])
+        top = scores.topk(k, dim=1).indices  # (B, K)
+        keep = (top == target[:, None]).any(dim=1)  # (B,)
+        top, target = top[keep], target[keep]
+        if not len(target):
+            empty = torch.zeros(0, 1 + min(self.cfg.num_hard, k - 1) + self.cfg.num_random, dtype=torch.long)
+            return keep, empty.to(target.device), empty.float().to(target.device)
+        gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        shuffled = top.gather(1, torch.rand(top.shape, generator=gen).argsort(dim=1).to(top.device))  # (B', K)
+        ex = build_ranker_examples(target.cpu().numpy(), shuffled.cpu().numpy(), scores.shape[1],
+                                   min(self.cfg.num_hard, k - 1), self.cfg.num_random, rng)
+        return keep, torch.from_numpy(ex.candidates).to(target.device), torch.from_numpy(ex.labels).to(target.device)
+
     def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
-        """Training loss over lists built for one batch of examples."""
+        """Training loss over the lists of one batch of examples (see :meth:`training_lists`)."""
         hist = history_from_batch(batch)
         target = batch["target"].long()
         scores = self.retrieve(hist, batch["target_ts"].long())  # (B, I)
-        top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices.cpu().numpy()
-        ex = build_ranker_examples(target.cpu().numpy(), top, scores.shape[1], self.cfg.num_hard,
-                                   self.cfg.num_random, rng)
-        candidates = torch.from_numpy(ex.candidates).to(target.device)
-        labels = torch.from_numpy(ex.labels).to(target.device)
-        logits = self.logits(hist, candidates, scores)
+        keep, candidates, labels = self.training_lists(target, scores, rng)
+        if not keep.any():  # no target in the top-K: a zero loss still reaches every parameter (DDP)
+            return sum(p.sum() for p in self.ranker.parameters()) * 0.0
+        hist = HistoryBatch(hist.item_idx[keep], hist.mask[keep], hist.timestamps_ms[keep], hist.weights[keep])
+        logits = self.logits(hist, candidates, scores[keep])
         if self.cfg.loss == "bce":
             return ranker_bce_loss(logits, labels)
         return listwise_softmax_loss(logits, labels)

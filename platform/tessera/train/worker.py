@@ -7,10 +7,11 @@ attaches a checkpoint (all models trained so far, the current optimiser and the 
 killed worker resumes from the last finished epoch: ``ray.train.get_checkpoint()`` at start-up
 gives the stage and epoch to continue from.
 
-Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the ranker's are
-each user's most recent ones, unseen by the towers) are split across workers; the ``users`` dataset
-(time-split user records) is read whole by every worker for the logQ counts and, on rank 0, the
-evaluation set. The item feature table is read from the embedding run by each worker.
+Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the towers' leave out
+each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers;
+the ``users`` dataset (time-split user records) is read whole by every worker for the logQ counts
+and, on rank 0, the evaluation set. The item feature table is read from the embedding run by each
+worker.
 """
 
 from __future__ import annotations

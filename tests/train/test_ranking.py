@@ -1,0 +1,73 @@
+"""The ranker's training lists (tessera/train/ranking.py) look like the top-K that evaluation re-ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tessera.train.catalog import ItemCatalog
+from tessera.train.config import RankerSection, TowerSection
+from tessera.train.examples import history_from_batch
+from tessera.train.ranking import RankerModel
+from tessera.train.retrieval import TwoTowerModel, variant
+
+NUM_ITEMS, K = 60, 10
+
+
+def _ranker_model(**ranker) -> RankerModel:
+    torch.manual_seed(0)
+    catalog = ItemCatalog(item_ids=np.array([f"i{i:03d}" for i in range(NUM_ITEMS)]),
+                          embeddings={"text": torch.randn(NUM_ITEMS, 8)},
+                          present={"text": torch.ones(NUM_ITEMS, dtype=torch.bool)})
+    counts = np.ones(NUM_ITEMS, dtype=np.int64)
+    towers = TwoTowerModel.build(variant("fused", catalog.modalities), catalog,
+                                 TowerSection(d_model=8, out_dim=8, n_heads=2, proj_hidden=8), counts, max_history=4)
+    return RankerModel.build(towers, counts, RankerSection(candidates=K, **ranker), max_history=4)
+
+
+def _scores_and_targets(B: int = 400):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(B, NUM_ITEMS, generator=g)
+    order = scores.argsort(dim=1, descending=True)  # (B, NUM_ITEMS) items by rank
+    ranks = torch.arange(B) % (2 * K)  # half the targets inside the top-K, half just below it
+    return scores, order, order[torch.arange(B), ranks], ranks
+
+
+def test_lists_only_where_the_target_is_in_the_top_k_and_negatives_from_it():
+    model = _ranker_model(num_hard=K - 1, num_random=5)
+    scores, order, target, ranks = _scores_and_targets()
+    keep, cands, labels = model.training_lists(target, scores, np.random.default_rng(0))
+    assert keep.tolist() == (ranks < K).tolist()
+    assert cands.shape == labels.shape == (int(keep.sum()), 1 + (K - 1) + 5)
+    assert (cands[:, 0] == target[keep]).all() and (labels[:, 0] == 1).all() and (labels[:, 1:] == 0).all()
+    for row, top in zip(cands, order[keep, :K], strict=True):
+        assert set(row[:K].tolist()) == set(top.tolist())  # positive + the rest of the top-K: the re-ranked set
+        assert not set(row[K:].tolist()) & set(row[:K].tolist())  # random negatives are distinct
+
+
+def test_fewer_hard_negatives_are_drawn_across_the_top_k_not_from_its_head():
+    # Taking the best-ranked H would make ranks H+1..K hold only positives in training: the ranker
+    # learns to push the head of retrieval down (the fused_ranked < fused bug on the demo corpus).
+    model = _ranker_model(num_hard=3, num_random=0)
+    scores, order, target, _ = _scores_and_targets()
+    keep, cands, _ = model.training_lists(target, scores, np.random.default_rng(0))
+    rank_of = order.argsort(dim=1)[keep]  # (B', NUM_ITEMS) rank of each item
+    neg_ranks = rank_of.gather(1, cands[:, 1:])  # (B', 3)
+    assert (neg_ranks < K).all()
+    counts = torch.bincount(neg_ranks.flatten(), minlength=K).float()
+    assert (counts > 0).all() and counts.max() / counts.min() < 2.0, counts.tolist()
+
+
+def test_a_batch_without_any_target_in_the_top_k_gives_a_zero_loss_that_reaches_every_parameter():
+    model = _ranker_model(num_hard=K - 1, num_random=2)
+    B, N = 4, 4
+    batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
+             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
+             "target_ts": torch.ones(B, dtype=torch.long)}
+    with torch.no_grad():
+        scores = model.retrieve(history_from_batch(batch), batch["target_ts"])
+    batch["target"] = scores.argsort(dim=1)[:, 0]  # the lowest-scored item: never in the top-K
+    loss = model(batch, np.random.default_rng(0))
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is not None for p in model.ranker.parameters())
