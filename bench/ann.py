@@ -28,7 +28,9 @@ Prints one JSON object per size and as the last line one JSON summary of the lar
 ``recall_at_10`` and ``scann_qps`` (sharded ScaNN, the fastest setting with recall >= --target),
 ``faiss_hnsw_qps`` (HNSW's fastest setting at recall >= --target), ``ratio_vs_hnsw``,
 ``sharded_minus_unsharded_recall`` (same search settings), ``build_seconds_1_shard``,
-``build_seconds_sharded``. Plot: ``bench/out/ann.png``.
+``build_seconds_sharded`` (the shards in parallel processes), ``build_seconds_sharded_serial`` (the
+same shards one after another) and ``parallel_build_speedup`` (serial / parallel: what the cores
+give the sharded build). Plot: ``bench/out/ann.png``.
 """
 
 from __future__ import annotations
@@ -205,8 +207,9 @@ def _warm(_: int) -> int:
     return os.getpid()
 
 
-def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path):
-    """Build ``shards`` tree-AH shards in parallel processes; returns (index, wall seconds, per-shard seconds)."""
+def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path, parallel: bool = True):
+    """Build ``shards`` tree-AH shards in parallel processes (``parallel=False``: one after another in
+    one process, with the same threads per shard); returns (index, wall seconds, per-shard seconds)."""
     from tessera.index import IndexConfig, ShardedIndex, assign_shards, make_index_manifest, write_index_manifest
     from tessera.index.shard_io import read_shard_manifest, shard_name
     from tessera.storage import Storage
@@ -215,15 +218,16 @@ def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path):
     parts = assign_shards(ids, shards)
     per_task_threads = max(1, threads // shards)
     cfg = IndexConfig(mode="tree_ah", training_threads=per_task_threads, recall_target=0.95)
-    root = workdir / f"scann-{shards}"
+    root = workdir / f"scann-{shards}{'' if parallel else '-serial'}"
     np.save(workdir / "x.npy", x)
     jobs = []
     for i, rows in enumerate(parts):
         np.save(workdir / f"rows-{shards}-{i}.npy", rows)
         jobs.append((str(workdir / "x.npy"), str(workdir / f"rows-{shards}-{i}.npy"), i, str(root),
                      cfg.model_dump_json(), len(x)))
-    with ProcessPoolExecutor(max_workers=min(shards, threads)) as pool:
-        list(pool.map(_warm, range(min(shards, threads))))
+    workers = min(shards, threads) if parallel else 1
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_warm, range(workers)))
         start = time.perf_counter()
         results = list(pool.map(_build_shard_process, jobs))
         wall = time.perf_counter() - start
@@ -245,8 +249,8 @@ def scann_sweep(index, queries, truth, q_single) -> list[dict]:
 
     tuned = index.shards[0].params
     points = []
-    for share in (0.05, 0.1, 0.2, 0.4, 0.8):
-        for reorder in sorted({40, 100, tuned.reorder_num_neighbors}):
+    for share in (0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.4):
+        for reorder in sorted({40, tuned.reorder_num_neighbors}):
             leaves = max(1, math.ceil(tuned.num_leaves * share))
             cfg = SearchConfig(num_leaves_to_search=leaves, reorder_num_neighbors=reorder, search_threads=1)
             view = ShardedIndex(index.shards, cfg)
@@ -281,7 +285,7 @@ def faiss_engines(x, queries, truth, q_single, threads: int) -> dict:
     ivf.add(x)
     out["ivf_build_s"] = round(time.perf_counter() - start, 2)
     sweeps = {"hnsw": [], "ivf": []}
-    for name, index, knob, values in (("hnsw", hnsw, "efSearch", (16, 32, 64, 128, 256)),
+    for name, index, knob, values in (("hnsw", hnsw, "efSearch", (16, 32, 48, 64, 96, 128, 256)),
                                       ("ivf", ivf, "nprobe", (1, 4, 8, 16, 32, 64))):
         for v in values:
             if name == "hnsw":
@@ -331,8 +335,10 @@ def bench_dataset(name: str, x: np.ndarray, queries: np.ndarray, shards: int, th
     result = {"dataset": name, "n": len(x), "dim": x.shape[1], "queries": len(queries), "shards": shards}
     with tempfile.TemporaryDirectory(prefix="tessera-ann-") as tmp:
         sharded, wall_s, per_shard = build_scann(x, shards, threads, Path(tmp))
+        _, wall_serial, _ = build_scann(x, shards, threads, Path(tmp), parallel=False)
         single, wall_1, _ = build_scann(x, 1, threads, Path(tmp))
     result["build_seconds_sharded"], result["shard_build_seconds"] = round(wall_s, 2), per_shard
+    result["build_seconds_sharded_serial"] = round(wall_serial, 2)
     result["build_seconds_1_shard"] = round(wall_1, 2)
     result["scann_params_sharded"] = sharded.shards[0].params.model_dump(exclude_none=True)
     result["scann_params_1_shard"] = single.shards[0].params.model_dump(exclude_none=True)
@@ -352,6 +358,8 @@ def bench_dataset(name: str, x: np.ndarray, queries: np.ndarray, shards: int, th
         "sharded_minus_unsharded_recall": round(best_s["recall"] - same["recall"], 4) if best_s and same else None,
         "build_seconds_1_shard": result["build_seconds_1_shard"],
         "build_seconds_sharded": result["build_seconds_sharded"],
+        "build_seconds_sharded_serial": result["build_seconds_sharded_serial"],
+        "parallel_build_speedup": round(result["build_seconds_sharded_serial"] / result["build_seconds_sharded"], 2),
     }
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result

@@ -31,8 +31,11 @@ def test_ah_follows_scann_guidance():
 def test_tree_leaves_near_sqrt_n(n):
     p = derive_params(n, 64)
     assert p.num_leaves == round(math.sqrt(n))
-    assert p.num_leaves_to_search == math.ceil(p.num_leaves / 20)  # tuning starts here
+    assert p.num_leaves_to_search == math.ceil(p.num_leaves / 50)  # tuning starts here
     assert p.training_sample_size == 100_000
+    assert p.spherical and p.soar_lambda == 1.5 and p.soar_overretrieve_factor == 2.0
+    plain = derive_params(n, 64, IndexConfig(spherical=False, soar_lambda=None))
+    assert not plain.spherical and plain.soar_lambda is None and plain.soar_overretrieve_factor is None
 
 
 def test_every_value_overridable():

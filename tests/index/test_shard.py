@@ -25,7 +25,7 @@ def test_tree_shard_tunes_leaves_for_recall(points):
     shard = build_shard([str(i) for i in range(len(x))], x, cfg)
     p = shard.params
     assert p.mode == "tree_ah" and p.num_leaves == 110
-    assert p.num_leaves_to_search > 6  # started at ceil(110 / 20); random data needs far more
+    assert p.num_leaves_to_search > 3  # started at ceil(110 / 50); random data needs far more
     assert shard.self_recall >= 0.95
     assert _recall(shard, x, q) >= 0.93  # fresh queries land close to the leave-one-out estimate
 

@@ -139,3 +139,22 @@ def test_per_shard_tasks_then_manifest_load_like_from_arrays(storage, small_cata
     assert loaded.manifest.build_config["brute_force_below"] == 1_000
     got, want = loaded.search(vectors[:30], 10), in_memory.search(vectors[:30], 10)
     assert got[0] == want[0] and np.array_equal(got[1], want[1])
+
+
+def test_tree_shard_with_soar_round_trips(storage, bucket_uri):
+    """A spherical-tree shard with SOAR spilling (the default above 100k points) saves and loads back
+    answering exactly as built."""
+    from tessera.index import build_shard
+    from tests.index.conftest import unit_rows
+
+    x = unit_rows(np.random.default_rng(5), 6_000, 32)
+    q = unit_rows(np.random.default_rng(6), 50, 32)
+    cfg = IndexConfig(mode="tree_ah", training_threads=1)
+    built = ShardedIndex([build_shard([f"i{r}" for r in range(len(x))], x, cfg)])
+    p = built.shards[0].params
+    assert p.spherical and p.soar_lambda == 1.5 and p.num_leaves == 77
+    built.save(storage, join_uri(bucket_uri, "soar"))
+    loaded = ShardedIndex.load(storage, join_uri(bucket_uri, "soar"))
+    assert loaded.shards[0].params == p
+    (a_ids, a_scores), (b_ids, b_scores) = built.search(q, 10), loaded.search(q, 10)
+    assert a_ids == b_ids and np.array_equal(a_scores, b_scores)

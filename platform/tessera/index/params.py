@@ -6,6 +6,10 @@ ScaNN's own rules of thumb (``scann/docs/algorithms.md``) decide the algorithm p
 * fewer than ~100k points: asymmetric hashing (AH) with ``dimensions_per_block=2``, then exact
   reordering of the best candidates;
 * more: a k-means tree with ``num_leaves`` ~ sqrt(n), AH inside the searched leaves, then reordering.
+  The tree is trained with spherical k-means (the vectors are unit length) and every point is also
+  filed under a second leaf chosen by SOAR (Sun et al. 2023, "SOAR: Improved Indexing for Approximate
+  Nearest Neighbor Search", ScaNN's ``soar_lambda``): on 100k MiniLM text vectors this reached
+  recall@10 0.95 searching ~4% of the leaves instead of ~20% (``bench/ann.py``).
 
 ``num_leaves_to_search`` and the reordering depth should be "tuned based on recall target"; left
 unset (``None``) they are tuned per shard at build time (see :func:`tessera.index.shard.build_shard`).
@@ -48,6 +52,12 @@ class IndexConfig(TesseraConfig):
         reorder_num_neighbors: AH candidates rescored exactly; None tunes it from ``10 * num_neighbors``.
         num_leaves: tree leaves; None means ``round(sqrt(n))``.
         num_leaves_to_search: leaves searched per query; None tunes it for ``recall_target``.
+        spherical: train the tree with spherical k-means (for normalised vectors).
+        soar_lambda: SOAR spilling: each point also goes to a second leaf whose centre's residual
+            is far from orthogonal to the first one's (ScaNN's ``soar_lambda``; 1.5 as ScaNN
+            suggests); None files every point under one leaf only.
+        soar_overretrieve_factor: with SOAR, candidates gathered per query as a multiple of the
+            reordering depth (a point may be found twice).
         recall_target: recall@num_neighbors the tuning aims for (leave-one-out on shard vectors).
         tuning_queries: how many shard vectors serve as tuning / self-check queries.
         training_sample_size: points sampled to train the tree and AH codebooks; None: min(n, 100k).
@@ -68,6 +78,9 @@ class IndexConfig(TesseraConfig):
     reorder_num_neighbors: int | None = Field(default=None, ge=1)
     num_leaves: int | None = Field(default=None, ge=1)
     num_leaves_to_search: int | None = Field(default=None, ge=1)
+    spherical: bool = True
+    soar_lambda: float | None = Field(default=1.5, gt=0)
+    soar_overretrieve_factor: float = Field(default=2.0, ge=1.0)
     recall_target: float = Field(default=0.95, gt=0, le=1)
     tuning_queries: int = Field(default=256, ge=1)
     training_sample_size: int | None = Field(default=None, ge=1)
@@ -99,6 +112,9 @@ class ScannParams(BaseModel):
     reorder_num_neighbors: int | None = None
     num_leaves: int | None = None
     num_leaves_to_search: int | None = None
+    spherical: bool | None = None
+    soar_lambda: float | None = None
+    soar_overretrieve_factor: float | None = None
     training_sample_size: int | None = None
 
 
@@ -165,5 +181,9 @@ def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
         return ScannParams(mode=mode, **common)
     leaves = config.num_leaves or max(1, round(math.sqrt(num_points)))
     leaves = min(leaves, num_points)
-    to_search = config.num_leaves_to_search or max(1, math.ceil(leaves / 20))
-    return ScannParams(mode=mode, num_leaves=leaves, num_leaves_to_search=min(to_search, leaves), **common)
+    to_search = config.num_leaves_to_search or max(1, math.ceil(leaves / 50))
+    soar = config.soar_lambda is not None and leaves > 1
+    return ScannParams(mode=mode, num_leaves=leaves, num_leaves_to_search=min(to_search, leaves),
+                       spherical=config.spherical and config.normalize,
+                       soar_lambda=config.soar_lambda if soar else None,
+                       soar_overretrieve_factor=config.soar_overretrieve_factor if soar else None, **common)

@@ -134,7 +134,8 @@ def _build_searcher(x: np.ndarray, params: ScannParams, training_threads: int):
     builder = scann_ops_pybind.builder(x, params.num_neighbors, "dot_product")
     if params.mode == "tree_ah":
         builder = builder.tree(num_leaves=params.num_leaves, num_leaves_to_search=params.num_leaves_to_search,
-                               training_sample_size=params.training_sample_size)
+                               training_sample_size=params.training_sample_size, spherical=bool(params.spherical),
+                               soar_lambda=params.soar_lambda, overretrieve_factor=params.soar_overretrieve_factor)
     builder = builder.score_ah(params.dimensions_per_block,
                                anisotropic_quantization_threshold=params.anisotropic_quantization_threshold,
                                training_sample_size=params.training_sample_size, hash_type=params.hash_type)
@@ -173,8 +174,10 @@ def _tune(shard: ShardArtifact, x: np.ndarray, config: IndexConfig,
             probe = probe.model_copy(update={"reorder_num_neighbors": min(n, 2 * probe.reorder_num_neighbors)})
         params = params.model_copy(update={"reorder_num_neighbors": probe.reorder_num_neighbors})
     if params.mode == "tree_ah" and config.num_leaves_to_search is None:
+        # Fine steps (x1.25): every leaf searched costs every query, so overshooting the target is slow.
         while recall(params) < target and params.num_leaves_to_search < params.num_leaves:
-            grown = min(params.num_leaves, 2 * params.num_leaves_to_search)
+            grown = min(params.num_leaves, max(params.num_leaves_to_search + 1,
+                                               math.ceil(1.25 * params.num_leaves_to_search)))
             params = params.model_copy(update={"num_leaves_to_search": grown})
     return params, recall(params)
 
@@ -216,8 +219,6 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
                   exclude_rows: Sequence[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
     q = queries.shape[0]
     kk = min(k, n)
-    rows_out = np.full((q, kk), -1, np.int64)
-    scores_out = np.full((q, kk), -np.inf, np.float32)
     if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
         extras = np.zeros(q, np.int64)
         groups = [(0, np.arange(q))]
@@ -226,18 +227,25 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
         # Queries needing the same headroom (rounded up to a power of two) share one batched call.
         buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
         groups = [(b, np.flatnonzero(buckets == b)) for b in np.unique(buckets)]
+    rows_out = scores_out = None
     for bucket, members in groups:
         final_nn = min(n, kk + int(bucket))
         excl = None if exclude_rows is None else [exclude_rows[i] for i in members]
         rows, scores = _scann_call(searcher, params, n, queries[members], final_nn, kk, excl,
                                    params.num_leaves_to_search)
-        short = (rows != -1).sum(axis=1) < np.minimum(kk, n - extras[members])
-        if short.any() and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
-            # The searched leaves held too few items: search every leaf for those queries.
-            retry = np.flatnonzero(short)
-            sub_excl = None if excl is None else [excl[i] for i in retry]
-            rows[retry], scores[retry] = _scann_call(searcher, params, n, queries[members[retry]], final_nn, kk,
-                                                     sub_excl, params.num_leaves)
+        if (rows < 0).any():
+            short = (rows != -1).sum(axis=1) < np.minimum(kk, n - extras[members])
+            if short.any() and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
+                # The searched leaves held too few items: search every leaf for those queries.
+                retry = np.flatnonzero(short)
+                sub_excl = None if excl is None else [excl[i] for i in retry]
+                rows[retry], scores[retry] = _scann_call(searcher, params, n, queries[members[retry]], final_nn,
+                                                         kk, sub_excl, params.num_leaves)
+        if len(groups) == 1:  # every query in one call: its arrays are the answer
+            return rows, scores
+        if rows_out is None:
+            rows_out = np.full((q, kk), -1, np.int64)
+            scores_out = np.full((q, kk), -np.inf, np.float32)
         rows_out[members], scores_out[members] = rows, scores
     return rows_out, scores_out
 

@@ -233,6 +233,10 @@ class ShardedIndex:
         return self._merge(results, k)
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
+        if len(results) == 1:  # one shard: its order is the answer (row -1 <=> score -inf)
+            rows, scores = results[0]
+            ids = self.shards[0].ids
+            return [[ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
         scores = np.concatenate([s for _, s in results], axis=1)  # (Q, S*k)
         # (Q, S*k) ids; padding entries (row -1) carry -inf scores and are dropped below
         cand = np.concatenate([shard.ids[np.maximum(rows, 0)]
