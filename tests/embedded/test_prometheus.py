@@ -90,9 +90,12 @@ def test_prometheus_scrapes_the_head_and_stops_with_it(stack, tmp_path):
     assert listening == {("127.0.0.1", port)}
 
     # every node endpoint Ray lists for this head is scraped, and Ray's own series come through
-    targets = {t for group in json.loads(prom.discovery_file.read_text()) for t in group["targets"]}
-    assert targets
-    wait_for(prom, 'up{job="ray"}', lambda r: {s["metric"]["instance"] for s in r if s["value"][1] == "1"} == targets)
+    def listed() -> set[str]:  # Ray rewrites the file as the head's endpoints register
+        return {t for group in json.loads(prom.discovery_file.read_text()) for t in group["targets"]}
+
+    wait_for(prom, 'up{job="ray"}', lambda r: {s["metric"]["instance"] for s in r if s["value"][1] == "1"} == listed())
+    targets = listed()
+    assert len(targets) == 3  # the head's metrics agent, autoscaler and dashboard
     wait_for(prom, "ray_node_cpu_utilization", lambda r: len(r) >= 1)
 
     # one of Tessera's gauges, set in a driver of this head, under the name the Grafana dashboard queries

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tessera.embedded.ray_head import EmbeddedRay
@@ -52,3 +53,20 @@ def test_token_file_private_and_dashboard_on_loopback(head):
     assert oct(head.token_file.stat().st_mode & 0o777) == "0o600"
     assert head.dashboard_url.startswith("http://127.0.0.1:")
     assert head.running()
+
+
+def test_every_server_of_the_head_listens_on_loopback_only(head):
+    """GCS, Ray client server, raylet, agents, metrics: nothing of the head listens beyond 127.0.0.1."""
+    listening: dict[tuple[str, int], str] = {}
+    for proc in head._processes():
+        try:
+            for conn in proc.net_connections("inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[(conn.laddr.ip, conn.laddr.port)] = proc.name()
+        except psutil.NoSuchProcess:
+            continue
+    ports = {port for _, port in listening}
+    assert {head.gcs_port, head.client_port, head.dashboard_port} <= ports, listening
+    exposed = {addr: name for addr, name in listening.items()
+               if addr[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+    assert not exposed, exposed

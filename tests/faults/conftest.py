@@ -4,7 +4,8 @@ The session's SeaweedFS and in-process Ray are left alone: a fault test stops se
 so it gets its own. ``fault_s3`` is a SeaweedFS on its own ports, data dir and credentials, which a
 test may stop and restart in place (same ports, same data); while the module runs, ``os.environ``'s
 S3 settings point at it. ``ray_cluster`` is a Ray head started as ``make ray-up`` starts one
-(:class:`EmbeddedRay`: token auth, loopback, its own ports), to which a test adds worker nodes: each
+(:class:`EmbeddedRay`: token auth, loopback dashboard, its own ports; its GCS and raylet on every
+interface, since worker nodes cannot join a loopback-only head), to which a test adds worker nodes: each
 is a ``ray start --address ... --block`` process group with its own temp dir, ports and resources,
 killed as a whole by :meth:`WorkerNode.kill`. Jobs go in through the real ``ray job submit`` CLI;
 their status, the cluster's nodes and actors are read from the head's REST API with the token.
@@ -298,7 +299,9 @@ def ray_cluster(request, tmp_path_factory, fault_s3):
     try:
         for offset in free_head_offsets(from_top=True)[:3]:
             home = tmp_path_factory.mktemp("fault-ray")
-            cluster = RayCluster(home, EmbeddedRay(home, port_offset=offset, **spec), fault_s3.conn.env())
+            # not single_node: worker nodes join through the machine's address (see EmbeddedRay.loopback_env)
+            head = EmbeddedRay(home, port_offset=offset, single_node=False, **spec)
+            cluster = RayCluster(home, head, fault_s3.conn.env())
             try:
                 cluster.head.start(extra_env=cluster.env)
                 break

@@ -32,11 +32,14 @@ class EmbeddedRay:
             the Ray client's 10001 moves to 20000 + offset), so that a second head (tests) can run
             beside the demo's.
         num_cpus / num_gpus: resources to advertise (logical GPUs work without a GPU).
+        single_node: keep every Ray server of the head on 127.0.0.1 (see :meth:`loopback_env`); a
+            head that worker nodes will join (the fault tests' clusters) needs False.
     """
 
     def __init__(self, home: Path, port_offset: int = 0, num_cpus: int | None = None,
-                 num_gpus: int | None = None):
+                 num_gpus: int | None = None, single_node: bool = True):
         self.root = Path(home) / "ray"
+        self.single_node = single_node
         self.port_offset = port_offset
         self.gcs_port = 6379 + port_offset
         self.dashboard_port = 8265 + port_offset
@@ -71,6 +74,27 @@ class EmbeddedRay:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
                 "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
 
+    def loopback_env(self) -> dict[str, str]:
+        """Settings that keep every server of the head on 127.0.0.1, and its metrics on its own ports.
+
+        Ray 2.60 has no bind-address option for the GCS, the raylet, the agents or the Ray client
+        server: each binds to all interfaces unless the node's IP is loopback, and ``ray start``
+        replaces ``--node-ip-address=127.0.0.1`` with the machine's address
+        (``ray._private.services.resolve_ip_for_localhost``). Ray's single-node mode, the default on
+        macOS and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), keeps the node IP at 127.0.0.1,
+        so every server listens on loopback only. The price: no worker node can join such a head
+        (``ray start --address=127.0.0.1:...`` also rewrites the address to the machine's, where the
+        GCS does not listen, and refuses to start a worker node in that mode), hence ``single_node``.
+
+        The autoscaler's and the dashboard's metrics ports (44217, 44227, fixed) move with the port
+        offset, so that a second head's service discovery file lists its own endpoints, not the demo's.
+        """
+        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.single_node else {}
+        if self.port_offset:
+            env.update({"AUTOSCALER_METRIC_PORT": str(44217 + self.port_offset),
+                        "DASHBOARD_METRIC_PORT": str(44227 + self.port_offset)})
+        return env
+
     def ensure_token(self) -> None:
         if not self.token_file.exists():
             write_private(self.token_file, secrets.token_hex(32))
@@ -101,6 +125,7 @@ class EmbeddedRay:
         env.pop("RAY_ADDRESS")
         env.pop("RAY_API_SERVER_ADDRESS")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(self.loopback_env())
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={self.client_port}",
