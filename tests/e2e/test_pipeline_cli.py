@@ -100,6 +100,11 @@ def test_corpus_to_answers_through_ray_job_submit_and_serve_deploy(head, client_
     assert '"version": "e2e"' in out
     bundle = storage.read_json(f"{E2E}/models/e2e/_MANIFEST.json")
     assert bundle["embedding_run"] == f"{E2E}/embeddings/e2e" and bundle["ranker_features"]["trained"]
+    # the head tracks Train runs (RAY_TRAIN_ENABLE_STATE_TRACKING), so the dashboard's Train page lists it
+    token = head.token_file.read_text().strip()
+    runs = requests.get(f"{head.dashboard_url}/api/train/v2/runs/v1", headers={"Authorization": f"Bearer {token}"},
+                        timeout=30).json()["train_runs"]
+    assert runs and all(r["status"] == "FINISHED" for r in runs) and runs[0]["attempts"][0]["workers"]
 
     index = yaml.safe_load((ROOT / "configs" / "index.yaml").read_text())
     index.update({"model_uri": f"{E2E}/models/e2e", "output_uri": f"{E2E}/index"})

@@ -126,6 +126,7 @@ class EmbeddedRay:
         env.pop("RAY_API_SERVER_ADDRESS")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.update(self.loopback_env())
+        env.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs, attempts, workers in the dashboard
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={self.client_port}",
