@@ -68,12 +68,17 @@ class BatchArgs(BaseModel):
 
     Up to 4 batches are in flight per Ingress replica (fixed: Ray's batch queue has no setter for it),
     so the stages of one batch overlap the gathering of the next; each stage hop is paid once per batch.
+
+    The window is adaptive: a request that arrives while no other is being answered by this replica
+    starts its batch at once (a lone client pays no wait); under concurrency a batch waits up to
+    ``batch_wait_timeout_ms`` for company. Ray reads the window when a batch's first request
+    arrives, so the Ingress sets it just before each request joins the queue.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(64, ge=1, le=1024)
-    batch_wait_timeout_ms: float = Field(5.0, ge=0, le=1000)
+    batch_wait_timeout_ms: float = Field(15.0, ge=0, le=1000)
 
 
 class RecommenderArgs(BaseModel):
@@ -139,14 +144,23 @@ class _Versioned:
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
 
+    async def _core(self, uri: str):
+        """The loaded core of ``uri``; a version not loaded yet is loaded off the event loop."""
+        core = self.cache.get_loaded(uri)
+        return core if core is not None else await asyncio.to_thread(self.cache.get, uri)
+
     async def _per_version(self, uris: list[str], batches: list[list], call) -> list[list]:
-        """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, off the
-        event loop, with the answers split back per call."""
+        """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, with
+        the answers split back per call.
+
+        The model runs on the replica's user-code event loop, not in a worker thread: a thread hop per
+        batch cost ~1 ms a stage at one client here, and calls arriving meanwhile queue up and form the
+        next batch. (Serve answers health checks and control calls on its own loop, in another thread.)"""
         out: list[list | None] = [None] * len(uris)
         for uri in dict.fromkeys(uris):
             calls = [i for i, u in enumerate(uris) if u == uri]
-            core = await asyncio.to_thread(self.cache.get, uri)
-            answers = await asyncio.to_thread(call, core, [x for i in calls for x in batches[i]])
+            core = await self._core(uri)
+            answers = call(core, [x for i in calls for x in batches[i]])
             for i, part in zip(calls, _split(answers, [len(batches[i]) for i in calls]), strict=True):
                 out[i] = part
         return out  # type: ignore[return-value]
@@ -171,8 +185,7 @@ class QueryEncoder(_Versioned):
         return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat))
 
     async def item_vectors(self, uri: str, item_ids: list[str]) -> list:
-        core = await asyncio.to_thread(self.cache.get, uri)
-        return core.item_vectors(item_ids)
+        return (await self._core(uri)).item_vectors(item_ids)
 
 
 @serve.deployment(name="Retriever", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
@@ -195,11 +208,11 @@ class Retriever(_Versioned):
         out: list = [None] * len(uris)
         for key in dict.fromkeys(zip(uris, indexes, strict=True)):
             calls = [i for i, u in enumerate(zip(uris, indexes, strict=True)) if u == key]
-            core = await asyncio.to_thread(self.cache.get, key[0])
+            core = await self._core(key[0])
             k = max(ks[i] for i in calls)
             exclude = [ex for i in calls for ex in (excludes[i] or [set()] * len(vectors[i]))]
-            found = await asyncio.to_thread(search_or_error, core, key[1], np.concatenate([vectors[i] for i in calls]),
-                                            k, exclude if any(exclude) else None)
+            found = search_or_error(core, key[1], np.concatenate([vectors[i] for i in calls]), k,
+                                    exclude if any(exclude) else None)
             if isinstance(found, RequestError):
                 for i in calls:
                     out[i] = found
@@ -354,6 +367,7 @@ class Ingress:
         for batched in (self._recommend_batch, self._search_batch):
             batched.set_max_batch_size(b.max_batch_size)
             batched.set_batch_wait_timeout_s(b.batch_wait_timeout_ms / 1000.0)
+        self._inflight = 0  # requests of this replica between arrival and answer
         self.flow: Flow | None = None
         self.ref = None
 
@@ -389,7 +403,20 @@ class Ingress:
             return RequestError(422, "bad_request", f"k={k} is above this endpoint's max_k={self.args.max_k}")
         return None
 
+    def _batched(self, batched, *args):
+        """Queue one request on a ``@serve.batch`` method with the adaptive window (see :class:`BatchArgs`)."""
+        alone = self._inflight == 0  # called before _answer counts this request in
+        batched.set_batch_wait_timeout_s(0.0 if alone else self.args.batch.batch_wait_timeout_ms / 1000.0)
+        return batched(*args)
+
     async def _answer(self, route: str, coro, response_model: type[BaseModel]):
+        self._inflight += 1
+        try:
+            return await self._answer_inner(route, coro, response_model)
+        finally:
+            self._inflight -= 1
+
+    async def _answer_inner(self, route: str, coro, response_model: type[BaseModel]):
         try:
             result = await coro
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
@@ -422,7 +449,7 @@ class Ingress:
         if bad:
             self.metrics.observe("recommend", bad.status)
             return _error(bad)
-        return await self._answer("recommend", self._recommend_batch(body), RecommendResponse)
+        return await self._answer("recommend", self._batched(self._recommend_batch, body), RecommendResponse)
 
     @api.post("/v1/search", response_model=SearchResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -439,7 +466,7 @@ class Ingress:
         if bad:
             self.metrics.observe("search", bad.status)
             return _error(bad)
-        return await self._answer("search", self._search_batch(body, payload), SearchResponse)
+        return await self._answer("search", self._batched(self._search_batch, body, payload), SearchResponse)
 
     @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
              responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})

@@ -232,6 +232,15 @@ class VersionCache(Generic[T]):
                     self._loaded.pop(oldest)
             return state
 
+    def get_loaded(self, index_uri: str) -> T | None:
+        """The state of ``index_uri`` when it is loaded, else None (never waits for a load)."""
+        index_uri = index_uri.rstrip("/")
+        with self._lock:
+            if index_uri not in self._loaded:
+                return None
+            self._loaded.move_to_end(index_uri)
+            return self._loaded[index_uri]
+
     def set_current(self, index_uri: str) -> T:
         """Load ``index_uri`` (if needed) and make it the version new requests use."""
         state = self.get(index_uri)
