@@ -318,17 +318,19 @@ def ray_cluster(request, tmp_path_factory, fault_s3):
 
 # --- data: a small corpus and seeded encoder weights in the fault store ------------------------------
 @pytest.fixture(scope="module")
-def fault_corpus(fault_storage, shared_data):
+def fault_corpus(request, fault_storage, shared_data):
     """Items of the sample corpus generator (every kind of bad item, some real media) in the fault store,
-    written part by part in this process (no Ray needed): ``{"config": CorpusConfig, "truth": {item_id: row}}``."""
+    written part by part in this process (no Ray needed): ``{"config": CorpusConfig, "truth": {item_id: row}}``.
+    A test module's ``CORPUS`` dict overrides the sizes (e.g. ``items_per_part``)."""
     import pyarrow.parquet as pq
 
     from tessera.corpus import CorpusConfig
     from tessera.corpus.catalog import BAD_KINDS
     from tessera.corpus.generate import write_item_part
 
-    cfg = CorpusConfig(root=f"{FAULT_ROOT}/{uuid.uuid4().hex[:8]}", num_items=120, num_users=10,
-                       items_per_part=40, image_size=48, audio_seconds=0.5, bad={k: 0.02 for k in BAD_KINDS},
+    sizes = {"num_items": 120, "items_per_part": 40, **getattr(request.module, "CORPUS", {})}
+    cfg = CorpusConfig(root=f"{FAULT_ROOT}/{uuid.uuid4().hex[:8]}", num_users=10, **sizes,
+                       image_size=48, audio_seconds=0.5, bad={k: 0.02 for k in BAD_KINDS},
                        real_media={"enabled": True, "data_dir": str(shared_data), "share": 0.1})
     for part in range(cfg.num_item_parts):
         write_item_part(cfg, part)
