@@ -115,7 +115,7 @@ def plain_loop_samples_per_s(cfg, storage: Storage, epochs: int) -> float:
     return samples / seconds
 
 
-def run(items: int, users: int, epochs: int, speed_epochs: int) -> dict:
+def run(items: int, users: int, epochs: int, speed_epochs: int, quality: bool = True) -> dict:
     # Ray is imported only inside bench_stack: its core reads RAY_AUTH_MODE once, at import.
     with bench_stack(num_cpus=2):
         storage = Storage()
@@ -133,6 +133,12 @@ def run(items: int, users: int, epochs: int, speed_epochs: int) -> dict:
             print(f"[bench] Ray Train, {workers} worker(s): {per_workers[workers]:.0f} samples/s", flush=True)
         plain = plain_loop_samples_per_s(train_config(root, run_uri, **speed), storage, speed_epochs)
         print(f"[bench] plain loop, 2 threads: {plain:.0f} samples/s", flush=True)
+        speed_out = {"ray_train_samples_per_s": round(per_workers[2], 1), "plain_loop_samples_per_s": round(plain, 1),
+                     "overhead_ratio": round(plain / per_workers[2], 3),
+                     "samples_per_s_1_worker": round(per_workers[1], 1),
+                     "samples_per_s_2_workers": round(per_workers[2], 1)}
+        if not quality:
+            return {**speed_out, "items": items, "speed_epochs": speed_epochs}
 
         from tessera.train.job import run_training
 
@@ -142,11 +148,7 @@ def run(items: int, users: int, epochs: int, speed_epochs: int) -> dict:
     results = manifest["metrics"]["results"]
     checks = manifest["metrics"]["checks"]
     return {
-        "ray_train_samples_per_s": round(per_workers[2], 1),
-        "plain_loop_samples_per_s": round(plain, 1),
-        "overhead_ratio": round(plain / per_workers[2], 3),
-        "samples_per_s_1_worker": round(per_workers[1], 1),
-        "samples_per_s_2_workers": round(per_workers[2], 1),
+        **speed_out,
         "recall_at_10": {v: round(r["recall@10"], 4) for v, r in results.items()},
         "ndcg_at_10": {v: round(r["ndcg@10"], 4) for v, r in results.items()},
         "fused_ndcg10_margins": {v: round(m, 4) for v, m in checks["fused_margins"].items()},
@@ -163,12 +165,13 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=None, help="tower epochs of the quality run (default: config)")
     parser.add_argument("--speed-epochs", type=int, default=2)
+    parser.add_argument("--skip-quality", action="store_true", help="throughput only (no full training run)")
     args = parser.parse_args()
     from tessera.config import load_config
     from tessera.train.config import TrainConfig
 
     epochs = args.epochs or load_config(TrainConfig, repo_root() / "configs" / "train.yaml").towers.epochs
-    print(json.dumps(run(args.items, args.users, epochs, args.speed_epochs)))
+    print(json.dumps(run(args.items, args.users, epochs, args.speed_epochs, quality=not args.skip_quality)))
 
 
 if __name__ == "__main__":
