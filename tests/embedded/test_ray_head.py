@@ -38,13 +38,17 @@ def _submit(head, workdir, env_overrides, entry="python job.py"):
 def test_job_submit_needs_the_token(head, tmp_path, embedded_s3):
     (tmp_path / "job.py").write_text(
         "import os, ray\nray.init()\nprint('CPUS', ray.cluster_resources().get('CPU'))\n"
-        "print('S3', os.environ.get('AWS_ENDPOINT_URL'))\n")
+        "print('S3', os.environ.get('AWS_ENDPOINT_URL'))\n"
+        # what Ray Train's state actor does: the state API from inside the cluster, address "auto"
+        "@ray.remote(num_cpus=0)\ndef nodes():\n    from ray.util.state import list_nodes\n"
+        "    return len(list_nodes(timeout=20))\n"
+        "print('NODES', ray.get(nodes.remote()))\n")
     refused = _submit(head, tmp_path, {})
     assert refused.returncode != 0
     assert "uthentication" in refused.stdout + refused.stderr
     ok = _submit(head, tmp_path, {k: v for k, v in head.client_env().items() if k != "RAY_ADDRESS"})
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-    assert "CPUS 1.0" in ok.stdout
+    assert "CPUS 1.0" in ok.stdout and "NODES 1" in ok.stdout
     # the head hands the object store's endpoint to jobs, as an instance role would on a cluster
     assert f"S3 {embedded_s3.endpoint_url}" in ok.stdout
 

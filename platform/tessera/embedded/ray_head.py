@@ -127,6 +127,11 @@ class EmbeddedRay:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.update(self.loopback_env())
         env.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs, attempts, workers in the dashboard
+        # Ray processes that look the cluster up by itself (Ray Train's state actor and placement-group
+        # cleaner call the state API with address "auto") read RAY_ADDRESS, else the default temp dir's
+        # ray_current_cluster file, which this head (its own temp dir) never writes: a stale file there
+        # named another cluster, and their threads died waiting for a GCS that was not there.
+        env["RAY_ADDRESS"] = f"127.0.0.1:{self.gcs_port}"
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={self.client_port}",
