@@ -24,7 +24,11 @@ def call(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, 
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw or b"{}")
+        except ValueError:  # the proxy's own plain-text answers while replicas start ("No replicas ...")
+            return err.code, {"detail": raw.decode(errors="replace")}
 
 
 def wait_healthy(url: str, seconds: float) -> bool:
