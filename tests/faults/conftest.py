@@ -171,16 +171,24 @@ class Job:
     def logs(self) -> str:
         return self.cluster.api(f"/api/jobs/{self.submission_id}/logs").get("logs", "")
 
-    def wait(self, timeout_s: float) -> dict:
-        """Poll until the job ends; returns its last info (``status``: SUCCEEDED / FAILED / STOPPED)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def wait(self, timeout_s: float, on_poll=None, since: float | None = None, every_s: float = 1.0) -> dict:
+        """Poll until the job ends; returns its last info (``status``: SUCCEEDED / FAILED / STOPPED).
+
+        ``timeout_s`` counts from ``since`` (a ``time.monotonic()``; default: now). While the job runs,
+        ``on_poll(seconds since since)`` is called after each poll (a fault test records its milestones).
+        """
+        start = time.monotonic() if since is None else since
+        while True:
+            now = time.monotonic() - start
             info = self.info()
             if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return info
-            time.sleep(1.0)
-        raise TimeoutError(f"job {self.submission_id} still {info['status']} after {timeout_s:.0f}s:\n"
-                           f"{self.logs()[-3000:]}")
+            if now >= timeout_s:
+                raise TimeoutError(f"job {self.submission_id} still {info['status']} after {now:.0f}s:\n"
+                                   f"{self.logs()[-3000:]}")
+            if on_poll is not None:
+                on_poll(now)
+            time.sleep(every_s)
 
 
 class RayCluster:

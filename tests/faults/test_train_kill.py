@@ -140,25 +140,22 @@ def test_training_worker_killed_resumes_from_checkpoint(ray_cluster, fault_stora
     t_kill = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
     at_kill = set(fault_storage.list_files(run_uri, STATE_FILE))  # rank 0 is dead: none can come after this
-    registered = None
-
+    seen: dict = {"registered": None}
     marks: dict[str, float] = {}
-    while True:
-        now = time.monotonic() - t_kill
-        info = job.info()
-        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            marks["job_done"] = now
-            break
-        assert now < 300, f"job still {info['status']} {now:.0f}s after the kill:\n{job.logs()[-3000:]}"
+
+    def milestones(now: float) -> None:
         tried = attempts(ray_cluster)
-        if registered is None and len(tried) > 1:  # the controller moved on: what it restores from is final
-            registered = registered_epoch(fault_storage, run_uri)
+        if seen["registered"] is None and len(tried) > 1:  # the controller moved on: what it restores from is final
+            seen["registered"] = registered_epoch(fault_storage, run_uri)
         if "workers_back" not in marks and len(tried) > 1 and tried[-1]["workers"] \
                 and all(w.get("status") == "ALIVE" for w in tried[-1]["workers"]):
             marks["workers_back"] = now
         if "checkpoint_after" not in marks and set(fault_storage.list_files(run_uri, STATE_FILE)) - at_kill:
             marks["checkpoint_after"] = now  # the resumed run finished an epoch and checkpointed it
-        time.sleep(0.5)
+
+    info = job.wait(300, on_poll=milestones, since=t_kill, every_s=0.5)
+    marks["job_done"] = time.monotonic() - t_kill
+    registered = seen["registered"]
 
     total_s = time.monotonic() - job.submitted_at
     tried = attempts(ray_cluster)
