@@ -156,3 +156,32 @@ def test_gpu_pools_hold_the_gpus(sample_corpus, encoder_weights, ray_session):
 def test_config_defaults_fit_the_embedded_stack():
     cfg = EmbedConfig()
     check_fits(cfg, cluster_cpus=2, cluster_gpus=0)
+
+
+def test_each_items_file_is_read_by_its_own_task(sample_corpus, encoder_weights, storage):
+    """The reader is not fused into the next stage: fused, Ray Data bundled as many files per task as
+    the next stage's batch size, and one task read the whole corpus before anything moved on."""
+    from tessera.embed.pipeline import build_dataset
+
+    cfg = embed_config(encoder_weights, "read-tasks", image={"enabled": False}, audio={"enabled": False},
+                       text={"preprocess": {"batch_size": 64}})
+    files = storage.list_files(cfg.items_uri, ".parquet")
+    assert len(files) >= 3
+    ds = build_dataset(cfg, files, set(), join_uri(cfg.output_uri, cfg.run_id))
+    assert sum(int(r["rows"]) for r in ds.iter_rows()) == sample_corpus["config"].num_items
+    stats = ds.stats()
+    read_ops = [line for line in stats.splitlines() if "read_items" in line and "tasks executed" in line]
+    assert len(read_ops) == 1 and "->" not in read_ops[0], read_ops
+    assert f": {len(files)} tasks executed" in read_ops[0], read_ops
+
+
+def test_cpu_stages_do_not_import_the_models():
+    """A read / fetch / write task's worker imports the stages module, not torch or the model libraries
+    (each new worker process would pay seconds of CPU for them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tessera.embed.stages, tessera.encoders; from tessera.encoders import fetch_media, MediaError; "
+            "print(sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

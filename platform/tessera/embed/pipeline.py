@@ -18,11 +18,9 @@ from __future__ import annotations
 import json
 import time
 
-import pyarrow as pa
-
 from tessera.embed.config import EmbedConfig
-from tessera.embed.output import MODALITIES, done_item_ids, tally, write_part
-from tessera.embed.stages import EncodeActor, decode, fetch, read_items
+from tessera.embed.output import done_item_ids, tally
+from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
@@ -61,30 +59,20 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
     return {m: out[m] for m in cfg.modalities()}
 
 
-def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
-    """Write one part (the final stage); returns a one-row summary for the driver."""
-    n = table.num_rows
-    cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
-    encoders = []
-    for m in MODALITIES:
-        if m in modalities:
-            cols[m] = table.column(m)
-            cols[f"{m}_error"] = table.column(f"{m}_error").cast(pa.string())
-            encoders.extend(set(table.column(f"{m}_encoder").to_pylist()))
-        else:  # a disabled modality keeps its columns, all null
-            cols[m] = pa.nulls(n, pa.list_(pa.float32()))
-            cols[f"{m}_error"] = pa.nulls(n, pa.string())
-    uri = write_part(storage, run_uri, pa.table(cols))
-    return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
-
-
 def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: str):
     import ray
 
     storage = Storage(cfg.storage)
     sources = [m if m == "text" else f"{m}_uri" for m in cfg.modalities()]
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+    # One items file per read task, its blocks streaming out as they are read. Left to itself, Ray
+    # Data fuses this map with the next one and bundles as many inputs per task as that one's
+    # batch_size (a text decode of 64 rows took 64 files: one task read the whole corpus into one
+    # block, and nothing downstream started before it was done). A ray_remote_args_fn keeps an
+    # operator out of fusion (ray.data's operator_fusion rule).
+    read_args = {"num_cpus": cfg.read_num_cpus}
     ds = ds.map_batches(read_items, batch_size=1, num_cpus=cfg.read_num_cpus,
+                        ray_remote_args_fn=lambda: read_args,
                         fn_kwargs={"storage": storage, "columns": ["item_id", *sources],
                                    "rows_per_batch": cfg.read_batch_rows,
                                    "done_ids": frozenset(done) if done else None})

@@ -23,19 +23,20 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tessera.embed.output import vector_column
-from tessera.encoders.base import EncoderConfig
+from tessera.embed.output import MODALITIES, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
-from tessera.encoders.registry import shared_preprocessor
 from tessera.storage import Storage
 
-MODALITIES = ("text", "image", "audio")
+if TYPE_CHECKING:
+    from tessera.encoders.base import EncoderConfig
+
 _BINARY_SUFFIXES = ("_bytes", "_input")
 
 
@@ -128,6 +129,8 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     todo = [i for i, raw in enumerate(raws) if raw is not None and errors[i] is None]
     inputs: list = [None] * len(raws)
     if todo:
+        from tessera.encoders.registry import shared_preprocessor  # the modality's module only
+
         pre = shared_preprocessor(encoder_cfg, storage)
         for i, result in zip(todo, pre.map([raws[i] for i in todo]), strict=True):
             if isinstance(result, MediaError):
@@ -138,6 +141,23 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     batch[f"{modality}_error"] = errors
     del batch[source]
     return to_table(batch, table)
+
+
+def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
+    """Write one part (the final stage); returns a one-row summary for the driver."""
+    n = table.num_rows
+    cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
+    encoders = []
+    for m in MODALITIES:
+        if m in modalities:
+            cols[m] = table.column(m)
+            cols[f"{m}_error"] = table.column(f"{m}_error").cast(pa.string())
+            encoders.extend(set(table.column(f"{m}_encoder").to_pylist()))
+        else:  # a disabled modality keeps its columns, all null
+            cols[m] = pa.nulls(n, pa.list_(pa.float32()))
+            cols[f"{m}_error"] = pa.nulls(n, pa.string())
+    uri = write_part(storage, run_uri, pa.table(cols))
+    return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
 
 
 class EncodeActor:

@@ -10,32 +10,46 @@ Example::
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Union
+import importlib
+from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from tessera.encoders.audio import AudioEncoder, AudioEncoderConfig, AudioPreprocessor
-from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
-from tessera.encoders.image import ImageEncoder, ImageEncoderConfig, ImagePreprocessor
-from tessera.encoders.text import TextEncoder, TextEncoderConfig, TextPreprocessor
 from tessera.storage import Storage, StorageConfig
 
-# A config field that accepts any of the three, told apart by its ``modality`` key.
-AnyEncoderConfig = Annotated[Union[TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig],
-                             Field(discriminator="modality")]
+if TYPE_CHECKING:
+    from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
 
-ENCODERS: dict[type[EncoderConfig], tuple[type[Preprocessor], type[Encoder]]] = {
-    TextEncoderConfig: (TextPreprocessor, TextEncoder),
-    ImageEncoderConfig: (ImagePreprocessor, ImageEncoder),
-    AudioEncoderConfig: (AudioPreprocessor, AudioEncoder),
+# modality -> (module, preprocessor class, encoder class); a module is imported only when its
+# modality is used, so a text task does not pay for torchvision and the audio model classes.
+ENCODERS: dict[str, tuple[str, str, str]] = {
+    "text": ("tessera.encoders.text", "TextPreprocessor", "TextEncoder"),
+    "image": ("tessera.encoders.image", "ImagePreprocessor", "ImageEncoder"),
+    "audio": ("tessera.encoders.audio", "AudioPreprocessor", "AudioEncoder"),
 }
+
+
+def __getattr__(name: str):
+    if name == "AnyEncoderConfig":  # built on first use: it needs all three config classes
+        from typing import Annotated, Union
+
+        from pydantic import Field
+
+        from tessera.encoders.audio import AudioEncoderConfig
+        from tessera.encoders.image import ImageEncoderConfig
+        from tessera.encoders.text import TextEncoderConfig
+
+        # A config field that accepts any of the three, told apart by its ``modality`` key.
+        return Annotated[Union[TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig],
+                         Field(discriminator="modality")]
+    raise AttributeError(f"module 'tessera.encoders.registry' has no attribute {name!r}")
 
 
 def _classes(config: EncoderConfig) -> tuple[type[Preprocessor], type[Encoder]]:
     try:
-        return ENCODERS[type(config)]
+        module, pre, enc = ENCODERS[getattr(config, "modality", None)]
     except KeyError:
         raise TypeError(f"no encoder for config type {type(config).__name__}") from None
+    mod = importlib.import_module(module)
+    return getattr(mod, pre), getattr(mod, enc)
 
 
 def load_preprocessor(config: EncoderConfig, storage: Storage | None = None) -> Preprocessor:
@@ -59,6 +73,6 @@ def shared_preprocessor(config: EncoderConfig, storage: Storage | None = None) -
 
 
 @functools.lru_cache(maxsize=16)
-def _shared(config_cls: type[EncoderConfig], config_json: str, storage_json: str) -> Preprocessor:
+def _shared(config_cls: type, config_json: str, storage_json: str) -> Preprocessor:
     config = config_cls.model_validate_json(config_json)
     return load_preprocessor(config, Storage(StorageConfig.model_validate_json(storage_json)))
