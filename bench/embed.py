@@ -1,18 +1,23 @@
 """Benchmark: the embedding job against plain single-process loops, side by side in one run.
 
-    .venv/bin/python bench/embed.py [--texts 3000] [--images 400] [--audio 400] [--threads 2]
-                                    [--scale 10000 30000]
+    .venv/bin/python bench/embed.py [--texts 20000] [--images 8000] [--audio 3000] [--threads 2]
+                                    [--scale 10000 90000]
 
 Brings up its own SeaweedFS and a local Ray (2 CPUs). Measures, on real data from ../shared/data and
 real text on this machine (bench/texts.py):
 
-- text: the whole job (items table in S3 -> Parquet embeddings in S3, wall clock, model loads
-  included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 and vs our bare
-  encoder loop (``TextEncoder.embed``), same thread count; cosine of our vectors to the fp32 ones;
-- image / audio: the job vs a plain single-process loop over the same objects in S3 (fetch, decode,
-  encode with the same model and batch size);
+- text: the whole job (items table in S3 -> Parquet embeddings in S3, wall clock, actor start and
+  model load included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 and vs
+  our bare encoder loop (``TextEncoder.embed`` over all the texts in one call, so sorted by length
+  over all of them), same thread count and micro-batch; cosine of our vectors to the fp32 ones.
+  sentence-transformers runs on a seeded random sample of ``--st-sample`` texts (its rate does not
+  depend on how many: it sorts by length within the call, and the sample has the corpus' lengths);
+- image / audio: the job vs a plain single-process loop over the same items in S3 (fetch, decode,
+  encode with the same model and batch size). Every photo and recording is uploaded once; with
+  more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
-  to show whether memory stays flat.
+  to show whether memory stays flat. With ``--scale``, the job's wall clock at the smallest and the
+  largest size splits into a fixed start-up cost and a steady rate (wall = fixed + n / rate).
 
 Prints one JSON object as the last line.
 """
@@ -66,21 +71,26 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
         pq.write_table(table, path, filesystem=fs)
 
 
-def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, float]:
+TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
+TEXT_POOL_BATCH = 2048  # text sorts a whole pool batch by length before cutting micro-batches
+
+
+def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, float, float]:
+    """One embedding job of one modality; (items/s, manifest, peak RSS MB, wall seconds)."""
     off = {"enabled": False}
-    # the pool's batch can be larger than the encoder's micro-batch: text sorts a whole pool batch by
-    # length before cutting micro-batches, so a larger pool batch pads less
     pool = {"num_cpus": 1.0, "batch_size": pool_batch or batch, "torch_threads": threads}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
            "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256}
     cfg[modality] = {"pool": pool, "encoder": {"batch_size": batch, **({"weights": weights} if weights else {})}}
-    if modality != "text":
+    if modality == "text":
+        cfg[modality]["preprocess"] = {"concurrency": 1, "batch_size": 256}
+    else:
         cfg[modality]["fetch"] = {"concurrency": 2, "threads": 16}
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         manifest = run_embedding(EmbedConfig.model_validate(cfg))
         wall = time.perf_counter() - t0
-    return manifest["input"]["items"] / wall, manifest, rss.peak_mb
+    return manifest["input"]["items"] / wall, manifest, rss.peak_mb, wall
 
 
 def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
@@ -94,7 +104,7 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     return out
 
 
-def bench_text(storage, n, threads) -> dict:
+def bench_text(storage, n, threads, st_sample) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -103,24 +113,26 @@ def bench_text(storage, n, threads) -> dict:
     items = f"{ROOT}/text-{uuid.uuid4().hex[:6]}/items"
     _write_items(storage, items, {"item_id": ids, "text": texts})
     torch.set_num_threads(threads)
-    cfg = TextEncoderConfig(batch_size=64)
+    cfg = TextEncoderConfig(batch_size=TEXT_BATCH)
+    sample = sorted(np.random.default_rng(0).choice(len(texts), min(st_sample, len(texts)), replace=False))
     st = SentenceTransformer(cfg.weights, device="cpu")
-    st.encode(texts[:64])
+    st.encode(texts[:64], batch_size=TEXT_BATCH)
     t0 = time.perf_counter()
-    ref = st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    st_rate = len(texts) / (time.perf_counter() - t0)
+    ref = st.encode([texts[k] for k in sample], batch_size=TEXT_BATCH, normalize_embeddings=True,
+                    convert_to_numpy=True)
+    st_rate = len(sample) / (time.perf_counter() - t0)
     enc = TextEncoder(cfg)
     enc.embed(texts[:64])
     t0 = time.perf_counter()
     enc.embed(texts)
     bare_rate = len(texts) / (time.perf_counter() - t0)
     del enc, st
-    job_rate, manifest, rss = _job(storage, items, "text", None, threads, 64, pool_batch=512)
+    job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
     ours = _vectors(storage, manifest, "text")
-    cos = [float(ours[i] @ ref[k]) for k, i in enumerate(ids) if i in ours]
+    cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
-            "text_items_per_s": round(job_rate, 1), "st_items_per_s": round(st_rate, 1),
-            "bare_encoder_items_per_s": round(bare_rate, 1),
+            "st_sample": len(sample), "text_items_per_s": round(job_rate, 1), "text_job_wall_s": round(wall, 2),
+            "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
             "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss,
@@ -135,15 +147,16 @@ def _plain_loop(storage, uris, encoder, batch) -> float:
     return len(uris) / (time.perf_counter() - t0)
 
 
-def bench_media(storage, modality, files, weights, threads) -> dict:
+def bench_media(storage, modality, files, n_items, weights, threads) -> dict:
     import torch
 
     prefix = f"{ROOT}/{modality}-{uuid.uuid4().hex[:6]}"
-    uris = []
-    for i, f in enumerate(files):
+    objects = []
+    for i, f in enumerate(files[:n_items]):
         uri = join_uri(prefix, "media", f"{i:06d}{f.suffix}")
         storage.write_bytes(uri, f.read_bytes())
-        uris.append(uri)
+        objects.append(uri)
+    uris = [objects[i % len(objects)] for i in range(n_items)]
     ids = [f"{modality[0]}{i:07d}" for i in range(len(uris))]
     _write_items(storage, join_uri(prefix, "items"), {"item_id": ids, f"{modality}_uri": uris})
     torch.set_num_threads(threads)
@@ -152,18 +165,34 @@ def bench_media(storage, modality, files, weights, threads) -> dict:
     enc.embed([files[0].read_bytes()])
     plain = _plain_loop(storage, uris, enc, 32)
     del enc
-    job_rate, manifest, rss = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32)
-    return {f"{modality}_items": len(uris), f"{modality}_items_per_s": round(job_rate, 1),
+    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32)
+    return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
+            f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1),
             f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_peak_rss_mb": rss,
             f"{modality}_failed": manifest["counts"][modality]["failed"]}
 
 
+def fixed_and_steady(n0: int, wall0: float, scale: dict) -> dict:
+    """wall = fixed + n / rate through the smallest and the largest text job, and the memory ratio."""
+    sizes = sorted([(n0, wall0, None)] + [(int(k), v["wall_s"], v["peak_rss_mb"]) for k, v in scale.items()])
+    (n_a, w_a, _), (n_b, w_b, _) = sizes[0], sizes[-1]
+    out = {}
+    if n_b > n_a and w_b > w_a:
+        rate = (n_b - n_a) / (w_b - w_a)
+        out = {"text_job_steady_items_per_s": round(rate, 1), "text_job_fixed_s": round(w_a - n_a / rate, 2)}
+    rss = [(n, r) for n, _, r in sizes if r is not None]
+    if len(rss) > 1:
+        out["scale_peak_rss_ratio_largest_vs_smallest"] = round(rss[-1][1] / rss[0][1], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--texts", type=int, default=3000)
-    parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--audio", type=int, default=400)
+    parser.add_argument("--texts", type=int, default=20000)
+    parser.add_argument("--st-sample", type=int, default=3000, help="texts sentence-transformers encodes")
+    parser.add_argument("--images", type=int, default=8000, help="image items (over the 2,781 photos)")
+    parser.add_argument("--audio", type=int, default=3000, help="audio items (over the 3,000 recordings)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale", type=int, nargs="*", default=[], help="extra text-job sizes for the memory check")
     args = parser.parse_args()
@@ -172,21 +201,26 @@ def main() -> None:
         storage = Storage()
         storage.ensure_bucket(ROOT)
         weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
-        result.update(bench_text(storage, args.texts, args.threads))
+        result.update(bench_text(storage, args.texts, args.threads, args.st_sample))
         print(f"[bench] text: {result}", flush=True)
-        photos = sorted((SHARED / "grocery" / "dataset" / "test").rglob("*.jpg"))[: args.images]
-        result.update(bench_media(storage, "image", photos, weights["image"], args.threads))
-        wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))[: args.audio]
-        result.update(bench_media(storage, "audio", wavs, weights["audio"], args.threads))
+        grocery = SHARED / "grocery" / "dataset"
+        photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
+        result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads))
+        print(f"[bench] image: {result}", flush=True)
+        wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
+        result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads))
+        print(f"[bench] audio: {result}", flush=True)
         scale = {}
         for n in args.scale:
             texts = real_texts(SHARED, n)
             items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
             _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
-            rate, _, rss = _job(storage, items, "text", None, args.threads, 64, pool_batch=512)
-            scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss}
+            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH)
+            scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss, "wall_s": round(wall, 2)}
             print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
         result["scale"] = scale
+        if scale:
+            result.update(fixed_and_steady(result["texts"], result["text_job_wall_s"], scale))
     result["peak_rss_mb"] = max(v for k, v in result.items() if k.endswith("peak_rss_mb"))
     print(json.dumps(result))
 

@@ -110,7 +110,7 @@ def test_preprocessor_pickles_without_its_tokenizer():
     prep = TextPreprocessor(TextEncoderConfig())
     first = prep("pickled cucumbers")
     clone = pickle.loads(pickle.dumps(prep))
-    assert "tokenizer" not in clone.__dict__
+    assert "tokenizer" not in clone.__dict__ and "backend" not in clone.__dict__
     np.testing.assert_array_equal(clone("pickled cucumbers"), first)
 
 
@@ -119,3 +119,23 @@ def test_shared_preprocessor_is_one_per_config():
     assert shared_preprocessor(TextEncoderConfig(max_length=32)) is a
     assert shared_preprocessor(TextEncoderConfig(max_length=64)) is not a
     assert len(a("word " * 100)) == 32
+
+
+def test_tokenizer_file_gives_the_same_ids_as_transformers(shared_data):
+    """The ``tokenizers`` path (no transformers / torch import in CPU tasks) against AutoTokenizer on
+    real descriptions and odd strings, truncation at the checkpoint's 256 tokens included (the
+    packaged tokenizer.json itself says truncate at 128 and pad: both must be replaced)."""
+    from bench.texts import real_texts
+
+    texts = real_texts(shared_data, 400) + [
+        "Ünïcödé àccents naïve café", "中文字符测试", "emoji 🍎🍐", "  spaced   out ", "tab\tand\nnewline",
+        "word " * 400, "\u200b zero width", "ALL CAPS Mixed Case",
+    ]
+    fast = TextPreprocessor(TextEncoderConfig())
+    slow = TextPreprocessor(TextEncoderConfig(fast_tokenizer_file=False))
+    assert fast.backend is not None and slow.backend is None
+    got, want = fast.map(texts), slow.map(texts)
+    assert "tokenizer" not in fast.__dict__  # the fast path never loaded transformers' tokenizer
+    assert max(len(x) for x in want) == 256
+    for text, a, b in zip(texts, got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=text[:60])

@@ -14,6 +14,9 @@ Example::
     enc = TextEncoder(TextEncoderConfig())
     inputs = [enc.preprocessor(t) for t in ["red apple", "green pear"]]   # in CPU tasks
     vectors = enc.encode(inputs)                                          # in an actor: (2, 384)
+
+torch is imported by the functions that use it, not with the module: the preprocessing side (configs,
+preprocessors, the text tokenizer) then loads in a CPU task without torch's seconds of import time.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import contextlib
 import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Iterator, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from tessera.config import TesseraConfig
 from tessera.encoders.errors import MediaError
 from tessera.encoders.weights import resolve_weights, weights_checksum
 from tessera.storage import Storage, parse_uri
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EncoderConfig(TesseraConfig):
@@ -63,11 +68,15 @@ C = TypeVar("C", bound=EncoderConfig)
 
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's check: AVX512-BF16, AMX or Arm BF16)."""
+    import torch
+
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def choose_device(requested: str) -> torch.device:
     """Map the config's ``device`` to a torch device; asking for ``cuda`` without one is an error."""
+    import torch
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -77,6 +86,8 @@ def choose_device(requested: str) -> torch.device:
 
 def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """The autocast dtype for ``device``, or None to run in fp32."""
+    import torch
+
     if not enabled:
         return None
     if device.type == "cuda":
@@ -86,6 +97,8 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm, computed in fp32."""
+    import torch
+
     return torch.nn.functional.normalize(x.float(), p=2.0, dim=-1)
 
 
@@ -196,6 +209,8 @@ class Encoder(ABC, Generic[C]):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(self._device.type, dtype=self.autocast_dtype)
 
     def encode(self, batch: Sequence[np.ndarray]) -> np.ndarray:
@@ -207,6 +222,8 @@ class Encoder(ABC, Generic[C]):
         Returns:
             ``(N, dim)`` float32, rows L2-normalised, in the order of ``batch``.
         """
+        import torch
+
         out = np.empty((len(batch), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for idx in self._micro_batches(batch):

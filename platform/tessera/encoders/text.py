@@ -7,6 +7,10 @@ mode (``1_Pooling/config.json``) and maximum length (``sentence_bert_config.json
 
 Preprocessing tokenises without padding (one ``int32`` id array per item); ``encode`` sorts the items
 by length into micro-batches so each is padded only to its own longest item, then restores the order.
+A folder with a ``tokenizer.json`` is tokenised with the ``tokenizers`` library itself (the backend
+that transformers' fast tokenizers wrap, same ids), so a CPU tokenising task imports neither
+transformers nor torch; ``fast_tokenizer_file=False`` (or a folder without the file) loads
+``AutoTokenizer``. torch and transformers are imported by the encoding side when it loads the model.
 
 Example::
 
@@ -18,18 +22,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
-import torch
 from pydantic import Field
-from transformers import AutoModel, AutoTokenizer
 
 from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
 from tessera.encoders.errors import MediaError, check_size
-from tessera.encoders.pooling import pool_sequence
 from tessera.encoders.sniff import looks_like_text, sniff
 from tessera.encoders.weights import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 def packaged_minilm_path() -> str:
@@ -49,6 +53,9 @@ class TextEncoderConfig(EncoderConfig):
         max_length: tokens per text after truncation (special tokens included); None takes the
             checkpoint's ``max_seq_length`` (256 for MiniLM), else the tokenizer's limit.
         sort_by_length: bucket items of similar length into micro-batches to cut padding.
+        fast_tokenizer_file: tokenise with the checkpoint's ``tokenizer.json`` through the
+            ``tokenizers`` library when the folder has one (no transformers / torch import);
+            False always loads ``AutoTokenizer``.
         max_bytes: texts above this many UTF-8 bytes are rejected as ``oversized``.
 
     Example::
@@ -62,6 +69,7 @@ class TextEncoderConfig(EncoderConfig):
     max_length: int | None = Field(None, ge=2, le=8192)
     batch_size: int = Field(64, ge=1, le=4096)
     sort_by_length: bool = True
+    fast_tokenizer_file: bool = True
     max_bytes: int = Field(1_000_000, ge=1)
 
 
@@ -108,7 +116,25 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
 
     @functools.cached_property
     def tokenizer(self):
+        """The checkpoint's transformers tokenizer (the encoder reads its pad id and input names)."""
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
+
+    @functools.cached_property
+    def backend(self):
+        """``tokenizers.Tokenizer`` from ``tokenizer.json``, set up as transformers sets it for
+        ``truncation=True, max_length=..., padding=False`` (the file's own padding and truncation
+        are replaced); None when the folder has no such file or the config turns it off."""
+        path = self.weights_dir / "tokenizer.json"
+        if not (self.config.fast_tokenizer_file and path.is_file()):
+            return None
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(path))
+        backend.no_padding()
+        backend.enable_truncation(self.max_length, stride=0, strategy="longest_first", direction="right")
+        return backend
 
     @functools.cached_property
     def max_length(self) -> int:
@@ -116,7 +142,9 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
             limit = self.config.max_length
         else:
             st = read_json(self.weights_dir, "sentence_bert_config.json") or {}
-            limit = st.get("max_seq_length") or self.tokenizer.model_max_length
+            limit = (st.get("max_seq_length")
+                     or (read_json(self.weights_dir, "tokenizer_config.json") or {}).get("model_max_length")
+                     or self.tokenizer.model_max_length)
         positions = (read_json(self.weights_dir, "config.json") or {}).get("max_position_embeddings")
         return int(min(limit, positions)) if positions else int(limit)
 
@@ -137,6 +165,9 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         if not texts:
             return []
+        if self.backend is not None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=True)
+            return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
                              return_attention_mask=False, return_token_type_ids=False)
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
@@ -173,6 +204,8 @@ class TextEncoder(Encoder[TextEncoderConfig]):
         tokenizer = self.preprocessor.tokenizer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
+        from transformers import AutoModel
+
         return AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
 
     @property
@@ -189,6 +222,10 @@ class TextEncoder(Encoder[TextEncoderConfig]):
             yield order[start:start + size]
 
     def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
+        import torch
+
+        from tessera.encoders.pooling import pool_sequence
+
         longest = max(len(x) for x in items)
         ids = torch.full((len(items), longest), self._pad_id, dtype=torch.long)  # (b, L)
         mask = torch.zeros((len(items), longest), dtype=torch.long)  # (b, L)
