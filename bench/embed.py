@@ -82,9 +82,9 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None)
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
            "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256}
     cfg[modality] = {"pool": pool, "encoder": {"batch_size": batch, **({"weights": weights} if weights else {})}}
-    if modality == "text":
-        cfg[modality]["preprocess"] = {"concurrency": 1, "batch_size": 256}
-    else:
+    # one decode task at a time, as configs/embed.yaml: each new worker pays the modality's imports
+    cfg[modality]["preprocess"] = {"concurrency": 1, **({"batch_size": 256} if modality == "text" else {})}
+    if modality != "text":
         cfg[modality]["fetch"] = {"concurrency": 2, "threads": 16}
     with PeakRSS() as rss:
         t0 = time.perf_counter()

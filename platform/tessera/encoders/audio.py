@@ -25,7 +25,6 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from transformers import AutoModel
 
 from tessera.encoders.audio_decode import decode_audio_bytes
 from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
@@ -123,6 +122,8 @@ class AudioEncoder(Encoder[AudioEncoderConfig]):
     preprocessor_class = AudioPreprocessor
 
     def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModel  # here, not at import: a decode task needs no transformers
+
         model = AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
         cfg = model.config
         if not (hasattr(cfg, "conv_kernel") and hasattr(cfg, "conv_stride")):

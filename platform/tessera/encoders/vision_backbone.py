@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
-from transformers import AutoModel
 
 from tessera.encoders.weights import read_json
 
@@ -49,6 +48,8 @@ def load_vision_backbone(folder: Path) -> nn.Module:
     if config.get("library") == "torchvision":
         return _torchvision_backbone(folder, config)
     if "model_type" in config:
+        from transformers import AutoModel  # here, not at import: a decode task needs no transformers
+
         return HFVisionBackbone(AutoModel.from_pretrained(folder, local_files_only=True))
     raise ValueError(f"{folder}/config.json is neither a torchvision spec (library: torchvision) "
                      "nor a Hugging Face config (model_type)")
