@@ -16,8 +16,9 @@ real text on this machine (bench/texts.py):
   encode with the same model and batch size). Every photo and recording is uploaded once; with
   more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
-  to show whether memory stays flat. With ``--scale``, the job's wall clock at the smallest and the
-  largest size splits into a fixed start-up cost and a steady rate (wall = fixed + n / rate).
+  to show whether memory stays flat; the text job's fixed cost (the same job on 64 texts: plan,
+  actor start, model load) and its steady rate (texts / (wall - fixed)). ``--images 0`` or
+  ``--audio 0`` leaves a modality out.
 
 Prints one JSON object as the last line.
 """
@@ -72,7 +73,7 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
 
 
 TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
-TEXT_POOL_BATCH = 2048  # text sorts a whole pool batch by length before cutting micro-batches
+TEXT_POOL_BATCH = 8192  # text sorts a whole pool batch by length before cutting micro-batches
 
 
 def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, float, float]:
@@ -80,7 +81,8 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None)
     off = {"enabled": False}
     pool = {"num_cpus": 1.0, "batch_size": pool_batch or batch, "torch_threads": threads}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
-           "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256}
+           "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256,
+           "io_concurrency": 1}
     cfg[modality] = {"pool": pool, "encoder": {"batch_size": batch, **({"weights": weights} if weights else {})}}
     # one decode task at a time, as configs/embed.yaml: each new worker pays the modality's imports
     cfg[modality]["preprocess"] = {"concurrency": 1, **({"batch_size": 256} if modality == "text" else {})}
@@ -129,6 +131,10 @@ def bench_text(storage, n, threads, st_sample) -> dict:
     del enc, st
     job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
     ours = _vectors(storage, manifest, "text")
+    # the job's fixed cost (plan, actor start, model load, first and last hops): the same job on 64 texts
+    tiny = f"{ROOT}/text-{uuid.uuid4().hex[:6]}/items"
+    _write_items(storage, tiny, {"item_id": ids[:64], "text": texts[:64]})
+    _, _, _, fixed = _job(storage, tiny, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
     cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
             "st_sample": len(sample), "text_items_per_s": round(job_rate, 1), "text_job_wall_s": round(wall, 2),
@@ -136,6 +142,8 @@ def bench_text(storage, n, threads, st_sample) -> dict:
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
             "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss,
+            "text_job_fixed_s": round(fixed, 2),
+            "text_job_steady_items_per_s": round(len(texts) / (wall - fixed), 1) if wall > fixed else None,
             "text_job_timings": manifest["timings"]}
 
 
@@ -173,18 +181,12 @@ def bench_media(storage, modality, files, n_items, weights, threads) -> dict:
             f"{modality}_failed": manifest["counts"][modality]["failed"]}
 
 
-def fixed_and_steady(n0: int, wall0: float, scale: dict) -> dict:
-    """wall = fixed + n / rate through the smallest and the largest text job, and the memory ratio."""
-    sizes = sorted([(n0, wall0, None)] + [(int(k), v["wall_s"], v["peak_rss_mb"]) for k, v in scale.items()])
-    (n_a, w_a, _), (n_b, w_b, _) = sizes[0], sizes[-1]
-    out = {}
-    if n_b > n_a and w_b > w_a:
-        rate = (n_b - n_a) / (w_b - w_a)
-        out = {"text_job_steady_items_per_s": round(rate, 1), "text_job_fixed_s": round(w_a - n_a / rate, 2)}
-    rss = [(n, r) for n, _, r in sizes if r is not None]
-    if len(rss) > 1:
-        out["scale_peak_rss_ratio_largest_vs_smallest"] = round(rss[-1][1] / rss[0][1], 2)
-    return out
+def memory_ratio(scale: dict) -> dict:
+    """Peak RSS of the largest text job over the smallest's (the memory check)."""
+    sizes = sorted((int(k), v["peak_rss_mb"]) for k, v in scale.items())
+    if len(sizes) < 2:
+        return {}
+    return {"scale_peak_rss_ratio_largest_vs_smallest": round(sizes[-1][1] / sizes[0][1], 2)}
 
 
 def main() -> None:
@@ -205,11 +207,13 @@ def main() -> None:
         print(f"[bench] text: {result}", flush=True)
         grocery = SHARED / "grocery" / "dataset"
         photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
-        result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads))
-        print(f"[bench] image: {result}", flush=True)
+        if args.images:
+            result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads))
+            print(f"[bench] image: {result}", flush=True)
         wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
-        result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads))
-        print(f"[bench] audio: {result}", flush=True)
+        if args.audio:
+            result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads))
+            print(f"[bench] audio: {result}", flush=True)
         scale = {}
         for n in args.scale:
             texts = real_texts(SHARED, n)
@@ -219,8 +223,7 @@ def main() -> None:
             scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss, "wall_s": round(wall, 2)}
             print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
         result["scale"] = scale
-        if scale:
-            result.update(fixed_and_steady(result["texts"], result["text_job_wall_s"], scale))
+        result.update(memory_ratio(scale))
     result["peak_rss_mb"] = max(v for k, v in result.items() if k.endswith("peak_rss_mb"))
     print(json.dumps(result))
 

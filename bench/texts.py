@@ -1,4 +1,5 @@
-"""Real text for benchmarks: grocery product descriptions plus docstrings of the Python stdlib.
+"""Real text for benchmarks: grocery product descriptions plus docstrings of the Python stdlib, then
+of the installed packages (site-packages) when more are asked for (about 93k chunks in the stdlib).
 
 Every string is real prose from this machine, cut into sentence-aligned chunks of about
 ``target_chars`` characters; nothing is generated or repeated (chunks are de-duplicated).
@@ -27,14 +28,16 @@ def _chunks(text: str, target_chars: int) -> list[str]:
 
 
 def real_texts(shared_data: Path, n: int, target_chars: int = 240) -> list[str]:
-    """Up to ``n`` distinct real texts (grocery descriptions first, then stdlib docstrings)."""
+    """Up to ``n`` distinct real texts (grocery descriptions, stdlib docstrings, then site-packages')."""
     seen: dict[str, None] = {}
     grocery = shared_data / "grocery" / "dataset" / "iconic-images-and-descriptions"
     for path in sorted(grocery.rglob("*.txt")):
         for c in _chunks(path.read_text(errors="replace"), target_chars):
             seen.setdefault(c)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
+    paths = sysconfig.get_paths()
+    sources = [Path(paths["stdlib"]), Path(paths["purelib"])]
+    files = (path for root in sources for path in sorted(root.rglob("*.py")))
+    for path in files:
         if len(seen) >= n:
             break
         if "test" in path.parts or "idlelib" in path.parts:

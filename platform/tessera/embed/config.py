@@ -89,6 +89,9 @@ class EmbedConfig(TesseraConfig):
         run_id: names the run; rerunning the same run id resumes it (completed rows are skipped).
         max_error_rate: the job exits non-zero when failed modality inputs / present ones exceed it.
         read_batch_rows: rows per block coming out of the reader.
+        io_concurrency: at most this many read tasks and this many write tasks at once (None: as many
+            as Ray Data schedules). Each new worker process pays its imports; on a 2-core box a
+            single reader and writer keep up with the encoders.
     """
 
     items_uri: str = "s3://tessera-demo/corpus/items"
@@ -98,6 +101,7 @@ class EmbedConfig(TesseraConfig):
     write_batch_size: int = Field(256, ge=1)
     read_num_cpus: float = Field(0.1, gt=0, description="CPUs per read / write task")
     read_batch_rows: int = Field(256, ge=1, description="rows per block coming out of the reader")
+    io_concurrency: int | None = Field(None, ge=1)
     text: TextModality = TextModality()
     image: ImageModality = ImageModality()
     audio: AudioModality = AudioModality()

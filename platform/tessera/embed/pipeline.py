@@ -71,7 +71,8 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: s
     # block, and nothing downstream started before it was done). A ray_remote_args_fn keeps an
     # operator out of fusion (ray.data's operator_fusion rule).
     read_args = {"num_cpus": cfg.read_num_cpus}
-    ds = ds.map_batches(read_items, batch_size=1, num_cpus=cfg.read_num_cpus,
+    io_compute = ray.data.TaskPoolStrategy(size=cfg.io_concurrency)
+    ds = ds.map_batches(read_items, batch_size=1, num_cpus=cfg.read_num_cpus, compute=io_compute,
                         ray_remote_args_fn=lambda: read_args,
                         fn_kwargs={"storage": storage, "columns": ["item_id", *sources],
                                    "rows_per_batch": cfg.read_batch_rows,
@@ -98,7 +99,7 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: s
                                                    "encoder_cfg": mcfg.encoder, "storage": storage,
                                                    "torch_threads": pool.torch_threads})
     return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.write_batch_size,
-                          num_cpus=cfg.read_num_cpus,
+                          num_cpus=cfg.read_num_cpus, compute=io_compute,
                           fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities())})
 
 
