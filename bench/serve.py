@@ -358,6 +358,27 @@ def wait_ready(base: str, timeout_s: float = 300.0) -> dict:
             time.sleep(1.0)
 
 
+def direct_ingress_bases(apps: tuple[str, ...]) -> dict[str, str]:
+    """Each app's ingress replica address when Serve runs with direct ingress (the head started with
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` or ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``): the replica serves
+    HTTP on a port of its own and no proxy sits in the request path. Read from the Serve controller's
+    target groups (what a load balancer in front of direct ingress reads; Ray's own API, alpha)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote())
+    out = {}
+    for group in groups:
+        if group.app_name in apps and str(group.protocol).upper().endswith("HTTP") and group.targets:
+            target = group.targets[0]
+            out[group.app_name] = f"http://{target.ip}:{target.port}"
+    missing = [a for a in apps if a not in out]
+    if missing:
+        raise RuntimeError(f"no direct-ingress target for {missing} (target groups: {groups}); start the Ray head "
+                           "with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 or RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+    return out
+
+
 def code_version() -> dict:
     """The commit, and whether the serving code (``serve_apps/``, ``tessera/serving/``) differs from it: the
     replicas import whatever is in the working tree when they start."""
@@ -439,18 +460,22 @@ def run(args) -> dict:
     if served["num_items"] != version.corpus["items"]:
         raise RuntimeError(f"{APP} serves {served['num_items']} items, not {version.corpus['items']}: {health}")
     print(f"[bench] apps up in {time.perf_counter() - t0:.0f} s", flush=True)
+    bases = {APP: base, NOOP_APP: base}
+    if args.direct_ingress:
+        bases = direct_ingress_bases((APP, NOOP_APP))
+        print(f"[bench] direct ingress: {bases}", flush=True)
 
     cpu = CpuMeter(cluster_actors((APP, NOOP_APP)))
     levels: dict[str, dict] = {}
     noop: dict[str, dict] = {}
     try:
         for clients in args.levels:
-            runs = [("no-op chain", noop, NOOP_PREFIX)] if clients in args.noop_levels else []
-            for label, into, prefix in [*runs, ("ours", levels, APP_PREFIX)]:
+            runs = [("no-op chain", noop, NOOP_APP, NOOP_PREFIX)] if clients in args.noop_levels else []
+            for label, into, app, prefix in [*runs, ("ours", levels, APP, APP_PREFIX)]:
                 attempts = []
                 for _ in range(1 + args.retries):  # again when other work took cores meanwhile; keep the calmest
                     gate = wait_for_quiet(args.quiet_cores, args.quiet_wait)
-                    attempts.append({**asyncio.run(load_level(base + prefix + "/v1/recommend", mix, clients,
+                    attempts.append({**asyncio.run(load_level(bases[app] + prefix + "/v1/recommend", mix, clients,
                                                               args.duration, args.warmup, args.seed + clients,
                                                               cpu)), "before": gate})
                     print(f"[bench] {label}, {clients} clients: {json.dumps(attempts[-1])}", flush=True)
@@ -480,7 +505,8 @@ def run(args) -> dict:
                      f"{os.environ.get('RAY_ADDRESS')} (token auth: {os.environ.get('RAY_AUTH_MODE') == 'token'}); "
                      f"{'env.sh read' if env else 'env.sh missing, environment used'}",
             "code": code,
-            "proxy": base, "app": {"name": APP, "route_prefix": APP_PREFIX,
+            "proxy": base, "direct_ingress": bases if args.direct_ingress else None,
+            "app": {"name": APP, "route_prefix": APP_PREFIX,
                                    "args": app_args.model_dump(mode="json", exclude={"storage"}),
                                    "deployments": "build_app defaults: 1 replica each, 0.25 CPU, torch_threads 1"},
             "noop_chain": {"name": NOOP_APP, "route_prefix": NOOP_PREFIX, "max_ongoing_requests": args.noop_max_ongoing,
@@ -522,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='JSON merged into RecommenderArgs, e.g. \'{"batch": {"batch_wait_timeout_ms": 5}}\'')
     parser.add_argument("--http", default="http://127.0.0.1:8000", help="the Serve proxy")
     parser.add_argument("--keep-apps", action="store_true", help="leave both bench apps deployed")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="load each app's ingress replica (Serve's direct ingress), not the proxy")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `timeout` still deletes the bench apps
     print(json.dumps(run(args)))
