@@ -74,3 +74,13 @@ def test_every_server_of_the_head_listens_on_loopback_only(head):
     exposed = {addr: name for addr, name in listening.items()
                if addr[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
     assert not exposed, exposed
+
+
+def test_a_driver_outside_the_cluster_connects_with_the_client_env(head):
+    """``python -m jobs.<name>`` run directly (README): with env.sh's variables only, ``ray.init()``
+    reaches the loopback-only head (it hung before: the driver rewrote 127.0.0.1 to the machine's IP)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(head.client_env())
+    code = "import ray; ray.init(log_to_driver=False); print('CPUS', ray.cluster_resources().get('CPU'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "CPUS 1.0" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -70,9 +70,14 @@ class EmbeddedRay:
 
     def client_env(self) -> dict[str, str]:
         """What a client needs: ``ray job submit`` reads RAY_API_SERVER_ADDRESS (the dashboard),
-        a driver's ``ray.init()`` reads RAY_ADDRESS (the GCS)."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
-                "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        a driver's ``ray.init()`` reads RAY_ADDRESS (the GCS). A driver outside the cluster also
+        rewrites a 127.0.0.1 address to the machine's, where a single-node head's GCS does not
+        listen (it hung "waiting for GCS"), unless it runs in single-node mode too."""
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
+               "RAY_API_SERVER_ADDRESS": self.dashboard_url, "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}"}
+        if self.single_node:
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return env
 
     def loopback_env(self) -> dict[str, str]:
         """Settings that keep every server of the head on 127.0.0.1, and its metrics on its own ports.
