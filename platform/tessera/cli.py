@@ -2,7 +2,8 @@
 
     tessera storage up|down|status     SeaweedFS S3 on 127.0.0.1:8333
     tessera ray up|down|status         Ray head on 127.0.0.1 (dashboard :8265), token auth on;
-                                       ``down`` also stops the head's Prometheus
+                                       ``down`` also stops the head's Prometheus; ``up --serve-throughput``
+                                       starts it with Ray Serve's throughput-optimized mode (below)
     tessera prometheus up|down|status  Prometheus on 127.0.0.1:9090 scraping the head's metrics,
                                        when ``prometheus`` is installed (skipped otherwise)
     tessera env                        print the shell exports (same as .tessera/env.sh)
@@ -23,6 +24,12 @@ from tessera.embedded.state import env_file, read_env_file, state_dir, update_en
 
 AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
 
+# Ray Serve's throughput-optimized mode (Ray >= 2.56): direct ingress (each Ingress replica serves HTTP
+# on a port of its own from 30000, on http_options.host; the proxy on :8000 still answers), gRPC between
+# deployments, user code and router on the replica's main loop. Read by the Serve controller and the
+# replicas at start, so it goes into the head's environment.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
 
 def _storage(action: str) -> int:
     s3 = EmbeddedS3(state_dir())
@@ -39,11 +46,17 @@ def _storage(action: str) -> int:
     return 0
 
 
-def _ray(action: str, num_cpus: int | None, num_gpus: int | None, port_offset: int = 0) -> int:
+def _ray(action: str, num_cpus: int | None, num_gpus: int | None, port_offset: int = 0,
+         serve_throughput: bool = False) -> int:
     head = EmbeddedRay(state_dir(), port_offset=port_offset, num_cpus=num_cpus, num_gpus=num_gpus)
     if action == "up":
         saved = read_env_file()
-        head.start(extra_env={k: saved[k] for k in AWS_KEYS if k in saved})
+        if serve_throughput and head.running():
+            print("the Ray head is already running: `tessera ray down` first, its Serve mode is set at start",
+                  file=sys.stderr)
+            return 1
+        head.start(extra_env={**{k: saved[k] for k in AWS_KEYS if k in saved},
+                              **(SERVE_THROUGHPUT_ENV if serve_throughput else {})})
         path = update_env_file(head.client_env())
         print(f"Ray head up; dashboard {head.dashboard_url} (token auth on). "
               f"For `ray job submit`: source {path}")
@@ -91,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p_ray.add_argument("--num-gpus", type=int, default=None, help="logical GPUs to advertise")
     p_ray.add_argument("--port-offset", type=int, default=0,
                        help="shift Ray's ports (a second head beside the demo's, as the tests start)")
+    p_ray.add_argument("--serve-throughput", action="store_true",
+                       help="Ray Serve's throughput-optimized mode: direct ingress on replica ports, gRPC between "
+                            "deployments (README, Serving)")
     p_prom = sub.add_parser("prometheus", help="Prometheus scraping the Ray head (when installed)")
     p_prom.add_argument("action", choices=["up", "down", "status"])
     p_prom.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "storage":
         return _storage(args.action)
     if args.command == "ray":
-        return _ray(args.action, args.num_cpus, args.num_gpus, args.port_offset)
+        return _ray(args.action, args.num_cpus, args.num_gpus, args.port_offset, args.serve_throughput)
     if args.command == "prometheus":
         return _prometheus(args.action, args.port)
     path = env_file()
