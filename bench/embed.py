@@ -17,8 +17,8 @@ real text on this machine (bench/texts.py):
   more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
   to show whether memory stays flat; the text job's fixed cost (the same job on 64 texts: plan,
-  actor start, model load) and its steady rate (texts / (wall - fixed)). ``--images 0`` or
-  ``--audio 0`` leaves a modality out.
+  actor start, model load) and its steady rate (texts / (wall - fixed)). ``--texts 0``,
+  ``--images 0`` or ``--audio 0`` leaves a modality out.
 
 Prints one JSON object as the last line.
 """
@@ -203,8 +203,9 @@ def main() -> None:
         storage = Storage()
         storage.ensure_bucket(ROOT)
         weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
-        result.update(bench_text(storage, args.texts, args.threads, args.st_sample))
-        print(f"[bench] text: {result}", flush=True)
+        if args.texts:
+            result.update(bench_text(storage, args.texts, args.threads, args.st_sample))
+            print(f"[bench] text: {result}", flush=True)
         grocery = SHARED / "grocery" / "dataset"
         photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
         if args.images:

@@ -69,7 +69,9 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: s
     # Data fuses this map with the next one and bundles as many inputs per task as that one's
     # batch_size (a text decode of 64 rows took 64 files: one task read the whole corpus into one
     # block, and nothing downstream started before it was done). A ray_remote_args_fn keeps an
-    # operator out of fusion (ray.data's operator_fusion rule).
+    # operator out of fusion (ray.data's operator_fusion rule). Ray 2.60 warns that the argument goes
+    # away in 2.64: on that upgrade, turn read_items into a Datasource (one read task per file);
+    # tests/embed/test_pipeline.py::test_each_items_file_is_read_by_its_own_task catches a regression.
     read_args = {"num_cpus": cfg.read_num_cpus}
     io_compute = ray.data.TaskPoolStrategy(size=cfg.io_concurrency)
     ds = ds.map_batches(read_items, batch_size=1, num_cpus=cfg.read_num_cpus, compute=io_compute,
