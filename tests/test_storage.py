@@ -92,3 +92,36 @@ def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplo
     assert 1.5 <= time.monotonic() - t0 < 10
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) >= 2 and "GET s3://b/k failed (EndpointConnectionError)" in retries[0].getMessage()
+
+
+def test_pyarrow_writes_and_weight_downloads_retry_for_the_window(monkeypatch, caplog):
+    """A part write (pyarrow's S3 client) against a store that refuses connections is retried for
+    ``retry_window_s`` like a read, then raises; a missing local file is not retried."""
+    import socket
+    import time
+
+    import pyarrow as pa
+
+    from tessera.embed.output import write_part
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    s = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=1.5))
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(OSError):
+        write_part(s, "s3://b/run", pa.table({"item_id": ["a", "b"]}))
+    assert 1.5 <= time.monotonic() - t0 < 30
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) >= 2 and retries[0].startswith("storage: PUT s3://b/run/part-"), retries
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("gone")
+
+    with pytest.raises(FileNotFoundError):
+        s.retrying_io("GET x", missing)
+    assert calls == [1]

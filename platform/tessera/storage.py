@@ -232,15 +232,25 @@ class Storage:
         8 s; each retry is logged as a warning. Other errors are raised at once."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        return self._retry_loop(what, call, (BotoCoreError, ClientError), _transient)
+
+    def retrying_io(self, what: str, call):
+        """``call()`` doing pyarrow S3 I/O (writes, listings, downloads), retried like :meth:`read_bytes`
+        while it raises an ``OSError`` that may pass (the store unreachable or answering 5xx; not a
+        missing object or a refused request) for ``retry_window_s``: a store restart while a part is
+        written or a new worker fetches its model's config no longer fails the job."""
+        return self._retry_loop(what, call, (OSError,), _transient_io)
+
+    def _retry_loop(self, what: str, call, errors: tuple[type[BaseException], ...], transient):
         first_failure, attempt = None, 0
         while True:
             try:
                 return call()
-            except (BotoCoreError, ClientError) as err:
+            except errors as err:
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
                 left = self.config.retry_window_s - (now - first_failure)
-                if not _transient(err) or left <= 0:
+                if not transient(err) or left <= 0:
                     raise
                 attempt += 1
                 delay = min(left, random.uniform(0.5, 1.0) * min(8.0, 0.5 * 2 ** (attempt - 1)))
@@ -325,6 +335,18 @@ def _transient(err: Exception) -> bool:
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or err.response.get("Error", {}).get("Code") in _THROTTLING_CODES
     return isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError))
+
+
+# pyarrow's S3 errors that are not worth retrying: they say what is wrong with the request itself.
+_PERMANENT_IO = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH",
+                 "Access Denied", "InvalidAccessKeyId", "NoSuchBucket")
+
+
+def _transient_io(err: BaseException) -> bool:
+    """Whether a pyarrow I/O error may pass on its own (connection refused or reset, timeouts, 5xx)."""
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    return not any(code in str(err) for code in _PERMANENT_IO)
 
 
 _HANDLES_LOCK = threading.Lock()

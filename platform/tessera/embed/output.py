@@ -49,7 +49,7 @@ def write_part(storage: Storage, run_uri: str, table: pa.Table) -> str:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, path)
     else:
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        storage.retrying_io(f"PUT {uri}", lambda: pq.write_table(table, path, filesystem=fs, compression="zstd"))
     return uri
 
 

@@ -80,7 +80,7 @@ def resolve_weights(uri: str, storage: Storage | None = None, cache_dir: str | o
         return ResolvedWeights(path, uri, fetched=False)
     storage = storage or Storage()
     fs, root = storage.filesystem(uri)
-    listing = _list_remote(fs, root, patterns)
+    listing = storage.retrying_io(f"LIST {uri}", lambda: _list_remote(fs, root, patterns))
     if not listing:
         raise FileNotFoundError(f"no weight files under {uri}" + (f" matching {patterns}" if patterns else ""))
     key = _cache_key(uri, listing, patterns)
@@ -96,7 +96,8 @@ def resolve_weights(uri: str, storage: Storage | None = None, cache_dir: str | o
         tmp = cache / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             for rel, _size, _mtime in listing:
-                _download(fs, f"{root.rstrip('/')}/{rel}", tmp / rel)
+                src = f"{root.rstrip('/')}/{rel}"
+                storage.retrying_io(f"GET {src}", lambda src=src, rel=rel: _download(fs, src, tmp / rel))
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
