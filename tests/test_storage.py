@@ -74,18 +74,24 @@ def test_credentials_file_used_when_env_absent(storage, bucket_uri, embedded_s3,
         wrong.read_bytes(join_uri(bucket_uri, "c.bin"))
 
 
-def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplog):
+def refused_store(monkeypatch) -> Storage:
+    """A Storage pointed at a loopback port nothing listens on (connections refused), 1.5 s retry window."""
     import socket
-    import time
 
-    from botocore.exceptions import EndpointConnectionError
-
-    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTKEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-    s = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=1.5))
+    return Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=1.5))
+
+
+def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplog):
+    import time
+
+    from botocore.exceptions import EndpointConnectionError
+
+    s = refused_store(monkeypatch)
     t0 = time.monotonic()
     with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(EndpointConnectionError):
         s.read_bytes("s3://b/k")
@@ -97,19 +103,13 @@ def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplo
 def test_pyarrow_writes_and_weight_downloads_retry_for_the_window(monkeypatch, caplog):
     """A part write (pyarrow's S3 client) against a store that refuses connections is retried for
     ``retry_window_s`` like a read, then raises; a missing local file is not retried."""
-    import socket
     import time
 
     import pyarrow as pa
 
     from tessera.embed.output import write_part
 
-    with socket.socket() as sock:  # a port nothing listens on: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTKEY")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-    s = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=1.5))
+    s = refused_store(monkeypatch)
     t0 = time.monotonic()
     with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(OSError):
         write_part(s, "s3://b/run", pa.table({"item_id": ["a", "b"]}))
