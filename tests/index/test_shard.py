@@ -88,3 +88,19 @@ def test_tuning_on_user_like_queries_reaches_their_target():
 def unit_rows_of(a):
     a = np.asarray(a, np.float32)
     return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_leaves_holding_fewer_than_k_items_still_give_k(points, exclude):
+    """One searched leaf of ~30 items cannot give k=60: those queries are searched over every leaf."""
+    x, q = points
+    cfg = IndexConfig(mode="tree_ah", num_leaves=400, num_leaves_to_search=1, reorder_num_neighbors=120,
+                      soar_lambda=None, training_threads=1)
+    shard = build_shard([str(i) for i in range(len(x))], x, cfg)
+    assert shard.params.num_leaves_to_search == 1
+    seen = [shard.rows_of({str(i) for i in range(5)})] * len(q) if exclude else None
+    rows, scores = search_shard(shard, q, 60, seen)
+    assert (rows >= 0).all() and np.isfinite(scores).all()
+    assert all(len(set(r)) == 60 for r in rows.tolist())
+    if exclude:
+        assert not np.isin(rows, np.arange(5)).any()

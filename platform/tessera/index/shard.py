@@ -220,17 +220,20 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
     q = queries.shape[0]
     kk = min(k, n)
     if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
-        extras = np.zeros(q, np.int64)
-        groups = [(0, np.arange(q))]
-    else:
-        extras = np.asarray([len(r) for r in exclude_rows])
-        # Queries needing the same headroom (rounded up to a power of two) share one batched call.
-        buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
-        groups = [(b, np.flatnonzero(buckets == b)) for b in np.unique(buckets)]
+        rows, scores = _scann_call(searcher, params, n, queries, kk, kk, None, params.num_leaves_to_search)
+        if rows[:, -1].min() < 0 and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
+            short = np.flatnonzero(rows[:, -1] < 0)  # fewer than kk found: the searched leaves held too few
+            rows[short], scores[short] = _scann_call(searcher, params, n, queries[short], kk, kk, None,
+                                                     params.num_leaves)
+        return rows, scores
+    extras = np.asarray([len(r) for r in exclude_rows])
+    # Queries needing the same headroom (rounded up to a power of two) share one batched call.
+    buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
+    groups = [(b, np.flatnonzero(buckets == b)) for b in np.unique(buckets)]
     rows_out = scores_out = None
     for bucket, members in groups:
         final_nn = min(n, kk + int(bucket))
-        excl = None if exclude_rows is None else [exclude_rows[i] for i in members]
+        excl = [exclude_rows[i] for i in members]
         rows, scores = _scann_call(searcher, params, n, queries[members], final_nn, kk, excl,
                                    params.num_leaves_to_search)
         if (rows < 0).any():
@@ -238,7 +241,7 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
             if short.any() and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
                 # The searched leaves held too few items: search every leaf for those queries.
                 retry = np.flatnonzero(short)
-                sub_excl = None if excl is None else [excl[i] for i in retry]
+                sub_excl = [excl[i] for i in retry]
                 rows[retry], scores[retry] = _scann_call(searcher, params, n, queries[members[retry]], final_nn,
                                                          kk, sub_excl, params.num_leaves)
         if len(groups) == 1:  # every query in one call: its arrays are the answer

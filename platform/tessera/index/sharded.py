@@ -237,10 +237,7 @@ class ShardedIndex:
             rows, scores = results[0]
             ids = self.shards[0].ids
             return [[ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
-        scores = np.concatenate([s for _, s in results], axis=1)  # (Q, S*k)
-        # (Q, S*k) ids; padding entries (row -1) carry -inf scores and are dropped below
-        cand = np.concatenate([shard.ids[np.maximum(rows, 0)]
-                               for shard, (rows, _) in zip(self.shards, results, strict=True)], axis=1)
+        scores = np.concatenate([s for _, s in results], axis=1)  # (Q, S*k): shard j's k columns at j*k
         if scores.shape[1] <= 4096:
             # Few candidates: one stable sort, the same order as top_k_rows (score desc, then column
             # asc: lower shard, then that shard's order) at a fraction of its per-call overhead.
@@ -249,7 +246,10 @@ class ShardedIndex:
             cols[~np.isfinite(best)] = -1
         else:
             cols, best = top_k_rows(scores, k)
-        ids = [[cand[i, c] for c in row if c >= 0] for i, row in enumerate(cols)]
+        # only the k winners' ids are looked up (padding entries, row -1, carry -inf and col -1)
+        rows = np.concatenate([r for r, _ in results], axis=1)
+        ids = [[self.shards[c // k].ids[r[c]] for c in row if c >= 0]
+               for r, row in zip(rows.tolist(), cols.tolist(), strict=True)]
         return ids, best
 
     def _executor(self) -> ThreadPoolExecutor:
