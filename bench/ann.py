@@ -249,7 +249,8 @@ def scann_sweep(index, queries, truth, q_single) -> list[dict]:
 
     tuned = index.shards[0].params
     points = []
-    for share in (0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.4):
+    for share in (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07,
+                  0.08, 0.1, 0.12, 0.2, 0.4):
         for reorder in sorted({40, tuned.reorder_num_neighbors}):
             leaves = max(1, math.ceil(tuned.num_leaves * share))
             cfg = SearchConfig(num_leaves_to_search=leaves, reorder_num_neighbors=reorder, search_threads=1)
@@ -285,7 +286,7 @@ def faiss_engines(x, queries, truth, q_single, threads: int) -> dict:
     ivf.add(x)
     out["ivf_build_s"] = round(time.perf_counter() - start, 2)
     sweeps = {"hnsw": [], "ivf": []}
-    for name, index, knob, values in (("hnsw", hnsw, "efSearch", (16, 32, 48, 64, 96, 128, 256)),
+    for name, index, knob, values in (("hnsw", hnsw, "efSearch", (16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 256)),
                                       ("ivf", ivf, "nprobe", (1, 4, 8, 16, 32, 64))):
         for v in values:
             if name == "hnsw":
