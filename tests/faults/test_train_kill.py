@@ -165,6 +165,9 @@ def test_training_worker_killed_resumes_from_checkpoint(ray_cluster, fault_stora
           + ", ".join(f"{k} {v:.1f}" for k, v in marks.items())
           + f"; train job {total_s:.1f}s from submission (embed job before it {embed_s:.1f}s); "
           f"attempts {[a['status'] for a in tried]}")
+    for a in tried[:-1]:  # why each failed attempt ended (the controller's words)
+        lasted = ((a.get("end_time_ns") or a["start_time_ns"]) - a["start_time_ns"]) / 1e9
+        print(f"[train-kill] attempt {a['status']} after {lasted:.1f}s: {(a.get('status_detail') or '')[:600]}")
     assert info["status"] == "SUCCEEDED", job.logs()[-4000:]
     # the killed attempt errors, a later one finishes. With both DDP workers on one node (0.5 CPU each
     # fit one 1-CPU node) Ray Train 2.60 recorded a second ERRORED attempt before the finishing one in
