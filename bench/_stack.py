@@ -42,25 +42,54 @@ def bench_stack(num_cpus: int | None = None):
 class PeakRSS:
     """Samples the summed RSS of this process and its descendants (Ray workers included) in a thread.
 
-    SeaweedFS runs in its own session and is not counted: it is the store, not the workload."""
+    RSS counts pages shared between processes (Ray's object store mapping, shared libraries) once per
+    process; ``peak_uss_mb`` sums each process's unique pages instead (sampled every ``uss_every``-th
+    time: reading smaps is slower), and ``top_at_peak`` names the largest processes at the RSS peak.
+    The bench's own SeaweedFS server is a child process too and is counted (~200 MB)."""
 
-    def __init__(self, interval_s: float = 0.25):
+    def __init__(self, interval_s: float = 0.25, uss_every: int = 4):
         self.interval_s = interval_s
+        self.uss_every = uss_every
         self.peak_bytes = 0
+        self.peak_uss_bytes = 0
+        self.top_at_peak: list[tuple[str, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _processes(self) -> list[psutil.Process]:
         me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
+        return [me, *me.children(recursive=True)]
+
+    def _sample(self) -> int:
+        total, sizes = 0, []
+        for p in self._processes():
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
+                total += rss
+                sizes.append((rss, p))
+        if total > self.peak_bytes:
+            top = sorted(sizes, key=lambda t: -t[0])[:6]
+            names = []
+            for rss, p in top:
+                with contextlib.suppress(psutil.Error):
+                    names.append((" ".join(p.cmdline())[:60] or p.name(), round(rss / 2**20, 1)))
+            self.top_at_peak = names
+        return total
+
+    def _sample_uss(self) -> int:
+        total = 0
+        for p in self._processes():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_full_info().uss
         return total
 
     def _run(self) -> None:
+        n = 0
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self._sample())
+            if n % self.uss_every == 0:
+                self.peak_uss_bytes = max(self.peak_uss_bytes, self._sample_uss())
+            n += 1
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":
@@ -74,6 +103,10 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return round(self.peak_bytes / 2**20, 1)
+
+    @property
+    def peak_uss_mb(self) -> float:
+        return round(self.peak_uss_bytes / 2**20, 1)
 
 
 def repo_root() -> Path:

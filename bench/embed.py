@@ -76,8 +76,8 @@ TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bar
 TEXT_POOL_BATCH = 8192  # text sorts a whole pool batch by length before cutting micro-batches
 
 
-def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, float, float]:
-    """One embedding job of one modality; (items/s, manifest, peak RSS MB, wall seconds)."""
+def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, PeakRSS, float]:
+    """One embedding job of one modality; (items/s, manifest, its memory samples, wall seconds)."""
     off = {"enabled": False}
     pool = {"num_cpus": 1.0, "batch_size": pool_batch or batch, "torch_threads": threads}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
@@ -92,7 +92,7 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None)
         t0 = time.perf_counter()
         manifest = run_embedding(EmbedConfig.model_validate(cfg))
         wall = time.perf_counter() - t0
-    return manifest["input"]["items"] / wall, manifest, rss.peak_mb, wall
+    return manifest["input"]["items"] / wall, manifest, rss, wall
 
 
 def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
@@ -141,7 +141,7 @@ def bench_text(storage, n, threads, st_sample) -> dict:
             "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
-            "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss,
+            "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss.peak_mb,
             "text_job_fixed_s": round(fixed, 2),
             "text_job_steady_items_per_s": round(len(texts) / (wall - fixed), 1) if wall > fixed else None,
             "text_job_timings": manifest["timings"]}
@@ -177,16 +177,17 @@ def bench_media(storage, modality, files, n_items, weights, threads) -> dict:
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1),
-            f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_peak_rss_mb": rss,
+            f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_peak_rss_mb": rss.peak_mb,
             f"{modality}_failed": manifest["counts"][modality]["failed"]}
 
 
 def memory_ratio(scale: dict) -> dict:
-    """Peak RSS of the largest text job over the smallest's (the memory check)."""
-    sizes = sorted((int(k), v["peak_rss_mb"]) for k, v in scale.items())
+    """Peak RSS (and USS, without shared pages) of the largest text job over the smallest's (the memory check)."""
+    sizes = sorted((int(k), v["peak_rss_mb"], v["peak_uss_mb"]) for k, v in scale.items())
     if len(sizes) < 2:
         return {}
-    return {"scale_peak_rss_ratio_largest_vs_smallest": round(sizes[-1][1] / sizes[0][1], 2)}
+    return {"scale_peak_rss_ratio_largest_vs_smallest": round(sizes[-1][1] / sizes[0][1], 2),
+            "scale_peak_uss_ratio_largest_vs_smallest": round(sizes[-1][2] / sizes[0][2], 2)}
 
 
 def main() -> None:
@@ -221,11 +222,14 @@ def main() -> None:
             items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
             _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
             rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH)
-            scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss, "wall_s": round(wall, 2)}
+            scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss.peak_mb,
+                                      "peak_uss_mb": rss.peak_uss_mb, "largest_at_peak": rss.top_at_peak,
+                                      "wall_s": round(wall, 2)}
             print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
         result["scale"] = scale
         result.update(memory_ratio(scale))
-    result["peak_rss_mb"] = max(v for k, v in result.items() if k.endswith("peak_rss_mb"))
+    peaks = [v for k, v in result.items() if k.endswith("peak_rss_mb")] + [v["peak_rss_mb"] for v in scale.values()]
+    result["peak_rss_mb"] = max(peaks, default=None)  # a --scale-only run has no top-level peaks
     print(json.dumps(result))
 
 
