@@ -221,7 +221,7 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
     kk = min(k, n)
     if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
         rows, scores = _scann_call(searcher, params, n, queries, kk, kk, None, params.num_leaves_to_search)
-        if rows[:, -1].min() < 0 and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
+        if rows[:, -1].min() < 0 and _can_widen(params):
             short = np.flatnonzero(rows[:, -1] < 0)  # fewer than kk found: the searched leaves held too few
             rows[short], scores[short] = _scann_call(searcher, params, n, queries[short], kk, kk, None,
                                                      params.num_leaves)
@@ -238,7 +238,7 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
                                    params.num_leaves_to_search)
         if (rows < 0).any():
             short = (rows != -1).sum(axis=1) < np.minimum(kk, n - extras[members])
-            if short.any() and params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves:
+            if short.any() and _can_widen(params):
                 # The searched leaves held too few items: search every leaf for those queries.
                 retry = np.flatnonzero(short)
                 sub_excl = [excl[i] for i in retry]
@@ -251,6 +251,11 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
             scores_out = np.full((q, kk), -np.inf, np.float32)
         rows_out[members], scores_out[members] = rows, scores
     return rows_out, scores_out
+
+
+def _can_widen(params: ScannParams) -> bool:
+    """Whether a search that came back short can be repeated over more leaves (every leaf)."""
+    return params.mode == "tree_ah" and params.num_leaves_to_search < params.num_leaves
 
 
 def _scann_call(searcher, params: ScannParams, n: int, queries: np.ndarray, final_nn: int, k: int,
