@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from tessera.embed.output import MODALITIES, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
+from tessera.memory import release_free_heap
 from tessera.storage import Storage
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ class EncodeActor:
             t0 = time.perf_counter()
             encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
+            release_free_heap()  # the freed activations would otherwise stay resident between batches
             for row, i in enumerate(todo):
                 vectors[i] = encoded[row]
         batch[f"{m}_encoder"] = [self.identity] * len(inputs)
