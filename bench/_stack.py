@@ -44,8 +44,10 @@ class PeakRSS:
 
     RSS counts pages shared between processes (Ray's object store mapping, shared libraries) once per
     process; ``peak_uss_mb`` sums each process's unique pages instead (sampled every ``uss_every``-th
-    time: reading smaps is slower), and ``top_at_peak`` names the largest processes at the RSS peak.
-    The bench's own SeaweedFS server is a child process too and is counted (~200 MB)."""
+    time: reading smaps is slower and costs CPU, so 0 turns it off), and ``top_at_peak`` names the
+    largest processes at the RSS peak. ``cpu_by_process()`` is the CPU time each process (by command
+    line) spent inside the window, the sampler's own thread included. The bench's own SeaweedFS
+    server is a child process too and is counted (~200 MB)."""
 
     def __init__(self, interval_s: float = 0.25, uss_every: int = 4):
         self.interval_s = interval_s
@@ -53,6 +55,8 @@ class PeakRSS:
         self.peak_bytes = 0
         self.peak_uss_bytes = 0
         self.top_at_peak: list[tuple[str, float]] = []
+        self._cpu: dict[int, list] = {}  # pid -> [name, cpu seconds at first sight, latest]
+        self.sampler_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -67,6 +71,17 @@ class PeakRSS:
                 rss = p.memory_info().rss
                 total += rss
                 sizes.append((rss, p))
+                t = p.cpu_times()
+                cpu = t.user + t.system
+                name = " ".join(p.cmdline())[:60].strip() or p.name()
+                if p.pid not in self._cpu:
+                    # a process born inside the window counts from 0, one alive at the start from now
+                    born_inside = bool(self._cpu) and p.create_time() > self._t0
+                    self._cpu[p.pid] = [name, 0.0 if born_inside else cpu, cpu]
+                entry = self._cpu[p.pid]
+                entry[2] = cpu
+                if name != "ray::IDLE":  # a Ray worker is named by the task or actor it runs last
+                    entry[0] = name
         if total > self.peak_bytes:
             top = sorted(sizes, key=lambda t: -t[0])[:6]
             names = []
@@ -87,12 +102,25 @@ class PeakRSS:
         n = 0
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self._sample())
-            if n % self.uss_every == 0:
+            if self.uss_every and n % self.uss_every == 0:
                 self.peak_uss_bytes = max(self.peak_uss_bytes, self._sample_uss())
             n += 1
+            self.sampler_cpu_s = time.thread_time()
             time.sleep(self.interval_s)
 
+    def cpu_by_process(self, top: int = 8) -> dict:
+        """CPU seconds spent inside the window: in all, and by process (the ``top`` largest, by command
+        line; processes of the same command line summed). Time a process spent after the last sample
+        (at most ``interval_s``) or in one that lived less than ``interval_s`` is missed."""
+        by: dict[str, float] = {}
+        for name, first, last in self._cpu.values():
+            by[name] = by.get(name, 0.0) + last - first
+        ranked = sorted(by.items(), key=lambda kv: -kv[1])
+        return {"cpu_s_total": round(sum(by.values()), 1), "sampler_cpu_s": round(self.sampler_cpu_s, 2),
+                "cpu_s_by_process": [(name, round(v, 1)) for name, v in ranked[:top]]}
+
     def __enter__(self) -> "PeakRSS":
+        self._t0 = time.time()
         self._thread.start()
         return self
 

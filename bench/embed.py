@@ -76,8 +76,12 @@ TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bar
 TEXT_POOL_BATCH = 8192  # text sorts a whole pool batch by length before cutting micro-batches
 
 
-def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None) -> tuple[float, dict, PeakRSS, float]:
-    """One embedding job of one modality; (items/s, manifest, its memory samples, wall seconds)."""
+def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
+         uss: bool = False) -> tuple[float, dict, PeakRSS, float]:
+    """One embedding job of one modality; (items/s, manifest, its memory and CPU samples, wall seconds).
+
+    ``uss``: also sample each process's unique memory (reads every process's smaps each second, which
+    costs CPU the job then lacks: on for the memory check, off where throughput is measured)."""
     off = {"enabled": False}
     pool = {"num_cpus": 1.0, "batch_size": pool_batch or batch, "torch_threads": threads}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
@@ -88,7 +92,7 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None)
     cfg[modality]["preprocess"] = {"concurrency": 1, **({"batch_size": 256} if modality == "text" else {})}
     if modality != "text":
         cfg[modality]["fetch"] = {"concurrency": 2, "threads": 16}
-    with PeakRSS() as rss:
+    with PeakRSS(uss_every=4 if uss else 0) as rss:
         t0 = time.perf_counter()
         manifest = run_embedding(EmbedConfig.model_validate(cfg))
         wall = time.perf_counter() - t0
@@ -125,9 +129,10 @@ def bench_text(storage, n, threads, st_sample) -> dict:
     st_rate = len(sample) / (time.perf_counter() - t0)
     enc = TextEncoder(cfg)
     enc.embed(texts[:64])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     enc.embed(texts)
     bare_rate = len(texts) / (time.perf_counter() - t0)
+    bare_cpu = time.process_time() - c0
     del enc, st
     job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
     ours = _vectors(storage, manifest, "text")
@@ -139,12 +144,13 @@ def bench_text(storage, n, threads, st_sample) -> dict:
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
             "st_sample": len(sample), "text_items_per_s": round(job_rate, 1), "text_job_wall_s": round(wall, 2),
             "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
+            "bare_encoder_cpu_s": round(bare_cpu, 1),
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
             "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss.peak_mb,
             "text_job_fixed_s": round(fixed, 2),
             "text_job_steady_items_per_s": round(len(texts) / (wall - fixed), 1) if wall > fixed else None,
-            "text_job_timings": manifest["timings"]}
+            "text_job_timings": manifest["timings"], "text_job_cpu": rss.cpu_by_process()}
 
 
 def _plain_loop(storage, uris, encoder, batch) -> float:
@@ -221,10 +227,11 @@ def main() -> None:
             texts = real_texts(SHARED, n)
             items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
             _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
-            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH)
+            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH,
+                                      uss=True)
             scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss.peak_mb,
                                       "peak_uss_mb": rss.peak_uss_mb, "largest_at_peak": rss.top_at_peak,
-                                      "wall_s": round(wall, 2)}
+                                      "wall_s": round(wall, 2), **rss.cpu_by_process()}
             print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
         result["scale"] = scale
         result.update(memory_ratio(scale))
