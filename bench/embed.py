@@ -16,7 +16,8 @@ real text on this machine (bench/texts.py):
   encode with the same model and batch size). Every photo and recording is uploaded once; with
   more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
-  to show whether memory stays flat; the text job's fixed cost (the same job on 64 texts: plan,
+  to show whether memory stays flat (each size a seeded sample of the largest size's texts, so only
+  the count differs); the text job's fixed cost (the same job on 64 texts: plan,
   actor start, model load) and its steady rate (texts / (wall - fixed)). ``--texts 0``,
   ``--images 0`` or ``--audio 0`` leaves a modality out.
 
@@ -223,8 +224,12 @@ def main() -> None:
             result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads))
             print(f"[bench] audio: {result}", flush=True)
         scale = {}
+        # every size is a seeded sample of one pool, so the sizes differ in count and not in what the
+        # texts are like (the pool's later texts are longer: prefixes would compare different inputs)
+        pool = real_texts(SHARED, max(args.scale)) if args.scale else []
+        shuffled = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
         for n in args.scale:
-            texts = real_texts(SHARED, n)
+            texts = shuffled[:n]
             items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
             _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
             rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH,
