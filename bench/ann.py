@@ -208,9 +208,12 @@ def _warm(_: int) -> int:
     return os.getpid()
 
 
-def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path, parallel: bool = True):
+def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path, parallel: bool = True,
+                leaves_factor: float = 1.0):
     """Build ``shards`` tree-AH shards in parallel processes (``parallel=False``: one after another in
-    one process, with the same threads per shard); returns (index, wall seconds, per-shard seconds)."""
+    one process, with the same threads per shard); returns (index, wall seconds, per-shard seconds).
+
+    ``leaves_factor``: each shard's ``num_leaves`` is this times sqrt(its points) (1: the house rule)."""
     from tessera.index import IndexConfig, ShardedIndex, assign_shards, make_index_manifest, write_index_manifest
     from tessera.index.shard_io import read_shard_manifest, shard_name
     from tessera.storage import Storage
@@ -218,7 +221,8 @@ def build_scann(x: np.ndarray, shards: int, threads: int, workdir: Path, paralle
     ids = [str(i) for i in range(len(x))]
     parts = assign_shards(ids, shards)
     per_task_threads = max(1, threads // shards)
-    cfg = IndexConfig(mode="tree_ah", training_threads=per_task_threads, recall_target=0.95)
+    leaves = round(leaves_factor * math.sqrt(len(x) / shards)) if leaves_factor != 1.0 else None
+    cfg = IndexConfig(mode="tree_ah", training_threads=per_task_threads, recall_target=0.95, num_leaves=leaves)
     root = workdir / f"scann-{shards}{'' if parallel else '-serial'}"
     np.save(workdir / "x.npy", x)
     jobs = []
@@ -331,7 +335,8 @@ def best_at(points: list[dict], target: float) -> dict | None:
     return max(ok, key=lambda p: p["qps_single"]) if ok else None
 
 
-def bench_dataset(name: str, x: np.ndarray, queries: np.ndarray, shards: int, threads: int, target: float) -> dict:
+def bench_dataset(name: str, x: np.ndarray, queries: np.ndarray, shards: int, threads: int, target: float,
+                  leaves_factor: float = 1.0) -> dict:
     from threadpoolctl import threadpool_limits
 
     from tessera.index import exact_search
@@ -340,11 +345,12 @@ def bench_dataset(name: str, x: np.ndarray, queries: np.ndarray, shards: int, th
     with threadpool_limits(threads):
         truth, _ = exact_search(queries, x, K)
     q_single = queries[: min(len(queries), 300)]
-    result = {"dataset": name, "n": len(x), "dim": x.shape[1], "queries": len(queries), "shards": shards}
+    result = {"dataset": name, "n": len(x), "dim": x.shape[1], "queries": len(queries), "shards": shards,
+              "leaves_factor": leaves_factor}
     with tempfile.TemporaryDirectory(prefix="tessera-ann-") as tmp:
-        sharded, wall_s, per_shard = build_scann(x, shards, threads, Path(tmp))
-        _, wall_serial, _ = build_scann(x, shards, threads, Path(tmp), parallel=False)
-        single, wall_1, _ = build_scann(x, 1, threads, Path(tmp))
+        sharded, wall_s, per_shard = build_scann(x, shards, threads, Path(tmp), leaves_factor=leaves_factor)
+        _, wall_serial, _ = build_scann(x, shards, threads, Path(tmp), parallel=False, leaves_factor=leaves_factor)
+        single, wall_1, _ = build_scann(x, 1, threads, Path(tmp), leaves_factor=leaves_factor)
     result["build_seconds_sharded"], result["shard_build_seconds"] = round(wall_s, 2), per_shard
     result["build_seconds_sharded_serial"] = round(wall_serial, 2)
     result["build_seconds_1_shard"] = round(wall_1, 2)
@@ -407,13 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", default="s3://tessera-demo/embeddings/demo")
     parser.add_argument("--bundle", default=None, help="model bundle for the fused vectors (default: seeded)")
     parser.add_argument("--skip-fused", action="store_true")
+    parser.add_argument("--leaves-factor", type=float, default=1.0,
+                        help="num_leaves = this x sqrt(points per shard) (the index config's override; 1: the "
+                             "house rule, sqrt(n))")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     results = []
     biggest = max(args.sizes)
     base, queries = text_vectors(biggest, args.queries, args.max_length, args.threads)
     for n in sorted(args.sizes):
-        r = bench_dataset("minilm-text", base[:n], queries, args.shards, args.threads, args.target)
+        r = bench_dataset("minilm-text", base[:n], queries, args.shards, args.threads, args.target,
+                          args.leaves_factor)
         print(json.dumps(r), flush=True)
         results.append(r)
     if not args.skip_fused:
@@ -426,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, OUT / "ann.png")
     final = [r for r in results if r["dataset"] == "minilm-text"][-1]
     print(json.dumps({**final["summary"], "n": final["n"], "dim": final["dim"], "shards": final["shards"],
+                      "leaves_factor": args.leaves_factor,
                       "sizes_done": [r["n"] for r in results if r["dataset"] == "minilm-text"],
                       "seconds_per_size": {r["n"]: r["seconds"] for r in results},
                       "total_seconds": round(time.perf_counter() - t0, 1), "plot": str(OUT / "ann.png")}))
