@@ -70,10 +70,10 @@ class PeakRSS:
             with contextlib.suppress(psutil.Error):
                 rss = p.memory_info().rss
                 total += rss
-                sizes.append((rss, p))
+                name = " ".join(p.cmdline())[:60].strip() or p.name()
+                sizes.append((rss, name))
                 t = p.cpu_times()
                 cpu = t.user + t.system
-                name = " ".join(p.cmdline())[:60].strip() or p.name()
                 if p.pid not in self._cpu:
                     # a process born inside the window counts from 0, one alive at the start from now
                     born_inside = bool(self._cpu) and p.create_time() > self._t0
@@ -84,11 +84,7 @@ class PeakRSS:
                     entry[0] = name
         if total > self.peak_bytes:
             top = sorted(sizes, key=lambda t: -t[0])[:6]
-            names = []
-            for rss, p in top:
-                with contextlib.suppress(psutil.Error):
-                    names.append((" ".join(p.cmdline())[:60] or p.name(), round(rss / 2**20, 1)))
-            self.top_at_peak = names
+            self.top_at_peak = [(name, round(rss / 2**20, 1)) for rss, name in top]
         return total
 
     def _sample_uss(self) -> int:

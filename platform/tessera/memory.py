@@ -33,7 +33,8 @@ def _malloc_trim():
 def release_free_heap() -> bool:
     """Return the heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unsupported.
 
-    Costs a few milliseconds on a heap of a few GB: call it per large batch, not per item.
+    It walks every arena (cost per call not measured; once per 8192-text batch left the encode loop's
+    speed unchanged): call it per large batch, not per item.
     """
     trim = _malloc_trim()
     if trim is None:
