@@ -23,7 +23,8 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def text_fp32() -> TextEncoder:
-    return TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=False, batch_size=3))
+    # pads each micro-batch only to its longest item, so "unpadded" below means it
+    return TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=False, batch_size=3, pad_to_multiple_of=1))
 
 
 def test_vectors_are_unit_float32_of_model_dim(text_fp32):
@@ -49,6 +50,33 @@ def test_length_bucketing_restores_order_and_matches_unpadded(text_fp32):
     batched = text_fp32.encode(ids)  # micro-batches of 3, each padded to its own longest
     alone = np.concatenate([text_fp32.encode([x]) for x in ids])  # no padding at all
     np.testing.assert_allclose(batched, alone, atol=2e-5)
+
+
+def test_token_budget_bounds_each_micro_batch_and_keeps_the_vectors(text_fp32):
+    ids = [text_fp32.preprocessor(s) for s in SENTENCES]
+    budgeted = TextEncoder(TextEncoderConfig(device="cpu", bf16_autocast=False, batch_size=3, max_batch_tokens=20,
+                                             pad_to_multiple_of=1))
+    batches = list(budgeted._micro_batches(ids))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(ids)))  # every item exactly once
+    padded = [len(b) * max(len(ids[i]) for i in b) for b in batches]
+    assert all(len(b) <= 3 for b in batches)
+    assert all(p <= 20 or len(b) == 1 for p, b in zip(padded, batches, strict=True))  # over budget: alone
+    assert len(batches) > len(list(text_fp32._micro_batches(ids)))  # the budget really split batches
+    np.testing.assert_allclose(budgeted.encode(ids), text_fp32.encode(ids), atol=2e-5)
+
+
+def test_padding_to_a_multiple_keeps_the_vectors_and_caps_at_max_length(text_fp32):
+    cfg = TextEncoderConfig(device="cpu", bf16_autocast=False, batch_size=3, pad_to_multiple_of=8, max_length=20)
+    padded = TextEncoder(cfg)
+    ids = [padded.preprocessor(s) for s in SENTENCES]
+    widths: list[int] = []
+    padded.model.register_forward_pre_hook(lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    vecs = padded.encode(ids)
+    longest = [max(len(ids[i]) for i in b) for b in padded._micro_batches(ids)]
+    assert widths == [min(-(-n // 8) * 8, 20) for n in longest]  # 20 = max_length, not 24
+    assert any(w != n for w, n in zip(widths, longest, strict=True))  # it really padded
+    np.testing.assert_allclose(vecs, text_fp32.encode(ids), atol=2e-5)  # masked padding changes nothing
 
 
 def test_matches_sentence_transformers_reference(text_fp32):
