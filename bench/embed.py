@@ -1,7 +1,8 @@
 """Benchmark: the embedding job against plain single-process loops, side by side in one run.
 
     .venv/bin/python bench/embed.py [--texts 20000] [--images 8000] [--audio 3000] [--threads 2]
-                                    [--scale 10000 90000]
+                                    [--scale 10000 90000] [--text-actors 2] [--media-actors 1]
+                                    [--text-pool-batch 2048]
 
 Brings up its own SeaweedFS and a local Ray (2 CPUs). Measures, on real data from ../shared/data and
 real text on this machine (bench/texts.py):
@@ -74,17 +75,20 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
 
 
 TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
-TEXT_POOL_BATCH = 8192  # text sorts a whole pool batch by length before cutting micro-batches
+TEXT_POOL_BATCH = 2048  # texts per encoder call, sorted by length before cutting micro-batches (configs/embed.yaml)
 
 
 def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
-         uss: bool = False) -> tuple[float, dict, PeakRSS, float]:
+         uss: bool = False, actors: int = 1) -> tuple[float, dict, PeakRSS, float]:
     """One embedding job of one modality; (items/s, manifest, its memory and CPU samples, wall seconds).
 
+    ``actors`` encoder actors share the ``threads`` (``threads // actors`` torch threads each) and one
+    logical CPU, which leaves the other for the read, decode and write tasks.
     ``uss``: also sample each process's unique memory (reads every process's smaps each second, which
     costs CPU the job then lacks: on for the memory check, off where throughput is measured)."""
     off = {"enabled": False}
-    pool = {"num_cpus": 1.0, "batch_size": pool_batch or batch, "torch_threads": threads}
+    pool = {"min_actors": actors, "max_actors": actors, "num_cpus": 1.0 / actors,
+            "batch_size": pool_batch or batch, "torch_threads": max(1, threads // actors)}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
            "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256,
            "io_concurrency": 1}
@@ -111,7 +115,7 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     return out
 
 
-def bench_text(storage, n, threads, st_sample) -> dict:
+def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BATCH) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -135,12 +139,12 @@ def bench_text(storage, n, threads, st_sample) -> dict:
     bare_rate = len(texts) / (time.perf_counter() - t0)
     bare_cpu = time.process_time() - c0
     del enc, st
-    job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
+    job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors)
     ours = _vectors(storage, manifest, "text")
     # the job's fixed cost (plan, actor start, model load, first and last hops): the same job on 64 texts
     tiny = f"{ROOT}/text-{uuid.uuid4().hex[:6]}/items"
     _write_items(storage, tiny, {"item_id": ids[:64], "text": texts[:64]})
-    _, _, _, fixed = _job(storage, tiny, "text", None, threads, TEXT_BATCH, TEXT_POOL_BATCH)
+    _, _, _, fixed = _job(storage, tiny, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors)
     cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
             "st_sample": len(sample), "text_items_per_s": round(job_rate, 1), "text_job_wall_s": round(wall, 2),
@@ -162,7 +166,7 @@ def _plain_loop(storage, uris, encoder, batch) -> float:
     return len(uris) / (time.perf_counter() - t0)
 
 
-def bench_media(storage, modality, files, n_items, weights, threads) -> dict:
+def bench_media(storage, modality, files, n_items, weights, threads, actors=1) -> dict:
     import torch
 
     prefix = f"{ROOT}/{modality}-{uuid.uuid4().hex[:6]}"
@@ -180,7 +184,7 @@ def bench_media(storage, modality, files, n_items, weights, threads) -> dict:
     enc.embed([files[0].read_bytes()])
     plain = _plain_loop(storage, uris, enc, 32)
     del enc
-    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32)
+    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32, actors=actors)
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1),
@@ -205,23 +209,34 @@ def main() -> None:
     parser.add_argument("--audio", type=int, default=3000, help="audio items (over the 3,000 recordings)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale", type=int, nargs="*", default=[], help="extra text-job sizes for the memory check")
+    # two 1-thread text actors beat one 2-thread actor here (separate runs, 20k texts: 228 texts/s at
+    # 2048 a call vs 209 at 8192); for audio two actors were slower (0.66 vs 0.80 of its plain loop)
+    parser.add_argument("--text-actors", type=int, default=2,
+                        help="text encoder actors, sharing --threads (threads // actors torch threads each)")
+    parser.add_argument("--media-actors", type=int, default=1, help="image / audio encoder actors, as --text-actors")
+    parser.add_argument("--text-pool-batch", type=int, default=TEXT_POOL_BATCH,
+                        help="texts per encoder call (sorted by length within it)")
     args = parser.parse_args()
-    result: dict = {"threads": args.threads}
+    result: dict = {"threads": args.threads, "text_actors": args.text_actors, "media_actors": args.media_actors,
+                     "text_pool_batch": args.text_pool_batch}
     with bench_stack(num_cpus=2):
         storage = Storage()
         storage.ensure_bucket(ROOT)
         weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
         if args.texts:
-            result.update(bench_text(storage, args.texts, args.threads, args.st_sample))
+            result.update(bench_text(storage, args.texts, args.threads, args.st_sample, args.text_actors,
+                                     args.text_pool_batch))
             print(f"[bench] text: {result}", flush=True)
         grocery = SHARED / "grocery" / "dataset"
         photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
         if args.images:
-            result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads))
+            result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads,
+                                      args.media_actors))
             print(f"[bench] image: {result}", flush=True)
         wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
         if args.audio:
-            result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads))
+            result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads,
+                                      args.media_actors))
             print(f"[bench] audio: {result}", flush=True)
         scale = {}
         # every size is a seeded sample of one pool, so the sizes differ in count and not in what the
@@ -232,8 +247,8 @@ def main() -> None:
             texts = shuffled[:n]
             items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
             _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
-            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, TEXT_POOL_BATCH,
-                                      uss=True)
+            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, args.text_pool_batch,
+                                      uss=True, actors=args.text_actors)
             scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss.peak_mb,
                                       "peak_uss_mb": rss.peak_uss_mb, "largest_at_peak": rss.top_at_peak,
                                       "wall_s": round(wall, 2), **rss.cpu_by_process()}
