@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/encoder_memory.py [--texts 100000] [--pool-batch 8192] [--order corpus|shuffled]
                                              [--no-trim] [--threads 2] [--max-batch-tokens N]
+                                             [--pad-to-multiple-of N]
 
 Encodes real texts (bench/texts.py) with ``TextEncoder`` the way an ``EncodeActor`` does (one
 ``encode`` call per pool batch, micro-batches of 32 sorted by length), and after each call records
@@ -52,7 +53,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=None,
                         help="the encoder's max_batch_tokens (padded tokens per micro-batch); default none")
-    parser.add_argument("--pad-to-multiple-of", type=int, default=1, help="the encoder's pad_to_multiple_of")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=None,
+                        help="the encoder's pad_to_multiple_of; default the encoder's own (8)")
     args = parser.parse_args()
 
     import torch
@@ -64,8 +66,9 @@ def main() -> None:
     texts = real_texts(SHARED, args.texts)
     if args.order == "shuffled":
         texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
+    padding = {} if args.pad_to_multiple_of is None else {"pad_to_multiple_of": args.pad_to_multiple_of}
     encoder = TextEncoder(TextEncoderConfig(device="cpu", batch_size=32, max_batch_tokens=args.max_batch_tokens,
-                                              pad_to_multiple_of=args.pad_to_multiple_of))
+                                            **padding))
     encoder.embed(texts[:64])
     release_free_heap()
     start_mb, t0, rows = _status_mb("VmRSS"), time.perf_counter(), []
@@ -84,7 +87,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     peaks, after = [r["peak_in_call_mb"] for r in rows], [r["rss_after_mb"] for r in rows]
     print(json.dumps({"texts": len(texts), "order": args.order, "trim": not args.no_trim,
-                      "max_batch_tokens": args.max_batch_tokens, "pad_to_multiple_of": args.pad_to_multiple_of,
+                      "max_batch_tokens": args.max_batch_tokens,
+                      "pad_to_multiple_of": encoder.config.pad_to_multiple_of,
                       "pool_batch": args.pool_batch, "rss_after_load_mb": start_mb, "first": rows[0], "last": rows[-1],
                       "max_peak_in_call_mb": max(peaks),
                       "peak_ratio_last_vs_first_quarter": _quarter_ratio(peaks),
