@@ -182,14 +182,16 @@ def bench_media(storage, modality, files, n_items, weights, threads, actors=1) -
     cfg = (ImageEncoderConfig if modality == "image" else AudioEncoderConfig)(weights=weights, batch_size=32)
     enc = (ImageEncoder if modality == "image" else AudioEncoder)(cfg, storage)
     enc.embed([files[0].read_bytes()])
+    c0 = time.process_time()
     plain = _plain_loop(storage, uris, enc, 32)
+    plain_cpu = time.process_time() - c0
     del enc
     job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32, actors=actors)
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
-            f"{modality}_plain_loop_items_per_s": round(plain, 1),
+            f"{modality}_plain_loop_items_per_s": round(plain, 1), f"{modality}_plain_loop_cpu_s": round(plain_cpu, 1),
             f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_peak_rss_mb": rss.peak_mb,
-            f"{modality}_failed": manifest["counts"][modality]["failed"]}
+            f"{modality}_failed": manifest["counts"][modality]["failed"], f"{modality}_job_cpu": rss.cpu_by_process()}
 
 
 def memory_ratio(scale: dict) -> dict:
