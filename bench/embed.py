@@ -10,7 +10,9 @@ real text on this machine (bench/texts.py):
 - text: the whole job (items table in S3 -> Parquet embeddings in S3, wall clock, actor start and
   model load included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 and vs
   our bare encoder loop (``TextEncoder.embed`` over all the texts in one call, so sorted by length
-  over all of them), same thread count and micro-batch; cosine of our vectors to the fp32 ones.
+  over all of them), same thread count and micro-batch (the job splits the ``--threads`` over
+  ``--text-actors`` one-thread actors by default; the baselines run them in one process); cosine of
+  our vectors to the fp32 ones.
   sentence-transformers runs on a seeded random sample of ``--st-sample`` texts (its rate does not
   depend on how many: it sorts by length within the call, and the sample has the corpus' lengths);
 - image / audio: the job vs a plain single-process loop over the same items in S3 (fetch, decode,
