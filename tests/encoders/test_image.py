@@ -54,6 +54,28 @@ def test_vector_does_not_depend_on_batch_mates(image_fp32, photos):
     np.testing.assert_allclose(batched, alone, atol=1e-4)
 
 
+def test_backbone_runs_channels_last_whatever_layout_the_pixels_arrive_in(image_fp32, image_weights, photos):
+    # the preprocessor's pixels come out of torchvision's resize in channels-last strides; pixels that
+    # crossed a process boundary (.npy bytes in the embedding job) arrive NCHW-contiguous
+    decoded = image_fp32.preprocessor.map(photos)
+    contiguous = [np.ascontiguousarray(x) for x in decoded]
+    assert not decoded[0].flags.c_contiguous and contiguous[0].flags.c_contiguous
+    seen = []
+    hook = image_fp32.model.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        from_decoded, from_contiguous = image_fp32.encode(decoded), image_fp32.encode(contiguous)
+    finally:
+        hook.remove()
+    assert seen and all(seen)  # every micro-batch, either layout
+    assert image_fp32.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(from_decoded, from_contiguous, atol=1e-6)
+    nchw = ImageEncoder(ImageEncoderConfig(weights=str(image_weights), device="cpu", bf16_autocast=False,
+                                           batch_size=4, channels_last=False))
+    assert not nchw.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(nchw.encode(contiguous), from_contiguous, atol=1e-4)  # same vectors
+
+
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
 def test_bf16_autocast_is_close_to_fp32(image_fp32, image_weights, photos):
     bf16 = ImageEncoder(ImageEncoderConfig(weights=str(image_weights), device="cpu", bf16_autocast=True))

@@ -52,6 +52,11 @@ class ImageEncoderConfig(EncoderConfig):
             checkpoint's own sizes (128 for the seeded ResNet-18).
         max_bytes: larger objects are ``oversized``.
         max_pixels: images whose header declares more pixels are ``oversized`` (decompression-bomb guard).
+        channels_last: run the backbone in ``torch.channels_last`` memory format (weights and
+            inputs), whatever layout the pixels arrive in. oneDNN's convolution, batch-norm and
+            pooling kernels are faster on it: seeded ResNet-18 on this CPU, 128 px, 32 a batch, bf16:
+            1.35-1.4x the images/s of NCHW-contiguous inputs on 1 and 2 threads. Pixels that crossed
+            a process boundary (the embedding job) arrive contiguous, so the format is set here.
 
     Example::
 
@@ -65,6 +70,7 @@ class ImageEncoderConfig(EncoderConfig):
     max_bytes: int = Field(20_000_000, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ class ImageEncoder(Encoder[ImageEncoderConfig]):
         t = self.preprocessor.transform
         self._mean = torch.tensor(t.mean, device=self._device).view(1, -1, 1, 1)  # (1, 3, 1, 1)
         self._std = torch.tensor(t.std, device=self._device).view(1, -1, 1, 1)  # (1, 3, 1, 1)
-        return load_vision_backbone(self.weights_dir)
+        backbone = load_vision_backbone(self.weights_dir)
+        return backbone.to(memory_format=torch.channels_last) if self.config.channels_last else backbone
 
     @functools.cached_property
     def dim(self) -> int:
@@ -168,6 +175,8 @@ class ImageEncoder(Encoder[ImageEncoderConfig]):
 
     def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
         pixels = torch.from_numpy(np.stack(items)).to(self._device)  # (b, 3, H, W) uint8
+        if self.config.channels_last:  # elementwise ops below keep the layout
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         x = (pixels.float() * self.preprocessor.transform.rescale - self._mean) / self._std  # (b, 3, H, W)
         features = self.model(x)  # (b, C, h, w) or (b, L, D)
         return pool_features(features, self.config.pooling)  # (b, C)
