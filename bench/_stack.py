@@ -106,14 +106,17 @@ class PeakRSS:
 
     def cpu_by_process(self, top: int = 8) -> dict:
         """CPU seconds spent inside the window: in all, and by process (the ``top`` largest, by command
-        line; processes of the same command line summed). Time a process spent after the last sample
-        (at most ``interval_s``) or in one that lived less than ``interval_s`` is missed."""
-        by: dict[str, float] = {}
+        line; processes of the same command line summed, as ``[name, cpu seconds, processes]``). Time a
+        process spent after the last sample (at most ``interval_s``) or in one that lived less than
+        ``interval_s`` is missed. A Ray worker is named by the last task it was seen running."""
+        by: dict[str, list] = {}
         for name, first, last in self._cpu.values():
-            by[name] = by.get(name, 0.0) + last - first
-        ranked = sorted(by.items(), key=lambda kv: -kv[1])
-        return {"cpu_s_total": round(sum(by.values()), 1), "sampler_cpu_s": round(self.sampler_cpu_s, 2),
-                "cpu_s_by_process": [(name, round(v, 1)) for name, v in ranked[:top]]}
+            entry = by.setdefault(name, [0.0, 0])
+            entry[0] += last - first
+            entry[1] += 1
+        ranked = sorted(by.items(), key=lambda kv: -kv[1][0])
+        return {"cpu_s_total": round(sum(v[0] for v in by.values()), 1), "sampler_cpu_s": round(self.sampler_cpu_s, 2),
+                "cpu_s_by_process": [(name, round(v[0], 1), v[1]) for name, v in ranked[:top]]}
 
     def __enter__(self) -> "PeakRSS":
         self._t0 = time.time()

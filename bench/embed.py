@@ -44,7 +44,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from bench._stack import PeakRSS, bench_stack, repo_root  # noqa: E402
 from bench.texts import real_texts  # noqa: E402
-from tessera.embed.config import EmbedConfig  # noqa: E402
+from tessera.embed.config import MEDIA_BATCH, EmbedConfig  # noqa: E402
 from tessera.embed.output import list_parts  # noqa: E402
 from tessera.embed.pipeline import run_embedding  # noqa: E402
 from tessera.encoders import (  # noqa: E402
@@ -81,16 +81,16 @@ TEXT_POOL_BATCH = 2048  # texts per encoder call, sorted by length before cuttin
 
 
 def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
-         uss: bool = False, actors: int = 1) -> tuple[float, dict, PeakRSS, float]:
+         uss: bool = False, actors: int = 1, torch_threads: int | None = None) -> tuple[float, dict, PeakRSS, float]:
     """One embedding job of one modality; (items/s, manifest, its memory and CPU samples, wall seconds).
 
-    ``actors`` encoder actors share the ``threads`` (``threads // actors`` torch threads each) and one
-    logical CPU, which leaves the other for the read, decode and write tasks.
+    ``actors`` encoder actors share the ``threads`` (``threads // actors`` torch threads each, or
+    ``torch_threads``) and one logical CPU, which leaves the other for the read, decode and write tasks.
     ``uss``: also sample each process's unique memory (reads every process's smaps each second, which
     costs CPU the job then lacks: on for the memory check, off where throughput is measured)."""
     off = {"enabled": False}
     pool = {"min_actors": actors, "max_actors": actors, "num_cpus": 1.0 / actors,
-            "batch_size": pool_batch or batch, "torch_threads": max(1, threads // actors)}
+            "batch_size": pool_batch or batch, "torch_threads": torch_threads or max(1, threads // actors)}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
            "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256,
            "io_concurrency": 1}
@@ -169,7 +169,7 @@ def _plain_loop(storage, uris, encoder, batch) -> tuple[float, float]:
     return len(uris) / (time.perf_counter() - t0), time.process_time() - c0
 
 
-def bench_media(storage, modality, files, n_items, weights, threads, actors=1) -> dict:
+def bench_media(storage, modality, files, n_items, weights, threads, actors=1, actor_threads=None) -> dict:
     import torch
 
     prefix = f"{ROOT}/{modality}-{uuid.uuid4().hex[:6]}"
@@ -187,7 +187,9 @@ def bench_media(storage, modality, files, n_items, weights, threads, actors=1) -
     enc.embed([files[0].read_bytes()])
     plain, plain_cpu = _plain_loop(storage, uris, enc, 32)
     del enc
-    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32, actors=actors)
+    # micro-batches of 32 as the plain loop; MEDIA_BATCH items per fetch task, decode task and encoder call
+    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32,
+                                      MEDIA_BATCH, actors=actors, torch_threads=actor_threads)
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1), f"{modality}_plain_loop_cpu_s": round(plain_cpu, 1),
@@ -217,11 +219,14 @@ def main() -> None:
     parser.add_argument("--text-actors", type=int, default=2,
                         help="text encoder actors, sharing --threads (threads // actors torch threads each)")
     parser.add_argument("--media-actors", type=int, default=1, help="image / audio encoder actors, as --text-actors")
+    parser.add_argument("--media-threads", type=int, default=None,
+                        help="torch threads per image / audio actor (default: --threads // --media-actors)")
     parser.add_argument("--text-pool-batch", type=int, default=TEXT_POOL_BATCH,
                         help="texts per encoder call (sorted by length within it)")
     args = parser.parse_args()
     result: dict = {"threads": args.threads, "text_actors": args.text_actors, "media_actors": args.media_actors,
-                     "text_pool_batch": args.text_pool_batch}
+                     "media_threads": args.media_threads or max(1, args.threads // args.media_actors),
+                     "text_pool_batch": args.text_pool_batch, "media_batch": MEDIA_BATCH}
     with bench_stack(num_cpus=2):
         storage = Storage()
         storage.ensure_bucket(ROOT)
@@ -234,12 +239,12 @@ def main() -> None:
         photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
         if args.images:
             result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads,
-                                      args.media_actors))
+                                      args.media_actors, args.media_threads))
             print(f"[bench] image: {result}", flush=True)
         wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
         if args.audio:
             result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads,
-                                      args.media_actors))
+                                      args.media_actors, args.media_threads))
             print(f"[bench] audio: {result}", flush=True)
         scale = {}
         # every size is a seeded sample of one pool, so the sizes differ in count and not in what the

@@ -158,6 +158,17 @@ def test_config_defaults_fit_the_embedded_stack():
     check_fits(cfg, cluster_cpus=2, cluster_gpus=0)
 
 
+def test_media_blocks_keep_their_batch_size_when_only_some_keys_are_set():
+    from tessera.embed.config import MEDIA_BATCH
+
+    cfg = EmbedConfig.model_validate({"image": {"fetch": {"concurrency": 2}, "preprocess": {"concurrency": 1},
+                                                "pool": {"num_cpus": 0.5}},
+                                      "audio": {"fetch": {"batch_size": 8}}})
+    assert cfg.image.fetch.batch_size == cfg.image.preprocess.batch_size == cfg.image.pool.batch_size == MEDIA_BATCH
+    assert cfg.image.fetch.concurrency == 2 and cfg.image.pool.num_cpus == 0.5
+    assert cfg.audio.fetch.batch_size == 8 and cfg.audio.pool.batch_size == MEDIA_BATCH
+
+
 def test_each_items_file_is_read_by_its_own_task(sample_corpus, encoder_weights, storage):
     """The reader is not fused into the next stage: fused, Ray Data bundled as many files per task as
     the next stage's batch size, and one task read the whole corpus before anything moved on."""
