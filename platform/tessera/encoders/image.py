@@ -55,7 +55,7 @@ class ImageEncoderConfig(EncoderConfig):
         channels_last: run the backbone in ``torch.channels_last`` memory format (weights and
             inputs), whatever layout the pixels arrive in. oneDNN's convolution, batch-norm and
             pooling kernels are faster on it: seeded ResNet-18 on this CPU, 128 px, 32 a batch, bf16:
-            1.35-1.4x the images/s of NCHW-contiguous inputs on 1 and 2 threads. Pixels that crossed
+            1.4x the images/s of NCHW-contiguous inputs on 1 thread, 1.26x on 2. Pixels that crossed
             a process boundary (the embedding job) arrive contiguous, so the format is set here.
 
     Example::
