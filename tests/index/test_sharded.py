@@ -100,3 +100,38 @@ def test_shards_must_be_numbered_and_disjoint(exact_index):
     twin = ShardArtifact(shard_id=1, ids=first.ids, params=first.params, vectors=first.vectors)
     with pytest.raises(ValueError, match="unique across shards"):
         ShardedIndex([first, twin])
+
+
+def test_one_query_at_a_time_gets_the_batch_answer_ties_included(small_catalog):
+    """Up to a handful of queries merge in plain Python, more in numpy: the same ids, order and scores,
+    ties broken the same way (equal scores: the lower shard first, then that shard's own order)."""
+    ids, vectors = small_catalog
+    twins = [f"{i}-twin" for i in ids]  # every vector twice, under two ids that hash to different shards
+    index = ShardedIndex.from_arrays(ids + twins, np.concatenate([vectors, vectors]), num_shards=3)
+    assert all(s.params.mode == "brute_force" for s in index.shards)
+    q = vectors[:12] + 0.2 * np.random.default_rng(3).standard_normal((12, vectors.shape[1])).astype(np.float32)
+    batch_ids, batch_scores = index.search(q, k=9)  # 12 queries: the numpy merge
+    assert any(s[0] == s[1] for s in batch_scores)  # the twins tie
+    for i in range(len(q)):
+        one_ids, one_scores = index.search(q[i:i + 1], k=9)
+        assert one_ids == [batch_ids[i]]
+        np.testing.assert_allclose(one_scores, batch_scores[i:i + 1], rtol=0, atol=1e-6)  # BLAS: 1 ulp
+    few_ids, few_scores = index.search(q[:5], k=9)
+    assert few_ids == batch_ids[:5]
+    np.testing.assert_allclose(few_scores, batch_scores[:5], rtol=0, atol=1e-6)
+    # fewer eligible items than k: the same -inf padding on both paths
+    small = ShardedIndex.from_arrays(ids[:6], vectors[:6], num_shards=2)
+    alone, alone_scores = small.search(q[:1], k=8)
+    many, many_scores = small.search(q, k=8)
+    assert alone == many[:1] and len(alone[0]) == 6
+    np.testing.assert_allclose(alone_scores, many_scores[:1], rtol=0, atol=1e-6)
+    assert np.isneginf(alone_scores[0, 6:]).all()
+
+
+def test_scann_shards_answer_one_query_like_a_batch(ah_index, queries):
+    """The per-query path (one ScaNN call a shard, no padding to drop) returns what a batched call does."""
+    batch_ids, batch_scores = ah_index.search(queries[:20], k=10)
+    for i in range(20):
+        one_ids, one_scores = ah_index.search(queries[i:i + 1], k=10)
+        assert one_ids == [batch_ids[i]]
+        np.testing.assert_allclose(one_scores, batch_scores[i:i + 1], rtol=0, atol=1e-6)

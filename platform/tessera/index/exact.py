@@ -52,6 +52,32 @@ def l2_normalize(x: np.ndarray, name: str = "vectors") -> np.ndarray:
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
+def prepare_queries(x, dim: int, normalize: bool, name: str = "queries") -> np.ndarray:
+    """``as_float_matrix`` then (when ``normalize``) ``l2_normalize``, with the same errors, in fewer steps.
+
+    The per-call path of a search: one squared-norm pass answers both "is every value finite" (a NaN or
+    infinite value makes its row's sum non-finite) and "what is each row's norm", so a single query
+    costs three numpy passes instead of the two checks' separate ones. Only when a sum is not finite
+    (or zero) are the queries looked at again, to tell a bad value from a sum that overflowed.
+    """
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        as_float_matrix(arr, name, dim)  # raises, naming the shape
+    if arr.shape[0] == 0:
+        return arr
+    sq = np.einsum("ij,ij->i", arr, arr)  # (Q,) squared norms
+    if sq.max() < np.inf and (sq.min() > 0 or not normalize):  # False for a NaN too
+        return arr / np.sqrt(sq)[:, None] if normalize else arr
+    arr = as_float_matrix(arr, name, dim)  # raises on a non-finite value
+    if not normalize:
+        return arr
+    sq = np.einsum("ij,ij->i", arr.astype(np.float64), arr.astype(np.float64))  # finite, but float32 overflowed
+    if not sq.all():
+        zero = sq == 0
+        raise ValueError(f"{name} row {int(np.argmax(zero))} has zero norm ({int(zero.sum())} such rows)")
+    return (arr / np.sqrt(sq)[:, None]).astype(np.float32)
+
+
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` columns of each row of ``scores`` (Q, N), best first, ties to the lower column.
 

@@ -57,9 +57,11 @@ class ShardArtifact:
     build_seconds: float = 0.0
     self_recall: float | None = None
     row_of: dict[str, int] = field(init=False, repr=False)
+    id_list: list[str] = field(init=False, repr=False)  # ``ids`` as a list: a row's id without a numpy lookup
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=object)
+        self.id_list = self.ids.tolist()
         self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
         if len(self.row_of) != len(self.ids):
             raise ValueError(f"shard {self.shard_id}: item ids must be unique")
@@ -220,7 +222,13 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
     q = queries.shape[0]
     kk = min(k, n)
     if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
-        rows, scores = _scann_call(searcher, params, n, queries, kk, kk, None, params.num_leaves_to_search)
+        idx, dist = searcher.search_batched(queries, final_num_neighbors=kk,
+                                            pre_reorder_num_neighbors=_pre_reorder(params, n, kk),
+                                            leaves_to_search=_leaves(params.num_leaves_to_search))
+        if idx.shape[1] == kk and not np.isnan(dist[:, -1]).any():
+            # every query got kk results (ScaNN pads a short answer at its end with NaN): the answer as is
+            return idx.astype(np.int64), np.asarray(dist, dtype=np.float32)
+        rows, scores = _drop_padding(idx, dist, kk, None)
         if rows[:, -1].min() < 0 and _can_widen(params):
             short = np.flatnonzero(rows[:, -1] < 0)  # fewer than kk found: the searched leaves held too few
             rows[short], scores[short] = _scann_call(searcher, params, n, queries[short], kk, kk, None,
@@ -261,10 +269,25 @@ def _can_widen(params: ScannParams) -> bool:
 def _scann_call(searcher, params: ScannParams, n: int, queries: np.ndarray, final_nn: int, k: int,
                 exclude_rows: Sequence[np.ndarray] | None, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
     """One ``search_batched`` call, then drop padding (NaN) and excluded rows, keeping the first ``k``."""
-    ratio = params.reorder_num_neighbors / params.num_neighbors
-    pre = min(n, max(params.reorder_num_neighbors, math.ceil(final_nn * ratio)))
-    idx, dist = searcher.search_batched(queries, final_num_neighbors=final_nn, pre_reorder_num_neighbors=pre,
-                                        leaves_to_search=leaves if leaves is not None else -1)
+    idx, dist = searcher.search_batched(queries, final_num_neighbors=final_nn,
+                                        pre_reorder_num_neighbors=_pre_reorder(params, n, final_nn),
+                                        leaves_to_search=_leaves(leaves))
+    return _drop_padding(idx, dist, k, exclude_rows)
+
+
+def _leaves(leaves: int | None) -> int:
+    return -1 if leaves is None else leaves  # -1: ScaNN's own setting (AH shards have no leaves)
+
+
+def _pre_reorder(params: ScannParams, n: int, final_nn: int) -> int:
+    """Candidates rescored exactly for ``final_nn`` results: the tuned depth, scaled up with ``final_nn``."""
+    return min(n, max(params.reorder_num_neighbors,
+                      math.ceil(final_nn * params.reorder_num_neighbors / params.num_neighbors)))
+
+
+def _drop_padding(idx: np.ndarray, dist: np.ndarray, k: int,
+                  exclude_rows: Sequence[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """ScaNN's answer without its padding (NaN) and excluded rows, the first ``k`` kept, padded to ``k``."""
     idx = idx.astype(np.int64)  # (B, final_nn)
     dist = np.asarray(dist, dtype=np.float32)  # (B, final_nn): dot products, best first; NaN pads
     drop = np.isnan(dist)

@@ -24,13 +24,21 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from typing import Sequence
 
 import numpy as np
 from pydantic import Field
 
 from tessera.config import TesseraConfig
-from tessera.index.exact import as_float_matrix, exact_search, l2_normalize, recall_at_k, top_k_rows
+from tessera.index.exact import (
+    as_float_matrix,
+    exact_search,
+    l2_normalize,
+    prepare_queries,
+    recall_at_k,
+    top_k_rows,
+)
 from tessera.index.manifest import (
     FAILED_REPORT,
     INDEX_MANIFEST,
@@ -45,6 +53,9 @@ from tessera.index.shard import ShardArtifact, build_shard, search_shard
 from tessera.index.shard_io import SHARD_MANIFEST, IndexCorruptError, load_shard, save_shard
 from tessera.index.sharding import assign_shards
 from tessera.storage import Storage, join_uri
+
+# Merges of up to this many queries run in plain Python (see ShardedIndex._merge_few).
+_FEW_QUERIES = 8
 
 
 class SearchConfig(TesseraConfig):
@@ -213,13 +224,11 @@ class ShardedIndex:
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        q = as_float_matrix(queries, "queries", self.dim)
+        q = prepare_queries(queries, self.dim, self.shards[0].params.normalized)
         if exclude is not None and len(exclude) != q.shape[0]:
             raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
         if q.shape[0] == 0:
             return [], np.empty((0, k), np.float32)
-        if self.shards[0].params.normalized:
-            q = l2_normalize(q, "queries")
 
         def one(i: int) -> tuple[np.ndarray, np.ndarray]:
             shard = self.shards[i]
@@ -228,6 +237,8 @@ class ShardedIndex:
 
         if self.config.search_threads > 1 and len(self.shards) > 1:
             results = list(self._executor().map(one, range(len(self.shards))))
+        elif exclude is None:  # the per-query path: as few Python steps as the answer allows
+            results = [search_shard(s, q, k, None, p) for s, p in zip(self.shards, self._search_params, strict=True)]
         else:
             results = [one(i) for i in range(len(self.shards))]
         return self._merge(results, k)
@@ -235,8 +246,10 @@ class ShardedIndex:
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
         if len(results) == 1:  # one shard: its order is the answer (row -1 <=> score -inf)
             rows, scores = results[0]
-            ids = self.shards[0].ids
+            ids = self.shards[0].id_list
             return [[ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
+        if len(results[0][0]) <= _FEW_QUERIES:
+            return self._merge_few(results, k)
         scores = np.concatenate([s for _, s in results], axis=1)  # (Q, S*k): shard j's k columns at j*k
         if scores.shape[1] <= 4096:
             # Few candidates: one stable sort, the same order as top_k_rows (score desc, then column
@@ -248,9 +261,30 @@ class ShardedIndex:
             cols, best = top_k_rows(scores, k)
         # only the k winners' ids are looked up (padding entries, row -1, carry -inf and col -1)
         rows = np.concatenate([r for r, _ in results], axis=1)
-        ids = [[self.shards[c // k].ids[r[c]] for c in row if c >= 0]
+        lists = [s.id_list for s in self.shards]
+        ids = [[lists[c // k][r[c]] for c in row if c >= 0]
                for r, row in zip(rows.tolist(), cols.tolist(), strict=True)]
         return ids, best
+
+    def _merge_few(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
+        """:meth:`_merge`'s answer for a handful of queries, in plain Python.
+
+        One query per call is the single-threaded serving path; there, every numpy call after a
+        ScaNN search runs with cold caches, and the numpy merge's dozen calls cost more than the
+        sort of S x k candidates itself. Same order: score descending, ties to the lower shard, then
+        that shard's own order (a stable sort of candidates listed in that order).
+        """
+        lists = [s.id_list for s in self.shards]
+        parts = [(rows.tolist(), scores.tolist()) for rows, scores in results]
+        ids_out, best = [], []
+        for q in range(len(parts[0][0])):
+            cand = [(score, j, row) for j, (rows, scores) in enumerate(parts)
+                    for row, score in zip(rows[q], scores[q], strict=True) if row >= 0]
+            cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
+            top = cand[:k]
+            ids_out.append([lists[j][row] for _, j, row in top])
+            best.append([score for score, _, _ in top] + [-np.inf] * (k - len(top)))
+        return ids_out, np.array(best, dtype=np.float32)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
