@@ -40,6 +40,9 @@ def test_prepare_queries_is_the_two_checks_in_one():
     x = rng.standard_normal((7, 16)).astype(np.float32) * 3
     np.testing.assert_allclose(prepare_queries(x, 16, normalize=True), l2_normalize(as_float_matrix(x)), atol=1e-7)
     np.testing.assert_array_equal(prepare_queries(x, 16, normalize=False), x)
+    # one query at a time (its own branch) gives the batch's bits exactly
+    np.testing.assert_array_equal(np.concatenate([prepare_queries(r[None], 16, True) for r in x]),
+                                  prepare_queries(x, 16, True))
     assert prepare_queries(np.empty((0, 16), np.float32), 16, True).shape == (0, 16)
     # finite values whose squares overflow float32 are not "non-finite": normalised in float64
     big = np.full((1, 16), 1e20, np.float32)
@@ -51,11 +54,16 @@ def test_prepare_queries_is_the_two_checks_in_one():
         for normalize in (True, False):
             with pytest.raises(ValueError, match=message):
                 prepare_queries(y, 16, normalize)
+            with pytest.raises(ValueError, match="row 0 has non-finite values"):
+                prepare_queries(y[2:3], 16, normalize)
     y = x.copy()
     y[4] = 0
     with pytest.raises(ValueError, match="queries row 4 has zero norm"):
         prepare_queries(y, 16, True)
+    with pytest.raises(ValueError, match="queries row 0 has zero norm"):
+        prepare_queries(y[4:5], 16, True)
     assert np.array_equal(prepare_queries(y, 16, False), y)  # no normalisation: a zero row is allowed
+    np.testing.assert_allclose(prepare_queries(big[:, :4].repeat(2, axis=0), 4, True), 0.5, atol=1e-7)
     with pytest.raises(ValueError, match="dimension 16, the index has 8"):
         prepare_queries(x, 8, True)
     with pytest.raises(ValueError, match="must be 2-D"):

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -66,7 +67,12 @@ def prepare_queries(x, dim: int, normalize: bool, name: str = "queries") -> np.n
     if arr.shape[0] == 0:
         return arr
     sq = np.einsum("ij,ij->i", arr, arr)  # (Q,) squared norms
-    if sq.max() < np.inf and (sq.min() > 0 or not normalize):  # False for a NaN too
+    if arr.shape[0] == 1:  # one query (the serving path): Python floats, one numpy call fewer each
+        s = float(sq[0])
+        if s < math.inf and (s > 0 or not normalize):  # False for a NaN too
+            # float32 division by the correctly rounded root: the same bits as the batch branch below
+            return arr / np.float32(math.sqrt(s)) if normalize else arr
+    elif sq.max() < np.inf and (sq.min() > 0 or not normalize):
         return arr / np.sqrt(sq)[:, None] if normalize else arr
     arr = as_float_matrix(arr, name, dim)  # raises on a non-finite value
     if not normalize:
