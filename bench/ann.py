@@ -256,8 +256,9 @@ def scann_sweep(index, queries, truth, q_single) -> list[dict]:
 
     tuned = index.shards[0].params
     points = []
-    for share in (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07,
-                  0.08, 0.1, 0.12, 0.2, 0.4):
+    # steps of ~10-25% around where recall crosses 0.95 (HNSW's efSearch grid steps 8 there: 48, 56, 64)
+    for share in (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055,
+                  0.06, 0.07, 0.08, 0.1, 0.12, 0.2, 0.4):
         for reorder in sorted({40, tuned.reorder_num_neighbors}):
             leaves = max(1, math.ceil(tuned.num_leaves * share))
             cfg = SearchConfig(num_leaves_to_search=leaves, reorder_num_neighbors=reorder, search_threads=1)
