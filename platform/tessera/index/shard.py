@@ -222,9 +222,7 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
     q = queries.shape[0]
     kk = min(k, n)
     if exclude_rows is None:  # the common serving path: one batched call, no headroom bookkeeping
-        idx, dist = searcher.search_batched(queries, final_num_neighbors=kk,
-                                            pre_reorder_num_neighbors=_pre_reorder(params, n, kk),
-                                            leaves_to_search=_leaves(params.num_leaves_to_search))
+        idx, dist = _scann_raw(searcher, params, n, queries, kk, params.num_leaves_to_search)
         if idx.shape[1] == kk and not np.isnan(dist[:, -1]).any():
             # every query got kk results (ScaNN pads a short answer at its end with NaN): the answer as is
             return idx.astype(np.int64), np.asarray(dist, dtype=np.float32)
@@ -269,20 +267,18 @@ def _can_widen(params: ScannParams) -> bool:
 def _scann_call(searcher, params: ScannParams, n: int, queries: np.ndarray, final_nn: int, k: int,
                 exclude_rows: Sequence[np.ndarray] | None, leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
     """One ``search_batched`` call, then drop padding (NaN) and excluded rows, keeping the first ``k``."""
-    idx, dist = searcher.search_batched(queries, final_num_neighbors=final_nn,
-                                        pre_reorder_num_neighbors=_pre_reorder(params, n, final_nn),
-                                        leaves_to_search=_leaves(leaves))
-    return _drop_padding(idx, dist, k, exclude_rows)
+    return _drop_padding(*_scann_raw(searcher, params, n, queries, final_nn, leaves), k, exclude_rows)
 
 
-def _leaves(leaves: int | None) -> int:
-    return -1 if leaves is None else leaves  # -1: ScaNN's own setting (AH shards have no leaves)
-
-
-def _pre_reorder(params: ScannParams, n: int, final_nn: int) -> int:
-    """Candidates rescored exactly for ``final_nn`` results: the tuned depth, scaled up with ``final_nn``."""
-    return min(n, max(params.reorder_num_neighbors,
-                      math.ceil(final_nn * params.reorder_num_neighbors / params.num_neighbors)))
+def _scann_raw(searcher, params: ScannParams, n: int, queries: np.ndarray, final_nn: int,
+               leaves: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """ScaNN's own ``search_batched`` answer (uint32 rows, NaN-padded dot products), with the reordering
+    depth scaled up with ``final_nn`` and ``leaves`` None meaning ScaNN's own setting (AH shards have no
+    leaves)."""
+    pre = min(n, max(params.reorder_num_neighbors,
+                     math.ceil(final_nn * params.reorder_num_neighbors / params.num_neighbors)))
+    return searcher.search_batched(queries, final_num_neighbors=final_nn, pre_reorder_num_neighbors=pre,
+                                   leaves_to_search=-1 if leaves is None else leaves)
 
 
 def _drop_padding(idx: np.ndarray, dist: np.ndarray, k: int,

@@ -237,8 +237,6 @@ class ShardedIndex:
 
         if self.config.search_threads > 1 and len(self.shards) > 1:
             results = list(self._executor().map(one, range(len(self.shards))))
-        elif exclude is None:  # the per-query path: as few Python steps as the answer allows
-            results = [search_shard(s, q, k, None, p) for s, p in zip(self.shards, self._search_params, strict=True)]
         else:
             results = [one(i) for i in range(len(self.shards))]
         return self._merge(results, k)
