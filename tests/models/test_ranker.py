@@ -28,8 +28,9 @@ def inputs(B: int = 3, N: int = 5, C: int = 4):
 
 def test_dense_feature_names():
     assert dense_feature_names(["text", "audio"]) == [
-        "retrieval_score", "sim_text", "sim_audio", "has_text", "has_audio", "log_popularity"]
-    assert len(RankerConfig().dense_features) == 8
+        "retrieval_score", "sim_text", "sim_audio", "max_sim_text", "max_sim_audio", "has_text", "has_audio",
+        "log_popularity"]
+    assert len(RankerConfig().dense_features) == 11
 
 
 def test_shapes_masking_and_empty_history():

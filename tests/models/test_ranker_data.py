@@ -52,6 +52,8 @@ def test_dense_features_by_hand():
                                 hist_present, ["t", "i"])
     assert out.shape == (1, 2, len(dense_feature_names(["t", "i"])))
     s = 1 / 2 ** 0.5
-    expected = torch.tensor([[[0.9, 1.0, 0.0, 1.0, 1.0, 2.0],
-                              [0.1, s, 0.0, 1.0, 0.0, 3.0]]])
+    # retrieval, sim_t, sim_i, max_sim_t, max_sim_i, has_t, has_i, log_popularity: candidate 0's text
+    # is half-way between the two history items (mean: 1, nearest: s), candidate 1's equals the first.
+    expected = torch.tensor([[[0.9, 1.0, 0.0, s, 0.0, 1.0, 1.0, 2.0],
+                              [0.1, s, 0.0, 1.0, 0.0, 1.0, 0.0, 3.0]]])
     torch.testing.assert_close(out, expected)

@@ -31,8 +31,8 @@ def dense_feature_names(modalities: list[str]) -> list[str]:
 
         dense_feature_names(["text"])   # ['retrieval_score', 'sim_text', 'has_text', 'log_popularity']
     """
-    return (["retrieval_score"] + [f"sim_{m}" for m in modalities] + [f"has_{m}" for m in modalities]
-            + ["log_popularity"])
+    return (["retrieval_score"] + [f"sim_{m}" for m in modalities] + [f"max_sim_{m}" for m in modalities]
+            + [f"has_{m}" for m in modalities] + ["log_popularity"])
 
 
 class RankerConfig(TesseraConfig):

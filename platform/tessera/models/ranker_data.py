@@ -24,8 +24,10 @@ def ranker_dense_features(retrieval_score: torch.Tensor, log_popularity: torch.T
     """Dense features in :func:`tessera.models.ranker.dense_feature_names` order.
 
     Per modality ``m``: ``sim_m`` is the cosine between the candidate's ``m`` embedding and the
-    normalised mean of the history's ``m`` embeddings, and ``has_m`` is 1 when both exist (else
-    both are 0). Raw encoder embeddings work, as do :meth:`ItemTower.project` vectors.
+    normalised mean of the history's ``m`` embeddings, ``max_sim_m`` the cosine to the nearest single
+    history item (a history of two tastes has a mean that sits between them: the nearest item keeps
+    each), and ``has_m`` is 1 when both exist (else all three are 0). Raw encoder embeddings work, as
+    do :meth:`ItemTower.project` vectors.
 
     Args:
         retrieval_score: ``(B, C)`` user-item score from the retrieval stage.
@@ -36,9 +38,9 @@ def ranker_dense_features(retrieval_score: torch.Tensor, log_popularity: torch.T
         modalities: modality order.
 
     Returns:
-        ``(B, C, 1 + 2 M + 1)`` float.
+        ``(B, C, 1 + 3 M + 1)`` float.
     """
-    sims, has = [], []
+    sims, maxs, has = [], [], []
     for m in modalities:
         hp = history_present[m].bool()  # (B, N)
         hv = F.normalize(torch.where(hp[..., None], history_modal[m], torch.zeros_like(history_modal[m])), dim=-1)
@@ -49,8 +51,10 @@ def ranker_dense_features(retrieval_score: torch.Tensor, log_popularity: torch.T
         both = cp & hp.any(dim=1, keepdim=True)  # (B, C)
         sim = torch.einsum("bcd,bd->bc", cv, mean)  # (B, C)
         sims.append(torch.where(both, sim, torch.zeros_like(sim)))
+        pair = torch.einsum("bcd,bnd->bcn", cv, hv).masked_fill(~hp[:, None, :], -1.0)  # (B, C, N)
+        maxs.append(torch.where(both, pair.amax(dim=2), torch.zeros_like(sim)))
         has.append(both.to(sim.dtype))
-    cols = [retrieval_score.float()] + sims + has + [log_popularity.float()]
+    cols = [retrieval_score.float()] + sims + maxs + has + [log_popularity.float()]
     return torch.stack(cols, dim=-1)  # (B, C, F)
 
 

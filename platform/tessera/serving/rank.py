@@ -65,9 +65,11 @@ class RankerCore:
         expected = list(ranker.config.dense_features)
         from tessera.models import dense_feature_names
 
-        if self.trained and expected != dense_feature_names(catalog.modalities):
-            raise VersionError(f"the ranker of {ref.model_uri} expects features {expected}, the embedding run "
-                               f"provides modalities {catalog.modalities}")
+        built = dense_feature_names(catalog.modalities)
+        if self.trained and expected != built:
+            raise VersionError(f"the ranker of {ref.model_uri} expects features {expected}; for the embedding "
+                               f"run's modalities {catalog.modalities} this Tessera builds {built} (a bundle "
+                               "trained by another Tessera version or on other modalities: retrain it)")
 
     @classmethod
     def load(cls, storage: Storage, ref: VersionRef) -> RankerCore:

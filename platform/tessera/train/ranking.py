@@ -6,8 +6,8 @@ negatives drawn uniformly from that top-K, ``num_random`` uniform negatives and 
 one list (:meth:`RankerModel.training_lists`, :func:`tessera.models.build_ranker_examples`): the
 lists look like the top-K that :meth:`RankerModel.rerank` re-orders. The ranker sees the history
 and candidate item-tower vectors plus dense features: the retrieval score, per-modality cosine
-between the candidate's raw encoder embedding and the history's mean, modality presence and log
-popularity.
+between the candidate's raw encoder embedding and the history's mean and its nearest history item,
+modality presence and log popularity.
 
 At evaluation the top-K of retrieval is re-ordered by the ranker; items below the top-K keep their
 retrieval order after it, so metrics stay full-catalog.
