@@ -57,3 +57,17 @@ def test_dense_features_by_hand():
     expected = torch.tensor([[[0.9, 1.0, 0.0, s, 0.0, 1.0, 1.0, 2.0],
                               [0.1, s, 0.0, 1.0, 0.0, 1.0, 0.0, 3.0]]])
     torch.testing.assert_close(out, expected)
+
+
+def test_nearest_history_item_skips_absent_and_padded_positions():
+    # History: item 0 (present) opposite to the candidate, item 1 absent but equal to it.
+    hist = torch.tensor([[[-1.0, 0.0], [1.0, 0.0]]])
+    cand = torch.tensor([[[1.0, 0.0]]])
+    present = torch.tensor([[True, False]])
+    out = ranker_dense_features(torch.zeros(1, 1), torch.zeros(1, 1), {"t": cand}, {"t": torch.tensor([[True]])},
+                                {"t": hist}, {"t": present}, ["t"])
+    names = dense_feature_names(["t"])
+    assert out[0, 0, names.index("max_sim_t")].item() == pytest.approx(-1.0)  # not 0 (zeroed) nor 1 (leaked)
+    out = ranker_dense_features(torch.zeros(1, 1), torch.zeros(1, 1), {"t": cand}, {"t": torch.tensor([[True]])},
+                                {"t": hist}, {"t": torch.tensor([[True, True]])}, ["t"])
+    assert out[0, 0, names.index("max_sim_t")].item() == pytest.approx(1.0)
