@@ -29,7 +29,7 @@ def dense_feature_names(modalities: list[str]) -> list[str]:
 
     Example::
 
-        dense_feature_names(["text"])   # ['retrieval_score', 'sim_text', 'has_text', 'log_popularity']
+        dense_feature_names(["text"])   # ['retrieval_score', 'sim_text', 'max_sim_text', 'has_text', 'log_popularity']
     """
     return (["retrieval_score"] + [f"sim_{m}" for m in modalities] + [f"max_sim_{m}" for m in modalities]
             + [f"has_{m}" for m in modalities] + ["log_popularity"])
