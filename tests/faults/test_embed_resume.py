@@ -30,10 +30,13 @@ from tessera.storage import join_uri, parse_uri
 from .conftest import check_run, encoder_actors, write_embed_config
 
 RAY_HEAD = {"num_cpus": 2, "num_gpus": 0}
-CORPUS = {"items_per_part": 20}  # six items files: the parts reach S3 in several waves, not one or two
+# The first part reaches S3 once all three pools are up; after that the tiny encoders take 120 items in
+# about a second (10 of 12 parts were listed by the first poll on an AVX-512 machine, and the kill came
+# too late). 600 items in 12 files keep the job writing for several seconds after its first part.
+CORPUS = {"num_items": 600, "items_per_part": 50}
 MODALITIES = ("image", "audio", "text")
 RUN_ID = "resume"
-WRITE_BATCH = 10  # rows per part: 120 items make about 12 parts, so a kill lands between parts
+WRITE_BATCH = 10  # rows per part: 600 items make about 60 parts, so a kill lands between parts
 
 
 def driver_processes(config_path: str) -> list[psutil.Process]:
@@ -87,7 +90,7 @@ def test_driver_killed_then_rerun_resumes(ray_cluster, fault_corpus, fault_weigh
         assert time.monotonic() - first.submitted_at < 300, first.logs()[-3000:]
         status = first.info()["status"]
         assert status in ("PENDING", "RUNNING"), f"job {status} before the kill:\n{first.logs()[-3000:]}"
-        time.sleep(0.2)
+        time.sleep(0.05)
     t_first_part = time.monotonic() - first.submitted_at
     drivers = driver_processes(str(config))
     assert len(drivers) == 1, [p.info["cmdline"] for p in drivers]
@@ -112,7 +115,9 @@ def test_driver_killed_then_rerun_resumes(ray_cluster, fault_corpus, fault_weigh
     uploads = fault_storage.client().list_multipart_uploads(Bucket=loc.bucket, Prefix=loc.key + "/")
     abandoned = len(uploads.get("Uploads", []))  # parts cut off mid-upload: never visible as objects
     kept_rows = read_run(fault_storage, run_uri)  # every part whole: a half-written one fails to read here
-    assert kept and 0 < len(kept_rows) < n_items, (len(kept), len(kept_rows))
+    assert kept and 0 < len(kept_rows) < n_items, (
+        f"{len(kept)} parts ({len(kept_rows)} of {n_items} items) kept: first part {t_first_part:.1f}s after "
+        f"submission, kill at {t_kill:.1f}s with {at_kill} parts listed, FAILED at {t_failed:.1f}s with {at_failed}")
 
     # second attempt: the same command, the same run id and output
     second = ray_cluster.submit(*entrypoint)
