@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import threading
@@ -146,3 +147,27 @@ def test_media_error_pickles_and_validates_kind():
     assert MediaError.missing("s3://b/k").kind == "missing"
     with pytest.raises(ValueError, match="unknown media error kind"):
         MediaError("weird")
+
+
+def test_a_checkpoint_saved_in_fp16_runs_in_fp32(audio_weights, tmp_path, fsdd_wavs):
+    # transformers 5 loads a checkpoint in the dtype it was saved in; the encoder holds fp32 weights
+    # whatever the file stores (autocast alone decides the precision of the forward pass)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "audio-fp16"
+    shutil.copytree(audio_weights, half)
+    state = load_file(half / "model.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+              half / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((half / "config.json").read_text())  # as an fp16 release declares it
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"
+    (half / "config.json").write_text(json.dumps(config))
+    cfg = dict(device="cpu", bf16_autocast=False, batch_size=4)
+    enc = AudioEncoder(AudioEncoderConfig(weights=str(half), **cfg))
+    assert {p.dtype for p in enc.model.parameters()} == {torch.float32}
+    raws = [p.read_bytes() for p in fsdd_wavs]
+    ref = AudioEncoder(AudioEncoderConfig(weights=str(audio_weights), **cfg)).embed(raws)
+    cosine = (enc.embed(raws) * ref).sum(axis=1)
+    assert cosine.min() > 0.999  # only the weights' fp16 rounding differs

@@ -165,12 +165,17 @@ class Encoder(ABC, Generic[C]):
     preprocessor_class: ClassVar[type[Preprocessor]]
 
     def __init__(self, config: C, storage: Storage | None = None):
+        import torch
+
         self.config = config
         self.weights_dir = resolve_weights(config.weights, storage, config.cache_dir).path
         self._device = choose_device(config.device)
         self.autocast_dtype = autocast_dtype(self._device, config.bf16_autocast)
         self.preprocessor = self.preprocessor_class(config, storage, weights_dir=self.weights_dir)
-        self.model = self._load_model().to(self._device).eval()
+        # fp32 weights whatever the checkpoint stores: transformers 5 loads a checkpoint saved in fp16 or
+        # bf16 in that dtype, which the CPU runs slowly (fp16) and which would make the fp32 path and
+        # autocast's choice of precision depend on the file; autocast does the low-precision work
+        self.model = self._load_model().to(self._device, dtype=torch.float32).eval()
 
     @abstractmethod
     def _load_model(self) -> torch.nn.Module:
