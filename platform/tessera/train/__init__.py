@@ -3,7 +3,7 @@
 Plain torch / numpy (usable without Ray): :mod:`~tessera.train.catalog` (item feature table),
 :mod:`~tessera.train.examples` (time split, next-item examples), :mod:`~tessera.train.retrieval`
 (two-tower model + loss), :mod:`~tessera.train.ranking` (ranker stage), :mod:`~tessera.train.evaluate`,
-:mod:`~tessera.train.state` (checkpoint contents).
+:mod:`~tessera.train.state` (checkpoint contents, the bundle rebuilt from them).
 Ray wiring: :mod:`~tessera.train.datasets` (Ray Data), :mod:`~tessera.train.worker` (the per-worker
 loop), :mod:`~tessera.train.job` (``run_training``: trainer, checkpoints on S3, bundle).
 

@@ -24,16 +24,14 @@ import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from tessera.models.bundle import MANIFEST, POPULARITY_FILE, ModelBundle
+from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.datasets import build_datasets
 from tessera.train.evaluate import quality_checks
-from tessera.train.ranking import RankerModel
-from tessera.train.retrieval import TwoTowerModel, variant
-from tessera.train.state import STATE_FILE, TrainState, load_state
-from tessera.train.worker import RANKED, train_loop_per_worker
+from tessera.train.state import RANKED, STATE_FILE, bundle_from_state, load_state
+from tessera.train.worker import train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
 
@@ -69,17 +67,6 @@ def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTra
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "ranker"]),
     )
-
-
-def bundle_from_state(cfg: TrainConfig, state: TrainState, catalog: ItemCatalog, counts: np.ndarray) -> ModelBundle:
-    """Rebuild the fused towers and the ranker from a final training state (eval mode)."""
-    fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
-                                counts, cfg.max_history)
-    fused.load_state_dict(state.models["fused"])
-    ranked = RankerModel.build(fused, counts, cfg.ranker, cfg.max_history)
-    if RANKED in state.models:
-        ranked.ranker.load_state_dict(state.models[RANKED])
-    return ModelBundle(fused.item_tower.eval(), fused.user_tower.eval(), ranked.ranker.eval())
 
 
 def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: np.ndarray) -> None:

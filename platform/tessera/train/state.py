@@ -1,4 +1,4 @@
-"""What a training checkpoint holds, and how it is written (plain torch, no Ray).
+"""What a training checkpoint holds, how it is written, and the model bundle it gives (plain torch, no Ray).
 
 One file, ``state.pt``: the position in the stage plan (``stage``, ``epoch``: the next epoch to
 run), the state dicts of every finished stage's model, the unfinished stage's model and optimiser,
@@ -8,6 +8,7 @@ Example::
 
     save_state(TrainState(stage=1, epoch=0, models={"fused": model.state_dict()}), "ckpt/state.pt")
     state = load_state("ckpt/state.pt")
+    bundle = bundle_from_state(cfg, state, catalog, counts)     # on the CPU, whatever device trained
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
+from tessera.models.bundle import ModelBundle
+from tessera.train.catalog import ItemCatalog
+from tessera.train.config import TrainConfig
+from tessera.train.ranking import RankerModel
+from tessera.train.retrieval import TwoTowerModel, variant
+
 STATE_FILE = "state.pt"
+RANKED = "fused_ranked"  # the ranker stage's name; its weights are ``TrainState.models[RANKED]``
 
 
 @dataclass
@@ -51,3 +60,14 @@ def save_state(state: TrainState, path: str | os.PathLike) -> None:
 def load_state(path: str | os.PathLike) -> TrainState:
     """Read a state written by :func:`save_state`."""
     return TrainState(**torch.load(path, map_location="cpu", weights_only=False))
+
+
+def bundle_from_state(cfg: TrainConfig, state: TrainState, catalog: ItemCatalog, counts: np.ndarray) -> ModelBundle:
+    """Rebuild the fused towers and the ranker from a final training state (eval mode)."""
+    fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
+                                counts, cfg.max_history)
+    fused.load_state_dict(state.models["fused"])
+    ranked = RankerModel.build(fused, counts, cfg.ranker, cfg.max_history)
+    if RANKED in state.models:
+        ranked.ranker.load_state_dict(state.models[RANKED])
+    return ModelBundle(fused.item_tower.eval(), fused.user_tower.eval(), ranked.ranker.eval())

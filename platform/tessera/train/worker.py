@@ -34,9 +34,7 @@ from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluat
 from tessera.train.examples import EvalSet, item_counts
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
-from tessera.train.state import STATE_FILE, TrainState, load_state, save_state
-
-RANKED = "fused_ranked"
+from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
 
 
 @dataclass(frozen=True)
