@@ -100,9 +100,15 @@ class ItemCatalog:
         found = self.item_ids[pos] == ids if self.num_items else np.zeros(len(ids), bool)
         return np.where(found, pos, -1).astype(np.int64)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the catalog's tensors are (see :meth:`to`)."""
+        return next(iter(self.embeddings.values())).device if self.embeddings else torch.device("cpu")
+
     def id_buckets(self, num_buckets: int) -> torch.Tensor:
-        """``(I,)`` hashed id bucket of every catalog row (see :func:`tessera.models.hash_item_ids`)."""
-        return hash_item_ids(self.item_ids.tolist(), num_buckets)
+        """``(I,)`` hashed id bucket of every catalog row (see :func:`tessera.models.hash_item_ids`), on
+        the catalog's device."""
+        return hash_item_ids(self.item_ids.tolist(), num_buckets).to(self.device)
 
     def features(self, rows: torch.Tensor, modalities: Sequence[str] | None = None,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

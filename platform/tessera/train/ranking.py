@@ -156,7 +156,10 @@ class RankerModel(nn.Module):
     @torch.no_grad()
     def rerank(self, hist: HistoryBatch, query_ts: torch.Tensor, exclude: Sequence[np.ndarray] | None = None,
                chunk: int = 256) -> torch.Tensor:
-        """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it."""
+        """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it (on
+        the model's device wherever ``hist`` is)."""
+        device = self.item_vecs.device
+        hist, query_ts = hist.to(device), query_ts.to(device)
         outs = []
         for s in range(0, len(query_ts), chunk):
             h = HistoryBatch(*(t[s:s + chunk] for t in (hist.item_idx, hist.mask, hist.timestamps_ms, hist.weights)))

@@ -136,12 +136,16 @@ class TwoTowerModel(nn.Module):
     def all_item_vectors(self, chunk: int = 4096) -> torch.Tensor:
         """``(I, out_dim)`` vectors of the whole catalog (call in eval mode)."""
         n = self.catalog.num_items
-        return torch.cat([self.item_vectors(torch.arange(s, min(s + chunk, n))) for s in range(0, n, chunk)])
+        device = self.catalog.device
+        return torch.cat([self.item_vectors(torch.arange(s, min(s + chunk, n), device=device))
+                          for s in range(0, n, chunk)])
 
     @torch.no_grad()
     def score(self, history: HistoryBatch, query_ts: torch.Tensor,
               item_vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(U, I)`` full-catalog scores (cosine) and the ``(U, D)`` user vectors (call in eval mode)."""
+        """``(U, I)`` full-catalog scores (cosine) and the ``(U, D)`` user vectors (call in eval mode), on
+        the model's device wherever ``history`` is (the evaluation set stays on the host)."""
         vecs = self.all_item_vectors() if item_vecs is None else item_vecs
+        history, query_ts = history.to(vecs.device), query_ts.to(vecs.device)
         user = self.user_vectors(history, vecs, query_ts)
         return user @ vecs.T, user

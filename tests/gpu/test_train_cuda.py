@@ -1,0 +1,131 @@
+"""The training stages as a Ray Train worker runs them with ``use_gpu``: on the device it names.
+
+The worker moves the item catalog and every example batch to ``ray.train.torch.get_device()``, keeps
+the held-out evaluation set on the host, and writes checkpoints the driver loads on its CPU. Each
+variant (fused with ids, a single modality, ids alone) and the ranker stage run here on ``cpu`` and,
+where torch sees one, on ``cuda``: a step's loss on the device equals the CPU's for the same weights,
+a few steps train, evaluation runs, and the bundle rebuilt on the CPU from the checkpoint gives the
+device model's vectors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.train.catalog import ItemCatalog
+from tessera.train.config import RankerSection, TowerSection, TrainConfig
+from tessera.train.evaluate import evaluate_ranked, evaluate_retrieval
+from tessera.train.examples import EvalSet, item_counts, next_item_examples, user_records
+from tessera.train.ranking import RankerModel
+from tessera.train.retrieval import TwoTowerModel, variant
+from tessera.train.state import RANKED, TrainState, bundle_from_state, load_state, save_state
+from tests.gpu.conftest import needs_cuda
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+NUM_ITEMS, NUM_USERS, MAX_HISTORY, KS = 48, 40, 6, (5, 10)
+TOWERS = TowerSection(d_model=16, out_dim=16, n_heads=2, proj_hidden=32, batch_size=32, fused_ids=True)
+RANKER = RankerSection(candidates=12, num_hard=6, num_random=4, batch_size=32)
+
+
+def _catalog() -> ItemCatalog:
+    g = torch.Generator().manual_seed(0)
+    present = {"text": torch.ones(NUM_ITEMS, dtype=torch.bool), "image": torch.rand(NUM_ITEMS, generator=g) > 0.2}
+    emb = {"text": torch.randn(NUM_ITEMS, 12, generator=g), "image": torch.randn(NUM_ITEMS, 8, generator=g)}
+    emb["image"][~present["image"]] = 0.0
+    return ItemCatalog(item_ids=np.array([f"item-{i:04d}" for i in range(NUM_ITEMS)]), embeddings=emb,
+                       present=present)
+
+
+def _records() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(NUM_USERS):
+        n = int(rng.integers(3, 12))
+        rows.append(user_records({"user_id": np.array([f"u{u}"] * n), "item_row": rng.integers(0, NUM_ITEMS, n),
+                                  "ts": np.sort(rng.integers(0, 10**10, n)), "weight": rng.uniform(0.5, 2, n)},
+                                 holdout=1))
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _batches(records, device: str) -> list[dict[str, torch.Tensor]]:
+    ex = next_item_examples(records, MAX_HISTORY)
+    n = len(ex["target"])
+    return [{k: torch.from_numpy(v[s:s + 32]).to(device) for k, v in ex.items()} for s in range(0, n - 31, 32)]
+
+
+def _train(model, params, batches, rng=None) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    model.train()
+    for batch in batches:
+        loss = model(batch) if rng is None else model(batch, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["fused", "text", "id_only"])
+def test_retrieval_variant_trains_and_evaluates_on_device(device, name):
+    catalog, records = _catalog(), _records()
+    counts = item_counts(records, NUM_ITEMS)
+    eval_set = EvalSet.from_records(records, MAX_HISTORY)  # host tensors, as on rank 0
+    torch.manual_seed(0)
+    ref = TwoTowerModel.build(variant(name, catalog.modalities, TOWERS.fused_ids), catalog, TOWERS, counts,
+                              MAX_HISTORY).eval()
+    model = TwoTowerModel.build(variant(name, catalog.modalities, TOWERS.fused_ids), catalog.to(device), TOWERS,
+                                counts, MAX_HISTORY)
+    model.load_state_dict(ref.state_dict())
+    model.to(device).eval()
+    cpu_batches, batches = _batches(records, "cpu"), _batches(records, device)
+    with torch.no_grad():
+        expected, got = float(ref(cpu_batches[0])), float(model(batches[0]))
+    assert np.isfinite(got) and got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    losses = _train(model, model.parameters(), batches * 4)
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+    metrics = evaluate_retrieval(model, eval_set, KS)
+    assert metrics["num_users"] == eval_set.num_users > 0
+    assert all(0.0 <= metrics[f"recall@{k}"] <= 1.0 for k in KS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ranker_stage_trains_on_device_and_the_checkpoint_rebuilds_on_the_cpu(device, tmp_path):
+    catalog, records = _catalog(), _records()
+    counts = item_counts(records, NUM_ITEMS)
+    eval_set = EvalSet.from_records(records, MAX_HISTORY)
+    batches = _batches(records, device)
+    torch.manual_seed(0)
+    fused = TwoTowerModel.build(variant("fused", catalog.modalities, TOWERS.fused_ids), catalog.to(device), TOWERS,
+                                counts, MAX_HISTORY).to(device)
+    _train(fused, fused.parameters(), batches * 3)
+    fused_state = copy.deepcopy(fused.state_dict())
+    ranked = RankerModel.build(fused, counts, RANKER, MAX_HISTORY).to(device)
+    rng = np.random.default_rng(0)
+    losses = _train(ranked, ranked.ranker.parameters(), batches * 2, rng)
+    assert all(np.isfinite(losses)) and any(loss > 0 for loss in losses)
+    metrics = evaluate_ranked(ranked, eval_set, KS)
+    assert all(0.0 <= metrics[f"ndcg@{k}"] <= 1.0 for k in KS)
+
+    # the checkpoint as rank 0 writes it, loaded by the driver on its CPU
+    path = tmp_path / "state.pt"
+    save_state(TrainState(stage=2, models={"fused": fused_state, RANKED: ranked.ranker.state_dict()}), path)
+    cfg = TrainConfig.model_validate({"interactions_uri": "s3://b/i", "embeddings_uri": "s3://b/e",
+                                      "models_uri": "s3://b/m", "checkpoint_uri": "s3://b/c", "version": "v",
+                                      "max_history": MAX_HISTORY, "towers": TOWERS.model_dump(),
+                                      "ranker": RANKER.model_dump()})
+    bundle = bundle_from_state(cfg, load_state(path), catalog, counts)
+    assert all(p.device.type == "cpu" for p in bundle.item_tower.parameters())
+    fused.eval()
+    rows = torch.arange(NUM_ITEMS)
+    with torch.no_grad():
+        on_device = fused.item_vectors(rows.to(device)).cpu()
+        feats, masks = catalog.features(rows)
+        ids = catalog.id_buckets(bundle.item_tower.config.num_id_buckets)
+        rebuilt = bundle.item_tower(feats, masks, ids)
+    torch.testing.assert_close(rebuilt, on_device, rtol=1e-4, atol=1e-5)
