@@ -32,7 +32,7 @@ class VectorStageConfig(TesseraConfig):
     Args:
         actors: actors in the pool.
         num_cpus: CPUs per actor (fractional on small nodes).
-        num_gpus: GPUs per actor (0 on CPU clusters).
+        num_gpus: GPUs per actor (0 on CPU clusters); with one, the actor runs the tower on CUDA.
         batch_size: items per tower forward pass.
         torch_threads: intra-op threads per actor (None: torch's default).
         read_num_cpus: CPUs per read / write task.

@@ -65,7 +65,8 @@ def item_vector_table(tower, table: pa.Table, no_modality: str = "exclude") -> p
     """Fused and per-modality vectors of one batch of embedding rows (no Ray; the actor calls this).
 
     Args:
-        tower: an :class:`~tessera.models.ItemTower` in eval mode.
+        tower: an :class:`~tessera.models.ItemTower` in eval mode, on any device (the batch goes there,
+            the vectors come back to the host).
         table: rows of an embedding run (``item_id`` + modality vector columns; a modality of the
             tower missing from the table counts as absent for every row).
         no_modality: ``exclude`` or ``id_only`` (see :class:`~tessera.index_job.config.IndexJobConfig`).
@@ -84,16 +85,17 @@ def item_vector_table(tower, table: pa.Table, no_modality: str = "exclude") -> p
     ids = table.column("item_id").to_pylist()
     n = len(ids)
     dims = tower.config.modality_dims
-    embeddings = {m: torch.from_numpy(column_matrix(table.column(m), dim))
+    device = next(tower.parameters()).device
+    embeddings = {m: torch.from_numpy(column_matrix(table.column(m), dim)).to(device)
                   for m, dim in dims.items() if m in table.column_names}  # m -> (B, dim), NaN rows absent
     if not embeddings:
         raise ValueError(f"the embedding rows hold none of the tower's modalities {list(dims)}")
     id_buckets = None
     if tower.config.num_id_buckets:
-        id_buckets = hash_item_ids(ids, tower.config.num_id_buckets)
+        id_buckets = hash_item_ids(ids, tower.config.num_id_buckets).to(device)
     with torch.no_grad():
-        fused = tower(embeddings, id_buckets=id_buckets).numpy()  # (B, out_dim)
-        single = tower.modality_vectors(embeddings)  # m -> ((B, out_dim), (B,) present)
+        fused = tower(embeddings, id_buckets=id_buckets).cpu().numpy()  # (B, out_dim)
+        single = {m: (v.cpu(), p.cpu()) for m, (v, p) in tower.modality_vectors(embeddings).items()}
     present = {m: p.numpy() for m, (_, p) in single.items()}
     any_present = np.zeros(n, bool)
     for p in present.values():
@@ -122,16 +124,20 @@ class ItemVectorActor:
         model_uri: the bundle.
         no_modality: policy for items without a usable modality.
         torch_threads: intra-op threads (None: torch's default).
+        device: ``auto`` (CUDA when the actor sees a GPU: the stage gives it one when ``num_gpus`` > 0),
+            ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, storage: Storage, model_uri: str, no_modality: str, torch_threads: int | None):
+    def __init__(self, storage: Storage, model_uri: str, no_modality: str, torch_threads: int | None,
+                 device: str = "cpu"):
         import torch
 
+        from tessera.encoders.base import choose_device
         from tessera.models.bundle import ModelBundle
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.tower = ModelBundle.load(storage, model_uri).item_tower.eval()
+        self.tower = ModelBundle.load(storage, model_uri).item_tower.to(choose_device(device)).eval()
         self.no_modality = no_modality
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -211,7 +217,8 @@ def compute_item_vectors(storage: Storage, parts: list[str], index_uri: str, mod
                         num_cpus=stage.num_cpus, num_gpus=stage.num_gpus or None,
                         compute=ray.data.ActorPoolStrategy(size=stage.actors),
                         fn_constructor_kwargs={"storage": storage, "model_uri": model_uri,
-                                               "no_modality": no_modality, "torch_threads": stage.torch_threads})
+                                               "no_modality": no_modality, "torch_threads": stage.torch_threads,
+                                               "device": "auto" if stage.num_gpus else "cpu"})
     ds = ds.map_batches(write_vectors_part, batch_format="pyarrow", batch_size=stage.read_batch_rows,
                         num_cpus=stage.read_num_cpus, fn_kwargs={"index_uri": index_uri, "storage": storage})
     summary = VectorsSummary(counts={"rows": 0, "indexed": 0, "no_modality": 0})
