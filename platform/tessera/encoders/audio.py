@@ -29,6 +29,7 @@ from pydantic import Field
 from tessera.encoders.audio_decode import decode_audio_bytes
 from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
 from tessera.encoders.errors import MediaError
+from tessera.encoders.padding import pad_right
 from tessera.encoders.pooling import pool_sequence
 from tessera.encoders.seeded import DEFAULT_MODELS_URI, SEEDED_AUDIO_FOLDER
 from tessera.encoders.weights import read_json
@@ -139,13 +140,9 @@ class AudioEncoder(Encoder[AudioEncoderConfig]):
         return int(self.model.config.hidden_size)
 
     def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
-        total = self.preprocessor.clip_samples
-        wave = torch.full((len(items), total), self._pad_value, dtype=torch.float32)  # (b, T)
-        lengths = torch.tensor([min(len(x), total) for x in items], dtype=torch.long)  # (b,)
-        for row, x in enumerate(items):
-            wave[row, : lengths[row]] = torch.from_numpy(np.asarray(x[:total], dtype=np.float32))
-        sample_mask = torch.arange(total).unsqueeze(0) < lengths.unsqueeze(1)  # (b, T)
-        wave, sample_mask = wave.to(self._device), sample_mask.to(self._device)
+        wave, valid, lengths = pad_right(items, self.preprocessor.clip_samples, self._pad_value, np.float32)  # (b, T)
+        wave, sample_mask = torch.from_numpy(wave).to(self._device), torch.from_numpy(valid).to(self._device)
+        lengths = torch.from_numpy(lengths)  # (b,)
         kwargs = {"attention_mask": sample_mask.long()} if self._use_mask else {}
         hidden = self.model(input_values=wave, **kwargs).last_hidden_state  # (b, F, D)
         frames = conv_output_length(lengths, self._kernels, self._strides).to(self._device)  # (b,)

@@ -251,15 +251,13 @@ class TextEncoder(Encoder[TextEncoderConfig]):
     def _forward(self, items: list[np.ndarray]) -> torch.Tensor:
         import torch
 
+        from tessera.encoders.padding import pad_right
         from tessera.encoders.pooling import pool_sequence
 
         longest = self._padded_length(max(len(x) for x in items))
-        ids = torch.full((len(items), longest), self._pad_id, dtype=torch.long)  # (b, L)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)  # (b, L)
-        for row, x in enumerate(items):
-            ids[row, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
-            mask[row, : len(x)] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
+        ids, valid, _ = pad_right(items, longest, self._pad_id, np.int64)  # (b, L), (b, L)
+        ids = torch.from_numpy(ids).to(self._device)
+        mask = torch.from_numpy(valid).to(self._device).long()
         extra = {"token_type_ids": torch.zeros_like(ids)} if self._wants_token_types else {}
         hidden = self.model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # (b, L, D)
         return pool_sequence(hidden, mask.bool(), self.pooling)  # (b, D)
