@@ -120,12 +120,25 @@ def test_ranker_stage_trains_on_device_and_the_checkpoint_rebuilds_on_the_cpu(de
                                       "max_history": MAX_HISTORY, "towers": TOWERS.model_dump(),
                                       "ranker": RANKER.model_dump()})
     bundle = bundle_from_state(cfg, load_state(path), catalog, counts)
-    assert all(p.device.type == "cpu" for p in bundle.item_tower.parameters())
     fused.eval()
     rows = torch.arange(NUM_ITEMS)
+    hist = eval_set.history
     with torch.no_grad():
-        on_device = fused.item_vectors(rows.to(device)).cpu()
+        # item tower: every catalog row
+        on_device = fused.item_vectors(rows.to(device))  # (I, D)
         feats, masks = catalog.features(rows)
-        ids = catalog.id_buckets(bundle.item_tower.config.num_id_buckets)
-        rebuilt = bundle.item_tower(feats, masks, ids)
-    torch.testing.assert_close(rebuilt, on_device, rtol=1e-4, atol=1e-5)
+        rebuilt = bundle.item_tower(feats, masks, catalog.id_buckets(bundle.item_tower.config.num_id_buckets))
+        torch.testing.assert_close(rebuilt, on_device.cpu(), rtol=1e-4, atol=1e-5)
+        # user tower: the held-out users' histories
+        users = fused.user_vectors(hist.to(device), on_device, eval_set.query_ts.to(device)).cpu()
+        rebuilt_users = bundle.user_tower(rebuilt[hist.item_idx], hist.mask, hist.timestamps_ms, eval_set.query_ts,
+                                          hist.weights)
+        torch.testing.assert_close(rebuilt_users, users, rtol=1e-4, atol=1e-5)
+        # ranker: the same inputs to the trained ranker on the device and the rebuilt one
+        g = torch.Generator().manual_seed(1)
+        cands = rebuilt[torch.randint(0, NUM_ITEMS, (len(hist.mask), 5), generator=g)]  # (U, 5, D)
+        dense = torch.randn(len(hist.mask), 5, len(bundle.ranker.config.dense_features), generator=g)
+        logits = ranked.ranker.eval()(*(t.to(device) for t in (rebuilt[hist.item_idx], hist.mask, cands, dense)))
+        rebuilt_logits = bundle.ranker(rebuilt[hist.item_idx], hist.mask, cands, dense)
+        torch.testing.assert_close(rebuilt_logits, logits.cpu(), rtol=1e-4, atol=1e-5)
+        assert rebuilt_logits.std() > 0  # a trained ranker, not the zero-initialised residual head

@@ -157,7 +157,7 @@ class RankerModel(nn.Module):
     def rerank(self, hist: HistoryBatch, query_ts: torch.Tensor, exclude: Sequence[np.ndarray] | None = None,
                chunk: int = 256) -> torch.Tensor:
         """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it (on
-        the model's device wherever ``hist`` is)."""
+        the catalog's device, wherever ``hist`` is)."""
         device = self.item_vecs.device
         hist, query_ts = hist.to(device), query_ts.to(device)
         outs = []

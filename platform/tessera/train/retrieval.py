@@ -144,7 +144,8 @@ class TwoTowerModel(nn.Module):
     def score(self, history: HistoryBatch, query_ts: torch.Tensor,
               item_vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, I)`` full-catalog scores (cosine) and the ``(U, D)`` user vectors (call in eval mode), on
-        the model's device wherever ``history`` is (the evaluation set stays on the host)."""
+        the catalog's device (the model's: the worker puts both there) wherever ``history`` is: the
+        evaluation set stays on the host."""
         vecs = self.all_item_vectors() if item_vecs is None else item_vecs
         history, query_ts = history.to(vecs.device), query_ts.to(vecs.device)
         user = self.user_vectors(history, vecs, query_ts)
