@@ -99,8 +99,8 @@ def bench_text(weights: str, n: int, sizes: list[int]) -> dict:
     return out
 
 
-def _plain_rate(enc, inputs: list[np.ndarray], b: int, forward) -> float:
-    """A plain fp32 loop over the same model: stack, forward, mean-pool, normalise, copy to host."""
+def _plain_rate(inputs: list[np.ndarray], b: int, forward) -> float:
+    """A plain fp32 loop over the same model: ``forward`` (stack, model, pooling) per batch, normalise, copy to host."""
     def run():
         with torch.inference_mode():
             for s in range(0, len(inputs), b):
@@ -119,7 +119,7 @@ def bench_media(modality: str, weights: Path, raws: list[bytes], sizes: list[int
         ours = _rate(lambda enc=enc, inputs=inputs: enc.encode(inputs), len(inputs))
         plain_enc = cls(cfg_cls(weights=str(weights), device="cuda", batch_size=b, bf16_autocast=False,
                                 **({"channels_last": False} if modality == "image" else {})))
-        plain = _plain_rate(plain_enc, inputs, b, plain_enc._forward)
+        plain = _plain_rate(inputs, b, plain_enc._forward)
         out[str(b)] = {"ours_items_per_s": ours, "plain_fp32_items_per_s": plain, "ratio": round(ours / plain, 2)}
         del enc, plain_enc
     out["preprocess_items_per_s_1_thread"] = _prep_rate(prep, raws[:512])
