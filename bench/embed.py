@@ -77,6 +77,7 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
 
 
 TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
+ALLOCATOR = {"allocator": "jemalloc"}  # every job's encoder pools (--allocator); the baselines run in this process
 TEXT_POOL_BATCH = 2048  # texts per encoder call, sorted by length before cutting micro-batches (configs/embed.yaml)
 
 
@@ -90,7 +91,8 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
     costs CPU the job then lacks: on for the memory check, off where throughput is measured)."""
     off = {"enabled": False}
     pool = {"min_actors": actors, "max_actors": actors, "num_cpus": 1.0 / actors,
-            "batch_size": pool_batch or batch, "torch_threads": torch_threads or max(1, threads // actors)}
+            "batch_size": pool_batch or batch, "torch_threads": torch_threads or max(1, threads // actors),
+            **ALLOCATOR}
     cfg = {"items_uri": items_uri, "output_uri": f"{ROOT}/embeddings", "run_id": uuid.uuid4().hex[:10],
            "text": off, "image": off, "audio": off, "read_batch_rows": 256, "write_batch_size": 256,
            "io_concurrency": 1}
@@ -216,6 +218,8 @@ def main() -> None:
     parser.add_argument("--scale", type=int, nargs="*", default=[], help="extra text-job sizes for the memory check")
     # two 1-thread text actors beat one 2-thread actor here (separate runs, 20k texts: 228 texts/s at
     # 2048 a call vs 209 at 8192); for audio two actors were slower (0.66 vs 0.80 of its plain loop)
+    parser.add_argument("--allocator", choices=("jemalloc", "system"), default="jemalloc",
+                        help="the encoder pools' allocator (pool.allocator); the baselines run on this process's")
     parser.add_argument("--text-actors", type=int, default=2,
                         help="text encoder actors, sharing --threads (threads // actors torch threads each)")
     parser.add_argument("--media-actors", type=int, default=1, help="image / audio encoder actors, as --text-actors")
@@ -224,9 +228,11 @@ def main() -> None:
     parser.add_argument("--text-pool-batch", type=int, default=TEXT_POOL_BATCH,
                         help="texts per encoder call (sorted by length within it)")
     args = parser.parse_args()
-    result: dict = {"threads": args.threads, "text_actors": args.text_actors, "media_actors": args.media_actors,
-                     "media_threads": args.media_threads or max(1, args.threads // args.media_actors),
-                     "text_pool_batch": args.text_pool_batch, "media_batch": MEDIA_BATCH}
+    ALLOCATOR["allocator"] = args.allocator
+    result: dict = {"allocator": args.allocator, "threads": args.threads, "text_actors": args.text_actors,
+                    "media_actors": args.media_actors,
+                    "media_threads": args.media_threads or max(1, args.threads // args.media_actors),
+                    "text_pool_batch": args.text_pool_batch, "media_batch": MEDIA_BATCH}
     with bench_stack(num_cpus=2):
         storage = Storage()
         storage.ensure_bucket(ROOT)

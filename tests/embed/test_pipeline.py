@@ -83,6 +83,8 @@ def test_manifest_names_encoders_and_records_no_secret(sample_embeddings, storag
     assert embedded_s3.secret_access_key not in raw and embedded_s3.access_key_id not in raw
     for m, enc in sample_embeddings["encoders"].items():
         assert enc["weights_checksum"].startswith("sha256:") and enc["dim"] > 0 and enc["name"].startswith(m)
+        # the pools' default allocator, as the actors found it in their own processes (Ray's jemalloc, preloaded)
+        assert enc["allocators"] == ["jemalloc"], (m, enc)
 
 
 def test_rerun_keeps_a_complete_run(sample_embeddings, encoder_weights):
@@ -142,8 +144,9 @@ def test_gpu_pools_hold_the_gpus(sample_corpus, encoder_weights, ray_session):
     """With logical GPUs in the cluster, each GPU pool's actors hold a GPU slot; text stays on CPU."""
     assert ray_session.cluster_resources().get("GPU") == 2
     gpu_pool = {"num_cpus": 0.25, "num_gpus": 1, "batch_size": 16, "torch_threads": 1}
+    system = {"num_cpus": 0.25, "batch_size": 16, "torch_threads": 1, "allocator": "system"}
     cfg = embed_config(encoder_weights, "gpu", items_uri=f"{TEST_ROOT}/corpus/items/part-00000.parquet",
-                       image={"pool": gpu_pool}, audio={"pool": gpu_pool})
+                       image={"pool": gpu_pool}, audio={"pool": gpu_pool}, text={"pool": system})
     manifest = run_embedding(cfg)
     for m in ("image", "audio"):
         assert manifest["encoders"][m]["devices"], m
@@ -151,6 +154,9 @@ def test_gpu_pools_hold_the_gpus(sample_corpus, encoder_weights, ray_session):
     assert all("gpu_ids" not in d for d in manifest["encoders"]["text"]["devices"])
     # no torch device behind logical GPUs: the actors fall back to the CPU and say so
     assert all(d.startswith("cpu") for d in manifest["encoders"]["image"]["devices"])
+    # allocator per pool: the text pool asked for the system one and got no preload
+    assert manifest["encoders"]["text"]["allocators"] == ["system"]
+    assert manifest["encoders"]["image"]["allocators"] == ["jemalloc"]
 
 
 def test_config_defaults_fit_the_embedded_stack():

@@ -21,6 +21,8 @@ waiting for resources.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from tessera.config import TesseraConfig
@@ -35,6 +37,9 @@ class PoolConfig(TesseraConfig):
 
     ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); ``torch_threads`` caps the
     intra-op threads of a CPU actor (None: Ray's default, one thread per requested CPU).
+    ``allocator``: ``jemalloc`` starts the actors' worker processes on the jemalloc that Ray installs
+    (``tessera.memory``): their memory stays flat over a long corpus where glibc's fragments;
+    ``system`` keeps the C library's allocator.
     """
 
     min_actors: int = Field(1, ge=1)
@@ -44,6 +49,7 @@ class PoolConfig(TesseraConfig):
     batch_size: int = Field(64, ge=1)
     torch_threads: int | None = Field(None, ge=1)
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)
+    allocator: Literal["jemalloc", "system"] = "jemalloc"
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolConfig":

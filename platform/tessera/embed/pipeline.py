@@ -24,6 +24,7 @@ from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_b
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
+from tessera.memory import allocator_env
 from tessera.storage import Storage, join_uri
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
@@ -46,16 +47,19 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
     import ray
 
     out: dict[str, dict] = {}
+    per_actor = ("device", "allocator")  # may differ between a pool's actors: listed, every value once
     for ident in reported:
         m = ident["name"].split(":", 1)[0]
-        entry = out.setdefault(m, {k: v for k, v in ident.items() if k != "device"} | {"devices": []})
+        entry = out.setdefault(m, {k: v for k, v in ident.items() if k not in per_actor}
+                               | {"devices": [], "allocators": []})
         entry["devices"] = sorted(set(entry["devices"]) | {ident["device"]})
+        entry["allocators"] = sorted(set(entry["allocators"]) | {ident.get("allocator", "system")})
     missing = [m for m in cfg.modalities() if m not in out]
     if missing:
         describe = ray.remote(num_cpus=0.1)(describe_encoder)
         found = ray.get([describe.remote(m, cfg.modalities()[m].encoder, storage) for m in missing])
         for m, ident in zip(missing, found, strict=True):
-            out[m] = {k: v for k, v in ident.items() if k != "device"} | {"devices": []}
+            out[m] = {k: v for k, v in ident.items() if k != "device"} | {"devices": [], "allocators": []}
     return {m: out[m] for m in cfg.modalities()}
 
 
@@ -92,14 +96,17 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: s
                             compute=ray.data.TaskPoolStrategy(size=p.concurrency),
                             fn_kwargs={"modality": m, "encoder_cfg": mcfg.encoder, "storage": storage})
         pool = mcfg.pool
+        env = allocator_env(pool.allocator)
         ds = ds.map_batches(EncodeActor, batch_format="pyarrow", batch_size=pool.batch_size,
                             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+                            **({"runtime_env": {"env_vars": env}} if env else {}),
                             compute=ray.data.ActorPoolStrategy(
                                 min_size=pool.min_actors, max_size=pool.max_actors,
                                 max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor),
                             fn_constructor_kwargs={"modality": m, "encoder_cls": encoder_cls,
                                                    "encoder_cfg": mcfg.encoder, "storage": storage,
-                                                   "torch_threads": pool.torch_threads})
+                                                   "torch_threads": pool.torch_threads,
+                                                   "allocator": pool.allocator})
     return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.write_batch_size,
                           num_cpus=cfg.read_num_cpus, compute=io_compute,
                           fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities())})

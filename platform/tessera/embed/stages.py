@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -32,11 +33,13 @@ import pyarrow.parquet as pq
 
 from tessera.embed.output import MODALITIES, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
-from tessera.memory import release_free_heap
+from tessera.memory import active_allocator, release_free_heap
 from tessera.storage import Storage
 
 if TYPE_CHECKING:
     from tessera.encoders.base import EncoderConfig
+
+logger = logging.getLogger(__name__)
 
 _BINARY_SUFFIXES = ("_bytes", "_input")
 
@@ -170,11 +173,16 @@ class EncodeActor:
     """
 
     def __init__(self, modality: str, encoder_cls: type, encoder_cfg: EncoderConfig, storage: Storage,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, allocator: str = "system"):
         import ray
         import torch
         from ray.util import metrics
 
+        self.allocator = active_allocator()
+        if self.allocator != allocator:
+            logger.warning("%s encoder actor asked for the %s allocator and runs on %s (the preload was not "
+                        "found on this node: see its worker log); its memory may grow with the corpus",
+                        modality, allocator, self.allocator)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.modality = modality
@@ -199,7 +207,7 @@ class EncodeActor:
             t0 = time.perf_counter()
             encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
-            release_free_heap()  # the freed activations would otherwise stay resident between batches
+            release_free_heap()  # glibc keeps freed activations resident otherwise (a no-op on jemalloc)
             for row, i in enumerate(todo):
                 vectors[i] = encoded[row]
         batch[f"{m}_encoder"] = [self.identity] * len(inputs)
@@ -219,5 +227,6 @@ class EncodeActor:
         gpus = ",".join(str(g) for g in self.gpu_ids)
         device = f"{self.encoder.device}" + (f"|gpu_ids={gpus}" if gpus else "")
         return json.dumps({"name": self.encoder.name, "dim": self.encoder.dim, "device": device,
+                           "allocator": self.allocator,
                            "weights_checksum": self.encoder.weights_checksum,
                            "weights": self.encoder.config.weights}, sort_keys=True)
