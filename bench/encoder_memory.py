@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/encoder_memory.py [--texts 100000] [--pool-batch 8192] [--order corpus|shuffled]
                                              [--no-trim] [--threads 2] [--max-batch-tokens N]
-                                             [--pad-to-multiple-of N]
+                                             [--pad-to-multiple-of N] [--jemalloc]
 
 Encodes real texts (bench/texts.py) with ``TextEncoder`` the way an ``EncodeActor`` does (one
 ``encode`` call per pool batch, micro-batches of 32 sorted by length), and after each call records
 the peak RSS inside the call (``VmHWM``, reset before it through ``/proc/self/clear_refs``) and the
 RSS after it, after ``release_free_heap()`` unless ``--no-trim`` (both sides of the A/B run the
-same code otherwise). ``--order shuffled`` encodes a seeded permutation of the texts, so every batch
-has the corpus's length mix; in corpus order the later texts are longer. Linux only.
+same code otherwise). ``--jemalloc`` restarts the script on the jemalloc the encoder pools get
+(``tessera.memory.allocator_env``; the trim is then its purge). ``--order shuffled`` encodes a seeded
+permutation of the texts, so every batch has the corpus's length mix; in corpus order the later texts
+are longer. Linux only.
 
 Prints one line per batch and, last, one JSON object: the first and last batches' figures and
 ``peak_ratio_last_vs_first_quarter`` (the mean in-call peak over the last quarter of the batches /
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.texts import real_texts  # noqa: E402
-from tessera.memory import release_free_heap  # noqa: E402
+from tessera.memory import active_allocator, allocator_env, release_free_heap  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -55,7 +58,14 @@ def main() -> None:
                         help="the encoder's max_batch_tokens (padded tokens per micro-batch); default none")
     parser.add_argument("--pad-to-multiple-of", type=int, default=None,
                         help="the encoder's pad_to_multiple_of; default the encoder's own (8)")
+    parser.add_argument("--jemalloc", action="store_true", help="run on the encoder pools' jemalloc")
     args = parser.parse_args()
+    if args.jemalloc and active_allocator() != "jemalloc":
+        env = allocator_env("jemalloc")
+        if not env:
+            sys.exit("this Ray ships no libjemalloc.so")
+        env["LD_PRELOAD"] = env["LD_PRELOAD"].replace("${LD_PRELOAD}", os.environ.get("LD_PRELOAD", "")).strip()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
     import torch
 
@@ -86,7 +96,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     peaks, after = [r["peak_in_call_mb"] for r in rows], [r["rss_after_mb"] for r in rows]
-    print(json.dumps({"texts": len(texts), "order": args.order, "trim": not args.no_trim,
+    print(json.dumps({"texts": len(texts), "allocator": active_allocator(), "order": args.order,
+                      "trim": not args.no_trim,
                       "max_batch_tokens": args.max_batch_tokens,
                       "pad_to_multiple_of": encoder.config.pad_to_multiple_of,
                       "pool_batch": args.pool_batch, "rss_after_load_mb": start_mb, "first": rows[0], "last": rows[-1],

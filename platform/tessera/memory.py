@@ -8,10 +8,16 @@ with ``malloc_trim(0)`` after each call, at the same speed; the peak *inside* a 
 (1.46 -> 1.59 GB over 49k shuffled texts), from fragmentation the trim does not undo.
 
 jemalloc (the one Ray ships as ``ray/core/libjemalloc.so``, preloaded into the encoder pools' worker
-processes with :func:`allocator_env`) keeps that peak flat and lower: same loop, 49k shuffled texts,
-in-call peak 1,102 -> 1,114 MB with :data:`JEMALLOC_CONF` (``bench/encoder_memory.py``, see
-``configs/embed.yaml`` for the job's figures). Its background thread hands freed pages back within
-about a second, so no trim is needed there.
+processes with :func:`allocator_env`) keeps that peak flat and lower: its size classes fragment less.
+``bench/encoder_memory.py``, 49k shuffled texts, 8192 a call, 2 threads: in-call peak 1,458 -> 1,591 MB
+on glibc with the trim, 1,165 -> 1,191 MB on jemalloc's defaults, 1,102 -> 1,114 MB with a 1 s decay
+on a background thread. That decay cost CPU, though: 8192 texts a run, 2048 a call, 1 thread, same
+machine back to back (``/usr/bin/time``): glibc + trim 77 s user + 2.5 s system (786k minor faults),
+jemalloc with the 1 s decay 79 + 11.3 s (5.4M faults: pages handed back and touched again within a
+call), never decaying 81 + 1.7 s (230k) but a peak as high as glibc's (1,266 vs 1,297 MB). So
+:data:`JEMALLOC_CONF` never purges by time and :func:`release_free_heap` purges once per encoder call
+(as the glibc trim was): 86 + 2.3 s (414k faults), in-call peak 1,154 -> 1,157 MB, 112 texts/s
+(glibc's runs: 108-120). The embedding job's figures: ``configs/embed.yaml``.
 """
 
 from __future__ import annotations
@@ -25,10 +31,9 @@ from typing import Literal
 
 Allocator = Literal["jemalloc", "system"]
 
-# Freed pages go back to the OS after ~1 s, from jemalloc's own background thread (not from the next
-# allocation), and are unmapped rather than kept "muzzy". Tried on the 8192-text loop: the defaults
-# (10 s decay, no background thread) kept ~1.2 GB in-call peaks, this ~1.1 GB, at the same speed.
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+# No purging by time: freed pages stay with jemalloc for reuse until release_free_heap() purges them
+# once per encoder call (the module docstring has why and the figures).
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def jemalloc_library() -> str | None:
@@ -78,17 +83,24 @@ def _malloc_trim():
     return trim
 
 
+@functools.cache
+def _mallctl():
+    fn = ctypes.CDLL(None).mallctl
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def release_free_heap() -> bool:
-    """Return the heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unsupported.
+    """Return the heap's free pages to the OS; False where unsupported.
 
-    Under jemalloc it does nothing and returns False: glibc's heap is not where the memory is, and
-    jemalloc's background thread already returns freed pages (:data:`JEMALLOC_CONF`).
-
-    It walks every arena (cost per call not measured; once per 8192-text batch left the encode loop's
-    speed unchanged): call it per large batch, not per item.
+    glibc: ``malloc_trim(0)``. jemalloc: purge every arena's unused dirty pages
+    (``arena.<MALLCTL_ARENAS_ALL>.purge``), which :data:`JEMALLOC_CONF` otherwise never does.
+    It walks every arena (once per 8192-text batch left the encode loop's speed unchanged): call it
+    per large batch, not per item.
     """
     if active_allocator() == "jemalloc":
-        return False
+        return _mallctl()(b"arena.4096.purge", None, None, None, 0) == 0  # 4096: all arenas
     trim = _malloc_trim()
     if trim is None:
         return False

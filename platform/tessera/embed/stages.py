@@ -180,9 +180,10 @@ class EncodeActor:
 
         self.allocator = active_allocator()
         if self.allocator != allocator:
-            logger.warning("%s encoder actor asked for the %s allocator and runs on %s (the preload was not "
-                        "found on this node: see its worker log); its memory may grow with the corpus",
-                        modality, allocator, self.allocator)
+            # e.g. this node's Ray is not where the driver's is, so the preload was not found (the dynamic
+            # loader says so in this worker's log): the job goes on, the manifest lists the allocator
+            logger.warning("the %s encoder actor asked for the %s allocator and runs on %s",
+                           modality, allocator, self.allocator)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.modality = modality
@@ -207,7 +208,7 @@ class EncodeActor:
             t0 = time.perf_counter()
             encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
-            release_free_heap()  # glibc keeps freed activations resident otherwise (a no-op on jemalloc)
+            release_free_heap()  # freed activations would otherwise stay resident between batches
             for row, i in enumerate(todo):
                 vectors[i] = encoded[row]
         batch[f"{m}_encoder"] = [self.identity] * len(inputs)
