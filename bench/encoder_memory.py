@@ -9,7 +9,7 @@ Encodes real texts (bench/texts.py) with ``TextEncoder`` the way an ``EncodeActo
 the peak RSS inside the call (``VmHWM``, reset before it through ``/proc/self/clear_refs``) and the
 RSS after it, after ``release_free_heap()`` unless ``--no-trim`` (both sides of the A/B run the
 same code otherwise). ``--jemalloc`` restarts the script on the jemalloc the encoder pools get
-(``tessera.memory.allocator_env``; the trim is then its purge). ``--order shuffled`` encodes a seeded
+(``tessera.memory.local_allocator_env``; the trim is then its purge). ``--order shuffled`` encodes a seeded
 permutation of the texts, so every batch has the corpus's length mix; in corpus order the later texts
 are longer. Linux only.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.texts import real_texts  # noqa: E402
-from tessera.memory import active_allocator, allocator_env, release_free_heap  # noqa: E402
+from tessera.memory import active_allocator, local_allocator_env, release_free_heap  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,10 +61,9 @@ def main() -> None:
     parser.add_argument("--jemalloc", action="store_true", help="run on the encoder pools' jemalloc")
     args = parser.parse_args()
     if args.jemalloc and active_allocator() != "jemalloc":
-        env = allocator_env("jemalloc")
+        env = local_allocator_env("jemalloc")
         if not env:
             sys.exit("this Ray ships no libjemalloc.so")
-        env["LD_PRELOAD"] = env["LD_PRELOAD"].replace("${LD_PRELOAD}", os.environ.get("LD_PRELOAD", "")).strip()
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 
     import torch

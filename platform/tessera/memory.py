@@ -8,7 +8,8 @@ with ``malloc_trim(0)`` after each call, at the same speed; the peak *inside* a 
 (1.46 -> 1.59 GB over 49k shuffled texts), from fragmentation the trim does not undo.
 
 jemalloc (the one Ray ships as ``ray/core/libjemalloc.so``, preloaded into the encoder pools' worker
-processes with :func:`allocator_env`) keeps that peak flat and lower: its size classes fragment less.
+processes with :func:`allocator_env`) keeps that peak lower, and flat in this one-process loop (its size
+classes fragment less; in the embedding job an actor's peak still grew 7% from 10k to 100k texts).
 ``bench/encoder_memory.py``, 49k shuffled texts, 8192 a call, 2 threads: in-call peak 1,458 -> 1,591 MB
 on glibc with the trim, 1,165 -> 1,191 MB on jemalloc's defaults, 1,102 -> 1,114 MB with a 1 s decay
 on a background thread. That decay cost CPU, though: 8192 texts a run, 2048 a call, 1 thread, same
@@ -26,6 +27,7 @@ import ctypes
 import ctypes.util
 import functools
 import importlib.util
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +62,15 @@ def allocator_env(allocator: Allocator) -> dict[str, str]:
     if lib is None:
         return {}
     return {"LD_PRELOAD": f"{lib} ${{LD_PRELOAD}}", "MALLOC_CONF": JEMALLOC_CONF}
+
+
+def local_allocator_env(allocator: Allocator) -> dict[str, str]:
+    """:func:`allocator_env` for a process started from this one (``subprocess``, ``exec``): the node's
+    ``${LD_PRELOAD}``, which Ray expands on the node, is expanded here from this process's environment."""
+    env = allocator_env(allocator)
+    if "LD_PRELOAD" in env:
+        env["LD_PRELOAD"] = env["LD_PRELOAD"].replace("${LD_PRELOAD}", os.environ.get("LD_PRELOAD", "")).strip()
+    return env
 
 
 @functools.cache

@@ -38,8 +38,8 @@ class PoolConfig(TesseraConfig):
     ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); ``torch_threads`` caps the
     intra-op threads of a CPU actor (None: Ray's default, one thread per requested CPU).
     ``allocator``: ``jemalloc`` starts the actors' worker processes on the jemalloc that Ray installs
-    (``tessera.memory``): their memory stays flat over a long corpus where glibc's fragments;
-    ``system`` keeps the C library's allocator.
+    (``tessera.memory``), purged after every call: their peak memory is lower and grows less over a
+    long corpus than on glibc, whose arenas fragment; ``system`` keeps the C library's allocator.
     """
 
     min_actors: int = Field(1, ge=1)
