@@ -31,3 +31,18 @@ def test_eight_threads_equal_serial(ah_index, queries, search_threads):
     for i, (ids, scores) in results:
         assert ids == serial[i][0]
         assert np.array_equal(scores, serial[i][1])
+
+
+def test_lone_queries_from_eight_threads_equal_serial(ah_index, queries):
+    """The one-query path (ScaNN's single-query call per shard, merged in Python) under 8 threads."""
+    serial = [ah_index.search(queries[i:i + 1], 1 + i % 25) for i in range(len(queries))]
+
+    def run(i):
+        j = i % len(queries)
+        return j, ah_index.search(queries[j:j + 1], 1 + j % 25)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, range(4 * len(queries))))
+    for j, (ids, scores) in results:
+        assert ids == serial[j][0]
+        assert np.array_equal(scores, serial[j][1])

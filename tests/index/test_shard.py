@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tessera.index import IndexConfig, ShardedIndex, build_shard, exact_search, recall_at_k, search_shard
+from tessera.index.shard import search_shard_one
 from tests.index.conftest import unit_rows
 
 
@@ -104,3 +105,38 @@ def test_leaves_holding_fewer_than_k_items_still_give_k(points, exclude):
     assert all(len(set(r)) == 60 for r in rows.tolist())
     if exclude:
         assert not np.isin(rows, np.arange(5)).any()
+
+
+def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
+    """A lone query with nothing excluded (one ScaNN call a shard, merged in Python) gets what the
+    batched path gives that query (``exclude=[set()]`` takes it); where a shard's searched leaves hold
+    fewer than k items, the batched path (which widens the search) answers it.
+
+    (Against a batch of *several* queries it can differ: ScaNN's batched tree search picks leaves for a
+    few queries differently from its one-query search, with or without this path.)"""
+    x, q = points
+    cfg = IndexConfig(mode="tree_ah", num_leaves=100, num_leaves_to_search=6, reorder_num_neighbors=40,
+                      training_threads=1)
+    index = ShardedIndex.from_arrays([str(i) for i in range(len(x))], x, cfg, num_shards=2)
+    assert [s.params.num_leaves_to_search for s in index.shards] == [6, 6]
+    for k in (10, 3):
+        for i in range(25):
+            rows, scores = search_shard_one(index.shards[0], q[i], k)  # the fast path does answer
+            full_rows, full_scores = search_shard(index.shards[0], q[i:i + 1], k)
+            assert rows == full_rows[0].tolist()
+            np.testing.assert_array_equal(np.float32(scores), full_scores[0])
+            one_ids, one_scores = index.search(q[i:i + 1], k)
+            batched_ids, batched_scores = index.search(q[i:i + 1], k, exclude=[set()])
+            assert one_ids == batched_ids and len(one_ids[0]) == k
+            np.testing.assert_array_equal(one_scores, batched_scores)
+    # one leaf of ~60 points cannot give 150: ScaNN answers short, the batched path searches every leaf
+    narrow = ShardedIndex(index.shards, index.config.model_copy(update={"num_leaves_to_search": 1}))
+    short = [i for i in range(25) if search_shard_one(narrow.shards[0], q[i], 150, narrow._search_params[0]) is None]
+    assert short
+    for i in short:
+        one_ids, one_scores = narrow.search(q[i:i + 1], 150)
+        assert one_ids == narrow.search(q[i:i + 1], 150, exclude=[set()])[0]
+        assert len(one_ids[0]) == 150 and np.isfinite(one_scores).all()
+    # exact shards have no ScaNN searcher: always the batched path
+    exact = build_shard([str(i) for i in range(50)], x[:50])
+    assert exact.params.mode == "brute_force" and search_shard_one(exact, q[0], 5) is None

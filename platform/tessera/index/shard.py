@@ -217,6 +217,45 @@ def search_shard(shard: ShardArtifact, queries: np.ndarray, k: int,
     return rows, scores
 
 
+def search_shard_one(shard: ShardArtifact, query: np.ndarray, k: int,
+                     params: ScannParams | None = None) -> tuple[list[int], list[float]] | None:
+    """One query's top-``k`` rows of a ScaNN shard as Python lists, or None where :func:`search_shard`
+    must answer instead.
+
+    The single-query serving path: one ScaNN ``search`` call and two ``tolist``, none of the batched
+    path's numpy bookkeeping (on 2 x 50k MiniLM shards that bookkeeping, the merge and the query
+    checks cost ~40 us of a ~200 us query). None when the shard is exact (no searcher) or ScaNN
+    came back with fewer than ``min(k, shard.count)`` results (its NaN padding: the searched leaves
+    held too few points); :func:`search_shard` then widens the search.
+
+    Args:
+        shard: the shard.
+        query: (D,) float32, already normalised as the index expects.
+        k: neighbours wanted.
+        params: search-time overrides of ``shard.params``.
+
+    Returns:
+        ``(rows, scores)``: ``min(k, shard.count)`` rows best first and their dot products, the same
+        answer as row 0 of ``search_shard(shard, query[None], k, None, params)``.
+    """
+    if shard.searcher is None:
+        return None
+    p = params or shard.params
+    kk = min(k, shard.count)
+    idx, dist = shard.searcher.search(query, kk, _reorder_depth(p, shard.count, kk),
+                                      -1 if p.num_leaves_to_search is None else p.num_leaves_to_search)
+    scores = dist.tolist()
+    if len(scores) < kk or scores[-1] != scores[-1]:  # short, or NaN-padded at its end
+        return None
+    return idx.tolist(), scores
+
+
+def _reorder_depth(params: ScannParams, n: int, final_nn: int) -> int:
+    """Candidates rescored exactly for ``final_nn`` results: the tuned depth, scaled up with ``final_nn``."""
+    return min(n, max(params.reorder_num_neighbors,
+                      math.ceil(final_nn * params.reorder_num_neighbors / params.num_neighbors)))
+
+
 def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k: int,
                   exclude_rows: Sequence[np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
     q = queries.shape[0]
@@ -275,8 +314,7 @@ def _scann_raw(searcher, params: ScannParams, n: int, queries: np.ndarray, final
     """ScaNN's own ``search_batched`` answer (uint32 rows, NaN-padded dot products), with the reordering
     depth scaled up with ``final_nn`` and ``leaves`` None meaning ScaNN's own setting (AH shards have no
     leaves)."""
-    pre = min(n, max(params.reorder_num_neighbors,
-                     math.ceil(final_nn * params.reorder_num_neighbors / params.num_neighbors)))
+    pre = _reorder_depth(params, n, final_nn)
     return searcher.search_batched(queries, final_num_neighbors=final_nn, pre_reorder_num_neighbors=pre,
                                    leaves_to_search=-1 if leaves is None else leaves)
 

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from operator import itemgetter
 from typing import Sequence
 
@@ -49,7 +50,7 @@ from tessera.index.manifest import (
     write_index_manifest,
 )
 from tessera.index.params import IndexConfig
-from tessera.index.shard import ShardArtifact, build_shard, search_shard
+from tessera.index.shard import ShardArtifact, build_shard, search_shard, search_shard_one
 from tessera.index.shard_io import SHARD_MANIFEST, IndexCorruptError, load_shard, save_shard
 from tessera.index.sharding import assign_shards
 from tessera.storage import Storage, join_uri
@@ -97,6 +98,7 @@ class ShardedIndex:
         self.config = config or SearchConfig()
         self.manifest = manifest
         self._search_params = [self._with_overrides(s) for s in self.shards]
+        self._id_lists = [s.id_list for s in self.shards]
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -229,6 +231,10 @@ class ShardedIndex:
             raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
         if q.shape[0] == 0:
             return [], np.empty((0, k), np.float32)
+        if q.shape[0] == 1 and exclude is None and (self.config.search_threads == 1 or len(self.shards) == 1):
+            answer = self._search_one(q[0], k)
+            if answer is not None:
+                return answer
 
         def one(i: int) -> tuple[np.ndarray, np.ndarray]:
             shard = self.shards[i]
@@ -240,6 +246,31 @@ class ShardedIndex:
         else:
             results = [one(i) for i in range(len(self.shards))]
         return self._merge(results, k)
+
+    def _search_one(self, query: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray] | None:
+        """:meth:`search` of one query with nothing excluded, its shards one after another (the
+        single-threaded serving path), or None where the batched path must answer (an exact shard,
+        or a shard whose searched leaves held fewer than ``k`` items).
+
+        Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`), then one sort of the
+        S x k candidates in plain Python, in the order of :meth:`_merge_few`: score descending, ties
+        to the lower shard, then that shard's own order.
+        """
+        cand: list[tuple[float, int, int]] = []
+        for j, (shard, params) in enumerate(zip(self.shards, self._search_params, strict=True)):
+            found = search_shard_one(shard, query, k, params)
+            if found is None:
+                return None
+            rows, scores = found
+            cand.extend(zip(scores, repeat(j), rows))
+        if len(self.shards) > 1:
+            cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
+        top = cand[:k]
+        lists = self._id_lists
+        best = [score for score, _, _ in top]
+        if len(best) < k:
+            best += [-np.inf] * (k - len(best))
+        return [[lists[j][row] for _, j, row in top]], np.array([best], dtype=np.float32)
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
         if len(results) == 1:  # one shard: its order is the answer (row -1 <=> score -inf)
