@@ -8,11 +8,12 @@ queries of another kind (the index job passes user-tower vectors: they sit far f
 items than an item's own vector does, and need a much deeper reordering for the same recall),
 recording the final recall (the lowest over the query sets).
 
-Thread safety: :func:`search_shard` only reads the shard. ScaNN's ``search_batched`` (non-parallel
-mode) is a const search in C++ and releases the GIL while it runs; 8 threads hammering one searcher
-return bit-identical results to serial calls (``tests/index/test_concurrency.py``), so no lock is
-taken. ``search_batched_parallel`` and ``set_num_threads`` mutate the searcher's thread pool and are
-not used.
+Thread safety: :func:`search_shard` and :func:`search_shard_one` only read the shard. ScaNN's
+``search_batched`` (non-parallel mode) and one-query ``search`` are const searches in C++ (the
+batched one releases the GIL while it runs); 8 threads hammering one searcher return bit-identical
+results to serial calls, through either (``tests/index/test_concurrency.py``), so no lock is
+taken. ``search_batched_parallel`` and ``set_num_threads`` mutate the searcher's thread pool and
+are not used.
 
 Example::
 
