@@ -140,3 +140,9 @@ def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
     # exact shards have no ScaNN searcher: always the batched path
     exact = build_shard([str(i) for i in range(50)], x[:50])
     assert exact.params.mode == "brute_force" and search_shard_one(exact, q[0], 5) is None
+    assert index._one_query_path and not ShardedIndex([exact])._one_query_path
+    threaded = ShardedIndex(index.shards, index.config.model_copy(update={"search_threads": 2}))
+    assert not threaded._one_query_path  # shards searched in parallel: the batched path
+    (t_ids, t_scores), (b_ids, b_scores) = threaded.search(q[:1], 10), index.search(q[:1], 10, exclude=[set()])
+    assert t_ids == b_ids and np.array_equal(t_scores, b_scores)
+    threaded.close()

@@ -99,6 +99,9 @@ class ShardedIndex:
         self.manifest = manifest
         self._search_params = [self._with_overrides(s) for s in self.shards]
         self._id_lists = [s.id_list for s in self.shards]
+        # one query, nothing excluded: one ScaNN call a shard (exact shards take the batched path)
+        self._one_query_path = all(s.searcher is not None for s in self.shards) and (
+            self.config.search_threads == 1 or len(self.shards) == 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -231,7 +234,7 @@ class ShardedIndex:
             raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
         if q.shape[0] == 0:
             return [], np.empty((0, k), np.float32)
-        if q.shape[0] == 1 and exclude is None and (self.config.search_threads == 1 or len(self.shards) == 1):
+        if q.shape[0] == 1 and exclude is None and self._one_query_path:
             answer = self._search_one(q[0], k)
             if answer is not None:
                 return answer
