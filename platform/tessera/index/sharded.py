@@ -24,7 +24,6 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
 from operator import itemgetter
 from typing import Sequence
 
@@ -255,30 +254,22 @@ class ShardedIndex:
         single-threaded serving path), or None where the batched path must answer (an exact shard,
         or a shard whose searched leaves held fewer than ``k`` items).
 
-        Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`), then one sort of the
-        S x k candidates in plain Python, in the order of :meth:`_merge_few`: score descending, ties
-        to the lower shard, then that shard's own order.
+        Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`), then the S x k
+        candidates merged in plain Python as :meth:`_merge_few` merges them (:func:`_merge_lists`).
         """
-        cand: list[tuple[float, int, int]] = []
-        for j, (shard, params) in enumerate(zip(self.shards, self._search_params, strict=True)):
-            found = search_shard_one(shard, query, k, params)
-            if found is None:
+        found = []
+        for shard, params in zip(self.shards, self._search_params, strict=True):
+            answer = search_shard_one(shard, query, k, params)
+            if answer is None:
                 return None
-            rows, scores = found
-            cand.extend(zip(scores, repeat(j), rows))
-        if len(self.shards) > 1:
-            cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
-        top = cand[:k]
-        lists = self._id_lists
-        best = [score for score, _, _ in top]
-        if len(best) < k:
-            best += [-np.inf] * (k - len(best))
-        return [[lists[j][row] for _, j, row in top]], np.array([best], dtype=np.float32)
+            found.append(answer)
+        ids, best = _merge_lists(found, k, self._id_lists)
+        return [ids], np.array([best], dtype=np.float32)
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
         if len(results) == 1:  # one shard: its order is the answer (row -1 <=> score -inf)
             rows, scores = results[0]
-            ids = self.shards[0].id_list
+            ids = self._id_lists[0]
             return [[ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
         if len(results[0][0]) <= _FEW_QUERIES:
             return self._merge_few(results, k)
@@ -293,7 +284,7 @@ class ShardedIndex:
             cols, best = top_k_rows(scores, k)
         # only the k winners' ids are looked up (padding entries, row -1, carry -inf and col -1)
         rows = np.concatenate([r for r, _ in results], axis=1)
-        lists = [s.id_list for s in self.shards]
+        lists = self._id_lists
         ids = [[lists[c // k][r[c]] for c in row if c >= 0]
                for r, row in zip(rows.tolist(), cols.tolist(), strict=True)]
         return ids, best
@@ -307,16 +298,12 @@ class ShardedIndex:
         descending, ties to the lower shard, then that shard's own order (a stable sort of
         candidates listed in that order).
         """
-        lists = [s.id_list for s in self.shards]
         parts = [(rows.tolist(), scores.tolist()) for rows, scores in results]
         ids_out, best = [], []
         for q in range(len(parts[0][0])):
-            cand = [(score, j, row) for j, (rows, scores) in enumerate(parts)
-                    for row, score in zip(rows[q], scores[q], strict=True) if row >= 0]
-            cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
-            top = cand[:k]
-            ids_out.append([lists[j][row] for _, j, row in top])
-            best.append([score for score, _, _ in top] + [-np.inf] * (k - len(top)))
+            ids, scores = _merge_lists([(rows[q], scores[q]) for rows, scores in parts], k, self._id_lists)
+            ids_out.append(ids)
+            best.append(scores)
         return ids_out, np.array(best, dtype=np.float32)
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -338,6 +325,18 @@ class ShardedIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _merge_lists(per_shard: list[tuple[list[int], list[float]]], k: int,
+                 lists: list[list[str]]) -> tuple[list[str], list[float]]:
+    """One query's global top-``k`` from each shard's ``(rows, scores)`` lists (best first; row -1 is
+    padding): ids, and scores padded with ``-inf`` to ``k``. Order: score descending, ties to the lower
+    shard, then that shard's own order (a stable sort of the candidates listed in that order)."""
+    cand = [(score, j, row) for j, (rows, scores) in enumerate(per_shard)
+            for row, score in zip(rows, scores, strict=True) if row >= 0]
+    cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
+    top = cand[:k]
+    return [lists[j][row] for _, j, row in top], [score for score, _, _ in top] + [-np.inf] * (k - len(top))
 
 
 def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10) -> RecallCheck:
