@@ -107,10 +107,17 @@ def test_leaves_holding_fewer_than_k_items_still_give_k(points, exclude):
         assert not np.isin(rows, np.arange(5)).any()
 
 
+def _batched_only(index: ShardedIndex) -> ShardedIndex:
+    """The same shards with the one-query path off: every search takes the batched path."""
+    batched = ShardedIndex(index.shards, index.config)
+    batched._one_query_path = False
+    return batched
+
+
 def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
-    """A lone query with nothing excluded (one ScaNN call a shard, merged in Python) gets what the
-    batched path gives that query (``exclude=[set()]`` takes it); where a shard's searched leaves hold
-    fewer than k items, the batched path (which widens the search) answers it.
+    """A lone query (one ScaNN call a shard, merged in Python) gets what the batched path gives that
+    query, with or without excluded items; where a shard's searched leaves hold fewer than k items, the
+    batched path (which widens the search) answers it.
 
     (Against a batch of *several* queries it can differ: ScaNN's batched tree search picks leaves for a
     few queries differently from its one-query search, with or without this path.)"""
@@ -118,6 +125,7 @@ def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
     cfg = IndexConfig(mode="tree_ah", num_leaves=100, num_leaves_to_search=6, reorder_num_neighbors=40,
                       training_threads=1)
     index = ShardedIndex.from_arrays([str(i) for i in range(len(x))], x, cfg, num_shards=2)
+    batched = _batched_only(index)
     assert [s.params.num_leaves_to_search for s in index.shards] == [6, 6]
     for k in (10, 3):
         for i in range(25):
@@ -126,23 +134,44 @@ def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
             assert rows == full_rows[0].tolist()
             np.testing.assert_array_equal(np.float32(scores), full_scores[0])
             one_ids, one_scores = index.search(q[i:i + 1], k)
-            batched_ids, batched_scores = index.search(q[i:i + 1], k, exclude=[set()])
+            batched_ids, batched_scores = batched.search(q[i:i + 1], k)
             assert one_ids == batched_ids and len(one_ids[0]) == k
             np.testing.assert_array_equal(one_scores, batched_scores)
+            # leave out this query's first three answers and a few ids it would not get anyway
+            seen = set(one_ids[0][:3]) | {str(j) for j in range(0, len(x), 97)}
+            ex_ids, ex_scores = index.search(q[i:i + 1], k, exclude=[seen])
+            assert ex_ids == batched.search(q[i:i + 1], k, exclude=[seen])[0]
+            assert len(ex_ids[0]) == k and not seen & set(ex_ids[0])
+            rows0 = index.shards[0].rows_of(seen)
+            fast = search_shard_one(index.shards[0], q[i], k, exclude_rows=rows0)
+            full_rows, _ = search_shard(index.shards[0], q[i:i + 1], k, [rows0])
+            assert fast is not None and fast[0] == full_rows[0].tolist()
     # one leaf of ~60 points cannot give 150: ScaNN answers short, the batched path searches every leaf
     narrow = ShardedIndex(index.shards, index.config.model_copy(update={"num_leaves_to_search": 1}))
     short = [i for i in range(25) if search_shard_one(narrow.shards[0], q[i], 150, narrow._search_params[0]) is None]
     assert short
     for i in short:
         one_ids, one_scores = narrow.search(q[i:i + 1], 150)
-        assert one_ids == narrow.search(q[i:i + 1], 150, exclude=[set()])[0]
+        assert one_ids == _batched_only(narrow).search(q[i:i + 1], 150)[0]
         assert len(one_ids[0]) == 150 and np.isfinite(one_scores).all()
+        seen = set(one_ids[0][:20])
+        ex_ids, ex_scores = narrow.search(q[i:i + 1], 150, exclude=[seen])
+        assert ex_ids == _batched_only(narrow).search(q[i:i + 1], 150, exclude=[seen])[0]
+        assert len(ex_ids[0]) == 150 and not seen & set(ex_ids[0]) and np.isfinite(ex_scores).all()
+    # AH shards (no tree): the same, excluded items included
+    ah = ShardedIndex.from_arrays([str(i) for i in range(len(x))], x,
+                                  IndexConfig(mode="ah", reorder_num_neighbors=60, training_threads=1), num_shards=2)
+    assert [s.params.mode for s in ah.shards] == ["ah", "ah"] and ah._one_query_path
+    ah_batched = _batched_only(ah)
+    for i in range(10):
+        seen = {str(j) for j in range(i, len(x), 50)}
+        assert ah.search(q[i:i + 1], 10, exclude=[seen])[0] == ah_batched.search(q[i:i + 1], 10, exclude=[seen])[0]
     # exact shards have no ScaNN searcher: always the batched path
     exact = build_shard([str(i) for i in range(50)], x[:50])
     assert exact.params.mode == "brute_force" and search_shard_one(exact, q[0], 5) is None
     assert index._one_query_path and not ShardedIndex([exact])._one_query_path
     threaded = ShardedIndex(index.shards, index.config.model_copy(update={"search_threads": 2}))
     assert not threaded._one_query_path  # shards searched in parallel: the batched path
-    (t_ids, t_scores), (b_ids, b_scores) = threaded.search(q[:1], 10), index.search(q[:1], 10, exclude=[set()])
+    (t_ids, t_scores), (b_ids, b_scores) = threaded.search(q[:1], 10), batched.search(q[:1], 10)
     assert t_ids == b_ids and np.array_equal(t_scores, b_scores)
     threaded.close()

@@ -218,8 +218,8 @@ def search_shard(shard: ShardArtifact, queries: np.ndarray, k: int,
     return rows, scores
 
 
-def search_shard_one(shard: ShardArtifact, query: np.ndarray, k: int,
-                     params: ScannParams | None = None) -> tuple[list[int], list[float]] | None:
+def search_shard_one(shard: ShardArtifact, query: np.ndarray, k: int, params: ScannParams | None = None,
+                     exclude_rows: np.ndarray | None = None) -> tuple[list[int], list[float]] | None:
     """One query's top-``k`` rows of a ScaNN shard as Python lists, or None where :func:`search_shard`
     must answer instead.
 
@@ -234,21 +234,40 @@ def search_shard_one(shard: ShardArtifact, query: np.ndarray, k: int,
         query: (D,) float32, already normalised as the index expects.
         k: neighbours wanted.
         params: search-time overrides of ``shard.params``.
+        exclude_rows: shard rows to leave out (e.g. :meth:`ShardArtifact.rows_of` of items already
+            seen); ScaNN is asked for as many more neighbours as the batched path asks for.
 
     Returns:
-        ``(rows, scores)``: ``min(k, shard.count)`` rows best first and their dot products, the same
-        answer as row 0 of ``search_shard(shard, query[None], k, None, params)``.
+        ``(rows, scores)``: up to ``k`` rows best first and their dot products (``min(k, count)``, less
+        the excluded rows when the shard holds fewer eligible items), the same answer as row 0 of
+        ``search_shard(shard, query[None], k, [exclude_rows], params)`` without its padding.
     """
     if shard.searcher is None:
         return None
     p = params or shard.params
-    kk = min(k, shard.count)
-    idx, dist = shard.searcher.search(query, kk, _reorder_depth(p, shard.count, kk),
+    n = shard.count
+    kk = min(k, n)
+    extra = 0 if exclude_rows is None else len(exclude_rows)
+    final_nn = min(n, kk + _headroom(extra))
+    idx, dist = shard.searcher.search(query, final_nn, _reorder_depth(p, n, final_nn),
                                       -1 if p.num_leaves_to_search is None else p.num_leaves_to_search)
-    scores = dist.tolist()
-    if len(scores) < kk or scores[-1] != scores[-1]:  # short, or NaN-padded at its end
+    rows, scores = idx.tolist(), dist.tolist()
+    if not extra:
+        if len(scores) < kk or scores[-1] != scores[-1]:  # short, or NaN-padded at its end
+            return None
+        return rows, scores
+    excluded = set(exclude_rows.tolist())
+    kept = [i for i, (row, score) in enumerate(zip(rows, scores, strict=True))
+            if row not in excluded and score == score][:kk]  # score == score: not NaN padding
+    if len(kept) < min(kk, n - extra):  # the searched leaves held too few eligible items
         return None
-    return idx.tolist(), scores
+    return [rows[i] for i in kept], [scores[i] for i in kept]
+
+
+def _headroom(excluded: int) -> int:
+    """Extra neighbours asked of ScaNN for a query with ``excluded`` rows left out of a shard: the count
+    rounded up to a power of two, so that the batched path's queries share calls by headroom."""
+    return 0 if excluded == 0 else 1 << (excluded - 1).bit_length()
 
 
 def _reorder_depth(params: ScannParams, n: int, final_nn: int) -> int:
@@ -274,7 +293,7 @@ def _scann_search(searcher, params: ScannParams, n: int, queries: np.ndarray, k:
         return rows, scores
     extras = np.asarray([len(r) for r in exclude_rows])
     # Queries needing the same headroom (rounded up to a power of two) share one batched call.
-    buckets = np.where(extras == 0, 0, 2 ** np.ceil(np.log2(np.maximum(extras, 1)))).astype(np.int64)
+    buckets = np.asarray([_headroom(int(e)) for e in extras], dtype=np.int64)
     groups = [(b, np.flatnonzero(buckets == b)) for b in np.unique(buckets)]
     rows_out = scores_out = None
     for bucket, members in groups:

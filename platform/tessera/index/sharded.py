@@ -233,8 +233,8 @@ class ShardedIndex:
             raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
         if q.shape[0] == 0:
             return [], np.empty((0, k), np.float32)
-        if q.shape[0] == 1 and exclude is None and self._one_query_path:
-            answer = self._search_one(q[0], k)
+        if q.shape[0] == 1 and self._one_query_path:
+            answer = self._search_one(q[0], k, None if exclude is None else exclude[0])
             if answer is not None:
                 return answer
 
@@ -249,17 +249,19 @@ class ShardedIndex:
             results = [one(i) for i in range(len(self.shards))]
         return self._merge(results, k)
 
-    def _search_one(self, query: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray] | None:
-        """:meth:`search` of one query with nothing excluded, its shards one after another (the
-        single-threaded serving path), or None where the batched path must answer (an exact shard,
-        or a shard whose searched leaves held fewer than ``k`` items).
+    def _search_one(self, query: np.ndarray, k: int,
+                    exclude: set[str] | None = None) -> tuple[list[list[str]], np.ndarray] | None:
+        """:meth:`search` of one query, its shards one after another (the single-threaded serving
+        path), or None where the batched path must answer (an exact shard, or a shard whose searched
+        leaves held fewer than ``k`` eligible items).
 
-        Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`), then the S x k
-        candidates merged in plain Python as :meth:`_merge_few` merges them (:func:`_merge_lists`).
+        Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`, asking for as many
+        more neighbours as that shard holds of ``exclude``), then the S x k candidates merged in plain
+        Python as :meth:`_merge_few` merges them (:func:`_merge_lists`).
         """
         found = []
         for shard, params in zip(self.shards, self._search_params, strict=True):
-            answer = search_shard_one(shard, query, k, params)
+            answer = search_shard_one(shard, query, k, params, shard.rows_of(exclude) if exclude else None)
             if answer is None:
                 return None
             found.append(answer)
