@@ -150,13 +150,14 @@ def test_one_query_path_of_tree_shards_answers_like_the_batched_path(points):
     narrow = ShardedIndex(index.shards, index.config.model_copy(update={"num_leaves_to_search": 1}))
     short = [i for i in range(25) if search_shard_one(narrow.shards[0], q[i], 150, narrow._search_params[0]) is None]
     assert short
+    narrow_batched = _batched_only(narrow)
     for i in short:
         one_ids, one_scores = narrow.search(q[i:i + 1], 150)
-        assert one_ids == _batched_only(narrow).search(q[i:i + 1], 150)[0]
+        assert one_ids == narrow_batched.search(q[i:i + 1], 150)[0]
         assert len(one_ids[0]) == 150 and np.isfinite(one_scores).all()
         seen = set(one_ids[0][:20])
         ex_ids, ex_scores = narrow.search(q[i:i + 1], 150, exclude=[seen])
-        assert ex_ids == _batched_only(narrow).search(q[i:i + 1], 150, exclude=[seen])[0]
+        assert ex_ids == narrow_batched.search(q[i:i + 1], 150, exclude=[seen])[0]
         assert len(ex_ids[0]) == 150 and not seen & set(ex_ids[0]) and np.isfinite(ex_scores).all()
     # AH shards (no tree): the same, excluded items included
     ah = ShardedIndex.from_arrays([str(i) for i in range(len(x))], x,

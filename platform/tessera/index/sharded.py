@@ -98,7 +98,8 @@ class ShardedIndex:
         self.manifest = manifest
         self._search_params = [self._with_overrides(s) for s in self.shards]
         self._id_lists = [s.id_list for s in self.shards]
-        # one query, nothing excluded: one ScaNN call a shard (exact shards take the batched path)
+        # a lone query (excluded items or not): one ScaNN call a shard, shards one after another; exact
+        # shards and shards searched on threads take the batched path
         self._one_query_path = all(s.searcher is not None for s in self.shards) and (
             self.config.search_threads == 1 or len(self.shards) == 1)
         self._pool: ThreadPoolExecutor | None = None
