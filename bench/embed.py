@@ -20,8 +20,9 @@ real text on this machine (bench/texts.py):
   more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
   to show whether memory stays flat (each size a seeded sample of the largest size's texts, so only
-  the count differs); the text job's fixed cost (the same job on 64 texts: plan,
-  actor start, model load) and its steady rate (texts / (wall - fixed)). ``--texts 0``,
+  the count differs); each job's fixed cost (the same job on 64 items: plan, actor start, model
+  load) and its steady rate (items / (wall - fixed)), for media also as a ratio to the plain loop
+  (the headline ratios include the fixed cost). ``--texts 0``,
   ``--images 0`` or ``--audio 0`` leaves a modality out.
 
 Prints one JSON object as the last line.
@@ -190,12 +191,22 @@ def bench_media(storage, modality, files, n_items, weights, threads, actors=1, a
     plain, plain_cpu = _plain_loop(storage, uris, enc, 32)
     del enc
     # micro-batches of 32 as the plain loop; MEDIA_BATCH items per fetch task, decode task and encoder call
-    job_rate, manifest, rss, _ = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32,
-                                      MEDIA_BATCH, actors=actors, torch_threads=actor_threads)
+    job_rate, manifest, rss, wall = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32,
+                                         MEDIA_BATCH, actors=actors, torch_threads=actor_threads)
+    # the job's fixed cost, as for text: the same job on 64 of the items
+    tiny = join_uri(prefix, "tiny-items")
+    _write_items(storage, tiny, {"item_id": ids[:64], f"{modality}_uri": uris[:64]})
+    _, _, _, fixed = _job(storage, tiny, modality, weights, threads, 32, MEDIA_BATCH, actors=actors,
+                          torch_threads=actor_threads)
+    steady = len(uris) / (wall - fixed) if wall > fixed else None
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1), f"{modality}_plain_loop_cpu_s": round(plain_cpu, 1),
-            f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_peak_rss_mb": rss.peak_mb,
+            f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_wall_s": round(wall, 2),
+            f"{modality}_job_fixed_s": round(fixed, 2),
+            f"{modality}_job_steady_items_per_s": round(steady, 1) if steady else None,
+            f"{modality}_steady_ratio_vs_plain_loop": round(steady / plain, 2) if steady else None,
+            f"{modality}_job_peak_rss_mb": rss.peak_mb,
             f"{modality}_failed": manifest["counts"][modality]["failed"], f"{modality}_job_cpu": rss.cpu_by_process()}
 
 
