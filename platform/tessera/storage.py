@@ -202,8 +202,18 @@ class Storage:
 
     # --- single objects ---------------------------------------------------------------------
     def read_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """Read a whole object. Raises ``FileNotFoundError`` if absent, ``ValueError`` if over ``max_bytes``."""
+        """Read a whole object.
+
+        Raises:
+            FileNotFoundError: the object (or its bucket) is absent, or ``uri`` names no object (no key).
+            PermissionError: the store refuses to hand it over (403: access denied, an archived object's
+                ``InvalidObjectState``); on S3 a missing key also reads as 403 when the caller may not
+                list the bucket.
+            ValueError: it is larger than ``max_bytes``.
+        """
         loc = parse_uri(uri)
+        if loc.scheme == "s3" and not loc.key:
+            raise FileNotFoundError(f"{uri} names a bucket, not an object")
         if loc.scheme == "file":
             p = Path(loc.path)
             if max_bytes is not None and p.stat().st_size > max_bytes:
@@ -215,8 +225,11 @@ class Storage:
             try:
                 resp = self.client().get_object(Bucket=loc.bucket, Key=loc.key)
             except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+                code = err.response.get("Error", {}).get("Code")
+                if code in ("NoSuchKey", "404", "NoSuchBucket"):
                     raise FileNotFoundError(uri) from None
+                if code in ("AccessDenied", "403", "InvalidObjectState", "AllAccessDisabled"):
+                    raise PermissionError(f"{uri}: {code}") from None
                 raise
             size = resp.get("ContentLength")
             if max_bytes is not None and size is not None and size > max_bytes:

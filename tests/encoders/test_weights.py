@@ -141,6 +141,26 @@ def test_fetch_media_maps_storage_errors(storage, bucket_uri):
     assert err.value.kind == "missing"
 
 
+@pytest.mark.parametrize("suffix", ["", "/", "/media/"])
+def test_fetch_media_uri_naming_no_object_fails_the_item(storage, bucket_uri, suffix):
+    # a bucket, or a "folder", is not an object: botocore refuses an empty key before any request
+    # (ParamValidationError), which used to escape and fail the whole fetch task
+    storage.write_bytes(join_uri(bucket_uri, "media", "a.bin"), b"x")
+    bucket = bucket_uri.rstrip("/").split("/")[2]
+    uri = f"s3://{bucket}{suffix}"
+    with pytest.raises(MediaError) as err:
+        fetch_media(storage, uri)
+    assert err.value.kind == "missing"
+    assert uri in str(err.value)
+
+
+def test_fetch_media_in_an_absent_bucket_or_local_folder_fails_the_item(storage, tmp_path):
+    for uri in ("s3://tessera-no-such-bucket-here/x.jpg", str(tmp_path)):
+        with pytest.raises(MediaError) as err:
+            fetch_media(storage, uri)
+        assert err.value.kind == "missing"
+
+
 def test_media_error_pickles_and_validates_kind():
     err = pickle.loads(pickle.dumps(MediaError("truncated", "WAV data chunk declares 10 bytes, 2 present")))
     assert err.kind == "truncated" and str(err) == "truncated: WAV data chunk declares 10 bytes, 2 present"

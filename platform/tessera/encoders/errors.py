@@ -68,7 +68,7 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         max_bytes: refuse objects larger than this without downloading them.
 
     Raises:
-        MediaError: ``missing`` (absent object or malformed URI) or ``oversized``.
+        MediaError: ``missing`` (absent or unreadable object, malformed URI) or ``oversized``.
 
     Example::
 
@@ -82,6 +82,8 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         return storage.read_bytes(uri, max_bytes=max_bytes)
     except (FileNotFoundError, IsADirectoryError):
         raise MediaError.missing(uri) from None
+    except PermissionError as err:  # 403: no read access (or, without list access, no such key), archived
+        raise MediaError("missing", f"object at {uri} not readable: {err}") from None
     except ValueError as err:  # Storage.read_bytes raises ValueError only for the size limit
         raise MediaError("oversized", str(err)) from None
 
