@@ -3,8 +3,9 @@
     ray job submit --working-dir . -- python -m jobs.embed --config configs/embed.yaml
     python -m jobs.embed --config configs/embed.yaml [--run-id R] [--max-error-rate 0.1]
 
-Exit codes: 0 done; 2 bad config; 3 error rate above --max-error-rate (the summary is printed and the
-output is kept); 4 the output does not hold every input item exactly once.
+Exit codes: 0 done; 2 bad config or input (null / repeated item ids, pools that do not fit the
+cluster, a run id started with other settings); 3 error rate above --max-error-rate (the summary is
+printed and the output is kept); 4 the output does not hold every input item exactly once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from tessera.config import ConfigError, load_config
 from tessera.embed.config import EmbedConfig
-from tessera.embed.pipeline import EmbeddingIntegrityError, error_rate, run_embedding
+from tessera.embed.pipeline import EmbeddingInputError, EmbeddingIntegrityError, error_rate, run_embedding
 from tessera.ray_utils import init_ray
 
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         manifest = run_embedding(cfg)
+    except EmbeddingInputError as err:
+        print(f"error ({args.config}): {err}", file=sys.stderr)
+        return 2
     except EmbeddingIntegrityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4

@@ -202,3 +202,69 @@ def test_cpu_stages_do_not_import_the_models():
             "print(sorted(m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_rerun_with_other_encoder_settings_is_refused_naming_the_keys(sample_embeddings, encoder_weights,
+                                                                       storage, tmp_path, capsys):
+    """A run id keeps the identity it started with: other encoder settings or items are refused (exit 2)
+    instead of returning the finished run as if it matched, or mixing two kinds of vectors on resume."""
+    run_uri = sample_embeddings["output"]["uri"]
+    assert storage.read_json(join_uri(run_uri, "_RUN.json")) == sample_embeddings["identity"]
+    cfg = embed_config(encoder_weights, "session")
+    cfg.text.encoder.max_length = 64
+    cfg.image.enabled = False
+    cfg.audio.encoder.batch_size = 3  # speed only: not part of the identity
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    before = list_parts(storage, run_uri)
+    assert embed_job.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "encoders.text.max_length" in err and "encoders.image" in err and "batch_size" not in err
+    assert str(path) in err and "another run_id" in err
+    assert list_parts(storage, run_uri) == before
+    # speed-only keys do not change the identity: the finished run is kept
+    same = embed_config(encoder_weights, "session")
+    same.text.encoder.batch_size, same.image.encoder.device = 7, "cpu"
+    assert run_embedding(same)["reused"] is True
+
+
+@pytest.mark.parametrize("case", ["null", "repeated_in_file", "repeated_across_files"])
+def test_items_with_null_or_repeated_ids_are_refused_before_any_work(case, encoder_weights, storage, tmp_path,
+                                                                      capsys):
+    items_uri = f"{TEST_ROOT}/bad-ids-{case}/items"
+    tables = {"null": [["a", None, "b"]], "repeated_in_file": [["a", "b", "a"]],
+              "repeated_across_files": [["a", "b"], ["c", "b"]]}[case]
+    for i, ids in enumerate(tables):
+        fs, p = storage.filesystem(join_uri(items_uri, f"part-{i:05d}.parquet"))
+        pq.write_table(pa.table({"item_id": pa.array(ids, pa.string()), "text": ["a mug"] * len(ids),
+                                 "image_uri": pa.nulls(len(ids), pa.string()),
+                                 "audio_uri": pa.nulls(len(ids), pa.string())}), p, filesystem=fs)
+    cfg = embed_config(encoder_weights, f"bad-ids-{case}", items_uri=items_uri)
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    assert embed_job.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert {"null": "null item_id", "repeated_in_file": "repeated within the file: a",
+            "repeated_across_files": "'b' is in both"}[case] in err
+    assert not storage.list_files(join_uri(cfg.output_uri, cfg.run_id))  # nothing written, not even _RUN.json
+
+
+def test_cpu_pools_run_on_the_cpu_and_cuda_without_a_gpu_slot_is_refused(tmp_path):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES unset in a worker without GPUs: an 'auto' encoder in a CPU pool
+    would take a GPU it does not hold, so the actor pins it to the CPU; asking for cuda with no GPU in
+    the pool is a config error that names the keys and the file."""
+    from tessera.config import ConfigError, load_config
+    from tessera.embed.stages import actor_encoder_config
+
+    cfg = EmbedConfig()
+    assert actor_encoder_config(cfg.text.encoder, []).device == "cpu"
+    assert actor_encoder_config(cfg.text.encoder, [0]).device == "auto"
+    pinned = cfg.image.encoder.model_copy(update={"device": "cpu"})
+    assert actor_encoder_config(pinned, [1]).device == "cpu"
+    path = tmp_path / "embed.yaml"
+    path.write_text("audio:\n  encoder:\n    device: cuda\n")
+    with pytest.raises(ConfigError, match="pool.num_gpus") as err:
+        load_config(EmbedConfig, path)
+    assert "audio" in str(err.value) and str(path) in str(err.value)
+    path.write_text("audio:\n  encoder:\n    device: cuda\n  pool:\n    num_gpus: 1\n")
+    assert load_config(EmbedConfig, path).audio.pool.num_gpus == 1

@@ -35,7 +35,9 @@ from tessera.storage import StorageConfig
 class PoolConfig(TesseraConfig):
     """One encoder actor pool: autoscales between ``min_actors`` and ``max_actors``.
 
-    ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); ``torch_threads`` caps the
+    ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); with 0 the actors run on the
+    CPU even on a GPU node (an ``auto`` encoder device follows the pool; Ray 2.60 leaves
+    ``CUDA_VISIBLE_DEVICES`` unset for a worker without GPUs, so torch would see them all); ``torch_threads`` caps the
     intra-op threads of a CPU actor (None: Ray's default, one thread per requested CPU).
     ``allocator``: ``jemalloc`` starts the actors' worker processes on the jemalloc that Ray installs
     (``tessera.memory``), purged after every call: their peak memory is lower and grows less over a
@@ -95,14 +97,25 @@ class MediaPoolConfig(PoolConfig):
     batch_size: int = Field(MEDIA_BATCH, ge=1)
 
 
-class TextModality(TesseraConfig):
+class _Modality(TesseraConfig):
+    """What every modality block checks: a pool asked to run on CUDA holds a GPU."""
+
+    @model_validator(mode="after")
+    def _device_needs_a_gpu(self) -> "_Modality":
+        if self.encoder.device == "cuda" and not self.pool.num_gpus:  # type: ignore[attr-defined]
+            raise ValueError("encoder.device is 'cuda' but pool.num_gpus is 0: the actors would hold no "
+                             "GPU; set pool.num_gpus (e.g. 1) or encoder.device: auto / cpu")
+        return self
+
+
+class TextModality(_Modality):
     enabled: bool = True
     encoder: TextEncoderConfig = TextEncoderConfig()
     preprocess: StageConfig = StageConfig()
     pool: PoolConfig = PoolConfig()
 
 
-class ImageModality(TesseraConfig):
+class ImageModality(_Modality):
     enabled: bool = True
     encoder: ImageEncoderConfig = ImageEncoderConfig()
     fetch: MediaFetchConfig = MediaFetchConfig()
@@ -110,7 +123,7 @@ class ImageModality(TesseraConfig):
     pool: MediaPoolConfig = MediaPoolConfig()
 
 
-class AudioModality(TesseraConfig):
+class AudioModality(_Modality):
     enabled: bool = True
     encoder: AudioEncoderConfig = AudioEncoderConfig()
     fetch: MediaFetchConfig = MediaFetchConfig()

@@ -34,9 +34,67 @@ class EmbeddingIntegrityError(RuntimeError):
     """The written run does not hold every input item exactly once."""
 
 
+class EmbeddingInputError(ValueError):
+    """The job cannot start as configured: the items table has null or repeated ids, the pools do not
+    fit the cluster, or the run id already holds a run made with other settings. Nothing is written."""
+
+
+# Encoder settings that change speed or placement, not the vectors (beyond bf16 rounding): a run may
+# resume under other values of these. Every other encoder key, the items and the enabled modalities
+# make the run's identity (``_RUN.json``).
+_NOT_IDENTITY = ("batch_size", "device", "bf16_autocast", "cache_dir", "channels_last", "sort_by_length",
+                 "max_batch_tokens", "pad_to_multiple_of", "fast_tokenizer_file")
+
+
+def run_identity(cfg: EmbedConfig, files: list[str], n_input: int) -> dict:
+    """What a run's output depends on: the items files and row count, and per enabled modality the
+    encoder settings that change its vectors or which items fail."""
+    return {"items_uri": cfg.items_uri, "files": [f.rsplit("/", 1)[-1] for f in files], "items": n_input,
+            "encoders": {m: mcfg.encoder.model_dump(mode="json", exclude=set(_NOT_IDENTITY))
+                         for m, mcfg in cfg.modalities().items()}}
+
+
+def identity_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two identities (``encoders.text.weights``, ...)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(identity_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_item_ids(storage: Storage, files: list[str]) -> None:
+    """Refuse an items table with a null ``item_id`` or one id on two rows, before any work: the output
+    holds every input item exactly once, keyed by its id."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    seen: dict[str, str] = {}
+    for uri in files:
+        fs, path = storage.filesystem(uri)
+        ids = storage.retrying_io(f"read ids of {uri}",
+                                  lambda fs=fs, path=path: pq.read_table(path, filesystem=fs, columns=["item_id"]))
+        col = ids.column("item_id")
+        if col.null_count:
+            raise EmbeddingInputError(f"{uri}: {col.null_count} rows have a null item_id")
+        counts = pc.value_counts(col)
+        repeated = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
+                                           strict=True) if n > 1]
+        if repeated:
+            raise EmbeddingInputError(f"{uri}: item_id repeated within the file: {', '.join(repeated[:5])}"
+                                      + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""))
+        for item in col.to_pylist():
+            first = seen.setdefault(item, uri)
+            if first != uri:
+                raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
+
+
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
-    """Name, dim, weights checksum of an encoder, by loading it (a Ray task)."""
-    enc = ENCODERS[modality](encoder_cfg, storage)
+    """Name, dim, weights checksum of an encoder, by loading it (a Ray task holding no GPU: on the CPU)."""
+    enc = ENCODERS[modality](encoder_cfg.model_copy(update={"device": "cpu"}), storage)
     return {"name": enc.name, "dim": enc.dim, "weights_checksum": enc.weights_checksum,
             "weights": encoder_cfg.weights, "device": "not used in this attempt"}
 
@@ -123,24 +181,27 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> No
     stage = max([cfg.read_num_cpus] + [m.preprocess.num_cpus for m in mods.values()]
                 + [m.fetch.num_cpus for m in mods.values() if hasattr(m, "fetch")])
     if pools + stage > cluster_cpus + 1e-9:
-        raise ValueError(
+        raise EmbeddingInputError(
             f"encoder pools need {pools:g} CPUs at their minimum size (<modality>.pool.min_actors x num_cpus) and "
             f"the largest CPU stage {stage:g} more, but the cluster has {cluster_cpus:g}: lower pool.num_cpus / "
             f"min_actors or stage num_cpus, or add nodes")
     gpus = sum(m.pool.min_actors * m.pool.num_gpus for m in mods.values())
     if gpus > cluster_gpus + 1e-9:
-        raise ValueError(f"encoder pools need {gpus:g} GPUs at their minimum size (pool.min_actors x num_gpus) "
-                         f"but the cluster has {cluster_gpus:g}")
+        raise EmbeddingInputError(f"encoder pools need {gpus:g} GPUs at their minimum size "
+                                  f"(pool.min_actors x num_gpus) but the cluster has {cluster_gpus:g}")
 
 
 def run_embedding(cfg: EmbedConfig) -> dict:
     """Embed every item under ``cfg.items_uri`` into ``<output_uri>/<run_id>/`` and return the manifest.
 
     Rerunning the same run id resumes: items already in written parts are skipped, and a finished run
-    whose manifest matches the input is returned as is.
+    whose manifest matches the input is returned as is. A run id keeps the identity it started with
+    (:func:`run_identity`, in ``_RUN.json``): a rerun with other items or other encoder settings is
+    refused, naming the keys that differ, rather than mixing two kinds of vectors in one run.
 
     Raises:
         FileNotFoundError: no items table at ``items_uri``.
+        EmbeddingInputError: null or repeated item ids, pools that cannot fit, another run's identity.
         EmbeddingIntegrityError: the parts do not hold every input item exactly once.
     """
     import ray
@@ -155,13 +216,24 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     if not files:
         raise FileNotFoundError(f"no Parquet files under items_uri={cfg.items_uri}")
     n_input = storage.parquet_rows(files)
+    identity = run_identity(cfg, files, n_input)
+    identity_uri = join_uri(run_uri, "_RUN.json")
+    started = storage.read_json(identity_uri) if storage.exists(identity_uri) else None
+    if started is not None and (changed := identity_changes(started, identity)):
+        raise EmbeddingInputError(
+            f"{run_uri} was started with other settings ({', '.join(changed)} differ; see {identity_uri}): "
+            f"use another run_id, or delete {run_uri}/ to redo this one")
     if storage.exists(manifest_uri):
         previous = storage.read_json(manifest_uri)
-        if previous.get("input", {}).get("items") == n_input and previous.get("complete"):
+        # runs written before _RUN.json existed: the input's row count is all there is to compare
+        if previous.get("complete") and (started is not None or previous.get("input", {}).get("items") == n_input):
             previous["reused"] = True
             return previous
     resources = ray.cluster_resources()
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+    check_item_ids(storage, files)
+    if started is None:
+        storage.write_json(identity_uri, identity)
     done = done_item_ids(storage, run_uri)
     modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
@@ -186,6 +258,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     manifest = {
         "kind": "tessera.embeddings",
         "run_id": cfg.run_id,
+        "identity": identity,
         "complete": True,
         "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
         "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows},

@@ -164,6 +164,16 @@ def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: lis
     return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
 
 
+def actor_encoder_config(encoder_cfg: EncoderConfig, gpu_ids: list) -> EncoderConfig:
+    """The encoder config an actor runs: ``auto`` means CUDA only when the actor holds a GPU slot.
+
+    Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` unset in a worker that asked for no GPU, so on a GPU node
+    torch would see every GPU and a CPU pool's actors would pile onto GPU 0 without holding it."""
+    if encoder_cfg.device == "auto" and not gpu_ids:
+        return encoder_cfg.model_copy(update={"device": "cpu"})
+    return encoder_cfg
+
+
 class EncodeActor:
     """Ray Data actor UDF: loads one modality's encoder once, encodes the rows that have input.
 
@@ -187,8 +197,8 @@ class EncodeActor:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.modality = modality
-        self.encoder = encoder_cls(encoder_cfg, storage)
         self.gpu_ids = list(ray.get_gpu_ids())
+        self.encoder = encoder_cls(actor_encoder_config(encoder_cfg, self.gpu_ids), storage)
         self.items = metrics.Counter("tessera_embed_items_total", "Items through an encoder pool, by status",
                                      tag_keys=("modality", "status"))
         self.failures = metrics.Counter("tessera_embed_failures_total", "Failed items by error kind",
