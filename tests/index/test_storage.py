@@ -1,5 +1,6 @@
 """Saving to the real S3 store and loading back: identical results, manifests, checksum failures."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -107,11 +108,13 @@ def test_local_folder_roundtrip_and_refusals(storage, exact_index, small_catalog
     loaded = ShardedIndex.load(storage, str(root))
     (got_ids, got_scores), (want_ids, want_scores) = loaded.search(vectors[:20], 7), exact_index.search(vectors[:20], 7)
     assert got_ids == want_ids and np.array_equal(got_scores, want_scores)
-    (root / "_MANIFEST.json").unlink()  # without the index manifest, the shard folders are found
-    assert ShardedIndex.load(storage, str(root)).num_items == 6_000
+    (root / "_MANIFEST.json").unlink()  # without the index manifest: refused unless asked for
+    with pytest.raises(IndexCorruptError, match=r"file _MANIFEST\.json: missing .* 3 shard folder"):
+        ShardedIndex.load(storage, str(root))
+    assert ShardedIndex.load(storage, str(root), require_manifest=False).num_items == 6_000
     (root / "shard-0001" / "vectors.npy").unlink()
     with pytest.raises(IndexCorruptError, match="shard-0001, file vectors.npy: missing"):
-        ShardedIndex.load(storage, str(root))
+        ShardedIndex.load(storage, str(root), require_manifest=False)
     with pytest.raises(FileNotFoundError):
         ShardedIndex.load(storage, str(tmp_path / "nothing"))
 
@@ -158,3 +161,103 @@ def test_tree_shard_with_soar_round_trips(storage, bucket_uri):
     assert loaded.shards[0].params == p
     (a_ids, a_scores), (b_ids, b_scores) = built.search(q, 10), loaded.search(q, 10)
     assert a_ids == b_ids and np.array_equal(a_scores, b_scores)
+
+
+def _delete(storage, uri):
+    fs, path = storage.filesystem(uri)
+    fs.delete_file(path)
+
+
+def test_index_without_its_manifest_is_refused_on_s3(storage, exact_index, small_catalog, bucket_uri):
+    """A build still running (or stopped before its self-check published the manifest) never loads by default."""
+    ids, vectors = small_catalog
+    exact_index.save(storage, bucket_uri)
+    _delete(storage, join_uri(bucket_uri, "_MANIFEST.json"))
+    with pytest.raises(IndexCorruptError, match=r"file _MANIFEST\.json: missing under s3://.*require_manifest=False"):
+        ShardedIndex.load(storage, bucket_uri)
+    found = ShardedIndex.load(storage, bucket_uri, require_manifest=False)
+    assert found.manifest is None and found.num_items == 6_000
+    assert found.search(vectors[:5], 5)[0] == exact_index.search(vectors[:5], 5)[0]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_opt_in_load_detects_a_missing_last_shard(storage, exact_index, bucket_uri, tmp_path, where):
+    uri = str(tmp_path / "v1") if where == "local" else bucket_uri
+    manifest = exact_index.save(storage, uri)
+    assert [s.num_shards for s in manifest.shards] == [3, 3, 3]
+    assert read_index_manifest(storage, uri).shards[2].num_shards == 3
+    _delete(storage, join_uri(uri, "_MANIFEST.json"))
+    for f in storage.list_files(join_uri(uri, "shard-0002")):  # the last shard never written
+        _delete(storage, f)
+    with pytest.raises(IndexCorruptError, match=r"shard-0002, file shard\.json: missing .* index of 3 shards"):
+        ShardedIndex.load(storage, uri, require_manifest=False)
+    with pytest.raises(IndexCorruptError, match="_MANIFEST.json: missing"):
+        ShardedIndex.load(storage, uri)
+
+
+def test_opt_in_load_of_shards_saved_without_a_shard_count(storage, exact_index, tmp_path):
+    """shard.json files written before the count was recorded load as found (the count is unknown);
+    mixed with shards that record one, they are refused as the leftovers of another build."""
+    root = tmp_path / "v1"
+    exact_index.save(storage, str(root))
+    (root / "_MANIFEST.json").unlink()
+    for i in range(3):
+        path = root / f"shard-{i:04d}" / "shard.json"
+        doc = json.loads(path.read_text())
+        del doc["num_shards"]
+        path.write_text(json.dumps(doc))
+    assert ShardedIndex.load(storage, str(root), require_manifest=False).num_items == 6_000
+    exact_index.save(storage, str(root))  # shard.json with counts again, manifest back
+    doc = json.loads((root / "shard-0001" / "shard.json").read_text())
+    del doc["num_shards"]
+    (root / "shard-0001" / "shard.json").write_text(json.dumps(doc))
+    (root / "_MANIFEST.json").unlink()
+    with pytest.raises(IndexCorruptError, match=r"disagree on the number of shards.*shard-0001: unrecorded"):
+        ShardedIndex.load(storage, str(root), require_manifest=False)
+
+
+def test_rerun_into_the_same_local_folder_with_another_shard_mode_loads(storage, small_catalog, tmp_path):
+    """An AH build, then a brute-force build of the same version into the same folder: the second
+    replaces the shard folders whole, so no scann/ file of the first is left to be refused."""
+    from tessera.index import build_shard, load_shard, save_shard
+
+    ids, vectors = small_catalog
+    root = tmp_path / "v1"
+    ah = ShardedIndex.from_arrays(ids, vectors, IndexConfig(brute_force_below=1_000, exact_catalog_below=0,
+                                                            training_threads=1), num_shards=3)
+    assert [s.params.mode for s in ah.shards] == ["ah"] * 3
+    ah.save(storage, str(root))
+    assert (root / "shard-0000" / "scann" / "scann_assets.pbtxt").is_file()
+    exact = ShardedIndex.from_arrays(ids, vectors, IndexConfig(), num_shards=2)  # fewer shards, too
+    exact.save(storage, str(root))
+    loaded = ShardedIndex.load(storage, str(root))
+    assert [s.params.mode for s in loaded.shards] == ["brute_force"] * 2
+    assert not (root / "shard-0000" / "scann").exists()
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    got, want = loaded.search(vectors[:20], 10), exact.search(vectors[:20], 10)
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    # shard-0002 of the first build is still there (only the manifest's shards are read); without the
+    # manifest its recorded shard count gives it away
+    (root / "_MANIFEST.json").unlink()
+    with pytest.raises(IndexCorruptError, match=r"disagree .*shard-0000: 2, shard-0001: 2, shard-0002: 3"):
+        ShardedIndex.load(storage, str(root), require_manifest=False)
+    # the reviewer's repro: one shard saved as AH, then as brute force, in the same folder
+    sub = [f"r{i}" for i in range(64)]
+    first = build_shard(sub, vectors[:64], IndexConfig(mode="ah", tuning_queries=8, training_threads=1))
+    save_shard(storage, str(tmp_path / "one"), first)
+    save_shard(storage, str(tmp_path / "one"), build_shard(sub, vectors[:64], IndexConfig()))
+    assert load_shard(storage, str(tmp_path / "one" / "shard-0000")).params.mode == "brute_force"
+
+
+def test_modal_manifest_checksum_is_verified(storage, exact_index, bucket_uri):
+    from tessera.index.shard_io import manifest_bytes
+
+    uri = join_uri(bucket_uri, "modal", "text")
+    manifest = exact_index.save(storage, uri)
+    good = hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+    assert read_index_manifest(storage, uri, expected_sha256=good) == manifest
+    doc = json.loads(storage.read_bytes(join_uri(uri, "_MANIFEST.json")))
+    doc["embedding_run"] = "another-run"  # still a valid manifest: only its checksum tells
+    storage.write_bytes(join_uri(uri, "_MANIFEST.json"), json.dumps(doc).encode())
+    with pytest.raises(IndexCorruptError, match=r"file s3://.*/modal/text/_MANIFEST\.json: sha256 mismatch"):
+        read_index_manifest(storage, uri, expected_sha256=good)

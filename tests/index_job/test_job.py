@@ -33,6 +33,8 @@ def test_manifest_counts_and_self_check(built, sample_embeddings):
     assert set(manifest.recall_checks) == {"user", "item"} and manifest.recall_floor == 0.95
     assert manifest.recall_checks["user"].num_queries > 10
     assert manifest.recall_check.recall >= 0.95 and manifest.dim == 32
+    assert manifest.recall_checks["item"].query_items_excluded and manifest.recall_checks["item"].tie_tolerance
+    assert [s.num_shards for s in manifest.shards] == [2, 2]  # each shard.json records the shard count
     for m, ref in manifest.modal_indexes.items():
         assert ref.num_items == counts[f"with_{m}"] > 0
     assert set(manifest.modal_indexes) == {"text", "image", "audio"}

@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 
 
 class RecallCheck(BaseModel):
-    """Recall@k of the sharded index against exact search on a sample of queries."""
+    """Recall@k of the sharded index against exact search on a sample of queries
+    (:func:`tessera.index.sharded.measure_recall`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,10 +42,20 @@ class RecallCheck(BaseModel):
     queries: str = Field(default="sample of item vectors",
                          description="where the queries came from, e.g. 'held-out user vectors'")
     search_seconds: float | None = None
+    tie_tolerance: float | None = Field(
+        default=None, description="a returned item was a hit when its exact score was at least the exact k-th "
+                                  "score less this (None: recorded before the rule, ids compared as sets)")
+    query_items_excluded: bool | None = Field(
+        default=None, description="item queries were searched without the item itself (None: recorded before "
+                                  "the rule, the item counted as a hit)")
 
 
 class ModalIndexRef(BaseModel):
-    """A per-modality index stored under the version root (``modal/<modality>/``)."""
+    """A per-modality index stored under the version root (``modal/<modality>/``).
+
+    ``manifest_sha256`` is the sha256 of that index's ``_MANIFEST.json`` bytes; readers pass it to
+    :func:`read_index_manifest` as ``expected_sha256``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +106,8 @@ class IndexManifest(BaseModel):
             raise ValueError("shards must be listed in order with ids 0..num_shards-1")
         if any(s.dim != self.dim for s in self.shards):
             raise ValueError(f"every shard must have dim {self.dim}")
+        if any(s.num_shards not in (None, self.num_shards) for s in self.shards):
+            raise ValueError(f"a shard records another shard count than num_shards ({self.num_shards})")
         if set(self.shard_manifest_sha256) != {s.name for s in self.shards}:
             raise ValueError("shard_manifest_sha256 must name exactly the listed shards")
         return self
@@ -155,23 +168,34 @@ def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManife
     return uri
 
 
-def read_index_manifest(storage: Storage, index_uri: str) -> IndexManifest:
+def read_index_manifest(storage: Storage, index_uri: str, expected_sha256: str | None = None) -> IndexManifest:
     """Read and validate ``<index_uri>/_MANIFEST.json``.
 
     Args:
         storage: where to read.
-        index_uri: the index version's root.
+        index_uri: the index version's root (or a per-modality index under it).
+        expected_sha256: the sha256 the manifest's bytes must have, when another manifest records it
+            (a per-modality index: :attr:`ModalIndexRef.manifest_sha256`).
 
     Example::
 
         manifest = read_index_manifest(storage, "s3://bucket/index/v3")
         print(manifest.model_version, manifest.shard_counts)
+        ref = manifest.modal_indexes["text"]
+        text = read_index_manifest(storage, join_uri(uri, ref.path), expected_sha256=ref.manifest_sha256)
 
     Raises:
         FileNotFoundError: there is no manifest (the index was never completely written).
-        IndexCorruptError: the manifest does not parse or is inconsistent.
+        IndexCorruptError: the manifest does not parse, is inconsistent, or has another checksum than
+            ``expected_sha256``.
     """
-    raw = storage.read_bytes(join_uri(index_uri, INDEX_MANIFEST))
+    uri = join_uri(index_uri, INDEX_MANIFEST)
+    raw = storage.read_bytes(uri)
+    if expected_sha256 is not None:
+        got = hashlib.sha256(raw).hexdigest()
+        if got != expected_sha256:
+            raise IndexCorruptError("(index)", uri, f"sha256 mismatch: the referring manifest says "
+                                                    f"{expected_sha256[:16]}..., the file is {got[:16]}...")
     try:
         return IndexManifest.model_validate_json(raw)
     except ValidationError as err:

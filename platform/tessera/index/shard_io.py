@@ -5,8 +5,16 @@ A saved shard is a folder ``<index>/shard-NNNN/`` holding::
     scann/...        the serialised ScaNN searcher (ScaNN's serialize(), paths relative), or
     vectors.npy      the normalised vectors of a brute-force shard
     ids.parquet      one string column ``item_id``: row i of the searcher is item ids[i]
-    shard.json       ShardManifest: params, counts, build seconds, self-check recall, and the
-                     sha256 and size of every file above (written last: it marks the shard complete)
+    shard.json       ShardManifest: params, counts, the number of shards in the index, build
+                     seconds, self-check recall, and the sha256 and size of every file above
+                     (written last: it marks the shard complete)
+
+Saving into a local folder replaces the shard folder as a whole: the new shard is written into a
+hidden sibling folder, which is then swapped in, so files of an earlier attempt (say the ``scann/``
+files of an AH shard rebuilt as brute force) never survive next to the new ones. On ``s3://`` the
+files are written over in place and stale objects may remain under the prefix; they are never read:
+loading downloads only the files ``shard.json`` lists (into a folder named after its checksum) and
+checks that folder holds nothing else.
 
 Loading downloads every listed file (s3://) or reads it in place (local folder), hashes it, and
 raises :class:`IndexCorruptError` naming the shard and the file on any mismatch. Only listed files
@@ -25,12 +33,13 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tessera.index.params import IndexConfig, ScannParams
 from tessera.index.shard import ShardArtifact, build_shard
@@ -43,6 +52,7 @@ SCANN_DIR = "scann"
 FORMAT_VERSION = 1
 _CHUNK = 4 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+SHARD_DIR_NAME = re.compile(r"^shard-[0-9]{4,}$")
 _FORBIDDEN = {"scann_docids.pkl"}
 
 
@@ -77,6 +87,9 @@ class ShardManifest(BaseModel):
     files: dict[str, FileEntry]
     build_seconds: float
     self_recall: float | None = None
+    num_shards: int | None = Field(
+        default=None, ge=1, description="shards in the whole index (None: not recorded, as in shards saved "
+                                         "before the field existed)")
 
 
 def shard_name(shard_id: int) -> str:
@@ -93,48 +106,101 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_shard(storage: Storage, index_uri: str, shard: ShardArtifact) -> ShardManifest:
+def save_shard(storage: Storage, index_uri: str, shard: ShardArtifact,
+               num_shards: int | None = None) -> ShardManifest:
     """Write one shard under ``<index_uri>/shard-NNNN/`` and return its manifest.
+
+    In a local folder the shard folder is replaced as a whole (an earlier attempt's files go); on
+    ``s3://`` the files are written over in place (see the module docstring).
 
     Args:
         storage: where to write (``s3://`` URIs or local paths).
         index_uri: the index version's root, e.g. ``s3://bucket/index/v3``.
         shard: a built (or loaded) shard.
+        num_shards: shards in the whole index, recorded in ``shard.json`` so that a load without the
+            index manifest can tell a missing shard; None records it as unknown.
 
     Returns:
         The :class:`ShardManifest` written to ``shard.json`` (the index manifest embeds it).
 
     Example::
 
-        manifests = [save_shard(storage, uri, s) for s in shards]
+        manifests = [save_shard(storage, uri, s, num_shards=len(shards)) for s in shards]
     """
     name = shard_name(shard.shard_id)
+    if num_shards is not None and not 0 <= shard.shard_id < num_shards:
+        raise ValueError(f"{name} cannot be part of an index of {num_shards} shards")
     shard_uri = join_uri(index_uri, name)
+    if parse_uri(shard_uri).scheme == "file":
+        return _save_local(Path(parse_uri(shard_uri).path), shard, num_shards)
     with tempfile.TemporaryDirectory(prefix="tessera-shard-") as tmp:
         root = Path(tmp)
-        if shard.searcher is not None:
-            (root / SCANN_DIR).mkdir()
-            shard.searcher.serialize(str(root / SCANN_DIR), relative_path=True)
-        else:
-            np.save(root / VECTORS_FILE, shard.vectors, allow_pickle=False)
-        pq.write_table(pa.table({"item_id": pa.array(shard.ids.tolist(), pa.string())}), root / IDS_FILE)
-        files: dict[str, FileEntry] = {}
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
-            if rel.rsplit("/", 1)[-1] in _FORBIDDEN:
-                raise RuntimeError(f"{name}: ScaNN wrote {rel}; shards must not carry pickled files")
-            files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
-            _upload(storage, path, join_uri(shard_uri, rel))
-    manifest = ShardManifest(shard_id=shard.shard_id, name=name, count=shard.count, dim=shard.dim,
-                             params=shard.params, files=files, build_seconds=shard.build_seconds,
-                             self_recall=shard.self_recall)
+        files = _write_shard_files(root, shard, name)
+        for rel in files:
+            _upload(storage, root / rel, join_uri(shard_uri, rel))
+    manifest = _shard_manifest(shard, name, files, num_shards)
     storage.write_bytes(join_uri(shard_uri, SHARD_MANIFEST), manifest_bytes(manifest), "application/json")
+    return manifest
+
+
+def _write_shard_files(root: Path, shard: ShardArtifact, name: str) -> dict[str, FileEntry]:
+    """Serialise the shard's searcher (or vectors) and ids into the empty folder ``root``; their entries."""
+    if shard.searcher is not None:
+        (root / SCANN_DIR).mkdir()
+        shard.searcher.serialize(str(root / SCANN_DIR), relative_path=True)
+    else:
+        np.save(root / VECTORS_FILE, shard.vectors, allow_pickle=False)
+    pq.write_table(pa.table({"item_id": pa.array(shard.ids.tolist(), pa.string())}), root / IDS_FILE)
+    files: dict[str, FileEntry] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel.rsplit("/", 1)[-1] in _FORBIDDEN:
+            raise RuntimeError(f"{name}: ScaNN wrote {rel}; shards must not carry pickled files")
+        files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+    return files
+
+
+def _shard_manifest(shard: ShardArtifact, name: str, files: dict[str, FileEntry],
+                    num_shards: int | None) -> ShardManifest:
+    return ShardManifest(shard_id=shard.shard_id, name=name, count=shard.count, dim=shard.dim,
+                         params=shard.params, files=files, build_seconds=shard.build_seconds,
+                         self_recall=shard.self_recall, num_shards=num_shards)
+
+
+def _save_local(target: Path, shard: ShardArtifact, num_shards: int | None) -> ShardManifest:
+    """Write the complete shard (``shard.json`` last) into a hidden sibling of ``target``, then swap it in.
+
+    A crash while writing leaves ``target`` as it was (plus a hidden ``.shard-NNNN.partial-*`` folder,
+    which no load reads); a crash between the two renames of the swap leaves ``target`` absent, which
+    a load reports as a missing shard. Leftovers of earlier crashed saves are removed first.
+    """
+    name = target.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{name}.*"):
+        if stale.is_dir() and stale.name.startswith((f".{name}.partial-", f".{name}.old-")):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # (mkdir, not mkdtemp: the folder gets the umask's permissions, as before)
+    try:
+        files = _write_shard_files(staging, shard, name)
+        manifest = _shard_manifest(shard, name, files, num_shards)
+        (staging / SHARD_MANIFEST).write_bytes(manifest_bytes(manifest))
+        if target.exists():
+            retired = target.parent / f".{name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
 def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, vectors,
                          config: IndexConfig | None = None, catalog_size: int | None = None,
-                         tuning_queries=None) -> ShardManifest:
+                         tuning_queries=None, num_shards: int | None = None) -> ShardManifest:
     """Build one shard and save it; the body of one Ray task in the index job.
 
     Returns only the (small, picklable) manifest: ScaNN searchers cannot cross process boundaries.
@@ -147,14 +213,16 @@ def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, v
         config: build settings.
         catalog_size: items over all shards.
         tuning_queries: extra real queries the build tunes on (see :func:`~tessera.index.shard.build_shard`).
+        num_shards: shards in the whole index (recorded in ``shard.json``, see :func:`save_shard`).
 
     Example::
 
         parts = assign_shards(ids, 4)
-        manifests = [build_and_save_shard(storage, uri, i, [ids[r] for r in rows], vecs[rows])
+        manifests = [build_and_save_shard(storage, uri, i, [ids[r] for r in rows], vecs[rows], num_shards=4)
                      for i, rows in enumerate(parts)]
     """
-    return save_shard(storage, index_uri, build_shard(ids, vectors, config, shard_id, catalog_size, tuning_queries))
+    shard = build_shard(ids, vectors, config, shard_id, catalog_size, tuning_queries)
+    return save_shard(storage, index_uri, shard, num_shards)
 
 
 def manifest_bytes(manifest: BaseModel) -> bytes:
@@ -207,6 +275,12 @@ def read_shard_manifest(storage: Storage, shard_uri: str, expected_sha256: str |
     return _read_manifest(storage, shard_uri, expected_sha256)[0]
 
 
+def read_shard_manifest_sha256(storage: Storage, shard_uri: str) -> tuple[ShardManifest, str]:
+    """:func:`read_shard_manifest` and the sha256 of the bytes read: pass it to :func:`load_shard` as
+    ``expected_manifest_sha256`` so the shard loaded is the one whose manifest was inspected."""
+    return _read_manifest(storage, shard_uri, None)
+
+
 def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None) -> tuple[ShardManifest, str]:
     name = shard_uri.rstrip("/").rsplit("/", 1)[-1]
     try:
@@ -222,6 +296,9 @@ def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None
         raise IndexCorruptError(name, SHARD_MANIFEST, f"invalid manifest: {err.error_count()} errors") from None
     if manifest.name != name or manifest.name != shard_name(manifest.shard_id):
         raise IndexCorruptError(name, SHARD_MANIFEST, f"describes {manifest.name} (shard {manifest.shard_id})")
+    if manifest.num_shards is not None and manifest.shard_id >= manifest.num_shards:
+        raise IndexCorruptError(name, SHARD_MANIFEST, f"shard {manifest.shard_id} of an index of "
+                                                      f"{manifest.num_shards} shards")
     for rel in manifest.files:
         if not _SAFE_NAME.match(rel) or ".." in rel.split("/") or rel.rsplit("/", 1)[-1] in _FORBIDDEN:
             raise IndexCorruptError(name, rel, "file name not allowed in a shard")
@@ -229,9 +306,8 @@ def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None
 
 
 def _upload(storage: Storage, local: Path, uri: str) -> None:
+    """Copy a local file to an ``s3://`` object (local shards are written in place by :func:`_save_local`)."""
     fs, path = storage.filesystem(uri)
-    if parse_uri(uri).scheme == "file":
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with open(local, "rb") as src, fs.open_output_stream(path) as dst:
         shutil.copyfileobj(src, dst, _CHUNK)
 

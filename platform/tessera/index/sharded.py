@@ -36,7 +36,6 @@ from tessera.index.exact import (
     exact_search,
     l2_normalize,
     prepare_queries,
-    recall_at_k,
     top_k_rows,
 )
 from tessera.index.manifest import (
@@ -50,12 +49,23 @@ from tessera.index.manifest import (
 )
 from tessera.index.params import IndexConfig
 from tessera.index.shard import ShardArtifact, build_shard, search_shard, search_shard_one
-from tessera.index.shard_io import SHARD_MANIFEST, IndexCorruptError, load_shard, save_shard
+from tessera.index.shard_io import (
+    SHARD_DIR_NAME,
+    SHARD_MANIFEST,
+    IndexCorruptError,
+    load_shard,
+    read_shard_manifest_sha256,
+    save_shard,
+    shard_name,
+)
 from tessera.index.sharding import assign_shards
 from tessera.storage import Storage, join_uri
 
 # Merges of up to this many queries run in plain Python (see ShardedIndex._merge_few).
 _FEW_QUERIES = 8
+# measure_recall: a returned item within this of the exact k-th score is a hit (ties at the cut-off;
+# float32 rounding of the same dot product in two matrix products differs by far less).
+RECALL_TIE_TOLERANCE = 1e-5
 
 
 class SearchConfig(TesseraConfig):
@@ -151,21 +161,33 @@ class ShardedIndex:
 
     @classmethod
     def load(cls, storage: Storage, uri: str, config: SearchConfig | None = None,
-             cache_dir: str | os.PathLike | None = None) -> ShardedIndex:
+             cache_dir: str | os.PathLike | None = None, *, require_manifest: bool = True) -> ShardedIndex:
         """Load an index version from ``s3://`` or a local folder, verifying every checksum.
 
-        Uses ``_MANIFEST.json`` when present; otherwise loads every ``shard-NNNN/shard.json`` found,
-        unless the folder holds ``_FAILED.json`` (a build that failed its self-check): that is refused.
+        The index manifest ``_MANIFEST.json`` is written last and marks the index complete and
+        self-checked; without it the load is refused (a build still running, killed, or failed). With
+        ``require_manifest=False`` the ``shard-NNNN/shard.json`` folders found are loaded instead, for
+        inspecting shards saved without a manifest; each ``shard.json`` records the index's shard count,
+        so a missing shard (the last one included) or a shard left by another build is still refused
+        (shards saved before that count was recorded load as found). A folder holding ``_FAILED.json``
+        (a build that failed its self-check) is refused either way.
 
         Args:
             storage: where to read.
             uri: the version folder, e.g. ``s3://bucket/index/v3``.
             config: query-time settings.
             cache_dir: keep downloaded files here (see :func:`~tessera.index.shard_io.load_shard`).
+            require_manifest: refuse a folder without ``_MANIFEST.json`` (the default).
 
         Raises:
-            IndexCorruptError: naming the shard and file whose checksum, size or content is wrong.
+            IndexCorruptError: naming the shard and file whose checksum, size or content is wrong; or
+                ``_MANIFEST.json`` missing beside shard folders; or a shard missing on the opt-in path.
             FileNotFoundError: no index at ``uri``.
+
+        Example::
+
+            index = ShardedIndex.load(storage, "s3://bucket/index/v3")
+            partial = ShardedIndex.load(storage, "/tmp/shards", require_manifest=False)
         """
         config = config or SearchConfig()
         manifest = read_index_manifest(storage, uri) if storage.exists(join_uri(uri, INDEX_MANIFEST)) else None
@@ -175,12 +197,15 @@ class ShardedIndex:
             if storage.exists(join_uri(uri, FAILED_REPORT)):
                 reason = storage.read_json(join_uri(uri, FAILED_REPORT)).get("error", "see the report")
                 raise IndexCorruptError("(index)", FAILED_REPORT, f"the build of {uri} failed: {reason}")
-            root_name = uri.rstrip("/").rsplit("/", 1)[-1]
-            found = [f for f in storage.list_files(uri, suffix=f"/{SHARD_MANIFEST}")
-                     if f.rsplit("/", 3)[-3] == root_name]  # <root>/shard-NNNN/shard.json, not modal/...
-            wanted = sorted((f.rsplit("/", 2)[-2], None) for f in found)
-            if not wanted:
+            names = _shard_folders(storage, uri)
+            if not names:
                 raise FileNotFoundError(f"no index at {uri}: neither {INDEX_MANIFEST} nor shard folders")
+            if require_manifest:
+                raise IndexCorruptError("(index)", INDEX_MANIFEST, (
+                    f"missing under {uri}, which holds {len(names)} shard folder(s): the build is still running, "
+                    f"was stopped, or never completed; an index is loadable once its manifest is written "
+                    f"(ShardedIndex.load(..., require_manifest=False) loads the shards found, for inspection)"))
+            wanted = _complete_shard_set(storage, uri, names)
         with ThreadPoolExecutor(max_workers=config.load_threads) as pool:
             shards = list(pool.map(lambda w: load_shard(storage, join_uri(uri, w[0]), cache_dir, w[1]), wanted))
         if manifest is not None:
@@ -199,7 +224,7 @@ class ShardedIndex:
             index.save(storage, "s3://bucket/index/v1", model_version="m1", embedding_run="e1")
         """
         start = time.perf_counter()
-        shard_manifests = [save_shard(storage, uri, shard) for shard in self.shards]
+        shard_manifests = [save_shard(storage, uri, shard, len(self.shards)) for shard in self.shards]
         timings = {"build": sum(s.build_seconds for s in self.shards), "save": time.perf_counter() - start}
         manifest = make_index_manifest(index_version or uri.rstrip("/").rsplit("/", 1)[-1], shard_manifests,
                                        build_config=build_config, model_version=model_version,
@@ -342,27 +367,94 @@ def _merge_lists(per_shard: list[tuple[list[int], list[float]]], k: int,
     return [lists[j][row] for _, j, row in top], [score for score, _, _ in top] + [-np.inf] * (k - len(top))
 
 
-def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10) -> RecallCheck:
+def _shard_folders(storage: Storage, uri: str) -> list[str]:
+    """Names of the ``<uri>/shard-NNNN/`` folders holding a ``shard.json`` (not ``modal/...``), sorted."""
+    root_name = uri.rstrip("/").rsplit("/", 1)[-1]
+    found = [f.rsplit("/", 3)[-3:-1] for f in storage.list_files(uri, suffix=f"/{SHARD_MANIFEST}")]
+    return sorted(name for parent, name in found if parent == root_name and SHARD_DIR_NAME.match(name))
+
+
+def _complete_shard_set(storage: Storage, uri: str, names: list[str]) -> list[tuple[str, str]]:
+    """``(name, sha256 of shard.json)`` of the shard folders ``names`` of an index without a manifest,
+    once their ``shard.json`` agree on the shard count and every shard of it is present.
+
+    Raises:
+        IndexCorruptError: a shard is missing, or the folders mix shards of different builds.
+    """
+    read = [read_shard_manifest_sha256(storage, join_uri(uri, name)) for name in names]
+    counts = {m.num_shards for m, _ in read}
+    if counts == {None}:  # saved before shard.json recorded the count: only gaps in 0..S-1 show
+        return [(m.name, digest) for m, digest in read]
+    if len(counts) > 1:
+        described = ", ".join(f"{m.name}: {m.num_shards or 'unrecorded'}" for m, _ in read)
+        raise IndexCorruptError("(index)", SHARD_MANIFEST,
+                                f"the shard folders under {uri} disagree on the number of shards, they come "
+                                f"from different builds ({described})")
+    (total,) = counts
+    expected = [shard_name(i) for i in range(total)]
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise IndexCorruptError(missing[0], SHARD_MANIFEST,
+                                f"missing under {uri}: the other shards record an index of {total} shards, "
+                                f"{len(missing)} of them absent ({', '.join(missing)}); the build is incomplete")
+    return [(m.name, digest) for m, digest in read]
+
+
+def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10,
+                   query_ids: Sequence[str | None] | None = None,
+                   tie_tolerance: float = RECALL_TIE_TOLERANCE) -> RecallCheck:
     """Recall@k of ``index`` against exact search over the full catalog (the index's self-check).
+
+    A query's recall is the share of its exact top-``k`` the index found, where a returned item counts
+    as found when its exact score is at least the exact ``k``-th score less ``tie_tolerance`` (times
+    that score's magnitude when above 1): among items tied at the cut-off, exact search keeps some by
+    row order, and another of them is as good an answer. Queries that are vectors of catalog items
+    (``query_ids``) are searched with that item excluded, in the exact answer and in the index's: the
+    item itself, its own nearest neighbour, would otherwise be a free hit (1/k of the figure), as the
+    shard tuning's leave-one-out queries already avoid.
 
     Args:
         index: the index to check.
         queries: (Q, D) query vectors (e.g. a sample of item vectors or held-out user vectors).
         item_ids, item_vectors: the whole catalog the index was built from.
         k: cut-off.
+        query_ids: per query, the catalog item it is the vector of (None: not an item); None for
+            queries that are no item's (user vectors).
+        tie_tolerance: see above; :data:`RECALL_TIE_TOLERANCE` covers float32 rounding only.
 
     Example::
 
-        check = measure_recall(index, vecs[:500], ids, vecs, k=10)
+        check = measure_recall(index, vecs[:500], ids, vecs, k=10, query_ids=ids[:500])
         assert check.recall >= 0.95
     """
     x = as_float_matrix(item_vectors, "item vectors", index.dim)
     q = as_float_matrix(queries, "queries", index.dim)
+    if x.shape[0] != len(item_ids):
+        raise ValueError(f"{len(item_ids)} item ids for {x.shape[0]} item vectors")
+    if query_ids is not None and len(query_ids) != q.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids for {q.shape[0]} queries")
     if index.shards[0].params.normalized:
         x, q = l2_normalize(x), l2_normalize(q, "queries")
+    row_of = {str(item): r for r, item in enumerate(item_ids)}
+    exclude = exclude_rows = None
+    if query_ids is not None:
+        exclude = [set() if i is None else {str(i)} for i in query_ids]
+        exclude_rows = [[row_of[i] for i in ex if i in row_of] for ex in exclude]
     start = time.perf_counter()
-    approx, _ = index.search(q, k)
+    approx, _ = index.search(q, k, exclude)
     seconds = time.perf_counter() - start
-    rows, _ = exact_search(q, x, k)
-    exact = [[item_ids[r] for r in row if r >= 0] for row in rows]
-    return RecallCheck(k=k, num_queries=len(q), recall=recall_at_k(approx, exact), search_seconds=seconds)
+    _, exact_scores = exact_search(q, x, k, exclude_rows)  # (Q, min(k, N)), -inf past the eligible items
+    total, counted = 0.0, 0
+    for i, found in enumerate(approx):
+        truth = exact_scores[i][np.isfinite(exact_scores[i])]
+        if not len(truth):
+            continue
+        kth = float(truth[-1])
+        skip = exclude[i] if exclude is not None else ()
+        rows = [row_of[item] for item in dict.fromkeys(found[:k]) if item in row_of and item not in skip]
+        scores = x[rows] @ q[i]  # (len(rows),) exact scores of what the index returned
+        hits = int(np.count_nonzero(scores >= kth - tie_tolerance * max(1.0, abs(kth))))
+        total += min(hits, len(truth)) / len(truth)
+        counted += 1
+    return RecallCheck(k=k, num_queries=len(q), recall=total / counted if counted else 1.0, search_seconds=seconds,
+                       tie_tolerance=tie_tolerance, query_items_excluded=query_ids is not None)

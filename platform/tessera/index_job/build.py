@@ -116,14 +116,15 @@ def read_rows(storage: Storage, parts: list[str], column: str, ids: list[str] | 
 
 def build_shard_task(storage: Storage, parts: list[str], column: str, ids: list[str], shard_id: int,
                      index_uri: str, config: IndexConfig, catalog_size: int,
-                     tuning_queries: np.ndarray | None = None) -> ShardManifest:
+                     tuning_queries: np.ndarray | None = None, num_shards: int | None = None) -> ShardManifest:
     """Body of one shard's Ray task: read its rows, build (tuning also on ``tuning_queries``), save
-    with checksums, return the manifest."""
+    with checksums (and the index's ``num_shards``), return the manifest."""
     got_ids, vectors = read_rows(storage, parts, column, ids)
     if len(got_ids) != len(ids):
         raise RuntimeError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} items "
                            f"in the vectors parts")
-    return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries)
+    return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries,
+                                num_shards=num_shards)
 
 
 def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_uri: str, config: IndexConfig,
@@ -155,5 +156,5 @@ def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_
         queries = tuning_queries.get(plan.name)
         queries_ref = ray.put(queries) if queries is not None and len(queries) else None
         pending[plan.name] = [task.remote(storage, parts, plan.column, ids, i, uri, config, plan.num_items,
-                                          queries_ref) for i, ids in enumerate(plan.shards)]
+                                          queries_ref, len(plan.shards)) for i, ids in enumerate(plan.shards)]
     return {name: ray.get(refs) for name, refs in pending.items()}

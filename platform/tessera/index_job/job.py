@@ -6,8 +6,11 @@
 Manifests are written last: ``modal/<modality>/_MANIFEST.json`` for each per-modality index, then
 the version's ``_MANIFEST.json`` (its presence marks the index complete). A build whose self-check
 falls below the floor writes ``_FAILED.json`` (the would-be manifest plus the error) instead, which
-:meth:`tessera.index.ShardedIndex.load` refuses. Nothing is deleted: rerunning a failed build writes
-over the same shard folders.
+:meth:`tessera.index.ShardedIndex.load` refuses (as it refuses a version without ``_MANIFEST.json``:
+a build still running or stopped). Rerunning a failed build writes over the same shard folders: a
+local folder's shard folders are replaced whole; on ``s3://`` objects of the earlier attempt that the
+new ``shard.json`` does not list may remain, and are never read (see :mod:`tessera.index.shard_io`).
+Each ``shard.json`` records the index's shard count.
 
 Example::
 

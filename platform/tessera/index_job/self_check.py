@@ -7,7 +7,11 @@ not pass through the driver). It loads the shards back from storage exactly as s
 * **user queries** (fused index only): users sampled from the interaction log; each one's history
   (all but the last ``holdout`` events, the most recent ``max_history`` of them, items outside the
   index dropped) goes through the bundle's user tower, at the time of the first held-out event;
-* **item queries**: a sample of the index's own vectors (for a per-modality index, that modality's).
+* **item queries**: a sample of the index's own vectors (for a per-modality index, that modality's),
+  each searched with its own item excluded (in the exact answer too), so the item is no free hit.
+
+A returned item counts as a hit when its exact score ties the exact k-th score (within
+:data:`~tessera.index.sharded.RECALL_TIE_TOLERANCE`): see :func:`tessera.index.measure_recall`.
 
 Example::
 
@@ -140,8 +144,9 @@ def run_self_check(storage: Storage, index_uri: str, manifest: IndexManifest, pa
     rng = np.random.default_rng(cfg.seed)
     if cfg.item_queries:
         sample = np.sort(rng.choice(len(ids), size=min(cfg.item_queries, len(ids)), replace=False))
-        check = measure_recall(index, vectors[sample], ids, vectors, cfg.k)
-        checks["item"] = check.model_copy(update={"queries": f"{len(sample)} sampled item vectors ({column})"})
+        check = measure_recall(index, vectors[sample], ids, vectors, cfg.k, query_ids=[ids[r] for r in sample])
+        checks["item"] = check.model_copy(update={
+            "queries": f"{len(sample)} sampled item vectors ({column}), each item excluded from its own results"})
     if cfg.user_queries and model_uri and interactions_uri:
         import torch
 

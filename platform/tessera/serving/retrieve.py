@@ -36,7 +36,12 @@ class RetrieverCore:
         """Load the fused index (all shards, or the given shard ids) and, with ``modal``, every shard of
         the per-modality indexes.
 
-        Every shard is verified against the checksum in its index manifest.
+        Every shard is verified against the checksum in its index manifest, and every per-modality
+        index manifest against the checksum the version's manifest records for it.
+
+        Raises:
+            IndexCorruptError: a shard file, ``shard.json`` or a per-modality ``_MANIFEST.json`` whose
+                checksum does not match.
         """
         indexes = {"fused": _load(storage, ref.index_uri, ref.manifest, search, shards)}
         if modal:
@@ -44,7 +49,8 @@ class RetrieverCore:
 
             for modality, entry in ref.manifest.modal_indexes.items():
                 uri = join_uri(ref.index_uri, entry.path)
-                indexes[modality] = _load(storage, uri, read_index_manifest(storage, uri), search, None)
+                manifest = read_index_manifest(storage, uri, expected_sha256=entry.manifest_sha256)
+                indexes[modality] = _load(storage, uri, manifest, search, None)
         return cls(ref, indexes)
 
     def search(self, index: str, vectors: np.ndarray, k: int,

@@ -1,0 +1,69 @@
+"""measure_recall, the self-check's measure: item queries leave their own item out, ties at the cut-off count."""
+
+import numpy as np
+import pytest
+
+from tessera.index import IndexConfig, ShardedIndex, assign_shards, exact_search, measure_recall, recall_at_k
+from tests.index.conftest import unit_rows
+
+
+def _set_recall(index, queries, ids, vectors, k, exclude=None):
+    """Recall as ids compared as sets (the measure before ties counted), with optional exclusions."""
+    found, _ = index.search(queries, k, exclude)
+    rows = None if exclude is None else [[ids.index(i) for i in ex] for ex in exclude]
+    truth, _ = exact_search(queries, vectors, k, rows)
+    return recall_at_k(found, [[ids[r] for r in row if r >= 0] for row in truth])
+
+
+def test_item_queries_leave_their_own_item_out(small_catalog):
+    """An approximate index (AH, no reordering to speak of) finds an item's own vector every time, but its
+    nearest other item far less often: counting the item itself would report recall@1 of about 1."""
+    ids, vectors = small_catalog
+    index = ShardedIndex.from_arrays(ids, vectors, IndexConfig(mode="ah", num_neighbors=1, reorder_num_neighbors=1,
+                                                               training_threads=1), num_shards=2)
+    queries, query_ids = vectors[:200], ids[:200]
+    with_self = measure_recall(index, queries, ids, vectors, k=1)
+    check = measure_recall(index, queries, ids, vectors, k=1, query_ids=query_ids)
+    assert with_self.recall >= 0.99 and not with_self.query_items_excluded
+    assert check.query_items_excluded and check.num_queries == 200 and check.tie_tolerance == 1e-5
+    # random vectors have no ties: the measure is the plain recall of the searches without the item
+    assert check.recall == pytest.approx(_set_recall(index, queries, ids, vectors, 1, [{i} for i in query_ids]))
+    assert check.recall < 0.8
+
+
+@pytest.fixture(scope="module")
+def duplicated():
+    """50 distinct vectors, 4 copies each, copies laid out so that exact search (ties to the lower row)
+    and the shard merge (ties to the lower shard) keep different copies of a group cut at the k-th place."""
+    base = unit_rows(np.random.default_rng(3), 50, 16)
+    ids = [f"g{g:02d}-c{c}" for g in range(50) for c in range(4)]
+    shard_of = {ids[r]: s for s, rows in enumerate(assign_shards(ids, 3)) for r in rows}
+    ordered = [i for g in range(50) for i in sorted(ids[4 * g:4 * g + 4], key=lambda i: -shard_of[i])]
+    vectors = np.stack([base[int(i[1:3])] for i in ordered])  # (200, 16)
+    index = ShardedIndex.from_arrays(ordered, vectors, IndexConfig(), num_shards=3)
+    assert [s.params.mode for s in index.shards] == ["brute_force"] * 3
+    return ordered, vectors, index
+
+
+def test_ties_at_the_cut_off_count_as_hits(duplicated):
+    ids, vectors, index = duplicated
+    users = unit_rows(np.random.default_rng(4), 40, 16)  # top-10: 4 + 4 copies, then 2 of a group of 4
+    assert _set_recall(index, users, ids, vectors, 10) < 0.95  # an exact index, yet misses as sets
+    assert measure_recall(index, users, ids, vectors, k=10).recall == 1.0
+    items = vectors[::3]  # an item's 3 twins, then 4 + 3 of the next groups: cut inside a group again
+    query_ids = ids[::3]
+    assert _set_recall(index, items, ids, vectors, 10, [{i} for i in query_ids]) < 0.95
+    assert measure_recall(index, items, ids, vectors, k=10, query_ids=query_ids).recall == 1.0
+
+
+def test_a_worse_item_is_no_tie(duplicated):
+    """The tolerance covers rounding only: an index answering with the next group instead of a tied
+    copy loses that hit."""
+    ids, vectors, index = duplicated
+    query = vectors[:1]  # group g00: its 3 other copies and the query item itself tie at score 1
+    full = measure_recall(index, query, ids, vectors, k=4)
+    assert full.recall == 1.0
+    partial = ShardedIndex([index.shards[0]])  # the copies in the other shards are not there to be found
+    held = sum(i.startswith("g00-") for i in index.shards[0].id_list)
+    assert 1 <= held < 4
+    assert measure_recall(partial, query, ids, vectors, k=4).recall == pytest.approx(held / 4)

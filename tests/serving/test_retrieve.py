@@ -1,0 +1,43 @@
+"""RetrieverCore over indexes saved to the real S3 store: every manifest it reads is checked."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from tessera.index import IndexConfig, IndexCorruptError, ModalIndexRef, ShardedIndex, write_index_manifest
+from tessera.index.shard_io import manifest_bytes
+from tessera.serving import VersionRef
+from tessera.serving.retrieve import RetrieverCore
+from tessera.storage import join_uri
+
+
+def _unit(rng, n, dim):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_per_modality_manifest_is_verified_against_its_checksum(storage, bucket_uri):
+    rng = np.random.default_rng(21)
+    ids = [f"item-{i:03d}" for i in range(300)]
+    fused, text = _unit(rng, 300, 16), _unit(rng, 300, 8)
+    text_manifest = ShardedIndex.from_arrays(ids, text, IndexConfig(), num_shards=2).save(
+        storage, join_uri(bucket_uri, "modal", "text"))
+    top = ShardedIndex.from_arrays(ids, fused, IndexConfig(), num_shards=2).save(storage, bucket_uri)
+    top.modal_indexes["text"] = ModalIndexRef(path="modal/text", num_items=300,
+                                              manifest_sha256=hashlib.sha256(manifest_bytes(text_manifest)).hexdigest())
+    write_index_manifest(storage, bucket_uri, top)
+    ref = VersionRef(index_uri=bucket_uri, manifest=top, model_uri="(not read)", bundle_manifest={},
+                     embedding_run="(not read)", interactions_uri=None)
+    retriever = RetrieverCore.load(storage, ref)
+    found, _ = retriever.search("text", text[:3], k=1)
+    assert found == [[i] for i in ids[:3]]
+    # the text index's manifest replaced by another valid one (say, of a rebuilt index): refused
+    target = join_uri(bucket_uri, "modal", "text", "_MANIFEST.json")
+    doc = json.loads(storage.read_bytes(target))
+    doc["embedding_run"] = "another-run"
+    storage.write_bytes(target, json.dumps(doc).encode())
+    with pytest.raises(IndexCorruptError, match=r"file s3://.*/modal/text/_MANIFEST\.json: sha256 mismatch"):
+        RetrieverCore.load(storage, ref)
+    assert set(RetrieverCore.load(storage, ref, modal=False).indexes) == {"fused"}
