@@ -73,6 +73,14 @@ def test_existing_version_is_refused(built, bundle_uri, tmp_path):
     assert main(["--config", str(config)]) == 2
 
 
+def test_id_only_without_id_buckets_is_an_input_error(bundle_uri, ray_session, bucket_uri, tmp_path, capsys):
+    config = tmp_path / "index.yaml"
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {join_uri(bucket_uri, 'index-id-only')}\n"
+                      "no_modality: id_only\n")
+    assert main(["--config", str(config)]) == 6
+    assert "no_modality: id_only needs an item tower with num_id_buckets" in capsys.readouterr().err
+
+
 def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage, bucket_uri):
     # AH shards with reordering pinned to k: approximate, so a floor of 1.0 cannot be met.
     cfg = job_config(bundle_uri, join_uri(bucket_uri, "index"), modal_indexes=False,

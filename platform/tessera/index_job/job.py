@@ -37,7 +37,7 @@ from tessera.index.shard_io import manifest_bytes
 from tessera.index_job.build import build_all, plan_indexes
 from tessera.index_job.config import IndexJobConfig
 from tessera.index_job.self_check import run_self_check, tuning_user_queries
-from tessera.index_job.sources import IndexSources, resolve_sources
+from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.storage import Storage, join_uri
 
@@ -77,7 +77,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                                f"immutable: set version (or --version) to build another")
     tower_cfg = _tower_config(storage, cfg)
     if cfg.no_modality == "id_only" and not tower_cfg.num_id_buckets:
-        raise ValueError("no_modality: id_only needs an item tower with num_id_buckets > 0; this one has none")
+        raise IndexSourceError(f"no_modality: id_only needs an item tower with num_id_buckets > 0; the one in "
+                               f"{cfg.model_uri} has none (set no_modality: exclude, or train with id buckets)")
     modalities = list(tower_cfg.modality_dims)
     print(f"[index] model {src.model_version} ({cfg.model_uri}), embeddings {src.embedding_run}: "
           f"{src.num_items} items in {len(src.embedding_parts)} parts -> {src.index_uri}", flush=True)
