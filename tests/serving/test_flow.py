@@ -53,6 +53,29 @@ def test_recommend_is_the_exact_top_k_of_user_tower_over_item_vectors_then_ranke
     assert answer["model_version"] == ref.model_version and answer["timings"]["total_ms"] > 0
 
 
+def test_an_answer_does_not_depend_on_the_k_of_its_batch_mates(local, served_index):
+    """One search serves the batch at its largest k; each request must still rank only its own
+    max(k, candidates) candidates (with a k=100 batch mate, k=10 answers used to change)."""
+    stages, flow, ref = local
+    users = list(stages.query.get(served_index).histories.span)[:12]
+
+    class Recording(LocalStages):  # the real stages, keeping what the ranker is handed
+        async def rank(self, index_uri, inputs):
+            handed.append([len(x.candidate_ids) for x in inputs])
+            return await super().rank(index_uri, inputs)
+
+    handed: list[list[int]] = []
+    recording = Flow(Recording(stages.storage), served_index, ref.model_version, ref.index_version)
+    alone = [run(recording.recommend([RecommendRequest(user_id=u, k=10)]))[0] for u in users[:6]]
+    mixed = run(recording.recommend([RecommendRequest(user_id=u, k=10) for u in users[:6]]
+                                    + [RecommendRequest(user_id=u, k=100) for u in users[6:]]))
+    assert handed[-1] == [flow.candidates] * 6 + [100] * 6
+    for a, b in zip(alone, mixed[:6], strict=True):
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        assert np.allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-4)
+    assert all(len(m["items"]) == 100 for m in mixed[6:])
+
+
 def test_exclude_seen_false_may_return_seen_items_and_true_never_does(local, served_index):
     stages, flow, _ = local
     query = stages.query.get(served_index)

@@ -10,7 +10,7 @@ Example::
 
     stages = LocalStages(storage)
     flow = Flow(stages, index_uri="s3://tessera-demo/index/v1")
-    [answer] = await flow.recommend([RecommendRequest(user_id="user-000004", k=5)])
+    [answer] = await flow.recommend([RecommendRequest(user_id="user-00000004", k=5)])
 """
 
 from __future__ import annotations
@@ -80,7 +80,11 @@ class Flow:
             exclude = [set(encoded[i].exclude_ids) for i in warm]
             ids, scores = await self.stages.search(self.index_uri, "fused", vectors, k,
                                                    exclude if any(exclude) else None)
-            found = {i: (ids[j], scores[j, :len(ids[j])]) for j, i in enumerate(warm)}
+            # one search for the batch, at its largest k; each request ranks only its own share, so its
+            # answer does not depend on the k of the requests it happened to share a batch with
+            for j, i in enumerate(warm):
+                n = min(len(ids[j]), max(requests[i].k, self.candidates))
+                found[i] = (ids[j][:n], scores[j, :n])
         t2 = time.perf_counter()
         inputs, slots = [], []
         for i, e in enumerate(encoded):
