@@ -8,9 +8,11 @@ import wave
 import numpy as np
 import pytest
 import soundfile
+import torch
+import torchaudio.functional as AF
 
 from tessera.encoders import AudioEncoder, AudioEncoderConfig, AudioPreprocessor, MediaError
-from tessera.encoders.audio_decode import decode_audio_bytes
+from tessera.encoders.audio_decode import decode_audio_bytes, resample_ratio
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,72 @@ def test_sample_rate_must_agree_with_checkpoint(audio_weights, recordings):
     prep = AudioPreprocessor(AudioEncoderConfig(weights=str(audio_weights), sample_rate=22050))
     with pytest.raises(ValueError, match="disagrees"):
         prep(recordings[0])
+
+
+# --- work and memory bounded by the clip, whatever the header declares ---
+
+
+def _encode(samples: np.ndarray, rate: int, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format=fmt, subtype=subtype)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def speech(fsdd_wavs) -> np.ndarray:
+    """2.3 s of real speech at 8 kHz: the six recordings one after the other."""
+    return np.concatenate([soundfile.read(p, dtype="float32")[0] for p in fsdd_wavs])
+
+
+@pytest.mark.parametrize("rate", [1, 999, 768_001, 2_000_000])
+def test_implausible_sample_rate_is_corrupt(audio_weights, rate):
+    # a 400 KB WAV saying 1 Hz resampled to 16 kHz was 3.2 G samples (12.8 GB)
+    prep = AudioPreprocessor(AudioEncoderConfig(weights=str(audio_weights)))
+    [err] = prep.map([_encode(np.zeros(200_000, np.int16), rate)])
+    assert isinstance(err, MediaError) and err.kind == "corrupt"
+    assert f"sample rate of {rate} Hz, outside 1000..768000 Hz" in str(err)
+
+
+def test_only_the_frames_the_clip_needs_are_decoded(audio_weights, speech):
+    prep = AudioPreprocessor(AudioEncoderConfig(weights=str(audio_weights)))
+    # two minutes of 48 kHz silence: ~50 KB of FLAC, 23 MB of float32 once decoded
+    [silence] = prep.map([_encode(np.zeros(48_000 * 120, np.int16), 48_000, "FLAC")])
+    assert isinstance(silence, np.ndarray) and silence.shape == (16000,)
+    # non-finite samples 2 s in: the full decode refuses the file, the clip never reaches them
+    tail = np.concatenate([speech[:16000], np.full(8000, np.nan, np.float32)])
+    raw = _encode(tail, 8000, subtype="FLOAT")
+    with pytest.raises(MediaError, match="non-finite"):
+        decode_audio_bytes(raw, 10**7, 16000)
+    finite = decode_audio_bytes(_encode(speech[:16000], 8000, subtype="FLOAT"), 10**7, 16000)  # (32000,)
+    np.testing.assert_allclose(decode_audio_bytes(raw, 10**7, 16000, max_samples=16000), finite[:16000],
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate, channels", [(8000, 1), (11025, 1), (44100, 2), (48000, 2)])
+@pytest.mark.parametrize("clip_samples", [4000, 16000, 40000])
+def test_clip_is_the_start_of_the_full_decode(speech, rate, channels, clip_samples):
+    """Real speech at common rates: decoding only the clip's frames gives the full decode's first samples."""
+    wave = AF.resample(torch.from_numpy(speech), 8000, rate).numpy() * 0.9 if rate != 8000 else speech
+    raw = _encode(np.stack([wave, -0.5 * wave], axis=1) if channels == 2 else wave, rate)
+    whole = decode_audio_bytes(raw, 10**8, 16000)
+    clip = decode_audio_bytes(raw, 10**8, 16000, max_samples=clip_samples)
+    assert clip.shape == (min(clip_samples, len(whole)),)
+    np.testing.assert_allclose(clip, whole[:clip_samples], rtol=0, atol=1e-6)  # float32 rounding of the sinc
+
+
+def test_preprocessed_clip_matches_full_decode_on_real_recordings(audio_weights, recordings):
+    prep = AudioPreprocessor(AudioEncoderConfig(weights=str(audio_weights), clip_seconds=0.25))
+    for raw in recordings:
+        full = decode_audio_bytes(raw, 10**7, 16000)[:4000]
+        expected = (full - full.mean()) / np.sqrt(full.var() + 1e-7)  # do_normalize
+        np.testing.assert_allclose(prep(raw), expected, rtol=0, atol=1e-5)
+
+
+def test_rate_pairs_without_a_small_ratio_resample_at_bounded_cost():
+    assert resample_ratio(44100, 16000) == (441, 160) and resample_ratio(8000, 16000) == (1, 2)  # exact
+    orig, new = resample_ratio(44101, 16000)  # exact: 16000/44101, a 700 M-tap filter bank
+    assert new * (2 * 20 + orig) < 2 * 1024 * 1024 and abs(new / orig * 44101 / 16000 - 1) < 1e-5
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(int(1.5 * 44101)) / 44101)  # 440 Hz, 1.5 s
+    clip = decode_audio_bytes(_encode(tone, 44101), 10**7, 16000, max_samples=16000)
+    assert clip.shape == (16000,)
+    assert np.argmax(np.abs(np.fft.rfft(clip))) == 440  # 1 Hz bins: still 440 Hz at 16 kHz

@@ -5,14 +5,19 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import struct
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import decode_image
+from torchvision.transforms.v2 import functional as TF
 
 from tessera.encoders import ImageEncoder, ImageEncoderConfig, ImagePreprocessor, MediaError
 from tessera.encoders.base import cpu_supports_bf16
+from tessera.encoders.image import trim_for_crop
+from tessera.encoders.image_decode import decode_image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +177,104 @@ def test_hugging_face_vision_model_folder(tmp_path, photos):
     vecs = enc.embed(photos[:3])
     assert enc.dim == 32 and vecs.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+# --- work and memory bounded by the output, whatever the header declares ---
+
+
+def _png(width: int, height: int, color=(200, 30, 10)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _resize_then_crop(prep: ImagePreprocessor, raw: bytes) -> np.ndarray:
+    """The pipeline without trimming: resize the whole image, then centre-crop."""
+    t = prep.transform
+    img = decode_image_bytes(raw, prep.config.max_bytes, prep.config.max_pixels)
+    img = TF.resize(img, [t.resize], interpolation=t.interpolation, antialias=True)
+    return TF.center_crop(img, list(t.crop)).numpy()
+
+
+@pytest.mark.parametrize("width, height", [(4000, 1), (1, 4000), (900_000, 1)])
+def test_extreme_aspect_ratios_cost_what_the_crop_does(image_weights, width, height):
+    # resized shorter-side-first, 900000x1 (2.7 KB of PNG) was a 3x128x115200000 tensor (44 GB)
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    [pixels] = prep.map([_png(width, height)])
+    assert isinstance(pixels, np.ndarray) and pixels.shape == (3, 128, 128)
+    assert (pixels.reshape(3, -1).T == (200, 30, 10)).all()  # the banner's colour, edge to edge
+
+
+def test_trim_keeps_the_middle_the_crop_takes():
+    img = torch.arange(4000, dtype=torch.int32).view(1, 1, 4000).expand(3, 1, 4000)
+    trimmed, size = trim_for_crop(img, (128, 512_000), (128, 128))
+    assert size == (128, 512) and trimmed.shape == (3, 1, 4)  # 4 crops wide at most
+    assert trimmed[0, 0].tolist() == [1998, 1999, 2000, 2001]
+    middle, size = trim_for_crop(img[..., :400], (128, 12_800), (128, 128))
+    assert size == (128, 512) and middle[0, 0].tolist() == list(range(192, 208))
+    untouched, size = trim_for_crop(img[..., :4], (128, 512), (128, 128))
+    assert size == (128, 512) and untouched.shape == (3, 1, 4)
+
+
+@pytest.mark.parametrize("image_size", [None, 96])
+def test_normal_photos_give_the_same_pixels_as_resize_then_crop(image_weights, photos, image_size):
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights), image_size=image_size))
+    for raw in photos + [_reencode(photos[0], "PNG", optimize=False)]:
+        np.testing.assert_array_equal(prep(raw), _resize_then_crop(prep, raw))
+    wide = _reencode_resized(photos[1], (512, 128))  # 4:1, the widest kept as it is
+    np.testing.assert_array_equal(prep(wide), _resize_then_crop(prep, wide))
+
+
+def _reencode_resized(jpeg: bytes, size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("RGB").resize(size).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_panoramas_past_the_bound_match_resize_then_crop_up_to_a_subpixel_shift(image_weights, photos):
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    even = _reencode_resized(photos[2], (1536, 256))  # 6:1, 2 source pixels per output pixel
+    np.testing.assert_array_equal(prep(even), _resize_then_crop(prep, even))
+    for size in [(401, 2999), (3001, 400)]:  # scales that do not divide evenly
+        raw = _reencode_resized(photos[2], size)
+        diff = np.abs(prep(raw).astype(int) - _resize_then_crop(prep, raw))
+        assert diff.mean() < 1.0, diff.mean()  # grey levels; a shift under half an output pixel
+
+
+def _gif(img: Image.Image, **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="GIF", **kwargs)
+    return out.getvalue()
+
+
+def test_animated_gif_decodes_its_first_frame_only(photos):
+    frames = [Image.open(io.BytesIO(p)).convert("RGB").resize((64, 48)) for p in photos]
+    animated = _gif(frames[0], save_all=True, append_images=frames[1:])
+    first = decode_image_bytes(animated, 10**7, 10**7)
+    assert first.shape == (3, 48, 64)
+    np.testing.assert_array_equal(first.permute(1, 2, 0).numpy(),
+                                  np.asarray(Image.open(io.BytesIO(animated)).convert("RGB")))
+    # a later frame of LZW garbage: decoding every frame (what torchvision does) fails on it
+    still = _gif(frames[0])
+    garbage = b"\x2c" + struct.pack("<HHHHB", 0, 0, 64, 48, 0) + b"\x08" + b"\xff" * 256 * 3 + b"\x00"
+    with_garbage = still[:-1] + garbage + b"\x3b"
+    with pytest.raises(RuntimeError):
+        decode_image(torch.frombuffer(bytearray(with_garbage), dtype=torch.uint8))
+    np.testing.assert_array_equal(decode_image_bytes(with_garbage, 10**7, 10**7),
+                                  decode_image_bytes(still, 10**7, 10**7))
+
+
+def test_gif_pixel_limit_counts_the_first_frame_not_just_the_screen(image_weights):
+    gif = bytearray(_gif(Image.new("P", (3000, 2000), 1)))
+    gif[6:10] = struct.pack("<HH", 1, 1)  # logical screen 1x1, first image 3000x2000
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights), max_pixels=1_000_000))
+    with pytest.raises(MediaError, match="oversized: 3000x2000 pixels"):
+        prep(bytes(gif))
+
+
+@pytest.mark.parametrize("cut", [12, 30, -40])  # in the header, the colour table, the image data
+def test_gif_cut_inside_its_first_image_is_truncated(photos, cut):
+    gif = _gif(Image.open(io.BytesIO(photos[0])).convert("RGB").resize((64, 48)))
+    with pytest.raises(MediaError) as err:
+        decode_image_bytes(gif[:cut], 10**7, 10**7)
+    assert err.value.kind == "truncated", str(err.value)

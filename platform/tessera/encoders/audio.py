@@ -6,10 +6,11 @@ They load with ``AutoModel.from_pretrained`` and the feature-extractor settings 
 ``preprocessor_config.json`` exactly as a pretrained checkpoint does, so pointing ``weights`` at a real
 wav2vec2 / HuBERT / WavLM folder is a config change.
 
-Preprocessing decodes, downmixes, resamples to the checkpoint's rate, keeps the first
-``clip_seconds`` and (if the checkpoint says ``do_normalize``) scales it to zero mean and unit variance;
-it ships the unpadded clip. ``encode`` zero-pads every clip to the full ``clip_seconds`` (so a clip's
-vector never depends on its batch-mates) and pools only the frames that cover real samples.
+Preprocessing decodes, downmixes, resamples to the checkpoint's rate, keeps the first ``clip_seconds``
+(decoding only the source frames those need) and (if the checkpoint says ``do_normalize``) scales it to
+zero mean and unit variance; it ships the unpadded clip. ``encode`` zero-pads every clip to the full
+``clip_seconds`` (so a clip's vector never depends on its batch-mates) and pools only the frames that
+cover real samples.
 
 Example::
 
@@ -88,6 +89,9 @@ class AudioPreprocessor(Preprocessor[AudioEncoderConfig]):
             raise ValueError(f"{PREPROCESSOR_FILE} states no sampling_rate: set sample_rate in the config")
         return int(rate)
 
+    def setup(self) -> None:
+        _ = self.feature_config, self.sample_rate
+
     @property
     def clip_samples(self) -> int:
         return max(1, round(self.config.clip_seconds * self.sample_rate))
@@ -95,8 +99,9 @@ class AudioPreprocessor(Preprocessor[AudioEncoderConfig]):
     def __call__(self, raw: bytes | None) -> np.ndarray:
         if raw is None:
             raise MediaError("missing", "no audio bytes")
-        wave = decode_audio_bytes(bytes(raw), self.config.max_bytes, self.sample_rate)  # (T,)
-        clip = wave[: self.clip_samples]  # (T',) T' <= clip_samples
+        # decodes only the source frames the first clip_samples outputs need
+        clip = decode_audio_bytes(bytes(raw), self.config.max_bytes, self.sample_rate,
+                                  max_samples=self.clip_samples)  # (T,) T <= clip_samples
         if self.feature_config.get("do_normalize", False):
             # as Wav2Vec2FeatureExtractor: zero mean, unit variance per utterance
             clip = (clip - clip.mean()) / np.sqrt(clip.var() + 1e-7)

@@ -5,6 +5,12 @@ follow is ``truncated`` (libsndfile would silently return the shorter signal). D
 ``soundfile`` (libsndfile: WAV in any PCM / float width, FLAC, OGG/Vorbis, MP3), which needs no
 torchcodec; resampling uses ``torchaudio.functional.resample`` (windowed-sinc interpolation).
 
+Work and memory are bounded by what the caller keeps, not by what the header claims: the sample rate
+is read from the header first and must lie in ``MIN_SAMPLE_RATE..MAX_SAMPLE_RATE``; with
+``max_samples`` only the source frames those output samples depend on are decoded (a 110 KB FLAC of
+silence can hold an hour), downmixed block by block; and a rate pair whose exact resampling filter
+bank would be huge (44101 Hz -> 16 kHz: 700 M taps) is resampled at the nearest ratio of small terms.
+
 Example::
 
     wave = decode_audio_bytes(Path("0_george_0.wav").read_bytes(), max_bytes=20_000_000,
@@ -14,7 +20,9 @@ Example::
 from __future__ import annotations
 
 import io
+import math
 import struct
+from fractions import Fraction
 
 import numpy as np
 import soundfile
@@ -26,6 +34,18 @@ from tessera.encoders.sniff import sniff
 
 DECODABLE = ("wav", "flac", "ogg", "mp3")
 _STREAMING_SIZE = 0xFFFFFFFF  # data size written by streaming encoders: "until the end of the file"
+# Sample rates outside this range are refused as ``corrupt``: 1 kHz is below any speech codec's rate,
+# 768 kHz is the highest rate DACs and DSD-to-PCM converters produce. A header saying 1 Hz would
+# otherwise turn 400 KB of WAV into 12.8 GB of 16 kHz samples.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+# torchaudio's windowed-sinc settings (its defaults, passed explicitly: the frame count needed for a
+# clip below is derived from them).
+_LOWPASS_WIDTH, _ROLLOFF = 6, 0.99
+# Taps in torchaudio's filter bank, new x (2 * width + orig) for the reduced rate pair: every standard
+# rate pair is far below it (44.1 kHz -> 16 kHz: 76 k); a larger one is resampled at a close ratio.
+_MAX_RESAMPLE_TAPS = 1 << 20
+# Decoded samples (frames x channels) held at once while downmixing.
+_BLOCK_SAMPLES = 1 << 20
 
 
 def check_wav(data: bytes) -> None:
@@ -58,15 +78,23 @@ def check_wav(data: bytes) -> None:
     raise MediaError("corrupt", "WAV has no data chunk")
 
 
-def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int) -> np.ndarray:
+def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
     """Decode, downmix to mono and resample to ``sample_rate``.
 
+    Args:
+        data: the file's bytes.
+        max_bytes: larger inputs are ``oversized``.
+        sample_rate: the output rate.
+        max_samples: return only the first this many output samples, decoding only the source frames
+            they depend on (the same samples as decoding everything and cutting); None: all of them.
+
     Returns:
-        ``float32`` ``(T,)``.
+        ``float32`` ``(T,)``, ``T <= max_samples``.
 
     Raises:
         MediaError: ``empty`` (no bytes or no samples), ``oversized``, ``wrong_format``,
-            ``truncated``, ``corrupt`` (undecodable, or non-finite samples).
+            ``truncated``, ``corrupt`` (undecodable, a sample rate outside
+            ``MIN_SAMPLE_RATE..MAX_SAMPLE_RATE``, or non-finite samples).
     """
     check_size(data, max_bytes)
     found = sniff(data)
@@ -78,14 +106,70 @@ def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int) -> np.ndar
     if fmt == "wav":
         check_wav(data)
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (T, channels)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:  # reads the header only
+            rate = f.samplerate
+            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+                raise MediaError("corrupt", f"{fmt} header states a sample rate of {rate} Hz, outside "
+                                            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+            orig, new = resample_ratio(rate, sample_rate)
+            frames = -1 if max_samples is None else source_frames(max_samples, orig, new)
+            mono = _read_mono(f, frames)  # (T,)
     except soundfile.SoundFileError as err:
         raise MediaError("corrupt", f"{fmt} decode failed: {err}") from None
-    if samples.shape[0] == 0:
+    if mono.shape[0] == 0:
         raise MediaError("empty", f"{fmt} file has no samples")
-    if not np.isfinite(samples).all():
+    if not np.isfinite(mono).all():
         raise MediaError("corrupt", f"{fmt} file holds non-finite samples")
-    mono = torch.from_numpy(samples.mean(axis=1))  # (T,)
-    if rate != sample_rate:
-        mono = AF.resample(mono, orig_freq=int(rate), new_freq=sample_rate)  # (T * sample_rate / rate,)
-    return mono.numpy().astype(np.float32, copy=False)
+    wave = torch.from_numpy(mono)  # (T,)
+    if orig != new:
+        wave = AF.resample(wave, orig_freq=orig, new_freq=new, lowpass_filter_width=_LOWPASS_WIDTH,
+                           rolloff=_ROLLOFF)  # (T * new / orig,)
+    return wave[:max_samples].numpy().astype(np.float32, copy=False)
+
+
+def resample_ratio(rate: int, target: int) -> tuple[int, int]:
+    """``(orig, new)`` to resample ``rate`` to ``target`` with: the exact ratio, reduced, unless its
+    filter bank would exceed ``_MAX_RESAMPLE_TAPS``; then a close ratio of smaller terms (44101 Hz ->
+    16 kHz: 435/1199 instead of 16000/44101, 4e-6 off; timing and pitch move by as little).
+
+    Example::
+
+        resample_ratio(44100, 16000)    # -> (441, 160)
+    """
+    gcd = math.gcd(rate, target)
+    orig, new = rate // gcd, target // gcd
+    limit = orig
+    while _resample_taps(orig, new) > _MAX_RESAMPLE_TAPS and limit > 1:
+        limit //= 2
+        close = Fraction(target, rate).limit_denominator(limit)
+        orig, new = close.denominator, close.numerator
+    return orig, new
+
+
+def _resample_taps(orig: int, new: int) -> int:
+    """Size of torchaudio's sinc filter bank for a reduced rate pair: ``new`` filters of ``2 * width + orig``."""
+    return new * (2 * _sinc_width(orig, new) + orig)
+
+
+def _sinc_width(orig: int, new: int) -> int:
+    """torchaudio's one-sided filter width, in source samples, for a reduced rate pair."""
+    return math.ceil(_LOWPASS_WIDTH * orig / (min(orig, new) * _ROLLOFF))
+
+
+def source_frames(samples: int, orig: int, new: int) -> int:
+    """Source frames the first ``samples`` outputs of resampling ``orig`` -> ``new`` (reduced) depend on.
+
+    torchaudio computes output block ``b`` (outputs ``b * new ..``) from source samples up to
+    ``(b + 1) * orig + width``; one extra block guards against rounding.
+    """
+    if orig == new:
+        return samples
+    blocks = -(-samples // new)  # ceil
+    return (blocks + 1) * orig + _sinc_width(orig, new)
+
+
+def _read_mono(f: soundfile.SoundFile, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames (-1: all), averaged over channels one block at a time: ``float32 (T,)``."""
+    blocksize = max(1, _BLOCK_SAMPLES // f.channels)
+    parts = [block.mean(axis=1) for block in f.blocks(blocksize, frames=frames, dtype="float32", always_2d=True)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

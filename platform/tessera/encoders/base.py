@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import traceback
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, Literal, Sequence, TypeVar
@@ -37,6 +39,8 @@ from tessera.storage import Storage, parse_uri
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 
 class EncoderConfig(TesseraConfig):
@@ -121,6 +125,7 @@ class Preprocessor(ABC, Generic[C]):
         self.config = config
         self.storage = storage
         self._given_dir = weights_dir
+        self._logged_failures: set[tuple[str, str, int]] = set()  # (exception type, file, line)
 
     def __getstate__(self) -> dict:
         local = self._given_dir if parse_uri(self.config.weights).scheme == "file" else None
@@ -139,15 +144,48 @@ class Preprocessor(ABC, Generic[C]):
     def __call__(self, raw: Any) -> np.ndarray:
         """Turn one raw item into the model input; raises ``MediaError`` for bad input."""
 
+    def setup(self) -> None:
+        """Load what every item needs (the weights folder; subclasses add their config files).
+
+        ``map`` calls it before its first item, so a missing or bad config fails the call instead of
+        failing every item one by one.
+        """
+        _ = self.weights_dir
+
     def map(self, raws: Sequence[Any]) -> list[np.ndarray | MediaError]:
-        """Preprocess many items; a bad item yields its ``MediaError`` in place instead of raising."""
+        """Preprocess many items; a bad item yields its ``MediaError`` in place instead of raising.
+
+        Any other exception from one item (a decoder's ``RuntimeError``, a ``MemoryError``) fails that
+        item alone, as ``MediaError("corrupt", "unexpected <type>: <message>")``. It is logged at
+        warning level with its traceback the first time it comes from a given place in the code, so a
+        bug stays visible without a traceback per item; the item's error records every occurrence.
+        Errors from ``setup`` (configuration, storage) are raised.
+
+        Example::
+
+            prep.map([jpeg, b"", wav])    # [array(3, 128, 128), MediaError('empty'), MediaError('wrong_format')]
+        """
+        self.setup()
         out: list[np.ndarray | MediaError] = []
         for raw in raws:
             try:
                 out.append(self(raw))
             except MediaError as err:
                 out.append(err)
+            except Exception as err:  # recorded as this item's error, logged in _unexpected_failure
+                out.append(self._unexpected_failure(err))
         return out
+
+    def _unexpected_failure(self, err: Exception) -> MediaError:
+        """The ``corrupt`` error standing for an unexpected exception; logs it once per raising place."""
+        message = " ".join(str(err).split())[:300]
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        key = (type(err).__name__, where.filename, where.lineno or 0)
+        if key not in self._logged_failures:
+            self._logged_failures.add(key)
+            log.warning("%s failed on one item with an unexpected %s (recorded as 'corrupt'; logged once "
+                        "per place it is raised)", type(self).__name__, type(err).__name__, exc_info=err)
+        return MediaError("corrupt", f"unexpected {type(err).__name__}: {message}")
 
 
 class Encoder(ABC, Generic[C]):

@@ -6,7 +6,9 @@ An embedding pipeline records the error of each failed item (``str(err)``) and c
 ===============  ===================================================================================
 ``empty``        zero bytes, an empty / whitespace-only text, or audio with no samples
 ``not_utf8``     text bytes that are not valid UTF-8
-``corrupt``      bytes of the expected kind (or of no known kind) that fail to decode
+``corrupt``      bytes of the expected kind (or of no known kind) that fail to decode, state an
+                 implausible header (an audio sample rate outside 1 kHz..768 kHz), or make the
+                 decoder raise anything else (``Preprocessor.map`` records it as ``unexpected <type>``)
 ``truncated``    a file cut short: its header promises more data than follows
 ``oversized``    over the configured ``max_bytes``, or an image over ``max_pixels``
 ``wrong_format`` valid bytes of another kind (a WAV or a text where a JPEG is expected, ...)

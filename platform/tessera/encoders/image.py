@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,10 @@ from tessera.storage import join_uri
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # PIL resample codes used by Hugging Face image processors.
 _RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+# The resize may make an axis at most this many times the crop: beyond it the source is first trimmed
+# to the middle the centre crop keeps (see ``trim_for_crop``), so a 4000x1 banner costs what a square
+# photo does. Images up to 4:1 (square crop) never reach it and go through resize + crop unchanged.
+MAX_RESIZE_OVER_CROP = 4
 
 
 class ImageEncoderConfig(EncoderConfig):
@@ -88,6 +93,14 @@ class ImageTransform:
     def output_size(self) -> tuple[int, int]:
         return self.crop if self.crop is not None else self.resize  # type: ignore[return-value]
 
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(h, w)`` the resize produces from a ``height x width`` image, as torchvision computes it."""
+        if not isinstance(self.resize, int):
+            return self.resize
+        if width <= height:
+            return int(self.resize * height / width), self.resize
+        return self.resize, int(self.resize * width / height)
+
     @classmethod
     def from_checkpoint(cls, cfg: dict, image_size: int | None) -> ImageTransform:
         """Read Hugging Face image-processor keys; ``image_size`` overrides resize and crop."""
@@ -124,6 +137,9 @@ def _parse_size(size, key: str) -> int | tuple[int, int]:
 class ImagePreprocessor(Preprocessor[ImageEncoderConfig]):
     """Image bytes -> ``uint8`` pixels ``(3, H, W)`` at the model's input size.
 
+    Decoding is bounded by ``max_pixels`` and resizing by the output size, whatever the aspect ratio
+    (see :func:`trim_for_crop`).
+
     Example::
 
         pixels = ImagePreprocessor(cfg)(jpeg_bytes)    # (3, 128, 128) uint8
@@ -136,16 +152,65 @@ class ImagePreprocessor(Preprocessor[ImageEncoderConfig]):
             raise FileNotFoundError(f"{self.weights_dir} has no {PREPROCESSOR_FILE}")
         return ImageTransform.from_checkpoint(cfg, self.config.image_size)
 
+    def setup(self) -> None:
+        _ = self.transform
+
     def __call__(self, raw: bytes | None) -> np.ndarray:
         if raw is None:
             raise MediaError("missing", "no image bytes")
         t = self.transform
         img = decode_image_bytes(bytes(raw), self.config.max_bytes, self.config.max_pixels)  # (3, H, W)
-        size = [t.resize] if isinstance(t.resize, int) else list(t.resize)
-        img = TF.resize(img, size, interpolation=t.interpolation, antialias=True)  # (3, h', w')
+        size = t.resized_size(img.shape[-2], img.shape[-1])
+        if t.crop is not None:
+            img, size = trim_for_crop(img, size, t.crop)  # (3, H', W'), H' <= H, W' <= W
+        img = TF.resize(img, list(size), interpolation=t.interpolation, antialias=True)  # (3, h', w')
         if t.crop is not None:
             img = TF.center_crop(img, list(t.crop))  # (3, ch, cw)
         return img.numpy()
+
+
+def trim_for_crop(img: torch.Tensor, size: tuple[int, int],
+                  crop: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Centre-trim the source along any axis the resize would stretch past ``MAX_RESIZE_OVER_CROP`` crops.
+
+    Resizing the shorter side first makes the long side of an extreme aspect ratio huge (a 4000x1 PNG
+    becomes 128x512000 before a 128x128 crop). The trimmed source keeps the middle that the crop takes
+    with a margin of 1.5 crops on each side; its resize target keeps the scale and its offset puts the
+    crop's first pixel where it was, so the crop sees the same pixels up to a sub-pixel shift (none
+    when the scale divides evenly). Axes within the bound are left alone.
+
+    Args:
+        img: ``(3, H, W)`` source pixels.
+        size: ``(h, w)`` the resize would produce from the whole image.
+        crop: ``(ch, cw)`` the centre crop that follows.
+
+    Returns:
+        The trimmed image (a view) and its resize target, each axis at most ``MAX_RESIZE_OVER_CROP``
+        crops (rounded) when it was trimmed.
+
+    Example::
+
+        trim_for_crop(torch.zeros(3, 1, 4000, dtype=torch.uint8), (128, 512000), (128, 128))
+        # -> (a (3, 1, 4) view, (128, 512))
+    """
+    target = list(size)
+    for axis in (0, 1):
+        source, limit = img.shape[axis + 1], MAX_RESIZE_OVER_CROP * crop[axis]
+        if target[axis] > limit:
+            scale = source / target[axis]  # source pixels per resized pixel
+            keep = min(source, math.ceil(limit * scale))
+            trimmed = round(keep / scale)
+            # the offset that puts the crop's first pixel on the source position it had untrimmed
+            start = round(_crop_anchor(target[axis], crop[axis]) * scale
+                          - _crop_anchor(trimmed, crop[axis]) * keep / trimmed)
+            img = img.narrow(axis + 1, min(max(start, 0), source - keep), keep)
+            target[axis] = trimmed
+    return img, (target[0], target[1])
+
+
+def _crop_anchor(size: int, crop: int) -> int:
+    """First pixel ``TF.center_crop`` keeps along an axis of ``size``."""
+    return int(round((size - crop) / 2.0))
 
 
 class ImageEncoder(Encoder[ImageEncoderConfig]):

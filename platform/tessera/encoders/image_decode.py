@@ -1,9 +1,12 @@
 """Image bytes -> ``uint8`` RGB tensor ``(3, H, W)`` with torchvision, after cheap safety checks.
 
 Before any pixel is decoded the bytes are sniffed (``wrong_format`` for audio / text / documents),
-their container structure is walked (``truncated`` when a JPEG or PNG ends before its end marker) and
-the dimensions are read from the header, so a decompression bomb is refused as ``oversized`` without
-allocating its pixels. Decoding itself uses ``torchvision.io.decode_image`` (JPEG, PNG, GIF, WebP).
+their container structure is walked (``truncated`` when a JPEG or PNG ends before its end marker, or a
+GIF inside its first image) and the dimensions are read from the header, so a decompression bomb is
+refused as ``oversized`` without allocating its pixels. Decoding itself uses
+``torchvision.io.decode_image`` (JPEG, PNG, GIF, WebP). A GIF is cut after its first image before
+decoding: torchvision decodes every frame of an animation, so a few hundred KB of frames would
+otherwise cost ``frames x width x height x 3`` bytes.
 
 Example::
 
@@ -27,10 +30,11 @@ from tessera.encoders.sniff import sniff
 DECODABLE = ("jpeg", "png", "gif", "webp")
 # JPEG start-of-frame markers (they carry the image size); C4, C8 and CC are other segments.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_GIF_TRAILER = b"\x3b"
 
 
 def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """Decode one image to ``uint8`` RGB ``(3, H, W)`` (EXIF orientation applied, first GIF frame).
+    """Decode one image to ``uint8`` RGB ``(3, H, W)`` (EXIF orientation applied, first GIF frame only).
 
     Raises:
         MediaError: ``empty``, ``oversized`` (bytes or pixels), ``wrong_format``, ``truncated``,
@@ -45,7 +49,11 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
         raise MediaError("wrong_format", f"expected an image, got {fmt} bytes")
     if fmt not in DECODABLE:
         raise MediaError("wrong_format", f"{fmt} images are not supported (expected one of {DECODABLE})")
-    width, height = _checked_size(data, fmt)
+    if fmt == "gif":  # keep the first image only: torchvision would decode every frame
+        (width, height), end = _walk_gif(data)
+        data = data[:end] + _GIF_TRAILER
+    else:
+        width, height = _checked_size(data, fmt)
     if width * height > max_pixels:
         raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
     try:
@@ -54,8 +62,6 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
     except RuntimeError as err:  # torchvision reports every decoder failure as RuntimeError
         kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
         raise MediaError(kind, f"{fmt} decode failed: {str(err).splitlines()[-1][:200]}") from None
-    if img.ndim == 4:  # animated GIF: (frames, 3, H, W)
-        img = img[0]
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = TF.to_dtype(img, torch.uint8, scale=True)
     return img  # (3, H, W)
@@ -74,6 +80,46 @@ def _checked_size(data: bytes, fmt: str) -> tuple[int, int]:
             return im.size
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise MediaError("corrupt", f"{fmt} header unreadable: {err}") from None
+
+
+def _walk_gif(data: bytes) -> tuple[tuple[int, int], int]:
+    """Walk a GIF's blocks to the end of its first image.
+
+    Returns:
+        ``((width, height), end)``: the size torchvision decodes (the larger of the logical screen
+        and the first image) and the offset just past the first image's data.
+    """
+    n = len(data)
+    if n < 13:
+        raise MediaError("truncated", f"GIF header cut short at {n} bytes")
+    screen_w, screen_h, flags = struct.unpack("<HHB", data[6:11])
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    while pos < n:
+        block = data[pos]
+        if block == 0x21:  # extension: label byte, then data sub-blocks
+            pos = _skip_gif_sub_blocks(data, pos + 2)
+        elif block == 0x2C:  # image descriptor
+            if pos + 10 > n:
+                raise MediaError("truncated", f"GIF image descriptor at byte {pos} cut short")
+            width, height, flags = struct.unpack("<HHB", data[pos + 5:pos + 10])
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the local colour table
+            end = _skip_gif_sub_blocks(data, pos + 1)  # +1: the LZW minimum code size byte
+            return (max(screen_w, width), max(screen_h, height)), end
+        elif block == 0x3B:
+            raise MediaError("corrupt", "GIF has no image before its trailer")
+        else:
+            raise MediaError("corrupt", f"unexpected GIF block 0x{block:02X} at byte {pos}")
+    raise MediaError("truncated", f"GIF ends at byte {n} before its first image")
+
+
+def _skip_gif_sub_blocks(data: bytes, pos: int) -> int:
+    """Offset just past the chain of data sub-blocks (length byte, then data) starting at ``pos``."""
+    while pos < len(data):
+        size = data[pos]
+        pos += 1 + size
+        if size == 0:
+            return pos
+    raise MediaError("truncated", f"GIF data runs past the end of the file ({len(data)} bytes)")
 
 
 def _walk_jpeg(data: bytes) -> tuple[int, int]:
