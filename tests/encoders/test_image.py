@@ -278,3 +278,81 @@ def test_gif_cut_inside_its_first_image_is_truncated(photos, cut):
     with pytest.raises(MediaError) as err:
         decode_image_bytes(gif[:cut], 10**7, 10**7)
     assert err.value.kind == "truncated", str(err.value)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_rgb8(width: int, height: int, raw: bytes) -> bytes:
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+
+
+def test_broken_png_row_data_fails_the_item_not_the_process(tmp_path):
+    """torchvision 0.29 segfaults on libpng errors raised while reading rows (a 67-byte PNG with an
+    empty IDAT killed a QueryEncoder replica, then the two it was retried on); run in a child so a
+    regression shows as a crash here, not as a dead test session."""
+    import subprocess
+    import sys
+
+    good = _png_rgb8(8, 8, b"".join(b"\x00" + bytes(range(24)) for _ in range(8)))
+    rng = np.random.default_rng(0)
+    cases = [_png_rgb8(1, 1, b""), _png_rgb8(4, 4, b"\x00" * 5), good[:-12] + b"\x00\x00\x00\x00" + good[-12:]]
+    for _ in range(40):
+        flipped = bytearray(good)
+        for pos in rng.integers(33, len(good) - 12, 3):
+            flipped[pos] ^= int(rng.integers(1, 256))
+        cases.append(bytes(flipped))
+    for i, data in enumerate(cases):
+        (tmp_path / f"{i}.png").write_bytes(data)
+    script = (
+        "import sys, pathlib\n"
+        "from tessera.encoders.image_decode import decode_image_bytes\n"
+        "from tessera.encoders import MediaError\n"
+        "kinds = []\n"
+        "for p in sorted(pathlib.Path(sys.argv[1]).glob('*.png'), key=lambda p: int(p.stem)):\n"
+        "    try:\n"
+        "        decode_image_bytes(p.read_bytes(), 10**7, 10**8); kinds.append('ok')\n"
+        "    except MediaError as err:\n"
+        "        kinds.append(err.kind)\n"
+        "print(','.join(kinds))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # -11: the decoder crashed the process
+    kinds = done.stdout.strip().split(",")
+    assert kinds[:2] == ["truncated", "truncated"] and kinds[2] in ("corrupt", "truncated")
+    assert len(kinds) == len(cases) and kinds.count("ok") < 10
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "RGB16"])
+def test_png_pixels_match_torchvision_on_good_files(photos, mode):
+    """PNGs decode through Pillow (see above); on good files the pixels are torchvision's."""
+    im = Image.open(io.BytesIO(photos[2])).convert("RGB").resize((64, 48))
+    buf = io.BytesIO()
+    if mode == "I;16":
+        grey = np.asarray(im.convert("L"), dtype=np.uint16) * 257 + 3  # every sample uses both bytes
+        Image.fromarray(grey).save(buf, "PNG")
+    elif mode == "RGB16":  # 16-bit RGB: Pillow cannot write it; build the file by hand
+        rgb = (np.asarray(im, dtype=np.uint16) * 257 + 5).astype(">u2")
+        raw = b"".join(b"\x00" + row.tobytes() for row in rgb)
+        import zlib
+
+        ihdr = struct.pack(">IIBBBBB", 64, 48, 16, 2, 0, 0, 0)
+        buf.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+                  + _png_chunk(b"IEND", b""))
+    else:
+        (im.convert(mode) if mode != "RGBA" else im.convert("RGBA")).save(buf, "PNG")
+    data = buf.getvalue()
+    ours = decode_image_bytes(data, 10**7, 10**8)
+    from torchvision.io import ImageReadMode
+
+    theirs = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if theirs.dtype != torch.uint8:
+        theirs = TF.to_dtype(theirs, torch.uint8, scale=True)
+    assert ours.dtype == torch.uint8 and ours.shape == theirs.shape == (3, 48, 64)
+    assert torch.equal(ours, theirs)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import io
 import struct
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -56,6 +57,8 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
         width, height = _checked_size(data, fmt)
     if width * height > max_pixels:
         raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
+    if fmt == "png":
+        return _decode_png(data)
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                            apply_exif_orientation=True)
@@ -65,6 +68,31 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = TF.to_dtype(img, torch.uint8, scale=True)
     return img  # (3, H, W)
+
+
+def _decode_png(data: bytes) -> torch.Tensor:
+    """A PNG through Pillow, not torchvision: torchvision 0.29's PNG reader crashes the whole process
+    (SIGSEGV) on most libpng errors raised while reading rows (an empty or cut IDAT stream, a bad data
+    check: 38 of 40 randomly byte-flipped PNGs here; pytorch/vision#3613), so one bad upload would
+    kill a serving replica or an embedding actor. Pillow raises instead. Same pixels as torchvision's
+    RGB mode for 8-bit images (alpha dropped, palette and grey expanded, EXIF orientation applied);
+    16-bit samples keep their high byte, as torchvision's uint16 -> uint8 conversion does."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (and its 32-bit widening)
+                grey = np.asarray(im, dtype=np.uint32) >> 8
+                arr = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as err:
+        raise MediaError("oversized", f"png: {err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, SystemError) as err:
+        text = str(err).splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        kind = "truncated" if "truncated" in text.lower() or isinstance(err, EOFError) else "corrupt"
+        raise MediaError(kind, f"png decode failed: {text}") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 
 def _checked_size(data: bytes, fmt: str) -> tuple[int, int]:
@@ -78,7 +106,9 @@ def _checked_size(data: bytes, fmt: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:  # a plain Exception, not an OSError
+        raise MediaError("oversized", f"{fmt}: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MediaError("corrupt", f"{fmt} header unreadable: {err}") from None
 
 
