@@ -340,11 +340,106 @@ def _route_of(path: str) -> str:
     return "similar" if path.endswith("/similar") else path.rstrip("/").rsplit("/", 1)[-1] or "root"
 
 
+def _printable(value: Any) -> Any:
+    """``value`` safe to encode as UTF-8 JSON: a lone surrogate (valid JSON escape, invalid UTF-8) is escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 for a body or parameter that fails validation, counted like every other answer."""
+    """FastAPI's 422 for a body or parameter that fails validation, counted like every other answer.
+
+    Each error keeps its ``type``, ``loc`` and ``msg`` but not the offending ``input``: echoing it back
+    would return a multi-megabyte body for a long list or a base64 payload, and a string holding a lone
+    surrogate could not even be encoded (that was a bare 500)."""
     metrics().observe(_route_of(request.url.path), 422)
-    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(exc.errors()), "kind": "bad_request"})
+    detail = [{"type": e.get("type"), "loc": _printable(list(e.get("loc", ()))), "msg": _printable(e.get("msg", ""))}
+              for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail), "kind": "bad_request"})
+
+
+def _too_large(path: str, size: int, limit: int, declared: bool) -> JSONResponse:
+    metrics().observe(_route_of(path), 413)
+    said = f"{size} bytes" if declared else f"over {limit} bytes (sent without a length)"
+    return JSONResponse(status_code=413, content={"detail": f"request body of {said} is over the limit of {limit} "
+                                                            f"bytes", "kind": "too_large"})
+
+
+BODY_LIMIT = [8_000_000]  # this replica's args.max_body_bytes (set by the Ingress; one Ingress per process)
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_body_bytes``, by its declared length before anything is
+    read; a body sent without a length (chunked) is read here first, up to the limit, then handed on
+    (FastAPI reads and parses the whole body before a route runs, and turns an error raised while reading
+    into a 400, so neither a check in the route nor a raising ``receive`` can answer 413). Plain ASGI,
+    not ``@app.middleware``: Starlette's BaseHTTPMiddleware costs a task group and a stream per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = BODY_LIMIT[0]
+        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if length is not None:  # declared: refuse up front, or pass through untouched
+            if length.isdigit() and int(length) > limit:
+                return await _too_large(scope["path"], int(length), limit, declared=True)(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await _too_large(scope["path"], size, limit, declared=False)(scope, receive, send)
+            more = message.get("more_body", False)
+        await self.app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
+                                      receive), send)
+
+
+def _replay(messages: list[dict], then=None):
+    """An ASGI ``receive`` that returns ``messages`` first, then defers to ``then`` (disconnect waits)."""
+    pending = list(messages)
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
+
+
+api.add_middleware(_BodyLimit)
+
+
+def _base64_payload(text: str) -> bytes | str:
+    """The bytes of a base64 field, or what is wrong with it. Tolerates what common encoders emit: line
+    breaks (``base64`` wraps at 76 columns), a ``data:<type>;base64,`` URI prefix, and the URL-safe
+    alphabet."""
+    text = text.strip()
+    if text.startswith("data:"):
+        head, sep, rest = text.partition(",")
+        if not sep or not head.endswith(";base64"):
+            return "a data: URI must be data:<type>;base64,<data>"
+        text = rest
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4) if len(text) % 4 in (2, 3) else ""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        return f"{err} (expected standard or URL-safe base64)"
 
 
 def _error(err: RequestError) -> JSONResponse:
@@ -361,6 +456,11 @@ class Ingress:
         # index_uri is not among the init args (build_app leaves it out): it arrives through user_config
         self.args = RecommenderArgs.model_validate(args)
         self.storage = Storage(self.args.storage)
+        # through the module: Serve pickles this class by value, so a bare BODY_LIMIT here would be
+        # cloudpickle's copy of the list, not the one the middleware (a class imported by reference) reads
+        import serve_apps.recommender as this_module
+
+        this_module.BODY_LIMIT[0] = self.args.max_body_bytes
         self.stages = HandleStages(query_encoder, retrievers, ranker)
         self.metrics = metrics()
         b = self.args.batch
@@ -389,15 +489,6 @@ class Ingress:
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
 
     # --- helpers ------------------------------------------------------------------------
-    def _check_size(self, request: Request) -> RequestError | None:
-        """413 for a body over ``max_body_bytes`` (by its declared length)."""
-        length = request.headers.get("content-length", "")
-        limit = self.args.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            return RequestError(413, "too_large", f"request body of {int(length)} bytes is over the limit of "
-                                                  f"{limit} bytes")
-        return None
-
     def _check_k(self, k: int) -> RequestError | None:
         if k > self.args.max_k:
             return RequestError(422, "bad_request", f"k={k} is above this endpoint's max_k={self.args.max_k}")
@@ -422,7 +513,8 @@ class Ingress:
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
             logger.exception("%s failed", route)
             self.metrics.observe(route, 503)
-            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(err).__name__}: {err}",
+            first = (str(err).strip().splitlines() or [""])[0][:200]  # Ray's errors carry a remote traceback
+            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(err).__name__}: {first}",
                                                           "kind": "unavailable"})
         if isinstance(result, RequestError):
             self.metrics.observe(route, result.status)
@@ -443,9 +535,9 @@ class Ingress:
     # --- routes -------------------------------------------------------------------------
     @api.post("/v1/recommend", response_model=RecommendResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def recommend(self, body: RecommendRequest, request: Request):
+    async def recommend(self, body: RecommendRequest):
         """Top-k items for a user (snapshot history + ``recent_item_ids``); popular items when cold."""
-        bad = self._check_size(request) or self._check_k(body.k)
+        bad = self._check_k(body.k)
         if bad:
             self.metrics.observe("recommend", bad.status)
             return _error(bad)
@@ -453,16 +545,14 @@ class Ingress:
 
     @api.post("/v1/search", response_model=SearchResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def search(self, body: SearchRequest, request: Request):
+    async def search(self, body: SearchRequest):
         """Cross-modal search: items whose vectors are nearest a text, an image or a sound."""
-        bad = self._check_size(request) or self._check_k(body.k)
+        bad = self._check_k(body.k)
         payload: Any = body.text
         if bad is None and body.text is None:
-            encoded = body.image if body.image is not None else body.audio
-            try:
-                payload = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                bad = RequestError(422, "bad_media", f"{body.modality} is not valid base64")
+            payload = _base64_payload(body.image if body.image is not None else body.audio)
+            if isinstance(payload, str):
+                bad = RequestError(422, "bad_media", f"{body.modality} is not valid base64: {payload}")
         if bad:
             self.metrics.observe("search", bad.status)
             return _error(bad)

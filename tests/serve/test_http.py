@@ -118,7 +118,58 @@ def test_bad_search_requests_get_a_4xx(app_url, body, status, words):
 def test_payload_over_the_limit_is_413(app_url):
     big = base64.b64encode(b"\x00" * 900_000).decode()  # 1.2 MB of base64 > max_body_bytes=1_000_000
     r = post(app_url, "/v1/search", {"image": big})
-    assert r.status_code == 413 and "over the limit" in r.text
+    assert r.status_code == 413 and "over the limit" in r.text and r.json()["kind"] == "too_large"
+    # sent chunked (no Content-Length to check up front): refused while it is read, not processed
+    body = json.dumps({"image": big}).encode()
+    chunked = requests.post(f"{app_url}/v1/search", data=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                            headers=J, timeout=60)
+    assert chunked.status_code == 413 and chunked.json()["kind"] == "too_large", chunked.text
+    small = json.dumps({"text": "tomato", "k": 2}).encode()
+    ok = requests.post(f"{app_url}/v1/search", data=iter([small[:5], small[5:]]), headers=J, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_422s_say_what_is_wrong_without_echoing_the_input(app_url):
+    many = [f"no-such-item-{i}" for i in range(3000)]
+    r = post(app_url, "/v1/recommend", {"recent_item_ids": many, "k": "ten"})
+    assert r.status_code == 422 and "valid integer" in r.text
+    assert len(r.content) < 2000 and "no-such-item-1" not in r.text
+    # a lone surrogate is valid JSON but not UTF-8: was a bare 500 while the error echoed it back
+    for path, raw in [("/v1/search", '{"text": "\\ud800", "k": 3}'), ("/v1/recommend", '{"\\ud800": 1}'),
+                      ("/v1/recommend", '{"user_id": "a\\udc80b"}')]:
+        bad = requests.post(f"{app_url}{path}", data=raw, headers=J, timeout=60)
+        assert bad.status_code == 422 and bad.json()["kind"] == "bad_request", (raw, bad.status_code, bad.text)
+
+
+def test_base64_as_common_tools_write_it_is_accepted(app_url, shared_data):
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    plain = post(app_url, "/v1/search", {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"}).json()
+    wrapped = base64.encodebytes(jpeg).decode()  # 76-column lines, as the base64 tool writes
+    for variant in (wrapped, "data:image/jpeg;base64," + base64.b64encode(jpeg).decode(),
+                    base64.urlsafe_b64encode(jpeg).decode().rstrip("=")):
+        r = post(app_url, "/v1/search", {"image": variant, "k": 3, "index": "image"})
+        assert r.status_code == 200, r.text
+        assert [x["item_id"] for x in r.json()["items"]] == [x["item_id"] for x in plain["items"]]
+    bad = post(app_url, "/v1/search", {"image": "data:image/jpeg,AAAA", "k": 3})
+    assert bad.status_code == 422 and "data:<type>;base64" in bad.text
+
+
+def test_a_png_that_crashed_the_decoder_is_a_422_and_the_encoder_lives_on(app_url):
+    """A 67-byte PNG with an empty IDAT stream segfaulted torchvision's decoder: the QueryEncoder
+    replica died, and each retry killed the next one. Now a 422, and the same replica keeps answering."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    before = post(app_url, "/v1/search", {"text": "tomato", "k": 2})
+    r = post(app_url, "/v1/search", {"image": base64.b64encode(png).decode(), "k": 3})
+    assert r.status_code == 422 and "image query rejected" in r.text and "png" in r.text, r.text
+    after = post(app_url, "/v1/search", {"text": "tomato", "k": 2})
+    assert before.status_code == after.status_code == 200 and after.json()["items"] == before.json()["items"]
 
 
 def test_similar_items(app_url, local_flow, served_index):

@@ -25,5 +25,5 @@ class RequestError:
 
     @classmethod
     def unknown_items(cls, ids: list[str]) -> RequestError:
-        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+        shown = ", ".join(repr(i[:80]) for i in ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
         return cls(422, "unknown_items", f"unknown item ids: {shown}")

@@ -5,7 +5,7 @@ Example::
 
     stages = LocalStages(storage)
     flow = Flow(stages, uri, ref.model_version, ref.index_version)
-    answers = asyncio.run(flow.recommend([RecommendRequest(user_id="user-000004")]))
+    answers = asyncio.run(flow.recommend([RecommendRequest(user_id="user-00000004")]))
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 Example::
 
     q = QueryCore.load(storage, ref)
-    out = q.encode_users([UserQuery(user_id="user-000004", recent_item_ids=[], exclude_seen=True)])
+    out = q.encode_users([UserQuery(user_id="user-00000004", recent_item_ids=[], exclude_seen=True)])
     out[0].vector.shape       # (E,)
 """
 
@@ -229,12 +229,14 @@ class QueryCore:
                 out[i] = RequestError(422, "bad_request", f"this model has no {modality} modality "
                                                           f"(it has {', '.join(self.modalities)})")
                 continue
-            encoder = self.encoder(modality)
-            try:
-                by_modality.setdefault(modality, []).append((i, encoder.preprocessor(raw)))
-            except MediaError as err:
-                status = 413 if err.kind == "oversized" else 422
-                out[i] = RequestError(status, "bad_media", f"{modality} query rejected: {err}")
+            # map, not a direct call: any exception from one query's bytes fails that query alone (422),
+            # never the batch it shares with other requests
+            [pre] = self.encoder(modality).preprocessor.map([raw])
+            if isinstance(pre, MediaError):
+                status = 413 if pre.kind == "oversized" else 422
+                out[i] = RequestError(status, "bad_media", f"{modality} query rejected: {pre}")
+            else:
+                by_modality.setdefault(modality, []).append((i, pre))
         for modality, entries in by_modality.items():
             emb = self.encoder(modality).encode([x for _, x in entries])  # (b, Dm)
             with torch.inference_mode():

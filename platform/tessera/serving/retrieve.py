@@ -8,7 +8,7 @@ the Retriever deployment is given a subset of shards per replica group (see ``sh
 Example::
 
     r = RetrieverCore.load(storage, ref)
-    ids, scores = r.search("fused", user_vectors, k=50, exclude=[{"item-000001"}, set()])
+    ids, scores = r.search("fused", user_vectors, k=50, exclude=[{"item-00000001"}, set()])
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ ingress against its config; the models carry the static rules.
 
 Example::
 
-    RecommendRequest(user_id="user-000004", recent_item_ids=["item-000010"], k=10)
+    RecommendRequest(user_id="user-00000004", recent_item_ids=["item-00000010"], k=10)
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class SearchRequest(_Strict):
 
 class ScoredItem(BaseModel):
     item_id: str
-    score: float = Field(description="the final score (ranker when it ran, else retrieval)")
+    score: float = Field(description="the final score: the ranker's when it ran, else the retrieval cosine; for a "
+                                     "cold-start answer, the item's popularity in the interaction log")
     retrieval_score: float | None = Field(None, description="cosine of query and item vectors")
 
 

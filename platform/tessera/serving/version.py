@@ -15,7 +15,7 @@ Example::
 
     ref = VersionRef.resolve(storage, "s3://tessera-demo/index/v1")
     items = ItemVectors.load(storage, ref)
-    items.rows(["item-000001"])          # catalog rows, -1 when unknown
+    items.rows(["item-00000001"])          # catalog rows, -1 when unknown
 """
 
 from __future__ import annotations
