@@ -78,6 +78,9 @@ def test_cold_start_and_recent_items(app_url, local_flow, served_index):
     ({"k": 5000}, 422, ["less than or equal"]),
     ({"user": "typo"}, 422, ["Extra inputs", "user"]),
     ({"k": "ten"}, 422, ["valid integer"]),
+    ({"k": True}, 422, ["valid integer"]),
+    ({"k": "5"}, 422, ["valid integer"]),
+    ({"exclude_seen": "yes"}, 422, ["valid boolean"]),
     ("{not json", 422, ["JSON decode error"]),
 ])
 def test_bad_recommend_requests_get_a_4xx_saying_what_is_wrong(app_url, body, status, words):

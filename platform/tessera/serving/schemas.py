@@ -29,8 +29,9 @@ class RecommendRequest(_Strict):
                                 description="a user of the interaction-log snapshot (unknown users are cold)")
     recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_RECENT,
                                        description="items the user interacted with since the snapshot, oldest first")
-    k: int = Field(10, ge=1, le=MAX_K, description="items to return")
-    exclude_seen: bool = Field(True, description="leave out items in the user's history and recent items")
+    # strict: JSON true, "5" and 5.0 are not a count, nor "yes" a boolean (lax mode took them)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True, description="items to return")
+    exclude_seen: bool = Field(True, strict=True, description="leave out items in the user's history and recent items")
 
 
 class SearchRequest(_Strict):
@@ -39,7 +40,7 @@ class SearchRequest(_Strict):
     text: str | None = Field(None, min_length=1, max_length=10_000)
     image: str | None = Field(None, min_length=1, description="base64 of JPEG / PNG bytes")
     audio: str | None = Field(None, min_length=1, description="base64 of WAV bytes")
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)
     index: Literal["fused", "text", "image", "audio"] = Field(
         "fused", description="search the fused item vectors, or one modality's vectors only")
 
