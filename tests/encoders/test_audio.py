@@ -187,3 +187,30 @@ def test_rate_pairs_without_a_small_ratio_resample_at_bounded_cost():
     clip = decode_audio_bytes(_encode(tone, 44101), 10**7, 16000, max_samples=16000)
     assert clip.shape == (16000,)
     assert np.argmax(np.abs(np.fft.rfft(clip))) == 440  # 1 Hz bins: still 440 Hz at 16 kHz
+
+
+def test_a_file_shorter_than_its_header_says_yields_only_its_own_samples():
+    """A cut MP3 keeps its Xing header's length; reading it in reused blocks returned the real samples
+    followed by stale buffer memory (another item's audio, or NaN). Only the decodable samples come back."""
+    import io
+
+    import soundfile
+
+    from tessera.encoders.audio_decode import decode_audio_bytes
+
+    def mp3(x):
+        buf = io.BytesIO()
+        soundfile.write(buf, x.astype(np.float32), 44100, format="MP3", subtype="MPEG_LAYER_III")
+        return buf.getvalue()
+
+    tone = mp3(0.1 * np.sin(2 * np.pi * 300 * np.arange(int(0.6 * 44100)) / 44100))
+    cut = tone[: len(tone) * 3 // 4]
+    readable = len(soundfile.read(io.BytesIO(cut), dtype="float32")[0])
+    assert soundfile.info(io.BytesIO(cut)).frames > readable  # the header promises more than is there
+    loud = mp3(0.9 * np.random.default_rng(5).standard_normal(44100 * 2))
+    outs = []
+    for _ in range(3):
+        decode_audio_bytes(loud, 10**8, 16000, max_samples=16000)
+        outs.append(decode_audio_bytes(cut, 10**8, 16000, max_samples=16000))
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert abs(len(outs[0]) - readable * 16000 / 44100) <= 2 and np.abs(outs[0]).max() < 0.2

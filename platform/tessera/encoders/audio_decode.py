@@ -169,7 +169,22 @@ def source_frames(samples: int, orig: int, new: int) -> int:
 
 
 def _read_mono(f: soundfile.SoundFile, frames: int) -> np.ndarray:
-    """Up to ``frames`` frames (-1: all), averaged over channels one block at a time: ``float32 (T,)``."""
+    """Up to ``frames`` frames (-1: all), averaged over channels one block at a time: ``float32 (T,)``.
+
+    Plain ``read`` calls, not ``SoundFile.blocks``: ``blocks`` reuses one buffer and yields it whole even
+    after a short read, so a file whose header promises more frames than it holds (a cut MP3 keeps
+    its Xing length) came back with stale memory, another item's samples included, after its real
+    ones. A short or empty read ends the file here."""
     blocksize = max(1, _BLOCK_SAMPLES // f.channels)
-    parts = [block.mean(axis=1) for block in f.blocks(blocksize, frames=frames, dtype="float32", always_2d=True)]
+    left = frames if frames >= 0 else None
+    parts = []
+    while left is None or left > 0:
+        want = blocksize if left is None else min(blocksize, left)
+        block = f.read(want, dtype="float32", always_2d=True)  # (n, channels), n <= want: a fresh array
+        if len(block):
+            parts.append(block.mean(axis=1))
+        if len(block) < want:
+            break
+        if left is not None:
+            left -= len(block)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
