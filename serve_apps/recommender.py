@@ -358,6 +358,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     surrogate could not even be encoded (that was a bare 500)."""
     metrics().observe(_route_of(request.url.path), 422)
     detail = [{"type": e.get("type"), "loc": _printable(list(e.get("loc", ()))), "msg": _printable(e.get("msg", ""))}
+              | ({"ctx": {k: _printable(str(v)[:200]) for k, v in e["ctx"].items()}} if e.get("ctx") else {})
               for e in exc.errors()]
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail), "kind": "bad_request"})
 
@@ -513,8 +514,11 @@ class Ingress:
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
             logger.exception("%s failed", route)
             self.metrics.observe(route, 503)
-            first = (str(err).strip().splitlines() or [""])[0][:200]  # Ray's errors carry a remote traceback
-            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(err).__name__}: {first}",
+            # a stage's own exception comes wrapped in Ray's RayTaskError, whose text is a header naming the
+            # replica (pid, IP, actor id) and a remote traceback: answer with the cause's first line only
+            cause = getattr(err, "cause", None) or err
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(cause).__name__}: {first}",
                                                           "kind": "unavailable"})
         if isinstance(result, RequestError):
             self.metrics.observe(route, result.status)

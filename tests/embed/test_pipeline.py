@@ -268,3 +268,34 @@ def test_cpu_pools_run_on_the_cpu_and_cuda_without_a_gpu_slot_is_refused(tmp_pat
     assert "audio" in str(err.value) and str(path) in str(err.value)
     path.write_text("audio:\n  encoder:\n    device: cuda\n  pool:\n    num_gpus: 1\n")
     assert load_config(EmbedConfig, path).audio.pool.num_gpus == 1
+    path.write_text("audio:\n  enabled: false\n  encoder:\n    device: cuda\n")  # a disabled block is not checked
+    assert not load_config(EmbedConfig, path).audio.enabled
+
+
+def test_run_identity_names_weights_the_same_everywhere_and_tolerates_new_encoder_keys(encoder_weights, tmp_path):
+    """The packaged MiniLM lives inside a virtualenv whose path differs between machines (a runtime-env
+    virtualenv, another container): its identity is its files, not its path. An encoder key added to the
+    code later must not make earlier runs look different; a modality switched on must."""
+    import shutil
+
+    from tessera.embed.pipeline import identity_changes, run_identity, weights_identity
+    from tessera.encoders.text import packaged_minilm_path
+
+    here = packaged_minilm_path()
+    there = tmp_path / "elsewhere" / "model"
+    shutil.copytree(here, there)
+    assert weights_identity(here) == weights_identity(str(there)) != weights_identity(str(tmp_path))
+    (there / "extra.bin").write_bytes(b"x")
+    assert weights_identity(here) != weights_identity(str(there))
+    assert weights_identity("s3://bucket/models/image") == "s3://bucket/models/image"
+
+    old = run_identity(embed_config(encoder_weights, "x"), ["s3://b/items/part-0.parquet"], 10)
+    new = json.loads(json.dumps(old))
+    new["encoders"]["text"]["a_setting_added_later"] = 3
+    del new["encoders"]["image"]["pooling"]
+    assert identity_changes(old, new) == []
+    new["encoders"]["text"]["max_length"] = 17
+    fewer = json.loads(json.dumps(old))
+    del fewer["encoders"]["audio"]
+    assert identity_changes(old, new) == ["encoders.text.max_length"]
+    assert identity_changes(fewer, old) == ["encoders.audio"]

@@ -102,7 +102,7 @@ class _Modality(TesseraConfig):
 
     @model_validator(mode="after")
     def _device_needs_a_gpu(self) -> "_Modality":
-        if self.encoder.device == "cuda" and not self.pool.num_gpus:  # type: ignore[attr-defined]
+        if self.enabled and self.encoder.device == "cuda" and not self.pool.num_gpus:  # type: ignore[attr-defined]
             raise ValueError("encoder.device is 'cuda' but pool.num_gpus is 0: the actors would hold no "
                              "GPU; set pool.num_gpus (e.g. 1) or encoder.device: auto / cpu")
         return self

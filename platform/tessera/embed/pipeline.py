@@ -15,8 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from pathlib import Path
 
 from tessera.embed.config import EmbedConfig
 from tessera.embed.output import done_item_ids, tally
@@ -25,7 +27,7 @@ from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
 from tessera.memory import allocator_env
-from tessera.storage import Storage, join_uri
+from tessera.storage import Storage, join_uri, parse_uri
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
 
@@ -46,18 +48,43 @@ _NOT_IDENTITY = ("batch_size", "device", "bf16_autocast", "cache_dir", "channels
                  "max_batch_tokens", "pad_to_multiple_of", "fast_tokenizer_file")
 
 
+def weights_identity(weights: str) -> str:
+    """Where an encoder's weights are, in a form that names the same weights on every machine: an
+    ``s3://`` URI as is; a local folder (say the packaged MiniLM inside a virtualenv, whose path differs
+    between environments) by its files' names and sizes, without reading them."""
+    if weights.startswith("s3://"):
+        return weights
+    root = Path(parse_uri(weights).path)
+    if root.is_file():
+        return f"local:{root.name}:{root.stat().st_size}"
+    if not root.is_dir():
+        return f"local:{weights}"  # not there: the encoder will say so when it loads
+    listing = sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return "local:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
 def run_identity(cfg: EmbedConfig, files: list[str], n_input: int) -> dict:
     """What a run's output depends on: the items files and row count, and per enabled modality the
-    encoder settings that change its vectors or which items fail."""
-    return {"items_uri": cfg.items_uri, "files": [f.rsplit("/", 1)[-1] for f in files], "items": n_input,
-            "encoders": {m: mcfg.encoder.model_dump(mode="json", exclude=set(_NOT_IDENTITY))
-                         for m, mcfg in cfg.modalities().items()}}
+    encoder settings that change its vectors or which items fail (weights by :func:`weights_identity`)."""
+    encoders = {}
+    for m, mcfg in cfg.modalities().items():
+        settings = mcfg.encoder.model_dump(mode="json", exclude=set(_NOT_IDENTITY))
+        settings["weights"] = weights_identity(settings["weights"])
+        encoders[m] = settings
+    return {"items_uri": cfg.items_uri, "files": [parse_uri(f).path.rsplit("/", 1)[-1] for f in files],
+            "items": n_input, "encoders": encoders}
 
 
 def identity_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two identities (``encoders.text.weights``, ...)."""
+    """Dotted keys whose values differ between two identities (``encoders.text.max_length``, ...).
+
+    Inside one encoder's settings a key only one side has is not a change: an encoder setting added to
+    the code later must not make every earlier run look different."""
     out = []
+    one_encoder = prefix.startswith("encoders.") and prefix.count(".") == 2
     for key in sorted(set(old) | set(new)):
+        if one_encoder and (key not in old or key not in new):
+            continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(identity_changes(a, b, f"{prefix}{key}."))

@@ -176,8 +176,9 @@ def trim_for_crop(img: torch.Tensor, size: tuple[int, int],
     Resizing the shorter side first makes the long side of an extreme aspect ratio huge (a 4000x1 PNG
     becomes 128x512000 before a 128x128 crop). The trimmed source keeps the middle that the crop takes
     with a margin of 1.5 crops on each side; its resize target keeps the scale and its offset puts the
-    crop's first pixel where it was, so the crop sees the same pixels up to a sub-pixel shift (none
-    when the scale divides evenly). Axes within the bound are left alone.
+    crop's first pixel where it was, up to half a *source* pixel (none when the scale divides evenly):
+    for an upscaled thin banner (1x1001) that is many output pixels, for a photo-like panorama a
+    fraction of one. Axes within the bound are left alone.
 
     Args:
         img: ``(3, H, W)`` source pixels.

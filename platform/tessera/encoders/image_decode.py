@@ -75,24 +75,26 @@ def _decode_png(data: bytes) -> torch.Tensor:
     (SIGSEGV) on most libpng errors raised while reading rows (an empty or cut IDAT stream, a bad data
     check: 38 of 40 randomly byte-flipped PNGs here; pytorch/vision#3613), so one bad upload would
     kill a serving replica or an embedding actor. Pillow raises instead. Same pixels as torchvision's
-    RGB mode for 8-bit images (alpha dropped, palette and grey expanded, EXIF orientation applied);
-    16-bit samples keep their high byte, as torchvision's uint16 -> uint8 conversion does."""
+    RGB mode for 8-bit images (alpha dropped, palette and grey expanded, EXIF orientation applied; Pillow
+    also honours an XMP orientation, which torchvision ignores); 16-bit samples keep their high byte, as
+    torchvision's uint16 -> uint8 conversion does. One copy beyond Pillow's own buffer (the array)
+    when the image is already RGB and upright."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (and its 32-bit widening)
                 grey = np.asarray(im, dtype=np.uint32) >> 8
                 arr = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
             else:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
     except Image.DecompressionBombError as err:
         raise MediaError("oversized", f"png: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, SystemError) as err:
         text = str(err).splitlines()[-1][:200] if str(err).strip() else type(err).__name__
         kind = "truncated" if "truncated" in text.lower() or isinstance(err, EOFError) else "corrupt"
         raise MediaError(kind, f"png decode failed: {text}") from None
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W), a channels-last view: no copy
 
 
 def _checked_size(data: bytes, fmt: str) -> tuple[int, int]:
