@@ -80,8 +80,10 @@ class Flow:
             exclude = [set(encoded[i].exclude_ids) for i in warm]
             ids, scores = await self.stages.search(self.index_uri, "fused", vectors, k,
                                                    exclude if any(exclude) else None)
-            # one search for the batch, at its largest k; each request ranks only its own share, so its
-            # answer does not depend on the k of the requests it happened to share a batch with
+            # one search for the batch, at its largest k; each request ranks only its own share, so the
+            # ranker never sees more candidates because a batch mate asked for more. (On ScaNN shards the
+            # candidates themselves can still differ a little: a larger k deepens the exact reordering of
+            # the whole batched call, which can only add true neighbours.)
             for j, i in enumerate(warm):
                 n = min(len(ids[j]), max(requests[i].k, self.candidates))
                 found[i] = (ids[j][:n], scores[j, :n])
