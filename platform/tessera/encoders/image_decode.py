@@ -1,10 +1,11 @@
-"""Image bytes -> ``uint8`` RGB tensor ``(3, H, W)`` with torchvision, after cheap safety checks.
+"""Image bytes -> ``uint8`` RGB tensor ``(3, H, W)`` with torchvision or Pillow, after cheap safety checks.
 
 Before any pixel is decoded the bytes are sniffed (``wrong_format`` for audio / text / documents),
 their container structure is walked (``truncated`` when a JPEG or PNG ends before its end marker, or a
 GIF inside its first image) and the dimensions are read from the header, so a decompression bomb is
 refused as ``oversized`` without allocating its pixels. Decoding itself uses
-``torchvision.io.decode_image`` (JPEG, PNG, GIF, WebP). A GIF is cut after its first image before
+``torchvision.io.decode_image`` for JPEG, GIF and WebP, and Pillow for PNG (see ``_decode_png``: torchvision's
+PNG reader can crash the process on bad data). A GIF is cut after its first image before
 decoding: torchvision decodes every frame of an animation, so a few hundred KB of frames would
 otherwise cost ``frames x width x height x 3`` bytes.
 
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
 from tessera.encoders.errors import MediaError, check_size
 from tessera.encoders.sniff import sniff
@@ -63,11 +63,8 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                            apply_exif_orientation=True)
     except RuntimeError as err:  # torchvision reports every decoder failure as RuntimeError
-        kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
-        raise MediaError(kind, f"{fmt} decode failed: {str(err).splitlines()[-1][:200]}") from None
-    if img.dtype != torch.uint8:  # 16-bit PNG
-        img = TF.to_dtype(img, torch.uint8, scale=True)
-    return img  # (3, H, W)
+        raise _decode_failure(fmt, err) from None
+    return img  # (3, H, W), uint8: only PNG has 16-bit samples, and PNGs go through _decode_png
 
 
 def _decode_png(data: bytes) -> torch.Tensor:
@@ -91,10 +88,15 @@ def _decode_png(data: bytes) -> torch.Tensor:
     except Image.DecompressionBombError as err:
         raise MediaError("oversized", f"png: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, SystemError) as err:
-        text = str(err).splitlines()[-1][:200] if str(err).strip() else type(err).__name__
-        kind = "truncated" if "truncated" in text.lower() or isinstance(err, EOFError) else "corrupt"
-        raise MediaError(kind, f"png decode failed: {text}") from None
+        raise _decode_failure("png", err) from None
     return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W), a channels-last view: no copy
+
+
+def _decode_failure(fmt: str, err: Exception) -> MediaError:
+    """``truncated`` when the decoder says so (or ran out of data), else ``corrupt``, with its last line."""
+    text = str(err).splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+    kind = "truncated" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt"
+    return MediaError(kind, f"{fmt} decode failed: {text}")
 
 
 def _checked_size(data: bytes, fmt: str) -> tuple[int, int]:
