@@ -75,21 +75,18 @@ def run_identity(cfg: EmbedConfig, files: list[str], n_input: int) -> dict:
             "items": n_input, "encoders": encoders}
 
 
-def identity_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+def identity_changes(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two identities (``encoders.text.max_length``, ...).
 
-    Inside one encoder's settings a key only one side has is not a change: an encoder setting added to
-    the code later must not make every earlier run look different."""
-    out = []
-    one_encoder = prefix.startswith("encoders.") and prefix.count(".") == 2
-    for key in sorted(set(old) | set(new)):
-        if one_encoder and (key not in old or key not in new):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(identity_changes(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}")
+    A modality enabled on one side only is a change; inside one encoder's settings a key only one side
+    has is not: an encoder setting added to the code later must not make every earlier run look different."""
+    out = [key for key in sorted(set(old) | set(new)) if key != "encoders" and old.get(key) != new.get(key)]
+    a, b = old.get("encoders", {}), new.get("encoders", {})
+    for m in sorted(set(a) | set(b)):
+        if m not in a or m not in b:
+            out.append(f"encoders.{m}")
+        else:
+            out.extend(f"encoders.{m}.{key}" for key in sorted(set(a[m]) & set(b[m])) if a[m][key] != b[m][key])
     return out
 
 
