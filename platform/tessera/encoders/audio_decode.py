@@ -112,7 +112,7 @@ def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int, max_sample
                 raise MediaError("corrupt", f"{fmt} header states a sample rate of {rate} Hz, outside "
                                             f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
             orig, new = resample_ratio(rate, sample_rate)
-            frames = -1 if max_samples is None else source_frames(max_samples, orig, new)
+            frames = None if max_samples is None else source_frames(max_samples, orig, new)
             mono = _read_mono(f, frames)  # (T,)
     except soundfile.SoundFileError as err:
         raise MediaError("corrupt", f"{fmt} decode failed: {err}") from None
@@ -168,15 +168,15 @@ def source_frames(samples: int, orig: int, new: int) -> int:
     return (blocks + 1) * orig + _sinc_width(orig, new)
 
 
-def _read_mono(f: soundfile.SoundFile, frames: int) -> np.ndarray:
-    """Up to ``frames`` frames (-1: all), averaged over channels one block at a time: ``float32 (T,)``.
+def _read_mono(f: soundfile.SoundFile, frames: int | None) -> np.ndarray:
+    """Up to ``frames`` frames (None: all), averaged over channels one block at a time: ``float32 (T,)``.
 
     Plain ``read`` calls, not ``SoundFile.blocks``: ``blocks`` reuses one buffer and yields it whole even
     after a short read, so a file whose header promises more frames than it holds (a cut MP3 keeps
     its Xing length) came back with stale memory, another item's samples included, after its real
     ones. A short or empty read ends the file here."""
     blocksize = max(1, _BLOCK_SAMPLES // f.channels)
-    left = frames if frames >= 0 else None
+    left = frames
     parts = []
     while left is None or left > 0:
         want = blocksize if left is None else min(blocksize, left)
