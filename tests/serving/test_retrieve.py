@@ -11,17 +11,13 @@ from tessera.index.shard_io import manifest_bytes
 from tessera.serving import VersionRef
 from tessera.serving.retrieve import RetrieverCore
 from tessera.storage import join_uri
-
-
-def _unit(rng, n, dim):
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.index.conftest import unit_rows
 
 
 def test_per_modality_manifest_is_verified_against_its_checksum(storage, bucket_uri):
     rng = np.random.default_rng(21)
     ids = [f"item-{i:03d}" for i in range(300)]
-    fused, text = _unit(rng, 300, 16), _unit(rng, 300, 8)
+    fused, text = unit_rows(rng, 300, 16), unit_rows(rng, 300, 8)
     text_manifest = ShardedIndex.from_arrays(ids, text, IndexConfig(), num_shards=2).save(
         storage, join_uri(bucket_uri, "modal", "text"))
     top = ShardedIndex.from_arrays(ids, fused, IndexConfig(), num_shards=2).save(storage, bucket_uri)
