@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,15 @@ def fsdd_wavs(shared_data) -> list[Path]:
     missing = [p.name for p in paths if not p.is_file()]
     assert not missing, f"FSDD recordings not found: {missing}"
     return paths
+
+
+def raw_png(width: int, height: int, raw: bytes, depth: int = 8) -> bytes:
+    """An RGB PNG assembled by hand from its filtered scanlines ``raw`` (each a filter byte, then the
+    samples), with valid chunk CRCs: for files Pillow cannot write (16-bit RGB) or will not write
+    (an IDAT holding too little data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")

@@ -18,6 +18,7 @@ from tessera.encoders import ImageEncoder, ImageEncoderConfig, ImagePreprocessor
 from tessera.encoders.base import cpu_supports_bf16
 from tessera.encoders.image import trim_for_crop
 from tessera.encoders.image_decode import decode_image_bytes
+from tests.encoders.conftest import raw_png
 
 
 @pytest.fixture(scope="module")
@@ -280,20 +281,6 @@ def test_gif_cut_inside_its_first_image_is_truncated(photos, cut):
     assert err.value.kind == "truncated", str(err.value)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    import zlib
-
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png_rgb8(width: int, height: int, raw: bytes) -> bytes:
-    import zlib
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
-            + _png_chunk(b"IEND", b""))
-
-
 def test_broken_png_row_data_fails_the_item_not_the_process(tmp_path):
     """torchvision 0.29 segfaults on libpng errors raised while reading rows (a 67-byte PNG with an
     empty IDAT killed a QueryEncoder replica, then the two it was retried on); run in a child so a
@@ -301,9 +288,9 @@ def test_broken_png_row_data_fails_the_item_not_the_process(tmp_path):
     import subprocess
     import sys
 
-    good = _png_rgb8(8, 8, b"".join(b"\x00" + bytes(range(24)) for _ in range(8)))
+    good = raw_png(8, 8, b"".join(b"\x00" + bytes(range(24)) for _ in range(8)))
     rng = np.random.default_rng(0)
-    cases = [_png_rgb8(1, 1, b""), _png_rgb8(4, 4, b"\x00" * 5), good[:-12] + b"\x00\x00\x00\x00" + good[-12:]]
+    cases = [raw_png(1, 1, b""), raw_png(4, 4, b"\x00" * 5), good[:-12] + b"\x00\x00\x00\x00" + good[-12:]]
     for _ in range(40):
         flipped = bytearray(good)
         for pos in rng.integers(33, len(good) - 12, 3):
@@ -339,12 +326,7 @@ def test_png_pixels_match_torchvision_on_good_files(photos, mode):
         Image.fromarray(grey).save(buf, "PNG")
     elif mode == "RGB16":  # 16-bit RGB: Pillow cannot write it; build the file by hand
         rgb = (np.asarray(im, dtype=np.uint16) * 257 + 5).astype(">u2")
-        raw = b"".join(b"\x00" + row.tobytes() for row in rgb)
-        import zlib
-
-        ihdr = struct.pack(">IIBBBBB", 64, 48, 16, 2, 0, 0, 0)
-        buf.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
-                  + _png_chunk(b"IEND", b""))
+        buf.write(raw_png(64, 48, b"".join(b"\x00" + row.tobytes() for row in rgb), depth=16))
     else:
         (im.convert(mode) if mode != "RGBA" else im.convert("RGBA")).save(buf, "PNG")
     data = buf.getvalue()
