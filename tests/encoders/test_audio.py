@@ -192,16 +192,8 @@ def test_rate_pairs_without_a_small_ratio_resample_at_bounded_cost():
 def test_a_file_shorter_than_its_header_says_yields_only_its_own_samples():
     """A cut MP3 keeps its Xing header's length; reading it in reused blocks returned the real samples
     followed by stale buffer memory (another item's audio, or NaN). Only the decodable samples come back."""
-    import io
-
-    import soundfile
-
-    from tessera.encoders.audio_decode import decode_audio_bytes
-
     def mp3(x):
-        buf = io.BytesIO()
-        soundfile.write(buf, x.astype(np.float32), 44100, format="MP3", subtype="MPEG_LAYER_III")
-        return buf.getvalue()
+        return _encode(x.astype(np.float32), 44100, "MP3", "MPEG_LAYER_III")
 
     tone = mp3(0.1 * np.sin(2 * np.pi * 300 * np.arange(int(0.6 * 44100)) / 44100))
     cut = tone[: len(tone) * 3 // 4]
