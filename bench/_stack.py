@@ -1,4 +1,4 @@
-"""What a benchmark brings up: its own SeaweedFS (ports shifted by 25000, state in .tessera/bench)
+"""What a benchmark brings up: its own SeaweedFS (on ports 30000-30009, state in .tessera/bench)
 and a local Ray, both torn down at exit. Benchmarks run standalone from the repo root."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import psutil
 from tessera.embedded.seaweedfs import EmbeddedS3, S3Ports
 from tessera.embedded.state import state_dir, write_private
 
-BENCH_PORT_OFFSET = 25000
+BENCH_S3_PORT_BASE = 30000
 
 
 @contextlib.contextmanager
 def bench_stack(num_cpus: int | None = None):
     """Yield the S3 connection with a local Ray running; the env carries the S3 settings to workers."""
     home = state_dir() / "bench"
-    s3 = EmbeddedS3(home, ports=S3Ports.offset(BENCH_PORT_OFFSET))
+    s3 = EmbeddedS3(home, ports=S3Ports.block(BENCH_S3_PORT_BASE))
     conn = s3.start()
     os.environ.update(conn.env())
     token = home / "ray_auth_token"

@@ -20,7 +20,7 @@ from tessera.storage import Storage, StorageConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
-TEST_PORT_OFFSET = 20000  # the first offset tried; concurrent test sessions take the next free one
+TEST_S3_PORT_BASE = 24000  # the first port block tried; concurrent test sessions take the next free one
 
 
 def ports_free(ports) -> bool:
@@ -44,12 +44,12 @@ def free_head_offsets(from_top: bool = False) -> list[int]:
 
 
 def free_s3_ports() -> S3Ports:
-    """Default SeaweedFS ports shifted by the first offset (20000, 20100, ...) whose ports and gRPC
-    ports (+10000) are all free, so two test sessions on one machine do not collide."""
-    for offset in range(TEST_PORT_OFFSET, TEST_PORT_OFFSET + 2000, 100):
-        ports = S3Ports.offset(offset)
-        every = [ports.s3, ports.master, ports.volume, ports.filer, ports.admin]
-        if ports_free(every + [p + 10000 for p in every]):
+    """The first block of ten consecutive ports from 24000 (stepping by 20) that are all free, so two
+    test sessions on one machine, or a test session beside the demo, do not collide. The blocks stay
+    below Linux's ephemeral range (32768+), where an outgoing connection may take a port at any time."""
+    for base in range(TEST_S3_PORT_BASE, 32760, 20):
+        ports = S3Ports.block(base)
+        if ports_free(ports.all()):
             return ports
     raise RuntimeError("no free port range for the test SeaweedFS")
 

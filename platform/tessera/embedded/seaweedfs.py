@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tessera.embedded.state import write_private
@@ -32,19 +32,34 @@ from tessera.embedded.state import write_private
 
 @dataclass(frozen=True)
 class S3Ports:
-    """Ports of the ``weed mini`` components (gRPC ports are these + 10000)."""
+    """Ports of the ``weed mini`` components. The defaults are SeaweedFS's own (gRPC = HTTP + 10000),
+    except the admin gRPC port, which SeaweedFS would put at 33646, inside Linux's ephemeral range
+    (32768-60999) where any outgoing connection may already hold it."""
 
     s3: int = 8333
     master: int = 9333
     volume: int = 9340
     filer: int = 8888
     admin: int = 23646
+    s3_grpc: int = 18333
+    master_grpc: int = 19333
+    volume_grpc: int = 19340
+    filer_grpc: int = 18888
+    admin_grpc: int = 23656
 
     @classmethod
-    def offset(cls, delta: int) -> "S3Ports":
-        """The default ports shifted by ``delta`` (tests use a separate set beside a running demo)."""
-        d = cls()
-        return cls(d.s3 + delta, d.master + delta, d.volume + delta, d.filer + delta, d.admin + delta)
+    def block(cls, base: int) -> "S3Ports":
+        """Ten consecutive ports from ``base`` (tests and benchmarks run their own server beside a demo;
+        a base between 22000 and 32750 keeps every port out of Ray's worker range and the ephemeral range)."""
+        return cls(*range(base, base + len(fields(cls))))
+
+    def all(self) -> list[int]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def args(self) -> list[str]:
+        """The ``weed mini`` flags that put every component on these ports."""
+        return [f"-{f.name.replace('_grpc', '')}.port{'.grpc' if f.name.endswith('_grpc') else ''}="
+                f"{getattr(self, f.name)}" for f in fields(self)]
 
 
 @dataclass(frozen=True)
@@ -157,12 +172,9 @@ class EmbeddedS3:
         if self.pid() is not None and self.healthy(conn):
             return conn
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        p = self.ports
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
-               "-admin.ui=false", f"-admin.port={p.admin}", "-webdav=false", "-s3.port.iceberg=0",
-               "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={self.identity_file}",
-               f"-s3.port={p.s3}", f"-master.port={p.master}", f"-volume.port={p.volume}",
-               f"-filer.port={p.filer}"]
+               "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.telemetry=false", f"-s3.config={self.identity_file}", *self.ports.args()]
         log = open(self.log_file, "ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
