@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,6 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from tessera.serving.errors import RequestError
 from tessera.serving.flow import Flow
 from tessera.serving.schemas import (
+    MAX_K,
     ErrorResponse,
     RecommendRequest,
     RecommendResponse,
@@ -241,6 +242,7 @@ class Ranker(_Versioned):
         return await self._per_version(uris, inputs, lambda core, flat: core.rank(flat))
 
 
+HEALTH_TIMEOUT_S = 5.0  # how long GET /healthz?deep=true waits for each stage
 RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
 
 
@@ -286,6 +288,26 @@ class HandleStages:
 
     async def rank(self, index_uri, inputs):
         return await _call(self.ranker.rank, index_uri, inputs)
+
+    async def probe(self, index_uri: str, timeout_s: float) -> dict[str, dict]:
+        """Ask each stage deployment (one replica each) which versions it holds; per deployment ``ok``
+        (answered within ``timeout_s``), ``versions`` and ``has_current`` (``index_uri`` among them: a
+        stage without it loads it on its first request), or ``error``."""
+
+        async def one(handle: DeploymentHandle) -> dict:
+            try:
+                versions = await asyncio.wait_for(handle.loaded_versions.remote(), timeout_s)
+            except TimeoutError:  # no replica running, or every replica too busy to answer in time
+                return {"ok": False, "error": f"no answer within {timeout_s:g} s"}
+            except Exception as err:  # replica lost, the call failed: the stage is not answering
+                cause = getattr(err, "cause", None) or err
+                first = (str(cause).strip().splitlines() or [""])[0][:200]
+                return {"ok": False, "error": f"{type(cause).__name__}: {first}".rstrip(": ")}
+            return {"ok": True, "versions": versions, "has_current": index_uri in versions}
+
+        handles = [self.query_encoder, *self.retrievers, self.ranker]
+        answers = await asyncio.gather(*(one(h) for h in handles))
+        return {h.deployment_name: a for h, a in zip(handles, answers, strict=True)}
 
 
 def merge_top_k(parts: list[tuple[list[list[str]], np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -443,6 +465,21 @@ def _base64_payload(text: str) -> bytes | str:
         return f"{err} (expected standard or URL-safe base64)"
 
 
+def _publish_max_k(schema: dict, max_k: int) -> dict:
+    """``schema`` (an OpenAPI document, changed in place) with every ``k``'s maximum lowered from the
+    models' ceiling to the deployment's ``max_k``, so ``/docs`` states the bound requests are held to."""
+    for model in schema.get("components", {}).get("schemas", {}).values():
+        k = model.get("properties", {}).get("k")
+        if k is not None and "maximum" in k:
+            k["maximum"] = min(k["maximum"], max_k)
+    for route in schema.get("paths", {}).values():
+        for operation in route.values():
+            for param in operation.get("parameters", []):
+                if param.get("name") == "k" and "maximum" in param.get("schema", {}):
+                    param["schema"]["maximum"] = min(param["schema"]["maximum"], max_k)
+    return schema
+
+
 def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status, content={"detail": err.detail, "kind": err.kind})
 
@@ -488,6 +525,9 @@ class Ingress:
         candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
         self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
+        app = getattr(self, "_asgi_app", None)  # set by serve.ingress after __init__, before this first call
+        if isinstance(app, FastAPI) and app.openapi_schema is None:
+            app.openapi_schema = _publish_max_k(app.openapi(), self.args.max_k)
 
     # --- helpers ------------------------------------------------------------------------
     def _check_k(self, k: int) -> RequestError | None:
@@ -564,9 +604,9 @@ class Ingress:
 
     @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
              responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def similar(self, item_id: str, k: int = 10):
+    async def similar(self, item_id: str, k: int = Query(10, ge=1, le=MAX_K, description="items to return")):
         """Items nearest this item's fused vector (the item itself left out)."""
-        bad = RequestError(422, "bad_request", f"k must be >= 1, got {k}") if k < 1 else self._check_k(k)
+        bad = self._check_k(k)
         if bad:
             self.metrics.observe("similar", bad.status)
             return _error(bad)
@@ -577,9 +617,18 @@ class Ingress:
 
         return await self._answer("similar", one(), SimilarResponse)
 
-    @api.get("/healthz")
-    async def healthz(self):
-        return {"status": "ok", "index_version": self.ref.index_version, "model_version": self.ref.model_version}
+    @api.get("/healthz", responses={503: {"description": "a stage did not answer (deep=true)"}})
+    async def healthz(self, deep: bool = Query(False, description="also ask every stage deployment which "
+                                                                     "versions it has loaded (one call each)")):
+        """The Ingress is up and has a version to serve; with ``deep=true``, every stage answered too."""
+        body = {"status": "ok", "index_version": self.ref.index_version, "model_version": self.ref.model_version}
+        if not deep:
+            return body
+        stages = await self.stages.probe(self.flow.index_uri, HEALTH_TIMEOUT_S)
+        if not all(stage["ok"] for stage in stages.values()):
+            body["status"] = "unavailable"
+        body["stages"] = stages
+        return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
 
     @api.get("/v1/version", response_model=VersionResponse)
     async def version(self):

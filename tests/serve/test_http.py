@@ -190,4 +190,38 @@ def test_health_version_and_openapi(app_url, version):
     spec = requests.get(f"{app_url}/openapi.json", timeout=10).json()
     assert {"/v1/recommend", "/v1/search", "/v1/items/{item_id}/similar", "/healthz", "/v1/version"} <= set(
         spec["paths"])
+    # the schema states the deployment's max_k (50 here), not the models' ceiling (1000)
+    models = spec["components"]["schemas"]
+    assert models["RecommendRequest"]["properties"]["k"]["maximum"] == 50
+    assert models["SearchRequest"]["properties"]["k"]["maximum"] == 50
+    [k] = [p for p in spec["paths"]["/v1/items/{item_id}/similar"]["get"]["parameters"] if p["name"] == "k"]
+    assert k["schema"]["minimum"] == 1 and k["schema"]["maximum"] == 50
     assert requests.get(f"{app_url}/docs", timeout=10).status_code == 200
+
+
+def test_deep_health_asks_every_stage(app_url, served_index):
+    r = requests.get(f"{app_url}/healthz", params={"deep": "true"}, timeout=30)
+    assert r.status_code == 200, r.text
+    stages = r.json()["stages"]
+    assert set(stages) == {"QueryEncoder", "Retriever", "Ranker"}
+    for name, stage in stages.items():
+        assert stage["ok"] and stage["has_current"], (name, stage)
+        assert served_index.rstrip("/") in stage["versions"]
+    assert "stages" not in requests.get(f"{app_url}/healthz", timeout=10).json()  # the plain check calls no stage
+    assert requests.get(f"{app_url}/healthz", params={"deep": "maybe"}, timeout=10).status_code == 422
+
+
+def test_deep_health_names_a_stage_that_does_not_answer(app_url, served_index):
+    """HandleStages.probe (what ``deep=true`` runs) against the live stages plus a handle to a deployment
+    with no replica (a call to it waits for one): that one is reported as not answering, the live ones ok."""
+    from ray.serve.handle import DeploymentHandle
+
+    from serve_apps.recommender import HandleStages
+
+    def handle(name):
+        return DeploymentHandle(name, "recommender")
+
+    stages = HandleStages(handle("QueryEncoder"), [handle("Retriever"), handle("NoSuchStage")], handle("Ranker"))
+    report = asyncio.run(stages.probe(served_index, timeout_s=3.0))
+    assert report["NoSuchStage"] == {"ok": False, "error": "no answer within 3 s"}
+    assert all(report[n]["ok"] and report[n]["has_current"] for n in ("QueryEncoder", "Retriever", "Ranker"))
