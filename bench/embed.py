@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/embed.py [--texts 20000] [--images 8000] [--audio 3000] [--threads 2]
                                     [--scale 10000 90000] [--text-actors 2] [--media-actors 1]
-                                    [--text-pool-batch 2048]
+                                    [--text-pool-batch 2048] [--text-rounds 2]
 
 Brings up its own SeaweedFS and a local Ray (2 CPUs). Measures, on real data from ../shared/data and
 real text on this machine (bench/texts.py):
@@ -12,7 +12,10 @@ real text on this machine (bench/texts.py):
   our bare encoder loop (``TextEncoder.embed`` over all the texts in one call, so sorted by length
   over all of them), same thread count and micro-batch (the job splits the ``--threads`` over
   ``--text-actors`` one-thread actors by default; the baselines run them in one process); cosine of
-  our vectors to the fp32 ones.
+  our vectors to the fp32 ones. The bare loop runs before the first text job and after the last
+  (``--text-rounds`` jobs, 2 by default: bare, job, job, bare), and ``pipeline_efficiency`` is the
+  mean job rate over the mean bare rate, so drift in the machine's speed falls on both sides (one
+  pass of each gave 0.83 and 0.90 in two runs of the same code; the bare loop alone moved 162-208/s).
   sentence-transformers runs on a seeded random sample of ``--st-sample`` texts (its rate does not
   depend on how many: it sorts by length within the call, and the sample has the corpus' lengths);
 - image / audio: the job vs a plain single-process loop over the same items in S3 (fetch, decode,
@@ -120,7 +123,11 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     return out
 
 
-def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BATCH) -> dict:
+def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BATCH, rounds=2) -> dict:
+    """Text: sentence-transformers, then the bare loop and the job in an A-B-B-A order (``rounds``
+    jobs, with a bare-loop pass before the first and after the last: 2 gives bare, job, job, bare),
+    so a machine whose speed drifts during the minutes this takes weighs on both sides alike.
+    ``pipeline_efficiency`` is the mean job rate over the mean bare rate; every pass is listed."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -137,29 +144,41 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
     ref = st.encode([texts[k] for k in sample], batch_size=TEXT_BATCH, normalize_embeddings=True,
                     convert_to_numpy=True)
     st_rate = len(sample) / (time.perf_counter() - t0)
+    del st
     enc = TextEncoder(cfg)
     enc.embed(texts[:64])
-    t0, c0 = time.perf_counter(), time.process_time()
-    enc.embed(texts)
-    bare_rate = len(texts) / (time.perf_counter() - t0)
-    bare_cpu = time.process_time() - c0
-    del enc, st
-    job_rate, manifest, rss, wall = _job(storage, items, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors)
+
+    def bare() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        enc.embed(texts)
+        return len(texts) / (time.perf_counter() - t0), time.process_time() - c0
+
+    bares, jobs = [bare()], []
+    for _ in range(rounds):
+        jobs.append(_job(storage, items, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors))
+    bares.append(bare())
+    job_rate, bare_rate = float(np.mean([j[0] for j in jobs])), float(np.mean([b[0] for b in bares]))
+    _, manifest, rss, wall = jobs[0]
     ours = _vectors(storage, manifest, "text")
     # the job's fixed cost (plan, actor start, model load, first and last hops): the same job on 64 texts
     tiny = f"{ROOT}/text-{uuid.uuid4().hex[:6]}/items"
     _write_items(storage, tiny, {"item_id": ids[:64], "text": texts[:64]})
     _, _, _, fixed = _job(storage, tiny, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors)
+    walls = [j[3] for j in jobs]
     cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
-            "st_sample": len(sample), "text_items_per_s": round(job_rate, 1), "text_job_wall_s": round(wall, 2),
+            "st_sample": len(sample), "text_items_per_s": round(job_rate, 1),
+            "text_job_wall_s": round(float(np.mean(walls)), 2),
             "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
-            "bare_encoder_cpu_s": round(bare_cpu, 1),
+            "bare_encoder_cpu_s": round(float(np.mean([b[1] for b in bares])), 1),
+            "text_passes": {"bare_items_per_s": [round(b[0], 1) for b in bares],
+                            "job_items_per_s": [round(j[0], 1) for j in jobs]},
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
             "pipeline_efficiency": round(job_rate / bare_rate, 2), "text_job_peak_rss_mb": rss.peak_mb,
             "text_job_fixed_s": round(fixed, 2),
-            "text_job_steady_items_per_s": round(len(texts) / (wall - fixed), 1) if wall > fixed else None,
+            "text_job_steady_items_per_s": round(len(texts) / (float(np.mean(walls)) - fixed), 1)
+            if min(walls) > fixed else None,
             "text_job_timings": manifest["timings"], "text_job_cpu": rss.cpu_by_process()}
 
 
@@ -238,6 +257,8 @@ def main() -> None:
                         help="torch threads per image / audio actor (default: --threads // --media-actors)")
     parser.add_argument("--text-pool-batch", type=int, default=TEXT_POOL_BATCH,
                         help="texts per encoder call (sorted by length within it)")
+    parser.add_argument("--text-rounds", type=int, default=2,
+                        help="text jobs, between a bare-loop pass before and one after (A-B-B-A at 2)")
     args = parser.parse_args()
     ALLOCATOR["allocator"] = args.allocator
     result: dict = {"allocator": args.allocator, "threads": args.threads, "text_actors": args.text_actors,
@@ -250,7 +271,7 @@ def main() -> None:
         weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
         if args.texts:
             result.update(bench_text(storage, args.texts, args.threads, args.st_sample, args.text_actors,
-                                     args.text_pool_batch))
+                                     args.text_pool_batch, args.text_rounds))
             print(f"[bench] text: {result}", flush=True)
         grocery = SHARED / "grocery" / "dataset"
         photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
