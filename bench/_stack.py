@@ -47,12 +47,14 @@ class PeakRSS:
     time: reading smaps is slower and costs CPU, so 0 turns it off), and ``top_at_peak`` names the
     largest processes at the RSS peak. ``cpu_by_process()`` is the CPU time each process (by command
     line) spent inside the window, the sampler's own thread included. The bench's own SeaweedFS
-    server is a child process too and is counted (~200 MB)."""
+    server is a child process too and is counted (~200 MB, growing with the data it stores);
+    ``peak_without_storage_mb`` is the same peak without it (on a cluster the object store is S3)."""
 
     def __init__(self, interval_s: float = 0.25, uss_every: int = 4):
         self.interval_s = interval_s
         self.uss_every = uss_every
         self.peak_bytes = 0
+        self.peak_without_storage_bytes = 0
         self.peak_uss_bytes = 0
         self.top_at_peak: list[tuple[str, float]] = []
         self._cpu: dict[int, list] = {}  # pid -> [name, cpu seconds at first sight, latest]
@@ -65,13 +67,15 @@ class PeakRSS:
         return [me, *me.children(recursive=True)]
 
     def _sample(self) -> int:
-        total, sizes = 0, []
+        total, storage, sizes = 0, 0, []
         for p in self._processes():
             with contextlib.suppress(psutil.Error):
                 rss = p.memory_info().rss
                 total += rss
                 name = " ".join(p.cmdline())[:60].strip() or p.name()
                 sizes.append((rss, name))
+                if p.name() == "weed":  # the bench's SeaweedFS: the object store, S3 on a cluster
+                    storage += rss
                 t = p.cpu_times()
                 cpu = t.user + t.system
                 if p.pid not in self._cpu:
@@ -82,6 +86,7 @@ class PeakRSS:
                 entry[2] = cpu
                 if name != "ray::IDLE":  # a Ray worker is named by the task or actor it runs last
                     entry[0] = name
+        self.peak_without_storage_bytes = max(self.peak_without_storage_bytes, total - storage)
         if total > self.peak_bytes:
             top = sorted(sizes, key=lambda t: -t[0])[:6]
             self.top_at_peak = [(name, round(rss / 2**20, 1)) for rss, name in top]
@@ -130,6 +135,10 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return round(self.peak_bytes / 2**20, 1)
+
+    @property
+    def peak_without_storage_mb(self) -> float:
+        return round(self.peak_without_storage_bytes / 2**20, 1)
 
     @property
     def peak_uss_mb(self) -> float:
