@@ -300,14 +300,21 @@ class HandleStages:
             except TimeoutError:  # no replica running, or every replica too busy to answer in time
                 return {"ok": False, "error": f"no answer within {timeout_s:g} s"}
             except Exception as err:  # replica lost, the call failed: the stage is not answering
-                cause = getattr(err, "cause", None) or err
-                first = (str(cause).strip().splitlines() or [""])[0][:200]
-                return {"ok": False, "error": f"{type(cause).__name__}: {first}".rstrip(": ")}
+                return {"ok": False, "error": _cause_line(err).rstrip(": ")}  # an empty message: the type alone
             return {"ok": True, "versions": versions, "has_current": index_uri in versions}
 
         handles = [self.query_encoder, *self.retrievers, self.ranker]
         answers = await asyncio.gather(*(one(h) for h in handles))
         return {h.deployment_name: a for h, a in zip(handles, answers, strict=True)}
+
+
+def _cause_line(err: BaseException) -> str:
+    """``Type: first line`` of a failed stage call's cause. A stage's own exception comes wrapped in
+    Ray's RayTaskError, whose text is a header naming the replica (pid, IP, actor id) and a remote
+    traceback: only the cause's first line (200 characters at most) is said."""
+    cause = getattr(err, "cause", None) or err
+    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    return f"{type(cause).__name__}: {first}"
 
 
 def merge_top_k(parts: list[tuple[list[list[str]], np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -554,11 +561,7 @@ class Ingress:
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
             logger.exception("%s failed", route)
             self.metrics.observe(route, 503)
-            # a stage's own exception comes wrapped in Ray's RayTaskError, whose text is a header naming the
-            # replica (pid, IP, actor id) and a remote traceback: answer with the cause's first line only
-            cause = getattr(err, "cause", None) or err
-            first = (str(cause).strip().splitlines() or [""])[0][:200]
-            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {type(cause).__name__}: {first}",
+            return JSONResponse(status_code=503, content={"detail": f"{route} failed: {_cause_line(err)}",
                                                           "kind": "unavailable"})
         if isinstance(result, RequestError):
             self.metrics.observe(route, result.status)
