@@ -72,9 +72,10 @@ class PeakRSS:
             with contextlib.suppress(psutil.Error):
                 rss = p.memory_info().rss
                 total += rss
-                name = " ".join(p.cmdline())[:60].strip() or p.name()
+                cmd = p.cmdline()
+                name = " ".join(cmd)[:60].strip() or p.name()
                 sizes.append((rss, name))
-                if p.name() == "weed":  # the bench's SeaweedFS: the object store, S3 on a cluster
+                if cmd and Path(cmd[0]).name == "weed":  # the bench's SeaweedFS: the object store, S3 on a cluster
                     storage += rss
                 t = p.cpu_times()
                 cpu = t.user + t.system
