@@ -184,7 +184,7 @@ def test_each_items_file_is_read_by_its_own_task(sample_corpus, encoder_weights,
                        text={"preprocess": {"batch_size": 64}})
     files = storage.list_files(cfg.items_uri, ".parquet")
     assert len(files) >= 3
-    ds = build_dataset(cfg, files, set(), join_uri(cfg.output_uri, cfg.run_id))
+    ds = build_dataset(cfg, files, np.empty(0, np.uint64), "unused-key", join_uri(cfg.output_uri, cfg.run_id))
     assert sum(int(r["rows"]) for r in ds.iter_rows()) == sample_corpus["config"].num_items
     stats = ds.stats()
     read_ops = [line for line in stats.splitlines() if "read_items" in line and "tasks executed" in line]

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, map_files, new_key
 from tessera.storage import Storage, join_uri, parse_uri
 
 MODALITIES = ("text", "image", "audio")
@@ -71,39 +72,72 @@ def list_parts(storage: Storage, run_uri: str) -> list[str]:
     return [u for u in storage.list_files(run_uri, ".parquet") if u.rsplit("/", 1)[-1].startswith("part-")]
 
 
-def done_item_ids(storage: Storage, run_uri: str) -> set[str]:
-    """Item ids already written by earlier attempts of this run."""
-    done: set[str] = set()
-    for uri in list_parts(storage, run_uri):
-        fs, path = storage.filesystem(uri)
-        done.update(pq.read_table(path, filesystem=fs, columns=["item_id"]).column("item_id").to_pylist())
-    return done
+def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
+                     use_ray: bool | None = None) -> np.ndarray:
+    """Sorted distinct ``uint64`` hashes (under ``key``, see :mod:`tessera.embed.ids`) of the item ids
+    earlier attempts of this run wrote; the parts are read by Ray tasks when Ray is running
+    (``use_ray``: see :func:`~tessera.embed.ids.map_files`)."""
+    parts = list_parts(storage, run_uri)
+    hashes = map_files(_part_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
+    return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
 
 
-def tally(storage: Storage, run_uri: str, modalities: list[str]) -> Tally:
-    """Count rows, duplicates and, per modality, ok / failed (by kind) / missing."""
+def _read_part(storage: Storage, uri: str, columns: list[str]) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    return storage.retrying_io(f"read {uri}", lambda: pq.read_table(path, filesystem=fs, columns=columns))
+
+
+def _part_id_hashes(uri: str, storage: Storage, key: str) -> np.ndarray:
+    return hash_ids(_read_part(storage, uri, ["item_id"]).column("item_id"), key)
+
+
+def _part_ids_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
+    return ids_with_hashes(_read_part(storage, uri, ["item_id"]).column("item_id"), key, wanted)
+
+
+def _tally_part(uri: str, storage: Storage, modalities: list[str], key: str) -> dict:
+    """One part's rows, per-modality counts and item id hashes."""
+    table = _read_part(storage, uri, ["item_id"] + [c for m in modalities for c in (m, f"{m}_error")])
+    counts = {}
+    for m in modalities:
+        vec_ok = table.column(m).is_valid().to_numpy(zero_copy_only=False)
+        errors = table.column(f"{m}_error").to_pylist()
+        c = counts[m] = {"ok": int(vec_ok.sum()), "failed": 0, "missing": 0, "failed_by_kind": {}}
+        for ok, err in zip(vec_ok, errors, strict=True):
+            if err is not None:
+                c["failed"] += 1
+                kind = err.split(":", 1)[0]
+                c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + 1
+            elif not ok:
+                c["missing"] += 1
+    return {"rows": table.num_rows, "counts": counts, "hashes": hash_ids(table.column("item_id"), key)}
+
+
+def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float = 0.25,
+          use_ray: bool | None = None) -> Tally:
+    """Count rows, distinct ids and, per modality, ok / failed (by kind) / missing, from the written parts.
+
+    The parts are read by Ray tasks when Ray is running (the driver gets counts and 8 bytes an item);
+    the distinct count is exact: ids sharing a hash are read again and compared (:mod:`tessera.embed.ids`).
+    ``use_ray``: see :func:`~tessera.embed.ids.map_files`."""
     t = Tally(per_modality={m: {"ok": 0, "failed": 0, "missing": 0, "failed_by_kind": {}} for m in modalities})
-    ids: set[str] = set()
-    for uri in list_parts(storage, run_uri):
-        fs, path = storage.filesystem(uri)
-        cols = ["item_id"] + [c for m in modalities for c in (m, f"{m}_error")]
-        table = pq.read_table(path, filesystem=fs, columns=cols)
+    parts = list_parts(storage, run_uri)
+    key = new_key()
+    scans = map_files(_tally_part, parts, storage, list(modalities), key, num_cpus=num_cpus, use_ray=use_ray)
+    for scan in scans:
         t.parts += 1
-        t.rows += table.num_rows
-        ids.update(table.column("item_id").to_pylist())
-        for m in modalities:
-            vec_ok = table.column(m).is_valid().to_numpy(zero_copy_only=False)
-            errors = table.column(f"{m}_error").to_pylist()
+        t.rows += scan["rows"]
+        for m, part in scan["counts"].items():
             c = t.per_modality[m]
-            c["ok"] += int(vec_ok.sum())
-            for ok, err in zip(vec_ok, errors, strict=True):
-                if err is not None:
-                    c["failed"] += 1
-                    kind = err.split(":", 1)[0]
-                    c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + 1
-                elif not ok:
-                    c["missing"] += 1
-    t.distinct_ids = len(ids)
+            for name in ("ok", "failed", "missing"):
+                c[name] += part[name]
+            for kind, n in part["failed_by_kind"].items():
+                c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + n
+    distinct, repeated = colliding([scan["hashes"] for scan in scans])
+    if len(repeated):  # a repeated id, or distinct ids sharing a hash: count those ids as strings
+        found = map_files(_part_ids_with_hashes, parts, storage, key, repeated, num_cpus=num_cpus, use_ray=use_ray)
+        distinct += len({item for ids in found for item in ids}) - len(repeated)
+    t.distinct_ids = distinct
     for c in t.per_modality.values():
         c["input"] = c["ok"] + c["failed"]
     return t

@@ -20,8 +20,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tessera.embed.config import EmbedConfig
-from tessera.embed.output import done_item_ids, tally
+from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, map_files, new_key
+from tessera.embed.output import done_item_hashes, tally
 from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
@@ -90,30 +93,57 @@ def identity_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def check_item_ids(storage: Storage, files: list[str]) -> None:
+def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, use_ray: bool | None = None) -> None:
     """Refuse an items table with a null ``item_id`` or one id on two rows, before any work: the output
-    holds every input item exactly once, keyed by its id."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    holds every input item exactly once, keyed by its id.
 
-    seen: dict[str, str] = {}
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        ids = storage.retrying_io(f"read ids of {uri}",
-                                  lambda fs=fs, path=path: pq.read_table(path, filesystem=fs, columns=["item_id"]))
-        col = ids.column("item_id")
-        if col.null_count:
-            raise EmbeddingInputError(f"{uri}: {col.null_count} rows have a null item_id")
-        counts = pc.value_counts(col)
-        repeated = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
-                                           strict=True) if n > 1]
+    Each file is scanned by a Ray task (when Ray is running): nulls and repeats within the file there,
+    exactly; across files, the driver compares 8-byte hashes of the ids and reads again, as strings,
+    only the ids whose hashes meet (:mod:`tessera.embed.ids`). ``use_ray``: see
+    :func:`~tessera.embed.ids.map_files`."""
+    key = new_key()
+    scans = map_files(_scan_items_file, files, storage, key, num_cpus=num_cpus, use_ray=use_ray)
+    for uri, (nulls, repeated, _) in zip(files, scans, strict=True):
+        if nulls:
+            raise EmbeddingInputError(f"{uri}: {nulls} rows have a null item_id")
         if repeated:
             raise EmbeddingInputError(f"{uri}: item_id repeated within the file: {', '.join(repeated[:5])}"
                                       + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""))
-        for item in col.to_pylist():
-            first = seen.setdefault(item, uri)
-            if first != uri:
-                raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
+    _, shared = colliding([hashes for _, _, hashes in scans])
+    if len(shared):  # an id in two files, or two ids sharing a hash: compare those ids as strings
+        seen: dict[str, str] = {}
+        found = map_files(_items_with_hashes, files, storage, key, shared, num_cpus=num_cpus, use_ray=use_ray)
+        for uri, ids in zip(files, found, strict=True):
+            for item in ids:
+                first = seen.setdefault(item, uri)
+                if first != uri:
+                    raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
+
+
+def _read_item_ids(storage: Storage, uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    table = storage.retrying_io(f"read ids of {uri}",
+                                lambda: pq.read_table(path, filesystem=fs, columns=["item_id"]))
+    return table.column("item_id")
+
+
+def _scan_items_file(uri: str, storage: Storage, key: str) -> tuple[int, list[str], np.ndarray]:
+    """An items file's null ``item_id`` count, its ids on more than one row, and its id hashes."""
+    import pyarrow.compute as pc
+
+    col = _read_item_ids(storage, uri)
+    if col.null_count:
+        return col.null_count, [], np.empty(0, np.uint64)
+    counts = pc.value_counts(col)
+    repeated = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
+                                       strict=True) if n > 1]
+    return 0, repeated, hash_ids(col, key)
+
+
+def _items_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
+    return ids_with_hashes(_read_item_ids(storage, uri), key, wanted)
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
@@ -145,7 +175,9 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
     return {m: out[m] for m in cfg.modalities()}
 
 
-def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: str):
+def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key: str, run_uri: str):
+    """The streaming pipeline over ``files``, skipping items whose id hash (under ``hash_key``) is in
+    ``done`` (sorted ``uint64``, :func:`~tessera.embed.output.done_item_hashes`)."""
     import ray
 
     storage = Storage(cfg.storage)
@@ -164,7 +196,7 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: set[str], run_uri: s
                         ray_remote_args_fn=lambda: read_args,
                         fn_kwargs={"storage": storage, "columns": ["item_id", *sources],
                                    "rows_per_batch": cfg.read_batch_rows,
-                                   "done_ids": frozenset(done) if done else None})
+                                   "done_hashes": done if len(done) else None, "hash_key": hash_key})
     for m, mcfg in cfg.modalities().items():
         encoder_cls = ENCODERS[m]
         if m != "text":
@@ -255,27 +287,31 @@ def run_embedding(cfg: EmbedConfig) -> dict:
             return previous
     resources = ray.cluster_resources()
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-    check_item_ids(storage, files)
+    check_item_ids(storage, files, cfg.read_num_cpus)
     if started is None:
         storage.write_json(identity_uri, identity)
-    done = done_item_ids(storage, run_uri)
+    key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
+    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus)
     modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
     seen: set[str] = set()  # encoder identities reported by the actors, through the writer
     written = 0
     if len(done) < n_input:
-        ds = build_dataset(cfg, files, done, run_uri)
+        ds = build_dataset(cfg, files, done, key, run_uri)
         for row in ds.iter_rows():
             written += int(row["rows"])
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
     encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
-    counts = tally(storage, run_uri, list(modalities))
+    counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus)
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
             f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
-            f"{n_input} input items; the input changed under this run id, or parts were lost")
+            f"{n_input} input items; the input changed under this run id, or parts were lost"
+            + ("" if not len(done) or counts.distinct_ids > n_input else
+               "; or (odds ~ resumed x remaining / 2^64) an item was skipped as written because its id's 64-bit "
+               "hash met a written one's: rerun, each attempt hashes with a new key"))
     for c in counts.per_modality.values():
         c["errors"] = c.pop("failed_by_kind")
     elapsed = time.perf_counter() - t0

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tessera.embed.ids import hash_ids, is_member
 from tessera.embed.output import MODALITIES, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
 from tessera.memory import active_allocator, release_free_heap
@@ -80,22 +80,23 @@ def unpack_array(data: bytes | None) -> np.ndarray | None:
 
 
 def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch: int,
-               done_ids: frozenset[str] | None = None):
+               done_hashes: np.ndarray | None = None, hash_key: str | None = None):
     """Read the items files named in ``batch["uri"]``, yielding blocks of at most ``rows_per_batch`` rows.
 
-    Rows finished by an earlier attempt of the run are dropped; text is read as bytes, since it may
-    not be valid UTF-8 (that fails its item later, not the block). Reading here rather than with
-    ``ray.data.read_parquet`` keeps the read's CPU request small and configurable: the reader's own
-    file-listing task asks for a whole CPU, which three encoder pools on a 2-CPU node never free.
+    Rows an earlier attempt of the run wrote (their id's hash in ``done_hashes``) are dropped; text is
+    read as bytes, since it may not be valid UTF-8 (that fails its item later, not the block). Reading
+    here rather than with ``ray.data.read_parquet`` keeps the read's CPU request small and
+    configurable: the reader's own file-listing task asks for a whole CPU, which three encoder pools on
+    a 2-CPU node never free.
     """
-    done = pa.array(list(done_ids), pa.string()) if done_ids else None
     for uri in batch["uri"]:
         fs, path = storage.filesystem(str(uri))
         with fs.open_input_file(path) as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=columns):
                 table = pa.Table.from_batches([record_batch])
-                if done is not None:
-                    table = table.filter(pc.invert(pc.is_in(table.column("item_id"), value_set=done)))
+                if done_hashes is not None:
+                    written = is_member(done_hashes, hash_ids(table.column("item_id"), hash_key))
+                    table = table.filter(pa.array(~written))
                 if "text" in table.column_names:
                     idx = table.column_names.index("text")
                     table = table.set_column(idx, "text", table.column("text").cast(pa.binary()))

@@ -1,0 +1,125 @@
+"""Item ids as keyed 64-bit hashes (tessera.embed.ids) and the embedding job's id checks built on them:
+the duplicate check of the input, the tally of the output and the resume filter, on the real S3 store
+and a real Ray. Collisions are forced by cutting the hash to 3 bits: answers must stay exact."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tessera.embed import ids as ids_module
+from tessera.embed import output as output_module
+from tessera.embed import pipeline as pipeline_module
+from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, is_member, map_files, new_key
+from tessera.embed.output import done_item_hashes, list_parts, tally, vector_column, write_part
+from tessera.embed.pipeline import EmbeddingInputError, check_item_ids
+from tessera.storage import join_uri
+
+
+@pytest.fixture
+def three_bit_hash(monkeypatch):
+    """Every module's ``hash_ids`` cut to 3 bits: 8 values, so any 9 ids collide."""
+    real = ids_module.hash_ids
+
+    def weak(ids, key):
+        return real(ids, key) & np.uint64(7)
+
+    for module in (ids_module, output_module, pipeline_module):
+        monkeypatch.setattr(module, "hash_ids", weak)
+
+
+def test_hashes_are_keyed_deterministic_and_take_arrow_or_lists():
+    items = [f"item-{i}" for i in range(1000)] + ["", "é", "x" * 500]
+    key = new_key()
+    h = hash_ids(pa.array(items), key)
+    assert h.dtype == np.uint64 and len(h) == len(items) and len(np.unique(h)) == len(items)
+    assert np.array_equal(h, hash_ids(items, key))
+    assert np.array_equal(h, hash_ids(pa.chunked_array([items[:10], items[10:]]), key))
+    assert np.count_nonzero(h == hash_ids(items, new_key())) < 3  # another key, other hashes
+    assert len(hash_ids([], key)) == 0 and len(hash_ids(pa.array([], pa.string()), key)) == 0
+
+
+def test_membership_matches_a_python_set():
+    written = {f"w{i}" for i in np.random.default_rng(0).choice(10_000, 3_000, replace=False)}
+    asked = [f"w{i}" for i in range(10_000)]
+    key = new_key()
+    member = is_member(np.unique(hash_ids(sorted(written), key)), hash_ids(asked, key))
+    assert member.tolist() == [a in written for a in asked]
+    assert not is_member(np.empty(0, np.uint64), hash_ids(asked, key)).any()
+
+
+def test_colliding_counts_distinct_values_and_names_the_repeated_ones():
+    count, repeated = colliding([np.array([5, 1, 9], np.uint64), np.array([9, 2, 5, 5], np.uint64)])
+    assert count == 4 and repeated.tolist() == [5, 9]
+    assert colliding([np.array([3], np.uint64)])[1].tolist() == []
+    assert colliding([])[0] == 0
+    key = new_key()
+    wanted = np.unique(hash_ids(["a", "c"], key))
+    assert ids_with_hashes(pa.array(["a", "b", "a", "c"]), key, wanted) == ["a", "a", "c"]
+
+
+def test_map_files_on_ray_keeps_the_order_across_tasks(ray_session):
+    uris = [f"u{i}" for i in range(37)]
+    expected = [f"u{i}!" for i in range(37)]
+    assert map_files(str.__add__, uris, "!", per_task=5, use_ray=True) == expected
+    assert map_files(str.__add__, uris, "!", use_ray=False) == expected
+
+
+def _write_items(storage, root, files):
+    uris = []
+    for i, ids in enumerate(files):
+        uri = join_uri(root, f"items-{i}.parquet")
+        fs, path = storage.filesystem(uri)
+        pq.write_table(pa.table({"item_id": pa.array(ids, pa.string())}), path, filesystem=fs)
+        uris.append(uri)
+    return uris
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_input_check_tells_ids_sharing_a_hash_from_one_id_in_two_files(storage, bucket_uri, three_bit_hash, use_ray):
+    # under Ray the tasks hash with the real function (the patch lives in this process): both must agree
+    files = _write_items(storage, bucket_uri, [[f"a{i}" for i in range(20)], [f"b{i}" for i in range(20)]])
+    check_item_ids(storage, files, use_ray=use_ray)  # 40 distinct ids over 8 hash values: no duplicate
+    files += _write_items(storage, join_uri(bucket_uri, "more"), [["c1", "a7", "c2"]])
+    with pytest.raises(EmbeddingInputError, match=r"item_id 'a7' is in both .*items-0.parquet and .*items-0.parquet"):
+        check_item_ids(storage, files, use_ray=use_ray)
+
+
+def _write_run(storage, run_uri):
+    """Four parts: 40 distinct ids, the fourth repeating three of the first's (43 rows). Text vectors
+    absent for ids 0, 5, 10, ..., 35, of which 0, 10, 20, 30 failed (error recorded) and 5, 15, 25, 35
+    are missing."""
+    groups = [[f"i{j}" for j in range(k, k + 10)] for k in (0, 10, 20, 30)]
+    groups[3] += ["i1", "i2", "i3"]
+    for ids in groups:
+        vectors = [None if int(i[1:]) % 5 == 0 else np.ones(4, np.float32) / 2 for i in ids]
+        errors = ["corrupt: bad bytes" if int(i[1:]) % 10 == 0 else None for i in ids]
+        write_part(storage, run_uri, pa.table({"item_id": pa.array(ids, pa.string()), "text": vector_column(vectors, 4),
+                                               "text_error": pa.array(errors, pa.string())}))
+    return groups
+
+
+@pytest.mark.parametrize("weak", [False, True])
+def test_tally_counts_exactly_even_when_ids_share_hashes(storage, bucket_uri, request, weak):
+    if weak:
+        request.getfixturevalue("three_bit_hash")
+    run_uri = join_uri(bucket_uri, "run")
+    groups = _write_run(storage, run_uri)
+    rows = sum(len(g) for g in groups)
+    for use_ray in ([False] if weak else [False, True]):  # Ray tasks would hash with the real function
+        t = tally(storage, run_uri, ["text"], use_ray=use_ray)
+        assert (t.parts, t.rows, t.distinct_ids, t.duplicates) == (4, rows, 40, 3)
+        assert t.per_modality["text"] == {"ok": rows - 8, "failed": 4, "missing": 4,
+                                          "failed_by_kind": {"corrupt": 4}, "input": rows - 4}
+
+
+def test_done_hashes_are_the_written_ids(storage, bucket_uri):
+    run_uri = join_uri(bucket_uri, "run")
+    groups = _write_run(storage, run_uri)
+    key = new_key()
+    written = sorted({i for g in groups for i in g})
+    expected = np.unique(hash_ids(written, key))
+    assert len(list_parts(storage, run_uri)) == 4
+    assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=True), expected)
+    assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=False), expected)
+    assert len(done_item_hashes(storage, join_uri(bucket_uri, "nothing"), key)) == 0
