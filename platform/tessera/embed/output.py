@@ -75,8 +75,8 @@ def list_parts(storage: Storage, run_uri: str) -> list[str]:
 def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
                      use_ray: bool | None = None) -> np.ndarray:
     """Sorted distinct ``uint64`` hashes (under ``key``, see :mod:`tessera.embed.ids`) of the item ids
-    earlier attempts of this run wrote; the parts are read by Ray tasks when Ray is running
-    (``use_ray``: see :func:`~tessera.embed.ids.map_files`)."""
+    earlier attempts of this run wrote; many parts are read by Ray tasks (``use_ray``: see
+    :func:`~tessera.embed.ids.map_files`)."""
     parts = list_parts(storage, run_uri)
     hashes = map_files(_part_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
     return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
@@ -117,7 +117,7 @@ def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float
           use_ray: bool | None = None) -> Tally:
     """Count rows, distinct ids and, per modality, ok / failed (by kind) / missing, from the written parts.
 
-    The parts are read by Ray tasks when Ray is running (the driver gets counts and 8 bytes an item);
+    Many parts are read by Ray tasks (the driver keeps counts and 8 bytes an item either way);
     the distinct count is exact: ids sharing a hash are read again and compared (:mod:`tessera.embed.ids`).
     ``use_ray``: see :func:`~tessera.embed.ids.map_files`."""
     t = Tally(per_modality={m: {"ok": 0, "failed": 0, "missing": 0, "failed_by_kind": {}} for m in modalities})

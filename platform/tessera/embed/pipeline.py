@@ -97,7 +97,7 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
     """Refuse an items table with a null ``item_id`` or one id on two rows, before any work: the output
     holds every input item exactly once, keyed by its id.
 
-    Each file is scanned by a Ray task (when Ray is running): nulls and repeats within the file there,
+    Each file is scanned (by Ray tasks when there are many files): nulls and repeats within the file,
     exactly; across files, the driver compares 8-byte hashes of the ids and reads again, as strings,
     only the ids whose hashes meet (:mod:`tessera.embed.ids`). ``use_ray``: see
     :func:`~tessera.embed.ids.map_files`."""
