@@ -49,7 +49,7 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray | Sequence[str], key: str) -> np.nd
         values = np.asarray(list(ids), dtype=object)
     if len(values) == 0:
         return np.empty(0, np.uint64)
-    return pd.util.hash_array(values.astype(object), hash_key=key, categorize=False)
+    return pd.util.hash_array(values.astype(object, copy=False), hash_key=key, categorize=False)
 
 
 def is_member(sorted_set: np.ndarray, hashes: np.ndarray) -> np.ndarray:
