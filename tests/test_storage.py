@@ -1,5 +1,9 @@
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,18 +104,16 @@ def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplo
     assert len(retries) >= 2 and "GET s3://b/k failed (EndpointConnectionError)" in retries[0].getMessage()
 
 
-def test_pyarrow_writes_and_weight_downloads_retry_for_the_window(monkeypatch, caplog):
-    """A part write (pyarrow's S3 client) against a store that refuses connections is retried for
-    ``retry_window_s`` like a read, then raises; a missing local file is not retried."""
-    import time
-
-    import pyarrow as pa
+def test_part_writes_and_pyarrow_io_retry_for_the_window(monkeypatch, caplog):
+    """A part write (one PutObject) against a store that refuses connections is retried for
+    ``retry_window_s`` like a read, then raises; pyarrow I/O's missing local file is not retried."""
+    from botocore.exceptions import EndpointConnectionError
 
     from tessera.embed.output import write_part
 
     s = refused_store(monkeypatch)
     t0 = time.monotonic()
-    with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(OSError):
+    with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(EndpointConnectionError):
         write_part(s, "s3://b/run", pa.table({"item_id": ["a", "b"]}))
     assert 1.5 <= time.monotonic() - t0 < 30
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
@@ -125,3 +127,40 @@ def test_pyarrow_writes_and_weight_downloads_retry_for_the_window(monkeypatch, c
     with pytest.raises(FileNotFoundError):
         s.retrying_io("GET x", missing)
     assert calls == [1]
+
+
+_STOPPED_WRITER = """
+import signal, sys
+import numpy as np, pyarrow as pa
+from tessera.storage import Storage
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # as a Ray worker does: SIGTERM unwinds Python
+storage = Storage()
+storage.client(), storage.s3_filesystem()
+table = pa.table({"x": np.random.default_rng(0).random(3_000_000)})  # ~23 MB encoded
+print("ready", flush=True)
+storage.write_parquet(sys.argv[1], table)
+print("written", flush=True)
+"""
+
+
+def test_a_writer_stopped_at_any_moment_leaves_the_whole_object_or_none(storage, bucket_uri):
+    """Ray stops a dead job's workers with SIGTERM, which unwinds Python; pyarrow's S3 stream, closed
+    while unwinding, committed what it held (a 0-byte embedding part, unreadable by every rerun). Stopped
+    at moments spread over an encode-and-upload, a writer must leave the complete object or none."""
+    seen = []
+    for i, delay in enumerate((0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 2.0)):
+        uri = join_uri(bucket_uri, f"part-{i}.parquet")
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WRITER, uri], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        written = proc.stdout.read().strip() == b"written"
+        proc.wait(timeout=60)
+        if storage.exists(uri):
+            fs, path = storage.filesystem(uri)
+            assert pq.read_table(path, filesystem=fs).num_rows == 3_000_000, (delay, written)
+            seen.append("whole")
+        else:
+            assert not written, delay
+            seen.append("none")
+    assert "none" in seen, seen  # some stops landed before the write was over

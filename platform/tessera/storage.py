@@ -271,7 +271,17 @@ class Storage:
                                what, type(err).__name__, attempt, delay, left)
                 time.sleep(delay)
 
-    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None, *, atomic: bool = True) -> None:
+        """Write a whole object (a local file: written aside, then renamed into place).
+
+        On S3, ``atomic`` (the default) sends it as one PutObject through boto3, retried like
+        :meth:`read_bytes`: a writer killed or interrupted mid-request leaves no object, never a short or
+        empty one. pyarrow's output stream commits whatever it holds when it is closed, and Python closes
+        it while unwinding an interrupt: an embedding worker stopped by Ray's SIGTERM (its job's driver
+        killed) left a 0-byte part this way, which no later attempt could read. ``atomic=False`` writes
+        through pyarrow's stream instead (its C++ client releases the GIL: ~1.7x the puts/s of boto3 from
+        a thread pool), for bulk writes whose rerun rewrites them anyway.
+        """
         loc = parse_uri(uri)
         if loc.scheme == "file":
             p = Path(loc.path)
@@ -280,10 +290,24 @@ class Storage:
             tmp.write_bytes(data)
             os.replace(tmp, p)
             return
-        # pyarrow's C++ S3 client releases the GIL: ~1.7x the puts/s of boto3 from a thread pool here
-        metadata = {"Content-Type": content_type} if content_type else {}
-        with self.s3_filesystem().open_output_stream(loc.path, metadata=metadata) as out:
-            out.write(data)
+        if not atomic:
+            metadata = {"Content-Type": content_type} if content_type else {}
+            with self.s3_filesystem().open_output_stream(loc.path, metadata=metadata) as out:
+                out.write(data)
+            return
+        extra = {"ContentType": content_type} if content_type else {}
+        self._retrying(f"PUT {uri}", lambda: self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
+                                                                      **extra))
+
+    def write_parquet(self, uri: str, table, compression: str = "zstd") -> None:
+        """Write a pyarrow table as one Parquet object, whole or not at all: encoded in memory, then
+        :meth:`write_bytes` (one PutObject; a local file renamed into place)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression=compression)
+        self.write_bytes(uri, buf.getvalue().to_pybytes())
 
     def exists(self, uri: str) -> bool:
         fs, path = self.filesystem(uri)

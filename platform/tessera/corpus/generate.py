@@ -16,22 +16,18 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tessera.corpus.catalog import CatalogLatents, catalog_latents
 from tessera.corpus.config import CorpusConfig
 from tessera.corpus.interactions import generate_user_part
 from tessera.corpus.items import build_item_part
-from tessera.storage import Storage, join_uri, parse_uri
+from tessera.storage import Storage, join_uri
 
 MANIFEST = "corpus/_MANIFEST.json"
 
 
 def _write_table(storage: Storage, uri: str, table: pa.Table) -> None:
-    fs, path = storage.filesystem(uri)
-    if parse_uri(uri).scheme == "file":
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    storage.write_parquet(uri, table)  # whole or absent: a killed run never leaves a part that looks done
 
 
 def write_item_part(cfg: CorpusConfig, part: int) -> dict:
@@ -39,7 +35,9 @@ def write_item_part(cfg: CorpusConfig, part: int) -> dict:
     storage = Storage(cfg.storage)
     built = build_item_part(cfg, part)
     with ThreadPoolExecutor(cfg.upload_threads) as pool:
-        list(pool.map(lambda kv: storage.write_bytes(*kv), built.objects.items()))
+        # pyarrow's faster, non-atomic puts: a killed run has not written this part's items file yet,
+        # so its rerun writes these objects again
+        list(pool.map(lambda kv: storage.write_bytes(*kv, atomic=False), built.objects.items()))
     name = f"part-{part:05d}.parquet"
     _write_table(storage, join_uri(cfg.root, "truth", "items", name), built.truth_table())
     # the items part goes last: a part's rows never point at media that is not there yet

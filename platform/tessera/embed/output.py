@@ -12,7 +12,6 @@ halfway leaves only whole parts, which a rerun reads to skip what is done.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, map_files, new_key
-from tessera.storage import Storage, join_uri, parse_uri
+from tessera.storage import Storage, join_uri
 
 MODALITIES = ("text", "image", "audio")
 
@@ -41,16 +40,11 @@ def part_name(item_ids: list[str]) -> str:
 
 
 def write_part(storage: Storage, run_uri: str, table: pa.Table) -> str:
-    """Write one part atomically (S3 PUTs are atomic; local files are renamed into place)."""
+    """Write one part atomically (:meth:`~tessera.storage.Storage.write_parquet`: encoded in memory, then
+    one PutObject or a local rename), so that a writer stopped at any moment leaves the whole part or
+    none of it: a rerun reads every part it finds."""
     uri = join_uri(run_uri, part_name(table.column("item_id").to_pylist()))
-    fs, path = storage.filesystem(uri)
-    if parse_uri(uri).scheme == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    else:
-        storage.retrying_io(f"PUT {uri}", lambda: pq.write_table(table, path, filesystem=fs, compression="zstd"))
+    storage.write_parquet(uri, table)
     return uri
 
 

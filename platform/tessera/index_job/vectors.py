@@ -159,8 +159,7 @@ def read_embedding_parts(batch: dict, storage: Storage, columns: list[str], rows
 def write_vectors_part(table: pa.Table, index_uri: str, storage: Storage) -> pa.Table:
     """Write one vectors part (named by its ids' hash, so a retried task overwrites its own file)."""
     uri = join_uri(index_uri, VECTORS_DIR, part_name(table.column("item_id").to_pylist()))
-    fs, path = storage.filesystem(uri)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    storage.write_parquet(uri, table)
     status = table.column("status").to_numpy(zero_copy_only=False)
     per_modality = {}
     for names in table.column("modalities").to_pylist():

@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -71,9 +70,8 @@ def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTra
 
 def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: np.ndarray) -> None:
     """``item_id``, ``train_interactions``: the ranker's ``log_popularity`` input, for serving."""
-    fs, path = storage.filesystem(uri)
     table = pa.table({"item_id": catalog.item_ids.tolist(), "train_interactions": counts.astype(np.int64)})
-    pq.write_table(table, path, filesystem=fs)
+    storage.write_parquet(uri, table)
 
 
 def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
