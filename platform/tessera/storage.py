@@ -299,6 +299,14 @@ class Storage:
         self._retrying(f"PUT {uri}", lambda: self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
                                                                       **extra))
 
+    def read_parquet(self, uri: str, columns: list[str] | None = None):
+        """A Parquet object (or local file) as a pyarrow table of ``columns`` (None: all), the read
+        retried like :meth:`retrying_io`'s."""
+        import pyarrow.parquet as pq
+
+        fs, path = self.filesystem(uri)
+        return self.retrying_io(f"read {uri}", lambda: pq.read_table(path, filesystem=fs, columns=columns))
+
     def write_parquet(self, uri: str, table, compression: str = "zstd") -> None:
         """Write a pyarrow table as one Parquet object, whole or not at all: encoded in memory, then
         :meth:`write_bytes` (one PutObject; a local file renamed into place)."""

@@ -26,10 +26,13 @@ Example::
 from __future__ import annotations
 
 import secrets
-from typing import Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from tessera.storage import Storage
 
 T = TypeVar("T")
 
@@ -80,6 +83,16 @@ def ids_with_hashes(ids: pa.Array | pa.ChunkedArray, key: str, wanted: np.ndarra
         return []
     mask = is_member(wanted, hash_ids(ids, key))
     return [str(v) for v in ids.filter(pa.array(mask)).to_pylist()]
+
+
+def file_id_hashes(uri: str, storage: Storage, key: str) -> np.ndarray:
+    """:func:`hash_ids` of the ``item_id`` column of one Parquet file (an items file or a written part)."""
+    return hash_ids(storage.read_parquet(uri, ["item_id"]).column("item_id"), key)
+
+
+def file_ids_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
+    """:func:`ids_with_hashes` over the ``item_id`` column of one Parquet file."""
+    return ids_with_hashes(storage.read_parquet(uri, ["item_id"]).column("item_id"), key, wanted)
 
 
 def map_files(fn: Callable[..., T], uris: Sequence[str], *args, num_cpus: float = 0.25, per_task: int = 64,

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, map_files, new_key
+from tessera.embed.ids import colliding, file_id_hashes, file_ids_with_hashes, hash_ids, map_files, new_key
 from tessera.storage import Storage, join_uri
 
 MODALITIES = ("text", "image", "audio")
@@ -72,26 +71,13 @@ def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float =
     earlier attempts of this run wrote; many parts are read by Ray tasks (``use_ray``: see
     :func:`~tessera.embed.ids.map_files`)."""
     parts = list_parts(storage, run_uri)
-    hashes = map_files(_part_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
+    hashes = map_files(file_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
     return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
-
-
-def _read_part(storage: Storage, uri: str, columns: list[str]) -> pa.Table:
-    fs, path = storage.filesystem(uri)
-    return storage.retrying_io(f"read {uri}", lambda: pq.read_table(path, filesystem=fs, columns=columns))
-
-
-def _part_id_hashes(uri: str, storage: Storage, key: str) -> np.ndarray:
-    return hash_ids(_read_part(storage, uri, ["item_id"]).column("item_id"), key)
-
-
-def _part_ids_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
-    return ids_with_hashes(_read_part(storage, uri, ["item_id"]).column("item_id"), key, wanted)
 
 
 def _tally_part(uri: str, storage: Storage, modalities: list[str], key: str) -> dict:
     """One part's rows, per-modality counts and item id hashes."""
-    table = _read_part(storage, uri, ["item_id"] + [c for m in modalities for c in (m, f"{m}_error")])
+    table = storage.read_parquet(uri, ["item_id"] + [c for m in modalities for c in (m, f"{m}_error")])
     counts = {}
     for m in modalities:
         vec_ok = table.column(m).is_valid().to_numpy(zero_copy_only=False)
@@ -129,7 +115,7 @@ def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float
                 c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + n
     distinct, repeated = colliding([scan["hashes"] for scan in scans])
     if len(repeated):  # a repeated id, or distinct ids sharing a hash: count those ids as strings
-        found = map_files(_part_ids_with_hashes, parts, storage, key, repeated, num_cpus=num_cpus, use_ray=use_ray)
+        found = map_files(file_ids_with_hashes, parts, storage, key, repeated, num_cpus=num_cpus, use_ray=use_ray)
         distinct += len({item for ids in found for item in ids}) - len(repeated)
     t.distinct_ids = distinct
     for c in t.per_modality.values():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tessera.embed.config import EmbedConfig
-from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, map_files, new_key
+from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
 from tessera.embed.output import done_item_hashes, tally
 from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
@@ -112,7 +112,7 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
     _, shared = colliding([hashes for _, _, hashes in scans])
     if len(shared):  # an id in two files, or two ids sharing a hash: compare those ids as strings
         seen: dict[str, str] = {}
-        found = map_files(_items_with_hashes, files, storage, key, shared, num_cpus=num_cpus, use_ray=use_ray)
+        found = map_files(file_ids_with_hashes, files, storage, key, shared, num_cpus=num_cpus, use_ray=use_ray)
         for uri, ids in zip(files, found, strict=True):
             for item in ids:
                 first = seen.setdefault(item, uri)
@@ -120,30 +120,17 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
                     raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
 
 
-def _read_item_ids(storage: Storage, uri: str):
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(uri)
-    table = storage.retrying_io(f"read ids of {uri}",
-                                lambda: pq.read_table(path, filesystem=fs, columns=["item_id"]))
-    return table.column("item_id")
-
-
 def _scan_items_file(uri: str, storage: Storage, key: str) -> tuple[int, list[str], np.ndarray]:
     """An items file's null ``item_id`` count, its ids on more than one row, and its id hashes."""
     import pyarrow.compute as pc
 
-    col = _read_item_ids(storage, uri)
+    col = storage.read_parquet(uri, ["item_id"]).column("item_id")
     if col.null_count:
         return col.null_count, [], np.empty(0, np.uint64)
     counts = pc.value_counts(col)
     repeated = [str(v) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
                                        strict=True) if n > 1]
     return 0, repeated, hash_ids(col, key)
-
-
-def _items_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
-    return ids_with_hashes(_read_item_ids(storage, uri), key, wanted)
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
