@@ -47,6 +47,20 @@ def test_pyarrow_multipart_parquet_over_s3(storage, bucket_uri):
     assert storage.parquet_rows([join_uri(bucket_uri, "big.parquet")] * 2) == 48
 
 
+def test_parquet_rows_reads_footers_in_threads(storage, bucket_uri):
+    uris = []
+    for i in range(40):
+        uri = join_uri(bucket_uri, f"rows/part-{i:03d}.parquet")
+        storage.write_parquet(uri, pa.table({"x": list(range(i))}))
+        uris.append(uri)
+    expected = sum(range(40))
+    assert storage.parquet_rows(uris, threads=1) == expected
+    assert storage.parquet_rows(uris, threads=8) == expected
+    assert storage.parquet_rows([]) == 0
+    with pytest.raises(FileNotFoundError):  # a missing file fails the count, whichever thread reads it
+        storage.parquet_rows(uris[:20] + [join_uri(bucket_uri, "rows/absent.parquet")] + uris[20:], threads=8)
+
+
 def test_local_paths(tmp_path):
     s = Storage()
     s.write_bytes(str(tmp_path / "x" / "y.bin"), b"abc")
