@@ -118,9 +118,10 @@ def test_unreachable_store_retried_for_the_window_then_raised(monkeypatch, caplo
     assert len(retries) >= 2 and "GET s3://b/k failed (EndpointConnectionError)" in retries[0].getMessage()
 
 
-def test_part_writes_and_pyarrow_io_retry_for_the_window(monkeypatch, caplog):
-    """A part write (one PutObject) against a store that refuses connections is retried for
-    ``retry_window_s`` like a read, then raises; pyarrow I/O's missing local file is not retried."""
+def test_part_writes_and_pyarrow_io_retry_for_the_window(monkeypatch, caplog, tmp_path):
+    """A part write (one PutObject) or a file upload against a store that refuses connections is
+    retried for ``retry_window_s`` like a read, then raises; pyarrow I/O's missing local file is not
+    retried."""
     from botocore.exceptions import EndpointConnectionError
 
     from tessera.embed.output import write_part
@@ -132,6 +133,13 @@ def test_part_writes_and_pyarrow_io_retry_for_the_window(monkeypatch, caplog):
     assert 1.5 <= time.monotonic() - t0 < 30
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
     assert len(retries) >= 2 and retries[0].startswith("storage: PUT s3://b/run/part-"), retries
+    caplog.clear()
+    local = tmp_path / "shard.bin"
+    local.write_bytes(b"x" * 100)
+    with caplog.at_level("WARNING", logger="tessera.storage"), pytest.raises(EndpointConnectionError):
+        s.upload_file(local, "s3://b/index/shard.bin")
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) >= 2 and retries[0].startswith("storage: upload s3://b/index/shard.bin"), retries
     calls = []
 
     def missing():
@@ -178,3 +186,49 @@ def test_a_writer_stopped_at_any_moment_leaves_the_whole_object_or_none(storage,
             assert not written, delay
             seen.append("none")
     assert "none" in seen, seen  # some stops landed before the write was over
+
+
+_STOPPED_UPLOADER = """
+import signal, sys
+from tessera.storage import Storage
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # as a Ray worker does: SIGTERM unwinds Python
+storage = Storage()
+storage.client()
+print("ready", flush=True)
+storage.upload_file(sys.argv[1], sys.argv[2])
+print("written", flush=True)
+"""
+
+
+def test_upload_file_is_whole_or_none(storage, bucket_uri, tmp_path):
+    """Index shard files go up with ``upload_file``: above 64 MiB a multipart upload, which makes the
+    object only when it completes; an uploader stopped midway leaves none."""
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(1000))
+    storage.upload_file(small, join_uri(bucket_uri, "up/small.bin"), "application/octet-stream")
+    assert storage.read_bytes(join_uri(bucket_uri, "up/small.bin")) == small.read_bytes()
+    storage.upload_file(small, f"file://{tmp_path}/copy/small.bin")
+    assert (tmp_path / "copy" / "small.bin").read_bytes() == small.read_bytes()
+    assert [p.name for p in (tmp_path / "copy").iterdir()] == ["small.bin"]  # nothing left aside
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(70 << 20))  # two parts
+    seen = []
+    for i, delay in enumerate((0.0, 0.1, 0.3, 0.6)):
+        uri = join_uri(bucket_uri, f"up/big-{i}.bin")
+        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_UPLOADER, str(big), uri], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        written = proc.stdout.read().strip() == b"written"
+        proc.wait(timeout=60)
+        if storage.exists(uri):
+            assert storage.read_bytes(uri) == big.read_bytes(), (delay, written)
+            seen.append("whole")
+        else:
+            assert not written, delay
+            seen.append("none")
+    print("stopped uploads:", seen)
+    assert "none" in seen, seen
+    storage.upload_file(big, join_uri(bucket_uri, "up/big.bin"))
+    assert storage.read_bytes(join_uri(bucket_uri, "up/big.bin")) == big.read_bytes()

@@ -299,6 +299,37 @@ class Storage:
         self._retrying(f"PUT {uri}", lambda: self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
                                                                       **extra))
 
+    def upload_file(self, local: str | os.PathLike, uri: str, content_type: str | None = None) -> None:
+        """Copy a local file to ``uri``, whole or not at all, without holding it in memory.
+
+        On S3 through boto3's managed transfer: one PutObject, or above 64 MiB a multipart upload, whose
+        object exists only once the upload completes (a writer stopped midway leaves none; boto3 aborts
+        the upload when it raises), retried like :meth:`read_bytes`. A local target is written aside and
+        renamed into place."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            import shutil
+
+            p = Path(loc.path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, p)
+            return
+        from boto3.exceptions import S3UploadFailedError
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
+        extra = {"ContentType": content_type} if content_type else None
+
+        def upload() -> None:
+            try:
+                self.client().upload_file(str(local), loc.bucket, loc.key, ExtraArgs=extra, Config=config)
+            except S3UploadFailedError as err:  # boto3 wraps the S3 error: unwrapped, a 5xx is retried
+                raise (err.__context__ or err) from None
+
+        self._retrying(f"upload {uri}", upload)
+
     def read_parquet(self, uri: str, columns: list[str] | None = None):
         """A Parquet object (or local file) as a pyarrow table of ``columns`` (None: all), the read
         retried like :meth:`retrying_io`'s."""

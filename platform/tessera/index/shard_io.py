@@ -306,10 +306,9 @@ def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None
 
 
 def _upload(storage: Storage, local: Path, uri: str) -> None:
-    """Copy a local file to an ``s3://`` object (local shards are written in place by :func:`_save_local`)."""
-    fs, path = storage.filesystem(uri)
-    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
+    """Copy a local file to an ``s3://`` object, whole or not at all (local shards are written in place by
+    :func:`_save_local`)."""
+    storage.upload_file(local, uri)
 
 
 def _verify_local(path: Path, entry: FileEntry, shard: str, rel: str) -> None:
