@@ -165,7 +165,7 @@ def upload_folder(folder: str | os.PathLike, dest_uri: str, storage: Storage) ->
     written = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         uri = join_uri(dest_uri, path.relative_to(root).as_posix())
-        storage.write_bytes(uri, path.read_bytes())
+        storage.upload_file(path, uri)  # streamed from disk: checkpoints can be gigabytes
         written.append(uri)
     return written
 

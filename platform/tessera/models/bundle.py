@@ -76,7 +76,7 @@ class ModelBundle:
             for path in sorted(p for p in root.rglob("*") if p.is_file()):
                 rel = path.relative_to(root).as_posix()
                 files[rel] = _sha256(path)
-                storage.write_bytes(join_uri(uri, rel), path.read_bytes())
+                storage.upload_file(path, join_uri(uri, rel))
         manifest = {**self.manifest, "kind": "tessera.model", "files": files}
         storage.write_json(join_uri(uri, MANIFEST), manifest)
         self.manifest = manifest
