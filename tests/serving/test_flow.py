@@ -194,3 +194,34 @@ def test_version_cache_keeps_the_current_and_newest_versions():
     assert cache.get("b") == "B" and cache.get("c") == "C"
     assert cache.loaded() == ["c", "a"]  # "b" evicted: "a" is current, so never evicted
     assert cache.get("a") == "A" and loads == ["a", "b", "c"]
+
+
+def test_k_above_what_an_index_holds_returns_what_there_is(local, served_index):
+    """An index with fewer eligible items than ``k`` pads its scores with -inf: the answer lists the items
+    there are, and its batch mates are answered as usual (a zip over the padded scores failed the batch)."""
+    stages, flow, _ = local
+    items = stages.query.get(served_index).items
+    n = int(items.indexed.sum())
+    big, small = run(flow.search([SearchRequest(text="ceramic mug", k=1000), SearchRequest(text="ceramic mug", k=3)],
+                                 ["ceramic mug", "ceramic mug"]))
+    assert 0 < len(big["items"]) <= n < 1000 and len(small["items"]) == 3
+    assert all(np.isfinite(x["score"]) for x in big["items"])
+    assert [x["item_id"] for x in big["items"][:3]] == [x["item_id"] for x in small["items"]]
+    item = str(items.ids[items.indexed][0])
+    [similar] = run(flow.similar([item], [1000]))
+    assert len(similar["items"]) == n - 1 and item not in {x["item_id"] for x in similar["items"]}
+
+
+def test_item_lookup_never_widens_the_catalog_and_ignores_nul_tricks(local, served_index):
+    from pydantic import ValidationError
+
+    from tessera.serving.schemas import MAX_ID_LENGTH
+
+    stages, _, _ = local
+    items = stages.query.get(served_index).items
+    known = str(items.ids[0])
+    width = items.ids.dtype.itemsize
+    rows = items.rows([known, known + "\0", "x" * 100_000, "", known])
+    assert rows.tolist() == [0, -1, -1, -1, 0] and items.ids.dtype.itemsize == width
+    with pytest.raises(ValidationError, match="at most 1024 characters"):
+        RecommendRequest(recent_item_ids=["x" * (MAX_ID_LENGTH + 1)])

@@ -47,6 +47,10 @@ def _ms(seconds: float) -> float:
 
 
 def _items(ids: list[str], scores: np.ndarray, retrieval: np.ndarray | None) -> list[dict]:
+    """Response items; ``ids`` may be shorter than the score rows (an index with fewer eligible items
+    than asked for pads its scores with -inf): only as many items as ids."""
+    scores = scores[:len(ids)]
+    retrieval = None if retrieval is None else retrieval[:len(ids)]
     return [{"item_id": i, "score": float(s), "retrieval_score": None if retrieval is None else float(r)}
             for i, s, r in zip(ids, scores, retrieval if retrieval is not None else [None] * len(ids), strict=True)]
 

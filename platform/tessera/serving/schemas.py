@@ -10,12 +10,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_K = 1000  # hard ceiling; the deployment's ``max_k`` is usually lower
 MAX_RECENT = 200
+MAX_ID_LENGTH = 1024  # characters of an item id in a request (longer ones are refused, not looked up)
 
 
 class _Strict(BaseModel):
@@ -27,7 +28,8 @@ class RecommendRequest(_Strict):
 
     user_id: str | None = Field(None, min_length=1, max_length=256,
                                 description="a user of the interaction-log snapshot (unknown users are cold)")
-    recent_item_ids: list[str] = Field(default_factory=list, max_length=MAX_RECENT,
+    recent_item_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_RECENT,
                                        description="items the user interacted with since the snapshot, oldest first")
     # strict: JSON true, "5" and 5.0 are not a count, nor "yes" a boolean (lax mode took them)
     k: int = Field(10, ge=1, le=MAX_K, strict=True, description="items to return")
