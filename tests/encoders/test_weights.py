@@ -191,3 +191,14 @@ def test_a_checkpoint_saved_in_fp16_runs_in_fp32(audio_weights, tmp_path, fsdd_w
     ref = AudioEncoder(AudioEncoderConfig(weights=str(audio_weights), **cfg)).embed(raws)
     cosine = (enc.embed(raws) * ref).sum(axis=1)
     assert cosine.min() > 0.999  # only the weights' fp16 rounding differs
+
+
+@pytest.mark.parametrize("uri", ["s3://Bad_Bucket!/x.jpg", "s3://a bucket/x.jpg", "s3://{bucket}/" + "k" * 1100,
+                                 "{tmp}/" + "n" * 300 + ".jpg", "{tmp}/a\0b.jpg", "/proc/self/mem"])
+def test_fetch_media_malformed_or_unreadable_uri_fails_the_item(storage, bucket_uri, tmp_path, uri):
+    """A bucket name S3 refuses, a key over its 1024 bytes, a local name over 255 bytes or holding a NUL,
+    an unreadable file: each is this item's ``missing``, never an exception that fails the fetch task."""
+    uri = uri.format(bucket=bucket_uri.rstrip("/").split("/")[2], tmp=tmp_path)
+    with pytest.raises(MediaError) as err:
+        fetch_media(storage, uri, max_bytes=1000)
+    assert err.value.kind == "missing", err.value

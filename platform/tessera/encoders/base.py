@@ -95,7 +95,9 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only (Ampere and later): torch's default also says yes for cards that emulate it
+        # (a T4 would run bf16 autocast without bf16 tensor cores instead of fp16 with them)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 

@@ -80,14 +80,32 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         parse_uri(uri)
     except ValueError as err:
         raise MediaError("missing", f"invalid URI: {err}") from None
+    from botocore.exceptions import ClientError, ParamValidationError
+
     try:
         return storage.read_bytes(uri, max_bytes=max_bytes)
     except (FileNotFoundError, IsADirectoryError):
         raise MediaError.missing(uri) from None
     except PermissionError as err:  # 403: no read access (or, without list access, no such key), archived
         raise MediaError("missing", f"object at {uri} not readable: {err}") from None
-    except ValueError as err:  # Storage.read_bytes raises ValueError only for the size limit
-        raise MediaError("oversized", str(err)) from None
+    except ParamValidationError as err:  # a bucket or key S3 cannot name (e.g. "s3://Bad_Bucket!/x.jpg")
+        raise MediaError("missing", f"invalid URI {uri}: {_first_line(err)}") from None
+    except ClientError as err:  # 5xx and throttling were retried by read_bytes and fail the job: the store
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if not 400 <= status < 500:
+            raise
+        code = err.response.get("Error", {}).get("Code")  # 400 InvalidBucketName, KeyTooLongError, ...
+        raise MediaError("missing", f"object at {uri} refused by the store ({status} {code})") from None
+    except ValueError as err:
+        if "over the limit" in str(err):  # Storage.read_bytes's size limit
+            raise MediaError("oversized", str(err)) from None
+        raise MediaError("missing", f"invalid path {uri!r}: {err}") from None  # e.g. a NUL in a local path
+    except OSError as err:  # a local path too long, a directory, unreadable (EIO, EACCES...)
+        raise MediaError("missing", f"{uri} not readable: {err.strerror or err}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def check_size(data: bytes, max_bytes: int) -> None:
