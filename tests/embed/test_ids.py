@@ -85,6 +85,24 @@ def test_input_check_tells_ids_sharing_a_hash_from_one_id_in_two_files(storage, 
         check_item_ids(storage, files, use_ray=use_ray)
 
 
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_input_check_refuses_a_file_without_a_source_column_or_with_non_string_ids(storage, bucket_uri, use_ray):
+    """Ray Data's read drops a column the file lacks without a word (a stage then failed the job on a
+    KeyError), and an int64 item_id failed the first stage: both are refused up front, naming the file."""
+    root = join_uri(bucket_uri, f"schema-{use_ray}")
+    good = join_uri(root, "good.parquet")
+    storage.write_parquet(good, pa.table({"item_id": ["a", "b"], "text": ["x", "y"], "audio_uri": [None, "s3://b/k"]}))
+    check_item_ids(storage, [good], use_ray=use_ray, columns=["text", "audio_uri"])
+    no_audio = join_uri(root, "no-audio.parquet")
+    storage.write_parquet(no_audio, pa.table({"item_id": ["c"], "text": ["z"]}))
+    with pytest.raises(EmbeddingInputError, match=r"no-audio.parquet: no audio_uri column \(it has item_id, text\)"):
+        check_item_ids(storage, [good, no_audio], use_ray=use_ray, columns=["text", "audio_uri"])
+    ints = join_uri(root, "ints.parquet")
+    storage.write_parquet(ints, pa.table({"item_id": pa.array([1, 2], pa.int64()), "text": ["p", "q"]}))
+    with pytest.raises(EmbeddingInputError, match=r"ints.parquet: item_id must be a string column, not int64"):
+        check_item_ids(storage, [good, ints], use_ray=use_ray, columns=["text"])
+
+
 def _write_run(storage, run_uri):
     """Four parts: 40 distinct ids, the fourth repeating three of the first's (43 rows). Text vectors
     absent for ids 0, 5, 10, ..., 35, of which 0, 10, 20, 30 failed (error recorded) and 5, 15, 25, 35

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,17 +94,27 @@ def identity_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, use_ray: bool | None = None) -> None:
+def source_columns(cfg: EmbedConfig) -> list[str]:
+    """The items-table column each enabled modality reads: ``text`` itself, ``<m>_uri`` for media."""
+    return [m if m == "text" else f"{m}_uri" for m in cfg.modalities()]
+
+
+def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, use_ray: bool | None = None,
+                   columns: Sequence[str] = ()) -> None:
     """Refuse an items table with a null ``item_id`` or one id on two rows, before any work: the output
-    holds every input item exactly once, keyed by its id.
+    holds every input item exactly once, keyed by its id. Also refused up front: a file whose
+    ``item_id`` is not a string, or that lacks one of ``columns`` (the enabled modalities' sources:
+    ``text``, ``<m>_uri``); the read would drop a missing column without a word and a stage fail on it.
 
     Each file is scanned (by Ray tasks when there are many files): nulls and repeats within the file,
     exactly; across files, the driver compares 8-byte hashes of the ids and reads again, as strings,
     only the ids whose hashes meet (:mod:`tessera.embed.ids`). ``use_ray``: see
     :func:`~tessera.embed.ids.map_files`."""
     key = new_key()
-    scans = map_files(_scan_items_file, files, storage, key, num_cpus=num_cpus, use_ray=use_ray)
+    scans = map_files(_scan_items_file, files, storage, key, list(columns), num_cpus=num_cpus, use_ray=use_ray)
     for uri, (nulls, repeated, _) in zip(files, scans, strict=True):
+        if isinstance(nulls, str):
+            raise EmbeddingInputError(f"{uri}: {nulls}")
         if nulls:
             raise EmbeddingInputError(f"{uri}: {nulls} rows have a null item_id")
         if repeated:
@@ -120,10 +131,22 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
                     raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
 
 
-def _scan_items_file(uri: str, storage: Storage, key: str) -> tuple[int, list[str], np.ndarray]:
-    """An items file's null ``item_id`` count, its ids on more than one row, and its id hashes."""
+def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str] = ()
+                     ) -> tuple[int | str, list[str], np.ndarray]:
+    """An items file's null ``item_id`` count, its ids on more than one row, and its id hashes; or, in
+    place of the count, what is wrong with its columns."""
+    import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
+    fs, path = storage.filesystem(uri)
+    schema = storage.retrying_io(f"read the schema of {uri}", lambda: pq.read_schema(path, filesystem=fs))
+    absent = [c for c in ["item_id", *columns] if c not in schema.names]
+    if absent:
+        return f"no {', '.join(absent)} column (it has {', '.join(schema.names)})", [], np.empty(0, np.uint64)
+    kind = schema.field("item_id").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
     col = storage.read_parquet(uri, ["item_id"]).column("item_id")
     if col.null_count:
         return col.null_count, [], np.empty(0, np.uint64)
@@ -168,7 +191,7 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
     import ray
 
     storage = Storage(cfg.storage)
-    sources = [m if m == "text" else f"{m}_uri" for m in cfg.modalities()]
+    sources = source_columns(cfg)
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
     # One items file per read task, its blocks streaming out as they are read. Left to itself, Ray
     # Data fuses this map with the next one and bundles as many inputs per task as that one's
@@ -274,7 +297,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
             return previous
     resources = ray.cluster_resources()
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-    check_item_ids(storage, files, cfg.read_num_cpus)
+    check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     if started is None:
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
