@@ -129,6 +129,11 @@ def test_max_error_rate_and_bad_config_exit_codes(sample_embeddings, encoder_wei
     path.write_text("image:\n  pool:\n    num_cpu: 1\n")
     assert embed_job.main(["--config", str(path)]) == 2
     assert "image.pool.num_cpu" in capsys.readouterr().err
+    nowhere = cfg.model_copy(update={"items_uri": cfg.items_uri.rstrip("/") + "-absent/"})
+    path.write_text(json.dumps(nowhere.model_dump(mode="json")))
+    assert embed_job.main(["--config", str(path)]) == 2  # was a traceback and exit 1
+    err = capsys.readouterr().err
+    assert f"error ({path}): items_uri: no Parquet files under {nowhere.items_uri}" in err, err
 
 
 def test_pools_that_cannot_fit_are_refused_before_running(encoder_weights):

@@ -266,8 +266,8 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     refused, naming the keys that differ, rather than mixing two kinds of vectors in one run.
 
     Raises:
-        FileNotFoundError: no items table at ``items_uri``.
-        EmbeddingInputError: null or repeated item ids, pools that cannot fit, another run's identity.
+        EmbeddingInputError: no items table at ``items_uri``, null or repeated item ids, an items file
+            without a source column, pools that cannot fit, another run's identity.
         EmbeddingIntegrityError: the parts do not hold every input item exactly once.
     """
     import ray
@@ -280,7 +280,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     if not files and cfg.items_uri.endswith(".parquet") and storage.exists(cfg.items_uri):
         files = [cfg.items_uri]  # a single items file
     if not files:
-        raise FileNotFoundError(f"no Parquet files under items_uri={cfg.items_uri}")
+        raise EmbeddingInputError(f"items_uri: no Parquet files under {cfg.items_uri}")
     n_input = storage.parquet_rows(files)
     identity = run_identity(cfg, files, n_input)
     identity_uri = join_uri(run_uri, "_RUN.json")
