@@ -134,13 +134,47 @@ class _Versioned:
         self.cache = VersionCache(lambda uri: loader(self.storage, VersionRef.resolve(self.storage, uri)))
 
     async def reconfigure(self, config: dict) -> None:
-        """Load the version in ``user_config`` beside the current one (off the event loop: requests keep
-        being served meanwhile), then make it current."""
-        uri = (config or {}).get("index_uri")
-        if uri:
+        """Take the version in ``user_config``. A replica's first version is loaded here (it has nothing
+        to serve before; a failure fails the replica's start). A later one is loaded in the background,
+        beside the current one: the replica stays RUNNING and routable meanwhile (Serve routes no request
+        to a replica inside ``reconfigure``, so a load here stalled every stage call for its length), and a
+        version that fails to load is logged and reported by :meth:`version_status` instead of failing the
+        replica (Serve would stop it, and its replacements would fail the same way: a bad rollout took the
+        whole app down). The Ingress switches only once every stage reports the version loaded."""
+        uri = ((config or {}).get("index_uri") or "").rstrip("/")
+        if not uri:
+            return
+        if self.cache.current is None:
             start = time.perf_counter()
             await asyncio.to_thread(self.cache.set_current, uri)
             logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri, time.perf_counter() - start)
+        elif uri != self.cache.current:
+            self._load_in_background(uri)
+
+    def _load_in_background(self, uri: str) -> None:
+        async def load() -> None:
+            start = time.perf_counter()
+            try:
+                await asyncio.to_thread(self.cache.set_current, uri)
+            except Exception:  # kept by the cache for version_status; the replica keeps serving the others
+                logger.exception("%s: loading %s failed; still serving %s", type(self).__name__, uri,
+                                 self.cache.current)
+                return
+            logger.info("%s: loaded %s in %.1f s", type(self).__name__, uri, time.perf_counter() - start)
+
+        self._loads = getattr(self, "_loads", set())  # the loop keeps only weak references to tasks
+        task = asyncio.get_running_loop().create_task(load())
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def version_status(self, uri: str) -> dict:
+        """Whether this replica has ``uri`` loaded, is loading it, or failed to (``error``); a version it
+        has not heard of starts loading (the Ingress may be rolled out to it alone)."""
+        status = self.cache.status(uri)
+        if not (status["loaded"] or status["loading"] or status["error"]):
+            self._load_in_background(uri.rstrip("/"))
+            status["loading"] = True
+        return status
 
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
@@ -243,6 +277,7 @@ class Ranker(_Versioned):
 
 
 HEALTH_TIMEOUT_S = 5.0  # how long GET /healthz?deep=true waits for each stage
+ROLLOUT_TIMEOUT_S = 1800.0  # how long the Ingress waits for the stages to load a new version
 RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
 
 
@@ -288,6 +323,30 @@ class HandleStages:
 
     async def rank(self, index_uri, inputs):
         return await _call(self.ranker.rank, index_uri, inputs)
+
+    async def wait_loaded(self, index_uri: str, timeout_s: float, poll_s: float = 0.5) -> None:
+        """Return once every stage deployment reports ``index_uri`` loaded (a stage that has not heard of
+        it starts loading it when asked).
+
+        Raises:
+            VersionError: a stage failed to load it (naming the stage and its error).
+            TimeoutError: not every stage had it within ``timeout_s``.
+        """
+        from tessera.serving.version import VersionError
+
+        waiting = {h.deployment_name: h for h in (self.query_encoder, *self.retrievers, self.ranker)}
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            for name, handle in list(waiting.items()):
+                status = await _call(handle.version_status, index_uri)
+                if status["error"]:
+                    raise VersionError(f"{name} could not load {index_uri}: {status['error']}")
+                if status["loaded"]:
+                    del waiting[name]
+            if waiting:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{', '.join(waiting)} did not load {index_uri} within {timeout_s:g} s")
+                await asyncio.sleep(poll_s)
 
     async def probe(self, index_uri: str, timeout_s: float) -> dict[str, dict]:
         """Ask each stage deployment (one replica each) which versions it holds; per deployment ``ok``
@@ -515,6 +574,8 @@ class Ingress:
         self._inflight = 0  # requests of this replica between arrival and answer
         self.flow: Flow | None = None
         self.ref = None
+        self.rollout: dict | None = None  # a version being rolled out, or whose rollout failed
+        self._rolling: asyncio.Task | None = None
 
     def check_health(self) -> None:
         if self.flow is None:
@@ -522,19 +583,53 @@ class Ingress:
                                "other deployments) in the Serve config, or args.index_uri")
 
     async def reconfigure(self, config: dict) -> None:
-        """Switch to the version in ``user_config`` (Serve calls this after ``__init__`` and on every change)."""
+        """Take the version in ``user_config`` (Serve calls this after ``__init__`` and on every change).
+
+        The first version is resolved here (a replica without one cannot serve; a bad one fails the
+        deploy). A later one is rolled out in the background: requests keep being answered from the
+        current version until every stage deployment reports the new one loaded, then new requests switch
+        to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
+        stays on the current version and ``/v1/version`` and ``/healthz`` report the failed rollout."""
         from tessera.serving.version import VersionRef
 
-        uri = (config or {}).get("index_uri")
+        uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
-        ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
-        candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
-        self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
-        self.ref = ref  # swapped together: a batch already running keeps the flow it started with
+        if self._rolling is not None:
+            self._rolling.cancel()
+            self._rolling = None
+        if self.flow is None:
+            self._switch(await asyncio.to_thread(VersionRef.resolve, self.storage, uri))
+        elif uri == self.flow.index_uri:
+            self.rollout = None  # rolled back to the version being served: nothing pending
+        else:
+            self.rollout = {"index_uri": uri, "state": "loading", "since": time.time(), "error": None}
+            self._rolling = asyncio.get_running_loop().create_task(self._roll_out(uri))
         app = getattr(self, "_asgi_app", None)  # set by serve.ingress after __init__, before this first call
         if isinstance(app, FastAPI) and app.openapi_schema is None:
             app.openapi_schema = _publish_max_k(app.openapi(), self.args.max_k)
+
+    def _switch(self, ref) -> None:
+        candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
+        self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
+        self.ref = ref  # swapped together: a batch already running keeps the flow it started with
+
+    async def _roll_out(self, uri: str) -> None:
+        from tessera.serving.version import VersionRef
+
+        start = time.perf_counter()
+        try:
+            ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
+            await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self.rollout = {**self.rollout, "state": "failed", "error": _cause_line(err)}
+            logger.error("rollout of %s failed, still serving %s: %s", uri, self.flow.index_uri, _cause_line(err))
+            return
+        self._switch(ref)
+        self.rollout = None
+        logger.info("serving %s (rolled out in %.1f s)", ref.index_uri, time.perf_counter() - start)
 
     # --- helpers ------------------------------------------------------------------------
     def _check_k(self, k: int) -> RequestError | None:
@@ -625,6 +720,8 @@ class Ingress:
                                                                      "versions it has loaded (one call each)")):
         """The Ingress is up and has a version to serve; with ``deep=true``, every stage answered too."""
         body = {"status": "ok", "index_version": self.ref.index_version, "model_version": self.ref.model_version}
+        if self.rollout is not None:  # informative: the current version still answers
+            body["rollout"] = self.rollout
         if not deep:
             return body
         stages = await self.stages.probe(self.flow.index_uri, HEALTH_TIMEOUT_S)
@@ -635,7 +732,7 @@ class Ingress:
 
     @api.get("/v1/version", response_model=VersionResponse)
     async def version(self):
-        return VersionResponse.model_validate(self.ref.describe())
+        return VersionResponse.model_validate({**self.ref.describe(), "rollout": self.rollout})
 
 
 def build_app(args: RecommenderArgs | dict) -> Application:

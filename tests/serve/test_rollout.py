@@ -55,6 +55,7 @@ def test_rollout_under_load_drops_nothing_and_never_mixes_versions(app_url, serv
         time.sleep(2)
         serve_deploy(deploy_config(second_version, serve_port), dashboard_url, tmp_path)
         wait_running(dashboard_url)
+        version = wait_version(app_url, lambda v: v["index_uri"] == second_version and v["rollout"] is None)
         switched = time.monotonic()
         time.sleep(3)
     finally:
@@ -73,5 +74,78 @@ def test_rollout_under_load_drops_nothing_and_never_mixes_versions(app_url, serv
     loaded = serve.get_deployment_handle("QueryEncoder", APP).loaded_versions.remote().result()
     assert set(loaded) == {served_index, second_version}
 
+    assert version["index_version"] == v2.index_version and version["model_version"] == v2.model_version
+
     serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)  # back to the session's version
     wait_running(dashboard_url)
+    wait_version(app_url, lambda v: v["index_uri"] == served_index and v["rollout"] is None)
+
+
+def wait_version(app_url: str, done, timeout_s: float = 120) -> dict:
+    """``GET /v1/version`` until ``done(answer)``: a rollout switches once every stage has the version loaded,
+    a little after ``serve deploy`` reports the app RUNNING."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = requests.get(f"{app_url}/v1/version", timeout=10).json()
+        if done(answer):
+            return answer
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def broken_version(served_index, storage):
+    """The session's index copied with one byte of a shard's data flipped (ScaNN files or brute-force
+    vectors): its manifests resolve, the QueryEncoder and Ranker load it, the Retriever refuses it (checksum)."""
+    out = f"{TEST_ROOT}/served/index-broken"
+    flipped = None
+    for uri in storage.list_files(served_index):
+        data = storage.read_bytes(uri)
+        rel = uri[len(served_index):].lstrip("/")
+        if flipped is None and ("/scann/" in uri or uri.endswith("/vectors.npy")) and len(data) > 100:
+            data = data[:50] + bytes([data[50] ^ 0xFF]) + data[51:]
+            flipped = rel
+        storage.write_bytes(join_uri(out, rel), data)
+    assert flipped, "no shard data file in the served index"
+    return out
+
+
+@pytest.mark.slow
+def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
+        app_url, served_index, broken_version, storage, dashboard_url, serve_port, tmp_path):
+    from tessera.serving import VersionRef
+
+    v1 = VersionRef.resolve(storage, served_index)
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(f"{app_url}/v1/recommend", json={"user_id": "user-00000004", "k": 5}, timeout=60)
+                results.append((r.status_code, r.json()["index_version"] if r.status_code == 200 else r.text))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        serve_deploy(deploy_config(broken_version, serve_port), dashboard_url, tmp_path)
+        wait_running(dashboard_url)  # the replicas stay up: a failed load is reported, not raised
+        version = wait_version(app_url, lambda v: (v["rollout"] or {}).get("state") == "failed")
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and {status for status, _ in results} == {200}, [r for r in results if r[0] != 200][:3]
+    assert {index for _, index in results} == {v1.index_version}
+    assert version["index_uri"] == served_index and version["rollout"]["index_uri"] == broken_version
+    assert "Retriever could not load" in version["rollout"]["error"], version
+    health = requests.get(f"{app_url}/healthz?deep=true", timeout=30)
+    assert health.status_code == 200 and health.json()["rollout"]["state"] == "failed"
+    # rolled back: nothing pending, the same replicas answer
+    serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)
+    wait_running(dashboard_url)
+    wait_version(app_url, lambda v: v["index_uri"] == served_index and v["rollout"] is None)
+    assert requests.post(f"{app_url}/v1/recommend", json={"user_id": "user-00000004", "k": 5},
+                         timeout=30).status_code == 200

@@ -192,8 +192,41 @@ def test_version_cache_keeps_the_current_and_newest_versions():
     cache = VersionCache(lambda uri: loads.append(uri) or uri.upper(), keep=2)
     cache.set_current("a")
     assert cache.get("b") == "B" and cache.get("c") == "C"
-    assert cache.loaded() == ["c", "a"]  # "b" evicted: "a" is current, so never evicted
+    assert set(cache.loaded()) == {"c", "a"}  # "b" evicted: "a" is current, so never evicted
     assert cache.get("a") == "A" and loads == ["a", "b", "c"]
+
+
+def test_version_cache_remembers_a_failed_load_for_a_while():
+    calls = []
+
+    def loader(uri):
+        calls.append(uri)
+        if uri == "bad":
+            raise OSError("shard-00001/dataset.npy: sha256 mismatch")
+        return uri.upper()
+
+    cache = VersionCache(loader, keep=2, retry_after_s=60)
+    cache.set_current("a")
+    for _ in range(3):  # one load, then the remembered error
+        with pytest.raises((OSError, VersionError), match="sha256 mismatch"):
+            cache.get("bad")
+    assert calls == ["a", "bad"]
+    assert cache.status("bad") == {"loaded": False, "loading": False,
+                                   "error": "OSError: shard-00001/dataset.npy: sha256 mismatch"}
+    with pytest.raises(OSError):  # a rollout (set_current) tries again at once
+        cache.set_current("bad")
+    assert calls == ["a", "bad", "bad"] and cache.current == "a" and cache.status("a")["loaded"]
+    assert VersionCache(loader, retry_after_s=0).get("a") == "A"
+
+
+def test_version_cache_never_evicts_the_version_it_just_loaded():
+    """A load finishing while ``current`` still names the previous version (set_current switches after
+    its load) must not evict itself: with keep=1 the old current stays too, until the switch."""
+    cache = VersionCache(lambda uri: uri.upper(), keep=1)
+    cache.set_current("a")
+    assert cache.get("b") == "B" and set(cache.loaded()) == {"a", "b"}
+    cache.set_current("b")
+    assert cache.get("c") == "C" and set(cache.loaded()) == {"b", "c"}
 
 
 def test_k_above_what_an_index_holds_returns_what_there_is(local, served_index):

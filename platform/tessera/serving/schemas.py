@@ -99,6 +99,16 @@ class SimilarResponse(BaseModel):
     timings: Timings
 
 
+class RolloutStatus(BaseModel):
+    """A version being rolled out (``loading``: the stages load it while the current one answers) or one
+    whose rollout failed (``failed``, with the error: the current version keeps answering)."""
+
+    index_uri: str
+    state: Literal["loading", "failed"]
+    since: float = Field(description="when the rollout started (Unix time)")
+    error: str | None = None
+
+
 class VersionResponse(BaseModel):
     index_version: str
     index_uri: str
@@ -110,6 +120,8 @@ class VersionResponse(BaseModel):
     created_at: str
     recall_check: dict | None = None
     placeholder_model: bool = False
+    rollout: RolloutStatus | None = Field(None, description="a newer version being rolled out, or whose rollout "
+                                                            "failed; absent when none is pending")
 
 
 class ErrorResponse(BaseModel):

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -205,22 +206,32 @@ class VersionCache(Generic[T]):
     A rollout loads the new version (``reconfigure``) while requests already routed with the old
     version's URI still find it here; a request naming a version this replica has not loaded yet
     (another component switched first) loads it on the spot. Thread-safe; one load per URI at a time.
+    A load that failed is remembered for ``retry_after_s``: requests naming that version fail at once
+    with the same error instead of each downloading the version again.
 
     Args:
         loader: ``index_uri -> component state``.
         keep: versions kept loaded.
+        retry_after_s: how long a failed load is answered from memory before it is tried again.
     """
 
-    def __init__(self, loader: Callable[[str], T], keep: int = 2):
+    def __init__(self, loader: Callable[[str], T], keep: int = 2, retry_after_s: float = 30.0):
         self._loader = loader
         self._keep = keep
+        self._retry_after_s = retry_after_s
         self._loaded: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._failed: dict[str, tuple[float, str]] = {}  # uri -> (monotonic time, "Type: message")
         self.current: str | None = None
 
-    def get(self, index_uri: str) -> T:
-        """The state of ``index_uri``, loading it if needed."""
+    def get(self, index_uri: str, retry: bool = False) -> T:
+        """The state of ``index_uri``, loading it if needed (``retry``: even if it failed just now).
+
+        Raises:
+            VersionError: the load failed within the last ``retry_after_s`` (the error is repeated).
+            Exception: whatever the loader raised (then remembered).
+        """
         index_uri = index_uri.rstrip("/")
         with self._lock:
             if index_uri in self._loaded:
@@ -231,16 +242,28 @@ class VersionCache(Generic[T]):
             with self._lock:
                 if index_uri in self._loaded:
                     return self._loaded[index_uri]
-            state = self._loader(index_uri)
+                failed = self._failed.get(index_uri)
+                if failed and not retry and time.monotonic() - failed[0] < self._retry_after_s:
+                    self._loading.pop(index_uri, None)
+                    raise VersionError(f"loading {index_uri} failed {time.monotonic() - failed[0]:.0f} s ago "
+                                       f"(retried after {self._retry_after_s:g} s): {failed[1]}")
+            try:
+                state = self._loader(index_uri)
+            except Exception as err:
+                with self._lock:
+                    self._failed[index_uri] = (time.monotonic(), f"{type(err).__name__}: {err}"[:500])
+                    self._loading.pop(index_uri, None)
+                raise
             with self._lock:
+                self._failed.pop(index_uri, None)
                 self._loaded[index_uri] = state
                 self._loaded.move_to_end(index_uri)
                 self._loading.pop(index_uri, None)
                 while len(self._loaded) > self._keep:
-                    oldest = next(iter(self._loaded))
-                    if oldest == self.current:  # never evict the version new requests use
-                        self._loaded.move_to_end(oldest)
-                        oldest = next(iter(self._loaded))
+                    # never evict the version new requests use, nor the one just loaded
+                    oldest = next((u for u in self._loaded if u not in (self.current, index_uri)), None)
+                    if oldest is None:
+                        break
                     self._loaded.pop(oldest)
             return state
 
@@ -254,10 +277,20 @@ class VersionCache(Generic[T]):
             return self._loaded[index_uri]
 
     def set_current(self, index_uri: str) -> T:
-        """Load ``index_uri`` (if needed) and make it the version new requests use."""
-        state = self.get(index_uri)
+        """Load ``index_uri`` (if needed; a version that failed before is tried again) and make it the
+        version new requests use."""
+        state = self.get(index_uri, retry=True)
         self.current = index_uri.rstrip("/")
         return state
+
+    def status(self, index_uri: str) -> dict:
+        """``{"loaded": bool, "loading": bool, "error": str | None}`` of ``index_uri`` here (``error``:
+        its last load failed, and it has not loaded since)."""
+        index_uri = index_uri.rstrip("/")
+        with self._lock:
+            failed = self._failed.get(index_uri)
+            return {"loaded": index_uri in self._loaded, "loading": index_uri in self._loading,
+                    "error": failed[1] if failed else None}
 
     def loaded(self) -> list[str]:
         with self._lock:
