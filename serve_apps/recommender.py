@@ -92,7 +92,8 @@ class RecommenderArgs(BaseModel):
         storage: how to reach object storage (defaults: the environment, as the jobs do).
         max_k: the largest ``k`` a request may ask for.
         max_body_bytes: requests with a larger body are refused with 413.
-        retriever_groups: Retriever deployments, each holding every ``groups``-th shard (1: one holds all).
+        retriever_groups: Retriever deployments, group ``i`` holding the shards whose id is ``i`` modulo
+            ``retriever_groups`` (1: one holds all; a group with no shard of a version answers nothing).
         torch_threads: intra-op threads per replica.
         preload_modalities: load the text / image / audio query encoders at start, not on first search.
         batch: the Ingress's batching.
@@ -227,13 +228,14 @@ class QueryEncoder(_Versioned):
 class Retriever(_Versioned):
     """ScaNN shards of the fused and per-modality indexes (all of them, or one group's share)."""
 
-    def __init__(self, storage_config: dict, shards: list[int] | None = None, modal: bool = True,
+    def __init__(self, storage_config: dict, group: list[int] | None = None, modal: bool = True,
                  search_threads: int = 1):
         from tessera.index import SearchConfig
         from tessera.serving.retrieve import RetrieverCore
 
         config = SearchConfig(search_threads=search_threads)
-        self._init_cache(storage_config, lambda s, ref: RetrieverCore.load(s, ref, config, shards, modal))
+        share = tuple(group) if group else None  # (i, groups): the shards whose id is i modulo groups
+        self._init_cache(storage_config, lambda s, ref: RetrieverCore.load(s, ref, config, share, modal))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def search(self, uris: list[str], indexes: list[str], vectors: list[np.ndarray], ks: list[int],
@@ -751,8 +753,8 @@ def build_app(args: RecommenderArgs | dict) -> Application:
         retrievers = [Retriever.options(**version).bind(storage, None, True)]
     else:
         g = args.retriever_groups
-        retrievers = [Retriever.options(name=f"Retriever_{i}", **version)
-                      .bind(storage, list(range(i, 4096, g)), i == 0) for i in range(g)]
+        retrievers = [Retriever.options(name=f"Retriever_{i}", **version).bind(storage, [i, g], i == 0)
+                      for i in range(g)]
     ranker = Ranker.options(**version).bind(storage, args.torch_threads)
     # index_uri travels only in user_config: a new version is a reconfigure, not a new replica
     ingress_args = args.model_dump(mode="json", exclude={"index_uri"})

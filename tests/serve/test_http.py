@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import time
 
 import pytest
 import requests
@@ -225,3 +226,46 @@ def test_deep_health_names_a_stage_that_does_not_answer(app_url, served_index):
     report = asyncio.run(stages.probe(served_index, timeout_s=3.0))
     assert report["NoSuchStage"] == {"ok": False, "error": "no answer within 3 s"}
     assert all(report[n]["ok"] and report[n]["has_current"] for n in ("QueryEncoder", "Retriever", "Ranker"))
+
+
+@pytest.mark.slow
+def test_retriever_groups_answer_like_one_retriever(app_url, users, served_index, dashboard_url, serve_port, tmp_path):
+    """``args.retriever_groups: 3`` deployed beside the session's app with the real CLI (Retriever_0..2, each
+    holding the shards whose id is its number modulo 3, the fused index scattered over them and merged, the
+    modality indexes in group 0): the same answers as the one-Retriever app."""
+    import copy
+
+    from tests.serve.conftest import deploy_config, serve_deploy
+
+    single = deploy_config(served_index, serve_port)
+    grouped = copy.deepcopy(single["applications"][0])
+    grouped.update(name="groups", route_prefix="/groups")
+    grouped["args"]["retriever_groups"] = 3
+    retriever = next(d for d in grouped["deployments"] if d["name"] == "Retriever")
+    grouped["deployments"] = [d for d in grouped["deployments"] if d is not retriever] + [
+        {**copy.deepcopy(retriever), "name": f"Retriever_{i}"} for i in range(3)]
+    for d in grouped["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.05
+    both = {**single, "applications": [*single["applications"], grouped]}
+    serve_deploy(both, dashboard_url, tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{app_url}/groups/healthz?deep=true", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the grouped app did not come up"
+            time.sleep(1)
+        stages = requests.get(f"{app_url}/groups/healthz?deep=true", timeout=30).json()["stages"]
+        assert {"Retriever_0", "Retriever_1", "Retriever_2"} <= set(stages)
+        for user in users[:4]:
+            one = post(app_url, "/v1/recommend", {"user_id": user, "k": 7}).json()
+            three = post(app_url, "/groups/v1/recommend", {"user_id": user, "k": 7}).json()
+            assert [x["item_id"] for x in three["items"]] == [x["item_id"] for x in one["items"]], user
+        one = post(app_url, "/v1/search", {"text": "ceramic mug", "k": 5, "index": "text"}).json()
+        three = post(app_url, "/groups/v1/search", {"text": "ceramic mug", "k": 5, "index": "text"}).json()
+        assert [x["item_id"] for x in three["items"]] == [x["item_id"] for x in one["items"]]
+    finally:
+        serve_deploy(single, dashboard_url, tmp_path)  # the grouped app is deleted

@@ -26,15 +26,16 @@ from tessera.storage import Storage, join_uri
 class RetrieverCore:
     """The indexes of one version (no Ray). ``search`` is safe to call from several threads."""
 
-    def __init__(self, ref: VersionRef, indexes: dict[str, ShardedIndex]):
+    def __init__(self, ref: VersionRef, indexes: dict[str, ShardedIndex | None]):
         self.ref = ref
-        self.indexes = indexes
+        self.indexes = indexes  # None: this group holds no shard of that index
 
     @classmethod
     def load(cls, storage: Storage, ref: VersionRef, search: SearchConfig | None = None,
-             shards: Sequence[int] | None = None, modal: bool = True) -> RetrieverCore:
-        """Load the fused index (all shards, or the given shard ids) and, with ``modal``, every shard of
-        the per-modality indexes.
+             group: tuple[int, int] | None = None, modal: bool = True) -> RetrieverCore:
+        """Load the fused index (all shards, or with ``group = (i, groups)`` the shards whose id is ``i``
+        modulo ``groups``: one Retriever deployment's share; a group with no shard of this version answers
+        no candidates) and, with ``modal``, every shard of the per-modality indexes.
 
         Every shard is verified against the checksum in its index manifest, and every per-modality
         index manifest against the checksum the version's manifest records for it.
@@ -43,7 +44,13 @@ class RetrieverCore:
             IndexCorruptError: a shard file, ``shard.json`` or a per-modality ``_MANIFEST.json`` whose
                 checksum does not match.
         """
-        indexes = {"fused": _load(storage, ref.index_uri, ref.manifest, search, shards)}
+        if group is None:
+            fused = _load(storage, ref.index_uri, ref.manifest, search, None)
+        else:
+            i, groups = group
+            ids = [s.shard_id for s in ref.manifest.shards if s.shard_id % groups == i]
+            fused = _load(storage, ref.index_uri, ref.manifest, search, ids) if ids else None
+        indexes: dict[str, ShardedIndex | None] = {"fused": fused}
         if modal:
             from tessera.index import read_index_manifest
 
@@ -59,7 +66,10 @@ class RetrieverCore:
         if index not in self.indexes:
             raise KeyError(f"no {index!r} index in version {self.ref.index_version} "
                            f"(it has {', '.join(self.indexes)})")
-        return self.indexes[index].search(vectors, k, exclude)
+        found = self.indexes[index]
+        if found is None:
+            return [[] for _ in range(len(vectors))], np.full((len(vectors), k), -np.inf, np.float32)
+        return found.search(vectors, k, exclude)
 
 
 def _load(storage: Storage, uri: str, manifest, search: SearchConfig | None,
