@@ -304,3 +304,34 @@ def test_run_identity_names_weights_the_same_everywhere_and_tolerates_new_encode
     del fewer["encoders"]["audio"]
     assert identity_changes(old, new) == ["encoders.text.max_length"]
     assert identity_changes(fewer, old) == ["encoders.audio"]
+
+
+def test_an_attempt_that_wrote_nothing_does_not_pin_the_run_identity(encoder_weights, storage, ray_session):
+    """A weights prefix with a typo is refused before the run starts, naming the key. An attempt that
+    started and failed before writing a part leaves ``_RUN.json`` behind (written here as such an attempt
+    would); the corrected rerun under the same run id goes ahead (nothing to mix with) instead of being
+    refused for its "other settings"."""
+    from tessera.embed.pipeline import EmbeddingInputError, run_identity
+
+    items = f"{TEST_ROOT}/identity/items"
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": ["a", "b", "c"], "text": ["oat milk", "rye bread", "green tea"],
+        "image_uri": [None, None, None], "audio_uri": [None, None, None]}))
+    good = embed_config(encoder_weights, "identity", items_uri=items, output_uri=f"{TEST_ROOT}/identity/out",
+                        audio={"enabled": False})
+    typo = good.model_copy(deep=True)
+    typo.image.encoder.weights = encoder_weights["image"].rstrip("/") + "-typo"
+    run_uri = join_uri(good.output_uri, good.run_id)
+    with pytest.raises(EmbeddingInputError, match=r"image.encoder.weights: no weight files under s3://.*-typo"):
+        run_embedding(typo)
+    assert not storage.exists(join_uri(run_uri, "_RUN.json"))
+    other = good.model_copy(deep=True)
+    other.text.encoder.max_length = 16
+    storage.write_json(join_uri(run_uri, "_RUN.json"), run_identity(other, storage.list_files(items, ".parquet"), 3))
+    manifest = run_embedding(good)
+    assert manifest["counts"]["text"]["ok"] == 3 and manifest["input"]["items"] == 3
+    assert storage.read_json(join_uri(run_uri, "_RUN.json")) == run_identity(good, storage.list_files(items,
+                                                                                                      ".parquet"), 3)
+    other_run = other.model_copy(update={"run_id": "identity"})
+    with pytest.raises(EmbeddingInputError, match="started with other settings"):  # now it has parts: refused
+        run_embedding(other_run)

@@ -25,7 +25,7 @@ import numpy as np
 
 from tessera.embed.config import EmbedConfig
 from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
-from tessera.embed.output import done_item_hashes, tally
+from tessera.embed.output import done_item_hashes, list_parts, tally
 from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
@@ -97,6 +97,16 @@ def identity_changes(old: dict, new: dict) -> list[str]:
 def source_columns(cfg: EmbedConfig) -> list[str]:
     """The items-table column each enabled modality reads: ``text`` itself, ``<m>_uri`` for media."""
     return [m if m == "text" else f"{m}_uri" for m in cfg.modalities()]
+
+
+def check_weights(cfg: EmbedConfig, storage: Storage) -> None:
+    """Refuse an enabled modality whose ``s3://`` weights prefix holds no file, naming the key: a typo
+    there otherwise surfaces as a traceback from inside a Ray task, after the run has started. (A local
+    folder is not checked: it need only exist on the nodes that run the encoders, not on the driver's.)"""
+    for m in cfg.modalities():
+        uri = getattr(cfg, m).encoder.weights
+        if parse_uri(uri).scheme == "s3" and not storage.list_files(uri):
+            raise EmbeddingInputError(f"{m}.encoder.weights: no weight files under {uri}")
 
 
 def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, use_ray: bool | None = None,
@@ -286,9 +296,14 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     identity_uri = join_uri(run_uri, "_RUN.json")
     started = storage.read_json(identity_uri) if storage.exists(identity_uri) else None
     if started is not None and (changed := identity_changes(started, identity)):
-        raise EmbeddingInputError(
-            f"{run_uri} was started with other settings ({', '.join(changed)} differ; see {identity_uri}): "
-            f"use another run_id, or delete {run_uri}/ to redo this one")
+        if list_parts(storage, run_uri) or storage.exists(manifest_uri):
+            raise EmbeddingInputError(
+                f"{run_uri} was started with other settings ({', '.join(changed)} differ; see {identity_uri}): "
+                f"use another run_id, or delete {run_uri}/ to redo this one")
+        # an attempt that wrote nothing (say, it failed on a weights path, fixed since): nothing to mix with
+        print(f"[embed] {run_uri} holds no parts yet: restarting it with the new settings ({', '.join(changed)})",
+              flush=True)
+        started = None
     if storage.exists(manifest_uri):
         previous = storage.read_json(manifest_uri)
         # runs written before _RUN.json existed: the input's row count is all there is to compare
@@ -298,6 +313,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     resources = ray.cluster_resources()
     check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
+    check_weights(cfg, storage)
     if started is None:
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
