@@ -136,6 +136,22 @@ def test_max_error_rate_and_bad_config_exit_codes(sample_embeddings, encoder_wei
     assert f"error ({path}): items_uri: no Parquet files under {nowhere.items_uri}" in err, err
 
 
+def test_an_autoscaling_cluster_counts_what_its_autoscaler_may_add(ray_session):
+    """cluster.yaml scales its GPU workers from zero: a GPU pool must not be refused for the GPUs the
+    cluster has before the pool asks for them. Without an autoscaler (this test Ray) only what is there counts."""
+    from tessera.embed.pipeline import _autoscaler_max_resources, cluster_capacity
+
+    assert _autoscaler_max_resources() is None
+    now = {"CPU": 4.0}
+    assert cluster_capacity(now, None) == (4.0, 0.0)
+    assert cluster_capacity(now, {"CPU": 4 + 6 * 16 + 4 * 4, "GPU": 4}) == (116.0, 4.0)
+    cfg = embed_config({"image": "s3://b/w/image", "audio": "s3://b/w/audio"}, "x",
+                       image={"pool": {"num_gpus": 1, "num_cpus": 1}})
+    with pytest.raises(Exception, match="GPUs"):
+        check_fits(cfg, *cluster_capacity(now, None))
+    check_fits(cfg, *cluster_capacity(now, {"CPU": 116, "GPU": 4}))
+
+
 def test_pools_that_cannot_fit_are_refused_before_running(encoder_weights):
     cfg = embed_config(encoder_weights, "x", image={"pool": {"num_cpus": 1.0, "min_actors": 2, "max_actors": 2}})
     with pytest.raises(ValueError, match="min_actors"):

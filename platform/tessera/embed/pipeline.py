@@ -246,6 +246,27 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
                           fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities())})
 
 
+def _autoscaler_max_resources() -> dict | None:
+    """The most of each resource the cluster's autoscaler may bring up (its node types' ``max_workers``
+    x resources, capped by ``max_workers``), or None without an autoscaler. Read the way Ray Train and
+    Ray Data read it (``ray._private.state``: no public API in Ray 2.60); any failure reads as None."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: never let it fail the job
+        return None
+
+
+def cluster_capacity(current: dict, autoscaler_max: dict | None) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` the pools can count on: what the cluster has now, or on an autoscaling cluster the
+    most its autoscaler may add (the pools' actors then bring the nodes up: ``cluster.yaml`` scales its
+    GPU workers from zero)."""
+    maximum = autoscaler_max or {}
+    return (max(float(current.get("CPU", 0.0)), float(maximum.get("CPU", 0) or 0)),
+            max(float(current.get("GPU", 0.0)), float(maximum.get("GPU", 0) or 0)))
+
+
 def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> None:
     """Refuse a config whose pools, at their minimum size, leave no CPU for the stages that feed them.
 
@@ -310,8 +331,8 @@ def run_embedding(cfg: EmbedConfig) -> dict:
         if previous.get("complete") and (started is not None or previous.get("input", {}).get("items") == n_input):
             previous["reused"] = True
             return previous
-    resources = ray.cluster_resources()
-    check_fits(cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+    cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
+    check_fits(cfg, cpus, gpus)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     check_weights(cfg, storage)
     if started is None:
