@@ -220,8 +220,13 @@ class EncodeActor:
             encoded = self.encoder.encode([unpack_array(inputs[i]) for i in todo])  # (n, D)
             self.latency.observe(time.perf_counter() - t0, tags={"modality": m})
             release_free_heap()  # freed activations would otherwise stay resident between batches
+            finite = np.isfinite(encoded).all(axis=1)
             for row, i in enumerate(todo):
-                vectors[i] = encoded[row]
+                if finite[row]:
+                    vectors[i] = encoded[row]
+                else:  # NaN / inf (an fp16 overflow, a bad input the model cannot take): never stored as ok
+                    errors[i] = "corrupt: the encoder's output is not finite (NaN or inf)"
+            todo = [i for row, i in enumerate(todo) if finite[row]]
         batch[f"{m}_encoder"] = [self.identity] * len(inputs)
         n_failed = 0
         for err in errors:
