@@ -587,8 +587,10 @@ class Ingress:
     async def reconfigure(self, config: dict) -> None:
         """Take the version in ``user_config`` (Serve calls this after ``__init__`` and on every change).
 
-        The first version is resolved here (a replica without one cannot serve; a bad one fails the
-        deploy). A later one is rolled out in the background: requests keep being answered from the
+        The first version is resolved here, and the replica starts once every stage deployment has it
+        loaded (a replica without one cannot serve; one the stages cannot load fails the deploy, or, for a
+        replica added while a rollout is pending or failed, that replica's start). A later one is rolled
+        out in the background: requests keep being answered from the
         current version until every stage deployment reports the new one loaded, then new requests switch
         to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
         stays on the current version and ``/v1/version`` and ``/healthz`` report the failed rollout."""
@@ -600,8 +602,10 @@ class Ingress:
         if self._rolling is not None:
             self._rolling.cancel()
             self._rolling = None
-        if self.flow is None:
-            self._switch(await asyncio.to_thread(VersionRef.resolve, self.storage, uri))
+        if self.flow is None:  # also a replica added while a rollout is pending or failed: it waits for the
+            ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)  # stages (or fails to start)
+            await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
+            self._switch(ref)
         elif uri == self.flow.index_uri:
             self.rollout = None  # rolled back to the version being served: nothing pending
         else:
