@@ -125,6 +125,11 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _replica_id() -> str:
+    """This Serve replica's id (unique within its deployment)."""
+    return serve.get_replica_context().replica_tag
+
+
 class _Versioned:
     """Shared by the stage deployments: a :class:`VersionCache` of one core type, ``user_config`` preload."""
 
@@ -141,10 +146,11 @@ class _Versioned:
         to a replica inside ``reconfigure``, so a load here stalled every stage call for its length), and a
         version that fails to load is logged and reported by :meth:`version_status` instead of failing the
         replica (Serve would stop it, and its replacements would fail the same way: a bad rollout took the
-        whole app down). The Ingress switches only once every stage reports the version loaded."""
+        whole app down). The Ingress switches only once every stage replica reports the version loaded."""
         uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             return
+        self._target = uri  # the configured version: a background load of another one does not become it
         if self.cache.current is None:
             start = time.perf_counter()
             await asyncio.to_thread(self.cache.set_current, uri)
@@ -153,29 +159,40 @@ class _Versioned:
             self._load_in_background(uri)
 
     def _load_in_background(self, uri: str) -> None:
+        """Load ``uri`` off the event loop (once at a time per version; a failed one is tried again), making
+        it the configured version if it still is the target when the load ends."""
+        pending = self.__dict__.setdefault("_pending_loads", {})  # uri -> task (the loop keeps weak refs only)
+        if uri in pending:
+            return
+
         async def load() -> None:
             start = time.perf_counter()
             try:
-                await asyncio.to_thread(self.cache.set_current, uri)
+                await asyncio.to_thread(self.cache.get, uri, True, False)  # retry a failed one; not a request
             except Exception:  # kept by the cache for version_status; the replica keeps serving the others
                 logger.exception("%s: loading %s failed; still serving %s", type(self).__name__, uri,
                                  self.cache.current)
                 return
+            finally:
+                pending.pop(uri, None)
+            if getattr(self, "_target", None) == uri:
+                self.cache.current = uri
             logger.info("%s: loaded %s in %.1f s", type(self).__name__, uri, time.perf_counter() - start)
 
-        self._loads = getattr(self, "_loads", set())  # the loop keeps only weak references to tasks
-        task = asyncio.get_running_loop().create_task(load())
-        self._loads.add(task)
-        task.add_done_callback(self._loads.discard)
+        pending[uri] = asyncio.get_running_loop().create_task(load())
 
-    async def version_status(self, uri: str) -> dict:
-        """Whether this replica has ``uri`` loaded, is loading it, or failed to (``error``); a version it
-        has not heard of starts loading (the Ingress may be rolled out to it alone)."""
-        status = self.cache.status(uri)
-        if not (status["loaded"] or status["loading"] or status["error"]):
-            self._load_in_background(uri.rstrip("/"))
-            status["loading"] = True
-        return status
+    async def version_status(self, uri: str, since: float = 0.0) -> dict:
+        """This replica's ``{"loaded", "loading", "error", "replica"}`` for ``uri``. A version it has not
+        loaded starts loading unless a load is under way or failed at or after ``since`` (Unix time, the
+        rollout's start): a rollout that names a version again retries it, and a version only the Ingress
+        was rolled out to gets loaded. ``error`` is a failure at or after ``since``."""
+        uri = uri.rstrip("/")
+        status = self.cache.status(uri, failed_since=since)
+        loading = status["loading"] or uri in self.__dict__.get("_pending_loads", {})
+        if not (status["loaded"] or loading or status["error"]):
+            self._load_in_background(uri)
+            loading = True
+        return {"loaded": status["loaded"], "loading": loading, "error": status["error"], "replica": _replica_id()}
 
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
@@ -327,24 +344,37 @@ class HandleStages:
         return await _call(self.ranker.rank, index_uri, inputs)
 
     async def wait_loaded(self, index_uri: str, timeout_s: float, poll_s: float = 0.5) -> None:
-        """Return once every stage deployment reports ``index_uri`` loaded (a stage that has not heard of
-        it starts loading it when asked).
+        """Return once every running replica of every stage deployment reports ``index_uri`` loaded.
+
+        Each poll goes through the deployment's handle, so it reaches one replica, chosen by Serve's
+        router: a deployment is done once as many distinct replicas said "loaded" as it has replicas
+        running or updating (``serve.status()``). Replicas that have not loaded it start loading it, and
+        one whose load failed before this rollout began tries again.
 
         Raises:
-            VersionError: a stage failed to load it (naming the stage and its error).
+            VersionError: a stage replica failed to load it in this rollout (naming the stage and its error).
             TimeoutError: not every stage had it within ``timeout_s``.
         """
         from tessera.serving.version import VersionError
 
+        since, app_name = time.time(), serve.get_replica_context().app_name
         waiting = {h.deployment_name: h for h in (self.query_encoder, *self.retrievers, self.ranker)}
+        loaded: dict[str, set[str]] = {name: set() for name in waiting}
         deadline = time.monotonic() + timeout_s
         while waiting:
+            replicas = await asyncio.to_thread(_replica_counts, app_name, list(waiting))
             for name, handle in list(waiting.items()):
-                status = await _call(handle.version_status, index_uri)
+                try:
+                    status = await asyncio.wait_for(_call(handle.version_status, index_uri, since),
+                                                    max(1.0, min(30.0, deadline - time.monotonic())))
+                except TimeoutError:  # no replica free to answer (or none running): ask again
+                    continue
                 if status["error"]:
                     raise VersionError(f"{name} could not load {index_uri}: {status['error']}")
                 if status["loaded"]:
-                    del waiting[name]
+                    loaded[name].add(status["replica"])
+                    if len(loaded[name]) >= max(1, replicas.get(name, 1)):
+                        del waiting[name]
             if waiting:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{', '.join(waiting)} did not load {index_uri} within {timeout_s:g} s")
@@ -367,6 +397,19 @@ class HandleStages:
         handles = [self.query_encoder, *self.retrievers, self.ranker]
         answers = await asyncio.gather(*(one(h) for h in handles))
         return {h.deployment_name: a for h, a in zip(handles, answers, strict=True)}
+
+
+def _replica_counts(app_name: str, deployments: list[str]) -> dict[str, int]:
+    """Replicas RUNNING or UPDATING per deployment of ``app_name`` (a blocking controller call; an empty
+    dict when the controller cannot say)."""
+    try:
+        app = serve.status().applications[app_name]
+    except Exception:  # the controller unreachable for a moment: count one replica each meanwhile
+        logger.warning("no replica counts from the Serve controller", exc_info=True)
+        return {}
+    return {name: sum(n for state, n in app.deployments[name].replica_states.items()
+                      if str(getattr(state, "value", state)) in ("RUNNING", "UPDATING"))
+            for name in deployments if name in app.deployments}
 
 
 def _cause_line(err: BaseException) -> str:
@@ -599,21 +642,25 @@ class Ingress:
         uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
-        if self._rolling is not None:
-            self._rolling.cancel()
-            self._rolling = None
         if self.flow is None:  # also a replica added while a rollout is pending or failed: it waits for the
             ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)  # stages (or fails to start)
             await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
             self._switch(ref)
         elif uri == self.flow.index_uri:
-            self.rollout = None  # rolled back to the version being served: nothing pending
-        else:
+            self._cancel_rollout()  # rolled back to the version being served: nothing pending
+        elif not (self.rollout and self.rollout["index_uri"] == uri and self.rollout["state"] == "loading"):
+            self._cancel_rollout()  # (the same config again, as when Serve reassigns ranks, keeps it going)
             self.rollout = {"index_uri": uri, "state": "loading", "since": time.time(), "error": None}
             self._rolling = asyncio.get_running_loop().create_task(self._roll_out(uri))
         app = getattr(self, "_asgi_app", None)  # set by serve.ingress after __init__, before this first call
         if isinstance(app, FastAPI) and app.openapi_schema is None:
             app.openapi_schema = _publish_max_k(app.openapi(), self.args.max_k)
+
+    def _cancel_rollout(self) -> None:
+        if self._rolling is not None:
+            self._rolling.cancel()
+            self._rolling = None
+        self.rollout = None
 
     def _switch(self, ref) -> None:
         candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))

@@ -391,8 +391,11 @@ class Storage:
             return sum(rows(uri) for uri in uris)
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(threads, len(uris)), thread_name_prefix="parquet-footers") as pool:
+        pool = ThreadPoolExecutor(min(threads, len(uris)), thread_name_prefix="parquet-footers")
+        try:
             return sum(pool.map(rows, uris))
+        finally:  # on an error, the reads not started yet are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def delete_prefix(self, prefix_uri: str) -> None:
         """Delete everything under a prefix (used by tests and explicit ``--overwrite`` only)."""

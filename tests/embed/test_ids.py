@@ -97,6 +97,10 @@ def test_input_check_refuses_a_file_without_a_source_column_or_with_non_string_i
     storage.write_parquet(no_audio, pa.table({"item_id": ["c"], "text": ["z"]}))
     with pytest.raises(EmbeddingInputError, match=r"no-audio.parquet: no audio_uri column \(it has item_id, text\)"):
         check_item_ids(storage, [good, no_audio], use_ray=use_ray, columns=["text", "audio_uri"])
+    categorical = join_uri(root, "categorical.parquet")  # a pandas categorical: dictionary<string>, accepted
+    storage.write_parquet(categorical, pa.table({"item_id": pa.array(["d", "e"]).dictionary_encode(),
+                                                 "text": ["r", "s"], "audio_uri": [None, None]}))
+    check_item_ids(storage, [good, categorical], use_ray=use_ray, columns=["text", "audio_uri"])
     ints = join_uri(root, "ints.parquet")
     storage.write_parquet(ints, pa.table({"item_id": pa.array([1, 2], pa.int64()), "text": ["p", "q"]}))
     with pytest.raises(EmbeddingInputError, match=r"ints.parquet: item_id must be a string column, not int64"):

@@ -202,3 +202,29 @@ def test_fetch_media_malformed_or_unreadable_uri_fails_the_item(storage, bucket_
     with pytest.raises(MediaError) as err:
         fetch_media(storage, uri, max_bytes=1000)
     assert err.value.kind == "missing", err.value
+
+
+def test_fetch_media_store_trouble_fails_the_job_not_the_item(storage, bucket_uri, monkeypatch):
+    """Only the store's word on the URI fails the item: wrong credentials (403 SignatureDoesNotMatch) and a
+    store that stops answering (botocore's timeouts are OSErrors) raise, so the job fails rather than
+    writing every item as missing (a rerun would skip them as done)."""
+    import socket
+
+    from tessera.storage import Storage, StorageConfig
+
+    uri = join_uri(bucket_uri, "media", "creds.bin")
+    storage.write_bytes(uri, b"x" * 10)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    wrong = Storage(StorageConfig(endpoint_url=storage.endpoint_url, retry_window_s=0.5))
+    with pytest.raises(Exception) as err:
+        fetch_media(wrong, uri)
+    assert not isinstance(err.value, MediaError), err.value
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        mute = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1, retry_window_s=0.5,
+                                     connect_timeout_s=0.5, request_timeout_s=0.5))
+        with pytest.raises(OSError) as err:
+            fetch_media(mute, "s3://b/k.jpg")
+        assert not isinstance(err.value, MediaError) and "timeout" in type(err.value).__name__.lower(), err.value

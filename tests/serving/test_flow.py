@@ -1,6 +1,7 @@
 """The serving pipeline in one process (no Serve): trained bundle + index from the session's real jobs."""
 
 import asyncio
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -211,12 +212,26 @@ def test_version_cache_remembers_a_failed_load_for_a_while():
         with pytest.raises((OSError, VersionError), match="sha256 mismatch"):
             cache.get("bad")
     assert calls == ["a", "bad"]
-    assert cache.status("bad") == {"loaded": False, "loading": False,
-                                   "error": "OSError: shard-00001/dataset.npy: sha256 mismatch"}
+    status = cache.status("bad")
+    assert status["error"] == "OSError: shard-00001/dataset.npy: sha256 mismatch" and not status["loaded"]
+    assert cache.status("bad", failed_since=time.time() + 1)["error"] is None  # failed before that: not said
     with pytest.raises(OSError):  # a rollout (set_current) tries again at once
         cache.set_current("bad")
     assert calls == ["a", "bad", "bad"] and cache.current == "a" and cache.status("a")["loaded"]
     assert VersionCache(loader, retry_after_s=0).get("a") == "A"
+
+
+def test_version_cache_keeps_the_version_requests_name():
+    """A stage's configured version can move ahead of the Ingress (a rollout the Ingress has not switched to,
+    or that failed elsewhere): the version requests still name is not evicted by the next load."""
+    cache = VersionCache(lambda uri: uri.upper(), keep=2)
+    cache.set_current("v1")
+    assert cache.get_loaded("v1") == "V1"  # requests name v1
+    cache.set_current("v2")  # configured, never switched to by the Ingress
+    cache.set_current("v3")  # configured again
+    assert "v1" in cache.loaded() and "v3" in cache.loaded() and cache.in_use == "v1"
+    cache.get("v2", touch=False)  # a background load does not count as a request
+    assert cache.in_use == "v1" and "v1" in cache.loaded()
 
 
 def test_version_cache_never_evicts_the_version_it_just_loaded():

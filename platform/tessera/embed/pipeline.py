@@ -105,7 +105,9 @@ def check_weights(cfg: EmbedConfig, storage: Storage) -> None:
     folder is not checked: it need only exist on the nodes that run the encoders, not on the driver's.)"""
     for m in cfg.modalities():
         uri = getattr(cfg, m).encoder.weights
-        if parse_uri(uri).scheme == "s3" and not storage.list_files(uri):
+        if parse_uri(uri).scheme != "s3":
+            continue
+        if not storage.retrying_io(f"LIST {uri}", lambda u=uri: storage.list_files(u)):
             raise EmbeddingInputError(f"{m}.encoder.weights: no weight files under {uri}")
 
 
@@ -155,6 +157,8 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
     if absent:
         return f"no {', '.join(absent)} column (it has {', '.join(schema.names)})", [], np.empty(0, np.uint64)
     kind = schema.field("item_id").type
+    if pa.types.is_dictionary(kind):  # e.g. a pandas categorical: its values are what count
+        kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
     col = storage.read_parquet(uri, ["item_id"]).column("item_id")
@@ -333,8 +337,8 @@ def run_embedding(cfg: EmbedConfig) -> dict:
             return previous
     cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
     check_fits(cfg, cpus, gpus)
-    check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     check_weights(cfg, storage)
+    check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     if started is None:
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run

@@ -82,6 +82,7 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         raise MediaError("missing", f"invalid URI: {err}") from None
     from botocore.exceptions import ClientError, ParamValidationError
 
+    local = parse_uri(uri).scheme == "file"
     try:
         return storage.read_bytes(uri, max_bytes=max_bytes)
     except (FileNotFoundError, IsADirectoryError):
@@ -90,18 +91,25 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         raise MediaError("missing", f"object at {uri} not readable: {err}") from None
     except ParamValidationError as err:  # a bucket or key S3 cannot name (e.g. "s3://Bad_Bucket!/x.jpg")
         raise MediaError("missing", f"invalid URI {uri}: {_first_line(err)}") from None
-    except ClientError as err:  # 5xx and throttling were retried by read_bytes and fail the job: the store
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        if not 400 <= status < 500:
+    except ClientError as err:
+        # only the store's word on this URI fails the item; anything else (5xx and throttling after
+        # read_bytes's retry window, expired or wrong credentials, a skewed clock) fails the job
+        code = err.response.get("Error", {}).get("Code")
+        if code not in _BAD_URI_CODES:
             raise
-        code = err.response.get("Error", {}).get("Code")  # 400 InvalidBucketName, KeyTooLongError, ...
-        raise MediaError("missing", f"object at {uri} refused by the store ({status} {code})") from None
+        raise MediaError("missing", f"object at {uri} refused by the store ({code})") from None
     except ValueError as err:
         if "over the limit" in str(err):  # Storage.read_bytes's size limit
             raise MediaError("oversized", str(err)) from None
         raise MediaError("missing", f"invalid path {uri!r}: {err}") from None  # e.g. a NUL in a local path
-    except OSError as err:  # a local path too long, a directory, unreadable (EIO, EACCES...)
-        raise MediaError("missing", f"{uri} not readable: {err.strerror or err}") from None
+    except OSError as err:
+        if not local:  # botocore's timeouts and connection errors are OSErrors too: the store, not the item
+            raise
+        raise MediaError("missing", f"{uri} not readable: {err.strerror or err}") from None  # too long, EIO...
+
+
+# S3 error codes that say the URI itself is bad (the item's fault, not the store's or the credentials')
+_BAD_URI_CODES = frozenset({"InvalidBucketName", "KeyTooLongError", "InvalidObjectName", "InvalidURI"})
 
 
 def _first_line(err: BaseException) -> str:

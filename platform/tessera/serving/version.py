@@ -222,11 +222,14 @@ class VersionCache(Generic[T]):
         self._loaded: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
-        self._failed: dict[str, tuple[float, str]] = {}  # uri -> (monotonic time, "Type: message")
-        self.current: str | None = None
+        self._failed: dict[str, tuple[float, float, str]] = {}  # uri -> (monotonic, wall time, "Type: message")
+        self.current: str | None = None  # the version this component was configured with
+        self.in_use: str | None = None  # the version the latest request named
 
-    def get(self, index_uri: str, retry: bool = False) -> T:
+    def get(self, index_uri: str, retry: bool = False, touch: bool = True) -> T:
         """The state of ``index_uri``, loading it if needed (``retry``: even if it failed just now).
+        ``touch``: a request's lookup (the version stays loaded while requests name it); False for a
+        background load.
 
         Raises:
             VersionError: the load failed within the last ``retry_after_s`` (the error is repeated).
@@ -235,62 +238,69 @@ class VersionCache(Generic[T]):
         index_uri = index_uri.rstrip("/")
         with self._lock:
             if index_uri in self._loaded:
-                self._loaded.move_to_end(index_uri)
-                return self._loaded[index_uri]
+                return self._hit(index_uri, touch)
             gate = self._loading.setdefault(index_uri, threading.Lock())
         with gate:
             with self._lock:
                 if index_uri in self._loaded:
-                    return self._loaded[index_uri]
+                    return self._hit(index_uri, touch)
                 failed = self._failed.get(index_uri)
                 if failed and not retry and time.monotonic() - failed[0] < self._retry_after_s:
                     self._loading.pop(index_uri, None)
                     raise VersionError(f"loading {index_uri} failed {time.monotonic() - failed[0]:.0f} s ago "
-                                       f"(retried after {self._retry_after_s:g} s): {failed[1]}")
+                                       f"(retried after {self._retry_after_s:g} s): {failed[2]}")
             try:
                 state = self._loader(index_uri)
             except Exception as err:
                 with self._lock:
-                    self._failed[index_uri] = (time.monotonic(), f"{type(err).__name__}: {err}"[:500])
+                    self._failed[index_uri] = (time.monotonic(), time.time(), f"{type(err).__name__}: {err}"[:500])
                     self._loading.pop(index_uri, None)
                 raise
             with self._lock:
                 self._failed.pop(index_uri, None)
                 self._loaded[index_uri] = state
-                self._loaded.move_to_end(index_uri)
                 self._loading.pop(index_uri, None)
+                self._hit(index_uri, touch)
                 while len(self._loaded) > self._keep:
-                    # never evict the version new requests use, nor the one just loaded
-                    oldest = next((u for u in self._loaded if u not in (self.current, index_uri)), None)
+                    # never evict the configured version, the one requests name, nor the one just loaded
+                    keep = (self.current, self.in_use, index_uri)
+                    oldest = next((u for u in self._loaded if u not in keep), None)
                     if oldest is None:
                         break
                     self._loaded.pop(oldest)
             return state
 
+    def _hit(self, index_uri: str, touch: bool) -> T:
+        self._loaded.move_to_end(index_uri)
+        if touch:
+            self.in_use = index_uri
+        return self._loaded[index_uri]
+
     def get_loaded(self, index_uri: str) -> T | None:
-        """The state of ``index_uri`` when it is loaded, else None (never waits for a load)."""
+        """The state of ``index_uri`` when it is loaded, else None (never waits for a load); a request's
+        lookup (see ``touch`` of :meth:`get`)."""
         index_uri = index_uri.rstrip("/")
         with self._lock:
-            if index_uri not in self._loaded:
-                return None
-            self._loaded.move_to_end(index_uri)
-            return self._loaded[index_uri]
+            return self._hit(index_uri, True) if index_uri in self._loaded else None
 
     def set_current(self, index_uri: str) -> T:
         """Load ``index_uri`` (if needed; a version that failed before is tried again) and make it the
-        version new requests use."""
-        state = self.get(index_uri, retry=True)
+        version this component is configured with (never evicted)."""
+        state = self.get(index_uri, retry=True, touch=False)
         self.current = index_uri.rstrip("/")
         return state
 
-    def status(self, index_uri: str) -> dict:
-        """``{"loaded": bool, "loading": bool, "error": str | None}`` of ``index_uri`` here (``error``:
-        its last load failed, and it has not loaded since)."""
+    def status(self, index_uri: str, failed_since: float = 0.0) -> dict:
+        """``{"loaded", "loading", "error", "failed_at"}`` of ``index_uri`` here: ``error`` when its last
+        load failed at or after ``failed_since`` (Unix time), no load is under way, and it has not loaded
+        since; ``failed_at`` the time of the last failure (None if none)."""
         index_uri = index_uri.rstrip("/")
         with self._lock:
             failed = self._failed.get(index_uri)
-            return {"loaded": index_uri in self._loaded, "loading": index_uri in self._loading,
-                    "error": failed[1] if failed else None}
+            loading = index_uri in self._loading
+            return {"loaded": index_uri in self._loaded, "loading": loading,
+                    "error": failed[2] if failed and not loading and failed[1] >= failed_since else None,
+                    "failed_at": failed[1] if failed else None}
 
     def loaded(self) -> list[str]:
         with self._lock:
