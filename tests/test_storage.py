@@ -165,26 +165,38 @@ print("written", flush=True)
 """
 
 
-def test_a_writer_stopped_at_any_moment_leaves_the_whole_object_or_none(storage, bucket_uri):
-    """Ray stops a dead job's workers with SIGTERM, which unwinds Python; pyarrow's S3 stream, closed
-    while unwinding, committed what it held (a 0-byte embedding part, unreadable by every rerun). Stopped
-    at moments spread over an encode-and-upload, a writer must leave the complete object or none."""
+def _stopped_at(storage, script: str, args_of, delays, whole) -> list[str]:
+    """Run ``script`` (a writer that prints "ready", writes the object named by its last argument, then
+    prints "written") once per delay, SIGTERMed that long after "ready"; per run "whole" (the object
+    exists and ``whole(uri)`` holds) or "none" (no object, and the writer never said "written")."""
     seen = []
-    for i, delay in enumerate((0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 2.0)):
-        uri = join_uri(bucket_uri, f"part-{i}.parquet")
-        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_WRITER, uri], stdout=subprocess.PIPE)
+    for i, delay in enumerate(delays):
+        args = args_of(i)
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         written = proc.stdout.read().strip() == b"written"
         proc.wait(timeout=60)
-        if storage.exists(uri):
-            fs, path = storage.filesystem(uri)
-            assert pq.read_table(path, filesystem=fs).num_rows == 3_000_000, (delay, written)
+        if storage.exists(args[-1]):
+            assert whole(args[-1]), (delay, written)
             seen.append("whole")
         else:
             assert not written, delay
             seen.append("none")
+    return seen
+
+
+def test_a_writer_stopped_at_any_moment_leaves_the_whole_object_or_none(storage, bucket_uri):
+    """Ray stops a dead job's workers with SIGTERM, which unwinds Python; pyarrow's S3 stream, closed
+    while unwinding, committed what it held (a 0-byte embedding part, unreadable by every rerun). Stopped
+    at moments spread over an encode-and-upload, a writer must leave the complete object or none."""
+    def whole(uri):
+        fs, path = storage.filesystem(uri)
+        return pq.read_table(path, filesystem=fs).num_rows == 3_000_000
+
+    seen = _stopped_at(storage, _STOPPED_WRITER, lambda i: [join_uri(bucket_uri, f"part-{i}.parquet")],
+                       (0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 2.0), whole)
     assert "none" in seen, seen  # some stops landed before the write was over
 
 
@@ -213,21 +225,8 @@ def test_upload_file_is_whole_or_none(storage, bucket_uri, tmp_path):
 
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(70 << 20))  # two parts
-    seen = []
-    for i, delay in enumerate((0.0, 0.1, 0.3, 0.6)):
-        uri = join_uri(bucket_uri, f"up/big-{i}.bin")
-        proc = subprocess.Popen([sys.executable, "-c", _STOPPED_UPLOADER, str(big), uri], stdout=subprocess.PIPE)
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGTERM)
-        written = proc.stdout.read().strip() == b"written"
-        proc.wait(timeout=60)
-        if storage.exists(uri):
-            assert storage.read_bytes(uri) == big.read_bytes(), (delay, written)
-            seen.append("whole")
-        else:
-            assert not written, delay
-            seen.append("none")
+    seen = _stopped_at(storage, _STOPPED_UPLOADER, lambda i: [str(big), join_uri(bucket_uri, f"up/big-{i}.bin")],
+                       (0.0, 0.1, 0.3, 0.6), lambda uri: storage.read_bytes(uri) == big.read_bytes())
     print("stopped uploads:", seen)
     assert "none" in seen, seen
     storage.upload_file(big, join_uri(bucket_uri, "up/big.bin"))
