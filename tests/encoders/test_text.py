@@ -106,6 +106,8 @@ def test_cls_pooling_is_configurable(text_fp32):
     (None, "missing"),
     ("", "empty"),
     (" \n\t ", "empty"),
+    ("\u200b\u200d \ufeff", "empty"),  # zero-width space and joiner, a BOM: nothing to embed
+    (b"\x00\x00\x00", "empty"),
     (b"", "empty"),
     (b"caf\xe9 au lait", "not_utf8"),
     (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xdb", "wrong_format"),

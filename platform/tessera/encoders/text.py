@@ -113,9 +113,18 @@ def decode_text(raw: str | bytes | None, max_bytes: int) -> str:
             found = sniff(data)
             if found and found[0] != "text":
                 raise MediaError("wrong_format", f"expected text, got {found[1]} bytes")
-    if not text.strip():
-        raise MediaError("empty", "text is empty or whitespace only")
+    if not _has_content(text):
+        raise MediaError("empty", "text is empty, or only whitespace and invisible characters")
     return text
+
+
+def _has_content(text: str) -> bool:
+    """Whether ``text`` holds a character that is neither whitespace nor a control or format character
+    (NUL, a BOM, zero-width spaces and joiners): a text of only those would be embedded from the special
+    tokens alone. Stops at the first such character, so it costs nothing for ordinary texts."""
+    import unicodedata
+
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
 
 
 class TextPreprocessor(Preprocessor[TextEncoderConfig]):
