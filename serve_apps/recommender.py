@@ -138,6 +138,8 @@ class _Versioned:
 
         self.storage = Storage(StorageConfig.model_validate(storage_config))
         self.cache = VersionCache(lambda uri: loader(self.storage, VersionRef.resolve(self.storage, uri)))
+        self._target: str | None = None  # the configured version (a background load of another one does not
+        self._pending_loads: dict[str, asyncio.Task] = {}  # become it); uri -> task (the loop keeps weak refs)
 
     async def reconfigure(self, config: dict) -> None:
         """Take the version in ``user_config``. A replica's first version is loaded here (it has nothing
@@ -150,7 +152,7 @@ class _Versioned:
         uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             return
-        self._target = uri  # the configured version: a background load of another one does not become it
+        self._target = uri
         if self.cache.current is None:
             start = time.perf_counter()
             await asyncio.to_thread(self.cache.set_current, uri)
@@ -161,7 +163,7 @@ class _Versioned:
     def _load_in_background(self, uri: str) -> None:
         """Load ``uri`` off the event loop (once at a time per version; a failed one is tried again), making
         it the configured version if it still is the target when the load ends."""
-        pending = self.__dict__.setdefault("_pending_loads", {})  # uri -> task (the loop keeps weak refs only)
+        pending = self._pending_loads
         if uri in pending:
             return
 
@@ -175,7 +177,7 @@ class _Versioned:
                 return
             finally:
                 pending.pop(uri, None)
-            if getattr(self, "_target", None) == uri:
+            if self._target == uri:
                 self.cache.current = uri
             logger.info("%s: loaded %s in %.1f s", type(self).__name__, uri, time.perf_counter() - start)
 
@@ -188,7 +190,7 @@ class _Versioned:
         was rolled out to gets loaded. ``error`` is a failure at or after ``since``."""
         uri = uri.rstrip("/")
         status = self.cache.status(uri, failed_since=since)
-        loading = status["loading"] or uri in self.__dict__.get("_pending_loads", {})
+        loading = status["loading"] or uri in self._pending_loads
         if not (status["loaded"] or loading or status["error"]):
             self._load_in_background(uri)
             loading = True
@@ -320,6 +322,11 @@ class HandleStages:
     def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle):
         self.query_encoder, self.retrievers, self.ranker = query_encoder, retrievers, ranker
 
+    @property
+    def handles(self) -> list[DeploymentHandle]:
+        """Every stage deployment's handle."""
+        return [self.query_encoder, *self.retrievers, self.ranker]
+
     async def encode_users(self, index_uri, queries):
         return await _call(self.query_encoder.encode_users, index_uri, queries)
 
@@ -358,7 +365,7 @@ class HandleStages:
         from tessera.serving.version import VersionError
 
         since, app_name = time.time(), serve.get_replica_context().app_name
-        waiting = {h.deployment_name: h for h in (self.query_encoder, *self.retrievers, self.ranker)}
+        waiting = {h.deployment_name: h for h in self.handles}
         loaded: dict[str, set[str]] = {name: set() for name in waiting}
         deadline = time.monotonic() + timeout_s
         while waiting:
@@ -394,7 +401,7 @@ class HandleStages:
                 return {"ok": False, "error": _cause_line(err).rstrip(": ")}  # an empty message: the type alone
             return {"ok": True, "versions": versions, "has_current": index_uri in versions}
 
-        handles = [self.query_encoder, *self.retrievers, self.ranker]
+        handles = self.handles
         answers = await asyncio.gather(*(one(h) for h in handles))
         return {h.deployment_name: a for h, a in zip(handles, answers, strict=True)}
 
@@ -637,15 +644,11 @@ class Ingress:
         current version until every stage deployment reports the new one loaded, then new requests switch
         to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
         stays on the current version and ``/v1/version`` and ``/healthz`` report the failed rollout."""
-        from tessera.serving.version import VersionRef
-
         uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
         if self.flow is None:  # also a replica added while a rollout is pending or failed: it waits for the
-            ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)  # stages (or fails to start)
-            await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
-            self._switch(ref)
+            self._switch(await self._ready_version(uri))  # stages (or fails to start)
         elif uri == self.flow.index_uri:
             self._cancel_rollout()  # rolled back to the version being served: nothing pending
         elif not (self.rollout and self.rollout["index_uri"] == uri and self.rollout["state"] == "loading"):
@@ -667,13 +670,18 @@ class Ingress:
         self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
 
-    async def _roll_out(self, uri: str) -> None:
+    async def _ready_version(self, uri: str):
+        """The :class:`VersionRef` of ``uri``, once every stage replica has it loaded."""
         from tessera.serving.version import VersionRef
 
+        ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
+        await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
+        return ref
+
+    async def _roll_out(self, uri: str) -> None:
         start = time.perf_counter()
         try:
-            ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
-            await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
+            ref = await self._ready_version(uri)
         except asyncio.CancelledError:
             raise
         except Exception as err:

@@ -284,11 +284,7 @@ class Storage:
         """
         loc = parse_uri(uri)
         if loc.scheme == "file":
-            p = Path(loc.path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, p)
+            _replace_local(Path(loc.path), lambda tmp: tmp.write_bytes(data))
             return
         if not atomic:
             metadata = {"Content-Type": content_type} if content_type else {}
@@ -310,11 +306,7 @@ class Storage:
         if loc.scheme == "file":
             import shutil
 
-            p = Path(loc.path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, p)
+            _replace_local(Path(loc.path), lambda tmp: shutil.copyfile(local, tmp))
             return
         from boto3.exceptions import S3UploadFailedError
         from boto3.s3.transfer import TransferConfig
@@ -416,6 +408,14 @@ class Storage:
             client.head_bucket(Bucket=loc.bucket)
         except ClientError:
             client.create_bucket(Bucket=loc.bucket)
+
+
+def _replace_local(path: Path, fill) -> None:
+    """Write a local file whole or not at all: ``fill(tmp)`` writes a file beside ``path``, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    fill(tmp)
+    os.replace(tmp, path)
 
 
 def _transient(err: Exception) -> bool:

@@ -152,7 +152,8 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
-    schema = storage.retrying_io(f"read the schema of {uri}", lambda: pq.read_schema(path, filesystem=fs))
+    file = storage.retrying_io(f"read {uri}", lambda: pq.ParquetFile(path, filesystem=fs))  # the footer, once
+    schema = file.schema_arrow
     absent = [c for c in ["item_id", *columns] if c not in schema.names]
     if absent:
         return f"no {', '.join(absent)} column (it has {', '.join(schema.names)})", [], np.empty(0, np.uint64)
@@ -161,7 +162,7 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
         kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
-    col = storage.read_parquet(uri, ["item_id"]).column("item_id")
+    col = storage.retrying_io(f"read {uri}", lambda: file.read(columns=["item_id"])).column("item_id")
     if col.null_count:
         return col.null_count, [], np.empty(0, np.uint64)
     counts = pc.value_counts(col)

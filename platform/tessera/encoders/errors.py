@@ -77,12 +77,11 @@ def fetch_media(storage: Storage, uri: str, max_bytes: int | None = None) -> byt
         data = fetch_media(Storage(), "s3://tessera-demo/corpus/media/images/i1.jpg", 20_000_000)
     """
     try:
-        parse_uri(uri)
+        local = parse_uri(uri).scheme == "file"
     except ValueError as err:
         raise MediaError("missing", f"invalid URI: {err}") from None
     from botocore.exceptions import ClientError, ParamValidationError
 
-    local = parse_uri(uri).scheme == "file"
     try:
         return storage.read_bytes(uri, max_bytes=max_bytes)
     except (FileNotFoundError, IsADirectoryError):

@@ -137,7 +137,7 @@ def save_shard(storage: Storage, index_uri: str, shard: ShardArtifact,
         root = Path(tmp)
         files = _write_shard_files(root, shard, name)
         for rel in files:
-            _upload(storage, root / rel, join_uri(shard_uri, rel))
+            storage.upload_file(root / rel, join_uri(shard_uri, rel))  # whole or not at all
     manifest = _shard_manifest(shard, name, files, num_shards)
     storage.write_bytes(join_uri(shard_uri, SHARD_MANIFEST), manifest_bytes(manifest), "application/json")
     return manifest
@@ -303,12 +303,6 @@ def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None
         if not _SAFE_NAME.match(rel) or ".." in rel.split("/") or rel.rsplit("/", 1)[-1] in _FORBIDDEN:
             raise IndexCorruptError(name, rel, "file name not allowed in a shard")
     return manifest, digest
-
-
-def _upload(storage: Storage, local: Path, uri: str) -> None:
-    """Copy a local file to an ``s3://`` object, whole or not at all (local shards are written in place by
-    :func:`_save_local`)."""
-    storage.upload_file(local, uri)
 
 
 def _verify_local(path: Path, entry: FileEntry, shard: str, rel: str) -> None:
