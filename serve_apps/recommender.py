@@ -143,7 +143,11 @@ class _Versioned:
 
     async def reconfigure(self, config: dict) -> None:
         """Take the version in ``user_config``. A replica's first version is loaded here (it has nothing
-        to serve before; a failure fails the replica's start). A later one is loaded in the background,
+        to serve before). If that fails, the replica starts without one and loads the version requests
+        name when they come: Serve starts a replica it adds or replaces on the configured version, which
+        after a failed rollout is the one nobody could load, and failing its start would leave the app
+        unable to replace a lost replica until rolled back. (On a first deploy the Ingress then fails its
+        start, naming this stage's error.) A later one is loaded in the background,
         beside the current one: the replica stays RUNNING and routable meanwhile (Serve routes no request
         to a replica inside ``reconfigure``, so a load here stalled every stage call for its length), and a
         version that fails to load is logged and reported by :meth:`version_status` instead of failing the
@@ -155,7 +159,12 @@ class _Versioned:
         self._target = uri
         if self.cache.current is None:
             start = time.perf_counter()
-            await asyncio.to_thread(self.cache.set_current, uri)
+            try:
+                await asyncio.to_thread(self.cache.set_current, uri)
+            except Exception:  # kept by the cache for version_status
+                logger.exception("%s: loading %s failed; this replica serves the versions requests name",
+                                 type(self).__name__, uri)
+                return
             logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri, time.perf_counter() - start)
         elif uri != self.cache.current:
             self._load_in_background(uri)
@@ -198,6 +207,10 @@ class _Versioned:
 
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
+
+    def serving_version(self) -> str | None:
+        """The version the latest request named (else the configured one; None before either)."""
+        return self.cache.in_use or self.cache.current
 
     async def _core(self, uri: str):
         """The loaded core of ``uri``; a version not loaded yet is loaded off the event loop."""
@@ -386,6 +399,22 @@ class HandleStages:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{', '.join(waiting)} did not load {index_uri} within {timeout_s:g} s")
                 await asyncio.sleep(poll_s)
+
+    async def serving_version(self, timeout_s: float, asks: int = 4) -> str | None:
+        """The one version the stage deployments are answering requests from, or None when they name
+        none or several (``asks`` calls per deployment, which reach one replica each; a replica that has
+        answered no request and loaded no version has none to name)."""
+        named: set[str] = set()
+        for handle in self.handles:
+            for _ in range(asks):
+                try:
+                    version = await asyncio.wait_for(_call(handle.serving_version), timeout_s)
+                except Exception:  # not answering: the other asks and deployments decide
+                    logger.warning("%s did not say which version it serves", handle.deployment_name, exc_info=True)
+                    continue
+                if version:
+                    named.add(version)
+        return named.pop() if len(named) == 1 else None
 
     async def probe(self, index_uri: str, timeout_s: float) -> dict[str, dict]:
         """Ask each stage deployment (one replica each) which versions it holds; per deployment ``ok``
@@ -638,8 +667,9 @@ class Ingress:
         """Take the version in ``user_config`` (Serve calls this after ``__init__`` and on every change).
 
         The first version is resolved here, and the replica starts once every stage deployment has it
-        loaded (a replica without one cannot serve; one the stages cannot load fails the deploy, or, for a
-        replica added while a rollout is pending or failed, that replica's start). A later one is rolled
+        loaded (a replica without one cannot serve; one the stages cannot load fails the deploy; a replica
+        added while its rollout is failing starts on the version the stages serve: :meth:`_first_version`).
+        A later one is rolled
         out in the background: requests keep being answered from the
         current version until every stage deployment reports the new one loaded, then new requests switch
         to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
@@ -647,8 +677,8 @@ class Ingress:
         uri = ((config or {}).get("index_uri") or "").rstrip("/")
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
-        if self.flow is None:  # also a replica added while a rollout is pending or failed: it waits for the
-            self._switch(await self._ready_version(uri))  # stages (or fails to start)
+        if self.flow is None:
+            self._switch(await self._first_version(uri))
         elif uri == self.flow.index_uri:
             self._cancel_rollout()  # rolled back to the version being served: nothing pending
         elif not (self.rollout and self.rollout["index_uri"] == uri and self.rollout["state"] == "loading"):
@@ -677,6 +707,23 @@ class Ingress:
         ref = await asyncio.to_thread(VersionRef.resolve, self.storage, uri)
         await self.stages.wait_loaded(ref.index_uri, ROLLOUT_TIMEOUT_S)
         return ref
+
+    async def _first_version(self, uri: str):
+        """The replica's first version: ``uri`` once every stage replica has it loaded. A replica added or
+        replaced while a rollout of ``uri`` is failing (Serve starts it on the configured version) falls
+        back to the version the stages are answering from, and reports the rollout failed, as the
+        replicas that were running do; with no such version (a first deploy) the failure fails its start."""
+        try:
+            return await self._ready_version(uri)
+        except Exception as err:
+            fallback = await self.stages.serving_version(HEALTH_TIMEOUT_S)
+            if fallback is None or fallback == uri:
+                raise
+            logger.error("%s cannot be served (%s); starting on %s, which the stages serve",
+                         uri, _cause_line(err), fallback)
+            ref = await self._ready_version(fallback)
+            self.rollout = {"index_uri": uri, "state": "failed", "since": time.time(), "error": _cause_line(err)}
+            return ref
 
     async def _roll_out(self, uri: str) -> None:
         start = time.perf_counter()

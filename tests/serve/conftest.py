@@ -71,6 +71,12 @@ def wait_running(dashboard_url: str, timeout_s: float = 180, env: dict | None = 
     raise AssertionError(f"app not running after {timeout_s} s:\n{status[-3000:]}")
 
 
+def replicas(ray, deployment: str) -> list[tuple[str, str]]:
+    """``(name, namespace)`` of the live replica actors of ``deployment``."""
+    return sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
+
+
 @pytest.fixture(scope="package")
 def serve_port() -> int:
     return free_port()

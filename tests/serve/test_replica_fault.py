@@ -11,13 +11,7 @@ import time
 import pytest
 import requests
 
-from tests.serve.conftest import deploy_config, serve_deploy, wait_running
-
-
-def _replicas(ray, deployment: str) -> list[tuple[str, str]]:
-    """``(name, namespace)`` of the live replica actors of ``deployment``."""
-    return sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"])
+from tests.serve.conftest import deploy_config, replicas, serve_deploy, wait_running
 
 
 @pytest.fixture
@@ -42,9 +36,9 @@ def test_replica_killed_under_load(app_url, ray_session, deployment, two_replica
     ray = ray_session
     two_replicas_of(deployment)
     deadline = time.monotonic() + 120
-    while len(_replicas(ray, deployment)) != 2 and time.monotonic() < deadline:
+    while len(replicas(ray, deployment)) != 2 and time.monotonic() < deadline:
         time.sleep(1)
-    assert len(_replicas(ray, deployment)) == 2
+    assert len(replicas(ray, deployment)) == 2
     users = [f"user-{i:08d}" for i in range(40)]
     results: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -63,12 +57,12 @@ def test_replica_killed_under_load(app_url, ray_session, deployment, two_replica
         t.start()
     try:
         time.sleep(3)
-        victim = _replicas(ray, deployment)[0]
+        victim = replicas(ray, deployment)[0]
         ray.kill(ray.get_actor(victim[0], namespace=victim[1]), no_restart=True)
         killed = time.monotonic()
         deadline = killed + 90
         while time.monotonic() < deadline:  # Serve's controller starts a replacement replica
-            now = _replicas(ray, deployment)
+            now = replicas(ray, deployment)
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.5)

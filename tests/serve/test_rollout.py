@@ -12,7 +12,7 @@ from tessera.index_job.seeded_bundle import seeded_bundle
 from tessera.storage import join_uri
 from tests.conftest import TEST_ROOT
 from tests.index_job.conftest import job_config
-from tests.serve.conftest import APP, deploy_config, serve_deploy, wait_running
+from tests.serve.conftest import APP, deploy_config, replicas, serve_deploy, wait_running
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def broken_version(served_index, storage):
 
 @pytest.mark.slow
 def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
-        app_url, served_index, broken_version, storage, dashboard_url, serve_port, tmp_path):
+        app_url, served_index, broken_version, storage, dashboard_url, serve_port, tmp_path, ray_session):
     from tessera.serving import VersionRef
 
     broken_version, flipped = broken_version
@@ -144,6 +144,23 @@ def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
     assert "Retriever could not load" in version["rollout"]["error"], version
     health = requests.get(f"{app_url}/healthz?deep=true", timeout=30)
     assert health.status_code == 200 and health.json()["rollout"]["state"] == "failed"
+    # replicas lost meanwhile are replaced: Serve starts them on the broken version of the config; the
+    # Retriever's starts without a version and loads what requests name, the Ingress's starts on the
+    # version the stages serve and reports the rollout failed
+    victims = {d: replicas(ray_session, d) for d in ("Retriever", "Ingress")}
+    for name, namespace in [r for rs in victims.values() for r in rs]:
+        ray_session.kill(ray_session.get_actor(name, namespace=namespace), no_restart=True)
+    deadline = time.monotonic() + 120
+    while any(not (now := replicas(ray_session, d)) or set(now) & set(old) for d, old in victims.items()):
+        assert time.monotonic() < deadline, {d: replicas(ray_session, d) for d in victims}
+        time.sleep(0.5)
+    wait_running(dashboard_url)
+    version = wait_version(app_url, lambda v: (v["rollout"] or {}).get("state") == "failed")
+    assert version["index_uri"] == served_index and version["rollout"]["index_uri"] == broken_version, version
+    assert "Retriever could not load" in version["rollout"]["error"], version
+    for user in ("user-00000004", "user-00000005"):
+        r = requests.post(f"{app_url}/v1/recommend", json={"user_id": user, "k": 5}, timeout=60)
+        assert r.status_code == 200 and r.json()["index_version"] == v1.index_version, r.text
     # rolled back: nothing pending, the same replicas answer
     serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)
     wait_running(dashboard_url)
