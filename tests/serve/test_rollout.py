@@ -6,13 +6,14 @@ import time
 
 import pytest
 import requests
+import yaml
 
 from tessera.index_job import run_index_job
 from tessera.index_job.seeded_bundle import seeded_bundle
 from tessera.storage import join_uri
 from tests.conftest import TEST_ROOT
 from tests.index_job.conftest import job_config
-from tests.serve.conftest import APP, deploy_config, replicas, serve_deploy, wait_running
+from tests.serve.conftest import APP, deploy_config, replicas, serve_cli, serve_deploy, wait_running
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +222,38 @@ def test_a_rollout_switches_once_every_replica_of_a_stage_has_the_version(
         serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)
         wait_running(dashboard_url)
         wait_version(app_url, lambda v: v["index_uri"] == served_index and v["rollout"] is None)
+
+
+@pytest.mark.slow
+def test_a_first_deploy_of_a_version_the_stages_cannot_load_fails_saying_why(
+        app_url, served_index, broken_version, dashboard_url, serve_port, tmp_path):
+    """A second app deployed beside the session's on the broken version: no stage replica has another
+    version to serve, so the Ingress's start fails with the Retriever's error and the deploy fails."""
+    import copy
+
+    broken_uri, _ = broken_version
+    single = deploy_config(served_index, serve_port)
+    broken = copy.deepcopy(deploy_config(broken_uri, serve_port)["applications"][0])
+    broken.update(name="broken", route_prefix="/broken")
+    for d in broken["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.05
+    serve_deploy({**single, "applications": [*single["applications"], broken]}, dashboard_url, tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        status = {}
+        while time.monotonic() < deadline:
+            status = yaml.safe_load(serve_cli("status", dashboard_url=dashboard_url).stdout or "{}")
+            app = status.get("applications", {}).get("broken", {})
+            if app.get("status") == "DEPLOY_FAILED":
+                break
+            assert app.get("status") != "RUNNING", app
+            time.sleep(2)
+        ingress = status["applications"]["broken"]["deployments"]["Ingress"]
+        assert ingress["status"] == "DEPLOY_FAILED", status
+        assert "Retriever could not load" in ingress["message"] and "sha256 mismatch" in ingress["message"], ingress
+        # the session's app answered all along
+        assert requests.post(f"{app_url}/v1/recommend", json={"user_id": "user-00000004", "k": 5},
+                             timeout=30).status_code == 200
+    finally:
+        serve_deploy(single, dashboard_url, tmp_path)  # the broken app is deleted
+        wait_running(dashboard_url)
