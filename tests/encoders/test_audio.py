@@ -12,7 +12,7 @@ import torch
 import torchaudio.functional as AF
 
 from tessera.encoders import AudioEncoder, AudioEncoderConfig, AudioPreprocessor, MediaError
-from tessera.encoders.audio_decode import decode_audio_bytes, resample_ratio
+from tessera.encoders.audio_decode import _read_mono, decode_audio_bytes, resample_ratio
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +191,14 @@ def test_rate_pairs_without_a_small_ratio_resample_at_bounded_cost():
 
 def test_a_file_shorter_than_its_header_says_yields_only_its_own_samples():
     """A cut MP3 keeps its Xing header's length; reading it in reused blocks returned the real samples
-    followed by stale buffer memory (another item's audio, or NaN). Only the decodable samples come back."""
+    followed by stale buffer memory (another item's audio, or NaN). Only the decodable samples come back
+    from ``_read_mono`` (``decode_audio_bytes`` refuses such a file as ``truncated`` before decoding)."""
     def mp3(x):
         return _encode(x.astype(np.float32), 44100, "MP3", "MPEG_LAYER_III")
+
+    def read(raw):
+        with soundfile.SoundFile(io.BytesIO(raw)) as f:
+            return _read_mono(f, 44100)  # more than the cut holds
 
     tone = mp3(0.1 * np.sin(2 * np.pi * 300 * np.arange(int(0.6 * 44100)) / 44100))
     cut = tone[: len(tone) * 3 // 4]
@@ -202,7 +207,44 @@ def test_a_file_shorter_than_its_header_says_yields_only_its_own_samples():
     loud = mp3(0.9 * np.random.default_rng(5).standard_normal(44100 * 2))
     outs = []
     for _ in range(3):
-        decode_audio_bytes(loud, 10**8, 16000, max_samples=16000)
-        outs.append(decode_audio_bytes(cut, 10**8, 16000, max_samples=16000))
+        read(loud)
+        outs.append(read(cut))
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
-    assert abs(len(outs[0]) - readable * 16000 / 44100) <= 2 and np.abs(outs[0]).max() < 0.2
+    assert len(outs[0]) == readable and np.abs(outs[0]).max() < 0.2
+    with pytest.raises(MediaError, match="truncated"):
+        decode_audio_bytes(cut, 10**8, 16000, max_samples=16000)
+
+
+def _compressed(speech: np.ndarray, rate: int, fmt: str, subtype: str | None = None) -> bytes:
+    wave = AF.resample(torch.from_numpy(speech), 8000, rate).numpy() * 0.9 if rate != 8000 else speech
+    return _encode(np.tile(wave, 2), rate, fmt, subtype)
+
+
+@pytest.mark.parametrize("fmt, subtype, rate", [("MP3", None, 44100), ("MP3", None, 16000), ("MP3", None, 8000),
+                                                ("OGG", "VORBIS", 44100), ("OGG", "OPUS", 48000)])
+def test_cut_mp3_and_ogg_files_are_truncated_not_shorter(speech, fmt, subtype, rate):
+    """libsndfile decodes a cut MP3 or Ogg to a shorter signal without a word (a cut Vorbis file to none,
+    which read as ``empty``): each is ``truncated``, wherever the cut falls; the whole file decodes, and
+    an 8 kHz MP3 (MPEG 2.5, no ID3 tag) is recognised as MP3."""
+    raw = _compressed(speech, rate, fmt, subtype)
+    whole = decode_audio_bytes(raw, 10**8, 16000)
+    assert len(whole) > 16000
+    for frac in (0.1, 0.5, 0.9, 0.99):
+        with pytest.raises(MediaError, match="truncated"):
+            decode_audio_bytes(raw[: int(len(raw) * frac)], 10**8, 16000, max_samples=16000)
+
+
+def test_mp3_tags_and_frames_without_a_xing_header(speech):
+    """ID3v2 before the frames and an ID3v1 tag after them are not mistaken for a cut; with no Xing header
+    (its frame dropped), a file cut inside a frame is still ``truncated`` (the frame walk)."""
+    raw = _compressed(speech, 16000, "MP3")
+    tagged = b"ID3\x04\x00\x00\x00\x00\x01\x00" + b"\x00" * 128 + raw + b"TAG" + b"\x00" * 125
+    np.testing.assert_array_equal(decode_audio_bytes(tagged, 10**8, 16000), decode_audio_bytes(raw, 10**8, 16000))
+    from tessera.encoders.audio_decode import _mp3_frame_length
+
+    no_xing = raw[_mp3_frame_length(raw[:4]):]
+    assert b"Xing" not in no_xing[:64] and b"Info" not in no_xing[:64]
+    assert len(decode_audio_bytes(no_xing, 10**8, 16000)) > 16000
+    cut = no_xing[: len(no_xing) // 2 + 7]
+    with pytest.raises(MediaError, match="truncated: MP3 frame at byte"):
+        decode_audio_bytes(cut, 10**8, 16000)

@@ -1,7 +1,9 @@
 """Audio bytes -> ``float32`` mono waveform at a target rate, with structural checks first.
 
-WAV files are walked chunk by chunk before decoding: a ``data`` chunk that declares more bytes than
-follow is ``truncated`` (libsndfile would silently return the shorter signal). Decoding uses
+WAV, MP3 and Ogg files are walked before decoding, since libsndfile silently returns the shorter
+signal of a cut file (or, for Ogg, none at all): a WAV ``data`` chunk that declares more bytes than
+follow, an MP3 frame cut short or fewer bytes than its Xing/Info header counts, and an Ogg page cut
+short or a stream without its end-of-stream page are ``truncated``. Decoding uses
 ``soundfile`` (libsndfile: WAV in any PCM / float width, FLAC, OGG/Vorbis, MP3), which needs no
 torchcodec; resampling uses ``torchaudio.functional.resample`` (windowed-sinc interpolation).
 
@@ -30,7 +32,7 @@ import torch
 import torchaudio.functional as AF
 
 from tessera.encoders.errors import MediaError, check_size
-from tessera.encoders.sniff import sniff
+from tessera.encoders.sniff import _is_mp3_frame, sniff
 
 DECODABLE = ("wav", "flac", "ogg", "mp3")
 _STREAMING_SIZE = 0xFFFFFFFF  # data size written by streaming encoders: "until the end of the file"
@@ -78,6 +80,81 @@ def check_wav(data: bytes) -> None:
     raise MediaError("corrupt", "WAV has no data chunk")
 
 
+# Layer III bitrates (kbit/s) by bitrate index: MPEG-1, and MPEG-2 / 2.5; sample rates by version bits.
+_MP3_KBPS = {1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+             2: (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}
+_MP3_RATES = {0b11: (44100, 48000, 32000), 0b10: (22050, 24000, 16000), 0b00: (11025, 12000, 8000)}
+
+
+def _mp3_frame_length(head: bytes) -> int | None:
+    """Bytes of the Layer III frame whose 4-byte header is ``head``; None if it is not one, or is
+    free-format (its length is not in the header)."""
+    if not _is_mp3_frame(head) or head[2] >> 4 == 0:
+        return None
+    version = (head[1] >> 3) & 0b11
+    kbps = _MP3_KBPS[1 if version == 0b11 else 2][head[2] >> 4]
+    rate = _MP3_RATES[version][(head[2] >> 2) & 0b11]
+    return (144 if version == 0b11 else 72) * kbps * 1000 // rate + ((head[2] >> 1) & 1)
+
+
+def check_mp3(data: bytes) -> None:
+    """Walk an MP3's frames (after its ID3v2 tag); raise ``truncated`` when the tag or a frame runs past
+    the end, or the file is shorter than its Xing/Info header counts. The walk stops, saying nothing, at
+    bytes that are not a frame (a trailing ID3v1 / APE tag, junk: the decoder judges those)."""
+    n, pos = len(data), 0
+    if data[:3] == b"ID3" and n >= 10:
+        size = sum((data[6 + i] & 0x7F) << (7 * (3 - i)) for i in range(4))  # syncsafe: 7 bits a byte
+        pos = 10 + size + (10 if data[5] & 0x10 else 0)  # header, tag, footer
+        if pos > n:
+            raise MediaError("truncated", f"MP3's ID3 tag declares {pos} bytes, {n} present")
+    first = pos
+    while pos + 4 <= n:
+        length = _mp3_frame_length(data[pos:pos + 4])
+        if length is None:
+            break
+        if pos == first:
+            _check_xing(data, pos)
+        if pos + length > n:
+            raise MediaError("truncated", f"MP3 frame at byte {pos} needs {length} bytes, {n - pos} present")
+        pos += length
+
+
+def _check_xing(data: bytes, pos: int) -> None:
+    """The first frame's Xing/Info header, when it has one with a byte count: the file holds that many."""
+    head = data[pos:pos + 4]
+    mono = head[3] >> 6 == 0b11
+    side = (17 if mono else 32) if (head[1] >> 3) & 0b11 == 0b11 else (9 if mono else 17)
+    tag = pos + 4 + side
+    if data[tag:tag + 4] not in (b"Xing", b"Info") or len(data) < tag + 16:
+        return
+    flags = struct.unpack(">I", data[tag + 4:tag + 8])[0]
+    if flags & 0x2:
+        declared = struct.unpack(">I", data[tag + (12 if flags & 0x1 else 8):][:4])[0]
+        if declared > len(data):  # counted from the frame (LAME) or the file's start: either way no more
+            raise MediaError("truncated", f"MP3's Xing header counts {declared} bytes, {len(data)} present")
+
+
+def check_ogg(data: bytes) -> None:
+    """Walk an Ogg file's pages; raise ``truncated`` when a page runs past the end or the pages end
+    without an end-of-stream page. Bytes that are not a page stop the walk, saying nothing."""
+    n, pos, ended = len(data), 0, False
+    while pos < n:
+        if data[pos:pos + 4] != b"OggS":
+            return  # junk (or a trailing tag): the decoder judges it
+        if pos + 27 > n:
+            raise MediaError("truncated", f"Ogg page header at byte {pos} cut short")
+        segments = data[pos + 26]
+        if pos + 27 + segments > n:
+            raise MediaError("truncated", f"Ogg page at byte {pos}: segment table cut short")
+        end = pos + 27 + segments + sum(data[pos + 27:pos + 27 + segments])
+        if end > n:
+            raise MediaError("truncated", f"Ogg page at byte {pos} needs {end - pos} bytes, {n - pos} present")
+        ended = ended or bool(data[pos + 5] & 0x04)
+        pos = end
+    if not ended:
+        raise MediaError("truncated", f"Ogg stream ends at byte {n} without its end-of-stream page")
+
+
 def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int, max_samples: int | None = None) -> np.ndarray:
     """Decode, downmix to mono and resample to ``sample_rate``.
 
@@ -103,8 +180,7 @@ def decode_audio_bytes(data: bytes, max_bytes: int, sample_rate: int, max_sample
     family, fmt = found
     if family != "audio":
         raise MediaError("wrong_format", f"expected audio, got {fmt} bytes")
-    if fmt == "wav":
-        check_wav(data)
+    {"wav": check_wav, "mp3": check_mp3, "ogg": check_ogg}.get(fmt, lambda _: None)(data)
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as f:  # reads the header only
             rate = f.samplerate

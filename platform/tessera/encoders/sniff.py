@@ -63,12 +63,14 @@ def sniff(data: bytes) -> tuple[str, str] | None:
 
 
 def _is_mp3_frame(head: bytes) -> bool:
-    """An MPEG-1/2 Layer III frame header (MP3 without an ID3 tag): sync, then valid bitrate / rate."""
+    """An MPEG-1/2/2.5 Layer III frame header (MP3 without an ID3 tag): sync, then valid bitrate / rate.
+    (MPEG 2.5 is the 8 / 11.025 / 12 kHz family: speech at 8 kHz is written as it.)"""
     if len(head) < 4 or head[0] != 0xFF:
         return False
     version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
     bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0b11
-    return head[1] >> 5 == 0b111 and version in (0b10, 0b11) and layer == 0b01 and bitrate != 0b1111 and rate != 0b11
+    return (head[1] >> 5 == 0b111 and version != 0b01 and layer == 0b01  # version 01 is reserved
+            and bitrate != 0b1111 and rate != 0b11)
 
 
 def looks_like_text(text: str) -> bool:
