@@ -24,15 +24,9 @@ TEST_S3_PORT_BASE = 24000  # the first port block tried; concurrent test session
 
 
 def ports_free(ports) -> bool:
-    import socket
+    from tessera.embedded.ray_head import port_free
 
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+    return all(port_free(port) for port in ports)
 
 
 def free_head_offsets(from_top: bool = False) -> list[int]:

@@ -84,3 +84,19 @@ def test_a_driver_outside_the_cluster_connects_with_the_client_env(head):
     code = "import ray; ray.init(log_to_driver=False); print('CPUS', ray.cluster_resources().get('CPU'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "CPUS 1.0" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_head_whose_agent_port_is_held_is_refused_naming_the_port(tmp_path):
+    """`ray start` succeeds with the dashboard agent's port held (by a test session's local Ray still
+    exiting, say), and every `ray job submit` then fails with "No available agent": start() says which
+    port is held instead (after waiting for it), and starts nothing."""
+    import socket
+
+    offset = free_head_offsets()[-1]
+    h = EmbeddedRay(tmp_path, port_offset=offset, num_cpus=1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 52365 + offset))
+        sock.listen()
+        with pytest.raises(RuntimeError, match=f"{52365 + offset} \\(dashboard agent\\)"):
+            h.start(ports_wait_s=1.5)
+    assert not h.running() and not h._processes()

@@ -13,6 +13,7 @@ import hashlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,18 @@ import urllib.request
 from pathlib import Path
 
 from tessera.embedded.state import write_private
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:``port`` (a bind there succeeds; connections of a server
+    stopped just now, in TIME_WAIT, do not count: Ray's servers reuse such addresses too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class EmbeddedRay:
@@ -119,11 +132,24 @@ class EmbeddedRay:
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self, extra_env: dict[str, str] | None = None, timeout_s: float = 120.0) -> None:
-        """Start the head unless one already answers; ``extra_env`` goes to every Ray process."""
+    def start(self, extra_env: dict[str, str] | None = None, timeout_s: float = 120.0,
+              ports_wait_s: float = 30.0) -> None:
+        """Start the head unless one already answers; ``extra_env`` goes to every Ray process. Its ports
+        must be free (waiting up to ``ports_wait_s`` for them)."""
         self.ensure_token()
         if self.running():
             return
+        # ray start succeeds with a port held, and the part that needs it fails: an agent without its HTTP
+        # port (a local Ray of a test session still exiting holds 52365) makes every `ray job submit`
+        # fail with "No available agent to submit job". Wait a little for such a port, then say which.
+        wait_until = time.monotonic() + ports_wait_s
+        while (held := [f"{port} ({what})" for port, what in self.ports().items() if not port_free(port)]) \
+                and time.monotonic() < wait_until:
+            time.sleep(1.0)
+        if held:
+            raise RuntimeError(f"Ray head ports in use by another process: {', '.join(held)}; stop that "
+                               "process (an earlier Ray: `ray stop`, or a test session still exiting) or "
+                               "choose another port offset")
         env = dict(os.environ)
         env.update(extra_env or {})
         env.update(self.client_env())
@@ -150,11 +176,20 @@ class EmbeddedRay:
         if out.returncode != 0:
             raise RuntimeError(f"ray start failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         deadline = time.monotonic() + timeout_s
+        agent = 52365 + self.port_offset
         while time.monotonic() < deadline:
-            if self.running():
+            # the dashboard answers before the head's agent is up; `ray job submit` meanwhile fails with
+            # "No available agent to submit job" (it waits 10 s for one), so wait for both
+            if self.running() and not port_free(agent):
                 return
             time.sleep(1.0)
-        raise TimeoutError(f"Ray dashboard did not answer on {self.dashboard_url} within {timeout_s:.0f}s")
+        raise TimeoutError(f"Ray dashboard ({self.dashboard_url}) and its agent (port {agent}) did not both "
+                           f"answer within {timeout_s:.0f}s; see {self.temp_dir}/session_latest/logs")
+
+    def ports(self) -> dict[int, str]:
+        """The fixed ports this head listens on: ``{port: what}``."""
+        return {self.gcs_port: "GCS", self.dashboard_port: "dashboard", self.client_port: "Ray client server",
+                52365 + self.port_offset: "dashboard agent"}
 
     def _processes(self) -> list:
         """This head's processes: those naming its temp dir, their descendants (workers and agents
