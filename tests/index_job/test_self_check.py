@@ -1,5 +1,7 @@
 """The job's recall self-check on real vectors parts and a saved index in the S3 store (no Ray needed)."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,3 +67,19 @@ def test_item_queries_do_not_count_the_item_itself(storage, bucket_uri):
     truth, _ = exact_search(q, vectors, 1, [[r] for r in sample])
     assert check.recall == pytest.approx(recall_at_k(without, [[ids[r] for r in row] for row in truth]))
     assert check.recall < 0.85
+
+
+def test_a_config_without_item_queries_is_refused_naming_the_key(tmp_path):
+    """Every index (the per-modality ones have no other) is checked on item queries: 0 would publish
+    indexes with no recall measured, which pass any floor."""
+    import yaml
+
+    from tessera.config import ConfigError, load_config
+    from tessera.index_job.config import IndexJobConfig
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "index.yaml").read_text())
+    data["self_check"]["item_queries"] = 0
+    path = tmp_path / "index.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=f"key 'self_check.item_queries' in file {path}"):
+        load_config(IndexJobConfig, path)

@@ -28,8 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tessera.index import IndexConfig, ShardManifest, assign_shards, build_and_save_shard
+from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
 from tessera.storage import Storage, join_uri
+
+
+class IndexIntegrityError(RuntimeError):
+    """The vectors written do not hold every input item exactly once (the job exits 4)."""
+
 
 MODAL_DIR = "modal"
 
@@ -85,7 +91,7 @@ def plan_indexes(storage: Storage, parts: list[str], num_shards: int, modalities
     for name, path, column, members in wanted:
         if len(members) == 0:
             if name == "fused":
-                raise ValueError("no item has a usable modality: there is nothing to index")
+                raise IndexSourceError("no item has a usable modality: there is nothing to index")
             continue
         members = members.tolist()
         parts_rows = assign_shards(members, max(1, min(num_shards, len(members))))
@@ -121,7 +127,7 @@ def build_shard_task(storage: Storage, parts: list[str], column: str, ids: list[
     with checksums (and the index's ``num_shards``), return the manifest."""
     got_ids, vectors = read_rows(storage, parts, column, ids)
     if len(got_ids) != len(ids):
-        raise RuntimeError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} items "
+        raise IndexIntegrityError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} items "
                            f"in the vectors parts")
     return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries,
                                 num_shards=num_shards)

@@ -86,7 +86,7 @@ class SelfCheckConfig(TesseraConfig):
     recall_floor: float = Field(0.95, ge=0, le=1)
     k: int = Field(10, ge=1)
     user_queries: int = Field(200, ge=0)
-    item_queries: int = Field(200, ge=0)
+    item_queries: int = Field(200, ge=1)  # every index is checked on them (the modal ones on nothing else)
     tuning_user_queries: int = Field(200, ge=0)
     holdout: int = Field(1, ge=0)
     max_history: int | None = Field(None, ge=1)

@@ -34,7 +34,7 @@ from tessera.index import (
 )
 from tessera.index.params import choose_mode
 from tessera.index.shard_io import manifest_bytes
-from tessera.index_job.build import build_all, plan_indexes
+from tessera.index_job.build import IndexIntegrityError, build_all, plan_indexes
 from tessera.index_job.config import IndexJobConfig
 from tessera.index_job.self_check import run_self_check, tuning_user_queries
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
@@ -44,10 +44,6 @@ from tessera.storage import Storage, join_uri
 
 class IndexExistsError(FileExistsError):
     """The index version already has a manifest; indexes are immutable, pick another version."""
-
-
-class IndexIntegrityError(RuntimeError):
-    """The vectors written do not hold every input item exactly once."""
 
 
 class IndexRecallError(RuntimeError):
@@ -128,6 +124,16 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                                        torch_threads=cfg.build.training_threads)
     checks = {name: ray.get(ref) for name, ref in refs.items()}
     check_s = time.perf_counter() - t_check
+    if cfg.self_check.user_queries and "user" not in checks["fused"]:
+        print(f"[index] warning: no user check (self_check.user_queries={cfg.self_check.user_queries}): "
+              + ("no user in the log has more than self_check.holdout events" if src.interactions_uri
+                 else "no interaction log found beside the embedding run's items"), flush=True)
+    unchecked = sorted(name for name, by_source in checks.items() if not by_source)
+    if unchecked:  # an index published with no recall measured would pass any floor
+        raise IndexRecallError(
+            f"index {src.index_uri}: no self-check ran for {', '.join(unchecked)} (self_check.item_queries="
+            f"{cfg.self_check.item_queries}, and no user queries); set self_check.item_queries above 0",
+            {"error": "no self-check", "unchecked": unchecked})
     _record_recall(src.version, checks)
 
     floor = cfg.self_check.recall_floor
