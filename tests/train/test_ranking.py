@@ -71,3 +71,33 @@ def test_a_batch_without_any_target_in_the_top_k_gives_a_zero_loss_that_reaches_
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(p.grad is not None for p in model.ranker.parameters())
+
+
+def test_a_positive_s_popularity_leaves_its_own_event_out(monkeypatch):
+    """The counts hold every training event, the positive's own included: in training (``forward``), the
+    positive's popularity feature is its count less that event (counted in, every positive had at least
+    one interaction, and the ranker learned that items never interacted with are never the answer)."""
+    import tessera.train.ranking as ranking
+
+    model = _ranker_model(num_hard=K - 1, num_random=2)
+    model.counts = torch.full((NUM_ITEMS,), 3.0)
+    seen = []
+    real = ranking.ranker_dense_features
+    monkeypatch.setattr(ranking, "ranker_dense_features", lambda r, pop, *a: seen.append(pop) or real(r, pop, *a))
+    B, N = 8, 4
+    batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
+             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
+             "target_ts": torch.ones(B, dtype=torch.long)}
+    with torch.no_grad():
+        scores = model.retrieve(history_from_batch(batch), batch["target_ts"])
+    batch["target"] = scores.argsort(dim=1, descending=True)[:, 0]  # the best-scored item: in the top-K
+    model(batch, np.random.default_rng(0))
+    pop = seen[-1]  # (B, 1 + hard + random), the positive first
+    assert pop.shape[0] == B
+    torch.testing.assert_close(pop[:, 0], torch.full((B,), float(np.log1p(2.0))))  # 3 events, its own left out
+    torch.testing.assert_close(pop[:, 1:], torch.full_like(pop[:, 1:], float(np.log1p(3.0))))
+    # re-ranking (evaluation, serving) takes the counts as they are
+    seen.clear()
+    with torch.no_grad():
+        model.rerank(history_from_batch(batch), batch["target_ts"])
+    torch.testing.assert_close(seen[-1], torch.full_like(seen[-1], float(np.log1p(3.0))))

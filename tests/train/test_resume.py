@@ -30,3 +30,19 @@ def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, 
     assert [h["global_epoch"] for h in state.history] == [1, 2, 3, 4]
     assert set(state.results) == {"popularity", "fused", "fused_ranked"}
     assert ModelBundle.load(storage, cfg.bundle_uri).version == cfg.version
+
+
+@pytest.mark.slow
+def test_a_run_whose_workers_fail_past_max_failures_raises_training_failed(sample_embeddings, storage, train_root):
+    """Ray Train V2 raises from fit() (it does not return a result holding the error): the job turns that
+    into its TrainingFailedError, which `jobs.train` exits 4 on, and writes no bundle."""
+    from tessera.train.job import TrainingFailedError, run_training
+
+    marker = join_uri(train_root, "fail-marker-no-retry")
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, variants=["fused"], version="no-retry",
+                            towers={"epochs": 2}, ranker={"epochs": 1}, fail_at_epoch=1, fail_marker_uri=marker,
+                            max_failures=0)
+    with pytest.raises(TrainingFailedError, match="training run no-retry failed"):
+        run_training(cfg, storage)
+    assert storage.read_bytes(marker).startswith(b"killed pid")
+    assert not storage.exists(join_uri(cfg.bundle_uri, "manifest.json"))

@@ -86,7 +86,11 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
     data = build_datasets(cfg, storage)
     t_data = time.perf_counter()
-    result = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users}).fit()
+    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users})
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:  # Train V2 raises (workers failed past max_failures)
+        raise TrainingFailedError(f"training run {cfg.version} failed: {str(err).strip()[:2000]}") from err
     t_train = time.perf_counter()
     if result.error is not None or result.checkpoint is None:
         raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")

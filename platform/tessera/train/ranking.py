@@ -63,14 +63,14 @@ def mask_rows(scores: torch.Tensor, rows: Sequence[np.ndarray] | torch.Tensor, m
 class RankerModel(nn.Module):
     """A :class:`Ranker` on top of a frozen :class:`TwoTowerModel`; ``forward`` is the training loss."""
 
-    def __init__(self, ranker: Ranker, retrieval: TwoTowerModel, log_popularity: torch.Tensor, cfg: RankerSection):
+    def __init__(self, ranker: Ranker, retrieval: TwoTowerModel, counts: torch.Tensor, cfg: RankerSection):
         super().__init__()
         if cfg.residual:  # start exactly at the retrieval order: the last layer outputs 0
             last = ranker.score_mlp[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.ranker, self.retrieval, self.cfg = ranker, retrieval.eval().requires_grad_(False), cfg
-        self.log_popularity = log_popularity
+        self.counts = counts  # (I,) training interactions per item: log1p of it is the popularity feature
         self._item_vecs: torch.Tensor | None = None
 
     @classmethod
@@ -79,7 +79,7 @@ class RankerModel(nn.Module):
         ranker = Ranker(RankerConfig(item_dim=retrieval.item_tower.config.out_dim,
                                      dense_features=dense_feature_names(mods), attention_hidden=[32],
                                      mlp_hidden=[64, 32], max_history=max_history))
-        return cls(ranker, retrieval, torch.log1p(torch.as_tensor(counts, dtype=torch.float32)), cfg)
+        return cls(ranker, retrieval, torch.as_tensor(counts, dtype=torch.float32), cfg)
 
     def train(self, mode: bool = True) -> RankerModel:
         super().train(mode)
@@ -99,15 +99,24 @@ class RankerModel(nn.Module):
         scores, _ = self.retrieval.score(hist, query_ts, self.item_vecs)
         return mask_rows(scores, hist.item_idx, hist.mask)
 
-    def logits(self, hist: HistoryBatch, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` ranker logits of ``candidates`` (catalog rows) given full retrieval ``scores``."""
+    def logits(self, hist: HistoryBatch, candidates: torch.Tensor, scores: torch.Tensor,
+               own_event: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, C)`` ranker logits of ``candidates`` (catalog rows) given full retrieval ``scores``.
+
+        ``own_event`` (``(B, C)`` bool, training): candidates whose training count includes the example's
+        own event (its positive). That event is left out of their popularity: counted in, every positive
+        had at least one interaction, and the ranker learned "never interacted with: never the answer",
+        which a held-out or future event (not in the counts) contradicts for cold items."""
         cat, vecs = self.retrieval.catalog, self.item_vecs
         cand_modal, cand_present = cat.features(candidates)  # m -> (B, C, Dm), (B, C)
         hist_modal, hist_present = cat.features(hist.item_idx)  # m -> (B, N, Dm), (B, N)
         hist_present = {m: p & hist.mask for m, p in hist_present.items()}
         retrieval = scores.gather(1, candidates)
         retrieval = torch.where(torch.isfinite(retrieval), retrieval, torch.full_like(retrieval, -1.0))
-        dense = ranker_dense_features(retrieval, self.log_popularity.to(candidates.device)[candidates],
+        counts = self.counts.to(candidates.device)[candidates]  # (B, C)
+        if own_event is not None:
+            counts = (counts - own_event.float()).clamp_min(0.0)
+        dense = ranker_dense_features(retrieval, torch.log1p(counts),
                                       cand_modal, cand_present, hist_modal, hist_present, cat.modalities)
         correction = self.ranker(vecs[hist.item_idx], hist.mask, vecs[candidates], dense)  # (B, C)
         if self.cfg.residual:  # the ranker corrects the retrieval logit instead of replacing it
@@ -148,7 +157,7 @@ class RankerModel(nn.Module):
         if not keep.any():  # no target in the top-K: a zero loss still reaches every parameter (DDP)
             return sum(p.sum() for p in self.ranker.parameters()) * 0.0
         hist = HistoryBatch(hist.item_idx[keep], hist.mask[keep], hist.timestamps_ms[keep], hist.weights[keep])
-        logits = self.logits(hist, candidates, scores[keep])
+        logits = self.logits(hist, candidates, scores[keep], own_event=labels > 0)
         if self.cfg.loss == "bce":
             return ranker_bce_loss(logits, labels)
         return listwise_softmax_loss(logits, labels)

@@ -135,16 +135,20 @@ def train_loop_per_worker(config: dict) -> None:
         stage = plan[stage_idx]
         torch.manual_seed(cfg.seed + stage_idx)
         model = _build(stage, cfg, catalog, counts, state)
-        trainable = model.ranker if stage.kind == "ranker" else model
+        resume = state.stage == stage_idx and state.current is not None
+        if resume:
+            model.load_state_dict(state.current["model"])
+        # on the worker's device before the optimizer loads its state: load_state_dict puts Adam's moments
+        # on the parameters' device, and moments left on the CPU failed the first GPU step of a resume
+        model = ray.train.torch.prepare_model(model)
+        inner = model.module if hasattr(model, "module") else model
+        trainable = inner.ranker if stage.kind == "ranker" else inner
         opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.ranker.lr if stage.kind == "ranker" else cfg.towers.lr,
                                 weight_decay=cfg.towers.weight_decay)
         start_epoch = 0
-        if state.stage == stage_idx and state.current is not None:
-            model.load_state_dict(state.current["model"])
+        if resume:
             opt.load_state_dict(state.current["optim"])
             start_epoch = state.epoch
-        model = ray.train.torch.prepare_model(model)
-        inner = model.module if hasattr(model, "module") else model
         batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
         for epoch in range(start_epoch, stage.epochs):
             rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
