@@ -19,10 +19,11 @@ def bundle_uri(sample_embeddings, storage) -> str:
 
 
 def job_config(bundle_uri: str, output_uri: str, **overrides) -> IndexJobConfig:
-    """A job config sized for the 2-CPU test Ray: 2 shards, one CPU per build, small self-check."""
+    """A job config sized for the 2-CPU test Ray: 2 shards, one CPU per build, small self-check (its tasks
+    reserving a little memory, so that the reservation path runs)."""
     data = {"model_uri": bundle_uri, "output_uri": output_uri, "num_shards": 2,
             "build": {"num_cpus": 1}, "vectors": {"actors": 1, "num_cpus": 0.5, "batch_size": 64},
-            "self_check": {"user_queries": 40, "item_queries": 40}}
+            "self_check": {"user_queries": 40, "item_queries": 40, "memory_gb": 0.05}}
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return IndexJobConfig.model_validate(data)

@@ -83,3 +83,8 @@ def test_a_config_without_item_queries_is_refused_naming_the_key(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=f"key 'self_check.item_queries' in file {path}"):
         load_config(IndexJobConfig, path)
+
+
+def test_check_tasks_reserve_the_configured_memory():
+    assert SelfCheckConfig().task_options(1.0) == {"num_cpus": 1.0}
+    assert SelfCheckConfig(memory_gb=2).task_options(0.5) == {"num_cpus": 0.5, "memory": 2 << 30}

@@ -81,6 +81,9 @@ class SelfCheckConfig(TesseraConfig):
         holdout: each sampled user's last events left out of the history.
         max_history: most recent history events fed to the user tower (None: the tower's own limit).
         seed: seeds the samples.
+        memory_gb: memory reserved per check task (one per index) and for the tuning-query task, each
+            of which holds a whole index column's vectors (and the check, every shard of its index):
+            about 3x one column's vector bytes (None: no reservation, as on this machine).
     """
 
     recall_floor: float = Field(0.95, ge=0, le=1)
@@ -91,6 +94,11 @@ class SelfCheckConfig(TesseraConfig):
     holdout: int = Field(1, ge=0)
     max_history: int | None = Field(None, ge=1)
     seed: int = 0
+    memory_gb: float | None = Field(None, gt=0)
+
+    def task_options(self, num_cpus: float) -> dict:
+        """Ray task options of a check or tuning task."""
+        return {"num_cpus": num_cpus, **({"memory": int(self.memory_gb * (1 << 30))} if self.memory_gb else {})}
 
 
 class IndexJobConfig(TesseraConfig):

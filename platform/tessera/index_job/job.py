@@ -93,7 +93,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     approximate = any(choose_mode(len(ids), cfg.index, fused_plan.num_items) != "brute_force"
                       for ids in fused_plan.shards)
     if cfg.self_check.tuning_user_queries and approximate:
-        tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(num_cpus=cfg.build.num_cpus).remote(
+        tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(
+            **cfg.self_check.task_options(cfg.build.num_cpus)).remote(
             storage, vectors.parts, FUSED, cfg.self_check, cfg.model_uri, src.interactions_uri,
             cfg.build.training_threads))
         print(f"[index] fused shards tune on their own vectors and {len(tuning['fused'])} user vectors "
@@ -113,7 +114,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
         manifests[plan.name] = make_index_manifest(
             src.version, shard_manifests[plan.name], build_config=cfg.index_config(),
             model_version=src.model_version, embedding_run=src.embedding_run)
-    check = ray.remote(run_self_check).options(num_cpus=cfg.build.num_cpus)
+    check = ray.remote(run_self_check).options(**cfg.self_check.task_options(cfg.build.num_cpus))
     refs = {}
     for plan in plans:
         uri = join_uri(src.index_uri, plan.path) if plan.path else src.index_uri
