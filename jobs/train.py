@@ -4,7 +4,9 @@
     python -m jobs.train --config configs/train.yaml [--version v2] [--overwrite | --keep-existing]
 
 Exit codes: 0 done (the summary's last line is one JSON object with the metrics), or the version
-already exists and --keep-existing was given; 2 bad config; 3 the bundle version already exists
+already exists and --keep-existing was given; 2 bad config, or checkpoints of this version trained
+with other settings or another embedding run (pass --overwrite or another --version; a rerun with the
+same ones resumes from them); 3 the bundle version already exists
 (pass --overwrite, --keep-existing or another --version); 4 training failed
 (more worker failures than max_failures).
 """
@@ -15,7 +17,7 @@ import argparse
 import json
 import sys
 
-from tessera.config import ConfigError, load_config
+from tessera.config import ConfigError, apply_flags, load_config
 from tessera.ray_utils import init_ray
 from tessera.train.config import TrainConfig
 
@@ -29,15 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="an existing bundle of that version is kept and the job succeeds (re-runs of a demo)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(TrainConfig, args.config)
-        if args.version:
-            cfg.version = args.version
-        if args.overwrite:
-            cfg.overwrite = True
+        cfg = apply_flags(load_config(TrainConfig, args.config), [
+            ("--version", "version", args.version or None), ("--overwrite", "overwrite", args.overwrite or None)])
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from tessera.train.job import BundleExistsError, TrainingFailedError, run_training
+    from tessera.train.job import BundleExistsError, RunConflictError, TrainingFailedError, run_training
 
     init_ray()
     try:
@@ -48,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RunConflictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except TrainingFailedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"  {name:13s} recall@10 {r['recall@10']:.4f}  ndcg@10 {r['ndcg@10']:.4f}  mrr {r['mrr']:.4f}  "
               f"coverage@10 {r['coverage@10']:.3f}")
-    print(f"  fused beats every single-modality variant on ndcg@10: {checks['fused_beats_all']}; "
+    beats = checks["fused_beats_all"]
+    print(f"  fused beats every single-modality variant on ndcg@10: "
+          f"{'(none trained)' if beats is None else beats}; "
           f"ranker beats retrieval: {checks['ranker_beats_retrieval']}")
     print(json.dumps({"version": cfg.version, "results": results, "checks": checks,
                       "timings": manifest["timings"]}, sort_keys=True))

@@ -26,6 +26,17 @@ def test_time_split_holds_out_the_last_event_and_keeps_short_users_in_train():
     assert item_counts(rec, 10).tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 0, 1]
 
 
+def test_events_at_the_same_time_split_the_same_whatever_order_they_arrive_in():
+    """Ray Data's groupby hands a user's events over in no fixed order: ties on ts are broken by item."""
+    events = {"user_id": np.array(["u"] * 4), "item_row": np.array([8, 2, 5, 6]), "ts": np.array([10, 30, 30, 20]),
+              "weight": np.ones(4, np.float32)}
+    splits = set()
+    for order in ([0, 1, 2, 3], [2, 1, 0, 3], [3, 2, 1, 0]):
+        rec = user_records({k: v[order] for k, v in events.items()}, holdout=1)
+        splits.add((tuple(rec["train_items"][0].tolist()), tuple(rec["test_items"][0].tolist())))
+    assert splits == {((8, 6, 2), (5,))}
+
+
 def test_next_item_examples_use_only_earlier_items_left_padded():
     ex = next_item_examples(_records(), max_history=2)
     assert ex["target"].tolist() == [1, 9]  # u1 positions 1 and 2; u2 has a single event

@@ -46,3 +46,37 @@ def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, st
 
     with pytest.raises(BundleExistsError):
         run_training(cfg, storage)
+
+
+def test_a_rerun_resumes_only_checkpoints_of_the_same_settings_and_data(storage, train_root):
+    """Ray Train resumes any run of the same name: checkpoints of an attempt with other settings or another
+    embedding run are refused naming what differs (or dropped with overwrite), never resumed."""
+    from tessera.train.job import RUN_FILE, RunConflictError, _claim_run
+
+    from .conftest import tiny_train_config
+
+    embed = {"encoders": {"text": {"name": "minilm", "weights_checksum": "aa"}}, "counts": {"text": {"ok": 9}}}
+    cfg = tiny_train_config("s3://tessera-test/emb/run-a", train_root)
+    run_dir = join_uri(cfg.checkpoint_uri, cfg.version)
+    _claim_run(cfg, storage, embed)
+    assert storage.exists(join_uri(run_dir, RUN_FILE))
+    storage.write_bytes(join_uri(run_dir, "checkpoint_1", "state.pt"), b"x")
+    _claim_run(cfg, storage, embed)  # the same attempt again: resumes
+    faster = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 1}),
+                                    "max_failures": 5})
+    _claim_run(faster, storage, embed)  # where and how it runs may change
+    other = cfg.model_copy(update={"towers": cfg.towers.model_copy(update={"lr": 0.5})})
+    with pytest.raises(RunConflictError, match=r"config\.towers\.lr"):
+        _claim_run(other, storage, embed)
+    reembedded = {**embed, "encoders": {"text": {"name": "minilm", "weights_checksum": "bb"}}}
+    with pytest.raises(RunConflictError, match=r"embedding_run\.encoders"):
+        _claim_run(cfg, storage, reembedded)
+    assert storage.exists(join_uri(run_dir, "checkpoint_1", "state.pt"))
+    _claim_run(other.model_copy(update={"overwrite": True}), storage, embed)  # starts the run again
+    assert storage.list_files(run_dir) == [join_uri(run_dir, RUN_FILE)]
+    _claim_run(other, storage, embed)
+    fs, path = storage.filesystem(join_uri(run_dir, RUN_FILE))
+    fs.delete_file(path)
+    storage.write_bytes(join_uri(run_dir, "checkpoint_1", "state.pt"), b"x")
+    with pytest.raises(RunConflictError, match="without _RUN.json"):
+        _claim_run(other, storage, embed)

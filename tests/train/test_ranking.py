@@ -33,6 +33,15 @@ def _scores_and_targets(B: int = 400):
     return scores, order, order[torch.arange(B), ranks], ranks
 
 
+def _empty_history_batch(model: RankerModel, B: int, N: int = 4) -> tuple[dict, torch.Tensor]:
+    """A batch of ``B`` examples with empty histories (no target yet), and its retrieval scores."""
+    batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
+             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
+             "target_ts": torch.ones(B, dtype=torch.long)}
+    with torch.no_grad():
+        return batch, model.retrieve(history_from_batch(batch), batch["target_ts"])
+
+
 def test_lists_only_where_the_target_is_in_the_top_k_and_negatives_from_it():
     model = _ranker_model(num_hard=K - 1, num_random=5)
     scores, order, target, ranks = _scores_and_targets()
@@ -60,12 +69,7 @@ def test_fewer_hard_negatives_are_drawn_across_the_top_k_not_from_its_head():
 
 def test_a_batch_without_any_target_in_the_top_k_gives_a_zero_loss_that_reaches_every_parameter():
     model = _ranker_model(num_hard=K - 1, num_random=2)
-    B, N = 4, 4
-    batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
-             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
-             "target_ts": torch.ones(B, dtype=torch.long)}
-    with torch.no_grad():
-        scores = model.retrieve(history_from_batch(batch), batch["target_ts"])
+    batch, scores = _empty_history_batch(model, B=4)
     batch["target"] = scores.argsort(dim=1)[:, 0]  # the lowest-scored item: never in the top-K
     loss = model(batch, np.random.default_rng(0))
     loss.backward()
@@ -84,12 +88,8 @@ def test_a_positive_s_popularity_leaves_its_own_event_out(monkeypatch):
     seen = []
     real = ranking.ranker_dense_features
     monkeypatch.setattr(ranking, "ranker_dense_features", lambda r, pop, *a: seen.append(pop) or real(r, pop, *a))
-    B, N = 8, 4
-    batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
-             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
-             "target_ts": torch.ones(B, dtype=torch.long)}
-    with torch.no_grad():
-        scores = model.retrieve(history_from_batch(batch), batch["target_ts"])
+    B = 8
+    batch, scores = _empty_history_batch(model, B)
     batch["target"] = scores.argsort(dim=1, descending=True)[:, 0]  # the best-scored item: in the top-K
     model(batch, np.random.default_rng(0))
     pop = seen[-1]  # (B, 1 + hard + random), the positive first

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tessera.models.bundle import ModelBundle
+from tessera.models.bundle import MANIFEST, ModelBundle
 from tessera.storage import join_uri
 
 from .conftest import read_final_state, tiny_train_config
@@ -35,14 +35,17 @@ def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, 
 @pytest.mark.slow
 def test_a_run_whose_workers_fail_past_max_failures_raises_training_failed(sample_embeddings, storage, train_root):
     """Ray Train V2 raises from fit() (it does not return a result holding the error): the job turns that
-    into its TrainingFailedError, which `jobs.train` exits 4 on, and writes no bundle."""
+    into its TrainingFailedError, which `jobs.train` exits 4 on, and the bundle it was to replace stays."""
     from tessera.train.job import TrainingFailedError, run_training
 
     marker = join_uri(train_root, "fail-marker-no-retry")
     cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, variants=["fused"], version="no-retry",
                             towers={"epochs": 2}, ranker={"epochs": 1}, fail_at_epoch=1, fail_marker_uri=marker,
-                            max_failures=0)
+                            max_failures=0, overwrite=True)
+    earlier = join_uri(cfg.bundle_uri, MANIFEST)
+    storage.write_json(earlier, {"version": "no-retry", "stands_for": "a bundle trained before"})
     with pytest.raises(TrainingFailedError, match="training run no-retry failed"):
         run_training(cfg, storage)
     assert storage.read_bytes(marker).startswith(b"killed pid")
-    assert not storage.exists(join_uri(cfg.bundle_uri, "manifest.json"))
+    # overwrite replaces the bundle only once a new one is trained: the earlier one is still there
+    assert storage.read_json(earlier)["stands_for"] == "a bundle trained before"

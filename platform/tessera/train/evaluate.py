@@ -61,7 +61,7 @@ def quality_checks(results: dict[str, dict[str, float]], metric: str = "ndcg@10"
     fused + ranker vs fused, on ``metric``.
 
     Returns:
-        ``{"metric", "fused_margins": {variant: fused - variant}, "fused_beats_all": bool,
+        ``{"metric", "fused_margins": {variant: fused - variant}, "fused_beats_all": bool | None,
         "ranker_margin": float | None, "ranker_beats_retrieval": bool | None}``
     """
     fused = results["fused"][metric]
@@ -69,6 +69,8 @@ def quality_checks(results: dict[str, dict[str, float]], metric: str = "ndcg@10"
     ranked = results.get("fused_ranked")
     ranker_margin = None if ranked is None else ranked[metric] - fused
     return {"metric": metric, "fused_margins": margins,
-            "fused_beats_all": all(m > 0 for v, m in margins.items() if v != "popularity"),
+            # None when no single-modality / id variant was trained: nothing to beat is not a win
+            "fused_beats_all": (all(m > 0 for v, m in margins.items() if v != "popularity")
+                                if set(margins) - {"popularity"} else None),
             "ranker_margin": ranker_margin,
             "ranker_beats_retrieval": None if ranker_margin is None else ranker_margin > 0}

@@ -35,7 +35,9 @@ def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.nd
         A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w`` and ``test_items``/
         ``test_ts`` as object arrays holding one numpy array each (chronological).
     """
-    order = np.lexsort((np.arange(len(events["ts"])), events["ts"]))
+    # ties on ts broken by item, then weight: the group's arrival order changes between runs (Ray Data's
+    # shuffle), and which of two same-time events is held out must not
+    order = np.lexsort((np.asarray(events["weight"]), np.asarray(events["item_row"]), events["ts"]))
     items = np.asarray(events["item_row"], dtype=np.int64)[order]
     ts = np.asarray(events["ts"], dtype=np.int64)[order]
     w = np.asarray(events["weight"], dtype=np.float32)[order]

@@ -5,7 +5,10 @@
 checkpoints on object storage (``<checkpoint_uri>/<version>``, ``FailureConfig(max_failures)``),
 then turns the final checkpoint into a :class:`tessera.models.bundle.ModelBundle` at
 ``<models_uri>/<version>/`` with ``metrics.json`` and a manifest. Running it again with the same
-version restores the Ray Train run from its checkpoints instead of starting over.
+version restores the Ray Train run from its checkpoints instead of starting over, if it was started
+with the same settings and embedding run (``_RUN.json`` beside the checkpoints); other settings are
+refused (exit 2) unless ``overwrite``, which starts the run again. An existing bundle is replaced only
+once the new one is trained.
 
 Example::
 
@@ -33,10 +36,18 @@ from tessera.train.state import RANKED, STATE_FILE, bundle_from_state, load_stat
 from tessera.train.worker import train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
+RUN_FILE = "_RUN.json"  # what a run's checkpoints were trained from, beside them
+# Settings that may change between attempts of one run: where and how fast it runs, failure handling.
+_RESUMABLE_KEYS = {"version", "overwrite", "scaling", "max_failures", "num_to_keep", "fail_at_epoch",
+                   "fail_marker_uri", "storage", "models_uri", "checkpoint_uri"}
 
 
 class BundleExistsError(RuntimeError):
     """The target ``models/<version>/`` already holds a bundle and ``overwrite`` is off."""
+
+
+class RunConflictError(ValueError):
+    """The run's checkpoints come from other settings or another embedding run (``overwrite`` is off)."""
 
 
 class TrainingFailedError(RuntimeError):
@@ -78,12 +89,11 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     """Train every variant, evaluate, save the bundle; returns the bundle manifest."""
     storage = storage or Storage(cfg.storage)
     t0 = time.perf_counter()
-    if storage.exists(join_uri(cfg.bundle_uri, MANIFEST)):
-        if not cfg.overwrite:
-            raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
-        storage.delete_prefix(cfg.bundle_uri)
-        storage.delete_prefix(join_uri(cfg.checkpoint_uri, cfg.version))
+    replace_bundle = storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+    if replace_bundle and not cfg.overwrite:
+        raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
+    _claim_run(cfg, storage, embed_manifest)
     data = build_datasets(cfg, storage)
     t_data = time.perf_counter()
     trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users})
@@ -124,4 +134,47 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
                     "total_s": round(time.perf_counter() - t0, 2)},
     }
+    if replace_bundle:  # kept until now: a failed retraining leaves the bundle serving and indexing use
+        storage.delete_prefix(cfg.bundle_uri)
     return bundle.save(storage, cfg.bundle_uri)
+
+
+def run_identity(cfg: TrainConfig, embed_manifest: dict) -> dict:
+    """What a run's checkpoints depend on: the settings (less :data:`_RESUMABLE_KEYS`) and the embedding
+    run (its encoders with weight checksums, and its counts)."""
+    return {"config": cfg.model_dump(mode="json", exclude=_RESUMABLE_KEYS),
+            "embedding_run": {"uri": cfg.embeddings_uri,
+                              **{k: embed_manifest.get(k) for k in ("encoders", "counts")}}}
+
+
+def _claim_run(cfg: TrainConfig, storage: Storage, embed_manifest: dict) -> None:
+    """Ray Train resumes any run of the same name from its checkpoints: make sure those were trained from
+    what this attempt trains from, or start over (``overwrite``), or refuse naming what differs."""
+    run_dir = join_uri(cfg.checkpoint_uri, cfg.version)
+    identity, uri = run_identity(cfg, embed_manifest), join_uri(run_dir, RUN_FILE)
+    if cfg.overwrite:
+        storage.delete_prefix(run_dir)
+    elif storage.exists(uri):
+        before = storage.read_json(uri)
+        if before != identity:
+            differ = _differing_keys(before, identity)
+            raise RunConflictError(
+                f"{run_dir} holds checkpoints of run {cfg.version} trained with other settings or data "
+                f"({', '.join(differ)}); resuming would mix the two. Use a new version, or overwrite to "
+                "start this one again")
+        return
+    elif storage.list_files(run_dir):
+        raise RunConflictError(f"{run_dir} holds checkpoints without {RUN_FILE} (what they were trained from "
+                               "is unknown); use a new version, or overwrite to start this one again")
+    storage.write_json(uri, identity)
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys[:10]
