@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from tessera.config import ConfigError, load_config
+from tessera.config import ConfigError, apply_flags, load_config
 from tessera.index_job import (
     IndexExistsError,
     IndexIntegrityError,
@@ -38,13 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an existing complete index of that version is kept and the job succeeds")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(IndexJobConfig, args.config)
-        if args.model_uri:
-            cfg.model_uri = args.model_uri
-        if args.version:
-            cfg.version = args.version
-        if args.shards is not None:
-            cfg.num_shards = args.shards
+        cfg = apply_flags(load_config(IndexJobConfig, args.config), [
+            ("--model-uri", "model_uri", args.model_uri or None), ("--version", "version", args.version or None),
+            ("--shards", "num_shards", args.shards)])
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from tessera.config import ConfigError, load_config
+from tessera.config import ConfigError, apply_flags, load_config
 from tessera.embed.config import EmbedConfig
 from tessera.embed.pipeline import EmbeddingInputError, EmbeddingIntegrityError, error_rate, run_embedding
 from tessera.ray_utils import init_ray
@@ -36,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fail (exit 3) when failed / present modality inputs exceed this (default: config)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(EmbedConfig, args.config)
-        if args.run_id:
-            cfg.run_id = args.run_id
-        if args.max_error_rate is not None:
-            cfg.max_error_rate = args.max_error_rate
+        cfg = apply_flags(load_config(EmbedConfig, args.config), [
+            ("--run-id", "run_id", args.run_id or None), ("--max-error-rate", "max_error_rate", args.max_error_rate)])
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

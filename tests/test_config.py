@@ -73,3 +73,13 @@ def test_corpus_shares_validated(tmp_path):
     p = write(tmp_path, "missing:\n  one_modality: 0.9\n")
     with pytest.raises(ConfigError, match="shares"):
         load_config(CorpusConfig, p, environ={})
+
+
+def test_a_bad_command_line_override_names_the_flag(capsys):
+    """The jobs' flags go through the same validation as the file; the error names the flag and its key."""
+    from jobs import build_index, embed
+
+    assert build_index.main(["--shards", "0"]) == 2
+    assert "--shards 0 (config key 'num_shards'): Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert embed.main(["--max-error-rate", "1.5"]) == 2
+    assert "--max-error-rate 1.5 (config key 'max_error_rate')" in capsys.readouterr().err

@@ -113,3 +113,17 @@ def load_config(model: type[C], path: str | os.PathLike | None,
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, not {type(data).__name__}")
     return parse_config(model, data, f"file {p}", environ)
+
+
+def apply_flags(cfg: C, flags: list[tuple[str, str, Any]]) -> C:
+    """Set ``cfg.<key> = value`` for each ``(flag, key, value)`` whose value is not None (command-line
+    overrides); a value the model refuses raises a :class:`ConfigError` naming the flag."""
+    for flag, key, value in flags:
+        if value is None:
+            continue
+        try:
+            setattr(cfg, key, value)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"] if err.errors() else str(err)
+            raise ConfigError(f"{flag} {value!r} (config key '{key}'): {msg}") from None
+    return cfg
