@@ -92,6 +92,11 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
     if interactions is None:
         root = corpus_root(str(run_manifest.get("input", {}).get("items_uri", "")))
         interactions = join_uri(root, "corpus", "interactions") if root else None
+        if interactions and not storage.list_files(interactions, ".parquet"):
+            interactions = None  # derived, not there: the job says there is no user check
+    elif cfg.self_check.user_queries and not storage.list_files(interactions, ".parquet"):
+        # found now, not in the self-check after every shard is built
+        raise IndexSourceError(f"interactions_uri={interactions} holds no Parquet parts")
     version = cfg.version or model_version
     return IndexSources(model_uri=cfg.model_uri, model_version=model_version, version=version,
                         index_uri=join_uri(cfg.output_uri, version), embedding_run=run,
