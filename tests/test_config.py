@@ -1,6 +1,9 @@
-import pytest
+from pathlib import Path
 
-from tessera.config import ConfigError, TesseraConfig, load_config
+import pytest
+import yaml
+
+from tessera.config import ConfigError, TesseraConfig, load_config, parse_config
 from tessera.corpus import CorpusConfig
 
 
@@ -83,3 +86,11 @@ def test_a_bad_command_line_override_names_the_flag(capsys):
     assert "--shards 0 (config key 'num_shards'): Input should be greater than or equal to 1" in capsys.readouterr().err
     assert embed.main(["--max-error-rate", "1.5"]) == 2
     assert "--max-error-rate 1.5 (config key 'max_error_rate')" in capsys.readouterr().err
+
+
+def test_training_cut_offs_are_positive():
+    from tessera.train.config import TrainConfig
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"key 'ks.0'.*greater than or equal to 1"):
+        parse_config(TrainConfig, {**base, "ks": [0, 10]})

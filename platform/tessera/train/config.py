@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -139,7 +139,7 @@ class TrainConfig(TesseraConfig):
     holdout: int = Field(1, ge=1)
     max_history: int = Field(20, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
-    ks: list[int] = Field(default_factory=lambda: [10, 50])
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50], min_length=1)
     group_partitions: int = Field(8, ge=1)
     seed: int = 0
     scaling: ScalingSection = ScalingSection()
