@@ -215,6 +215,23 @@ def test_opt_in_load_of_shards_saved_without_a_shard_count(storage, exact_index,
         ShardedIndex.load(storage, str(root), require_manifest=False)
 
 
+@pytest.mark.parametrize("unlisted", ["vectors.npy", "ids.parquet"])
+def test_a_shard_manifest_that_does_not_list_a_file_the_loader_reads_is_refused(storage, exact_index, tmp_path,
+                                                                                 unlisted):
+    """Without the index manifest vouching for shard.json (require_manifest=False), a shard.json that
+    leaves out a file the loader reads would have that file read unverified."""
+    root = tmp_path / "v1"
+    exact_index.save(storage, str(root))
+    (root / "_MANIFEST.json").unlink()
+    path = root / "shard-0001" / "shard.json"
+    doc = json.loads(path.read_text())
+    del doc["files"][unlisted]
+    path.write_text(json.dumps(doc))
+    (root / "shard-0001" / unlisted).write_bytes(b"not what was built")
+    with pytest.raises(IndexCorruptError, match=f"shard-0001, file shard.json: does not list {unlisted}"):
+        ShardedIndex.load(storage, str(root), require_manifest=False)
+
+
 def test_rerun_into_the_same_local_folder_with_another_shard_mode_loads(storage, small_catalog, tmp_path):
     """An AH build, then a brute-force build of the same version into the same folder: the second
     replaces the shard folders whole, so no scann/ file of the first is left to be refused."""

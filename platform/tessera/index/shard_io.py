@@ -302,6 +302,13 @@ def _read_manifest(storage: Storage, shard_uri: str, expected_sha256: str | None
     for rel in manifest.files:
         if not _SAFE_NAME.match(rel) or ".." in rel.split("/") or rel.rsplit("/", 1)[-1] in _FORBIDDEN:
             raise IndexCorruptError(name, rel, "file name not allowed in a shard")
+    # the files the loader reads must be listed (so verified): an unlisted one would be read unchecked
+    listed, exact = set(manifest.files), manifest.params.mode == "brute_force"
+    missing = [rel for rel in (IDS_FILE, VECTORS_FILE if exact else None) if rel and rel not in listed]
+    if not exact and not any(rel.startswith(f"{SCANN_DIR}/") for rel in listed):
+        missing.append(f"{SCANN_DIR}/*")
+    if missing:
+        raise IndexCorruptError(name, SHARD_MANIFEST, f"does not list {', '.join(missing)}, which the loader reads")
     return manifest, digest
 
 
