@@ -5,6 +5,7 @@
       -> map_batches(next-item examples)
       -> all but each user's last ``ranker.tail``      = ``train``   (the retrieval towers)
          every example                                = ``ranker``  (the ranker's lists)
+      (both shuffled once across users)
 
 Both are materialised once before training (they are small next to the object store), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
@@ -73,8 +74,12 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
                                  batch_format="numpy").materialize()
     tail = cfg.ranker.tail if cfg.ranker.enabled else 0
-    train = examples.filter(expr=col("from_end") >= tail).materialize()
+    # Shuffled once across users: the examples come out grouped by user (one run of a user's examples
+    # after another), and the workers' local shuffle buffer (a few batches) left several of the same
+    # user's own items among each example's in-batch negatives (2.3 of 63 a row, simulated, vs 0.15).
+    train = examples.filter(expr=col("from_end") >= tail).random_shuffle(seed=cfg.seed).materialize()
     # The ranker reads every example: the tail alone (~2 lists a user) is too few lists to learn from.
-    ranker = examples if cfg.ranker.enabled else examples.filter(expr=col("from_end") < 0).materialize()
+    ranker = (examples.random_shuffle(seed=cfg.seed + 1).materialize() if cfg.ranker.enabled
+              else examples.filter(expr=col("from_end") < 0).materialize())
     return TrainDatasets(train=train, ranker=ranker, users=users, num_items=len(item_ids), interactions=total,
                          unknown_items=total - n_known, examples=examples.count(), num_users=users.count())
