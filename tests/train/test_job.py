@@ -60,6 +60,10 @@ def test_a_rerun_resumes_only_checkpoints_of_the_same_settings_and_data(storage,
     run_dir = join_uri(cfg.checkpoint_uri, cfg.version)
     _claim_run(cfg, storage, embed)
     assert storage.exists(join_uri(run_dir, RUN_FILE))
+    tuned = cfg.model_copy(update={"towers": cfg.towers.model_copy(update={"lr": 0.25})})
+    _claim_run(tuned, storage, embed)  # no checkpoint yet (the attempt failed before one): takes the new settings
+    assert storage.read_json(join_uri(run_dir, RUN_FILE))["config"]["towers"]["lr"] == 0.25
+    _claim_run(cfg, storage, embed)
     storage.write_bytes(join_uri(run_dir, "checkpoint_1", "state.pt"), b"x")
     _claim_run(cfg, storage, embed)  # the same attempt again: resumes
     faster = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 1}),

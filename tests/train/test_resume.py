@@ -35,7 +35,8 @@ def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, 
 @pytest.mark.slow
 def test_a_run_whose_workers_fail_past_max_failures_raises_training_failed(sample_embeddings, storage, train_root):
     """Ray Train V2 raises from fit() (it does not return a result holding the error): the job turns that
-    into its TrainingFailedError, which `jobs.train` exits 4 on, and the bundle it was to replace stays."""
+    into its TrainingFailedError, which `jobs.train` exits 4 on, and the bundle it was to replace stays until
+    a run succeeds."""
     from tessera.train.job import TrainingFailedError, run_training
 
     marker = join_uri(train_root, "fail-marker-no-retry")
@@ -49,3 +50,9 @@ def test_a_run_whose_workers_fail_past_max_failures_raises_training_failed(sampl
     assert storage.read_bytes(marker).startswith(b"killed pid")
     # overwrite replaces the bundle only once a new one is trained: the earlier one is still there
     assert storage.read_json(earlier)["stands_for"] == "a bundle trained before"
+    # the same again (the marker is there: no kill) trains and replaces it, metrics and popularity included
+    manifest = run_training(cfg, storage)
+    assert storage.read_json(earlier)["version"] == "no-retry" and "stands_for" not in storage.read_json(earlier)
+    for name in (manifest["metrics"]["file"], "item_popularity.parquet"):
+        assert storage.exists(join_uri(cfg.bundle_uri, name)), name
+    assert ModelBundle.load(storage, cfg.bundle_uri).version == "no-retry"

@@ -111,6 +111,8 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
                                          data.users.to_pandas()["train_items"]]), minlength=catalog.num_items)
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history}
+    if replace_bundle:  # kept until now: a failed retraining leaves the bundle serving and indexing use
+        storage.delete_prefix(cfg.bundle_uri)
     storage.write_json(join_uri(cfg.bundle_uri, METRICS_FILE), metrics)
     write_popularity(storage, join_uri(cfg.bundle_uri, POPULARITY_FILE), catalog, counts)
     bundle.manifest = {
@@ -134,8 +136,6 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
                     "total_s": round(time.perf_counter() - t0, 2)},
     }
-    if replace_bundle:  # kept until now: a failed retraining leaves the bundle serving and indexing use
-        storage.delete_prefix(cfg.bundle_uri)
     return bundle.save(storage, cfg.bundle_uri)
 
 
@@ -154,18 +154,20 @@ def _claim_run(cfg: TrainConfig, storage: Storage, embed_manifest: dict) -> None
     identity, uri = run_identity(cfg, embed_manifest), join_uri(run_dir, RUN_FILE)
     if cfg.overwrite:
         storage.delete_prefix(run_dir)
-    elif storage.exists(uri):
-        before = storage.read_json(uri)
-        if before != identity:
-            differ = _differing_keys(before, identity)
+    else:
+        checkpoints = [f for f in storage.list_files(run_dir) if "/checkpoint_" in f]  # Ray Train's dir names
+        before = storage.read_json(uri) if storage.exists(uri) else None
+        if before == identity:
+            return
+        if checkpoints and before is None:
+            raise RunConflictError(f"{run_dir} holds checkpoints without {RUN_FILE} (what they were trained from "
+                                   "is unknown); use a new version, or overwrite to start this one again")
+        if checkpoints:
             raise RunConflictError(
                 f"{run_dir} holds checkpoints of run {cfg.version} trained with other settings or data "
-                f"({', '.join(differ)}); resuming would mix the two. Use a new version, or overwrite to "
-                "start this one again")
-        return
-    elif storage.list_files(run_dir):
-        raise RunConflictError(f"{run_dir} holds checkpoints without {RUN_FILE} (what they were trained from "
-                               "is unknown); use a new version, or overwrite to start this one again")
+                f"({', '.join(_differing_keys(before, identity))}); resuming would mix the two. Use a new "
+                "version, or overwrite to start this one again")
+        # no checkpoint yet (a first attempt, or one that failed before its first): nothing to mix with
     storage.write_json(uri, identity)
 
 
