@@ -46,3 +46,22 @@ def test_start_is_idempotent(embedded_s3, s3_server):
     assert pid is not None
     conn = s3_server.start()
     assert s3_server.pid() == pid and conn.access_key_id == embedded_s3.access_key_id
+
+
+def test_a_stale_pid_file_naming_another_process_is_not_ours(tmp_path):
+    """After a reboot the pid in weed.pid can name any process: stop() must not signal it."""
+    import subprocess
+
+    from tessera.embedded.seaweedfs import EmbeddedS3
+
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        server = EmbeddedS3(tmp_path)
+        server.root.mkdir(parents=True)
+        server.pid_file.write_text(str(other.pid))
+        assert server.pid() is None
+        assert server.stop() is False and other.poll() is None  # still running
+        assert not server.pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -137,18 +137,16 @@ class EmbeddedS3:
         return S3Connection(self.endpoint_url, data["access_key_id"], data["secret_access_key"])
 
     def pid(self) -> int | None:
-        """Pid of the running server, or None."""
+        """Pid of the server started on this data folder, or None: a stale pid file (after a reboot, say)
+        naming another process does not count, so :meth:`stop` never signals someone else's process."""
+        import psutil
+
         try:
             pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            cmdline = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        return pid
+        return pid if "mini" in cmdline and f"-dir={self.data_dir}" in cmdline else None
 
     def healthy(self, conn: S3Connection) -> bool:
         """True when a signed ListBuckets request succeeds."""
@@ -169,8 +167,10 @@ class EmbeddedS3:
     def start(self, timeout_s: float = 90.0) -> S3Connection:
         """Start the server (or reuse a healthy one) and return how to reach it."""
         conn = self._credentials()
-        if self.pid() is not None and self.healthy(conn):
-            return conn
+        if self.pid() is not None:
+            if self.healthy(conn):
+                return conn
+            self.stop()  # ours but not answering (hung, or its credentials file was lost): replace it
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}",
                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
