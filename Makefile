@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ENV := . .tessera/env.sh &&
 
+# the steps share .tessera/env.sh and start on each other's services: never in parallel (make -j)
+.NOTPARALLEL:
+
 .PHONY: setup demo test test-fast storage-up storage-down ray-up ray-down prometheus-up prometheus-down stack-up stack-down lint clean-state
 
 setup: $(STAMP)
@@ -24,7 +27,8 @@ storage-up: setup
 storage-down:
 	@$(VENV)/bin/tessera storage down
 
-ray-up: setup
+# after the store: the head hands its credentials (from .tessera/env.sh) to every job's S3 client
+ray-up: storage-up
 	@$(VENV)/bin/tessera ray up
 
 # also stops the head's Prometheus

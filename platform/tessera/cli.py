@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from tessera.embedded.prometheus import DEFAULT_PORT, EmbeddedPrometheus
-from tessera.embedded.ray_head import EmbeddedRay
+from tessera.embedded.ray_head import EmbeddedRay, port_free
 from tessera.embedded.seaweedfs import EmbeddedS3
 from tessera.embedded.state import env_file, read_env_file, state_dir, update_env_file
 
@@ -55,8 +55,18 @@ def _ray(action: str, num_cpus: int | None, num_gpus: int | None, port_offset: i
             print("the Ray head is already running: `tessera ray down` first, its Serve mode is set at start",
                   file=sys.stderr)
             return 1
-        head.start(extra_env={**{k: saved[k] for k in AWS_KEYS if k in saved},
-                              **(SERVE_THROUGHPUT_ENV if serve_throughput else {})})
+        if not head.running() and not all(k in saved for k in AWS_KEYS):
+            # the head hands the store's credentials to every job: without them jobs' S3 clients would go
+            # to AWS (with whatever credentials the machine has)
+            print(f"no object-store credentials in {env_file()}: start the store first "
+                  "(`tessera storage up`, or `make ray-up`, which does)", file=sys.stderr)
+            return 1
+        try:
+            head.start(extra_env={**{k: saved[k] for k in AWS_KEYS if k in saved},
+                                  **(SERVE_THROUGHPUT_ENV if serve_throughput else {})})
+        except RuntimeError as err:  # a port held by another process, or `ray start` failed
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         path = update_env_file(head.client_env())
         print(f"Ray head up; dashboard {head.dashboard_url} (token auth on). "
               f"For `ray job submit`: source {path}")
@@ -76,6 +86,10 @@ def _prometheus(action: str, port: int) -> int:
     if action == "up":
         if prom.binary() is None:
             print("Prometheus: skipped, `prometheus` is not installed (Debian: apt-get install prometheus)")
+            return 0
+        if prom.pid() is None and not port_free(port):  # optional: another server there must not stop the demo
+            print(f"Prometheus: skipped, port {port} is in use by another process (`tessera prometheus up "
+                  "--port N` for another)")
             return 0
         url = prom.start()
         print(f"Prometheus up at {url}, scraping the Ray head's nodes listed in {prom.discovery_file} "
