@@ -248,3 +248,15 @@ def test_mp3_tags_and_frames_without_a_xing_header(speech):
     cut = no_xing[: len(no_xing) // 2 + 7]
     with pytest.raises(MediaError, match="truncated: MP3 frame at byte"):
         decode_audio_bytes(cut, 10**8, 16000)
+    # cut between frames: the walk ends cleanly, short of the Xing header's frame count
+    bounds, pos = [], 0
+    while pos < len(raw):
+        pos += _mp3_frame_length(raw[pos:pos + 4])
+        bounds.append(pos)
+    with pytest.raises(MediaError, match="truncated: MP3 holds .* audio frames, its Xing header counts"):
+        decode_audio_bytes(raw[: bounds[len(bounds) // 2]], 10**8, 16000)
+    # a Xing byte count that a tag editor left stale (it counted a tag since removed) is not a cut
+    k = raw.find(b"Xing") if b"Xing" in raw[:64] else raw.find(b"Info")
+    stale = bytearray(raw)
+    stale[k + 12:k + 16] = (len(raw) + 4096).to_bytes(4, "big")  # flags 15: frames, then bytes
+    assert len(decode_audio_bytes(bytes(stale), 10**8, 16000)) > 16000

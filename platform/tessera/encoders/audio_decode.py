@@ -2,7 +2,7 @@
 
 WAV, MP3 and Ogg files are walked before decoding, since libsndfile silently returns the shorter
 signal of a cut file (or, for Ogg, none at all): a WAV ``data`` chunk that declares more bytes than
-follow, an MP3 frame cut short or fewer bytes than its Xing/Info header counts, and an Ogg page cut
+follow, an MP3 frame cut short or fewer frames than its Xing/Info header counts, and an Ogg page cut
 short or a stream without its end-of-stream page are ``truncated``. Decoding uses
 ``soundfile`` (libsndfile: WAV in any PCM / float width, FLAC, OGG/Vorbis, MP3), which needs no
 torchcodec; resampling uses ``torchaudio.functional.resample`` (windowed-sinc interpolation).
@@ -99,39 +99,44 @@ def _mp3_frame_length(head: bytes) -> int | None:
 
 def check_mp3(data: bytes) -> None:
     """Walk an MP3's frames (after its ID3v2 tag); raise ``truncated`` when the tag or a frame runs past
-    the end, or the file is shorter than its Xing/Info header counts. The walk stops, saying nothing, at
-    bytes that are not a frame (a trailing ID3v1 / APE tag, junk: the decoder judges those)."""
+    the end, or the frames end (at the file's end or a trailing tag) short of the count its Xing/Info
+    header states. Other bytes that are not a frame (junk) stop the walk, saying nothing: the decoder
+    judges those. Frames, not bytes, are compared: a tag editor changes a file's bytes, not its frames."""
     n, pos = len(data), 0
     if data[:3] == b"ID3" and n >= 10:
         size = sum((data[6 + i] & 0x7F) << (7 * (3 - i)) for i in range(4))  # syncsafe: 7 bits a byte
         pos = 10 + size + (10 if data[5] & 0x10 else 0)  # header, tag, footer
         if pos > n:
             raise MediaError("truncated", f"MP3's ID3 tag declares {pos} bytes, {n} present")
-    first = pos
+    first, frames, declared = pos, 0, None
     while pos + 4 <= n:
         length = _mp3_frame_length(data[pos:pos + 4])
         if length is None:
             break
-        if pos == first:
-            _check_xing(data, pos)
         if pos + length > n:
             raise MediaError("truncated", f"MP3 frame at byte {pos} needs {length} bytes, {n - pos} present")
+        if pos == first:
+            declared = _xing_frames(data, pos)
+            frames -= declared is not None  # the Xing/Info frame holds no audio
+        frames += 1
         pos += length
+    ended = pos + 4 > n or data[pos:pos + 3] in (b"TAG", b"ID3") or data[pos:pos + 8] == b"APETAGEX" \
+        or data[pos:pos + 11] == b"LYRICSBEGIN"
+    # LAME counts the audio frames; an encoder that counted its Xing frame too is allowed one more
+    if declared is not None and ended and frames < declared - 1:
+        raise MediaError("truncated", f"MP3 holds {frames} audio frames, its Xing header counts {declared}")
 
 
-def _check_xing(data: bytes, pos: int) -> None:
-    """The first frame's Xing/Info header, when it has one with a byte count: the file holds that many."""
+def _xing_frames(data: bytes, pos: int) -> int | None:
+    """The frame count in the Xing/Info header of the frame at ``pos``, or None when it has none."""
     head = data[pos:pos + 4]
     mono = head[3] >> 6 == 0b11
     side = (17 if mono else 32) if (head[1] >> 3) & 0b11 == 0b11 else (9 if mono else 17)
     tag = pos + 4 + side
-    if data[tag:tag + 4] not in (b"Xing", b"Info") or len(data) < tag + 16:
-        return
+    if data[tag:tag + 4] not in (b"Xing", b"Info") or len(data) < tag + 12:
+        return None
     flags = struct.unpack(">I", data[tag + 4:tag + 8])[0]
-    if flags & 0x2:
-        declared = struct.unpack(">I", data[tag + (12 if flags & 0x1 else 8):][:4])[0]
-        if declared > len(data):  # counted from the frame (LAME) or the file's start: either way no more
-            raise MediaError("truncated", f"MP3's Xing header counts {declared} bytes, {len(data)} present")
+    return struct.unpack(">I", data[tag + 8:tag + 12])[0] if flags & 0x1 else None
 
 
 def check_ogg(data: bytes) -> None:
