@@ -81,6 +81,16 @@ def test_id_only_without_id_buckets_is_an_input_error(bundle_uri, ray_session, b
     assert "no_modality: id_only needs an item tower with num_id_buckets" in capsys.readouterr().err
 
 
+def test_an_interaction_log_that_is_not_there_fails_before_any_work(bundle_uri, ray_session, bucket_uri, tmp_path,
+                                                                   capsys):
+    config = tmp_path / "index.yaml"
+    missing = join_uri(bucket_uri, "no-such-log")
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {join_uri(bucket_uri, 'index-no-log')}\n"
+                      f"interactions_uri: {missing}\n")
+    assert main(["--config", str(config)]) == 6
+    assert f"interactions_uri={missing} holds no Parquet parts" in capsys.readouterr().err
+
+
 def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage, bucket_uri):
     # AH shards with reordering pinned to k: approximate, so a floor of 1.0 cannot be met.
     cfg = job_config(bundle_uri, join_uri(bucket_uri, "index"), modal_indexes=False,

@@ -92,7 +92,10 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     fused_plan = next(p for p in plans if p.name == "fused")
     approximate = any(choose_mode(len(ids), cfg.index, fused_plan.num_items) != "brute_force"
                       for ids in fused_plan.shards)
-    if cfg.self_check.tuning_user_queries and approximate:
+    if cfg.self_check.tuning_user_queries and approximate and src.interactions_uri is None:
+        print("[index] warning: no interaction log found beside the embedding run's items: the fused shards "
+              "tune on their own vectors only (set interactions_uri)", flush=True)
+    elif cfg.self_check.tuning_user_queries and approximate:
         tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(
             **cfg.self_check.task_options(cfg.build.num_cpus)).remote(
             storage, vectors.parts, FUSED, cfg.self_check, cfg.model_uri, src.interactions_uri,

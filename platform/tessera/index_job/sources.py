@@ -94,7 +94,8 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
         interactions = join_uri(root, "corpus", "interactions") if root else None
         if interactions and not storage.list_files(interactions, ".parquet"):
             interactions = None  # derived, not there: the job says there is no user check
-    elif cfg.self_check.user_queries and not storage.list_files(interactions, ".parquet"):
+    elif (cfg.self_check.user_queries or cfg.self_check.tuning_user_queries) \
+            and not storage.list_files(interactions, ".parquet"):
         # found now, not in the self-check after every shard is built
         raise IndexSourceError(f"interactions_uri={interactions} holds no Parquet parts")
     version = cfg.version or model_version
