@@ -23,6 +23,8 @@ from pathlib import Path
 
 from tessera.embedded.state import write_private
 
+MAX_WORKER_PORT = 17999
+
 
 def port_free(port: int) -> bool:
     """True when nothing listens on 127.0.0.1:``port`` (a bind there succeeds; connections of a server
@@ -77,8 +79,10 @@ class EmbeddedRay:
         """This head's own Ray temp dir (short: Ray's socket paths must stay under 107 bytes).
 
         Every Ray process of this head carries it on its command line, which is how :meth:`stop`
-        stops this head and no other Ray on the machine."""
-        digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
+        stops this head and no other Ray on the machine (a head at another port offset on the same state
+        folder has its own)."""
+        key = str(self.root.resolve()) + (f":{self.port_offset}" if self.port_offset else "")  # offset 0: as before
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
         return f"/tmp/tessera-ray-{digest}"
 
     def client_env(self) -> dict[str, str]:
@@ -167,6 +171,9 @@ class EmbeddedRay:
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={self.client_port}",
                f"--dashboard-agent-listen-port={52365 + self.port_offset}",
+               # workers' ports stay below the demo store's gRPC ports (SeaweedFS's 18333-19340, inside
+               # Ray's default 10002-19999): a worker given one of them could not start its server
+               f"--max-worker-port={MAX_WORKER_PORT}",
                "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")

@@ -15,12 +15,21 @@ def state_dir() -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only (mode 0600), created with that mode from the start."""
+    """Write a file readable by its owner only (mode 0600, from its creation on), whole or not at all:
+    the text goes to a temporary file beside it, renamed over it (a crash mid-write left a truncated
+    credentials file that every later start failed to parse)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def env_file(home: Path | None = None) -> Path:
