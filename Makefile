@@ -4,7 +4,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-ENV := . .tessera/env.sh &&
+# the stack's state folder: $TESSERA_HOME when set (as the tessera CLI reads it), else .tessera
+STATE := $(or $(TESSERA_HOME),.tessera)
+ENV := . $(STATE)/env.sh &&
 
 # the steps share .tessera/env.sh and start on each other's services: never in parallel (make -j)
 .NOTPARALLEL:
@@ -65,7 +67,7 @@ demo: stack-up prometheus-up
 	@echo "== 6/6 serve deploy serve_apps/recommender.yaml -> http://127.0.0.1:8000"
 	@$(ENV) $(VENV)/bin/serve deploy serve_apps/recommender.yaml
 	@$(ENV) $(PY) -m serve_apps.demo_client --wait 300
-	@echo "Ray dashboard: http://127.0.0.1:8265 (token in .tessera/ray/auth_token); shell set-up: source .tessera/env.sh"
+	@echo "Ray dashboard: http://127.0.0.1:8265 (token in $(STATE)/ray/auth_token); shell set-up: source $(STATE)/env.sh"
 	@$(VENV)/bin/tessera prometheus status || true
 
 test: setup
@@ -78,4 +80,4 @@ lint: setup
 	@$(VENV)/bin/ruff check platform jobs serve_apps bench tests
 
 clean-state: stack-down
-	rm -rf .tessera
+	rm -rf $(STATE)
