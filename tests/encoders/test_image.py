@@ -338,3 +338,37 @@ def test_png_pixels_match_torchvision_on_good_files(photos, mode):
         theirs = TF.to_dtype(theirs, torch.uint8, scale=True)
     assert ours.dtype == torch.uint8 and ours.shape == theirs.shape == (3, 48, 64)
     assert torch.equal(ours, theirs)
+
+
+def _transparent_square(fmt: str) -> bytes:
+    """64x64, a red square in the middle of a fully transparent background whose hidden colour is black."""
+    buf = io.BytesIO()
+    if fmt == "GIF":  # a palette image whose colour 0 (black) is the transparent one
+        im = Image.new("P", (64, 64), 0)
+        im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        im.paste(1, (16, 16, 48, 48))
+        im.save(buf, "GIF", transparency=0)
+    else:
+        im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        im.paste((255, 0, 0, 255), (16, 16, 48, 48))
+        im.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_transparency_is_composited_onto_white_as_hugging_face_processors_do(fmt):
+    """transformers' convert_to_rgb pastes transparency onto white; dropping the alpha channel showed the
+    colour hidden under it (black here), so two images that look the same got different vectors."""
+    rgb = decode_image_bytes(_transparent_square(fmt), 10**7, 10**7)
+    assert rgb.shape == (3, 64, 64)
+    assert rgb[:, 0, 0].tolist() == [255, 255, 255] and rgb[:, 32, 32].tolist() == [255, 0, 0]
+
+
+def test_webp_exif_orientation_is_applied(photos):
+    """A WebP tagged 'rotate 90' (orientation 6) comes out upright, as JPEG and PNG do."""
+    im = Image.open(io.BytesIO(photos[0])).convert("RGB").resize((40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, "WEBP", exif=exif.tobytes(), lossless=True)
+    assert decode_image_bytes(buf.getvalue(), 10**7, 10**7).shape == (3, 40, 20)

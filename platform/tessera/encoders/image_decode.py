@@ -4,10 +4,10 @@ Before any pixel is decoded the bytes are sniffed (``wrong_format`` for audio / 
 their container structure is walked (``truncated`` when a JPEG or PNG ends before its end marker, or a
 GIF inside its first image) and the dimensions are read from the header, so a decompression bomb is
 refused as ``oversized`` without allocating its pixels. Decoding itself uses
-``torchvision.io.decode_image`` for JPEG, GIF and WebP, and Pillow for PNG (see ``_decode_png``: torchvision's
-PNG reader can crash the process on bad data). A GIF is cut after its first image before
-decoding: torchvision decodes every frame of an animation, so a few hundred KB of frames would
-otherwise cost ``frames x width x height x 3`` bytes.
+``torchvision.io.decode_image`` for JPEG, and Pillow for PNG, WebP and GIF (see ``_decode_pillow``:
+torchvision's PNG reader can crash the process on bad data, and its RGB mode drops transparency where
+Hugging Face processors composite it onto white). A GIF is cut after its first image before
+decoding, so a few hundred KB of animation frames never cost ``frames x width x height x 3`` bytes.
 
 Example::
 
@@ -57,39 +57,56 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
         width, height = _checked_size(data, fmt)
     if width * height > max_pixels:
         raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
-    if fmt == "png":
-        return _decode_png(data)
+    if fmt != "jpeg":  # PNG, WebP, GIF: Pillow (see _decode_pillow); JPEG has no alpha
+        return _decode_pillow(data, fmt)
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                            apply_exif_orientation=True)
     except RuntimeError as err:  # torchvision reports every decoder failure as RuntimeError
         raise _decode_failure(fmt, err) from None
-    return img  # (3, H, W), uint8: only PNG has 16-bit samples, and PNGs go through _decode_png
+    return img  # (3, H, W), uint8
 
 
-def _decode_png(data: bytes) -> torch.Tensor:
-    """A PNG through Pillow, not torchvision: torchvision 0.29's PNG reader crashes the whole process
-    (SIGSEGV) on most libpng errors raised while reading rows (an empty or cut IDAT stream, a bad data
-    check: 38 of 40 randomly byte-flipped PNGs here; pytorch/vision#3613), so one bad upload would
-    kill a serving replica or an embedding actor. Pillow raises instead. Same pixels as torchvision's
-    RGB mode for 8-bit images (alpha dropped, palette and grey expanded, EXIF orientation applied; Pillow
-    also honours an XMP orientation, which torchvision ignores); 16-bit samples keep their high byte, as
-    torchvision's uint16 -> uint8 conversion does. One copy beyond Pillow's own buffer (the array)
-    when the image is already RGB and upright."""
+def _decode_pillow(data: bytes, fmt: str) -> torch.Tensor:
+    """A PNG, WebP or GIF through Pillow, not torchvision.
+
+    - torchvision 0.29's PNG reader crashes the whole process (SIGSEGV) on most libpng errors raised
+      while reading rows (an empty or cut IDAT stream, a bad data check: 38 of 40 randomly byte-flipped
+      PNGs here; pytorch/vision#3613), so one bad upload would kill a serving replica or an embedding
+      actor. Pillow raises instead.
+    - Transparency is composited onto white, as Hugging Face image processors do (``convert_to_rgb``);
+      torchvision's RGB mode dropped the alpha channel, so a product photo on a transparent background
+      came out on whatever colour the exporting tool left under it (often black), and two images that
+      look the same got different vectors.
+    - EXIF orientation applied for every format (torchvision ignored WebP's; Pillow also honours an XMP
+      orientation). Opaque 8-bit images give torchvision's RGB pixels; 16-bit samples keep their high
+      byte, as torchvision's uint16 -> uint8 conversion does. One copy beyond Pillow's own buffer (the
+      array) when the image is already RGB and upright."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
+            im.load()  # a GIF: its first frame (the caller cut the others off)
             ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (and its 32-bit widening)
                 grey = np.asarray(im, dtype=np.uint32) >> 8
                 arr = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
             else:
-                arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
+                arr = np.array(_on_white(im))  # a writable copy, as torch wants
     except Image.DecompressionBombError as err:
-        raise MediaError("oversized", f"png: {err}") from None
+        raise MediaError("oversized", f"{fmt}: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, SystemError) as err:
-        raise _decode_failure("png", err) from None
+        raise _decode_failure(fmt, err) from None
     return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W), a channels-last view: no copy
+
+
+def _on_white(im: Image.Image) -> Image.Image:
+    """``im`` as RGB, any transparency (an alpha band, a palette's or grey image's transparent colour)
+    composited onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def _decode_failure(fmt: str, err: Exception) -> MediaError:
