@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -216,9 +217,16 @@ class Storage:
             raise FileNotFoundError(f"{uri} names a bucket, not an object")
         if loc.scheme == "file":
             p = Path(loc.path)
-            if max_bytes is not None and p.stat().st_size > max_bytes:
-                raise ValueError(f"{uri} is {p.stat().st_size} bytes, over the limit of {max_bytes}")
-            return p.read_bytes()
+            info = p.stat()
+            if not stat.S_ISREG(info.st_mode):  # a device, FIFO or folder: its size says nothing (/dev/zero)
+                raise FileNotFoundError(f"{uri} is not a regular file")
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise ValueError(f"{uri} is {info.st_size} bytes, over the limit of {max_bytes}")
+            with open(p, "rb") as f:  # at most one byte over the limit: a file growing meanwhile is caught
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ValueError(f"{uri} is over the limit of {max_bytes} bytes")
+            return data
         from botocore.exceptions import ClientError
 
         def get() -> bytes:

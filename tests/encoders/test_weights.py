@@ -161,6 +161,19 @@ def test_fetch_media_in_an_absent_bucket_or_local_folder_fails_the_item(storage,
         assert err.value.kind == "missing"
 
 
+def test_fetch_media_of_a_local_device_or_fifo_fails_the_item_without_reading_it(storage, tmp_path):
+    """A local path's size said nothing for /dev/zero (0 bytes), which was then read until memory ran out;
+    a FIFO would block the read forever."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for uri in ("/dev/zero", str(fifo)):
+        with pytest.raises(MediaError) as err:
+            fetch_media(storage, uri, max_bytes=1000)
+        assert err.value.kind == "missing" and uri in str(err.value)
+
+
 def test_media_error_pickles_and_validates_kind():
     err = pickle.loads(pickle.dumps(MediaError("truncated", "WAV data chunk declares 10 bytes, 2 present")))
     assert err.kind == "truncated" and str(err) == "truncated: WAV data chunk declares 10 bytes, 2 present"
