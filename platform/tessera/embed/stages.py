@@ -22,6 +22,7 @@ import functools
 import io
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -136,6 +137,7 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     if todo:
         from tessera.encoders.registry import shared_preprocessor  # the modality's module only
 
+        _limit_tokenizer_threads()
         pre = shared_preprocessor(encoder_cfg, storage)
         for i, result in zip(todo, pre.map([raws[i] for i in todo]), strict=True):
             if isinstance(result, MediaError):
@@ -146,6 +148,21 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     batch[f"{modality}_error"] = errors
     del batch[source]
     return to_table(batch, table)
+
+
+def _limit_tokenizer_threads() -> None:
+    """The tokenizers library's thread pool (Rust's rayon) takes every core of the node unless
+    ``RAYON_NUM_THREADS`` says otherwise: a decode task holding a quarter of a CPU would run 64 threads on
+    a 64-core GPU node, beside the encoder actors. The pool is sized from the CPUs Ray gave the task (the
+    first time this worker process tokenizes); an explicit setting wins."""
+    import math
+
+    import ray
+
+    if "RAYON_NUM_THREADS" in os.environ or not ray.is_initialized():
+        return
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, math.ceil(cpus)))
 
 
 def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
