@@ -90,10 +90,15 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
     configurable: the reader's own file-listing task asks for a whole CPU, which three encoder pools on
     a 2-CPU node never free.
     """
-    for uri in batch["uri"]:
-        fs, path = storage.filesystem(str(uri))
-        with fs.open_input_file(path) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch, columns=columns):
+    for uri in map(str, batch["uri"]):
+        # one row group at a time, each read retried like every other store access (a store restart
+        # mid-read failed the read task, and Ray Data does not retry a task's own errors: the job failed)
+        groups = storage.retrying_io(f"read the footer of {uri}",
+                                     functools.partial(_read_parquet, storage, uri, lambda f: f.num_row_groups))
+        for g in range(groups):
+            group = storage.retrying_io(f"read row group {g} of {uri}", functools.partial(
+                _read_parquet, storage, uri, functools.partial(_row_group, index=g, columns=columns)))
+            for record_batch in group.to_batches(max_chunksize=rows_per_batch):
                 table = pa.Table.from_batches([record_batch])
                 if done_hashes is not None:
                     written = is_member(done_hashes, hash_ids(table.column("item_id"), hash_key))
@@ -103,6 +108,18 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                     table = table.set_column(idx, "text", table.column("text").cast(pa.binary()))
                 if table.num_rows:
                     yield table
+
+
+def _read_parquet(storage: Storage, uri: str, read):
+    """``read(ParquetFile)`` of ``uri``, opened for this call only (a retry after a store restart opens
+    a new one)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return read(pq.ParquetFile(f))
+
+
+def _row_group(parquet: pq.ParquetFile, index: int, columns: list[str]) -> pa.Table:
+    return parquet.read_row_group(index, columns=columns)
 
 
 def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, threads: int) -> pa.Table:
