@@ -180,6 +180,41 @@ def test_hugging_face_vision_model_folder(tmp_path, photos):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["vision_with_projection", "dual_encoder"])
+def test_a_clip_folder_gives_clip_s_own_image_embedding(tmp_path, photos, kind):
+    """A CLIP vision tower (the README's suggested replacement) gives CLIP's image embedding: the
+    projected, post-layernorm CLS (AutoModel loaded a *WithProjection folder without its projection and
+    the encoder averaged raw tokens; a whole CLIPModel folder failed asking for input_ids)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=64, patch_size=16, projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if kind == "vision_with_projection":
+            model = CLIPVisionModelWithProjection(vision)
+        else:
+            text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  projection_dim=16)
+            model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    folder = tmp_path / kind
+    model.eval().save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": 64, "width": 64}, "do_center_crop": False, "resample": 2,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    enc = ImageEncoder(ImageEncoderConfig(weights=str(folder), device="cpu", bf16_autocast=False))
+    ours = enc.embed(photos[:2])
+    assert enc.dim == 16 and ours.shape == (2, 16)
+    pixels = torch.stack([torch.from_numpy(enc.preprocessor(raw)) for raw in photos[:2]]).float() / 255
+    with torch.no_grad():
+        if kind == "vision_with_projection":
+            expected = model(pixel_values=(pixels - 0.5) / 0.5).image_embeds
+        else:
+            expected = model.get_image_features(pixel_values=(pixels - 0.5) / 0.5).pooler_output
+    expected = torch.nn.functional.normalize(expected, dim=1).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
 # --- work and memory bounded by the output, whatever the header declares ---
 
 

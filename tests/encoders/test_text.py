@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -169,3 +170,39 @@ def test_tokenizer_file_gives_the_same_ids_as_transformers(shared_data):
     assert max(len(x) for x in want) == 256
     for text, a, b in zip(texts, got, want, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=text[:60])
+
+
+def _minilm_copy(tmp_path, pooling: dict | None = None, extra_module: str | None = None):
+    """The packaged MiniLM folder (links to its files) with its Pooling config or modules list changed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tessera.encoders.text import packaged_minilm_path
+
+    src, dst = Path(packaged_minilm_path()), tmp_path / "minilm"
+    shutil.copytree(src, dst, copy_function=os.symlink)
+    if pooling is not None:
+        path = dst / "1_Pooling" / "config.json"
+        cfg = {**json.loads(path.read_text()), **pooling}
+        path.unlink()
+        path.write_text(json.dumps(cfg))
+    if extra_module:
+        modules = json.loads((src / "modules.json").read_text())
+        modules.append({"idx": 3, "name": "3", "path": "3_X", "type": f"sentence_transformers.models.{extra_module}"})
+        (dst / "modules.json").unlink()
+        (dst / "modules.json").write_text(json.dumps(modules))
+    return str(dst)
+
+
+def test_a_checkpoint_asking_for_what_the_encoder_does_not_do_is_refused(tmp_path):
+    """A pooling mode other than cls / max / mean fell back to mean, and a Dense module after the pooling
+    was ignored, without a word: the vectors were not the model's."""
+    lasttoken = _minilm_copy(tmp_path / "a", {"pooling_mode_mean_tokens": False, "pooling_mode_lasttoken": True})
+    with pytest.raises(ValueError, match=r"asks for pooling \['pooling_mode_lasttoken'\]"):
+        TextEncoder(TextEncoderConfig(weights=lasttoken, device="cpu")).embed(["oat milk"])
+    chosen = TextEncoder(TextEncoderConfig(weights=lasttoken, device="cpu", pooling="mean"))  # a knowing choice
+    assert chosen.embed(["oat milk"]).shape == (1, 384)
+    dense = _minilm_copy(tmp_path / "b", extra_module="Dense")
+    with pytest.raises(ValueError, match="lists a sentence_transformers.models.Dense module"):
+        TextEncoder(TextEncoderConfig(weights=dense, device="cpu", pooling="mean")).embed(["oat milk"])

@@ -194,17 +194,38 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
 
-def checkpoint_pooling(folder: Path) -> str | None:
-    """The pooling mode a sentence-transformers folder declares, or None."""
+# sentence-transformers modules after the transformer that leave its pooled vector as it is (we L2-normalise)
+_NEUTRAL_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def checkpoint_pooling(folder: Path, chosen: str | None = None) -> str | None:
+    """The pooling mode a sentence-transformers folder declares, or None.
+
+    Raises:
+        ValueError: the folder asks for what this encoder does not do: a module such as ``Dense`` after
+            the pooling, or (unless the config ``chosen`` a pooling) a mode other than cls / max / mean or
+            several at once. Its vectors would silently not be the model's.
+    """
     modules = read_json(folder, "modules.json") or []
+    found = None
     for module in modules:
-        if module.get("type", "").endswith("Pooling"):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind not in _NEUTRAL_MODULES:
+            raise ValueError(f"{folder}/modules.json lists a {module.get('type')} module, which this text encoder "
+                             "does not apply: its vectors would not be the model's")
+        if kind == "Pooling":
             cfg = read_json(folder / module.get("path", ""), "config.json") or {}
-            for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
-                              ("mean", "pooling_mode_mean_tokens")):
-                if cfg.get(key):
-                    return mode
-    return None
+            modes = [mode for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
+                                            ("mean", "pooling_mode_mean_tokens")) if cfg.get(key)]
+            others = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+                            and k not in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                          "pooling_mode_mean_tokens"))
+            if (others or len(modes) > 1) and chosen is None:
+                raise ValueError(f"{folder}/{module.get('path', '')}/config.json asks for pooling "
+                                 f"{modes + others}; this encoder does one of cls, max, mean "
+                                 "(set encoder.pooling to choose one knowingly)")
+            found = modes[0] if modes else None
+    return found
 
 
 class TextEncoder(Encoder[TextEncoderConfig]):
@@ -221,7 +242,8 @@ class TextEncoder(Encoder[TextEncoderConfig]):
     preprocessor_class = TextPreprocessor
 
     def _load_model(self) -> torch.nn.Module:
-        self.pooling = self.config.pooling or checkpoint_pooling(self.weights_dir) or "mean"
+        declared = checkpoint_pooling(self.weights_dir, self.config.pooling)
+        self.pooling = self.config.pooling or declared or "mean"  # the config wins
         tokenizer = self.preprocessor.tokenizer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names

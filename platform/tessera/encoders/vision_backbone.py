@@ -29,15 +29,22 @@ from tessera.encoders.weights import read_json
 
 
 class HFVisionBackbone(nn.Module):
-    """A Hugging Face vision model returning its ``last_hidden_state``."""
+    """A Hugging Face vision model: the image embedding it was trained to give when it has one (a CLIP /
+    SigLIP-style dual encoder's ``get_image_features``, a ``*WithProjection`` model's ``image_embeds``),
+    else its ``last_hidden_state`` for the encoder's pooling."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # pixels: (B, 3, H, W) normalised -> (B, L, D) tokens or (B, C, h, w) feature map
-        return self.model(pixel_values=pixels).last_hidden_state
+        # pixels: (B, 3, H, W) normalised -> (B, D) embedding, (B, L, D) tokens or (B, C, h, w) feature map
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=pixels)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output  # (B, D)
+        out = self.model(pixel_values=pixels)
+        embeds = getattr(out, "image_embeds", None)
+        return embeds if embeds is not None else out.last_hidden_state
 
 
 def load_vision_backbone(folder: Path) -> nn.Module:
@@ -48,9 +55,15 @@ def load_vision_backbone(folder: Path) -> nn.Module:
     if config.get("library") == "torchvision":
         return _torchvision_backbone(folder, config)
     if "model_type" in config:
-        from transformers import AutoModel  # here, not at import: a decode task needs no transformers
+        import transformers  # here, not at import: a decode task needs no transformers
 
-        return HFVisionBackbone(AutoModel.from_pretrained(folder, local_files_only=True))
+        # AutoModel maps a CLIPVisionModelWithProjection folder to CLIPVisionModel and drops its
+        # projection: the class the folder names is taken when it gives an image embedding
+        arch = (config.get("architectures") or [""])[0]
+        named = getattr(transformers, arch, None) if arch else None
+        embeds = named is not None and (arch.endswith("WithProjection") or hasattr(named, "get_image_features"))
+        model_class = named if embeds else transformers.AutoModel
+        return HFVisionBackbone(model_class.from_pretrained(folder, local_files_only=True))
     raise ValueError(f"{folder}/config.json is neither a torchvision spec (library: torchvision) "
                      "nor a Hugging Face config (model_type)")
 
