@@ -360,7 +360,9 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
             f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
-            f"{n_input} input items; the input changed under this run id, or parts were lost"
+            f"{n_input} input items; the input changed under this run id, parts were lost"
+            + (", or two attempts of the run ran at once (each wrote every item in parts of its own "
+               "grouping: delete the run's folder and run it again)" if counts.duplicates else "")
             + ("" if not len(done) or counts.distinct_ids > n_input else
                "; or (odds ~ resumed x remaining / 2^64) an item was skipped as written because its id's 64-bit "
                "hash met a written one's: rerun, each attempt hashes with a new key"))
