@@ -208,10 +208,6 @@ class _Versioned:
     def loaded_versions(self) -> list[str]:
         return self.cache.loaded()
 
-    def serving_version(self) -> str | None:
-        """The version the latest request named (else the configured one; None before either)."""
-        return self.cache.in_use or self.cache.current
-
     async def _core(self, uri: str):
         """The loaded core of ``uri``; a version not loaded yet is loaded off the event loop."""
         core = self.cache.get_loaded(uri)
@@ -400,22 +396,6 @@ class HandleStages:
                     raise TimeoutError(f"{', '.join(waiting)} did not load {index_uri} within {timeout_s:g} s")
                 await asyncio.sleep(poll_s)
 
-    async def serving_version(self, timeout_s: float, asks: int = 4) -> str | None:
-        """The one version the stage deployments are answering requests from, or None when they name
-        none or several (``asks`` calls per deployment, which reach one replica each; a replica that has
-        answered no request and loaded no version has none to name)."""
-        named: set[str] = set()
-        for handle in self.handles:
-            for _ in range(asks):
-                try:
-                    version = await asyncio.wait_for(_call(handle.serving_version), timeout_s)
-                except Exception:  # not answering: the other asks and deployments decide
-                    logger.warning("%s did not say which version it serves", handle.deployment_name, exc_info=True)
-                    continue
-                if version:
-                    named.add(version)
-        return named.pop() if len(named) == 1 else None
-
     async def probe(self, index_uri: str, timeout_s: float) -> dict[str, dict]:
         """Ask each stage deployment (one replica each) which versions it holds; per deployment ``ok``
         (answered within ``timeout_s``), ``versions`` and ``has_current`` (``index_uri`` among them: a
@@ -433,6 +413,31 @@ class HandleStages:
         handles = self.handles
         answers = await asyncio.gather(*(one(h) for h in handles))
         return {h.deployment_name: a for h, a in zip(handles, answers, strict=True)}
+
+
+_KV_NAMESPACE = "tessera_serve"
+
+
+def _publish_serving(app_name: str, index_uri: str) -> None:
+    """Record the version ``app_name``'s Ingress switched to (Ray's internal KV store, cluster-wide)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    try:
+        _internal_kv_put(f"serving/{app_name}", index_uri, overwrite=True, namespace=_KV_NAMESPACE)
+    except Exception:  # a replica added later then has no version to fall back on: it fails as before
+        logger.warning("could not record the serving version of %s", app_name, exc_info=True)
+
+
+def _published_serving(app_name: str) -> str | None:
+    """The version ``app_name``'s Ingress last switched to, or None."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        value = _internal_kv_get(f"serving/{app_name}", namespace=_KV_NAMESPACE)
+    except Exception:
+        logger.warning("could not read the serving version of %s", app_name, exc_info=True)
+        return None
+    return value.decode() if value else None
 
 
 def _replica_counts(app_name: str, deployments: list[str]) -> dict[str, int]:
@@ -668,7 +673,7 @@ class Ingress:
 
         The first version is resolved here, and the replica starts once every stage deployment has it
         loaded (a replica without one cannot serve; one the stages cannot load fails the deploy; a replica
-        added while its rollout is failing starts on the version the stages serve: :meth:`_first_version`).
+        added while its rollout is failing starts on the version the app serves: :meth:`_first_version`).
         A later one is rolled
         out in the background: requests keep being answered from the
         current version until every stage deployment reports the new one loaded, then new requests switch
@@ -678,16 +683,22 @@ class Ingress:
         if not uri:
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
         if self.flow is None:
-            self._switch(await self._first_version(uri))
+            ref = await self._first_version(uri)
+            self._switch(ref)
+            if ref.index_uri != uri:  # started on the app's serving version: keep trying the configured one
+                self._start_rollout(uri)
         elif uri == self.flow.index_uri:
             self._cancel_rollout()  # rolled back to the version being served: nothing pending
         elif not (self.rollout and self.rollout["index_uri"] == uri and self.rollout["state"] == "loading"):
             self._cancel_rollout()  # (the same config again, as when Serve reassigns ranks, keeps it going)
-            self.rollout = {"index_uri": uri, "state": "loading", "since": time.time(), "error": None}
-            self._rolling = asyncio.get_running_loop().create_task(self._roll_out(uri))
+            self._start_rollout(uri)
         app = getattr(self, "_asgi_app", None)  # set by serve.ingress after __init__, before this first call
         if isinstance(app, FastAPI) and app.openapi_schema is None:
             app.openapi_schema = _publish_max_k(app.openapi(), self.args.max_k)
+
+    def _start_rollout(self, uri: str) -> None:
+        self.rollout = {"index_uri": uri, "state": "loading", "since": time.time(), "error": None}
+        self._rolling = asyncio.get_running_loop().create_task(self._roll_out(uri))
 
     def _cancel_rollout(self) -> None:
         if self._rolling is not None:
@@ -699,6 +710,7 @@ class Ingress:
         candidates = int(ref.bundle_manifest.get("ranker_features", {}).get("candidates", 50))
         self.flow = Flow(self.stages, ref.index_uri, ref.model_version, ref.index_version, candidates)
         self.ref = ref  # swapped together: a batch already running keeps the flow it started with
+        _publish_serving(serve.get_replica_context().app_name, ref.index_uri)
 
     async def _ready_version(self, uri: str):
         """The :class:`VersionRef` of ``uri``, once every stage replica has it loaded."""
@@ -709,21 +721,25 @@ class Ingress:
         return ref
 
     async def _first_version(self, uri: str):
-        """The replica's first version: ``uri`` once every stage replica has it loaded. A replica added or
-        replaced while a rollout of ``uri`` is failing (Serve starts it on the configured version) falls
-        back to the version the stages are answering from, and reports the rollout failed, as the
-        replicas that were running do; with no such version (a first deploy) the failure fails its start."""
+        """The replica's first version: ``uri`` once every stage replica has it loaded. A replica that
+        Serve adds or replaces while a rollout of ``uri`` is failing (it starts them on the configured
+        version) starts instead on the version the app's Ingress replicas last switched to (published in
+        Ray's KV store by :meth:`_switch`) if a stage still holds it loaded, and tries ``uri`` again in
+        the background (reporting the rollout, as the running replicas do). With no such version (a first
+        deploy, or the app deleted and deployed again: its stages are new) the failure fails its start."""
         try:
             return await self._ready_version(uri)
         except Exception as err:
-            fallback = await self.stages.serving_version(HEALTH_TIMEOUT_S)
+            app = serve.get_replica_context().app_name
+            fallback = await asyncio.to_thread(_published_serving, app)
             if fallback is None or fallback == uri:
                 raise
-            logger.error("%s cannot be served (%s); starting on %s, which the stages serve",
-                         uri, _cause_line(err), fallback)
-            ref = await self._ready_version(fallback)
-            self.rollout = {"index_uri": uri, "state": "failed", "since": time.time(), "error": _cause_line(err)}
-            return ref
+            held = await self.stages.probe(fallback, HEALTH_TIMEOUT_S)
+            if not any(answer.get("has_current") for answer in held.values()):
+                raise
+            logger.error("%s cannot be served (%s); starting on %s, the version app %s was serving",
+                         uri, _cause_line(err), fallback, app)
+            return await self._ready_version(fallback)
 
     async def _roll_out(self, uri: str) -> None:
         start = time.perf_counter()

@@ -3,6 +3,7 @@
 import random
 import threading
 import time
+import uuid
 
 import pytest
 import requests
@@ -94,11 +95,12 @@ def wait_version(app_url: str, done, timeout_s: float = 120) -> dict:
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def broken_version(served_index, storage):
     """The session's index copied with one byte of a shard's data flipped (ScaNN files or brute-force
-    vectors): its manifests resolve, the QueryEncoder and Ranker load it, the Retriever refuses it (checksum)."""
-    out = f"{TEST_ROOT}/served/index-broken"
+    vectors): its manifests resolve, the QueryEncoder and Ranker load it, the Retriever refuses it (checksum).
+    A copy of its own for each test (one test repairs its copy)."""
+    out = f"{TEST_ROOT}/served/index-broken-{uuid.uuid4().hex[:8]}"
     flipped = None
     for uri in storage.list_files(served_index):
         data = storage.read_bytes(uri)
@@ -147,7 +149,7 @@ def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
     assert health.status_code == 200 and health.json()["rollout"]["state"] == "failed"
     # replicas lost meanwhile are replaced: Serve starts them on the broken version of the config; the
     # Retriever's starts without a version and loads what requests name, the Ingress's starts on the
-    # version the stages serve and reports the rollout failed
+    # version the app was serving (Ray's KV store), tries the broken one again and reports it failed
     victims = {d: replicas(ray_session, d) for d in ("Retriever", "Ingress")}
     for name, namespace in [r for rs in victims.values() for r in rs]:
         ray_session.kill(ray_session.get_actor(name, namespace=namespace), no_restart=True)
