@@ -142,3 +142,43 @@ def test_ranker_stage_trains_on_device_and_the_checkpoint_rebuilds_on_the_cpu(de
         rebuilt_logits = bundle.ranker(rebuilt[hist.item_idx], hist.mask, cands, dense)
         torch.testing.assert_close(rebuilt_logits, logits.cpu(), rtol=1e-4, atol=1e-5)
         assert rebuilt_logits.std() > 0  # a trained ranker, not the zero-initialised residual head
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stage_resumed_on_the_device_continues_where_its_checkpoint_left_off(device, tmp_path):
+    """The worker's resume (stage_model with resume=True) from a checkpoint read on the CPU: the model and
+    Adam's moments end up on the device (the optimizer loaded its state before the model moved, so the
+    moments stayed on the CPU and the first step of a resume on a GPU failed), and the next step gives
+    the same weights as the uninterrupted run's next step."""
+    from tessera.train.worker import Stage, stage_model
+
+    catalog, records = _catalog().to(device), _records()
+    counts = item_counts(records, NUM_ITEMS)
+    cfg = TrainConfig.model_validate({"interactions_uri": "s3://b/i", "embeddings_uri": "s3://b/e",
+                                      "models_uri": "s3://b/m", "checkpoint_uri": "s3://b/c", "version": "v",
+                                      "max_history": MAX_HISTORY, "towers": TOWERS.model_dump(),
+                                      "ranker": RANKER.model_dump(), "variants": ["fused"]})
+    stage, batches = Stage("retrieval", "fused", 2), _batches(records, device)
+    on_device = lambda m: m.to(device)  # noqa: E731 (what prepare_model does on one worker)
+
+    def step(model, opt, batch):
+        torch.manual_seed(7)  # the same dropout in both runs
+        model.train()
+        loss = model(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    model, inner, opt = stage_model(stage, cfg, catalog, counts, TrainState(), False, on_device)
+    for batch in batches[:3]:
+        step(model, opt, batch)
+    save_state(TrainState(current={"model": inner.state_dict(), "optim": opt.state_dict()}), tmp_path / "s.pt")
+    state = load_state(tmp_path / "s.pt")  # on the CPU, as a restarted worker reads it
+    resumed, resumed_inner, resumed_opt = stage_model(stage, cfg, catalog, counts, state, True, on_device)
+    moments = [t for s in resumed_opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    assert moments and {t.device.type for t in moments} == {torch.device(device).type}
+    step(resumed, resumed_opt, batches[3])
+    step(model, opt, batches[3])
+    for name, value in inner.state_dict().items():
+        torch.testing.assert_close(resumed_inner.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)

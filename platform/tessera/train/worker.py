@@ -105,6 +105,26 @@ def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndar
     return RankerModel.build(fused, counts, cfg.ranker, cfg.max_history)
 
 
+def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState,
+                resume: bool, prepare) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """The stage's model (``prepare``d: on the worker's device, DDP-wrapped), its unwrapped module, and its
+    optimizer; ``resume``: both restored from ``state.current``.
+
+    The model is on its device before the optimizer loads its state: ``load_state_dict`` puts Adam's
+    moments on the parameters' device, and moments left on the CPU failed the first GPU step of a resume."""
+    model = _build(stage, cfg, catalog, counts, state)
+    if resume:
+        model.load_state_dict(state.current["model"])
+    model = prepare(model)
+    inner = model.module if hasattr(model, "module") else model
+    trainable = inner.ranker if stage.kind == "ranker" else inner
+    opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.ranker.lr if stage.kind == "ranker" else cfg.towers.lr,
+                            weight_decay=cfg.towers.weight_decay)
+    if resume:
+        opt.load_state_dict(state.current["optim"])
+    return model, inner, opt
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point on each worker; ``config = {"train": TrainConfig.model_dump()}``."""
     cfg = TrainConfig.model_validate(config["train"])
@@ -134,21 +154,9 @@ def train_loop_per_worker(config: dict) -> None:
     for stage_idx in range(state.stage, len(plan)):
         stage = plan[stage_idx]
         torch.manual_seed(cfg.seed + stage_idx)
-        model = _build(stage, cfg, catalog, counts, state)
         resume = state.stage == stage_idx and state.current is not None
-        if resume:
-            model.load_state_dict(state.current["model"])
-        # on the worker's device before the optimizer loads its state: load_state_dict puts Adam's moments
-        # on the parameters' device, and moments left on the CPU failed the first GPU step of a resume
-        model = ray.train.torch.prepare_model(model)
-        inner = model.module if hasattr(model, "module") else model
-        trainable = inner.ranker if stage.kind == "ranker" else inner
-        opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.ranker.lr if stage.kind == "ranker" else cfg.towers.lr,
-                                weight_decay=cfg.towers.weight_decay)
-        start_epoch = 0
-        if resume:
-            opt.load_state_dict(state.current["optim"])
-            start_epoch = state.epoch
+        model, inner, opt = stage_model(stage, cfg, catalog, counts, state, resume, ray.train.torch.prepare_model)
+        start_epoch = state.epoch if resume else 0
         batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
         for epoch in range(start_epoch, stage.epochs):
             rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
