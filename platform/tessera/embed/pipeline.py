@@ -152,17 +152,17 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
-    file = storage.retrying_io(f"read {uri}", lambda: pq.ParquetFile(path, filesystem=fs))  # the footer, once
-    schema = file.schema_arrow
-    absent = [c for c in ["item_id", *columns] if c not in schema.names]
-    if absent:
-        return f"no {', '.join(absent)} column (it has {', '.join(schema.names)})", [], np.empty(0, np.uint64)
-    kind = schema.field("item_id").type
-    if pa.types.is_dictionary(kind):  # e.g. a pandas categorical: its values are what count
-        kind = kind.value_type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
-    col = storage.retrying_io(f"read {uri}", lambda: file.read(columns=["item_id"])).column("item_id")
+    with storage.retrying_io(f"read {uri}", lambda: pq.ParquetFile(path, filesystem=fs)) as file:  # the footer, once
+        schema = file.schema_arrow
+        absent = [c for c in ["item_id", *columns] if c not in schema.names]
+        if absent:
+            return f"no {', '.join(absent)} column (it has {', '.join(schema.names)})", [], np.empty(0, np.uint64)
+        kind = schema.field("item_id").type
+        if pa.types.is_dictionary(kind):  # e.g. a pandas categorical: its values are what count
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
+        col = storage.retrying_io(f"read {uri}", lambda: file.read(columns=["item_id"])).column("item_id")
     if col.null_count:
         return col.null_count, [], np.empty(0, np.uint64)
     counts = pc.value_counts(col)

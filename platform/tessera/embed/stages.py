@@ -93,11 +93,11 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
     for uri in map(str, batch["uri"]):
         # one row group at a time, each read retried like every other store access (a store restart
         # mid-read failed the read task, and Ray Data does not retry a task's own errors: the job failed)
-        groups = storage.retrying_io(f"read the footer of {uri}",
-                                     functools.partial(_read_parquet, storage, uri, lambda f: f.num_row_groups))
-        for g in range(groups):
-            group = storage.retrying_io(f"read row group {g} of {uri}", functools.partial(
-                _read_parquet, storage, uri, functools.partial(_row_group, index=g, columns=columns)))
+        g, groups = 0, 1  # the file's row group count comes with its first one
+        while g < groups:
+            group, groups = storage.retrying_io(f"read row group {g} of {uri}",
+                                                functools.partial(_read_row_group, storage, uri, g, columns))
+            g += 1
             for record_batch in group.to_batches(max_chunksize=rows_per_batch):
                 table = pa.Table.from_batches([record_batch])
                 if done_hashes is not None:
@@ -110,16 +110,15 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                     yield table
 
 
-def _read_parquet(storage: Storage, uri: str, read):
-    """``read(ParquetFile)`` of ``uri``, opened for this call only (a retry after a store restart opens
-    a new one)."""
+def _read_row_group(storage: Storage, uri: str, index: int, columns: list[str]) -> tuple[pa.Table, int]:
+    """Row group ``index`` of ``uri`` (``columns`` only) and the file's row group count, from the file
+    opened for this call only (a retry after a store restart opens a new one)."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
-        return read(pq.ParquetFile(f))
-
-
-def _row_group(parquet: pq.ParquetFile, index: int, columns: list[str]) -> pa.Table:
-    return parquet.read_row_group(index, columns=columns)
+        parquet = pq.ParquetFile(f)
+        if parquet.num_row_groups == 0:  # a file of no rows
+            return parquet.schema_arrow.empty_table().select(columns), 0
+        return parquet.read_row_group(index, columns=columns), parquet.num_row_groups
 
 
 def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, threads: int) -> pa.Table:
