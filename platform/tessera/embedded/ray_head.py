@@ -67,6 +67,11 @@ class EmbeddedRay:
         return 10001 if self.port_offset == 0 else 20000 + self.port_offset
 
     @property
+    def agent_port(self) -> int:
+        """The dashboard agent's HTTP port (job submission goes through it)."""
+        return 52365 + self.port_offset
+
+    @property
     def token_file(self) -> Path:
         return self.root / "auth_token"
 
@@ -170,7 +175,7 @@ class EmbeddedRay:
         cmd = [self._ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--ray-client-server-port={self.client_port}",
-               f"--dashboard-agent-listen-port={52365 + self.port_offset}",
+               f"--dashboard-agent-listen-port={self.agent_port}",
                # workers' ports stay below the demo store's gRPC ports (SeaweedFS's 18333-19340, inside
                # Ray's default 10002-19999): a worker given one of them could not start its server
                f"--max-worker-port={MAX_WORKER_PORT}",
@@ -183,20 +188,19 @@ class EmbeddedRay:
         if out.returncode != 0:
             raise RuntimeError(f"ray start failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         deadline = time.monotonic() + timeout_s
-        agent = 52365 + self.port_offset
         while time.monotonic() < deadline:
             # the dashboard answers before the head's agent is up; `ray job submit` meanwhile fails with
             # "No available agent to submit job" (it waits 10 s for one), so wait for both
-            if self.running() and not port_free(agent):
+            if self.running() and not port_free(self.agent_port):
                 return
             time.sleep(1.0)
-        raise TimeoutError(f"Ray dashboard ({self.dashboard_url}) and its agent (port {agent}) did not both "
+        raise TimeoutError(f"Ray dashboard ({self.dashboard_url}) and its agent (port {self.agent_port}) did not both "
                            f"answer within {timeout_s:.0f}s; see {self.temp_dir}/session_latest/logs")
 
     def ports(self) -> dict[int, str]:
         """The fixed ports this head listens on: ``{port: what}``."""
         return {self.gcs_port: "GCS", self.dashboard_port: "dashboard", self.client_port: "Ray client server",
-                52365 + self.port_offset: "dashboard agent"}
+                self.agent_port: "dashboard agent"}
 
     def _processes(self) -> list:
         """This head's processes: those naming its temp dir, their descendants (workers and agents
