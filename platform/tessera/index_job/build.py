@@ -127,8 +127,8 @@ def build_shard_task(storage: Storage, parts: list[str], column: str, ids: list[
     with checksums (and the index's ``num_shards``), return the manifest."""
     got_ids, vectors = read_rows(storage, parts, column, ids)
     if len(got_ids) != len(ids):
-        raise IndexIntegrityError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} items "
-                           f"in the vectors parts")
+        raise IndexIntegrityError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} "
+                                  "items in the vectors parts")
     return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries,
                                 num_shards=num_shards)
 

@@ -92,10 +92,10 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     fused_plan = next(p for p in plans if p.name == "fused")
     approximate = any(choose_mode(len(ids), cfg.index, fused_plan.num_items) != "brute_force"
                       for ids in fused_plan.shards)
-    if cfg.self_check.tuning_user_queries and approximate and src.interactions_uri is None:
-        print("[index] warning: no interaction log found beside the embedding run's items: the fused shards "
-              "tune on their own vectors only (set interactions_uri)", flush=True)
-    elif cfg.self_check.tuning_user_queries and approximate:
+    if src.interactions_uri is None and (cfg.self_check.user_queries or cfg.self_check.tuning_user_queries):
+        print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
+              "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
+    if cfg.self_check.tuning_user_queries and approximate and src.interactions_uri is not None:
         tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(
             **cfg.self_check.task_options(cfg.build.num_cpus)).remote(
             storage, vectors.parts, FUSED, cfg.self_check, cfg.model_uri, src.interactions_uri,
@@ -128,10 +128,9 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                                        torch_threads=cfg.build.training_threads)
     checks = {name: ray.get(ref) for name, ref in refs.items()}
     check_s = time.perf_counter() - t_check
-    if cfg.self_check.user_queries and "user" not in checks["fused"]:
-        print(f"[index] warning: no user check (self_check.user_queries={cfg.self_check.user_queries}): "
-              + ("no user in the log has more than self_check.holdout events" if src.interactions_uri
-                 else "no interaction log found beside the embedding run's items"), flush=True)
+    if cfg.self_check.user_queries and src.interactions_uri is not None and "user" not in checks["fused"]:
+        print(f"[index] warning: no user check (self_check.user_queries={cfg.self_check.user_queries}): no user "
+              "in the log has more than self_check.holdout events", flush=True)
     unchecked = sorted(name for name, by_source in checks.items() if not by_source)
     if unchecked:  # an index published with no recall measured would pass any floor
         raise IndexRecallError(
