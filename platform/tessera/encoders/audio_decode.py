@@ -32,7 +32,7 @@ import torch
 import torchaudio.functional as AF
 
 from tessera.encoders.errors import MediaError, check_size
-from tessera.encoders.sniff import _is_mp3_frame, sniff
+from tessera.encoders.sniff import is_mp3_frame, sniff
 
 DECODABLE = ("wav", "flac", "ogg", "mp3")
 _STREAMING_SIZE = 0xFFFFFFFF  # data size written by streaming encoders: "until the end of the file"
@@ -89,7 +89,7 @@ _MP3_RATES = {0b11: (44100, 48000, 32000), 0b10: (22050, 24000, 16000), 0b00: (1
 def _mp3_frame_length(head: bytes) -> int | None:
     """Bytes of the Layer III frame whose 4-byte header is ``head``; None if it is not one, or is
     free-format (its length is not in the header)."""
-    if not _is_mp3_frame(head) or head[2] >> 4 == 0:
+    if not is_mp3_frame(head) or head[2] >> 4 == 0:
         return None
     version = (head[1] >> 3) & 0b11
     kbps = _MP3_KBPS[1 if version == 0b11 else 2][head[2] >> 4]

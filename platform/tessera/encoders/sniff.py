@@ -50,7 +50,7 @@ def sniff(data: bytes) -> tuple[str, str] | None:
     for family, fmt, offset, magic in _SIGNATURES:
         if data[offset:offset + len(magic)] == magic:
             return family, fmt
-    if _is_mp3_frame(data[:4]):
+    if is_mp3_frame(data[:4]):
         return "audio", "mp3"
     head = data[:4096]
     try:
@@ -62,7 +62,7 @@ def sniff(data: bytes) -> tuple[str, str] | None:
     return ("text", "text") if looks_like_text(text) else None
 
 
-def _is_mp3_frame(head: bytes) -> bool:
+def is_mp3_frame(head: bytes) -> bool:
     """An MPEG-1/2/2.5 Layer III frame header (MP3 without an ID3 tag): sync, then valid bitrate / rate.
     (MPEG 2.5 is the 8 / 11.025 / 12 kHz family: speech at 8 kHz is written as it.)"""
     if len(head) < 4 or head[0] != 0xFF:

@@ -196,6 +196,8 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
 
 # sentence-transformers modules after the transformer that leave its pooled vector as it is (we L2-normalise)
 _NEUTRAL_MODULES = ("Transformer", "Pooling", "Normalize")
+# a Pooling module's config keys for the modes this encoder does, first wins
+_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean"}
 
 
 def checkpoint_pooling(folder: Path, chosen: str | None = None) -> str | None:
@@ -215,11 +217,8 @@ def checkpoint_pooling(folder: Path, chosen: str | None = None) -> str | None:
                              "does not apply: its vectors would not be the model's")
         if kind == "Pooling":
             cfg = read_json(folder / module.get("path", ""), "config.json") or {}
-            modes = [mode for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
-                                            ("mean", "pooling_mode_mean_tokens")) if cfg.get(key)]
-            others = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
-                            and k not in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
-                                          "pooling_mode_mean_tokens"))
+            modes = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
+            others = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_KEYS)
             if (others or len(modes) > 1) and chosen is None:
                 raise ValueError(f"{folder}/{module.get('path', '')}/config.json asks for pooling "
                                  f"{modes + others}; this encoder does one of cls, max, mean "
