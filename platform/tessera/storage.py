@@ -352,6 +352,107 @@ class Storage:
         fs, path = self.filesystem(uri)
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    # --- compare-and-swap on one small object (leases) -------------------------------------
+    def create_exclusive(self, uri: str, data: bytes) -> str | None:
+        """Write ``data`` to ``uri`` only if no object is there: its version tag (see
+        :meth:`read_versioned`), or None if an object is there.
+
+        On S3 a conditional PutObject (``If-None-Match: *``, honoured by AWS S3, SeaweedFS, MinIO): of
+        two writers racing, exactly one succeeds. A local file is written aside and hard-linked into
+        place (``link`` fails if the name exists), so it too appears whole or not at all."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, path)
+                return _local_tag(path)
+            except FileExistsError:
+                return None
+            finally:
+                tmp.unlink()
+        return self._put_if(uri, data, IfNoneMatch="*")
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str, float]:
+        """``(content, version tag, age in seconds)`` of a small object; the tag is what
+        :meth:`replace_if` compares. The age is measured on the store's own clock (S3: the response's
+        ``Date`` less the object's ``Last-Modified``), so writers on hosts whose clocks differ agree on it.
+
+        Raises:
+            FileNotFoundError: no object at ``uri``.
+        """
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            data = path.read_bytes()
+            return data, _local_tag(path), max(0.0, time.time() - path.stat().st_mtime)
+        from email.utils import parsedate_to_datetime
+
+        from botocore.exceptions import ClientError
+
+        def get() -> tuple[bytes, str, float]:
+            try:
+                resp = self.client().get_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise FileNotFoundError(uri) from None
+                raise
+            data = resp["Body"].read()
+            date = resp["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+            now = parsedate_to_datetime(date).timestamp() if date else time.time()
+            return data, resp["ETag"], max(0.0, now - resp["LastModified"].timestamp())
+
+        return self._retrying(f"GET {uri}", get)
+
+    def replace_if(self, uri: str, data: bytes, tag: str) -> str | None:
+        """Overwrite ``uri`` with ``data`` only if it still holds the version ``tag`` (from
+        :meth:`read_versioned`): the new version's tag, or None if it changed or is gone. On S3 a conditional PutObject
+        (``If-Match``), atomic in the store. A local file is compared, then replaced: two writers on one
+        folder could both pass the comparison (local leases guard against a second attempt, not a race
+        to the microsecond)."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            try:
+                if _local_tag(path) != tag:
+                    return None
+            except FileNotFoundError:
+                return None
+            _replace_local(path, lambda tmp: tmp.write_bytes(data))
+            return _local_tag(path)
+        return self._put_if(uri, data, IfMatch=tag)
+
+    def _put_if(self, uri: str, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        loc = parse_uri(uri)
+
+        def put() -> str | None:
+            try:
+                return self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
+                                                ContentType="application/json", **condition)["ETag"]
+            except ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                if code == "NoSuchBucket":
+                    raise FileNotFoundError(f"{uri}: no bucket {loc.bucket!r}") from None
+                # 412: the condition failed; 409: another conditional write to the key was in flight
+                # (AWS), which won; 404: If-Match on an object deleted meanwhile
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                    return None
+                raise
+
+        return self._retrying(f"PUT {uri} ({', '.join(condition)})", put)
+
+    def delete(self, uri: str) -> None:
+        """Delete one object (or local file); nothing happens if it is not there."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            Path(loc.path).unlink(missing_ok=True)
+            return
+        self._retrying(f"DELETE {uri}", lambda: self.client().delete_object(Bucket=loc.bucket, Key=loc.key))
+
     def read_json(self, uri: str):
         return json.loads(self.read_bytes(uri))
 
@@ -424,6 +525,12 @@ def _replace_local(path: Path, fill) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     fill(tmp)
     os.replace(tmp, path)
+
+
+def _local_tag(path: Path) -> str:
+    """A local file's version tag: inode, mtime and size change with every replacement."""
+    info = path.stat()
+    return f"{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
 
 
 def _transient(err: Exception) -> bool:

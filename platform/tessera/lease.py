@@ -1,0 +1,209 @@
+"""A lease on a job's output: one attempt of a run writes it at a time.
+
+Two attempts of the same embedding run at once (a retried ``ray job submit`` while the first still
+runs, two people, a scheduler firing twice) each skip what was written before they started and then
+write every remaining item in parts of their own grouping: the run ends up with duplicates. The lease
+is a small JSON object beside the output (``<run>/_LEASE.json``) that an attempt creates before it
+writes, renews from a background thread while it runs and deletes when it ends:
+
+- created with a conditional write (``If-None-Match: *``, see :meth:`Storage.create_exclusive`): of two
+  attempts starting together exactly one gets it;
+- renewed every ``ttl_s / 4`` with ``If-Match`` on the version it last wrote: an attempt whose lease
+  was taken over learns it at its next renewal (:attr:`RunLease.lost`) and stops;
+- a lease not renewed for ``ttl_s`` (on the store's clock) is stale: its holder was killed or cut off,
+  and the next attempt takes it over, again by a conditional write, so two attempts cannot both;
+- a lease held by a process on this host that has exited (pid and start time recorded) is taken over
+  at once: the usual "killed it, start it again" needs no waiting.
+
+Example::
+
+    with RunLease(storage, "s3://bucket/embeddings/run-1/_LEASE.json", ttl_s=60) as lease:
+        for batch in work:
+            lease.check()          # raises LeaseLostError once another attempt holds the run
+            write(batch)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from tessera.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseHeldError(RuntimeError):
+    """Another attempt holds the lease, and it is live."""
+
+
+class LeaseLostError(RuntimeError):
+    """The lease this attempt held was taken over (it was not renewed for its ttl)."""
+
+
+def _process_started(pid: int) -> float | None:
+    """Start time of a local process, None if there is none with that pid."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _holder_gone(holder: dict) -> bool:
+    """Whether the lease's holder is a process on this host that no longer runs (its pid is free, or
+    reused by a process that started later)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    started, recorded = _process_started(holder["pid"]), holder.get("pid_started")
+    return started is None or (isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0)
+
+
+class RunLease:
+    """Hold ``uri`` as a lease for as long as the ``with`` block runs (see the module docstring).
+
+    Args:
+        storage: where ``uri`` is (``s3://`` or a local path).
+        uri: the lease object, e.g. ``<run_uri>/_LEASE.json``.
+        ttl_s: a lease not renewed for this long is stale and may be taken over.
+        what: how errors name the thing leased (e.g. the run's URI).
+        break_lease: take the lease over even if its holder looks live (the operator knows it is gone).
+    """
+
+    def __init__(self, storage: Storage, uri: str, ttl_s: float = 60.0, what: str | None = None,
+                 break_lease: bool = False):
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self.storage, self.uri, self.ttl_s = storage, uri, float(ttl_s)
+        self.what = what or uri
+        self.break_lease = break_lease
+        self.token = uuid.uuid4().hex
+        self._tag: str | None = None
+        self._renewed = 0.0  # time.monotonic() of the last write that held the lease
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the lease's content ---------------------------------------------------------------
+    def _body(self) -> bytes:
+        holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_started": _process_started(os.getpid()), "ttl_s": self.ttl_s,
+                  "ray_job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")}
+        return json.dumps(holder, sort_keys=True).encode()
+
+    def _read(self) -> tuple[dict, str, float] | None:
+        try:
+            data, tag, age = self.storage.read_versioned(self.uri)
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), tag, age
+
+    def _mine(self) -> str | None:
+        """The lease's tag if it holds this attempt's token, else None. (A conditional write whose answer
+        was lost is retried and refused, although the first try landed: reading tells.)"""
+        found = self._read()
+        return found[1] if found is not None and found[0].get("token") == self.token else None
+
+    # --- acquire / renew / release ---------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the lease, or raise :class:`LeaseHeldError` naming its live holder."""
+        for _ in range(5):  # each pass takes the lease or finds it changed under us
+            if tag := self.storage.create_exclusive(self.uri, self._body()) or self._mine():
+                self._held(tag)
+                return
+            found = self._read()
+            if found is None:
+                continue  # released between our create and our read: try again
+            holder, tag, age = found
+            stale = age > float(holder.get("ttl_s", self.ttl_s))
+            if not (stale or self.break_lease or _holder_gone(holder)):
+                raise LeaseHeldError(self._held_message(holder, age))
+            why = ("broken on request (--break-lease)" if self.break_lease
+                   else f"not renewed for {age:.0f}s" if stale else "its process has exited")
+            if new := self.storage.replace_if(self.uri, self._body(), tag) or self._mine():
+                logger.warning("lease on %s taken over from %s: %s", self.what, _describe(holder), why)
+                self._held(new)
+                return
+        raise LeaseHeldError(f"{self.what}: the lease {self.uri} kept changing hands; another attempt is "
+                             "starting at the same time")
+
+    def _held(self, tag: str) -> None:
+        self._tag, self._renewed = tag, time.monotonic()
+
+    def _held_message(self, holder: dict, age: float) -> str:
+        ttl = float(holder.get("ttl_s", self.ttl_s))
+        return (f"{self.what} is being written by another attempt ({_describe(holder)}; lease {self.uri} "
+                f"renewed {age:.0f}s ago). Wait for it to finish, or, if it is gone, for the lease to go "
+                f"stale ({max(0.0, ttl - age):.0f}s more), or take it over now with --break-lease")
+
+    def renew(self) -> None:
+        """Rewrite the lease if it is still ours; record it as lost (see :meth:`check`) if not."""
+        if tag := self.storage.replace_if(self.uri, self._body(), self._tag or "") or self._mine():
+            self._held(tag)
+            return
+        found = self._read()
+        self._lost = (f"{self.what}: the lease {self.uri} was "
+                      + (f"taken over by {_describe(found[0])}" if found else "deleted") + " while this attempt ran")
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` if a renewal found the lease taken over, or none succeeded for
+        ``ttl_s`` (another attempt may have taken it over since)."""
+        if self._lost is None and time.monotonic() - self._renewed > self.ttl_s:
+            self._lost = f"{self.what}: the lease {self.uri} could not be renewed for {self.ttl_s:g}s"
+        if self._lost:
+            raise LeaseLostError(self._lost + "; this attempt stopped writing")
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    def release(self) -> None:
+        """Stop renewing, and delete the lease if it is still ours. Best effort: with the store
+        unreachable the lease stays, and goes stale after its ttl (the error this attempt is ending with,
+        if any, is not replaced by a storage error)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            if not self._lost and self._mine():
+                self.storage.delete(self.uri)
+        except (OSError, BotoCoreError, ClientError) as err:
+            logger.warning("lease on %s: not released (%s: %s); it goes stale in %gs", self.what,
+                           type(err).__name__, err, self.ttl_s)
+
+    def _heartbeat(self) -> None:
+        interval = self.ttl_s / 4
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except Exception as err:  # a store outage: keep trying; the ttl decides when it is lost
+                logger.warning("lease on %s: renewal failed (%s: %s)", self.what, type(err).__name__, err)
+            if self._lost:
+                logger.error("%s", self._lost)
+                return
+
+    def __enter__(self) -> RunLease:
+        self.acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="run-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe(holder: dict) -> str:
+    job = f", Ray job {holder['ray_job_id']}" if holder.get("ray_job_id") else ""
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}"
