@@ -5,7 +5,8 @@
 
 Exit codes: 0 done; 2 bad config or input (null / repeated item ids, pools that do not fit the
 cluster, a run id started with other settings); 3 error rate above --max-error-rate (the summary is
-printed and the output is kept); 4 the output does not hold every input item exactly once.
+printed and the output is kept); 4 the output does not hold every input item exactly once; 5 another
+attempt of the run holds it (started before this one and still running, or took it over from this one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from tessera.config import ConfigError, apply_flags, load_config
 from tessera.embed.config import EmbedConfig
 from tessera.embed.pipeline import EmbeddingInputError, EmbeddingIntegrityError, error_rate, run_embedding
+from tessera.lease import LeaseHeldError, LeaseLostError
 from tessera.ray_utils import init_ray
 
 
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", default=None, help="override run_id from the config")
     parser.add_argument("--max-error-rate", type=float, default=None,
                         help="fail (exit 3) when failed / present modality inputs exceed this (default: config)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the run over from another attempt that still holds its lease (only when "
+                             "you know that attempt is gone: two at once write duplicates)")
     args = parser.parse_args(argv)
     try:
         cfg = apply_flags(load_config(EmbedConfig, args.config), [
@@ -43,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_ray()
     try:
-        manifest = run_embedding(cfg)
+        manifest = run_embedding(cfg, break_lease=args.break_lease)
     except EmbeddingInputError as err:
         print(f"error ({args.config}): {err}", file=sys.stderr)
         return 2
     except EmbeddingIntegrityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except (LeaseHeldError, LeaseLostError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 5
     rate = error_rate(manifest)
     state = "already complete, kept" if manifest.get("reused") else "written"
     print(f"embeddings {state} at {manifest['output']['uri']}: {manifest['input']['items']} items, "

@@ -147,3 +147,14 @@ def test_release_with_the_store_unreachable_logs_and_leaves_the_lease_to_go_stal
     with caplog.at_level(logging.WARNING, logger="tessera.lease"):
         lease.release()  # an attempt ending on its own error is not made to end on this one
     assert "lease on run-1: not released" in caplog.text and storage.exists(uri)
+
+
+def test_a_lease_acquired_first_is_entered_without_a_second_acquire(storage, bucket_uri):
+    uri = join_uri(bucket_uri, "twice", "_LEASE.json")
+    lease = RunLease(storage, uri, ttl_s=60)
+    lease.acquire()
+    _, tag, _ = storage.read_versioned(uri)
+    with lease:
+        assert storage.read_versioned(uri)[1] == tag  # not written again
+        assert [t.name for t in threading.enumerate()].count("run-lease") == 1
+    assert not storage.exists(uri)

@@ -195,7 +195,9 @@ class RunLease:
                 return
 
     def __enter__(self) -> RunLease:
-        self.acquire()
+        """Acquire the lease (unless :meth:`acquire` already did) and renew it from a thread."""
+        if self._tag is None:
+            self.acquire()
         self._thread = threading.Thread(target=self._heartbeat, name="run-lease", daemon=True)
         self._thread.start()
         return self

@@ -351,3 +351,24 @@ def test_an_attempt_that_wrote_nothing_does_not_pin_the_run_identity(encoder_wei
     other_run = other.model_copy(update={"run_id": "identity"})
     with pytest.raises(EmbeddingInputError, match="started with other settings"):  # now it has parts: refused
         run_embedding(other_run)
+
+
+def test_a_second_attempt_of_a_running_run_is_refused_before_it_reads_or_writes(sample_embeddings, encoder_weights,
+                                                                                   storage, tmp_path, capsys):
+    """Two attempts of one run at once would each write the items left when they started (duplicates): the
+    second finds the first's lease and exits 5 naming it, having written nothing; a finished attempt leaves
+    no lease behind."""
+    from tessera.lease import RunLease
+
+    run_uri = sample_embeddings["output"]["uri"]
+    lease_uri = join_uri(run_uri, "_LEASE.json")
+    assert not storage.exists(lease_uri)
+    cfg = embed_config(encoder_weights, "held")
+    held_uri = join_uri(cfg.output_uri, "held")
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    with RunLease(storage, join_uri(held_uri, "_LEASE.json"), ttl_s=60, what="the first attempt"):
+        assert embed_job.main(["--config", str(path)]) == 5
+        err = capsys.readouterr().err
+        assert f"{held_uri} is being written by another attempt (host" in err and "--break-lease" in err, err
+        assert storage.list_files(held_uri) == [join_uri(held_uri, "_LEASE.json")]  # no _RUN.json, no part

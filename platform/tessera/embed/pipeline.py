@@ -30,6 +30,7 @@ from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_b
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
+from tessera.lease import RunLease
 from tessera.memory import allocator_env
 from tessera.storage import Storage, join_uri, parse_uri
 
@@ -293,24 +294,40 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> No
                                   f"(pool.min_actors x num_gpus) but the cluster has {cluster_gpus:g}")
 
 
-def run_embedding(cfg: EmbedConfig) -> dict:
+def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     """Embed every item under ``cfg.items_uri`` into ``<output_uri>/<run_id>/`` and return the manifest.
 
     Rerunning the same run id resumes: items already in written parts are skipped, and a finished run
     whose manifest matches the input is returned as is. A run id keeps the identity it started with
     (:func:`run_identity`, in ``_RUN.json``): a rerun with other items or other encoder settings is
-    refused, naming the keys that differ, rather than mixing two kinds of vectors in one run.
+    refused, naming the keys that differ, rather than mixing two kinds of vectors in one run. One attempt
+    writes a run at a time: it holds ``<run>/_LEASE.json`` (:class:`~tessera.lease.RunLease`) from its
+    first read of the run to its manifest; ``break_lease`` takes over a lease whose holder looks live.
 
     Raises:
         EmbeddingInputError: no items table at ``items_uri``, null or repeated item ids, an items file
             without a source column, pools that cannot fit, another run's identity.
         EmbeddingIntegrityError: the parts do not hold every input item exactly once.
+        LeaseHeldError: another attempt of the run is running.
+        LeaseLostError: another attempt took the run over while this one ran (it had not renewed its
+            lease for ``lease_ttl_s``, or was broken); this attempt stopped.
     """
+    storage = Storage(cfg.storage)
+    run_uri = join_uri(cfg.output_uri, cfg.run_id)
+    lease = RunLease(storage, join_uri(run_uri, "_LEASE.json"), cfg.lease_ttl_s, what=run_uri,
+                     break_lease=break_lease)
+    try:
+        lease.acquire()
+    except FileNotFoundError as err:  # no such bucket
+        raise EmbeddingInputError(f"output_uri: {err}") from None
+    with lease:  # renewed while the run goes on, released at its end
+        return _run_leased(cfg, storage, run_uri, lease)
+
+
+def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLease) -> dict:
     import ray
 
     t0 = time.perf_counter()
-    storage = Storage(cfg.storage)
-    run_uri = join_uri(cfg.output_uri, cfg.run_id)
     manifest_uri = join_uri(run_uri, "_MANIFEST.json")
     files = storage.list_files(cfg.items_uri, ".parquet")
     if not files and cfg.items_uri.endswith(".parquet") and storage.exists(cfg.items_uri):
@@ -352,6 +369,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
     if len(done) < n_input:
         ds = build_dataset(cfg, files, done, key, run_uri)
         for row in ds.iter_rows():
+            lease.check()
             written += int(row["rows"])
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
@@ -383,6 +401,7 @@ def run_embedding(cfg: EmbedConfig) -> dict:
                     "items_written_this_attempt": written, "resumed_from": len(done),
                     "items_per_s": round(written / t_pipeline, 2) if written else None},
     }
+    lease.check()
     storage.write_json(manifest_uri, manifest)
     return manifest
 
