@@ -30,6 +30,7 @@ from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_b
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
+from tessera.encoders.weights import CheckpointFiles
 from tessera.lease import RunLease
 from tessera.memory import allocator_env
 from tessera.storage import Storage, join_uri, parse_uri
@@ -42,8 +43,9 @@ class EmbeddingIntegrityError(RuntimeError):
 
 
 class EmbeddingInputError(ValueError):
-    """The job cannot start as configured: the items table has null or repeated ids, the pools do not
-    fit the cluster, or the run id already holds a run made with other settings. Nothing is written."""
+    """The job cannot start as configured: the items table has null or repeated ids, an encoder's weights
+    are missing or configured in a way it cannot use, the pools do not fit the cluster, or the run id
+    already holds a run made with other settings. Nothing is written."""
 
 
 # Encoder settings that change speed or placement, not the vectors (beyond bf16 rounding): a run may
@@ -101,15 +103,27 @@ def source_columns(cfg: EmbedConfig) -> list[str]:
 
 
 def check_weights(cfg: EmbedConfig, storage: Storage) -> None:
-    """Refuse an enabled modality whose ``s3://`` weights prefix holds no file, naming the key: a typo
-    there otherwise surfaces as a traceback from inside a Ray task, after the run has started. (A local
-    folder is not checked: it need only exist on the nodes that run the encoders, not on the driver's.)"""
-    for m in cfg.modalities():
-        uri = getattr(cfg, m).encoder.weights
-        if parse_uri(uri).scheme != "s3":
+    """Refuse an enabled modality whose encoder would refuse its weights, naming the key and the file:
+    an ``s3://`` prefix that holds no file, or configuration files the encoder cannot use (no
+    ``preprocessor_config.json`` for an image or audio model, a ``config.json`` it cannot read, a
+    sentence-transformers ``Dense`` module or pooling the text encoder does not do; see each encoder's
+    ``check_checkpoint``). These otherwise surface as a traceback from inside a Ray task, after the run
+    has started. Only those small files are read (from the prefix itself), never the weights. A local
+    folder is checked only when it exists here: it need only exist on the nodes that run the encoders."""
+    for m, mcfg in cfg.modalities().items():
+        uri = mcfg.encoder.weights
+        if parse_uri(uri).scheme == "s3":
+            if not storage.retrying_io(f"LIST {uri}", lambda u=uri: storage.list_files(u)):
+                raise EmbeddingInputError(f"{m}.encoder.weights: no weight files under {uri}")
+        elif not Path(parse_uri(uri).path).is_dir():
             continue
-        if not storage.retrying_io(f"LIST {uri}", lambda u=uri: storage.list_files(u)):
-            raise EmbeddingInputError(f"{m}.encoder.weights: no weight files under {uri}")
+        try:
+            ENCODERS[m].check_checkpoint(mcfg.encoder, CheckpointFiles(uri, storage))
+        except (FileNotFoundError, ValueError) as err:  # the encoders' own messages name the file
+            raise EmbeddingInputError(f"{m}.encoder.weights: {err}") from err
+        except (AttributeError, KeyError, TypeError) as err:  # a value of a type the encoder's code does not expect
+            raise EmbeddingInputError(f"{m}.encoder.weights: a configuration file under {uri} holds a value the "
+                                      f"{m} encoder cannot use ({type(err).__name__}: {err})") from err
 
 
 def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, use_ray: bool | None = None,

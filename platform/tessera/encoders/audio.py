@@ -33,7 +33,7 @@ from tessera.encoders.errors import MediaError
 from tessera.encoders.padding import pad_right
 from tessera.encoders.pooling import pool_sequence
 from tessera.encoders.seeded import DEFAULT_MODELS_URI, SEEDED_AUDIO_FOLDER
-from tessera.encoders.weights import read_json
+from tessera.encoders.weights import CheckpointFiles, pretrained_config
 from tessera.storage import join_uri
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -64,6 +64,40 @@ class AudioEncoderConfig(EncoderConfig):
     batch_size: int = Field(32, ge=1, le=4096)
 
 
+def checkpoint_features(files: CheckpointFiles) -> dict:
+    """The folder's feature-extractor settings (``preprocessor_config.json``).
+
+    Raises:
+        FileNotFoundError: the folder has no such file.
+        ValueError: it is not a JSON object (the message names the file).
+    """
+    cfg = files.json(PREPROCESSOR_FILE)
+    if cfg is None:
+        raise FileNotFoundError(f"{files.location} has no {PREPROCESSOR_FILE}")
+    return cfg
+
+
+def checkpoint_sample_rate(features: dict, wanted: int | None, where: str) -> int:
+    """The rate to resample to: ``wanted`` (the config's ``sample_rate``) or the ``sampling_rate`` the
+    feature settings ``features`` state (read from ``where``); raises ``ValueError`` when they disagree or
+    neither is given."""
+    stated = features.get("sampling_rate")
+    if stated is not None and wanted is not None and int(stated) != wanted:
+        raise ValueError(f"sample_rate {wanted} disagrees with the sampling_rate {stated} in {where}")
+    rate = wanted if wanted is not None else stated
+    if rate is None:
+        raise ValueError(f"{where} states no sampling_rate: set sample_rate in the config")
+    return int(rate)
+
+
+def check_waveform_model(model_config, where: str) -> None:
+    """Refuse a transformers model config (read from ``where``) that is not a raw-waveform model with a
+    convolutional feature encoder, whose frames the encoder pools."""
+    if not (hasattr(model_config, "conv_kernel") and hasattr(model_config, "conv_stride")):
+        raise ValueError(f"{where}: a {model_config.model_type} model; the audio encoder needs a raw-waveform "
+                         "model with a convolutional feature encoder (wav2vec2, HuBERT, WavLM)")
+
+
 class AudioPreprocessor(Preprocessor[AudioEncoderConfig]):
     """Audio bytes -> ``float32`` waveform ``(T,)`` with ``T <= clip_samples``, at ``sample_rate``.
 
@@ -74,20 +108,12 @@ class AudioPreprocessor(Preprocessor[AudioEncoderConfig]):
 
     @functools.cached_property
     def feature_config(self) -> dict:
-        cfg = read_json(self.weights_dir, PREPROCESSOR_FILE)
-        if cfg is None:
-            raise FileNotFoundError(f"{self.weights_dir} has no {PREPROCESSOR_FILE}")
-        return cfg
+        return checkpoint_features(CheckpointFiles(self.weights_dir))
 
     @functools.cached_property
     def sample_rate(self) -> int:
-        stated, wanted = self.feature_config.get("sampling_rate"), self.config.sample_rate
-        if stated is not None and wanted is not None and int(stated) != wanted:
-            raise ValueError(f"sample_rate {wanted} disagrees with the checkpoint's sampling_rate {stated}")
-        rate = wanted if wanted is not None else stated
-        if rate is None:
-            raise ValueError(f"{PREPROCESSOR_FILE} states no sampling_rate: set sample_rate in the config")
-        return int(rate)
+        where = CheckpointFiles(self.weights_dir).where(PREPROCESSOR_FILE)
+        return checkpoint_sample_rate(self.feature_config, self.config.sample_rate, where)
 
     def setup(self) -> None:
         _ = self.feature_config, self.sample_rate
@@ -127,14 +153,21 @@ class AudioEncoder(Encoder[AudioEncoderConfig]):
     modality = "audio"
     preprocessor_class = AudioPreprocessor
 
+    @classmethod
+    def check_checkpoint(cls, config: AudioEncoderConfig, files: CheckpointFiles) -> None:
+        """``preprocessor_config.json`` and the sample rate as the preprocessing reads them, ``config.json``
+        as ``AutoModel`` reads it, and that it describes a raw-waveform model."""
+        checkpoint_sample_rate(checkpoint_features(files), config.sample_rate, files.where(PREPROCESSOR_FILE))
+        model_config = pretrained_config(files)
+        if model_config is not None:  # None: the folder brings its own config class
+            check_waveform_model(model_config, files.where("config.json"))
+
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoModel  # here, not at import: a decode task needs no transformers
 
         model = AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
         cfg = model.config
-        if not (hasattr(cfg, "conv_kernel") and hasattr(cfg, "conv_stride")):
-            raise ValueError(f"{self.weights_dir} holds a {cfg.model_type} model; the audio encoder needs a "
-                             "raw-waveform model with a convolutional feature encoder (wav2vec2, HuBERT, WavLM)")
+        check_waveform_model(cfg, CheckpointFiles(self.weights_dir).where("config.json"))
         self._kernels, self._strides = list(cfg.conv_kernel), list(cfg.conv_stride)
         self._use_mask = bool(self.preprocessor.feature_config.get("return_attention_mask", False))
         self._pad_value = float(self.preprocessor.feature_config.get("padding_value", 0.0))

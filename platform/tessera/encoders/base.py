@@ -34,7 +34,7 @@ from pydantic import Field
 
 from tessera.config import TesseraConfig
 from tessera.encoders.errors import MediaError
-from tessera.encoders.weights import resolve_weights, weights_checksum
+from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
 from tessera.storage import Storage, parse_uri
 
 if TYPE_CHECKING:
@@ -216,6 +216,23 @@ class Encoder(ABC, Generic[C]):
         # bf16 in that dtype, which the CPU runs slowly (fp16) and which would make the fp32 path and
         # autocast's choice of precision depend on the file; autocast does the low-precision work
         self.model = self._load_model().to(self._device, dtype=torch.float32).eval()
+
+    @classmethod
+    def check_checkpoint(cls, config: C, files: CheckpointFiles) -> None:
+        """Refuse, from the weights folder's configuration files alone, a checkpoint this encoder would
+        refuse when it loads: the same code reads them here and in the loading, but no weights are read
+        and nothing is downloaded (the embedding job's driver calls it before any work). Each modality
+        checks the files its loading reads; what only the weights can tell is left to the loading.
+
+        Raises:
+            FileNotFoundError: a file the encoder needs is missing.
+            ValueError: a file it cannot use (not JSON, a setting it does not support); the message
+                names the file.
+
+        Example::
+
+            ImageEncoder.check_checkpoint(ImageEncoderConfig(weights=uri), CheckpointFiles(uri, storage))
+        """
 
     @abstractmethod
     def _load_model(self) -> torch.nn.Module:

@@ -34,8 +34,8 @@ from tessera.encoders.errors import MediaError
 from tessera.encoders.image_decode import decode_image_bytes
 from tessera.encoders.pooling import pool_features
 from tessera.encoders.seeded import DEFAULT_MODELS_URI, SEEDED_IMAGE_FOLDER
-from tessera.encoders.vision_backbone import load_vision_backbone
-from tessera.encoders.weights import read_json
+from tessera.encoders.vision_backbone import check_vision_backbone, load_vision_backbone
+from tessera.encoders.weights import CheckpointFiles
 from tessera.storage import join_uri
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -131,7 +131,24 @@ def _parse_size(size, key: str) -> int | tuple[int, int]:
         return int(size["shortest_edge"])
     if isinstance(size, dict) and "height" in size and "width" in size:
         return int(size["height"]), int(size["width"])
-    raise ValueError(f"unsupported {key} in {PREPROCESSOR_FILE}: {size!r}")
+    raise ValueError(f"unsupported {key}: {size!r}")
+
+
+def checkpoint_transform(files: CheckpointFiles, image_size: int | None) -> ImageTransform:
+    """The transform the folder's ``preprocessor_config.json`` describes (``image_size`` overriding its sizes).
+
+    Raises:
+        FileNotFoundError: the folder has no such file.
+        ValueError: it is not a JSON object, or asks for what the transform does not do; the message
+            names the file.
+    """
+    cfg = files.json(PREPROCESSOR_FILE)
+    if cfg is None:
+        raise FileNotFoundError(f"{files.location} has no {PREPROCESSOR_FILE}")
+    try:
+        return ImageTransform.from_checkpoint(cfg, image_size)
+    except (TypeError, ValueError) as err:  # TypeError: a value of another type (a number for image_mean)
+        raise ValueError(f"{files.where(PREPROCESSOR_FILE)}: {err}") from err
 
 
 class ImagePreprocessor(Preprocessor[ImageEncoderConfig]):
@@ -147,10 +164,7 @@ class ImagePreprocessor(Preprocessor[ImageEncoderConfig]):
 
     @functools.cached_property
     def transform(self) -> ImageTransform:
-        cfg = read_json(self.weights_dir, PREPROCESSOR_FILE)
-        if cfg is None:
-            raise FileNotFoundError(f"{self.weights_dir} has no {PREPROCESSOR_FILE}")
-        return ImageTransform.from_checkpoint(cfg, self.config.image_size)
+        return checkpoint_transform(CheckpointFiles(self.weights_dir), self.config.image_size)
 
     def setup(self) -> None:
         _ = self.transform
@@ -225,6 +239,13 @@ class ImageEncoder(Encoder[ImageEncoderConfig]):
 
     modality = "image"
     preprocessor_class = ImagePreprocessor
+
+    @classmethod
+    def check_checkpoint(cls, config: ImageEncoderConfig, files: CheckpointFiles) -> None:
+        """``preprocessor_config.json`` as the preprocessing reads it, ``config.json`` as the backbone
+        loading reads it (:func:`~tessera.encoders.vision_backbone.check_vision_backbone`)."""
+        checkpoint_transform(files, config.image_size)
+        check_vision_backbone(files)
 
     def _load_model(self) -> torch.nn.Module:
         t = self.preprocessor.transform

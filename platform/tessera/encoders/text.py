@@ -21,8 +21,8 @@ Example::
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+import posixpath
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -30,7 +30,7 @@ from pydantic import Field
 from tessera.encoders.base import Encoder, EncoderConfig, Preprocessor
 from tessera.encoders.errors import MediaError, check_size
 from tessera.encoders.sniff import looks_like_text, sniff
-from tessera.encoders.weights import read_json
+from tessera.encoders.weights import CheckpointFiles, pretrained_config
 
 if TYPE_CHECKING:
     import torch
@@ -159,15 +159,8 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
 
     @functools.cached_property
     def max_length(self) -> int:
-        if self.config.max_length is not None:
-            limit = self.config.max_length
-        else:
-            st = read_json(self.weights_dir, "sentence_bert_config.json") or {}
-            limit = (st.get("max_seq_length")
-                     or (read_json(self.weights_dir, "tokenizer_config.json") or {}).get("model_max_length")
-                     or self.tokenizer.model_max_length)
-        positions = (read_json(self.weights_dir, "config.json") or {}).get("max_position_embeddings")
-        return int(min(limit, positions)) if positions else int(limit)
+        return checkpoint_max_length(CheckpointFiles(self.weights_dir), self.config.max_length,
+                                     lambda: self.tokenizer.model_max_length)
 
     def __call__(self, raw: str | bytes | None) -> np.ndarray:
         return self._tokenize([decode_text(raw, self.config.max_bytes)])[0]
@@ -194,35 +187,62 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
 
+def checkpoint_max_length(files: CheckpointFiles, configured: int | None,
+                          tokenizer_limit: Callable[[], int] | None = None) -> int | None:
+    """Tokens per text: ``configured``, else the folder's ``max_seq_length`` (``sentence_bert_config.json``),
+    else its tokenizer's ``model_max_length`` (``tokenizer_config.json``, else ``tokenizer_limit()``, the
+    loaded tokenizer's); capped at ``max_position_embeddings`` (``config.json``). None when only a loaded
+    tokenizer could tell and ``tokenizer_limit`` is None (a check that loads no tokenizer).
+
+    Raises:
+        ValueError: one of those files is not a JSON object.
+    """
+    if configured is not None:
+        limit = configured
+    else:
+        st = files.json("sentence_bert_config.json") or {}
+        limit = st.get("max_seq_length") or (files.json("tokenizer_config.json") or {}).get("model_max_length")
+        if not limit:
+            if tokenizer_limit is None:
+                return None
+            limit = tokenizer_limit()
+    positions = (files.json("config.json") or {}).get("max_position_embeddings")
+    return int(min(limit, positions)) if positions else int(limit)
+
+
 # sentence-transformers modules after the transformer that leave its pooled vector as it is (we L2-normalise)
 _NEUTRAL_MODULES = ("Transformer", "Pooling", "Normalize")
 # a Pooling module's config keys for the modes this encoder does, first wins
 _POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean"}
 
 
-def checkpoint_pooling(folder: Path, chosen: str | None = None) -> str | None:
-    """The pooling mode a sentence-transformers folder declares, or None.
+def checkpoint_pooling(files: CheckpointFiles, chosen: str | None = None) -> str | None:
+    """The pooling mode a sentence-transformers folder declares (``modules.json`` and its Pooling
+    module's ``config.json``), or None.
 
     Raises:
         ValueError: the folder asks for what this encoder does not do: a module such as ``Dense`` after
             the pooling, or (unless the config ``chosen`` a pooling) a mode other than cls / max / mean or
-            several at once. Its vectors would silently not be the model's.
+            several at once. Its vectors would silently not be the model's. Also: one of those files is
+            not JSON of the expected shape. The message names the file.
     """
-    modules = read_json(folder, "modules.json") or []
+    modules = files.json("modules.json", list) or []
     found = None
     for module in modules:
+        if not isinstance(module, dict):
+            raise ValueError(f"{files.where('modules.json')} lists {module!r}, not a module object")
         kind = module.get("type", "").rsplit(".", 1)[-1]
         if kind not in _NEUTRAL_MODULES:
-            raise ValueError(f"{folder}/modules.json lists a {module.get('type')} module, which this text encoder "
-                             "does not apply: its vectors would not be the model's")
+            raise ValueError(f"{files.where('modules.json')} lists a {module.get('type')} module, which this text "
+                             "encoder does not apply: its vectors would not be the model's")
         if kind == "Pooling":
-            cfg = read_json(folder / module.get("path", ""), "config.json") or {}
+            name = posixpath.join(module.get("path", ""), "config.json")
+            cfg = files.json(name) or {}
             modes = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
             others = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _POOLING_KEYS)
             if (others or len(modes) > 1) and chosen is None:
-                raise ValueError(f"{folder}/{module.get('path', '')}/config.json asks for pooling "
-                                 f"{modes + others}; this encoder does one of cls, max, mean "
-                                 "(set encoder.pooling to choose one knowingly)")
+                raise ValueError(f"{files.where(name)} asks for pooling {modes + others}; this encoder does one "
+                                 "of cls, max, mean (set encoder.pooling to choose one knowingly)")
             found = modes[0] if modes else None
     return found
 
@@ -240,8 +260,16 @@ class TextEncoder(Encoder[TextEncoderConfig]):
     modality = "text"
     preprocessor_class = TextPreprocessor
 
+    @classmethod
+    def check_checkpoint(cls, config: TextEncoderConfig, files: CheckpointFiles) -> None:
+        """``config.json`` as transformers reads it, the sentence-transformers modules and pooling, and the
+        JSON files the maximum length comes from (the tokenizer itself is not loaded)."""
+        pretrained_config(files)  # AutoModel and AutoTokenizer read it first
+        checkpoint_pooling(files, config.pooling)
+        checkpoint_max_length(files, config.max_length)
+
     def _load_model(self) -> torch.nn.Module:
-        declared = checkpoint_pooling(self.weights_dir, self.config.pooling)
+        declared = checkpoint_pooling(CheckpointFiles(self.weights_dir), self.config.pooling)
         self.pooling = self.config.pooling or declared or "mean"  # the config wins
         tokenizer = self.preprocessor.tokenizer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

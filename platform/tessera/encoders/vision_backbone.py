@@ -11,6 +11,8 @@ Two layouts are read:
   model such as ViT, ConvNeXt, DINOv2 or a CLIP vision tower, loaded with ``AutoModel.from_pretrained``;
   its ``last_hidden_state`` is returned.
 
+:func:`check_vision_backbone` makes the same checks of ``config.json`` without the weights.
+
 Example::
 
     backbone = load_vision_backbone(Path("weights/image-resnet18-seeded"))
@@ -25,7 +27,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tessera.encoders.weights import read_json
+from tessera.encoders.weights import CheckpointFiles, pretrained_config
 
 
 class HFVisionBackbone(nn.Module):
@@ -49,23 +51,61 @@ class HFVisionBackbone(nn.Module):
 
 def load_vision_backbone(folder: Path) -> nn.Module:
     """Build the backbone stored in ``folder``; raises ``ValueError`` for an unknown layout."""
-    config = read_json(folder, "config.json")
-    if config is None:
-        raise FileNotFoundError(f"{folder} has no config.json")
+    files = CheckpointFiles(folder)
+    config = backbone_config(files)
     if config.get("library") == "torchvision":
-        return _torchvision_backbone(folder, config)
-    if "model_type" in config:
-        import transformers  # here, not at import: a decode task needs no transformers
+        return _torchvision_backbone(folder, config, files.where("config.json"))
+    return HFVisionBackbone(_hf_model_class(config).from_pretrained(folder, local_files_only=True))
 
-        # AutoModel maps a CLIPVisionModelWithProjection folder to CLIPVisionModel and drops its
-        # projection: the class the folder names is taken when it gives an image embedding
-        arch = (config.get("architectures") or [""])[0]
-        named = getattr(transformers, arch, None) if arch else None
-        embeds = named is not None and (arch.endswith("WithProjection") or hasattr(named, "get_image_features"))
-        model_class = named if embeds else transformers.AutoModel
-        return HFVisionBackbone(model_class.from_pretrained(folder, local_files_only=True))
-    raise ValueError(f"{folder}/config.json is neither a torchvision spec (library: torchvision) "
+
+def backbone_config(files: CheckpointFiles) -> dict:
+    """The folder's ``config.json``: a torchvision spec or a Hugging Face config.
+
+    Raises:
+        FileNotFoundError: there is none.
+        ValueError: it is neither (or not a JSON object); the message names the file.
+    """
+    config = files.json("config.json")
+    if config is None:
+        raise FileNotFoundError(f"{files.location} has no config.json")
+    if config.get("library") == "torchvision" or "model_type" in config:
+        return config
+    raise ValueError(f"{files.where('config.json')} is neither a torchvision spec (library: torchvision) "
                      "nor a Hugging Face config (model_type)")
+
+
+def check_vision_backbone(files: CheckpointFiles) -> None:
+    """Refuse, from ``config.json`` alone, a folder :func:`load_vision_backbone` would refuse: no config,
+    an unknown layout, a torchvision arch that is unknown, takes other ``kwargs`` or is not a supported
+    backbone, a Hugging Face config that ``AutoModel`` cannot read. A torchvision arch is built on the
+    meta device (no memory, no weights) to see its layers; one that cannot be built there (RegNet
+    computes its widths from tensor values) is left to the loading, as is the state_dict."""
+    config = backbone_config(files)
+    where = files.where("config.json")
+    if config.get("library") == "torchvision":
+        try:
+            with torch.device("meta"):
+                model = _torchvision_model(config, where)
+        except NotImplementedError:  # a meta tensor holds no values to read
+            return
+        _feature_layers(model, config["arch"], where)
+    else:
+        import transformers
+
+        if _hf_model_class(config) is transformers.AutoModel:  # a named class reads config.json its own way
+            pretrained_config(files)
+
+
+def _hf_model_class(config: dict) -> type:
+    """The transformers class that loads a Hugging Face vision folder."""
+    import transformers  # here, not at import: a decode task needs no transformers
+
+    # AutoModel maps a CLIPVisionModelWithProjection folder to CLIPVisionModel and drops its
+    # projection: the class the folder names is taken when it gives an image embedding
+    arch = (config.get("architectures") or [""])[0]
+    named = getattr(transformers, arch, None) if arch else None
+    embeds = named is not None and (arch.endswith("WithProjection") or hasattr(named, "get_image_features"))
+    return named if embeds else transformers.AutoModel
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,13 +122,27 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(candidates[0], map_location="cpu", weights_only=True)
 
 
-def _torchvision_backbone(folder: Path, config: dict) -> nn.Module:
-    arch = config["arch"]
-    model = torchvision.models.get_model(arch, weights=None, **config.get("kwargs", {}))
+def _torchvision_backbone(folder: Path, config: dict, where: str) -> nn.Module:
+    model = _torchvision_model(config, where)
     model.load_state_dict(load_state_dict(folder), strict=True)
+    return _feature_layers(model, config["arch"], where)
+
+
+def _torchvision_model(config: dict, where: str) -> nn.Module:
+    """The spec's architecture, randomly initialised (on the default device); ``where`` names the spec."""
+    arch = config.get("arch")
+    if not isinstance(arch, str):
+        raise ValueError(f"{where} names no torchvision arch")
+    try:
+        return torchvision.models.get_model(arch, weights=None, **config.get("kwargs", {}))
+    except (TypeError, ValueError) as err:  # an unknown arch, kwargs it does not take
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _feature_layers(model: nn.Module, arch: str, where: str) -> nn.Module:
     children = dict(model.named_children())
     if "fc" in children and "avgpool" in children:  # ResNet, ResNeXt, Wide ResNet, RegNet
         # everything up to the global pool: (B, 3, H, W) -> (B, C, H/32, W/32)
         return nn.Sequential(*(m for name, m in children.items() if name not in ("avgpool", "fc")))
-    raise ValueError(f"torchvision arch {arch!r} is not supported as a backbone here: use a ResNet / "
+    raise ValueError(f"{where}: torchvision arch {arch!r} is not supported as a backbone here: use a ResNet / "
                      "RegNet family model, or a Hugging Face vision model folder")

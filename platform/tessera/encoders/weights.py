@@ -7,6 +7,10 @@ key covers the URI and the listing (names, sizes, modification times), so a chan
 key. Downloads go to a temporary folder renamed into place under an exclusive file lock: concurrent
 encoder actors on one node download once and never see a half-written folder.
 
+:class:`CheckpointFiles` reads a folder's small configuration files, from disk or straight from the
+prefix: the encoders parse their configuration through it, and the embedding job's driver checks that
+configuration with the encoders' own code before any work, without downloading the weights.
+
 Example::
 
     local = resolve_weights("s3://tessera-demo/models/encoders/image-resnet18-seeded", Storage())
@@ -170,9 +174,93 @@ def upload_folder(folder: str | os.PathLike, dest_uri: str, storage: Storage) ->
     return written
 
 
-def read_json(folder: Path, name: str) -> dict | None:
-    """``folder/name`` parsed as JSON, or None when the file does not exist."""
-    path = folder / name
-    if not path.is_file():
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+class CheckpointFiles:
+    """The small configuration files of a weights folder, read one at a time, never the weights: from a
+    local folder (an encoder, once :func:`resolve_weights` has put the folder on disk), or straight from
+    an ``s3://`` prefix (the embedding job's driver, which checks an encoder's configuration before any
+    work and downloads nothing).
+
+    Args:
+        location: a local folder (plain path or ``file://``) or an ``s3://`` prefix.
+        storage: how to reach object storage (default: from the environment); unused for a folder.
+
+    Example::
+
+        files = CheckpointFiles("s3://tessera-demo/models/encoders/image-resnet18-seeded", Storage())
+        files.json("preprocessor_config.json")   # {"size": {...}, ...}, or None when there is no such file
+        files.where("config.json")               # "s3://tessera-demo/.../config.json", for messages
+    """
+
+    def __init__(self, location: str | os.PathLike, storage: Storage | None = None):
+        self.location = str(location)
+        self._remote = parse_uri(self.location).scheme == "s3"
+        self._storage = storage
+
+    def where(self, name: str) -> str:
+        """The file ``name`` (a path relative to the folder) as messages name it."""
+        return join_uri(self.location, name)
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of the file ``name``, or None when there is no such file."""
+        if not self._remote:
+            path = Path(parse_uri(self.location).path) / name
+            return path.read_bytes() if path.is_file() else None
+        if self._storage is None:
+            self._storage = Storage()
+        try:
+            return self._storage.read_bytes(self.where(name))
+        except FileNotFoundError:
+            return None
+
+    def json(self, name: str, kind: type = dict):
+        """The file ``name`` parsed as JSON; None when there is no such file (or it holds ``null``).
+
+        Raises:
+            ValueError: it is not UTF-8 JSON, or its top level is not a ``kind`` (an object; ``list``
+                for ``modules.json``). The message names the file.
+        """
+        data = self.read(name)
+        if data is None:
+            return None
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except ValueError as err:  # UnicodeDecodeError and JSONDecodeError alike
+            raise ValueError(f"{self.where(name)} is not valid JSON: {err}") from None
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"{self.where(name)} holds a JSON {_JSON_TYPES.get(type(value), type(value).__name__)} "
+                             f"at its top level, not an {_JSON_TYPES[kind]}")
+        return value
+
+
+def pretrained_config(files: CheckpointFiles):
+    """``config.json`` read as transformers' ``AutoConfig`` reads it, the first thing
+    ``AutoModel.from_pretrained`` does with a folder (no weights are read): a ``PretrainedConfig``, or
+    None for a folder that brings its own config class (``auto_map``), which is left to the loading.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json``.
+        ValueError: it is not a JSON object, names no ``model_type`` or one this version of
+            transformers does not know, or holds values its config class refuses (AutoConfig's own
+            refusals); the message names the file.
+    """
+    name = "config.json"
+    config = files.json(name)
+    if config is None:
+        raise FileNotFoundError(f"{files.location} has no {name}")
+    if "AutoConfig" in config.get("auto_map", ()):
         return None
-    return json.loads(path.read_text())
+    import transformers  # here, not at import: only the checks and the encoding side need it
+
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{files.where(name)} names no model_type: transformers cannot tell which model it holds")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"{files.where(name)}: model_type {model_type!r} is not one transformers "
+                         f"{transformers.__version__} knows")
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{files.where(name)}: {err}") from err
