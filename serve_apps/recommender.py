@@ -96,6 +96,10 @@ class RecommenderArgs(BaseModel):
             ``retriever_groups`` (1: one holds all; a group with no shard of a version answers nothing).
         torch_threads: intra-op threads per replica.
         preload_modalities: load the text / image / audio query encoders at start, not on first search.
+        decode_timeout_s: image and audio queries are preprocessed in a child process of each
+            QueryEncoder replica, so a decoder crash fails that query with a 422 instead of killing the
+            replica (and the requests batched with it, and the replicas the Ingress retries it on);
+            one taking longer than this is killed and fails too. None: decode in the replica itself.
         batch: the Ingress's batching.
     """
 
@@ -108,6 +112,7 @@ class RecommenderArgs(BaseModel):
     retriever_groups: int = Field(1, ge=1, le=64)
     torch_threads: int = Field(1, ge=1)
     preload_modalities: bool = True
+    decode_timeout_s: float | None = Field(10.0, gt=0)
     batch: BatchArgs = Field(default_factory=BatchArgs)
 
 
@@ -234,11 +239,19 @@ class _Versioned:
 class QueryEncoder(_Versioned):
     """User tower over snapshot + recent history; text / image / audio query encoders and projections."""
 
-    def __init__(self, storage_config: dict, torch_threads: int = 1, preload_modalities: bool = True):
+    def __init__(self, storage_config: dict, torch_threads: int = 1, preload_modalities: bool = True,
+                 decode_timeout_s: float | None = 10.0):
+        from tessera.encoders.isolated import IsolatedDecoder
         from tessera.serving.query import QueryCore
 
         _set_threads(torch_threads)
-        self._init_cache(storage_config, lambda s, ref: QueryCore.load(s, ref, preload_modalities))
+        # one child process per replica decodes image / audio queries for every version it holds
+        self._decoder = IsolatedDecoder(decode_timeout_s) if decode_timeout_s else None
+        self._init_cache(storage_config, lambda s, ref: QueryCore.load(s, ref, preload_modalities, self._decoder))
+
+    def __del__(self):
+        if getattr(self, "_decoder", None) is not None:
+            self._decoder.close()
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
     async def encode_users(self, uris: list[str], queries: list[list]) -> list[list]:
@@ -869,8 +882,8 @@ def build_app(args: RecommenderArgs | dict) -> Application:
         args = RecommenderArgs.model_validate(args)
     storage = args.storage.model_dump(mode="json")
     version = {"user_config": {"index_uri": args.index_uri}} if args.index_uri else {}
-    encoder = QueryEncoder.options(**version).bind(storage, args.torch_threads,
-                                                                           args.preload_modalities)
+    encoder = QueryEncoder.options(**version).bind(storage, args.torch_threads, args.preload_modalities,
+                                                   args.decode_timeout_s)
     if args.retriever_groups == 1:
         retrievers = [Retriever.options(**version).bind(storage, None, True)]
     else:

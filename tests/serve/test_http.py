@@ -104,6 +104,30 @@ def test_search_by_text_image_and_audio(app_url, shared_data):
     assert audio.status_code == 200 and audio.json()["modality"] == "audio"
 
 
+def test_media_queries_are_decoded_in_a_child_of_the_query_encoder_which_outlives_it(app_url, shared_data):
+    """Image and audio bytes are decoded in a child process of the QueryEncoder replica, so a decoder crash
+    kills the child, not the replica: killed here (SIGKILL, as a segfault ends it), the next image search
+    is answered by a new child of the same replica."""
+    import psutil
+
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    body = {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"}
+    first = post(app_url, "/v1/search", body)
+    assert first.status_code == 200, first.text
+    children = [p for p in psutil.process_iter(["cmdline"]) if "tessera.encoders.isolated" in (p.info["cmdline"] or [])]
+    assert children, "no decoding child process found"
+    replicas = {c.ppid() for c in children}
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=10)
+    again = post(app_url, "/v1/search", body)
+    assert again.status_code == 200, again.text
+    assert [x["item_id"] for x in again.json()["items"]] == [x["item_id"] for x in first.json()["items"]]
+    assert all(psutil.pid_exists(pid) for pid in replicas)  # the replicas lived on
+    fresh = [p for p in psutil.process_iter(["cmdline"]) if "tessera.encoders.isolated" in (p.info["cmdline"] or [])]
+    assert fresh and not {p.pid for p in fresh} & {c.pid for c in children}
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"image": "%%% not base64 %%%"}, 422, ["image is not valid base64"]),
     ({"image": base64.b64encode(b"\xff\xd8\xff\xe0 this is no jpeg").decode()}, 422, ["image query rejected"]),

@@ -7,7 +7,9 @@
   time gap into the last bucket. A user with no usable history is *cold*: no vector, the ranker
   answers with popular items.
 * Queries: the modality's encoder (the same weights as the embedding run, checked by checksum) and
-  the item tower's projection of that modality into the item space.
+  the item tower's projection of that modality into the item space. Given an ``IsolatedDecoder``,
+  image and audio bytes are preprocessed in its child process, so a decoder crash or hang fails the
+  query (422) instead of the replica and the requests batched with it.
 
 Example::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -27,6 +30,11 @@ import pyarrow.compute as pc
 from tessera.serving.errors import RequestError
 from tessera.serving.version import ItemVectors, VersionError, VersionRef
 from tessera.storage import Storage, join_uri
+
+if TYPE_CHECKING:
+    from tessera.encoders.isolated import IsolatedDecoder
+
+MEDIA_MODALITIES = ("image", "audio")  # query bytes from outside, through C decoders
 
 
 @dataclass(frozen=True)
@@ -110,8 +118,9 @@ class QueryCore:
     pipeline both call it). Thread-safe for concurrent calls."""
 
     def __init__(self, storage: Storage, ref: VersionRef, items: ItemVectors, histories: UserHistories,
-                 bundle, preload_modalities: bool = True):
+                 bundle, preload_modalities: bool = True, decoder: IsolatedDecoder | None = None):
         self.storage, self.ref, self.items, self.histories = storage, ref, items, histories
+        self.decoder = decoder  # image / audio query bytes are preprocessed in its child process
         self.user_tower = bundle.user_tower.eval()
         self.item_tower = bundle.item_tower.eval()
         self.max_history = self.user_tower.config.max_history
@@ -123,12 +132,16 @@ class QueryCore:
                 self.encoder(m)
 
     @classmethod
-    def load(cls, storage: Storage, ref: VersionRef, preload_modalities: bool = True) -> QueryCore:
+    def load(cls, storage: Storage, ref: VersionRef, preload_modalities: bool = True,
+             decoder: IsolatedDecoder | None = None) -> QueryCore:
+        """Load one version's query side; ``decoder``: preprocess image and audio queries in its child
+        process (a decoder crash or hang then fails that query alone, see :mod:`tessera.encoders.isolated`)."""
         from tessera.models.bundle import ModelBundle
 
         items = ItemVectors.load(storage, ref)
         histories = UserHistories.load(storage, ref.interactions_uri, items)
-        return cls(storage, ref, items, histories, ModelBundle.load(storage, ref.model_uri), preload_modalities)
+        return cls(storage, ref, items, histories, ModelBundle.load(storage, ref.model_uri), preload_modalities,
+                   decoder)
 
     # --- users ----------------------------------------------------------------------------
     def encode_users(self, queries: list[UserQuery]) -> list[UserEncoding | RequestError]:
@@ -196,8 +209,14 @@ class QueryCore:
         """The modality's encoder as the embedding run used it (loaded once; checksum verified)."""
         with self._encoder_lock:
             if modality not in self._encoders:
-                self._encoders[modality] = self._load_encoder(modality)
+                encoder = self._load_encoder(modality)
+                if self._isolated(modality):
+                    self.decoder.start(encoder.preprocessor)  # set up in the child now, not on a query
+                self._encoders[modality] = encoder
             return self._encoders[modality]
+
+    def _isolated(self, modality: str) -> bool:
+        return self.decoder is not None and modality in MEDIA_MODALITIES
 
     def _load_encoder(self, modality: str):
         from tessera.embed.config import EmbedConfig
@@ -231,7 +250,8 @@ class QueryCore:
                 continue
             # map, not a direct call: any exception from one query's bytes fails that query alone (422),
             # never the batch it shares with other requests
-            [pre] = self.encoder(modality).preprocessor.map([raw])
+            prep = self.encoder(modality).preprocessor
+            [pre] = self.decoder.map(prep, [raw]) if self._isolated(modality) else prep.map([raw])
             if isinstance(pre, MediaError):
                 status = 413 if pre.kind == "oversized" else 422
                 out[i] = RequestError(status, "bad_media", f"{modality} query rejected: {pre}")

@@ -1,0 +1,120 @@
+"""Media preprocessing in a child process: the same model inputs as in-process, and a decoder that
+crashes or hangs fails its own item only.
+
+No real file known crashes this machine's decoders, so the crash and the hang come from a preprocessor
+subclass that does the real image preprocessing except on marked bytes, where it aborts its process
+(as a decoder's segfault would) or sleeps. The isolation is what is under test here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tessera.encoders.audio import AudioEncoderConfig, AudioPreprocessor
+from tessera.encoders.errors import MediaError
+from tessera.encoders.image import ImageEncoderConfig, ImagePreprocessor
+from tessera.encoders.isolated import IsolatedDecoder
+
+
+class FaultyImagePreprocessor(ImagePreprocessor):
+    """The real image preprocessing, except: bytes starting ``CRASH`` abort the process, ``HANG`` sleep."""
+
+    def __call__(self, raw):
+        if raw.startswith(b"CRASH"):
+            os.abort()
+        if raw.startswith(b"HANG"):
+            time.sleep(600)
+        return super().__call__(raw)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    d = IsolatedDecoder(timeout_s=20)
+    yield d
+    d.close()
+
+
+def test_the_child_gives_the_same_inputs_and_errors_as_in_process(decoder, image_weights, audio_weights,
+                                                                   grocery_jpegs, fsdd_wavs):
+    image = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    audio = AudioPreprocessor(AudioEncoderConfig(weights=str(audio_weights), clip_seconds=0.5))
+    jpegs = [p.read_bytes() for p in grocery_jpegs[:2]]
+    wav = fsdd_wavs[0].read_bytes()
+    items = [*jpegs, jpegs[0][: len(jpegs[0]) // 2], b"", b"RIFF0000WAVEjunk"]
+    isolated, direct = decoder.map(image, items), image.map(items)
+    for a, b in zip(isolated, direct, strict=True):
+        if isinstance(b, MediaError):
+            assert isinstance(a, MediaError) and str(a) == str(b)
+        else:
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    [a], [b] = decoder.map(audio, [wav]), audio.map([wav])  # two preprocessors share the child
+    assert np.array_equal(a, b)
+    assert decoder.restarts == 0
+
+
+def test_a_crash_or_a_hang_fails_its_item_alone_and_a_fresh_child_takes_the_next(image_weights, grocery_jpegs,
+                                                                                  caplog):
+    decoder = IsolatedDecoder(timeout_s=5)
+    prep = FaultyImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    jpeg = grocery_jpegs[0].read_bytes()
+    try:
+        decoder.start(prep)  # the child's start-up (imports) is not charged to an item's 5 s
+        out = decoder.map(prep, [jpeg, b"CRASH", jpeg, b"HANG", jpeg])
+    finally:
+        decoder.close()
+    expected = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights))).map([jpeg])[0]
+    for i in (0, 2, 4):
+        assert np.array_equal(out[i], expected)
+    assert isinstance(out[1], MediaError) and str(out[1]) == "corrupt: the decoder crashed on this input"
+    assert isinstance(out[3], MediaError) and str(out[3]) == "corrupt: decoding took over 5 s"
+    assert decoder.restarts == 2
+    assert "the decoding process died on one item" in caplog.text
+
+
+def test_a_preprocessor_that_cannot_set_up_raises_as_in_process(decoder, tmp_path, grocery_jpegs):
+    broken = ImagePreprocessor(ImageEncoderConfig(weights=str(tmp_path)))  # no preprocessor_config.json
+    with pytest.raises(FileNotFoundError):
+        broken.map([grocery_jpegs[0].read_bytes()])
+    with pytest.raises(FileNotFoundError):
+        decoder.map(broken, [grocery_jpegs[0].read_bytes()])
+
+
+def test_a_child_killed_between_items_is_replaced_without_failing_the_next_item(decoder, image_weights,
+                                                                                grocery_jpegs):
+    import psutil
+
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    jpeg = grocery_jpegs[0].read_bytes()
+    assert not isinstance(decoder.map(prep, [jpeg])[0], MediaError)
+    child = psutil.Process(decoder.pid)
+    child.kill()  # as the OOM killer would, while it waits for work
+    child.wait(10)
+    restarts = decoder.restarts
+    assert np.array_equal(decoder.map(prep, [jpeg])[0], prep.map([jpeg])[0])
+    assert decoder.restarts == restarts + 1 and decoder.pid != child.pid
+
+
+def test_the_child_exits_when_its_parent_is_killed(tmp_path):
+    import psutil
+
+    script = tmp_path / "parent.py"  # no main guard: the child must not re-run the parent's script
+    script.write_text(
+        "import os\n"
+        "from tessera.encoders.isolated import IsolatedDecoder\n"
+        "d = IsolatedDecoder()\n"
+        "d._child()\n"
+        "print(d.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n")
+    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert parent.returncode == -9, parent.stderr
+    try:
+        child = psutil.Process(int(parent.stdout.split()[0]))
+    except psutil.NoSuchProcess:
+        return  # already gone
+    child.wait(10)  # raises TimeoutExpired if the orphan lingers
