@@ -12,8 +12,13 @@ writes, renews from a background thread while it runs and deletes when it ends:
   was taken over learns it at its next renewal (:attr:`RunLease.lost`) and stops;
 - a lease not renewed for ``ttl_s`` (on the store's clock) is stale: its holder was killed or cut off,
   and the next attempt takes it over, again by a conditional write, so two attempts cannot both;
-- a lease held by a process on this host that has exited (pid and start time recorded) is taken over
-  at once: the usual "killed it, start it again" needs no waiting.
+- a lease held by a process that has exited, on this machine and in this pid namespace (host name,
+  boot id, pid namespace, pid and start time recorded), is taken over at once: the usual "killed it,
+  start it again" needs no waiting;
+- every write of the lease differs from the last (a write counter), so ``If-Match`` on an S3 ETag (the
+  content's MD5) tells versions apart;
+- released with a conditional delete (``If-Match``), so an attempt that lost its lease never deletes
+  the one that took it over.
 
 Example::
 
@@ -32,6 +37,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from tessera.storage import Storage
 
@@ -56,13 +62,50 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def _machine() -> dict:
+    """What tells this machine and process-id namespace apart: the host name alone does not (containers
+    with host networking share it, each with its own pids; cloned VMs keep the default name)."""
+    def read(get) -> str | None:
+        try:
+            return get()
+        except OSError:  # not Linux: the holder is never judged gone, the ttl decides
+            return None
+
+    return {"host": socket.gethostname(),
+            "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_ns": read(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
 def _holder_gone(holder: dict) -> bool:
-    """Whether the lease's holder is a process on this host that no longer runs (its pid is free, or
-    reused by a process that started later)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """Whether the lease's holder is a process on this machine, in this pid namespace, that no longer
+    runs (its pid is free, or reused by a process that started later). Unknowable elsewhere: False."""
+    here = _machine()
+    if None in here.values() or any(holder.get(k) != v for k, v in here.items()):
+        return False
+    if not isinstance(holder.get("pid"), int):
         return False
     started, recorded = _process_started(holder["pid"]), holder.get("pid_started")
     return started is None or (isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0)
+
+
+def _ray_job() -> str | None:
+    """The Ray job this process drives (its submission id under ``ray job submit``), if any."""
+    import json as _json
+
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if config:
+        try:
+            submission = _json.loads(config).get("metadata", {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            submission = None
+        if submission:
+            return submission
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+    except (ImportError, RuntimeError, AttributeError):  # no Ray, or no job context: the process only
+        return None
 
 
 class RunLease:
@@ -84,6 +127,8 @@ class RunLease:
         self.what = what or uri
         self.break_lease = break_lease
         self.token = uuid.uuid4().hex
+        self._holder: dict | None = None
+        self._writes = 0
         self._tag: str | None = None
         self._renewed = 0.0  # time.monotonic() of the last write that held the lease
         self._lost: str | None = None
@@ -92,14 +137,17 @@ class RunLease:
 
     # --- the lease's content ---------------------------------------------------------------
     def _body(self) -> bytes:
-        holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                  "pid_started": _process_started(os.getpid()), "ttl_s": self.ttl_s,
-                  "ray_job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")}
-        return json.dumps(holder, sort_keys=True).encode()
+        # every write differs (``writes``): S3's ETag is the content's MD5, and If-Match on an unchanged
+        # body would let a taker holding the tag read before a renewal replace the renewed lease
+        self._writes += 1
+        if self._holder is None:
+            self._holder = {"token": self.token, **_machine(), "pid": os.getpid(),
+                            "pid_started": _process_started(os.getpid()), "ttl_s": self.ttl_s, "ray_job": _ray_job()}
+        return json.dumps({**self._holder, "writes": self._writes, "written_at": time.time()}, sort_keys=True).encode()
 
-    def _read(self) -> tuple[dict, str, float] | None:
+    def _read(self, store: Storage | None = None) -> tuple[dict, str, float] | None:
         try:
-            data, tag, age = self.storage.read_versioned(self.uri)
+            data, tag, age = (store or self.storage).read_versioned(self.uri)
         except FileNotFoundError:
             return None
         try:
@@ -108,18 +156,19 @@ class RunLease:
             holder = {}
         return (holder if isinstance(holder, dict) else {}), tag, age
 
-    def _mine(self) -> str | None:
+    def _mine(self, store: Storage | None = None) -> str | None:
         """The lease's tag if it holds this attempt's token, else None. (A conditional write whose answer
         was lost is retried and refused, although the first try landed: reading tells.)"""
-        found = self._read()
+        found = self._read(store)
         return found[1] if found is not None and found[0].get("token") == self.token else None
 
     # --- acquire / renew / release ---------------------------------------------------------
     def acquire(self) -> None:
         """Take the lease, or raise :class:`LeaseHeldError` naming its live holder."""
         for _ in range(5):  # each pass takes the lease or finds it changed under us
+            sent = time.monotonic()
             if tag := self.storage.create_exclusive(self.uri, self._body()) or self._mine():
-                self._held(tag)
+                self._held(tag, sent)
                 return
             found = self._read()
             if found is None:
@@ -130,15 +179,18 @@ class RunLease:
                 raise LeaseHeldError(self._held_message(holder, age))
             why = ("broken on request (--break-lease)" if self.break_lease
                    else f"not renewed for {age:.0f}s" if stale else "its process has exited")
+            sent = time.monotonic()
             if new := self.storage.replace_if(self.uri, self._body(), tag) or self._mine():
                 logger.warning("lease on %s taken over from %s: %s", self.what, _describe(holder), why)
-                self._held(new)
+                self._held(new, sent)
                 return
         raise LeaseHeldError(f"{self.what}: the lease {self.uri} kept changing hands; another attempt is "
                              "starting at the same time")
 
-    def _held(self, tag: str) -> None:
-        self._tag, self._renewed = tag, time.monotonic()
+    def _held(self, tag: str, sent: float) -> None:
+        """Record the lease as ours at version ``tag``, written no earlier than ``sent`` (the store
+        counts its age from when it got the write, which may be long before a retried call returned)."""
+        self._tag, self._renewed = tag, sent
 
     def _held_message(self, holder: dict, age: float) -> str:
         ttl = float(holder.get("ttl_s", self.ttl_s))
@@ -148,8 +200,9 @@ class RunLease:
 
     def renew(self) -> None:
         """Rewrite the lease if it is still ours; record it as lost (see :meth:`check`) if not."""
+        sent = time.monotonic()
         if tag := self.storage.replace_if(self.uri, self._body(), self._tag or "") or self._mine():
-            self._held(tag)
+            self._held(tag, sent)
             return
         found = self._read()
         self._lost = (f"{self.what}: the lease {self.uri} was "
@@ -159,7 +212,8 @@ class RunLease:
         """Raise :class:`LeaseLostError` if a renewal found the lease taken over, or none succeeded for
         ``ttl_s`` (another attempt may have taken it over since)."""
         if self._lost is None and time.monotonic() - self._renewed > self.ttl_s:
-            self._lost = f"{self.what}: the lease {self.uri} could not be renewed for {self.ttl_s:g}s"
+            self._lost = (f"{self.what}: the lease {self.uri} could not be renewed for {self.ttl_s:g}s (the store "
+                          "unreachable?), so another attempt may have taken the run over")
         if self._lost:
             raise LeaseLostError(self._lost + "; this attempt stopped writing")
 
@@ -173,12 +227,15 @@ class RunLease:
         if any, is not replaced by a storage error)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=5.0)  # a renewal stuck on a store outage is left to its daemon thread
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # a few quick tries: an attempt ending with the store down should not wait out the retry window
+        store = Storage(self.storage.config.model_copy(update={"retry_window_s": 5.0, "max_attempts": 2}))
         try:
-            if not self._lost and self._mine():
-                self.storage.delete(self.uri)
+            if not self._lost and self._tag is not None and not store.delete_if(self.uri, self._tag):
+                if tag := self._mine(store):  # our last renewal's answer was lost
+                    store.delete_if(self.uri, tag)
         except (OSError, BotoCoreError, ClientError) as err:
             logger.warning("lease on %s: not released (%s: %s); it goes stale in %gs", self.what,
                            type(err).__name__, err, self.ttl_s)
@@ -207,5 +264,5 @@ class RunLease:
 
 
 def _describe(holder: dict) -> str:
-    job = f", Ray job {holder['ray_job_id']}" if holder.get("ray_job_id") else ""
+    job = f", Ray job {holder['ray_job']}" if holder.get("ray_job") else ""
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}"

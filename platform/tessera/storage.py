@@ -359,7 +359,8 @@ class Storage:
 
         On S3 a conditional PutObject (``If-None-Match: *``, honoured by AWS S3, SeaweedFS, MinIO): of
         two writers racing, exactly one succeeds. A local file is written aside and hard-linked into
-        place (``link`` fails if the name exists), so it too appears whole or not at all."""
+        place (``link`` fails if the name exists), so it too appears whole or not at all; on a filesystem
+        without hard links it is created with ``O_EXCL`` and then written."""
         loc = parse_uri(uri)
         if loc.scheme == "file":
             path = Path(loc.path)
@@ -371,6 +372,8 @@ class Storage:
                 return _local_tag(path)
             except FileExistsError:
                 return None
+            except OSError:  # no hard links here (FAT, some FUSE mounts)
+                return _create_excl(path, data)
             finally:
                 tmp.unlink()
         return self._put_if(uri, data, IfNoneMatch="*")
@@ -384,10 +387,11 @@ class Storage:
             FileNotFoundError: no object at ``uri``.
         """
         loc = parse_uri(uri)
-        if loc.scheme == "file":
-            path = Path(loc.path)
-            data = path.read_bytes()
-            return data, _local_tag(path), max(0.0, time.time() - path.stat().st_mtime)
+        if loc.scheme == "file":  # the tag and the content of one open file, one version
+            with open(loc.path, "rb") as f:
+                info = os.fstat(f.fileno())
+                data = f.read()
+            return data, _stat_tag(info), max(0.0, time.time() - info.st_mtime)
         from email.utils import parsedate_to_datetime
 
         from botocore.exceptions import ClientError
@@ -445,13 +449,31 @@ class Storage:
 
         return self._retrying(f"PUT {uri} ({', '.join(condition)})", put)
 
-    def delete(self, uri: str) -> None:
-        """Delete one object (or local file); nothing happens if it is not there."""
+    def delete_if(self, uri: str, tag: str) -> bool:
+        """Delete ``uri`` only if it still holds the version ``tag``; False if it changed or is gone.
+        On S3 a conditional DeleteObject (``If-Match``; a store that ignores the header deletes
+        unconditionally). A local file is compared, then deleted."""
         loc = parse_uri(uri)
         if loc.scheme == "file":
-            Path(loc.path).unlink(missing_ok=True)
-            return
-        self._retrying(f"DELETE {uri}", lambda: self.client().delete_object(Bucket=loc.bucket, Key=loc.key))
+            try:
+                if _local_tag(Path(loc.path)) != tag:
+                    return False
+                Path(loc.path).unlink()
+                return True
+            except FileNotFoundError:
+                return False
+        from botocore.exceptions import ClientError
+
+        def delete() -> bool:
+            try:
+                self.client().delete_object(Bucket=loc.bucket, Key=loc.key, IfMatch=tag)
+                return True
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                    return False
+                raise
+
+        return self._retrying(f"DELETE {uri} (IfMatch)", delete)
 
     def read_json(self, uri: str):
         return json.loads(self.read_bytes(uri))
@@ -529,8 +551,22 @@ def _replace_local(path: Path, fill) -> None:
 
 def _local_tag(path: Path) -> str:
     """A local file's version tag: inode, mtime and size change with every replacement."""
-    info = path.stat()
+    return _stat_tag(path.stat())
+
+
+def _stat_tag(info: os.stat_result) -> str:
     return f"{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
+
+
+def _create_excl(path: Path, data: bytes) -> str | None:
+    """Create ``path`` holding ``data`` unless it exists (``O_EXCL``); its tag, or None."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return _local_tag(path)
 
 
 def _transient(err: Exception) -> bool:

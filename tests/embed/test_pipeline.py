@@ -371,4 +371,31 @@ def test_a_second_attempt_of_a_running_run_is_refused_before_it_reads_or_writes(
         assert embed_job.main(["--config", str(path)]) == 5
         err = capsys.readouterr().err
         assert f"{held_uri} is being written by another attempt (host" in err and "--break-lease" in err, err
+        assert ", Ray job " in err, err  # this test session's driver
         assert storage.list_files(held_uri) == [join_uri(held_uri, "_LEASE.json")]  # no _RUN.json, no part
+
+
+def test_break_lease_takes_a_live_looking_run_over_and_its_holder_learns_it(encoder_weights, storage, tmp_path,
+                                                                            ray_session):
+    """``--break-lease``: the operator knows the holder is gone; the run goes ahead and, were the holder still
+    there, its next renewal finds the lease taken and it stops."""
+    from tessera.lease import LeaseLostError, RunLease
+
+    items = f"{TEST_ROOT}/breaklease/items"
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": ["a", "b"], "text": ["oat milk", "rye bread"],
+        "image_uri": [None, None], "audio_uri": [None, None]}))
+    cfg = embed_config(encoder_weights, "breaklease", items_uri=items, output_uri=f"{TEST_ROOT}/breaklease/out",
+                       image={"enabled": False}, audio={"enabled": False})
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    run_uri = join_uri(cfg.output_uri, cfg.run_id)
+    holder = RunLease(storage, join_uri(run_uri, "_LEASE.json"), ttl_s=60)
+    holder.acquire()
+    assert embed_job.main(["--config", str(path)]) == 5
+    assert embed_job.main(["--config", str(path), "--break-lease"]) == 0
+    assert storage.read_json(join_uri(run_uri, "_MANIFEST.json"))["counts"]["text"]["ok"] == 2
+    assert not storage.exists(join_uri(run_uri, "_LEASE.json"))  # released by the run that took it
+    holder.renew()
+    with pytest.raises(LeaseLostError, match="deleted while this attempt ran"):
+        holder.check()

@@ -146,7 +146,9 @@ class EmbedConfig(TesseraConfig):
         lease_ttl_s: an attempt holds the run through ``<run>/_LEASE.json``, renewed every quarter of
             this; a second attempt started meanwhile is refused (:mod:`tessera.lease`), and takes over
             a lease not renewed for this long (its holder was killed), or at once when the holder was a
-            process on the same host that has exited.
+            process on the same machine that has exited. Keep it above ``storage.retry_window_s``: an
+            attempt that cannot renew for a ttl stops (the store down that long), where the storage
+            retries would have ridden the outage out.
     """
 
     items_uri: str = "s3://tessera-demo/corpus/items"
@@ -157,7 +159,7 @@ class EmbedConfig(TesseraConfig):
     read_num_cpus: float = Field(0.1, gt=0, description="CPUs per read / write task")
     read_batch_rows: int = Field(256, ge=1, description="rows per block coming out of the reader")
     io_concurrency: int | None = Field(None, ge=1)
-    lease_ttl_s: float = Field(60.0, ge=5)
+    lease_ttl_s: float = Field(150.0, ge=5)
     text: TextModality = TextModality()
     image: ImageModality = ImageModality()
     audio: AudioModality = AudioModality()

@@ -315,8 +315,9 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     whose manifest matches the input is returned as is. A run id keeps the identity it started with
     (:func:`run_identity`, in ``_RUN.json``): a rerun with other items or other encoder settings is
     refused, naming the keys that differ, rather than mixing two kinds of vectors in one run. One attempt
-    writes a run at a time: it holds ``<run>/_LEASE.json`` (:class:`~tessera.lease.RunLease`) from its
-    first read of the run to its manifest; ``break_lease`` takes over a lease whose holder looks live.
+    writes a run at a time: once it has found the run unfinished it holds ``<run>/_LEASE.json``
+    (:class:`~tessera.lease.RunLease`) until its manifest is written; ``break_lease`` takes over a lease
+    whose holder looks live. A finished run is returned without a lease (read-only credentials do).
 
     Raises:
         EmbeddingInputError: no items table at ``items_uri``, null or repeated item ids, an items file
@@ -326,23 +327,9 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
         LeaseLostError: another attempt took the run over while this one ran (it had not renewed its
             lease for ``lease_ttl_s``, or was broken); this attempt stopped.
     """
+    t0 = time.perf_counter()
     storage = Storage(cfg.storage)
     run_uri = join_uri(cfg.output_uri, cfg.run_id)
-    lease = RunLease(storage, join_uri(run_uri, "_LEASE.json"), cfg.lease_ttl_s, what=run_uri,
-                     break_lease=break_lease)
-    try:
-        lease.acquire()
-    except FileNotFoundError as err:  # no such bucket
-        raise EmbeddingInputError(f"output_uri: {err}") from None
-    with lease:  # renewed while the run goes on, released at its end
-        return _run_leased(cfg, storage, run_uri, lease)
-
-
-def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLease) -> dict:
-    import ray
-
-    t0 = time.perf_counter()
-    manifest_uri = join_uri(run_uri, "_MANIFEST.json")
     files = storage.list_files(cfg.items_uri, ".parquet")
     if not files and cfg.items_uri.endswith(".parquet") and storage.exists(cfg.items_uri):
         files = [cfg.items_uri]  # a single items file
@@ -350,7 +337,27 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         raise EmbeddingInputError(f"items_uri: no Parquet files under {cfg.items_uri}")
     n_input = storage.parquet_rows(files)
     identity = run_identity(cfg, files, n_input)
-    identity_uri = join_uri(run_uri, "_RUN.json")
+    # a finished run is read, not written: no lease (read-only credentials, two callers at once)
+    if (finished := run_state(storage, run_uri, identity, n_input)[1]) is not None:
+        return finished
+    lease = RunLease(storage, join_uri(run_uri, "_LEASE.json"), cfg.lease_ttl_s, what=run_uri,
+                     break_lease=break_lease)
+    try:
+        lease.acquire()
+    except FileNotFoundError as err:  # no such bucket
+        raise EmbeddingInputError(f"output_uri: {err}") from None
+    with lease:  # renewed while the run goes on, released at its end
+        return _run_leased(cfg, storage, run_uri, lease, files, n_input, identity, t0)
+
+
+def run_state(storage: Storage, run_uri: str, identity: dict, n_input: int,
+              announce: bool = False) -> tuple[dict | None, dict | None]:
+    """``(identity the run started with, its manifest if complete)``; either None when there is none.
+
+    Raises:
+        EmbeddingInputError: the run was started with another identity and holds parts or a manifest.
+    """
+    identity_uri, manifest_uri = join_uri(run_uri, "_RUN.json"), join_uri(run_uri, "_MANIFEST.json")
     started = storage.read_json(identity_uri) if storage.exists(identity_uri) else None
     if started is not None and (changed := identity_changes(started, identity)):
         if list_parts(storage, run_uri) or storage.exists(manifest_uri):
@@ -358,20 +365,34 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                 f"{run_uri} was started with other settings ({', '.join(changed)} differ; see {identity_uri}): "
                 f"use another run_id, or delete {run_uri}/ to redo this one")
         # an attempt that wrote nothing (say, it failed on a weights path, fixed since): nothing to mix with
-        print(f"[embed] {run_uri} holds no parts yet: restarting it with the new settings ({', '.join(changed)})",
-              flush=True)
+        if announce:
+            print(f"[embed] {run_uri} holds no parts yet: restarting it with the new settings "
+                  f"({', '.join(changed)})", flush=True)
         started = None
     if storage.exists(manifest_uri):
         previous = storage.read_json(manifest_uri)
         # runs written before _RUN.json existed: the input's row count is all there is to compare
         if previous.get("complete") and (started is not None or previous.get("input", {}).get("items") == n_input):
             previous["reused"] = True
-            return previous
+            return started, previous
+    return started, None
+
+
+def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLease, files: list[str],
+                n_input: int, identity: dict, t0: float) -> dict:
+    import ray
+
+    manifest_uri, identity_uri = join_uri(run_uri, "_MANIFEST.json"), join_uri(run_uri, "_RUN.json")
+    # again, holding the lease: an attempt that held it before may have finished or started the run
+    started, finished = run_state(storage, run_uri, identity, n_input, announce=True)
+    if finished is not None:
+        return finished
     cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
     check_fits(cfg, cpus, gpus)
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     if started is None:
+        lease.check()
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
     done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus)
@@ -381,6 +402,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     seen: set[str] = set()  # encoder identities reported by the actors, through the writer
     written = 0
     if len(done) < n_input:
+        lease.check()
         ds = build_dataset(cfg, files, done, key, run_uri)
         for row in ds.iter_rows():
             lease.check()
@@ -388,7 +410,9 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
     encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
+    lease.check()
     counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus)
+    lease.check()  # parts another attempt wrote after taking the run over are not this run's duplicates
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
             f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
