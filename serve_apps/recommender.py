@@ -218,18 +218,20 @@ class _Versioned:
         core = self.cache.get_loaded(uri)
         return core if core is not None else await asyncio.to_thread(self.cache.get, uri)
 
-    async def _per_version(self, uris: list[str], batches: list[list], call) -> list[list]:
+    async def _per_version(self, uris: list[str], batches: list[list], call, threaded: bool = False) -> list[list]:
         """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, with
         the answers split back per call.
 
         The model runs on the replica's user-code event loop, not in a worker thread: a thread hop per
         batch cost ~1 ms a stage at one client here, and calls arriving meanwhile queue up and form the
-        next batch. (Serve answers health checks and control calls on its own loop, in another thread.)"""
+        next batch. (Serve answers health checks and control calls on its own loop, in another thread.)
+        ``threaded``: in a worker thread after all, for calls that may wait long (media decoding)."""
         out: list[list | None] = [None] * len(uris)
         for uri in dict.fromkeys(uris):
             calls = [i for i, u in enumerate(uris) if u == uri]
             core = await self._core(uri)
-            answers = call(core, [x for i in calls for x in batches[i]])
+            items = [x for i in calls for x in batches[i]]
+            answers = await asyncio.to_thread(call, core, items) if threaded else call(core, items)
             for i, part in zip(calls, _split(answers, [len(batches[i]) for i in calls]), strict=True):
                 out[i] = part
         return out  # type: ignore[return-value]
@@ -259,7 +261,12 @@ class QueryEncoder(_Versioned):
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def encode_queries(self, uris: list[str], queries: list[list]) -> list[list]:
-        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat))
+        from tessera.serving.query import MEDIA_MODALITIES
+
+        # image / audio decoding may take up to decode_timeout_s an item (or a child's restart): in a thread,
+        # so that it does not hold the event loop encode_users shares
+        media = any(modality in MEDIA_MODALITIES for batch in queries for modality, _ in batch)
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat), threaded=media)
 
     async def item_vectors(self, uri: str, item_ids: list[str]) -> list:
         return (await self._core(uri)).item_vectors(item_ids)

@@ -84,37 +84,86 @@ def test_a_preprocessor_that_cannot_set_up_raises_as_in_process(decoder, tmp_pat
         decoder.map(broken, [grocery_jpegs[0].read_bytes()])
 
 
-def test_a_child_killed_between_items_is_replaced_without_failing_the_next_item(decoder, image_weights,
-                                                                                grocery_jpegs):
+def test_a_child_killed_between_items_is_replaced_without_failing_the_next_item(image_weights, grocery_jpegs):
+    """The replacement's start-up (seconds: torch's import) is charged to its setup, not to the next item's
+    timeout, which is shorter here than a start-up."""
     import psutil
 
+    decoder = IsolatedDecoder(timeout_s=1.0)
     prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
     jpeg = grocery_jpegs[0].read_bytes()
-    assert not isinstance(decoder.map(prep, [jpeg])[0], MediaError)
-    child = psutil.Process(decoder.pid)
-    child.kill()  # as the OOM killer would, while it waits for work
-    child.wait(10)
-    restarts = decoder.restarts
-    assert np.array_equal(decoder.map(prep, [jpeg])[0], prep.map([jpeg])[0])
-    assert decoder.restarts == restarts + 1 and decoder.pid != child.pid
+    try:
+        decoder.start(prep)
+        assert not isinstance(decoder.map(prep, [jpeg])[0], MediaError)
+        child = psutil.Process(decoder.pid)
+        child.kill()  # as the OOM killer would, while it waits for work
+        child.wait(10)
+        assert np.array_equal(decoder.map(prep, [jpeg])[0], prep.map([jpeg])[0])
+        assert decoder.restarts == 1 and decoder.pid != child.pid
+    finally:
+        decoder.close()
 
 
-def test_the_child_exits_when_its_parent_is_killed(tmp_path):
+def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image_weights):
+    """Killed while its child decodes (here: an item that hangs), the parent closes no pipe the child is
+    reading: the child's own watch on its parent ends it."""
     import psutil
 
     script = tmp_path / "parent.py"  # no main guard: the child must not re-run the parent's script
     script.write_text(
-        "import os\n"
+        "import os, sys, threading, time\n"
+        "from tessera.encoders.image import ImageEncoderConfig\n"
         "from tessera.encoders.isolated import IsolatedDecoder\n"
-        "d = IsolatedDecoder()\n"
-        "d._child()\n"
+        "from tests.encoders.test_isolated import FaultyImagePreprocessor\n"
+        "prep = FaultyImagePreprocessor(ImageEncoderConfig(weights=sys.argv[1]))\n"
+        "d = IsolatedDecoder(timeout_s=600)\n"
+        "d.start(prep)\n"
+        "threading.Thread(target=d.map, args=(prep, [b'HANG']), daemon=True).start()\n"
+        "time.sleep(2)\n"
         "print(d.pid, flush=True)\n"
         "os.kill(os.getpid(), 9)\n")
-    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    parent = subprocess.run([sys.executable, str(script), str(image_weights)], capture_output=True, text=True,
+                            timeout=180, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert parent.returncode == -9, parent.stderr
     try:
         child = psutil.Process(int(parent.stdout.split()[0]))
     except psutil.NoSuchProcess:
         return  # already gone
-    child.wait(10)  # raises TimeoutExpired if the orphan lingers
+    child.wait(10)  # raises TimeoutExpired if the orphan lingers in its hang
+
+
+def test_the_parent_reads_plain_frames_only_and_never_unpickles_what_the_child_writes():
+    import json
+    import pickle
+
+    from tessera.encoders.isolated import MAX_REPLY_BYTES, _ChildGone, _read_reply, _result
+
+    def frame(*parts: bytes) -> int:
+        r, w = os.pipe()
+        data = b"".join(parts)
+        os.write(w, len(data).to_bytes(8, "little") + data)
+        os.close(w)
+        return r
+
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    head = json.dumps({"array": "float32", "shape": [2, 3]}).encode() + b"\n"
+    got = _result(_read_reply(frame(head, arr.tobytes()), time.monotonic() + 5))
+    assert got.dtype == np.float32 and np.array_equal(got, arr) and got.flags.writeable
+    err = _result(_read_reply(frame(b'{"media_error": "corrupt", "detail": "bad"}\n'), time.monotonic() + 5))
+    assert isinstance(err, MediaError) and str(err) == "corrupt: bad"
+
+    class Boom:
+        def __reduce__(self):
+            return (os.abort, ())
+
+    for bad in (pickle.dumps(Boom()),  # a pickle is not a reply: never loaded
+                json.dumps({"array": "object", "shape": [1]}).encode() + b"\n",
+                json.dumps({"array": "float32", "shape": [4]}).encode() + b"\n" + b"\0" * 8):
+        with pytest.raises(_ChildGone):
+            _result(_read_reply(frame(bad), time.monotonic() + 5))
+    r, w = os.pipe()
+    os.write(w, (MAX_REPLY_BYTES + 1).to_bytes(8, "little"))
+    with pytest.raises(_ChildGone):  # an absurd length is refused, not allocated
+        _read_reply(r, time.monotonic() + 5)
+    with pytest.raises(TimeoutError):  # a reply that never comes
+        _read_reply(os.pipe()[0], time.monotonic() + 0.2)

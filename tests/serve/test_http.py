@@ -104,28 +104,35 @@ def test_search_by_text_image_and_audio(app_url, shared_data):
     assert audio.status_code == 200 and audio.json()["modality"] == "audio"
 
 
-def test_media_queries_are_decoded_in_a_child_of_the_query_encoder_which_outlives_it(app_url, shared_data):
+def test_media_queries_are_decoded_in_a_child_of_the_query_encoder_which_outlives_it(app_url, shared_data,
+                                                                                     dashboard_url):
     """Image and audio bytes are decoded in a child process of the QueryEncoder replica, so a decoder crash
     kills the child, not the replica: killed here (SIGKILL, as a segfault ends it), the next image search
     is answered by a new child of the same replica."""
     import psutil
+    from ray.util.state import list_actors
 
     jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
     body = {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"}
     first = post(app_url, "/v1/search", body)
     assert first.status_code == 200, first.text
-    children = [p for p in psutil.process_iter(["cmdline"]) if "tessera.encoders.isolated" in (p.info["cmdline"] or [])]
-    assert children, "no decoding child process found"
-    replicas = {c.ppid() for c in children}
+    alive = list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
+    replicas = [psutil.Process(a.pid) for a in alive if "QueryEncoder" in a.class_name]
+
+    def decoding_children():
+        return [c for r in replicas for c in r.children() if "tessera.encoders.isolated" in " ".join(c.cmdline())]
+
+    children = decoding_children()
+    assert children, "no decoding child process under a QueryEncoder replica"
     for child in children:
         child.kill()
     psutil.wait_procs(children, timeout=10)
     again = post(app_url, "/v1/search", body)
     assert again.status_code == 200, again.text
     assert [x["item_id"] for x in again.json()["items"]] == [x["item_id"] for x in first.json()["items"]]
-    assert all(psutil.pid_exists(pid) for pid in replicas)  # the replicas lived on
-    fresh = [p for p in psutil.process_iter(["cmdline"]) if "tessera.encoders.isolated" in (p.info["cmdline"] or [])]
-    assert fresh and not {p.pid for p in fresh} & {c.pid for c in children}
+    assert all(r.is_running() for r in replicas)  # the replicas lived on
+    fresh = decoding_children()  # the new children are the same replicas' own
+    assert fresh and not {c.pid for c in fresh} & {c.pid for c in children}
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -19,6 +19,7 @@ fail the job: Ray Data does not retry a task whose function raised.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -38,7 +39,8 @@ from tessera.memory import active_allocator, release_free_heap
 from tessera.storage import Storage
 
 if TYPE_CHECKING:
-    from tessera.encoders.base import EncoderConfig
+    from tessera.encoders.base import EncoderConfig, Preprocessor
+    from tessera.encoders.isolated import IsolatedDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,9 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
 
         _limit_tokenizer_threads()
         pre = shared_preprocessor(encoder_cfg, storage)
-        for i, result in zip(todo, pre.map([raws[i] for i in todo]), strict=True):
+        ids = [batch["item_id"][i] for i in todo]
+        for i, result in zip(todo, map_guarded(pre, [raws[i] for i in todo], f"{modality}/{_ids_key(ids)}"),
+                             strict=True):
             if isinstance(result, MediaError):
                 errors[i] = str(result)
             else:
@@ -164,6 +168,46 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
     batch[f"{modality}_error"] = errors
     del batch[source]
     return to_table(batch, table)
+
+
+_GUARD_NAMESPACE = "tessera_embed"
+_ISOLATED: IsolatedDecoder | None = None  # per worker process, made for a batch's retry only
+
+
+def _ids_key(ids: list[str]) -> str:
+    return hashlib.sha1("\n".join(ids).encode()).hexdigest()
+
+
+def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
+    """``pre.map(raws)``, unless an attempt of this batch died while preprocessing it: then one item at a
+    time in a child process (:class:`~tessera.encoders.isolated.IsolatedDecoder`).
+
+    A decoder that crashes on a malformed file (a segfault in a C library) kills the worker, and Ray
+    Data retries the task without end (``max_retries=-1``): the job would crash workers forever on one
+    bad item. So each batch leaves a marker in the cluster's KV store while it is preprocessed (two GCS
+    calls a batch); a task that finds its batch's marker is a retry after such a death, and isolates
+    the items, so the one that kills the decoder fails alone, as ``corrupt``. (A worker lost to a node
+    failure mid-batch makes its retry take the isolated path too: slower, same result.)"""
+    global _ISOLATED
+    import ray
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return pre.map(raws)
+    key = f"decoding/{batch_key}"
+    retried = internal_kv._internal_kv_exists(key, namespace=_GUARD_NAMESPACE)
+    internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=_GUARD_NAMESPACE)
+    if retried:
+        from tessera.encoders.isolated import IsolatedDecoder
+
+        logger.warning("batch %s: an earlier attempt died while preprocessing it; preprocessing its %d items one "
+                    "at a time in a child process", batch_key, len(raws))
+        _ISOLATED = _ISOLATED or IsolatedDecoder(timeout_s=120.0)
+        out = _ISOLATED.map(pre, raws)
+    else:
+        out = pre.map(raws)
+    internal_kv._internal_kv_del(key, namespace=_GUARD_NAMESPACE)
+    return out
 
 
 def _limit_tokenizer_threads() -> None:

@@ -6,17 +6,21 @@ abort) or loop kills or wedges the process decoding it. In a serving replica tha
 every request batched with the bad one; the caller's retries then replay the bad request on other
 replicas, which die the same way. :class:`IsolatedDecoder` runs ``Preprocessor.map`` for one item at
 a time in a child process: a crash becomes that item's ``MediaError("corrupt", ...)``, a hang past
-``timeout_s`` is killed and becomes one too, and a fresh child takes the next item. Items never share
-a child call, so the item that brought it down is known.
+``timeout_s`` is killed and becomes one too, and a replacement child starts at once for the next item.
+Items never share a child call, so the item that brought it down is known.
 
 The child is a plain ``python -m tessera.encoders.isolated`` subprocess (not ``multiprocessing``,
-whose spawned children re-import the parent's main script) speaking length-prefixed pickles over its
-stdin / stdout; it exits when the parent closes its stdin or dies.
+whose spawned children re-import the parent's main script). The parent sends it pickles (the
+preprocessor, the raw bytes); the child answers in a plain format the parent parses without
+unpickling (a JSON header: an array's dtype and shape, a media error's kind and detail, or an
+exception's type and message; then the array's bytes), so a child taken over through a decoder
+exploit cannot run code in the parent by what it answers. The isolation guards against crashes and
+hangs; the child runs as the same user with the same environment. It exits when the parent closes
+its stdin or dies.
 
 Costs: one child process per decoder (it imports the preprocessors' modules, torch included: a few
-hundred MB, started on first use or by :meth:`IsolatedDecoder.start`), and a round trip per item (the
-raw bytes in, the model input out). Meant for untrusted inputs one request at a time (serving); the
-embedding job preprocesses in Ray tasks, whose crashes Ray retries.
+hundred MB), and a round trip per item (the raw bytes in, the model input out). Meant for untrusted
+inputs (serving, and the embedding job's retries of a batch whose worker died).
 
 Example::
 
@@ -27,6 +31,8 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import pickle
@@ -36,7 +42,9 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -46,39 +54,27 @@ from tessera.encoders.errors import MediaError
 
 logger = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<Q")  # each message: its length, then its pickle
+_HEADER = struct.Struct("<Q")  # each frame: its length, then its bytes
+MAX_REPLY_BYTES = 256 << 20  # a model input is a few MB at most
+_DTYPES = frozenset({"uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"})
+# exceptions a preprocessor's setup raises, re-raised as themselves; any other type as a RuntimeError
+_SETUP_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, KeyError, TypeError, OSError, RuntimeError)}
 
 
-def _send(stream: BinaryIO, message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
-    stream.flush()
-
-
-def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            return None  # the other side is gone
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _receive(stream: BinaryIO) -> Any:
-    """The next message, or raises ``EOFError`` when the other side has closed or died."""
-    header = _read_exactly(stream, _HEADER.size)
-    data = None if header is None else _read_exactly(stream, _HEADER.unpack(header)[0])
-    if data is None:
-        raise EOFError("the other process closed the pipe")
-    return pickle.loads(data)
+class DecoderUnavailable(RuntimeError):
+    """The child process could not be started or set up (not the input's fault)."""
 
 
 class _ChildGone(Exception):
     """The child died (or was killed) before answering."""
 
 
+def _write_frame(stream: BinaryIO, *parts: bytes) -> None:
+    stream.write(b"".join([_HEADER.pack(sum(map(len, parts))), *parts]))
+    stream.flush()
+
+
+# --- the parent's side ------------------------------------------------------------------------
 class IsolatedDecoder:
     """Runs :meth:`Preprocessor.map` in a child process, one item per call (see the module docstring).
 
@@ -96,8 +92,8 @@ class IsolatedDecoder:
         self.timeout_s, self.setup_timeout_s = timeout_s, setup_timeout_s
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        self._keys: dict[int, bytes] = {}  # id(preprocessor) -> its pickle (kept alive with it)
-        self._held: dict[int, Preprocessor] = {}
+        self._keys: weakref.WeakKeyDictionary[Preprocessor, bytes] = weakref.WeakKeyDictionary()
+        self._modules: set[str] = set()  # the preprocessors' modules, imported by a new child at start
         self._ready: set[bytes] = set()  # preprocessors the current child has set up
         self.restarts = 0  # children replaced after a crash, a timeout or an exit between items
 
@@ -107,109 +103,180 @@ class IsolatedDecoder:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, prep: Preprocessor) -> None:
-        """Start the child and set ``prep`` up in it now, rather than on its first item."""
+        """Start the child and set ``prep`` up in it now, rather than on its first item.
+
+        Raises:
+            DecoderUnavailable: the child did not start or set up (its exit code in the message).
+        """
         with self._lock:
             self._setup(self._key(prep))
-
-    def _child(self) -> subprocess.Popen:
-        if self._proc is not None and self._proc.poll() is not None:
-            # it died between items (the OOM killer, a signal): not the next item's fault
-            logger.warning("the decoding process had exited (code %s) between items; starting a new one",
-                           self._proc.returncode)
-            self._discard()
-        if self._proc is None:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            self._proc = subprocess.Popen([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid())],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        return self._proc
-
-    def _discard(self) -> None:
-        proc, self._proc = self._proc, None
-        self._ready.clear()
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            stream.close()
-        self.restarts += 1
-
-    def _call(self, message: tuple, timeout_s: float) -> Any:
-        """Send ``message``, return the child's answer; raises ``_ChildGone`` or ``TimeoutError`` (the
-        child is discarded either way) or the exception the child's call raised."""
-        proc = self._child()
-        try:
-            _send(proc.stdin, message)
-        except (BrokenPipeError, OSError):
-            self._discard()
-            raise _ChildGone() from None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-        if not ready:
-            self._discard()
-            raise TimeoutError()
-        try:
-            status, value = _receive(proc.stdout)
-        except EOFError:
-            self._discard()
-            raise _ChildGone() from None
-        if status == "error":
-            raise value
-        return value
-
-    def _setup(self, key: bytes) -> None:
-        if key in self._ready:
-            return
-        try:
-            self._call(("setup", key), self.setup_timeout_s)
-        except (_ChildGone, TimeoutError):
-            raise RuntimeError(f"the decoding process did not start within {self.setup_timeout_s:g} s") from None
-        self._ready.add(key)
-
-    def _key(self, prep: Preprocessor) -> bytes:
-        key = self._keys.get(id(prep))
-        if key is None:
-            key = self._keys[id(prep)] = pickle.dumps(prep)
-            self._held[id(prep)] = prep  # so that its id is not reused by another object
-        return key
 
     def map(self, prep: Preprocessor, raws: Sequence[Any]) -> list[np.ndarray | MediaError]:
         """``prep.map(raws)``, each item in the child; a crash or a timeout fails that item alone.
 
-        Errors from the preprocessor's setup (its configuration, storage) are raised, as ``prep.map``
-        raises them."""
+        Raises:
+            DecoderUnavailable: no child could be started or set up.
+            FileNotFoundError, ValueError, ...: the preprocessor's own setup errors (its configuration),
+                as ``prep.map`` raises them.
+        """
         key = self._key(prep)
         with self._lock:
             return [self._one(key, raw, type(prep).__name__) for raw in raws]
 
+    def close(self) -> None:
+        """Stop the child process (closing its input ends it)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            self._ready.clear()
+            if proc is not None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+
+    # --- internals (called with the lock held) ----------------------------------------------
+    def _key(self, prep: Preprocessor) -> bytes:
+        """The preprocessor as the child receives it, with the weights folder this process resolved (a
+        pickled preprocessor forgets a folder it downloaded: the child would download it again, and
+        perhaps read other files than the ones checked here)."""
+        key = self._keys.get(prep)
+        if key is None:
+            self._modules.add(type(prep).__module__)
+            key = self._keys[prep] = pickle.dumps((prep, str(prep.weights_dir)))
+        return key
+
+    def _child(self) -> subprocess.Popen:
+        """The running child, replacing one that has exited since the last item (the OOM killer, a
+        signal: not the next item's fault)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            logger.warning("the decoding process had exited (code %s) between items; starting a new one",
+                           self._proc.returncode)
+            self._discard(restart=False)
+        if self._proc is None:
+            self._proc = self._spawn()
+        return self._proc
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        return subprocess.Popen([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
+                                 *sorted(self._modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def _discard(self, restart: bool = True) -> None:
+        """Kill the child; with ``restart``, start the next one at once, so that its imports overlap the
+        wait for the next item instead of delaying it."""
+        proc, self._proc = self._proc, None
+        self._ready.clear()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+            self.restarts += 1
+        if restart:
+            self._proc = self._spawn()
+
+    def _setup(self, key: bytes) -> None:
+        proc = self._child()  # first, so that a dead child's replacement is set up here, not on an item's clock
+        if key in self._ready:
+            return
+        try:
+            reply = self._exchange(proc, ("setup", key), self.setup_timeout_s)
+        except (_ChildGone, TimeoutError) as err:
+            code = proc.returncode
+            raise DecoderUnavailable(f"the decoding process did not start (exit code {code})" if code is not None
+                                     else f"the decoding process did not start within {self.setup_timeout_s:g} s"
+                                     ) from err
+        _result(reply)  # raises the preprocessor's setup error, if any
+        self._ready.add(key)
+
     def _one(self, key: bytes, raw: Any, name: str) -> np.ndarray | MediaError:
         self._setup(key)
+        proc = self._proc
         try:
-            return self._call(("map", key, raw), self.timeout_s)
+            return _result(self._exchange(proc, ("map", key, raw), self.timeout_s))
         except _ChildGone:
-            logger.warning("%s: the decoding process died on one item (recorded as 'corrupt'); restarting it", name)
+            self._discard()
+            logger.warning("%s: the decoding process died on one item (exit code %s; recorded as 'corrupt'); "
+                           "started a new one", name, proc.returncode)
             return MediaError("corrupt", "the decoder crashed on this input")
         except TimeoutError:
+            self._discard()
             logger.warning("%s: one item took over %g s to decode; the decoding process was killed", name,
                            self.timeout_s)
             return MediaError("corrupt", f"decoding took over {self.timeout_s:g} s")
 
-    def close(self) -> None:
-        """Stop the child process (closing its input ends it)."""
-        with self._lock:
-            if self._proc is not None:
-                self._proc.stdin.close()
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-                self._proc.stdout.close()
-                self._proc = None
-            self._ready.clear()
+    def _exchange(self, proc: subprocess.Popen, message: tuple, timeout_s: float) -> tuple[dict, bytes]:
+        """Send ``message`` and read the answer within ``timeout_s`` (one deadline for the whole reply).
+        Raises ``_ChildGone`` / ``TimeoutError``; on any failure the child is discarded (what it might
+        still write must not be read as the next item's answer)."""
+        try:
+            try:
+                _write_frame(proc.stdin, pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            except (BrokenPipeError, OSError):
+                raise _ChildGone() from None
+            return _read_reply(proc.stdout.fileno(), time.monotonic() + timeout_s)
+        except BaseException:
+            if self._proc is proc:
+                self._discard(restart=False)
+            raise
 
 
-def _serve(parent: int) -> None:
+def _read_reply(fd: int, deadline: float) -> tuple[dict, bytes]:
+    """One reply frame from the child's stdout (read from the descriptor itself, never buffered ahead):
+    ``(header, payload)``. Raises ``TimeoutError`` past ``deadline``, ``_ChildGone`` at end of file or on
+    a frame our child does not write."""
+    poller = select.poll()  # not select(): descriptors above 1024 are fine
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def read(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError()
+            chunk = os.read(fd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise _ChildGone()
+            buf += chunk
+        return bytes(buf)
+
+    (length,) = _HEADER.unpack(read(_HEADER.size))
+    if length > MAX_REPLY_BYTES:
+        raise _ChildGone()
+    head, _, payload = read(length).partition(b"\n")
+    try:
+        header = json.loads(head)
+    except ValueError:
+        raise _ChildGone() from None
+    if not isinstance(header, dict):
+        raise _ChildGone()
+    return header, payload
+
+
+def _result(reply: tuple[dict, bytes]):
+    """The child's answer as the in-process call would have given it."""
+    header, payload = reply
+    if "error" in header:
+        raise _SETUP_ERRORS.get(header["error"], RuntimeError)(str(header.get("message", "")))
+    if "media_error" in header:
+        return MediaError(str(header["media_error"]), str(header.get("detail", "")))
+    if "array" not in header:
+        return None
+    dtype, shape = str(header["array"]), header.get("shape")
+    if dtype not in _DTYPES or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _ChildGone()  # not something our child writes: treat it as broken
+    arr = np.frombuffer(payload, dtype=dtype)
+    if arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise _ChildGone()
+    return arr.reshape(shape).copy()  # writable, like the in-process result
+
+
+# --- the child's side -------------------------------------------------------------------------
+def _serve(parent: int, modules: list[str]) -> None:
     """The child's loop: answer ``setup`` / ``map`` messages until the parent closes the pipe or dies."""
     out = os.fdopen(os.dup(1), "wb")  # the protocol's stream; stray prints from libraries go to stderr
     os.dup2(2, 1)
@@ -221,27 +288,36 @@ def _serve(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    for name in modules:  # the preprocessors' imports (torch, ...) while the parent waits for work
+        importlib.import_module(name)
     preprocessors: dict[bytes, Preprocessor] = {}
     while True:
+        header = inp.read(_HEADER.size)
+        data = inp.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
+        if not data:
+            return  # the parent closed the pipe
+        message = pickle.loads(data)
+        key = message[1]
         try:
-            message = _receive(inp)
-        except EOFError:
-            return
-        try:
-            key = message[1]
             prep = preprocessors.get(key)
             if prep is None:
-                prep = pickle.loads(key)
+                prep, weights_dir = pickle.loads(key)
+                prep._given_dir = Path(weights_dir)  # the parent's copy, checked there (no download here)
                 prep.setup()
                 preprocessors[key] = prep
-            reply = ("ok", None) if message[0] == "setup" else ("ok", prep.map([message[2]])[0])
+            result = None if message[0] == "setup" else prep.map([message[2]])[0]
         except Exception as err:  # a setup error goes back to the caller, raised there as in-process
-            reply = ("error", err)
-        try:
-            _send(out, reply)
-        except (pickle.PicklingError, TypeError, AttributeError) as err:  # an error that does not pickle
-            _send(out, ("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]} ({err})")))
+            _write_frame(out, json.dumps({"error": type(err).__name__, "message": str(err)}).encode() + b"\n")
+            continue
+        if isinstance(result, MediaError):
+            _write_frame(out, json.dumps({"media_error": result.kind, "detail": result.detail}).encode() + b"\n")
+        elif result is None:
+            _write_frame(out, b"{}\n")
+        else:
+            arr = np.ascontiguousarray(result)
+            head = json.dumps({"array": arr.dtype.name, "shape": list(arr.shape)}).encode() + b"\n"
+            _write_frame(out, head, arr.tobytes())
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), sys.argv[2:])

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RequestError:
-    """A 4xx answer: ``status`` (HTTP), ``kind`` (machine-readable) and ``detail`` (what is wrong)."""
+    """An error answer, 4xx (or 503 when the replica cannot serve the query now): ``status`` (HTTP), ``kind``
+    (machine-readable) and ``detail`` (what is wrong)."""
 
     status: int
     kind: str

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ from tessera.storage import Storage, join_uri
 if TYPE_CHECKING:
     from tessera.encoders.isolated import IsolatedDecoder
 
+logger = logging.getLogger(__name__)
 MEDIA_MODALITIES = ("image", "audio")  # query bytes from outside, through C decoders
 
 
@@ -211,7 +213,12 @@ class QueryCore:
             if modality not in self._encoders:
                 encoder = self._load_encoder(modality)
                 if self._isolated(modality):
-                    self.decoder.start(encoder.preprocessor)  # set up in the child now, not on a query
+                    from tessera.encoders.isolated import DecoderUnavailable
+
+                    try:  # set up in the child now, not on a query
+                        self.decoder.start(encoder.preprocessor)
+                    except DecoderUnavailable as err:  # the version still loads; its queries try again
+                        logger.warning("%s queries: %s", modality, err)
                 self._encoders[modality] = encoder
             return self._encoders[modality]
 
@@ -240,6 +247,7 @@ class QueryCore:
         import torch
 
         from tessera.encoders.errors import MediaError
+        from tessera.encoders.isolated import DecoderUnavailable
 
         out: list[np.ndarray | RequestError | None] = [None] * len(queries)
         by_modality: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -251,7 +259,11 @@ class QueryCore:
             # map, not a direct call: any exception from one query's bytes fails that query alone (422),
             # never the batch it shares with other requests
             prep = self.encoder(modality).preprocessor
-            [pre] = self.decoder.map(prep, [raw]) if self._isolated(modality) else prep.map([raw])
+            try:
+                [pre] = self.decoder.map(prep, [raw]) if self._isolated(modality) else prep.map([raw])
+            except DecoderUnavailable as err:  # the replica's fault, not the query's
+                out[i] = RequestError(503, "unavailable", f"{modality} queries cannot be decoded now: {err}")
+                continue
             if isinstance(pre, MediaError):
                 status = 413 if pre.kind == "oversized" else 422
                 out[i] = RequestError(status, "bad_media", f"{modality} query rejected: {pre}")

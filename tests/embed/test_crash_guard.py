@@ -1,0 +1,74 @@
+"""A decoder crash in the embedding job's decode stage fails its item, not the job.
+
+Ray Data retries a map task whose worker died without end; a file that crashes the decoder would crash
+every retry. ``map_guarded`` marks each batch in the cluster's KV store while it is preprocessed, and a
+retry that finds the mark preprocesses item by item in a child process. The crash comes from a
+preprocessor subclass doing the real image preprocessing except on marked bytes, where it aborts its
+process as a decoder's segfault would: no real file known crashes this machine's decoders, and the
+guard is what is under test. The worker deaths and the retries are Ray's own."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tessera.encoders.errors import MediaError
+from tessera.encoders.image import ImageEncoderConfig, ImagePreprocessor
+
+
+class AbortingImagePreprocessor(ImagePreprocessor):
+    """The real image preprocessing, except that bytes starting ``CRASH`` abort the process."""
+
+    def __call__(self, raw):
+        if raw.startswith(b"CRASH"):
+            os.abort()
+        return super().__call__(raw)
+
+
+def _guarded(pre, raws, key):
+    """``map_guarded`` in a Ray worker, and whether this call took the isolated path (the worker process
+    may have run an earlier call: its decoder is dropped first)."""
+    from tessera.embed import stages
+
+    if stages._ISOLATED is not None:
+        stages._ISOLATED.close()
+        stages._ISOLATED = None
+    out = stages.map_guarded(pre, raws, key)
+    return out, stages._ISOLATED is not None
+
+
+@pytest.fixture(scope="module")
+def jpegs(shared_data) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(Path(shared_data / "grocery").rglob("*.jpg"))[:2]]
+
+
+def test_a_batch_whose_decoder_crashes_is_retried_item_by_item_and_only_the_bad_item_fails(
+        ray_session, storage, encoder_weights, jpegs):
+    import ray
+    from ray.experimental import internal_kv
+
+    pre = AbortingImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
+    task = ray.remote(num_cpus=0.25, max_retries=-1)(_guarded)  # as Ray Data runs its map tasks
+    raws = [jpegs[0], b"CRASH: a file that kills the decoder", jpegs[1]]
+    out, isolated = ray.get(task.remote(pre, raws, "test/crashing-batch"), timeout=300)
+    expected = ImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage).map([jpegs[0],
+                                                                                                    jpegs[1]])
+    assert isolated  # the retry took the isolated path
+    assert np.array_equal(out[0], expected[0]) and np.array_equal(out[2], expected[1])
+    assert isinstance(out[1], MediaError) and str(out[1]) == "corrupt: the decoder crashed on this input"
+    assert not internal_kv._internal_kv_exists("decoding/test/crashing-batch", namespace="tessera_embed")
+
+
+def test_a_batch_that_decodes_takes_the_plain_path_and_leaves_no_mark(ray_session, storage, encoder_weights,
+                                                                       jpegs):
+    import ray
+    from ray.experimental import internal_kv
+
+    pre = ImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
+    task = ray.remote(num_cpus=0.25)(_guarded)
+    out, isolated = ray.get(task.remote(pre, jpegs, "test/plain-batch"), timeout=120)
+    assert not isolated and all(not isinstance(x, MediaError) for x in out)
+    assert not internal_kv._internal_kv_exists("decoding/test/plain-batch", namespace="tessera_embed")
