@@ -184,7 +184,7 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
 
     A decoder that crashes on a malformed file (a segfault in a C library) kills the worker, and Ray
     Data retries the task without end (``max_retries=-1``): the job would crash workers forever on one
-    bad item. So each batch leaves a marker in the cluster's KV store while it is preprocessed (two GCS
+    bad item. So each batch leaves a marker in the cluster's KV store while it is preprocessed (three GCS
     calls a batch); a task that finds its batch's marker is a retry after such a death, and isolates
     the items, so the one that kills the decoder fails alone, as ``corrupt``. (A worker lost to a node
     failure mid-batch makes its retry take the isolated path too: slower, same result.)"""
@@ -197,17 +197,17 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
     key = f"decoding/{batch_key}"
     retried = internal_kv._internal_kv_exists(key, namespace=_GUARD_NAMESPACE)
     internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=_GUARD_NAMESPACE)
-    if retried:
+    try:  # a crash skips the finally: the mark stays for the retry
+        if not retried:
+            return pre.map(raws)
         from tessera.encoders.isolated import IsolatedDecoder
 
         logger.warning("batch %s: an earlier attempt died while preprocessing it; preprocessing its %d items one "
-                    "at a time in a child process", batch_key, len(raws))
+                       "at a time in a child process", batch_key, len(raws))
         _ISOLATED = _ISOLATED or IsolatedDecoder(timeout_s=120.0)
-        out = _ISOLATED.map(pre, raws)
-    else:
-        out = pre.map(raws)
-    internal_kv._internal_kv_del(key, namespace=_GUARD_NAMESPACE)
-    return out
+        return _ISOLATED.map(pre, raws)
+    finally:
+        internal_kv._internal_kv_del(key, namespace=_GUARD_NAMESPACE)
 
 
 def _limit_tokenizer_threads() -> None:
