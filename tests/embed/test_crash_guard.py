@@ -29,15 +29,32 @@ class AbortingImagePreprocessor(ImagePreprocessor):
 
 
 def _guarded(pre, raws, key):
-    """``map_guarded`` in a Ray worker, and whether this call took the isolated path (the worker process
-    may have run an earlier call: its decoder is dropped first)."""
+    """``map_guarded`` in a Ray worker, and whether a decoding child process ran under it meanwhile."""
+    import threading
+
+    import psutil
+
     from tessera.embed import stages
 
-    if stages._ISOLATED is not None:
-        stages._ISOLATED.close()
-        stages._ISOLATED = None
-    out = stages.map_guarded(pre, raws, key)
-    return out, stages._ISOLATED is not None
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for child in psutil.Process().children():
+                try:
+                    if "tessera.encoders.isolated" in " ".join(child.cmdline()):
+                        seen.add(child.pid)
+                except psutil.Error:
+                    pass
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        return stages.map_guarded(pre, raws, key), bool(seen)
+    finally:
+        done.set()
+        watcher.join()
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +76,24 @@ def test_a_batch_whose_decoder_crashes_is_retried_item_by_item_and_only_the_bad_
     assert isolated  # the retry took the isolated path
     assert np.array_equal(out[0], expected[0]) and np.array_equal(out[2], expected[1])
     assert isinstance(out[1], MediaError) and str(out[1]) == "corrupt: the decoder crashed on this input"
-    assert not internal_kv._internal_kv_exists("decoding/test/crashing-batch", namespace="tessera_embed")
+    assert not internal_kv._internal_kv_list("decoding/", namespace="tessera_embed")  # no mark left
 
 
-def test_a_batch_that_decodes_takes_the_plain_path_and_leaves_no_mark(ray_session, storage, encoder_weights,
-                                                                       jpegs):
+def test_a_batch_that_decodes_takes_the_plain_path_even_beside_another_jobs_mark(ray_session, storage,
+                                                                                   encoder_weights, jpegs):
+    """The mark is the Ray job's own: another job's live (or leaked) mark on the same batch changes nothing."""
     import ray
     from ray.experimental import internal_kv
 
+    from tessera.embed.stages import clear_guard_marks
+
+    internal_kv._internal_kv_put("decoding/ffffffff/test/plain-batch", b"1", namespace="tessera_embed")
     pre = ImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
-    task = ray.remote(num_cpus=0.25)(_guarded)
-    out, isolated = ray.get(task.remote(pre, jpegs, "test/plain-batch"), timeout=120)
+    out, isolated = ray.get(ray.remote(num_cpus=0.25)(_guarded).remote(pre, jpegs, "test/plain-batch"), timeout=120)
     assert not isolated and all(not isinstance(x, MediaError) for x in out)
-    assert not internal_kv._internal_kv_exists("decoding/test/plain-batch", namespace="tessera_embed")
+    assert internal_kv._internal_kv_list("decoding/", namespace="tessera_embed") == [
+        b"decoding/ffffffff/test/plain-batch"]
+    job = ray.get_runtime_context().get_job_id()
+    internal_kv._internal_kv_put(f"decoding/{job}/test/left-by-a-dead-batch", b"1", namespace="tessera_embed")
+    assert clear_guard_marks() == 1  # this job's only
+    internal_kv._internal_kv_del("decoding/ffffffff/test/plain-batch", namespace="tessera_embed")

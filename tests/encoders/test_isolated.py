@@ -138,18 +138,25 @@ def test_the_parent_reads_plain_frames_only_and_never_unpickles_what_the_child_w
 
     from tessera.encoders.isolated import MAX_REPLY_BYTES, _ChildGone, _read_reply, _result
 
-    def frame(*parts: bytes) -> int:
+    def reply(*parts: bytes, length: int | None = None, deadline_s: float = 5.0):
         r, w = os.pipe()
-        data = b"".join(parts)
-        os.write(w, len(data).to_bytes(8, "little") + data)
-        os.close(w)
-        return r
+        try:
+            data = b"".join(parts)
+            os.write(w, (len(data) if length is None else length).to_bytes(8, "little") + data)
+            if length is None:
+                os.close(w)
+                w = -1
+            return _read_reply(r, time.monotonic() + deadline_s)
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
 
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     head = json.dumps({"array": "float32", "shape": [2, 3]}).encode() + b"\n"
-    got = _result(_read_reply(frame(head, arr.tobytes()), time.monotonic() + 5))
+    got = _result(reply(head, arr.tobytes()))
     assert got.dtype == np.float32 and np.array_equal(got, arr) and got.flags.writeable
-    err = _result(_read_reply(frame(b'{"media_error": "corrupt", "detail": "bad"}\n'), time.monotonic() + 5))
+    err = _result(reply(b'{"media_error": "corrupt", "detail": "bad"}\n'))
     assert isinstance(err, MediaError) and str(err) == "corrupt: bad"
 
     class Boom:
@@ -158,12 +165,11 @@ def test_the_parent_reads_plain_frames_only_and_never_unpickles_what_the_child_w
 
     for bad in (pickle.dumps(Boom()),  # a pickle is not a reply: never loaded
                 json.dumps({"array": "object", "shape": [1]}).encode() + b"\n",
-                json.dumps({"array": "float32", "shape": [4]}).encode() + b"\n" + b"\0" * 8):
+                json.dumps({"array": "float32", "shape": [4]}).encode() + b"\n" + b"\0" * 8,
+                json.dumps({"media_error": "not-a-kind"}).encode() + b"\n"):
         with pytest.raises(_ChildGone):
-            _result(_read_reply(frame(bad), time.monotonic() + 5))
-    r, w = os.pipe()
-    os.write(w, (MAX_REPLY_BYTES + 1).to_bytes(8, "little"))
+            _result(reply(bad))
     with pytest.raises(_ChildGone):  # an absurd length is refused, not allocated
-        _read_reply(r, time.monotonic() + 5)
+        reply(length=MAX_REPLY_BYTES + 1)
     with pytest.raises(TimeoutError):  # a reply that never comes
-        _read_reply(os.pipe()[0], time.monotonic() + 0.2)
+        reply(length=100, deadline_s=0.2)

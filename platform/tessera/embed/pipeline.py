@@ -26,7 +26,7 @@ import numpy as np
 from tessera.embed.config import EmbedConfig
 from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
 from tessera.embed.output import done_item_hashes, list_parts, tally
-from tessera.embed.stages import EncodeActor, decode, fetch, read_items, write_batch
+from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
@@ -347,7 +347,10 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     except FileNotFoundError as err:  # no such bucket
         raise EmbeddingInputError(f"output_uri: {err}") from None
     with lease:  # renewed while the run goes on, released at its end
-        return _run_leased(cfg, storage, run_uri, lease, files, n_input, identity, t0)
+        try:
+            return _run_leased(cfg, storage, run_uri, lease, files, n_input, identity, t0)
+        finally:
+            clear_guard_marks()  # decode batches whose every attempt died (see map_guarded)
 
 
 def run_state(storage: Storage, run_uri: str, identity: dict, n_input: int,

@@ -40,7 +40,6 @@ from tessera.storage import Storage
 
 if TYPE_CHECKING:
     from tessera.encoders.base import EncoderConfig, Preprocessor
-    from tessera.encoders.isolated import IsolatedDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +156,12 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
 
         _limit_tokenizer_threads()
         pre = shared_preprocessor(encoder_cfg, storage)
-        ids = [batch["item_id"][i] for i in todo]
-        for i, result in zip(todo, map_guarded(pre, [raws[i] for i in todo], f"{modality}/{_ids_key(ids)}"),
-                             strict=True):
+        todo_raws = [raws[i] for i in todo]
+        if modality == "text":  # the tokenizer raises on bad text, it does not crash
+            results = pre.map(todo_raws)
+        else:
+            results = map_guarded(pre, todo_raws, f"{modality}/{_ids_key([batch['item_id'][i] for i in todo])}")
+        for i, result in zip(todo, results, strict=True):
             if isinstance(result, MediaError):
                 errors[i] = str(result)
             else:
@@ -171,7 +173,7 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
 
 
 _GUARD_NAMESPACE = "tessera_embed"
-_ISOLATED: IsolatedDecoder | None = None  # per worker process, made for a batch's retry only
+_GUARD_PREFIX = "decoding/"
 
 
 def _ids_key(ids: list[str]) -> str:
@@ -184,19 +186,22 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
 
     A decoder that crashes on a malformed file (a segfault in a C library) kills the worker, and Ray
     Data retries the task without end (``max_retries=-1``): the job would crash workers forever on one
-    bad item. So each batch leaves a marker in the cluster's KV store while it is preprocessed (three GCS
-    calls a batch); a task that finds its batch's marker is a retry after such a death, and isolates
-    the items, so the one that kills the decoder fails alone, as ``corrupt``. (A worker lost to a node
-    failure mid-batch makes its retry take the isolated path too: slower, same result.)"""
-    global _ISOLATED
+    bad item. So each batch leaves a mark in the cluster's KV store while it is preprocessed (two GCS
+    calls a batch, keyed by the Ray job and the batch's item ids); a task that finds its batch's mark is
+    a retry after such a death, and isolates the items, so the one that kills the decoder fails alone,
+    as ``corrupt``. A worker lost to a node failure mid-batch makes its retry take the isolated path
+    too: slower, same result. The driver clears what its job left (:func:`clear_guard_marks`).
+
+    Raises:
+        DecoderUnavailable: on a retry, no child process could be started (the job fails, saying so).
+    """
     import ray
     from ray.experimental import internal_kv
 
     if not ray.is_initialized():
         return pre.map(raws)
-    key = f"decoding/{batch_key}"
-    retried = internal_kv._internal_kv_exists(key, namespace=_GUARD_NAMESPACE)
-    internal_kv._internal_kv_put(key, b"1", overwrite=True, namespace=_GUARD_NAMESPACE)
+    key = f"{_GUARD_PREFIX}{ray.get_runtime_context().get_job_id()}/{batch_key}"
+    retried = internal_kv._internal_kv_put(key, b"1", overwrite=False, namespace=_GUARD_NAMESPACE)  # True: there
     try:  # a crash skips the finally: the mark stays for the retry
         if not retried:
             return pre.map(raws)
@@ -204,10 +209,25 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
 
         logger.warning("batch %s: an earlier attempt died while preprocessing it; preprocessing its %d items one "
                        "at a time in a child process", batch_key, len(raws))
-        _ISOLATED = _ISOLATED or IsolatedDecoder(timeout_s=120.0)
-        return _ISOLATED.map(pre, raws)
+        decoder = IsolatedDecoder(timeout_s=120.0)
+        try:
+            return decoder.map(pre, raws)
+        finally:  # retries are rare: no child (torch imported) kept for the worker's life
+            decoder.close()
     finally:
         internal_kv._internal_kv_del(key, namespace=_GUARD_NAMESPACE)
+
+
+def clear_guard_marks() -> int:
+    """Delete the marks this Ray job's decode tasks left (batches whose every attempt died: the job
+    failed or was stopped); the number deleted. Called by the driver as the job ends."""
+    import ray
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return 0
+    prefix = f"{_GUARD_PREFIX}{ray.get_runtime_context().get_job_id()}/"
+    return internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_GUARD_NAMESPACE)
 
 
 def _limit_tokenizer_threads() -> None:

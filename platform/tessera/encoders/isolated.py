@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -161,8 +162,11 @@ class IsolatedDecoder:
 
     def _spawn(self) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        return subprocess.Popen([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
-                                 *sorted(self._modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            return subprocess.Popen([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
+                                     *sorted(self._modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        except OSError as err:  # out of processes, memory or descriptors
+            raise DecoderUnavailable(f"cannot start the decoding process: {err}") from err
 
     def _discard(self, restart: bool = True) -> None:
         """Kill the child; with ``restart``, start the next one at once, so that its imports overlap the
@@ -173,11 +177,17 @@ class IsolatedDecoder:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            proc.stdin.close()
-            proc.stdout.close()
             self.restarts += 1
+            try:
+                with contextlib.suppress(OSError):  # bytes a dead child never read: a broken pipe
+                    proc.stdin.close()
+            finally:
+                proc.stdout.close()
         if restart:
-            self._proc = self._spawn()
+            try:
+                self._proc = self._spawn()
+            except DecoderUnavailable as err:  # the next item tries again
+                logger.warning("%s", err)
 
     def _setup(self, key: bytes) -> None:
         proc = self._child()  # first, so that a dead child's replacement is set up here, not on an item's clock
@@ -185,10 +195,10 @@ class IsolatedDecoder:
             return
         try:
             reply = self._exchange(proc, ("setup", key), self.setup_timeout_s)
-        except (_ChildGone, TimeoutError) as err:
-            code = proc.returncode
-            raise DecoderUnavailable(f"the decoding process did not start (exit code {code})" if code is not None
-                                     else f"the decoding process did not start within {self.setup_timeout_s:g} s"
+        except TimeoutError as err:
+            raise DecoderUnavailable(f"the decoding process did not set up within {self.setup_timeout_s:g} s") from err
+        except _ChildGone as err:
+            raise DecoderUnavailable(f"the decoding process exited while setting up (exit code {proc.returncode})"
                                      ) from err
         _result(reply)  # raises the preprocessor's setup error, if any
         self._ready.add(key)
@@ -197,7 +207,10 @@ class IsolatedDecoder:
         self._setup(key)
         proc = self._proc
         try:
-            return _result(self._exchange(proc, ("map", key, raw), self.timeout_s))
+            reply = self._exchange(proc, ("map", key, raw), self.timeout_s)
+            if "array" not in reply[0] and "media_error" not in reply[0]:
+                raise _ChildGone()  # our child answers an item with one of the two
+            return _result(reply)
         except _ChildGone:
             self._discard()
             logger.warning("%s: the decoding process died on one item (exit code %s; recorded as 'corrupt'); "
@@ -263,7 +276,10 @@ def _result(reply: tuple[dict, bytes]):
     if "error" in header:
         raise _SETUP_ERRORS.get(header["error"], RuntimeError)(str(header.get("message", "")))
     if "media_error" in header:
-        return MediaError(str(header["media_error"]), str(header.get("detail", "")))
+        try:
+            return MediaError(str(header["media_error"]), str(header.get("detail", "")))
+        except ValueError:  # a kind our child does not write
+            raise _ChildGone() from None
     if "array" not in header:
         return None
     dtype, shape = str(header["array"]), header.get("shape")
@@ -315,6 +331,7 @@ def _serve(parent: int, modules: list[str]) -> None:
             _write_frame(out, b"{}\n")
         else:
             arr = np.ascontiguousarray(result)
+            arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # native order: the parent reads it so
             head = json.dumps({"array": arr.dtype.name, "shape": list(arr.shape)}).encode() + b"\n"
             _write_frame(out, head, arr.tobytes())
 
