@@ -10,6 +10,7 @@ guard is what is under test. The worker deaths and the retries are Ray's own."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,18 @@ from tessera.encoders.image import ImageEncoderConfig, ImagePreprocessor
 
 
 class AbortingImagePreprocessor(ImagePreprocessor):
-    """The real image preprocessing, except that bytes starting ``CRASH`` abort the process."""
+    """The real image preprocessing, except that bytes starting ``CRASH`` abort the process and bytes
+    starting ``HANG`` never finish (a decoder in an endless loop)."""
 
     def __call__(self, raw):
         if raw.startswith(b"CRASH"):
             os.abort()
+        if raw.startswith(b"HANG"):
+            time.sleep(3600)
         return super().__call__(raw)
 
 
-def _guarded(pre, raws, key):
+def _guarded(pre, raws, key, *timeouts):
     """``map_guarded`` in a Ray worker, and whether a decoding child process ran under it meanwhile."""
     import threading
 
@@ -51,7 +55,7 @@ def _guarded(pre, raws, key):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        return stages.map_guarded(pre, raws, key), bool(seen)
+        return stages.map_guarded(pre, raws, key, *timeouts), bool(seen)
     finally:
         done.set()
         watcher.join()
@@ -77,6 +81,20 @@ def test_a_batch_whose_decoder_crashes_is_retried_item_by_item_and_only_the_bad_
     assert np.array_equal(out[0], expected[0]) and np.array_equal(out[2], expected[1])
     assert isinstance(out[1], MediaError) and str(out[1]) == "corrupt: the decoder crashed on this input"
     assert not internal_kv._internal_kv_list("decoding/", namespace="tessera_embed")  # no mark left
+
+
+def test_a_batch_whose_decoder_never_returns_ends_its_worker_and_its_retry_times_the_item_out(
+        ray_session, storage, encoder_weights, jpegs):
+    import ray
+
+    pre = AbortingImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
+    task = ray.remote(num_cpus=0.25, max_retries=-1)(_guarded)
+    t0 = time.monotonic()
+    out, isolated = ray.get(task.remote(pre, [jpegs[0], b"HANG: a file the decoder loops on"], "test/hanging-batch",
+                                        3.0, 3.0), timeout=300)
+    assert isolated and not isinstance(out[0], MediaError)
+    assert isinstance(out[1], MediaError) and str(out[1]) == "corrupt: decoding took over 3 s"
+    assert time.monotonic() - t0 < 120  # not the item's hour
 
 
 def test_a_batch_that_decodes_takes_the_plain_path_even_beside_another_jobs_mark(ray_session, storage,

@@ -90,7 +90,18 @@ class MediaFetchConfig(FetchConfig):
 
 
 class MediaStageConfig(StageConfig):
+    """Decoding media. A file that makes a decoder crash or loop is caught by its batch's retry, which
+    decodes item by item in a child process (``tessera.embed.stages.map_guarded``):
+
+    Args:
+        batch_timeout_s: a batch still decoding after this long ends its worker (a decoder in an
+            endless loop), so that Ray retries it the isolated way.
+        item_timeout_s: on that retry, an item still decoding after this long fails as ``corrupt``.
+    """
+
     batch_size: int = Field(MEDIA_BATCH, ge=1)
+    batch_timeout_s: float = Field(600.0, gt=0)
+    item_timeout_s: float = Field(60.0, gt=0)
 
 
 class MediaPoolConfig(PoolConfig):

@@ -248,7 +248,9 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
         p = mcfg.preprocess
         ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=p.batch_size, num_cpus=p.num_cpus,
                             compute=ray.data.TaskPoolStrategy(size=p.concurrency),
-                            fn_kwargs={"modality": m, "encoder_cfg": mcfg.encoder, "storage": storage})
+                            fn_kwargs={"modality": m, "encoder_cfg": mcfg.encoder, "storage": storage,
+                                       **({} if m == "text" else {"batch_timeout_s": p.batch_timeout_s,
+                                                                  "item_timeout_s": p.item_timeout_s})})
         pool = mcfg.pool
         env = allocator_env(pool.allocator)
         ds = ds.map_batches(EncodeActor, batch_format="pyarrow", batch_size=pool.batch_size,

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -143,8 +144,10 @@ def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, thre
     return to_table(batch, table)
 
 
-def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage) -> pa.Table:
-    """Raw bytes (or text) -> model inputs with the modality's preprocessor; errors recorded per item."""
+def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage,
+           batch_timeout_s: float = 600.0, item_timeout_s: float = 60.0) -> pa.Table:
+    """Raw bytes (or text) -> model inputs with the modality's preprocessor; errors recorded per item
+    (media through :func:`map_guarded`, with its timeouts)."""
     batch = to_lists(table)
     source = "text" if modality == "text" else f"{modality}_bytes"
     raws = list(batch[source])
@@ -160,7 +163,8 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
         if modality == "text":  # the tokenizer raises on bad text, it does not crash
             results = pre.map(todo_raws)
         else:
-            results = map_guarded(pre, todo_raws, f"{modality}/{_ids_key([batch['item_id'][i] for i in todo])}")
+            results = map_guarded(pre, todo_raws, f"{modality}/{_ids_key([batch['item_id'][i] for i in todo])}",
+                                  batch_timeout_s, item_timeout_s)
         for i, result in zip(todo, results, strict=True):
             if isinstance(result, MediaError):
                 errors[i] = str(result)
@@ -180,7 +184,8 @@ def _ids_key(ids: list[str]) -> str:
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()
 
 
-def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
+def map_guarded(pre: Preprocessor, raws: list, batch_key: str, batch_timeout_s: float = 600.0,
+                item_timeout_s: float = 60.0) -> list:
     """``pre.map(raws)``, unless an attempt of this batch died while preprocessing it: then one item at a
     time in a child process (:class:`~tessera.encoders.isolated.IsolatedDecoder`).
 
@@ -189,8 +194,11 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
     bad item. So each batch leaves a mark in the cluster's KV store while it is preprocessed (two GCS
     calls a batch, keyed by the Ray job and the batch's item ids); a task that finds its batch's mark is
     a retry after such a death, and isolates the items, so the one that kills the decoder fails alone,
-    as ``corrupt``. A worker lost to a node failure mid-batch makes its retry take the isolated path
-    too: slower, same result. The driver clears what its job left (:func:`clear_guard_marks`).
+    as ``corrupt``. A decoder caught in an endless loop would hold its task forever instead: a batch
+    still preprocessing after ``batch_timeout_s`` ends its own worker, and on the retry an item past
+    ``item_timeout_s`` fails as ``corrupt``. A worker lost to a node failure mid-batch makes its retry
+    take the isolated path too: slower, same result. The driver clears what its job left
+    (:func:`clear_guard_marks`).
 
     Raises:
         DecoderUnavailable: on a retry, no child process could be started (the job fails, saying so).
@@ -204,18 +212,35 @@ def map_guarded(pre: Preprocessor, raws: list, batch_key: str) -> list:
     retried = internal_kv._internal_kv_put(key, b"1", overwrite=False, namespace=_GUARD_NAMESPACE)  # True: there
     try:  # a crash skips the finally: the mark stays for the retry
         if not retried:
-            return pre.map(raws)
+            return _map_with_deadline(pre, raws, batch_key, batch_timeout_s)
         from tessera.encoders.isolated import IsolatedDecoder
 
         logger.warning("batch %s: an earlier attempt died while preprocessing it; preprocessing its %d items one "
                        "at a time in a child process", batch_key, len(raws))
-        decoder = IsolatedDecoder(timeout_s=120.0)
+        decoder = IsolatedDecoder(timeout_s=item_timeout_s)
         try:
             return decoder.map(pre, raws)
         finally:  # retries are rare: no child (torch imported) kept for the worker's life
             decoder.close()
     finally:
         internal_kv._internal_kv_del(key, namespace=_GUARD_NAMESPACE)
+
+
+def _map_with_deadline(pre: Preprocessor, raws: list, batch_key: str, timeout_s: float) -> list:
+    """``pre.map(raws)``; past ``timeout_s`` the process ends itself (the batch's mark stays: its retry
+    isolates the items). A C decoder in an endless loop cannot be interrupted any other way."""
+    def expire() -> None:
+        logger.error("batch %s: still preprocessing after %g s (a decoder in an endless loop?); ending this worker "
+                     "so that the batch is retried one item at a time", batch_key, timeout_s)
+        os._exit(70)  # no logging.shutdown(): it could wait on a lock the stuck thread holds
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return pre.map(raws)
+    finally:
+        timer.cancel()
 
 
 def clear_guard_marks() -> int:
