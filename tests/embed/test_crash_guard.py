@@ -2,14 +2,12 @@
 
 Ray Data retries a map task whose worker died without end; a file that crashes the decoder would crash
 every retry. ``map_guarded`` marks each batch in the cluster's KV store while it is preprocessed, and a
-retry that finds the mark preprocesses item by item in a child process. The crash comes from a
-preprocessor subclass doing the real image preprocessing except on marked bytes, where it aborts its
-process as a decoder's segfault would: no real file known crashes this machine's decoders, and the
-guard is what is under test. The worker deaths and the retries are Ray's own."""
+retry that finds the mark preprocesses item by item in a child process. The crash and the hang come
+from ``tests.encoders.faulty`` (no real file known crashes this machine's decoders); the guard is what
+is under test. The worker deaths and the retries are Ray's own."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,18 +16,7 @@ import pytest
 
 from tessera.encoders.errors import MediaError
 from tessera.encoders.image import ImageEncoderConfig, ImagePreprocessor
-
-
-class AbortingImagePreprocessor(ImagePreprocessor):
-    """The real image preprocessing, except that bytes starting ``CRASH`` abort the process and bytes
-    starting ``HANG`` never finish (a decoder in an endless loop)."""
-
-    def __call__(self, raw):
-        if raw.startswith(b"CRASH"):
-            os.abort()
-        if raw.startswith(b"HANG"):
-            time.sleep(3600)
-        return super().__call__(raw)
+from tests.encoders.faulty import FaultyImagePreprocessor
 
 
 def _guarded(pre, raws, key, *timeouts):
@@ -71,7 +58,7 @@ def test_a_batch_whose_decoder_crashes_is_retried_item_by_item_and_only_the_bad_
     import ray
     from ray.experimental import internal_kv
 
-    pre = AbortingImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
+    pre = FaultyImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
     task = ray.remote(num_cpus=0.25, max_retries=-1)(_guarded)  # as Ray Data runs its map tasks
     raws = [jpegs[0], b"CRASH: a file that kills the decoder", jpegs[1]]
     out, isolated = ray.get(task.remote(pre, raws, "test/crashing-batch"), timeout=300)
@@ -87,7 +74,7 @@ def test_a_batch_whose_decoder_never_returns_ends_its_worker_and_its_retry_times
         ray_session, storage, encoder_weights, jpegs):
     import ray
 
-    pre = AbortingImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
+    pre = FaultyImagePreprocessor(ImageEncoderConfig(weights=encoder_weights["image"]), storage)
     task = ray.remote(num_cpus=0.25, max_retries=-1)(_guarded)
     t0 = time.monotonic()
     out, isolated = ray.get(task.remote(pre, [jpegs[0], b"HANG: a file the decoder loops on"], "test/hanging-batch",

@@ -1,9 +1,8 @@
 """Media preprocessing in a child process: the same model inputs as in-process, and a decoder that
 crashes or hangs fails its own item only.
 
-No real file known crashes this machine's decoders, so the crash and the hang come from a preprocessor
-subclass that does the real image preprocessing except on marked bytes, where it aborts its process
-(as a decoder's segfault would) or sleeps. The isolation is what is under test here."""
+The crash and the hang come from ``tests.encoders.faulty`` (no real file known crashes this machine's
+decoders); the isolation is what is under test here."""
 
 from __future__ import annotations
 
@@ -19,17 +18,7 @@ from tessera.encoders.audio import AudioEncoderConfig, AudioPreprocessor
 from tessera.encoders.errors import MediaError
 from tessera.encoders.image import ImageEncoderConfig, ImagePreprocessor
 from tessera.encoders.isolated import IsolatedDecoder
-
-
-class FaultyImagePreprocessor(ImagePreprocessor):
-    """The real image preprocessing, except: bytes starting ``CRASH`` abort the process, ``HANG`` sleep."""
-
-    def __call__(self, raw):
-        if raw.startswith(b"CRASH"):
-            os.abort()
-        if raw.startswith(b"HANG"):
-            time.sleep(600)
-        return super().__call__(raw)
+from tests.encoders.faulty import FaultyImagePreprocessor
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +103,7 @@ def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image
         "import os, sys, threading, time\n"
         "from tessera.encoders.image import ImageEncoderConfig\n"
         "from tessera.encoders.isolated import IsolatedDecoder\n"
-        "from tests.encoders.test_isolated import FaultyImagePreprocessor\n"
+        "from tests.encoders.faulty import FaultyImagePreprocessor\n"
         "prep = FaultyImagePreprocessor(ImageEncoderConfig(weights=sys.argv[1]))\n"
         "d = IsolatedDecoder(timeout_s=600)\n"
         "d.start(prep)\n"
