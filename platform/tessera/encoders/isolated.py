@@ -130,7 +130,8 @@ class IsolatedDecoder:
             proc, self._proc = self._proc, None
             self._ready.clear()
             if proc is not None:
-                proc.stdin.close()
+                with contextlib.suppress(OSError):  # a child that died with bytes unread: a broken pipe
+                    proc.stdin.close()
                 try:
                     proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
