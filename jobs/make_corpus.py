@@ -2,6 +2,9 @@
 
     python -m jobs.make_corpus --config configs/corpus.yaml [--force]
     ray job submit --working-dir . -- python -m jobs.make_corpus --config configs/corpus.yaml
+
+Exit codes: 0 written or already there with the same settings; 2 a bad config, or a corpus made with
+other settings already at the root.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     init_ray()
-    manifest = generate_corpus(cfg, force=args.force)
+    try:
+        manifest = generate_corpus(cfg, force=args.force)
+    except FileExistsError as err:  # another corpus at this root
+        print(f"error ({args.config}): {err}", file=sys.stderr)
+        return 2
     c = manifest["counts"]
     state = "already present (same settings), kept" if manifest.get("reused") else "written"
     print(f"corpus {state} at {cfg.root}: {c['items']} items ({c['with_text']} with text, "

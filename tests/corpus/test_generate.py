@@ -115,3 +115,16 @@ def test_rerun_reuses_and_refuses_other_settings(corpus):
     assert again.get("reused") and again["counts"] == manifest["counts"]
     with pytest.raises(FileExistsError, match="other settings"):
         generate_corpus(cfg.model_copy(update={"seed": cfg.seed + 1}))
+
+
+def test_the_cli_refuses_another_corpus_at_the_same_root_with_exit_2(corpus, tmp_path, capsys):
+    import json
+
+    from jobs import make_corpus
+
+    cfg, _ = corpus
+    path = tmp_path / "corpus.yaml"
+    path.write_text(json.dumps(cfg.model_copy(update={"seed": cfg.seed + 1}).model_dump(mode="json",
+                                                                                        exclude={"storage"})))
+    assert make_corpus.main(["--config", str(path)]) == 2  # was a traceback and exit 1
+    assert f"error ({path}): " in capsys.readouterr().err
