@@ -90,12 +90,10 @@ def _holder_gone(holder: dict) -> bool:
 
 def _ray_job() -> str | None:
     """The Ray job this process drives (its submission id under ``ray job submit``), if any."""
-    import json as _json
-
     config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if config:
         try:
-            submission = _json.loads(config).get("metadata", {}).get("job_submission_id")
+            submission = json.loads(config).get("metadata", {}).get("job_submission_id")
         except (ValueError, AttributeError):
             submission = None
         if submission:

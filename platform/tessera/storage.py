@@ -365,7 +365,7 @@ class Storage:
         if loc.scheme == "file":
             path = Path(loc.path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp = _aside(path)
             tmp.write_bytes(data)
             try:
                 os.link(tmp, path)
@@ -438,12 +438,9 @@ class Storage:
                 return self.client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data,
                                                 ContentType="application/json", **condition)["ETag"]
             except ClientError as err:
-                code = err.response.get("Error", {}).get("Code")
-                if code == "NoSuchBucket":
+                if err.response.get("Error", {}).get("Code") == "NoSuchBucket":
                     raise FileNotFoundError(f"{uri}: no bucket {loc.bucket!r}") from None
-                # 412: the condition failed; 409: another conditional write to the key was in flight
-                # (AWS), which won; 404: If-Match on an object deleted meanwhile
-                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                if _condition_failed(err):
                     return None
                 raise
 
@@ -469,7 +466,7 @@ class Storage:
                 self.client().delete_object(Bucket=loc.bucket, Key=loc.key, IfMatch=tag)
                 return True
             except ClientError as err:
-                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412):
+                if _condition_failed(err):
                     return False
                 raise
 
@@ -544,9 +541,20 @@ class Storage:
 def _replace_local(path: Path, fill) -> None:
     """Write a local file whole or not at all: ``fill(tmp)`` writes a file beside ``path``, renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = _aside(path)
     fill(tmp)
     os.replace(tmp, path)
+
+
+def _aside(path: Path) -> Path:
+    """A temporary name beside ``path``, this process and thread's own."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def _condition_failed(err) -> bool:
+    """Whether a conditional request's ``ClientError`` says the condition did not hold: 412, 409 (another
+    conditional write to the key was in flight, AWS, and won) or 404 (If-Match on an object gone)."""
+    return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412)
 
 
 def _local_tag(path: Path) -> str:

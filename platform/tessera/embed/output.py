@@ -34,8 +34,13 @@ def vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.FixedSizeLis
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=pa.array(mask))
 
 
+def ids_digest(item_ids: list[str]) -> str:
+    """A hex digest of a list of item ids (order counts)."""
+    return hashlib.sha1("\n".join(item_ids).encode()).hexdigest()
+
+
 def part_name(item_ids: list[str]) -> str:
-    return "part-" + hashlib.sha1("\n".join(item_ids).encode()).hexdigest()[:20] + ".parquet"
+    return "part-" + ids_digest(item_ids)[:20] + ".parquet"
 
 
 def write_part(storage: Storage, run_uri: str, table: pa.Table) -> str:

@@ -19,7 +19,6 @@ fail the job: Ray Data does not retry a task whose function raised.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.embed.ids import hash_ids, is_member
-from tessera.embed.output import MODALITIES, vector_column, write_part
+from tessera.embed.output import MODALITIES, ids_digest, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
 from tessera.memory import active_allocator, release_free_heap
 from tessera.storage import Storage
@@ -163,7 +162,7 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
         if modality == "text":  # the tokenizer raises on bad text, it does not crash
             results = pre.map(todo_raws)
         else:
-            results = map_guarded(pre, todo_raws, f"{modality}/{_ids_key([batch['item_id'][i] for i in todo])}",
+            results = map_guarded(pre, todo_raws, f"{modality}/{ids_digest([batch['item_id'][i] for i in todo])}",
                                   batch_timeout_s, item_timeout_s)
         for i, result in zip(todo, results, strict=True):
             if isinstance(result, MediaError):
@@ -178,10 +177,6 @@ def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: 
 
 _GUARD_NAMESPACE = "tessera_embed"
 _GUARD_PREFIX = "decoding/"
-
-
-def _ids_key(ids: list[str]) -> str:
-    return hashlib.sha1("\n".join(ids).encode()).hexdigest()
 
 
 def map_guarded(pre: Preprocessor, raws: list, batch_key: str, batch_timeout_s: float = 600.0,

@@ -196,7 +196,6 @@ class CheckpointFiles:
 
     def __init__(self, location: str | os.PathLike, storage: Storage | None = None):
         self.location = str(location)
-        self._remote = parse_uri(self.location).scheme == "s3"
         self._storage = storage
 
     def where(self, name: str) -> str:
@@ -204,11 +203,8 @@ class CheckpointFiles:
         return join_uri(self.location, name)
 
     def read(self, name: str) -> bytes | None:
-        """The bytes of the file ``name``, or None when there is no such file."""
-        if not self._remote:
-            path = Path(parse_uri(self.location).path) / name
-            return path.read_bytes() if path.is_file() else None
-        if self._storage is None:
+        """The bytes of the file ``name``, or None when there is no such file (or no regular file)."""
+        if self._storage is None:  # a local folder is read as a file; credentials only ever resolve for S3
             self._storage = Storage()
         try:
             return self._storage.read_bytes(self.where(name))
