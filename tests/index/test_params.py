@@ -5,7 +5,16 @@ import math
 import pytest
 
 from tessera.config import ConfigError, parse_config
-from tessera.index import IndexConfig, assign_shards, choose_mode, derive_params, num_shards_for
+from tessera.index import (
+    IndexConfig,
+    assign_shards,
+    choose_mode,
+    derive_params,
+    locate_shard,
+    num_shards_for,
+    shard_bounds,
+    shard_key,
+)
 
 
 @pytest.mark.parametrize("n, mode", [(1, "brute_force"), (500, "brute_force"), (19_999, "brute_force"),
@@ -91,3 +100,23 @@ def test_sharding_errors_and_sizes():
         assign_shards(["a"], 0)
     assert [len(p) for p in assign_shards(["a", "b"], 3)].count(0) == 1
     assert num_shards_for(250_000, 100_000) == 3 and num_shards_for(0, 10) == 1
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 5])
+def test_every_item_is_located_in_its_shard_from_the_bounds_alone(num_shards):
+    ids = [f"item-{i}" for i in range(2_003)]
+    shards = [[ids[r] for r in rows] for rows in assign_shards(ids, num_shards)]
+    bounds = shard_bounds(shards)
+    assert len(bounds) == num_shards - 1
+    assert all(locate_shard(shard_key(i), bounds) == s for s, members in enumerate(shards) for i in members)
+
+
+def test_shard_bounds_refuse_shards_not_cut_by_assign_shards():
+    with pytest.raises(ValueError, match="at least one item"):
+        shard_bounds([["a"], []])
+    ids = [f"item-{i}" for i in range(50)]
+    shards = [[ids[r] for r in rows] for rows in assign_shards(ids, 2)]
+    with pytest.raises(ValueError, match="contiguous"):
+        shard_bounds([shards[0][:-1] + shards[1][:1], shards[1][1:] + shards[0][-1:]])
+    with pytest.raises(ValueError, match="contiguous"):
+        shard_bounds(shards[::-1])

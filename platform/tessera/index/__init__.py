@@ -1,7 +1,8 @@
 """Item index: sharded ScaNN (exact numpy for small shards), single-process, no Ray.
 
 * :mod:`tessera.index.params`: :class:`IndexConfig` and :func:`derive_params` (ScaNN's size rules).
-* :mod:`tessera.index.sharding`: :func:`assign_shards`, a balanced deterministic split by id hash.
+* :mod:`tessera.index.sharding`: :func:`assign_shards`, a balanced deterministic split by id hash
+  (:func:`shard_bounds` / :func:`locate_shard` find an item's shard from S - 1 keys).
 * :mod:`tessera.index.shard`: :func:`build_shard` (the per-shard unit a Ray task runs), :func:`search_shard`.
 * :mod:`tessera.index.shard_io`: :func:`save_shard` / :func:`load_shard` with sha256-verified files.
 * :mod:`tessera.index.sharded`: :class:`ShardedIndex` (search with exclusion, merge, load, save).
@@ -38,13 +39,13 @@ from tessera.index.shard_io import (
     shard_name,
 )
 from tessera.index.sharded import SearchConfig, ShardedIndex, measure_recall
-from tessera.index.sharding import assign_shards, num_shards_for
+from tessera.index.sharding import assign_shards, locate_shard, num_shards_for, shard_bounds, shard_key
 
 __all__ = [
     "FAILED_REPORT", "INDEX_MANIFEST", "ModalIndexRef",
     "IndexConfig", "IndexCorruptError", "IndexManifest", "RecallCheck", "ScannParams", "SearchConfig",
     "ShardArtifact", "ShardManifest", "ShardedIndex", "assign_shards", "build_and_save_shard", "build_shard",
-    "choose_mode", "derive_params", "exact_search", "l2_normalize", "load_shard", "make_index_manifest",
+    "choose_mode", "derive_params", "exact_search", "l2_normalize", "load_shard", "locate_shard", "make_index_manifest",
     "measure_recall", "num_shards_for", "read_index_manifest", "recall_at_k", "save_shard", "search_shard",
-    "shard_name", "write_index_manifest",
+    "shard_bounds", "shard_key", "shard_name", "write_index_manifest",
 ]

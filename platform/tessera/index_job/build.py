@@ -1,8 +1,15 @@
-"""Shard planning and the parallel shard builds: one Ray task per shard, reading only its own rows.
+"""Shard planning, the split of the vectors by shard, and the parallel shard builds (Ray tasks).
 
-The driver reads the small ``item_id`` / ``status`` / ``modalities`` columns of the vectors parts,
-splits each index's ids into balanced shards (:func:`tessera.index.assign_shards`), and starts one
-task per shard. A task streams the vectors parts, keeps its own rows (``is_in`` on ``item_id``),
+    vectors parts ─► plan (driver: ids only) ─► split (one task a part) ─► S x (1 + M) builds
+
+The driver reads the small ``item_id`` / ``status`` / ``modalities`` columns of the vectors parts
+and splits each index's ids into balanced shards (:func:`tessera.index.assign_shards`); a shard is a
+range of id-hash keys, so its ``S - 1`` bounds (:func:`tessera.index.shard_bounds`) are all a task
+needs to route a row. One split task per vectors part reads that part once and returns one piece
+(ids + vectors) per shard of every index into Ray's object store; each shard's build task takes its
+pieces, one from each part, in part order. So every part is read once whatever the shard count (was
+once per shard), the pieces move only to the node building their shard, and a piece lost with a
+node is made again by re-running its split task (Ray's lineage reconstruction). The build task
 builds the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads matching
 its CPUs) and returns only the small shard manifest. Vectors never pass through the driver.
 
@@ -15,7 +22,7 @@ Index layout under ``index/<version>/``::
 Example::
 
     plans = plan_indexes(storage, summary.parts, cfg.num_shards, modalities=["text", "image"])
-    manifests = build_all(storage, plans, summary.parts, src.index_uri, cfg)
+    manifests = build_all(storage, plans, summary.parts, src.index_uri, cfg.index_config(), num_cpus=1)
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tessera.index import IndexConfig, ShardManifest, assign_shards, build_and_save_shard
+from tessera.index import (
+    IndexConfig,
+    ShardManifest,
+    assign_shards,
+    build_and_save_shard,
+    locate_shard,
+    shard_bounds,
+    shard_key,
+)
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
 from tessera.storage import Storage, join_uri
@@ -60,6 +75,37 @@ class IndexPlan:
     def num_items(self) -> int:
         return sum(len(s) for s in self.shards)
 
+    def routing(self) -> ShardRouting:
+        """What a split task needs of this plan: the rows it holds and its shards' bounds."""
+        return ShardRouting(self.name, self.column, shard_bounds(self.shards))
+
+
+@dataclass(frozen=True)
+class ShardRouting:
+    """Which rows of a vectors part belong to an index, and to which of its shards (no id lists).
+
+    Attributes:
+        name: ``fused`` or the modality name (see :func:`index_rows`).
+        column: the vectors column.
+        bounds: :func:`tessera.index.shard_bounds` of the plan's shards (``num_shards - 1`` keys).
+    """
+
+    name: str
+    column: str
+    bounds: list[tuple[int, str]]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.bounds) + 1
+
+
+def index_rows(table: pa.Table, name: str) -> np.ndarray:
+    """Rows of a vectors table in the index ``name``: ``fused`` holds ``status == ok``, a modality's
+    index the items that have that modality. The planner and the split tasks both decide by this."""
+    if name == "fused":
+        return np.asarray(table.column("status").to_pylist(), dtype=object) == STATUS_OK
+    return np.asarray([name in filter(None, s.split(",")) for s in table.column("modalities").to_pylist()], bool)
+
 
 def read_id_columns(storage: Storage, parts: list[str]) -> pa.Table:
     """``item_id``, ``status``, ``modalities`` of every vectors part (small: no vectors read)."""
@@ -81,14 +127,9 @@ def plan_indexes(storage: Storage, parts: list[str], num_shards: int, modalities
     """
     table = read_id_columns(storage, parts)
     ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
-    status = np.asarray(table.column("status").to_pylist(), dtype=object)
-    present = [set(filter(None, s.split(","))) for s in table.column("modalities").to_pylist()]
-    wanted = [("fused", "", FUSED, ids[status == STATUS_OK])]
-    for m in modalities:
-        rows = np.asarray([m in p for p in present], dtype=bool)
-        wanted.append((m, f"{MODAL_DIR}/{m}", m, ids[rows]))
     plans = []
-    for name, path, column, members in wanted:
+    for name, path, column in [("fused", "", FUSED), *((m, f"{MODAL_DIR}/{m}", m) for m in modalities)]:
+        members = ids[index_rows(table, name)]
         if len(members) == 0:
             if name == "fused":
                 raise IndexSourceError("no item has a usable modality: there is nothing to index")
@@ -99,19 +140,14 @@ def plan_indexes(storage: Storage, parts: list[str], num_shards: int, modalities
     return plans
 
 
-def read_rows(storage: Storage, parts: list[str], column: str, ids: list[str] | None = None,
-              ) -> tuple[list[str], np.ndarray]:
-    """Ids and (N, D) vectors of ``column`` for ``ids`` (None: every non-null row), part by part."""
-    value_set = None if ids is None else pa.array(ids, pa.string())
+def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str], np.ndarray]:
+    """Ids and (N, D) vectors of every non-null row of ``column``, part by part (the self-check's read)."""
     got_ids, blocks, dim = [], [], None
     for uri in parts:
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["item_id", column])
-        keep = pc.is_valid(table.column(column))
-        if value_set is not None:
-            keep = pc.and_(keep, pc.is_in(table.column("item_id"), value_set=value_set))
-        table = table.filter(keep)
+        table = table.filter(pc.is_valid(table.column(column)))
         dim = table.schema.field(column).type.list_size
         if table.num_rows:
             got_ids.extend(table.column("item_id").to_pylist())
@@ -120,32 +156,101 @@ def read_rows(storage: Storage, parts: list[str], column: str, ids: list[str] | 
     return got_ids, vectors
 
 
-def build_shard_task(storage: Storage, parts: list[str], column: str, ids: list[str], shard_id: int,
-                     index_uri: str, config: IndexConfig, catalog_size: int,
-                     tuning_queries: np.ndarray | None = None, num_shards: int | None = None) -> ShardManifest:
-    """Body of one shard's Ray task: read its rows, build (tuning also on ``tuning_queries``), save
-    with checksums (and the index's ``num_shards``), return the manifest."""
-    got_ids, vectors = read_rows(storage, parts, column, ids)
-    if len(got_ids) != len(ids):
-        raise IndexIntegrityError(f"{index_uri} shard {shard_id}: found {len(got_ids)} of its {len(ids)} "
-                                  "items in the vectors parts")
-    return build_and_save_shard(storage, index_uri, shard_id, got_ids, vectors, config, catalog_size, tuning_queries,
+Piece = tuple[list[str], np.ndarray]  # one part's rows of one shard: ids, (n, D) float32
+
+
+def split_part(storage: Storage, uri: str, routings: list[ShardRouting]) -> list[Piece]:
+    """Body of one split task: read a vectors part once, return its rows of every shard of every index.
+
+    Returns:
+        One piece per shard, index after index in ``routings`` order, shards in order (empty pieces
+        included, so the task's ``num_returns`` is fixed); rows keep the part's order.
+    """
+    columns = list(dict.fromkeys(["item_id", "status", "modalities", *(r.column for r in routings)]))
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=columns)
+    ids = table.column("item_id").to_pylist()
+    keys = [shard_key(i) for i in ids] if any(r.num_shards > 1 for r in routings) else []
+    pieces: list[Piece] = []
+    for routing in routings:
+        rows = np.flatnonzero(index_rows(table, routing.name))
+        dim = table.schema.field(routing.column).type.list_size
+        vectors = column_matrix(table.column(routing.column).take(pa.array(rows, pa.int64())), dim)
+        if np.isnan(vectors).any():
+            raise IndexIntegrityError(f"{uri}: rows of the {routing.name} index without a {routing.column} vector")
+        shard_of = np.fromiter((locate_shard(keys[r], routing.bounds) for r in rows), np.int64, count=len(rows)) \
+            if routing.num_shards > 1 else np.zeros(len(rows), np.int64)
+        for s in range(routing.num_shards):
+            sel = np.flatnonzero(shard_of == s)
+            pieces.append(([ids[rows[j]] for j in sel], vectors[sel]))
+    return pieces
+
+
+def assemble_shard(pieces: tuple[Piece, ...], expected: int, where: str) -> Piece:
+    """One shard's ids and vectors from its pieces, in order, into one array (one copy).
+
+    Raises:
+        IndexIntegrityError: the pieces do not hold the ``expected`` number of rows.
+    """
+    found = sum(len(p_ids) for p_ids, _ in pieces)
+    if found != expected:
+        raise IndexIntegrityError(f"{where}: found {found} of its {expected} items in the vectors parts")
+    dim = pieces[0][1].shape[1]  # empty pieces keep their (0, D) shape
+    ids: list[str] = []
+    vectors = np.empty((expected, dim), np.float32)
+    for p_ids, piece in pieces:
+        vectors[len(ids):len(ids) + len(p_ids)] = piece
+        ids.extend(p_ids)
+    return ids, vectors
+
+
+def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri: str, config: IndexConfig,
+                     catalog_size: int, tuning_queries: np.ndarray | None, num_shards: int,
+                     *pieces: Piece) -> ShardManifest:
+    """Body of one shard's Ray task: assemble its pieces (Ray resolves them before the task runs:
+    they are its top-level arguments), build (tuning also on ``tuning_queries``), save with
+    checksums (and the index's ``num_shards``), return the manifest."""
+    ids, vectors = assemble_shard(pieces, num_items, f"{index_uri} shard {shard_id}")
+    del pieces
+    return build_and_save_shard(storage, index_uri, shard_id, ids, vectors, config, catalog_size, tuning_queries,
                                 num_shards=num_shards)
 
 
-def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_uri: str, config: IndexConfig,
-              num_cpus: float, memory_gb: float | None = None,
-              tuning_queries: dict[str, np.ndarray] | None = None) -> dict[str, list[ShardManifest]]:
-    """Build every shard of every planned index as parallel Ray tasks; manifests by index name.
+def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], num_cpus: float = 1.0) -> list[list]:
+    """Start one split task per vectors part; ``refs[t][p]`` is part ``p``'s piece of shard ``t``,
+    shards numbered over the plans in order (the first plan's shards first).
 
     Args:
         storage: object storage.
         plans: from :func:`plan_indexes`.
-        parts: the vectors parts.
+        parts: the vectors parts (their order is each shard's row order).
+        num_cpus: CPUs per split task (it reads one part and hashes its ids).
+    """
+    import ray
+
+    routings = [plan.routing() for plan in plans]
+    total = sum(r.num_shards for r in routings)
+    split = ray.remote(split_part).options(num_cpus=num_cpus, num_returns=total)
+    by_part = [split.remote(storage, uri, routings) for uri in parts]
+    return [[refs[t] if total > 1 else refs for refs in by_part] for t in range(total)]  # 1 return: a bare ref
+
+
+def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], index_uri: str, config: IndexConfig,
+                 num_cpus: float, memory_gb: float | None = None,
+                 tuning_queries: dict[str, np.ndarray] | None = None) -> dict[str, list[ShardManifest]]:
+    """Build every shard of every planned index from its pieces (:func:`split_vectors`) as parallel
+    Ray tasks; manifests by index name. Each task is scheduled once its pieces exist and fetches only
+    them: no task reads the vectors parts.
+
+    Args:
+        storage: object storage (the shards are written there).
+        plans: from :func:`plan_indexes`.
+        pieces: from :func:`split_vectors` over the same plans.
         index_uri: the version root.
         config: shard build settings (``training_threads`` matching ``num_cpus``).
-        num_cpus: CPUs per task.
-        memory_gb: memory reserved per task (None: none).
+        num_cpus: CPUs per build task.
+        memory_gb: memory reserved per build task (None: none).
         tuning_queries: by index name, real queries its shards also tune on (e.g. user vectors for
             ``fused``); put in the object store once and shared by that index's tasks.
     """
@@ -156,11 +261,24 @@ def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_
         options["memory"] = int(memory_gb * (1 << 30))
     task = ray.remote(build_shard_task).options(**options)
     tuning_queries = tuning_queries or {}
-    pending = {}
+    pending: dict[str, list] = {}
+    shard_pieces = iter(pieces)
     for plan in plans:
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
         queries = tuning_queries.get(plan.name)
         queries_ref = ray.put(queries) if queries is not None and len(queries) else None
-        pending[plan.name] = [task.remote(storage, parts, plan.column, ids, i, uri, config, plan.num_items,
-                                          queries_ref, len(plan.shards)) for i, ids in enumerate(plan.shards)]
+        pending[plan.name] = [task.remote(len(ids), i, storage, uri, config, plan.num_items, queries_ref,
+                                          len(plan.shards), *next(shard_pieces))
+                              for i, ids in enumerate(plan.shards)]
+    del pieces, shard_pieces  # from here each piece lives as long as the task that reads it
     return {name: ray.get(refs) for name, refs in pending.items()}
+
+
+def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_uri: str, config: IndexConfig,
+              num_cpus: float, memory_gb: float | None = None,
+              tuning_queries: dict[str, np.ndarray] | None = None,
+              split_num_cpus: float = 1.0) -> dict[str, list[ShardManifest]]:
+    """:func:`split_vectors`, then :func:`build_shards`: every part read once, every shard built by
+    its own task. Each shard's pieces are freed once its task has finished."""
+    return build_shards(storage, plans, split_vectors(storage, plans, parts, split_num_cpus), index_uri, config,
+                        num_cpus, memory_gb, tuning_queries)  # no reference kept here: build_shards frees them

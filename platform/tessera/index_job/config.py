@@ -7,7 +7,10 @@ defaults to the model version.
 
 Sizing on a real cluster: ``num_shards`` x ``build.num_cpus`` CPUs build in parallel (one Ray task
 per shard; ScaNN trains with ``build.num_cpus`` threads). Keep shards at or under ~1M points each
-and give a task about 3x its shard's vector bytes of memory (``build.memory_gb``).
+and give a task about 3x its shard's vector bytes of memory (``build.memory_gb``). Before the builds,
+one task a vectors part splits it by shard into Ray's object store, which holds every index's
+vectors until their shards are built (``(1 + modalities) x items x dim x 4`` bytes in all; Ray
+spills to local disk past the store's size).
 
 Example::
 
@@ -54,10 +57,14 @@ class BuildResources(TesseraConfig):
     Args:
         num_cpus: CPUs per shard build task (and ScaNN training threads, rounded down, at least 1).
         memory_gb: memory reserved per task (None: no reservation).
+        split_num_cpus: CPUs per task splitting one vectors part by shard (it decodes the part and
+            hashes its ids: CPU-bound; a fraction lets Ray start many workers at once for little
+            gain: 0.1 was 6x slower than 1 in ``bench/index_split.py`` on 2 cores).
     """
 
     num_cpus: float = Field(1.0, gt=0)
     memory_gb: float | None = Field(None, gt=0)
+    split_num_cpus: float = Field(1.0, gt=0)
 
     @property
     def training_threads(self) -> int:

@@ -1,7 +1,8 @@
 """The index job end to end: bundle + embedding run in, ``index/<version>/`` out.
 
-    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► plan shards ─► S x (1 + M) shard
-    builds (Ray tasks) ─► self-check per index (Ray tasks, shards read back from storage) ─► manifests
+    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► plan shards ─► split the vectors
+    by shard (a task a part) ─► S x (1 + M) shard builds (Ray tasks) ─► self-check per index (Ray
+    tasks, shards read back from storage) ─► manifests
 
 Manifests are written last: ``modal/<modality>/_MANIFEST.json`` for each per-modality index, then
 the version's ``_MANIFEST.json`` (its presence marks the index complete). A build whose self-check
@@ -103,7 +104,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
         print(f"[index] fused shards tune on their own vectors and {len(tuning['fused'])} user vectors "
               f"(users outside the self-check's sample)", flush=True)
     shard_manifests = build_all(storage, plans, vectors.parts, src.index_uri, cfg.index_config(),
-                                cfg.build.num_cpus, cfg.build.memory_gb, tuning_queries=tuning)
+                                cfg.build.num_cpus, cfg.build.memory_gb, tuning_queries=tuning,
+                                split_num_cpus=cfg.build.split_num_cpus)
     build_s = time.perf_counter() - t_build
 
     t_check = time.perf_counter()

@@ -1,0 +1,100 @@
+"""The index job's shard split and builds on the session's real Ray and S3, over vectors parts written here.
+
+Each vectors part is read by one split task; a shard's build task gets only its pieces (one per part).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tessera.index import IndexConfig, load_shard
+from tessera.index_job.build import (
+    IndexIntegrityError,
+    ShardRouting,
+    assemble_shard,
+    build_shards,
+    plan_indexes,
+    read_rows,
+    split_part,
+    split_vectors,
+)
+from tessera.index_job.synthetic import random_vectors_table
+from tessera.index_job.vectors import STATUS_OK, matrix_column
+from tessera.storage import join_uri
+
+DIM = 8
+MODALITIES = ["text", "image"]
+
+
+@pytest.fixture
+def parts(storage, bucket_uri) -> list[str]:
+    rng = np.random.default_rng(7)
+    uris, first = [], 0
+    for i, n in enumerate((120, 1, 75)):
+        uri = join_uri(bucket_uri, "vectors", f"part-{i:04d}.parquet")
+        storage.write_parquet(uri, random_vectors_table([f"item-{k:05d}" for k in range(first, first + n)], DIM, rng,
+                                                        MODALITIES, share=0.6))
+        uris.append(uri)
+        first += n
+    return uris
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session, num_shards):
+    import ray
+
+    plans = plan_indexes(storage, parts, num_shards, MODALITIES)
+    assert [p.name for p in plans] == ["fused", *MODALITIES]
+    pieces = split_vectors(storage, plans, parts)
+    assert len(pieces) == sum(len(p.shards) for p in plans) and all(len(by_part) == 3 for by_part in pieces)
+    t = 0
+    for plan in plans:
+        all_ids, all_vectors = read_rows(storage, parts, plan.column)
+        row_of = {item: r for r, item in enumerate(all_ids)}
+        for s, members in enumerate(plan.shards):
+            ids, vectors = assemble_shard(tuple(ray.get(pieces[t])), len(members), "test")
+            t += 1
+            assert sorted(ids) == sorted(members), (plan.name, s)
+            rows = [row_of[i] for i in ids]
+            assert rows == sorted(rows)  # the order a read of the parts in order gives
+            np.testing.assert_array_equal(vectors, all_vectors[rows])
+
+
+def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
+    """The parts are deleted once split: the builds still make every shard, from the object store."""
+    import ray
+
+    plans = plan_indexes(storage, parts, 2, MODALITIES)
+    pieces = split_vectors(storage, plans, parts)
+    flat = [ref for by_part in pieces for ref in by_part]
+    ready, _ = ray.wait(flat, num_returns=len(flat), timeout=120, fetch_local=False)
+    assert len(ready) == len(flat)
+    for uri in parts:
+        fs, path = storage.filesystem(uri)
+        fs.delete_file(path)
+        assert not storage.exists(uri)
+    index_uri = join_uri(bucket_uri, "index")
+    manifests = build_shards(storage, plans, pieces, index_uri, IndexConfig(), num_cpus=0.5)
+    for plan in plans:
+        uri = join_uri(index_uri, plan.path) if plan.path else index_uri
+        assert [m.count for m in manifests[plan.name]] == [len(s) for s in plan.shards]
+        for m, members in zip(manifests[plan.name], plan.shards, strict=True):
+            shard = load_shard(storage, join_uri(uri, m.name))
+            assert sorted(shard.ids.tolist()) == sorted(members) and m.num_shards == 2
+
+
+def test_a_shard_short_of_rows_and_an_indexed_row_without_a_vector_are_refused(storage, bucket_uri):
+    ids, vectors = ["a", "b"], np.eye(2, DIM, dtype=np.float32)
+    with pytest.raises(IndexIntegrityError, match="shard 0: found 2 of its 3 items"):
+        assemble_shard(((ids, vectors),), 3, "s3://x shard 0")
+    got, got_vectors = assemble_shard(((ids[:1], vectors[:1]), ([], vectors[:0]), (ids[1:], vectors[1:])), 2, "x")
+    assert got == ids and np.array_equal(got_vectors, vectors)
+    # a row marked ok (in the fused index) whose fused vector is null
+    table = pa.table({"item_id": ids, "status": [STATUS_OK, STATUS_OK], "modalities": ["text", "text"],
+                      "fused": matrix_column(vectors, np.array([True, False]))})
+    uri = join_uri(bucket_uri, "bad.parquet")
+    storage.write_parquet(uri, table)
+    with pytest.raises(IndexIntegrityError, match="bad.parquet: rows of the fused index without a fused vector"):
+        split_part(storage, uri, [ShardRouting("fused", "fused", [])])
