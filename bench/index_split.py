@@ -1,0 +1,146 @@
+"""Benchmark: getting each index shard its vectors, the index job's split (ours) vs every shard reading every part.
+
+    .venv/bin/python bench/index_split.py [--items 200000] [--parts 40] [--shards 4] [--dim 64] [--rounds 2]
+
+What it measures is the step between the item vectors and the ScaNN builds, which is all that
+differs between the two (the builds and their saves are the same code either way):
+
+* **baseline**: one Ray task per shard reads every vectors part and keeps its own rows (``is_in`` on
+  the shard's ids), as the index job did before the split: each part is read ``shards x indexes``
+  times.
+* **ours**: :func:`tessera.index_job.build.split_vectors` (one task per part reads it once and returns
+  a piece per shard into Ray's object store), then one task per shard assembles its pieces
+  (:func:`~tessera.index_job.build.assemble_shard`, the build task's first step).
+
+Each task returns its shard's row count, checked against the plan. The parts are written to the bench's
+own SeaweedFS (``bench/_stack.py``) as the vector stage writes them: ``item_id``, ``status``,
+``modalities``, a fused column and two modality columns (``fixed_size_list<float32>[dim]``, unit
+random vectors: the step moves bytes and does not look at them; ~30% of the rows lack one modality).
+Both run in turns (``--rounds``) on one local Ray with the machine's CPUs. Last line, one JSON object:
+``baseline_s`` / ``split_s`` (medians), ``ratio`` (baseline / ours), ``part_reads_baseline`` /
+``part_reads_split`` and the bytes of the parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bench._stack import bench_stack  # noqa: E402
+from tessera.index_job.build import assemble_shard, plan_indexes, split_vectors  # noqa: E402
+from tessera.index_job.config import BuildResources  # noqa: E402
+from tessera.index_job.synthetic import random_vectors_table  # noqa: E402
+from tessera.index_job.vectors import column_matrix  # noqa: E402
+from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
+
+MODALITIES = ["text", "image"]
+
+
+def write_parts(storage: Storage, root: str, items: int, parts: int, dim: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    uris = []
+    for p, rows in enumerate(np.array_split(np.arange(items), parts)):
+        uri = join_uri(root, f"part-{p:05d}.parquet")
+        storage.write_parquet(uri, random_vectors_table([f"item-{i:08d}" for i in rows], dim, rng, MODALITIES))
+        uris.append(uri)
+    return uris
+
+
+def read_own_rows(storage: Storage, parts: list[str], column: str, ids: list[str]) -> int:
+    """The baseline task: every part read, the shard's rows kept (the old ``read_rows`` with ids)."""
+    value_set = pa.array(ids, pa.string())
+    blocks, count = [], 0
+    for uri in parts:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["item_id", column])
+        table = table.filter(pc.and_(pc.is_valid(table.column(column)), pc.is_in(table.column("item_id"),
+                                                                                  value_set=value_set)))
+        if table.num_rows:
+            blocks.append(column_matrix(table.column(column), table.schema.field(column).type.list_size))
+            count += table.num_rows
+    np.concatenate(blocks)  # the shard's matrix, as the build got it
+    return count
+
+
+def assemble_task(expected: int, *pieces) -> int:
+    ids, _ = assemble_shard(pieces, expected, "bench")
+    return len(ids)
+
+
+def run_baseline(storage, plans, parts, split_num_cpus: float) -> float:
+    import ray
+
+    task = ray.remote(read_own_rows).options(num_cpus=1)
+    t0 = time.perf_counter()
+    refs = [(task.remote(storage, parts, plan.column, ids), len(ids)) for plan in plans for ids in plan.shards]
+    assert all(ray.get(ref) == n for ref, n in refs)
+    return time.perf_counter() - t0
+
+
+def run_split(storage, plans, parts, split_num_cpus: float) -> float:
+    import ray
+
+    task = ray.remote(assemble_task).options(num_cpus=1)
+    t0 = time.perf_counter()
+    pieces = split_vectors(storage, plans, parts, num_cpus=split_num_cpus)
+    expected = [len(ids) for plan in plans for ids in plan.shards]
+    refs = [task.remote(n, *shard_pieces) for n, shard_pieces in zip(expected, pieces, strict=True)]
+    del pieces
+    assert ray.get(refs) == expected
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--parts", type=int, default=40)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--split-num-cpus", type=float, default=BuildResources().split_num_cpus,
+                        help="CPUs per split task (the job's build.split_num_cpus)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with bench_stack():
+        storage = Storage(StorageConfig())
+        storage.ensure_bucket("s3://tessera-bench")
+        root = f"s3://tessera-bench/index-split/{int(time.time())}"
+        t0 = time.perf_counter()
+        parts = write_parts(storage, root, args.items, args.parts, args.dim, args.seed)
+        write_s = time.perf_counter() - t0
+        part_bytes = sum(storage.filesystem(u)[0].get_file_info(storage.filesystem(u)[1]).size for u in parts)
+        t0 = time.perf_counter()
+        plans = plan_indexes(storage, parts, args.shards, MODALITIES)
+        plan_s = time.perf_counter() - t0
+        times: dict[str, list[float]] = {"baseline": [], "split": []}
+        for r in range(args.rounds):
+            for name, fn in (("baseline", run_baseline), ("split", run_split))[::1 if r % 2 == 0 else -1]:
+                times[name].append(fn(storage, plans, parts, args.split_num_cpus))
+                print(f"[bench] round {r} {name}: {times[name][-1]:.2f} s", flush=True)
+    baseline, split = statistics.median(times["baseline"]), statistics.median(times["split"])
+    num_shards = sum(len(p.shards) for p in plans)
+    print(json.dumps({
+        "items": args.items, "parts": args.parts, "dim": args.dim, "split_num_cpus": args.split_num_cpus,
+        "indexes": len(plans), "shards_per_index": args.shards, "part_bytes": part_bytes,
+        "write_parts_s": round(write_s, 2), "plan_s": round(plan_s, 2),
+        "baseline_s": round(baseline, 3), "split_s": round(split, 3), "ratio": round(baseline / split, 2),
+        "rounds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+        "part_reads_baseline": num_shards * args.parts, "part_reads_split": args.parts,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
