@@ -12,10 +12,18 @@ differs between the two (the builds and their saves are the same code either way
   a piece per shard into Ray's object store), then one task per shard assembles its pieces
   (:func:`~tessera.index_job.build.assemble_shard`, the build task's first step).
 
-Each task returns its shard's row count, checked against the plan. The parts are written to the bench's
-own SeaweedFS (``bench/_stack.py``) as the vector stage writes them: ``item_id``, ``status``,
-``modalities``, a fused column and two modality columns (``fixed_size_list<float32>[dim]``, unit
-random vectors: the step moves bytes and does not look at them; ~30% of the rows lack one modality).
+Each task returns its shard's row count, checked against the plan. Before that, the two planners,
+also in turns: the baseline reads every id onto the driver and splits them with
+:func:`~tessera.index.assign_shards`; ours hashes each part's ids in a task and finds the cuts from
+the hashes (:func:`~tessera.index_job.build.scan_ids`, :func:`~tessera.index_job.build.plan_indexes`);
+both must give the same shard sizes. ``plan_baseline_s`` / ``plan_s`` (medians), then one more run
+of each under ``tracemalloc`` for the driver's peak Python allocation (numpy arrays and id strings
+included; not timed, tracing slows allocation-heavy code).
+
+The parts are written to the bench's own SeaweedFS (``bench/_stack.py``) as the vector stage writes
+them: ``item_id``, ``status``, ``modalities``, a fused column and two modality columns
+(``fixed_size_list<float32>[dim]``, unit random vectors: the step moves bytes and does not look at
+them; ~30% of the rows lack one modality).
 Both run in turns (``--rounds``) on one local Ray with the machine's CPUs. Last line, one JSON object:
 ``baseline_s`` / ``split_s`` (medians), ``ratio`` (baseline / ours), ``part_reads_baseline`` /
 ``part_reads_split`` and the bytes of the parts.
@@ -28,6 +36,7 @@ import json
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,7 +47,15 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bench._stack import bench_stack  # noqa: E402
-from tessera.index_job.build import assemble_shard, plan_indexes, split_vectors  # noqa: E402
+from tessera.index import assign_shards  # noqa: E402
+from tessera.index_job.build import (  # noqa: E402
+    assemble_shard,
+    index_rows,
+    plan_indexes,
+    read_id_columns,
+    scan_ids,
+    split_vectors,
+)
 from tessera.index_job.config import BuildResources  # noqa: E402
 from tessera.index_job.synthetic import random_vectors_table  # noqa: E402
 from tessera.index_job.vectors import column_matrix  # noqa: E402
@@ -74,28 +91,41 @@ def read_own_rows(storage: Storage, parts: list[str], column: str, ids: list[str
     return count
 
 
+def plan_from_ids(storage: Storage, parts: list[str], num_shards: int) -> dict[str, list[list[str]]]:
+    """The baseline planner (the index job's before the hash scan): every id read onto the driver,
+    each index's ids split by :func:`~tessera.index.assign_shards`; the shards' id lists by index."""
+    table = pa.concat_tables([read_id_columns(storage, uri) for uri in parts])
+    ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+    shards = {}
+    for name in ["fused", *MODALITIES]:
+        members = ids[index_rows(table, name)].tolist()
+        shards[name] = [[members[r] for r in rows] for rows in assign_shards(members, min(num_shards, len(members)))]
+    return shards
+
+
 def assemble_task(expected: int, *pieces) -> int:
     ids, _ = assemble_shard(pieces, expected, "bench")
     return len(ids)
 
 
-def run_baseline(storage, plans, parts, split_num_cpus: float) -> float:
+def run_baseline(storage, plans, parts, split_num_cpus: float, shard_ids) -> float:
     import ray
 
     task = ray.remote(read_own_rows).options(num_cpus=1)
     t0 = time.perf_counter()
-    refs = [(task.remote(storage, parts, plan.column, ids), len(ids)) for plan in plans for ids in plan.shards]
+    refs = [(task.remote(storage, parts, plan.column, ids), len(ids))
+            for plan in plans for ids in shard_ids[plan.name]]
     assert all(ray.get(ref) == n for ref, n in refs)
     return time.perf_counter() - t0
 
 
-def run_split(storage, plans, parts, split_num_cpus: float) -> float:
+def run_split(storage, plans, parts, split_num_cpus: float, shard_ids) -> float:
     import ray
 
     task = ray.remote(assemble_task).options(num_cpus=1)
     t0 = time.perf_counter()
     pieces = split_vectors(storage, plans, parts, num_cpus=split_num_cpus)
-    expected = [len(ids) for plan in plans for ids in plan.shards]
+    expected = [size for plan in plans for size in plan.sizes]
     refs = [task.remote(n, *shard_pieces) for n, shard_pieces in zip(expected, pieces, strict=True)]
     del pieces
     assert ray.get(refs) == expected
@@ -121,20 +151,39 @@ def main(argv: list[str] | None = None) -> int:
         parts = write_parts(storage, root, args.items, args.parts, args.dim, args.seed)
         write_s = time.perf_counter() - t0
         part_bytes = sum(storage.filesystem(u)[0].get_file_info(storage.filesystem(u)[1]).size for u in parts)
-        t0 = time.perf_counter()
-        plans = plan_indexes(storage, parts, args.shards, MODALITIES)
-        plan_s = time.perf_counter() - t0
+        plan: dict[str, list[float]] = {"baseline": [], "ours": []}  # the planners, in turns: seconds ...
+        peak_mb = {}  # ... then once more each under tracemalloc (it slows allocation-heavy code): peak MB
+        for r in range(args.rounds + 1):
+            for name in ("baseline", "ours")[::1 if r % 2 == 0 else -1]:
+                traced = r == args.rounds
+                if traced:
+                    tracemalloc.start()
+                t0 = time.perf_counter()
+                if name == "baseline":
+                    shard_ids = plan_from_ids(storage, parts, args.shards)
+                else:
+                    plans = plan_indexes(scan_ids(storage, parts, ["fused", *MODALITIES], args.split_num_cpus),
+                                         args.shards, MODALITIES)
+                if traced:
+                    peak_mb[name] = tracemalloc.get_traced_memory()[1] / 2**20
+                    tracemalloc.stop()
+                else:
+                    plan[name].append(time.perf_counter() - t0)
+        assert {p.name: p.sizes for p in plans} == {k: [len(s) for s in v] for k, v in shard_ids.items()}
         times: dict[str, list[float]] = {"baseline": [], "split": []}
         for r in range(args.rounds):
             for name, fn in (("baseline", run_baseline), ("split", run_split))[::1 if r % 2 == 0 else -1]:
-                times[name].append(fn(storage, plans, parts, args.split_num_cpus))
+                times[name].append(fn(storage, plans, parts, args.split_num_cpus, shard_ids))
                 print(f"[bench] round {r} {name}: {times[name][-1]:.2f} s", flush=True)
     baseline, split = statistics.median(times["baseline"]), statistics.median(times["split"])
-    num_shards = sum(len(p.shards) for p in plans)
+    num_shards = sum(p.num_shards for p in plans)
     print(json.dumps({
         "items": args.items, "parts": args.parts, "dim": args.dim, "split_num_cpus": args.split_num_cpus,
         "indexes": len(plans), "shards_per_index": args.shards, "part_bytes": part_bytes,
-        "write_parts_s": round(write_s, 2), "plan_s": round(plan_s, 2),
+        "write_parts_s": round(write_s, 2),
+        "plan_baseline_s": round(statistics.median(plan["baseline"]), 3),
+        "plan_s": round(statistics.median(plan["ours"]), 3),
+        "plan_baseline_driver_peak_mb": round(peak_mb["baseline"], 1), "plan_driver_peak_mb": round(peak_mb["ours"], 1),
         "baseline_s": round(baseline, 3), "split_s": round(split, 3), "ratio": round(baseline / split, 2),
         "rounds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
         "part_reads_baseline": num_shards * args.parts, "part_reads_split": args.parts,

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from tessera.config import ConfigError, parse_config
@@ -10,10 +11,12 @@ from tessera.index import (
     assign_shards,
     choose_mode,
     derive_params,
+    hash_ids,
     locate_shard,
     num_shards_for,
     shard_bounds,
     shard_key,
+    shard_sizes,
 )
 
 
@@ -102,21 +105,36 @@ def test_sharding_errors_and_sizes():
     assert num_shards_for(250_000, 100_000) == 3 and num_shards_for(0, 10) == 1
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 5])
-def test_every_item_is_located_in_its_shard_from_the_bounds_alone(num_shards):
+@pytest.mark.parametrize("num_shards", [1, 2, 5, 2_003])
+def test_bounds_from_the_hashes_alone_locate_every_item_in_its_shard(num_shards):
     ids = [f"item-{i}" for i in range(2_003)]
     shards = [[ids[r] for r in rows] for rows in assign_shards(ids, num_shards)]
-    bounds = shard_bounds(shards)
-    assert len(bounds) == num_shards - 1
+    hashes = hash_ids(ids)[np.random.default_rng(0).permutation(len(ids))]  # any order
+    bounds = shard_bounds(hashes, num_shards, tied_ids=lambda h: pytest.fail("no tie among these"))
+    assert len(bounds) == num_shards - 1 and bounds == sorted(bounds)
+    assert shard_sizes(len(ids), num_shards) == [len(s) for s in shards]
     assert all(locate_shard(shard_key(i), bounds) == s for s, members in enumerate(shards) for i in members)
 
 
-def test_shard_bounds_refuse_shards_not_cut_by_assign_shards():
-    with pytest.raises(ValueError, match="at least one item"):
-        shard_bounds([["a"], []])
-    ids = [f"item-{i}" for i in range(50)]
-    shards = [[ids[r] for r in rows] for rows in assign_shards(ids, 2)]
-    with pytest.raises(ValueError, match="contiguous"):
-        shard_bounds([shards[0][:-1] + shards[1][:1], shards[1][1:] + shards[0][-1:]])
-    with pytest.raises(ValueError, match="contiguous"):
-        shard_bounds(shards[::-1])
+def test_a_cut_among_items_sharing_a_hash_is_settled_by_their_ids():
+    """No BLAKE2b collision is at hand, so the keys are made up: the cut is where (hash, id) order puts it."""
+    keys = [(5, "b"), (5, "a"), (3, "z"), (9, "c"), (5, "c"), (1, "q")]
+    ordered = sorted(keys)  # (1,q) (3,z) (5,a) | (5,b) (5,c) (9,c) for 2 shards: 3 + 3
+    hashes = np.array([h for h, _ in keys], np.uint64)
+    asked = []
+
+    def tied(h):
+        asked.append(h)
+        return [i for k, i in keys if k == h]
+
+    bounds = shard_bounds(hashes, 2, tied_ids=tied)
+    assert bounds == [(5, "b")] and asked == [5]
+    assert [locate_shard(k, bounds) for k in ordered] == [0, 0, 0, 1, 1, 1]
+    three = shard_bounds(hashes, 3, tied_ids=tied)  # 2 + 2 + 2: cuts at (5,a) and (5,c)
+    assert [locate_shard(k, three) for k in ordered] == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="sharing the hash 5"):
+        shard_bounds(hashes, 2)  # no ids to settle it
+    with pytest.raises(ValueError, match="sharing the hash 5"):
+        shard_bounds(hashes, 2, tied_ids=lambda h: ["a", "a", "b"])  # duplicate ids cannot be ordered
+    with pytest.raises(ValueError, match="between 1 and the 6 items"):
+        shard_bounds(hashes, 7)

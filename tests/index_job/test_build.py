@@ -9,14 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tessera.index import IndexConfig, load_shard
+from tessera.index import IndexConfig, assign_shards, hash_ids, load_shard
 from tessera.index_job.build import (
     IndexIntegrityError,
-    ShardRouting,
+    IndexPlan,
     assemble_shard,
     build_shards,
     plan_indexes,
     read_rows,
+    scan_ids,
     split_part,
     split_vectors,
 )
@@ -41,19 +42,31 @@ def parts(storage, bucket_uri) -> list[str]:
     return uris
 
 
+def planned(storage, parts, num_shards):
+    return plan_indexes(scan_ids(storage, parts, ["fused", *MODALITIES]), num_shards, MODALITIES)
+
+
+def expected_shards(storage, parts, plan) -> list[list[str]]:
+    """The shards assign_shards makes of the index's ids, read whole (what the plan must reproduce)."""
+    ids, _ = read_rows(storage, parts, plan.column)
+    return [[ids[r] for r in rows] for rows in assign_shards(ids, plan.num_shards)]
+
+
 @pytest.mark.parametrize("num_shards", [1, 3])
 def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session, num_shards):
     import ray
 
-    plans = plan_indexes(storage, parts, num_shards, MODALITIES)
+    plans = planned(storage, parts, num_shards)
     assert [p.name for p in plans] == ["fused", *MODALITIES]
     pieces = split_vectors(storage, plans, parts)
-    assert len(pieces) == sum(len(p.shards) for p in plans) and all(len(by_part) == 3 for by_part in pieces)
+    assert len(pieces) == sum(p.num_shards for p in plans) and all(len(by_part) == 3 for by_part in pieces)
     t = 0
     for plan in plans:
         all_ids, all_vectors = read_rows(storage, parts, plan.column)
         row_of = {item: r for r, item in enumerate(all_ids)}
-        for s, members in enumerate(plan.shards):
+        shards = expected_shards(storage, parts, plan)
+        assert plan.sizes == [len(s) for s in shards] and plan.num_shards == num_shards
+        for s, members in enumerate(shards):
             ids, vectors = assemble_shard(tuple(ray.get(pieces[t])), len(members), "test")
             t += 1
             assert sorted(ids) == sorted(members), (plan.name, s)
@@ -66,11 +79,12 @@ def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
     """The parts are deleted once split: the builds still make every shard, from the object store."""
     import ray
 
-    plans = plan_indexes(storage, parts, 2, MODALITIES)
+    plans = planned(storage, parts, 2)
     pieces = split_vectors(storage, plans, parts)
     flat = [ref for by_part in pieces for ref in by_part]
     ready, _ = ray.wait(flat, num_returns=len(flat), timeout=120, fetch_local=False)
     assert len(ready) == len(flat)
+    shards = {plan.name: expected_shards(storage, parts, plan) for plan in plans}  # read before the parts go
     for uri in parts:
         fs, path = storage.filesystem(uri)
         fs.delete_file(path)
@@ -79,8 +93,8 @@ def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
     manifests = build_shards(storage, plans, pieces, index_uri, IndexConfig(), num_cpus=0.5)
     for plan in plans:
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
-        assert [m.count for m in manifests[plan.name]] == [len(s) for s in plan.shards]
-        for m, members in zip(manifests[plan.name], plan.shards, strict=True):
+        assert [m.count for m in manifests[plan.name]] == plan.sizes
+        for m, members in zip(manifests[plan.name], shards[plan.name], strict=True):
             shard = load_shard(storage, join_uri(uri, m.name))
             assert sorted(shard.ids.tolist()) == sorted(members) and m.num_shards == 2
 
@@ -97,4 +111,16 @@ def test_a_shard_short_of_rows_and_an_indexed_row_without_a_vector_are_refused(s
     uri = join_uri(bucket_uri, "bad.parquet")
     storage.write_parquet(uri, table)
     with pytest.raises(IndexIntegrityError, match="bad.parquet: rows of the fused index without a fused vector"):
-        split_part(storage, uri, [ShardRouting("fused", "fused", [])])
+        split_part(storage, uri, [IndexPlan("fused", "", "fused", [2], [])])
+
+
+def test_scan_counts_distinct_items_from_hashes_and_finds_a_repeated_id(storage, bucket_uri, ray_session):
+    rng = np.random.default_rng(3)
+    uris = []
+    for name, ids in (("a", ["x-1", "x-2", "x-3"]), ("b", ["x-4", "x-2"])):  # x-2 written twice
+        uris.append(join_uri(bucket_uri, f"{name}.parquet"))
+        storage.write_parquet(uris[-1], random_vectors_table(ids, DIM, rng, MODALITIES, share=1.0))
+    scan = scan_ids(storage, uris, ["fused"])
+    assert scan.rows == 5 and scan.distinct_items() == 4
+    assert scan.ids_with_hashes({int(h) for h in hash_ids(["x-2", "x-4"])}) == ["x-2", "x-4", "x-2"]
+    assert scan_ids(storage, uris[:1], ["fused"]).distinct_items() == 3

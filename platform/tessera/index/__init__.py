@@ -2,7 +2,7 @@
 
 * :mod:`tessera.index.params`: :class:`IndexConfig` and :func:`derive_params` (ScaNN's size rules).
 * :mod:`tessera.index.sharding`: :func:`assign_shards`, a balanced deterministic split by id hash
-  (:func:`shard_bounds` / :func:`locate_shard` find an item's shard from S - 1 keys).
+  (:func:`shard_bounds` finds its cuts from the ids' hashes, :func:`locate_shard` an item's shard from them).
 * :mod:`tessera.index.shard`: :func:`build_shard` (the per-shard unit a Ray task runs), :func:`search_shard`.
 * :mod:`tessera.index.shard_io`: :func:`save_shard` / :func:`load_shard` with sha256-verified files.
 * :mod:`tessera.index.sharded`: :class:`ShardedIndex` (search with exclusion, merge, load, save).
@@ -39,13 +39,21 @@ from tessera.index.shard_io import (
     shard_name,
 )
 from tessera.index.sharded import SearchConfig, ShardedIndex, measure_recall
-from tessera.index.sharding import assign_shards, locate_shard, num_shards_for, shard_bounds, shard_key
+from tessera.index.sharding import (
+    assign_shards,
+    hash_ids,
+    locate_shard,
+    num_shards_for,
+    shard_bounds,
+    shard_key,
+    shard_sizes,
+)
 
 __all__ = [
     "FAILED_REPORT", "INDEX_MANIFEST", "ModalIndexRef",
     "IndexConfig", "IndexCorruptError", "IndexManifest", "RecallCheck", "ScannParams", "SearchConfig",
     "ShardArtifact", "ShardManifest", "ShardedIndex", "assign_shards", "build_and_save_shard", "build_shard",
-    "choose_mode", "derive_params", "exact_search", "l2_normalize", "load_shard", "locate_shard", "make_index_manifest",
-    "measure_recall", "num_shards_for", "read_index_manifest", "recall_at_k", "save_shard", "search_shard",
-    "shard_bounds", "shard_key", "shard_name", "write_index_manifest",
+    "choose_mode", "derive_params", "exact_search", "hash_ids", "l2_normalize", "load_shard", "locate_shard",
+    "make_index_manifest", "measure_recall", "num_shards_for", "read_index_manifest", "recall_at_k", "save_shard",
+    "search_shard", "shard_bounds", "shard_key", "shard_name", "shard_sizes", "write_index_manifest",
 ]

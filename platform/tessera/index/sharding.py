@@ -5,15 +5,16 @@ is cut into ``num_shards`` contiguous runs whose sizes differ by at most one. Th
 only on the set of ids, not on their input order or on the process (Python's ``hash`` is salted
 per process, so it is not used), so every Ray worker computes the same split.
 
-A shard is then a contiguous range of keys ``(hash, id)``: :func:`shard_bounds` gives the first key of
-each shard after the first, and :func:`locate_shard` puts any member back in its shard from those
-``S - 1`` keys alone, without the whole id list (the index job's split tasks do this part by part).
+A shard is then a contiguous range of keys ``(hash, id)``. :func:`shard_bounds` finds the first key
+of each shard after the first from the ids' 64-bit hashes alone (8 bytes an item, no id strings:
+the index job's planner), and :func:`locate_shard` puts any member back in its shard from those
+``S - 1`` keys (the index job's split tasks, part by part).
 
 Example::
 
     parts = assign_shards(ids, num_shards=3)      # list of 3 int64 row-index arrays
     shard_ids = [[ids[i] for i in rows] for rows in parts]
-    bounds = shard_bounds(shard_ids)
+    bounds = shard_bounds(hash_ids(ids), 3)
     locate_shard(shard_key(shard_ids[2][0]), bounds)  # 2
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -57,28 +58,62 @@ def assign_shards(ids: Sequence[str], num_shards: int) -> list[np.ndarray]:
     n = len(ids)
     if len(set(ids)) != n:
         raise ValueError("item ids must be unique")
-    hashes = np.fromiter((id_hash(str(i)) for i in ids), dtype=np.uint64, count=n)
+    hashes = hash_ids(str(i) for i in ids)
     order = sorted(range(n), key=lambda r: (int(hashes[r]), str(ids[r])))  # shard_key, hashed in one pass
     runs = np.array_split(np.asarray(order, dtype=np.int64), num_shards)
     return [np.sort(run) for run in runs]
 
 
-def shard_bounds(shards: Sequence[Sequence[str]]) -> list[tuple[int, str]]:
-    """The smallest :func:`shard_key` of each shard after the first, for :func:`locate_shard`.
+def hash_ids(ids: Iterable[str]) -> np.ndarray:
+    """:func:`id_hash` of each id, as uint64."""
+    ids = list(ids)
+    return np.fromiter((id_hash(i) for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def shard_sizes(num_items: int, num_shards: int) -> list[int]:
+    """The sizes :func:`assign_shards` gives: ``num_items // num_shards``, the first ``num_items %
+    num_shards`` shards one more."""
+    base, extra = divmod(num_items, num_shards)
+    return [base + (j < extra) for j in range(num_shards)]
+
+
+def shard_bounds(hashes: np.ndarray, num_shards: int,
+                 tied_ids: Callable[[int], list[str]] | None = None) -> list[tuple[int, str]]:
+    """The first :func:`shard_key` of each shard after the first, of the split :func:`assign_shards`
+    makes of the items whose :func:`hash_ids` are ``hashes``, from the hashes alone.
+
+    A cut falling on a hash no other item has is ``(hash, "")`` (every key with that hash is at or
+    past it); one falling among items sharing a hash (a 64-bit collision, or duplicate ids) needs
+    their ids, which ``tied_ids(hash)`` returns (all of them; the call is only made then).
 
     Args:
-        shards: the ids of each shard, as :func:`assign_shards` split them (none empty).
+        hashes: (N,) uint64, one per unique item, any order.
+        num_shards: shards (1 to N).
+        tied_ids: the ids of the items with a given hash.
+
+    Returns:
+        ``num_shards - 1`` keys, ascending, for :func:`locate_shard`.
 
     Raises:
-        ValueError: an empty shard, or shards that are not contiguous key ranges in order.
+        ValueError: more shards than items, or a tie the ids do not settle.
     """
-    if any(len(s) == 0 for s in shards):
-        raise ValueError("every shard needs at least one item to be located by its bounds")
-    lows = [min(map(shard_key, s)) for s in shards]
-    highs = [max(map(shard_key, s)) for s in shards]
-    if any(highs[i] >= lows[i + 1] for i in range(len(shards) - 1)):
-        raise ValueError("shards are not contiguous ranges of (hash, id) in order: not from assign_shards")
-    return lows[1:]
+    n = len(hashes)
+    if not 1 <= num_shards <= max(n, 1):
+        raise ValueError(f"num_shards must be between 1 and the {n} items, got {num_shards}")
+    ordered = np.sort(np.asarray(hashes, dtype=np.uint64))
+    bounds = []
+    for rank in np.cumsum(shard_sizes(n, num_shards))[:-1]:
+        h = ordered[rank]
+        first, last = np.searchsorted(ordered, h, "left"), np.searchsorted(ordered, h, "right")
+        if last - first == 1:
+            bounds.append((int(h), ""))
+            continue
+        ids = sorted(tied_ids(int(h))) if tied_ids is not None else []
+        if len(ids) != last - first or len(set(ids)) != len(ids):
+            raise ValueError(f"a shard cut falls among {last - first} items sharing the hash {int(h)}, and their ids "
+                             f"({len(ids)} given, {len(set(ids))} distinct) do not order them")
+        bounds.append((int(h), ids[rank - first]))
+    return bounds
 
 
 def locate_shard(key: tuple[int, str], bounds: Sequence[tuple[int, str]]) -> int:

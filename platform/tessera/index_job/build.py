@@ -1,17 +1,19 @@
 """Shard planning, the split of the vectors by shard, and the parallel shard builds (Ray tasks).
 
-    vectors parts ─► plan (driver: ids only) ─► split (one task a part) ─► S x (1 + M) builds
+    vectors parts ─► scan (a task a part: id hashes) ─► plan (driver) ─► split (a task a part)
+    ─► S x (1 + M) builds (a task a shard)
 
-The driver reads the small ``item_id`` / ``status`` / ``modalities`` columns of the vectors parts
-and splits each index's ids into balanced shards (:func:`tessera.index.assign_shards`); a shard is a
-range of id-hash keys, so its ``S - 1`` bounds (:func:`tessera.index.shard_bounds`) are all a task
-needs to route a row. One split task per vectors part reads that part once and returns one piece
-(ids + vectors) per shard of every index into Ray's object store; each shard's build task takes its
-pieces, one from each part, in part order. So every part is read once whatever the shard count (was
-once per shard), the pieces move only to the node building their shard, and a piece lost with a
-node is made again by re-running its split task (Ray's lineage reconstruction). The build task
-builds the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads matching
-its CPUs) and returns only the small shard manifest. Vectors never pass through the driver.
+A shard is a range of ``(id hash, id)`` keys: the split :func:`tessera.index.assign_shards` makes.
+The scan tasks read each part's small ``item_id`` / ``status`` / ``modalities`` columns and return
+only the ids' 64-bit hashes, per index; from those the driver finds each index's shard sizes and
+its ``S - 1`` cuts (:func:`tessera.index.shard_bounds`), holding 8 bytes an item and no id strings.
+One split task per vectors part then reads that part once and returns one piece (ids + vectors) per
+shard of every index into Ray's object store; each shard's build task takes its pieces, one from
+each part, in part order. So every part is read once whatever the shard count (the builds used to
+read every part each), the pieces move only to the node building their shard, and a piece lost
+with a node is made again by re-running its split task (Ray's lineage reconstruction). The build
+task builds the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads
+matching its CPUs) and returns only the small shard manifest. Vectors never pass through the driver.
 
 Index layout under ``index/<version>/``::
 
@@ -21,7 +23,8 @@ Index layout under ``index/<version>/``::
 
 Example::
 
-    plans = plan_indexes(storage, summary.parts, cfg.num_shards, modalities=["text", "image"])
+    plans = plan_indexes(scan_ids(storage, summary.parts, ["fused", "text", "image"]), cfg.num_shards,
+                         modalities=["text", "image"])
     manifests = build_all(storage, plans, summary.parts, src.index_uri, cfg.index_config(), num_cpus=1)
 """
 
@@ -37,11 +40,12 @@ import pyarrow.parquet as pq
 from tessera.index import (
     IndexConfig,
     ShardManifest,
-    assign_shards,
     build_and_save_shard,
+    hash_ids,
     locate_shard,
     shard_bounds,
     shard_key,
+    shard_sizes,
 )
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
@@ -53,6 +57,7 @@ class IndexIntegrityError(RuntimeError):
 
 
 MODAL_DIR = "modal"
+ALL_ROWS = "*"  # the scan's name for every row of the vectors parts, whichever index holds it
 
 
 @dataclass
@@ -60,83 +65,134 @@ class IndexPlan:
     """One index to build: its folder (relative to the version root), vector column and shards.
 
     Attributes:
-        name: ``fused`` or the modality name.
+        name: ``fused`` or the modality name (which rows it holds: :func:`index_rows`).
         path: relative folder, ``""`` for the fused index, ``modal/<modality>`` otherwise.
         column: the vectors column it indexes.
-        shards: per shard, its item ids.
+        sizes: items per shard (as :func:`tessera.index.assign_shards` splits them).
+        bounds: the shards' cuts (:func:`tessera.index.shard_bounds`): a split task routes a row with
+            them and nothing else.
     """
 
     name: str
     path: str
     column: str
-    shards: list[list[str]]
-
-    @property
-    def num_items(self) -> int:
-        return sum(len(s) for s in self.shards)
-
-    def routing(self) -> ShardRouting:
-        """What a split task needs of this plan: the rows it holds and its shards' bounds."""
-        return ShardRouting(self.name, self.column, shard_bounds(self.shards))
-
-
-@dataclass(frozen=True)
-class ShardRouting:
-    """Which rows of a vectors part belong to an index, and to which of its shards (no id lists).
-
-    Attributes:
-        name: ``fused`` or the modality name (see :func:`index_rows`).
-        column: the vectors column.
-        bounds: :func:`tessera.index.shard_bounds` of the plan's shards (``num_shards - 1`` keys).
-    """
-
-    name: str
-    column: str
+    sizes: list[int]
     bounds: list[tuple[int, str]]
 
     @property
+    def num_items(self) -> int:
+        return sum(self.sizes)
+
+    @property
     def num_shards(self) -> int:
-        return len(self.bounds) + 1
+        return len(self.sizes)
 
 
 def index_rows(table: pa.Table, name: str) -> np.ndarray:
     """Rows of a vectors table in the index ``name``: ``fused`` holds ``status == ok``, a modality's
-    index the items that have that modality. The planner and the split tasks both decide by this."""
+    index the items that have that modality; :data:`ALL_ROWS` every row. The planner and the split
+    tasks both decide by this."""
+    if name == ALL_ROWS:
+        return np.ones(table.num_rows, bool)
     if name == "fused":
         return np.asarray(table.column("status").to_pylist(), dtype=object) == STATUS_OK
     return np.asarray([name in filter(None, s.split(",")) for s in table.column("modalities").to_pylist()], bool)
 
 
-def read_id_columns(storage: Storage, parts: list[str]) -> pa.Table:
-    """``item_id``, ``status``, ``modalities`` of every vectors part (small: no vectors read)."""
-    tables = []
-    for uri in parts:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=["item_id", "status", "modalities"]))
-    return pa.concat_tables(tables)
+def read_id_columns(storage: Storage, uri: str) -> pa.Table:
+    """``item_id``, ``status``, ``modalities`` of one vectors part (small: no vectors read)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f, columns=["item_id", "status", "modalities"])
 
 
-def plan_indexes(storage: Storage, parts: list[str], num_shards: int, modalities: list[str]) -> list[IndexPlan]:
-    """The fused index and one index per modality in ``modalities``, each split into balanced shards.
+def hash_part(storage: Storage, uri: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Body of one scan task: the id hashes (uint64) of a vectors part's rows, of every row
+    (:data:`ALL_ROWS`) and of the rows of each index in ``names``."""
+    table = read_id_columns(storage, uri)
+    hashes = hash_ids(table.column("item_id").to_pylist())
+    return {name: hashes[index_rows(table, name)] for name in [ALL_ROWS, *names]}
+
+
+@dataclass
+class IdScan:
+    """The id hashes of every vectors part, by index: 8 bytes an item on the driver, no id strings.
+
+    Attributes:
+        storage: where the parts are.
+        parts: the vectors parts.
+        hashes: by index name (and :data:`ALL_ROWS`), the hashes of its rows, part after part.
+    """
+
+    storage: Storage
+    parts: list[str]
+    hashes: dict[str, np.ndarray]
+
+    @property
+    def rows(self) -> int:
+        return len(self.hashes[ALL_ROWS])
+
+    def ids_with_hashes(self, wanted: set[int], name: str = ALL_ROWS) -> list[str]:
+        """The ids of the rows of index ``name`` whose hash is in ``wanted``, with repeats (a read of
+        every part's ids on the driver: only for the rare shared hash)."""
+        found = []
+        for uri in self.parts:
+            table = read_id_columns(self.storage, uri)
+            ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)[index_rows(table, name)]
+            found.extend(i for i, h in zip(ids.tolist(), hash_ids(ids.tolist()).tolist(), strict=True) if h in wanted)
+        return found
+
+    def distinct_items(self) -> int:
+        """Distinct item ids over every row: from the hashes, reading ids only for hashes seen twice."""
+        values, counts = np.unique(self.hashes[ALL_ROWS], return_counts=True)
+        shared = values[counts > 1]
+        if not len(shared):
+            return len(values)
+        return int((counts == 1).sum()) + len(set(self.ids_with_hashes({int(h) for h in shared})))
+
+
+def scan_ids(storage: Storage, parts: list[str], names: list[str], num_cpus: float = 1.0) -> IdScan:
+    """Hash every vectors part's ids in parallel Ray tasks (one a part; only hashes come back).
+
+    Args:
+        storage: object storage.
+        parts: the vectors parts.
+        names: the indexes to plan (``fused`` and modalities).
+        num_cpus: CPUs per task.
+    """
+    import ray
+
+    task = ray.remote(hash_part).options(num_cpus=num_cpus)
+    by_part = ray.get([task.remote(storage, uri, names) for uri in parts])
+    hashes = {name: np.concatenate([h[name] for h in by_part]) if by_part else np.empty(0, np.uint64)
+              for name in [ALL_ROWS, *names]}
+    return IdScan(storage, list(parts), hashes)
+
+
+def plan_indexes(scan: IdScan, num_shards: int, modalities: list[str]) -> list[IndexPlan]:
+    """The fused index and one index per modality in ``modalities``, each split into balanced shards
+    (the split :func:`tessera.index.assign_shards` makes of its ids, found from their hashes).
 
     An index with fewer items than ``num_shards`` gets one shard per item (at least one).
 
+    Args:
+        scan: from :func:`scan_ids` over at least ``fused`` and ``modalities``.
+        num_shards: shards per index.
+        modalities: the per-modality indexes to build.
+
     Raises:
-        ValueError: no item can be indexed.
+        IndexSourceError: no item can be indexed.
     """
-    table = read_id_columns(storage, parts)
-    ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
     plans = []
     for name, path, column in [("fused", "", FUSED), *((m, f"{MODAL_DIR}/{m}", m) for m in modalities)]:
-        members = ids[index_rows(table, name)]
-        if len(members) == 0:
+        hashes = scan.hashes[name]
+        if len(hashes) == 0:
             if name == "fused":
                 raise IndexSourceError("no item has a usable modality: there is nothing to index")
             continue
-        members = members.tolist()
-        parts_rows = assign_shards(members, max(1, min(num_shards, len(members))))
-        plans.append(IndexPlan(name, path, column, [[members[r] for r in rows] for rows in parts_rows]))
+        count = max(1, min(num_shards, len(hashes)))
+        bounds = shard_bounds(hashes, count, tied_ids=lambda h, name=name: scan.ids_with_hashes({h}, name))
+        plans.append(IndexPlan(name, path, column, shard_sizes(len(hashes), count), bounds))
     return plans
 
 
@@ -159,29 +215,29 @@ def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str
 Piece = tuple[list[str], np.ndarray]  # one part's rows of one shard: ids, (n, D) float32
 
 
-def split_part(storage: Storage, uri: str, routings: list[ShardRouting]) -> list[Piece]:
+def split_part(storage: Storage, uri: str, plans: list[IndexPlan]) -> list[Piece]:
     """Body of one split task: read a vectors part once, return its rows of every shard of every index.
 
     Returns:
-        One piece per shard, index after index in ``routings`` order, shards in order (empty pieces
+        One piece per shard, index after index in ``plans`` order, shards in order (empty pieces
         included, so the task's ``num_returns`` is fixed); rows keep the part's order.
     """
-    columns = list(dict.fromkeys(["item_id", "status", "modalities", *(r.column for r in routings)]))
+    columns = list(dict.fromkeys(["item_id", "status", "modalities", *(p.column for p in plans)]))
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=columns)
     ids = table.column("item_id").to_pylist()
-    keys = [shard_key(i) for i in ids] if any(r.num_shards > 1 for r in routings) else []
+    keys = [shard_key(i) for i in ids] if any(p.num_shards > 1 for p in plans) else []
     pieces: list[Piece] = []
-    for routing in routings:
-        rows = np.flatnonzero(index_rows(table, routing.name))
-        dim = table.schema.field(routing.column).type.list_size
-        vectors = column_matrix(table.column(routing.column).take(pa.array(rows, pa.int64())), dim)
+    for plan in plans:
+        rows = np.flatnonzero(index_rows(table, plan.name))
+        dim = table.schema.field(plan.column).type.list_size
+        vectors = column_matrix(table.column(plan.column).take(pa.array(rows, pa.int64())), dim)
         if np.isnan(vectors).any():
-            raise IndexIntegrityError(f"{uri}: rows of the {routing.name} index without a {routing.column} vector")
-        shard_of = np.fromiter((locate_shard(keys[r], routing.bounds) for r in rows), np.int64, count=len(rows)) \
-            if routing.num_shards > 1 else np.zeros(len(rows), np.int64)
-        for s in range(routing.num_shards):
+            raise IndexIntegrityError(f"{uri}: rows of the {plan.name} index without a {plan.column} vector")
+        shard_of = np.fromiter((locate_shard(keys[r], plan.bounds) for r in rows), np.int64, count=len(rows)) \
+            if plan.num_shards > 1 else np.zeros(len(rows), np.int64)
+        for s in range(plan.num_shards):
             sel = np.flatnonzero(shard_of == s)
             pieces.append(([ids[rows[j]] for j in sel], vectors[sel]))
     return pieces
@@ -229,10 +285,9 @@ def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], nu
     """
     import ray
 
-    routings = [plan.routing() for plan in plans]
-    total = sum(r.num_shards for r in routings)
+    total = sum(plan.num_shards for plan in plans)
     split = ray.remote(split_part).options(num_cpus=num_cpus, num_returns=total)
-    by_part = [split.remote(storage, uri, routings) for uri in parts]
+    by_part = [split.remote(storage, uri, plans) for uri in parts]
     return [[refs[t] if total > 1 else refs for refs in by_part] for t in range(total)]  # 1 return: a bare ref
 
 
@@ -267,9 +322,9 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
         queries = tuning_queries.get(plan.name)
         queries_ref = ray.put(queries) if queries is not None and len(queries) else None
-        pending[plan.name] = [task.remote(len(ids), i, storage, uri, config, plan.num_items, queries_ref,
-                                          len(plan.shards), *next(shard_pieces))
-                              for i, ids in enumerate(plan.shards)]
+        pending[plan.name] = [task.remote(size, i, storage, uri, config, plan.num_items, queries_ref,
+                                          plan.num_shards, *next(shard_pieces))
+                              for i, size in enumerate(plan.sizes)]
     del pieces, shard_pieces  # from here each piece lives as long as the task that reads it
     return {name: ray.get(refs) for name, refs in pending.items()}
 

@@ -57,9 +57,10 @@ class BuildResources(TesseraConfig):
     Args:
         num_cpus: CPUs per shard build task (and ScaNN training threads, rounded down, at least 1).
         memory_gb: memory reserved per task (None: no reservation).
-        split_num_cpus: CPUs per task splitting one vectors part by shard (it decodes the part and
-            hashes its ids: CPU-bound; a fraction lets Ray start many workers at once for little
-            gain: 0.1 was 6x slower than 1 in ``bench/index_split.py`` on 2 cores).
+        split_num_cpus: CPUs per task hashing one vectors part's ids for the plan, and per task
+            splitting one part by shard (decoding and hashing: CPU-bound; a fraction lets Ray start
+            many workers at once for little gain: 0.1 was 6x slower than 1 in
+            ``bench/index_split.py`` on 2 cores).
     """
 
     num_cpus: float = Field(1.0, gt=0)

@@ -35,7 +35,7 @@ from tessera.index import (
 )
 from tessera.index.params import choose_mode
 from tessera.index.shard_io import manifest_bytes
-from tessera.index_job.build import IndexIntegrityError, build_all, plan_indexes
+from tessera.index_job.build import IdScan, IndexIntegrityError, build_all, plan_indexes, scan_ids
 from tessera.index_job.config import IndexJobConfig
 from tessera.index_job.self_check import run_self_check, tuning_user_queries
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
@@ -82,17 +82,20 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
 
     vectors = compute_item_vectors(storage, src.embedding_parts, src.index_uri, cfg.model_uri, modalities,
                                    cfg.vectors, cfg.no_modality)
-    _check_integrity(storage, src, vectors.counts, vectors.parts)
-    plans = plan_indexes(storage, vectors.parts, cfg.num_shards, modalities if cfg.modal_indexes else [])
+    planned = modalities if cfg.modal_indexes else []
+    scan = scan_ids(storage, vectors.parts, [FUSED, *planned], cfg.build.split_num_cpus)
+    _check_integrity(src, vectors.counts, scan)
+    plans = plan_indexes(scan, cfg.num_shards, planned)
+    del scan
     print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
-          f"{sum(len(p.shards) for p in plans)} shards ({', '.join(f'{p.name}: {len(p.shards)}' for p in plans)})",
+          f"{sum(p.num_shards for p in plans)} shards ({', '.join(f'{p.name}: {p.num_shards}' for p in plans)})",
           flush=True)
 
     t_build = time.perf_counter()
     tuning = {}
     fused_plan = next(p for p in plans if p.name == "fused")
-    approximate = any(choose_mode(len(ids), cfg.index, fused_plan.num_items) != "brute_force"
-                      for ids in fused_plan.shards)
+    approximate = any(choose_mode(size, cfg.index, fused_plan.num_items) != "brute_force"
+                      for size in fused_plan.sizes)
     if src.interactions_uri is None and (cfg.self_check.user_queries or cfg.self_check.tuning_user_queries):
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
@@ -187,13 +190,10 @@ def _tower_config(storage: Storage, cfg: IndexJobConfig):
     return ItemTowerConfig.model_validate(saved["config"])
 
 
-def _check_integrity(storage: Storage, src: IndexSources, counts: dict[str, int], parts: list[str]) -> None:
-    from tessera.index_job.build import read_id_columns
-
-    ids = read_id_columns(storage, parts).column("item_id")
-    distinct = len(set(ids.to_pylist()))
-    if counts["rows"] != src.num_items or distinct != src.num_items:
-        raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {counts['rows']} rows, {distinct} distinct items "
+def _check_integrity(src: IndexSources, counts: dict[str, int], scan: IdScan) -> None:
+    distinct = scan.distinct_items()
+    if counts["rows"] != src.num_items or scan.rows != src.num_items or distinct != src.num_items:
+        raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {scan.rows} rows, {distinct} distinct items "
                                   f"for {src.num_items} input items in {src.embedding_run}")
 
 
