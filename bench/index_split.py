@@ -1,6 +1,6 @@
 """Benchmark: getting each index shard its vectors, the index job's split (ours) vs every shard reading every part.
 
-    .venv/bin/python bench/index_split.py [--items 200000] [--parts 40] [--shards 4] [--dim 64] [--rounds 2]
+    .venv/bin/python bench/index_split.py [--items 200000] [--parts N] [--shards 4] [--dim 64] [--rounds 2]
 
 What it measures is the step between the item vectors and the ScaNN builds, which is all that
 differs between the two (the builds and their saves are the same code either way):
@@ -50,13 +50,15 @@ from bench._stack import bench_stack  # noqa: E402
 from tessera.index import assign_shards  # noqa: E402
 from tessera.index_job.build import (  # noqa: E402
     assemble_shard,
+    group_parts,
     index_rows,
     plan_indexes,
     read_id_columns,
     scan_ids,
     split_vectors,
+    vector_dims,
 )
-from tessera.index_job.config import BuildResources  # noqa: E402
+from tessera.index_job.config import BuildResources, VectorStageConfig  # noqa: E402
 from tessera.index_job.synthetic import random_vectors_table  # noqa: E402
 from tessera.index_job.vectors import column_matrix  # noqa: E402
 from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
@@ -108,7 +110,7 @@ def assemble_task(expected: int, *pieces) -> int:
     return len(ids)
 
 
-def run_baseline(storage, plans, parts, split_num_cpus: float, shard_ids) -> float:
+def run_baseline(storage, plans, parts, split_num_cpus: float, shard_ids, part_rows) -> float:
     import ray
 
     task = ray.remote(read_own_rows).options(num_cpus=1)
@@ -119,12 +121,12 @@ def run_baseline(storage, plans, parts, split_num_cpus: float, shard_ids) -> flo
     return time.perf_counter() - t0
 
 
-def run_split(storage, plans, parts, split_num_cpus: float, shard_ids) -> float:
+def run_split(storage, plans, parts, split_num_cpus: float, shard_ids, part_rows) -> float:
     import ray
 
     task = ray.remote(assemble_task).options(num_cpus=1)
     t0 = time.perf_counter()
-    pieces = split_vectors(storage, plans, parts, num_cpus=split_num_cpus)
+    pieces = split_vectors(storage, plans, parts, part_rows, num_cpus=split_num_cpus)
     expected = [size for plan in plans for size in plan.sizes]
     refs = [task.remote(n, *shard_pieces) for n, shard_pieces in zip(expected, pieces, strict=True)]
     del pieces
@@ -135,7 +137,8 @@ def run_split(storage, plans, parts, split_num_cpus: float, shard_ids) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=200_000)
-    parser.add_argument("--parts", type=int, default=40)
+    parser.add_argument("--parts", type=int, default=None,
+                        help="vectors parts (default: items / 1024, the job's vectors.read_batch_rows)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPUs per split task (the job's build.split_num_cpus)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.parts = args.parts or max(1, args.items // VectorStageConfig().read_batch_rows)
     with bench_stack():
         storage = Storage(StorageConfig())
         storage.ensure_bucket("s3://tessera-bench")
@@ -162,18 +166,20 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "baseline":
                     shard_ids = plan_from_ids(storage, parts, args.shards)
                 else:
-                    plans = plan_indexes(scan_ids(storage, parts, ["fused", *MODALITIES], args.split_num_cpus),
-                                         args.shards, MODALITIES)
+                    scan = scan_ids(storage, parts, ["fused", *MODALITIES], args.split_num_cpus)
+                    plans = plan_indexes(scan, args.shards, MODALITIES)
                 if traced:
                     peak_mb[name] = tracemalloc.get_traced_memory()[1] / 2**20
                     tracemalloc.stop()
                 else:
                     plan[name].append(time.perf_counter() - t0)
+        split_tasks = len(group_parts(parts, scan.part_rows, plans,
+                                      vector_dims(storage, parts[0], ["fused", *MODALITIES])))
         assert {p.name: p.sizes for p in plans} == {k: [len(s) for s in v] for k, v in shard_ids.items()}
         times: dict[str, list[float]] = {"baseline": [], "split": []}
         for r in range(args.rounds):
             for name, fn in (("baseline", run_baseline), ("split", run_split))[::1 if r % 2 == 0 else -1]:
-                times[name].append(fn(storage, plans, parts, args.split_num_cpus, shard_ids))
+                times[name].append(fn(storage, plans, parts, args.split_num_cpus, shard_ids, scan.part_rows))
                 print(f"[bench] round {r} {name}: {times[name][-1]:.2f} s", flush=True)
     baseline, split = statistics.median(times["baseline"]), statistics.median(times["split"])
     num_shards = sum(p.num_shards for p in plans)
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan_baseline_driver_peak_mb": round(peak_mb["baseline"], 1), "plan_driver_peak_mb": round(peak_mb["ours"], 1),
         "baseline_s": round(baseline, 3), "split_s": round(split, 3), "ratio": round(baseline / split, 2),
         "rounds": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
-        "part_reads_baseline": num_shards * args.parts, "part_reads_split": args.parts,
+        "part_reads_baseline": num_shards * args.parts, "part_reads_split": args.parts, "split_tasks": split_tasks,
     }))
     return 0
 

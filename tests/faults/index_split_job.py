@@ -22,7 +22,7 @@ from tessera.index_job.build import build_shards, plan_indexes, read_rows, scan_
 from tessera.index_job.synthetic import random_vectors_table
 from tessera.storage import Storage, StorageConfig, join_uri
 
-ITEMS, PARTS, SHARDS, DIM = 20_000, 4, 2, 64  # pieces of ~640 KB: in the object store, not inlined
+ITEMS, PARTS, SHARDS, DIM = 20_000, 4, 2, 64  # pieces of ~0.5-1.3 MB: in the object store, not inlined
 
 
 def main(root: str) -> int:
@@ -34,10 +34,11 @@ def main(root: str) -> int:
         uri = join_uri(root, "vectors", f"part-{p:04d}.parquet")
         storage.write_parquet(uri, random_vectors_table([f"item-{i:06d}" for i in rows], DIM, rng, ("text",)))
         parts.append(uri)
-    plans = plan_indexes(scan_ids(storage, parts, ["fused"]), SHARDS, [])
+    scan = scan_ids(storage, parts, ["fused"])
+    plans = plan_indexes(scan, SHARDS, [])
     ids, _ = read_rows(storage, parts, "fused")
     planned = [sorted(ids[r] for r in rows) for rows in assign_shards(ids, SHARDS)]
-    pieces = split_vectors(storage, plans, parts)
+    pieces = split_vectors(storage, plans, parts, scan.part_rows)
     flat = [ref for by_part in pieces for ref in by_part]
     ready, _ = ray.wait(flat, num_returns=len(flat), timeout=300, fetch_local=False)
     assert len(ready) == len(flat), "the split did not finish"

@@ -15,6 +15,7 @@ from tessera.index_job.build import (
     IndexPlan,
     assemble_shard,
     build_shards,
+    group_parts,
     plan_indexes,
     read_rows,
     scan_ids,
@@ -42,8 +43,10 @@ def parts(storage, bucket_uri) -> list[str]:
     return uris
 
 
-def planned(storage, parts, num_shards):
-    return plan_indexes(scan_ids(storage, parts, ["fused", *MODALITIES]), num_shards, MODALITIES)
+def planned(storage, parts, num_shards, modalities=MODALITIES):
+    """The plans and the scan's rows per part."""
+    scan = scan_ids(storage, parts, ["fused", *modalities])
+    return plan_indexes(scan, num_shards, modalities), scan.part_rows
 
 
 def expected_shards(storage, parts, plan) -> list[list[str]]:
@@ -52,14 +55,15 @@ def expected_shards(storage, parts, plan) -> list[list[str]]:
     return [[ids[r] for r in rows] for rows in assign_shards(ids, plan.num_shards)]
 
 
-@pytest.mark.parametrize("num_shards", [1, 3])
-def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session, num_shards):
+@pytest.mark.parametrize(("num_shards", "min_piece_bytes", "tasks"), [(1, 0, 3), (3, 0, 3), (3, 1 << 20, 1)])
+def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session, num_shards, min_piece_bytes, tasks):
+    """A split task a part (pieces of any size), or one for all three (their pieces would be under 1 MiB)."""
     import ray
 
-    plans = planned(storage, parts, num_shards)
+    plans, part_rows = planned(storage, parts, num_shards)
     assert [p.name for p in plans] == ["fused", *MODALITIES]
-    pieces = split_vectors(storage, plans, parts)
-    assert len(pieces) == sum(p.num_shards for p in plans) and all(len(by_part) == 3 for by_part in pieces)
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=min_piece_bytes)
+    assert len(pieces) == sum(p.num_shards for p in plans) and all(len(by_task) == tasks for by_task in pieces)
     t = 0
     for plan in plans:
         all_ids, all_vectors = read_rows(storage, parts, plan.column)
@@ -76,11 +80,11 @@ def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session
 
 
 def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
-    """The parts are deleted once split: the builds still make every shard, from the object store."""
+    """The parts are deleted once split: the builds still make every shard, from their pieces."""
     import ray
 
-    plans = planned(storage, parts, 2)
-    pieces = split_vectors(storage, plans, parts)
+    plans, part_rows = planned(storage, parts, 2)
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0)
     flat = [ref for by_part in pieces for ref in by_part]
     ready, _ = ray.wait(flat, num_returns=len(flat), timeout=120, fetch_local=False)
     assert len(ready) == len(flat)
@@ -99,6 +103,29 @@ def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
             assert sorted(shard.ids.tolist()) == sorted(members) and m.num_shards == 2
 
 
+def test_one_shard_in_all_is_split_and_built(storage, parts, bucket_uri, ray_session):
+    """Fused index only, one shard: the split task has one return (Ray stores it whole, not as a list)."""
+    plans, part_rows = planned(storage, parts, 1, modalities=[])
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0)
+    assert len(pieces) == 1 and len(pieces[0]) == 3
+    manifests = build_shards(storage, plans, pieces, join_uri(bucket_uri, "index"), IndexConfig(), num_cpus=0.5)
+    shard = load_shard(storage, join_uri(bucket_uri, "index", manifests["fused"][0].name))
+    assert sorted(shard.ids.tolist()) == sorted(read_rows(storage, parts, "fused")[0])
+
+
+def test_parts_are_grouped_in_order_until_every_piece_is_big_enough():
+    plans = [IndexPlan("fused", "", "fused", [50, 50], [(1, "")]), IndexPlan("text", "modal/text", "text", [40], [])]
+    parts = [f"p{k}" for k in range(6)]
+    part_rows = {"fused": [30, 30, 30, 0, 10, 0], "text": [0, 40, 10, 20, 0, 5]}
+    dims = {"fused": 4, "text": 4}  # 16 bytes a row
+    # pieces of 400 bytes: fused needs 50 rows (2 shards), text 25 rows
+    assert group_parts(parts, part_rows, plans, dims, min_piece_bytes=400) == [["p0", "p1"], ["p2", "p3", "p4", "p5"]]
+    assert group_parts(parts, part_rows, plans, dims, min_piece_bytes=0) == [[p] for p in parts]
+    # the group's bytes cap closes a run that an index could not fill
+    assert group_parts(parts, part_rows, plans, dims, min_piece_bytes=1 << 30, max_group_bytes=1000) == [
+        ["p0", "p1"], ["p2", "p3", "p4"], ["p5"]]  # 1600, 1120, then what is left
+
+
 def test_a_shard_short_of_rows_and_an_indexed_row_without_a_vector_are_refused(storage, bucket_uri):
     ids, vectors = ["a", "b"], np.eye(2, DIM, dtype=np.float32)
     with pytest.raises(IndexIntegrityError, match="shard 0: found 2 of its 3 items"):
@@ -110,8 +137,8 @@ def test_a_shard_short_of_rows_and_an_indexed_row_without_a_vector_are_refused(s
                       "fused": matrix_column(vectors, np.array([True, False]))})
     uri = join_uri(bucket_uri, "bad.parquet")
     storage.write_parquet(uri, table)
-    with pytest.raises(IndexIntegrityError, match="bad.parquet: rows of the fused index without a fused vector"):
-        split_part(storage, uri, [IndexPlan("fused", "", "fused", [2], [])])
+    with pytest.raises(IndexIntegrityError, match="bad.parquet: 1 rows of the fused index without a fused vector"):
+        split_part(storage, [uri], [IndexPlan("fused", "", "fused", [2], [])])
 
 
 def test_scan_counts_distinct_items_from_hashes_and_finds_a_repeated_id(storage, bucket_uri, ray_session):

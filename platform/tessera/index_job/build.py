@@ -7,13 +7,15 @@ A shard is a range of ``(id hash, id)`` keys: the split :func:`tessera.index.ass
 The scan tasks read each part's small ``item_id`` / ``status`` / ``modalities`` columns and return
 only the ids' 64-bit hashes, per index; from those the driver finds each index's shard sizes and
 its ``S - 1`` cuts (:func:`tessera.index.shard_bounds`), holding 8 bytes an item and no id strings.
-One split task per vectors part then reads that part once and returns one piece (ids + vectors) per
-shard of every index into Ray's object store; each shard's build task takes its pieces, one from
-each part, in part order. So every part is read once whatever the shard count (the builds used to
-read every part each), the pieces move only to the node building their shard, and a piece lost
-with a node is made again by re-running its split task (Ray's lineage reconstruction). The build
-task builds the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads
-matching its CPUs) and returns only the small shard manifest. Vectors never pass through the driver.
+One split task per run of consecutive parts (:func:`group_parts`: runs long enough that every piece
+reaches ~1 MiB) then reads them once and returns one piece (ids + vectors) per shard of every index
+into Ray's object store; each shard's build task takes its pieces, one from each run, in part order.
+So every part is read once whatever the shard count (the builds used to read every part each), the
+pieces move only to the node building their shard, and a piece lost with a node is made again by
+re-running its split task (Ray's lineage reconstruction). The build task builds the shard with
+:func:`tessera.index.build_and_save_shard` (ScaNN training threads matching its CPUs) and returns
+only the small shard manifest. Vectors do not pass through the driver, except the pieces of an
+index too small to fill them (Ray keeps returns under 100 KiB in the owner's memory).
 
 Index layout under ``index/<version>/``::
 
@@ -23,14 +25,14 @@ Index layout under ``index/<version>/``::
 
 Example::
 
-    plans = plan_indexes(scan_ids(storage, summary.parts, ["fused", "text", "image"]), cfg.num_shards,
-                         modalities=["text", "image"])
-    manifests = build_all(storage, plans, summary.parts, src.index_uri, cfg.index_config(), num_cpus=1)
+    scan = scan_ids(storage, summary.parts, ["fused", "text", "image"])
+    plans = plan_indexes(scan, cfg.num_shards, modalities=["text", "image"])
+    manifests = build_all(storage, plans, summary.parts, scan.part_rows, src.index_uri, cfg.index_config(), 1)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -122,11 +124,13 @@ class IdScan:
         storage: where the parts are.
         parts: the vectors parts.
         hashes: by index name (and :data:`ALL_ROWS`), the hashes of its rows, part after part.
+        part_rows: by index name, its rows in each part (what :func:`group_parts` sizes groups by).
     """
 
     storage: Storage
     parts: list[str]
     hashes: dict[str, np.ndarray]
+    part_rows: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -166,7 +170,8 @@ def scan_ids(storage: Storage, parts: list[str], names: list[str], num_cpus: flo
     by_part = ray.get([task.remote(storage, uri, names) for uri in parts])
     hashes = {name: np.concatenate([h[name] for h in by_part]) if by_part else np.empty(0, np.uint64)
               for name in [ALL_ROWS, *names]}
-    return IdScan(storage, list(parts), hashes)
+    part_rows = {name: [len(h[name]) for h in by_part] for name in [ALL_ROWS, *names]}
+    return IdScan(storage, list(parts), hashes, part_rows)
 
 
 def plan_indexes(scan: IdScan, num_shards: int, modalities: list[str]) -> list[IndexPlan]:
@@ -212,35 +217,89 @@ def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str
     return got_ids, vectors
 
 
-Piece = tuple[list[str], np.ndarray]  # one part's rows of one shard: ids, (n, D) float32
+Piece = tuple[list[str], np.ndarray]  # one group of parts' rows of one shard: ids, (n, D) float32
+
+# Ray keeps a task's return under 100 KiB (max_direct_call_object_size) in its owner's memory, here the
+# driver's, and copies it into each task that takes it; larger ones go to the object store of the node
+# that made them. Split tasks take consecutive parts until each piece should reach MIN_PIECE_BYTES, so
+# the vectors stay in the object store; MAX_GROUP_BYTES bounds one task's read (an index too small to
+# fill its pieces then has small ones: little in all).
+MIN_PIECE_BYTES = 1 << 20
+MAX_GROUP_BYTES = 128 << 20
 
 
-def split_part(storage: Storage, uri: str, plans: list[IndexPlan]) -> list[Piece]:
-    """Body of one split task: read a vectors part once, return its rows of every shard of every index.
+def group_parts(parts: list[str], part_rows: dict[str, list[int]], plans: list[IndexPlan], dims: dict[str, int],
+                min_piece_bytes: int = MIN_PIECE_BYTES, max_group_bytes: int = MAX_GROUP_BYTES) -> list[list[str]]:
+    """Consecutive runs of the vectors parts, one split task each (part order kept); ``part_rows`` is
+    :attr:`IdScan.part_rows`.
+
+    A run closes once every index's pieces of it (its rows in the run x ``dims[column]`` x 4 bytes,
+    over its shard count) reach ``min_piece_bytes``, or its vectors reach ``max_group_bytes``.
+    """
+    groups: list[list[str]] = []
+    current: list[str] = []
+    held = dict.fromkeys((p.name for p in plans), 0)
+    for k, uri in enumerate(parts):
+        current.append(uri)
+        for plan in plans:
+            held[plan.name] += part_rows[plan.name][k] * dims[plan.column] * 4
+        if (all(held[p.name] / p.num_shards >= min_piece_bytes for p in plans)
+                or sum(held.values()) >= max_group_bytes):
+            groups.append(current)
+            current, held = [], dict.fromkeys(held, 0)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def vector_dims(storage: Storage, uri: str, columns: list[str]) -> dict[str, int]:
+    """The list size of each vectors column, from one part's Parquet schema (no rows read)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        schema = pq.read_schema(f)
+    return {c: schema.field(c).type.list_size for c in columns}
+
+
+def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> list[Piece]:
+    """Body of one split task: read a run of vectors parts once, return their rows of every shard of
+    every index.
 
     Returns:
         One piece per shard, index after index in ``plans`` order, shards in order (empty pieces
-        included, so the task's ``num_returns`` is fixed); rows keep the part's order.
+        included, so the task's ``num_returns`` is fixed); rows keep the parts' order.
+
+    Raises:
+        IndexIntegrityError: a row of an index without its vector (a null in that column).
     """
     columns = list(dict.fromkeys(["item_id", "status", "modalities", *(p.column for p in plans)]))
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as f:
-        table = pq.read_table(f, columns=columns)
+    tables = []
+    for uri in uris:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f, columns=columns))
+    table = pa.concat_tables(tables)
     ids = table.column("item_id").to_pylist()
     keys = [shard_key(i) for i in ids] if any(p.num_shards > 1 for p in plans) else []
     pieces: list[Piece] = []
     for plan in plans:
         rows = np.flatnonzero(index_rows(table, plan.name))
-        dim = table.schema.field(plan.column).type.list_size
-        vectors = column_matrix(table.column(plan.column).take(pa.array(rows, pa.int64())), dim)
-        if np.isnan(vectors).any():
-            raise IndexIntegrityError(f"{uri}: rows of the {plan.name} index without a {plan.column} vector")
+        column = table.column(plan.column).take(pa.array(rows, pa.int64()))
+        if column.null_count:
+            raise IndexIntegrityError(f"{', '.join(uris)}: {column.null_count} rows of the {plan.name} index "
+                                      f"without a {plan.column} vector")
+        vectors = column_matrix(column, table.schema.field(plan.column).type.list_size)
         shard_of = np.fromiter((locate_shard(keys[r], plan.bounds) for r in rows), np.int64, count=len(rows)) \
             if plan.num_shards > 1 else np.zeros(len(rows), np.int64)
         for s in range(plan.num_shards):
             sel = np.flatnonzero(shard_of == s)
             pieces.append(([ids[rows[j]] for j in sel], vectors[sel]))
     return pieces
+
+
+def split_one_shard(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> Piece:
+    """:func:`split_part` when the plans hold one shard in all (``num_returns=1`` stores the return whole)."""
+    (piece,) = split_part(storage, uris, plans)
+    return piece
 
 
 def assemble_shard(pieces: tuple[Piece, ...], expected: int, where: str) -> Piece:
@@ -268,27 +327,32 @@ def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri:
     they are its top-level arguments), build (tuning also on ``tuning_queries``), save with
     checksums (and the index's ``num_shards``), return the manifest."""
     ids, vectors = assemble_shard(pieces, num_items, f"{index_uri} shard {shard_id}")
-    del pieces
     return build_and_save_shard(storage, index_uri, shard_id, ids, vectors, config, catalog_size, tuning_queries,
                                 num_shards=num_shards)
 
 
-def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], num_cpus: float = 1.0) -> list[list]:
-    """Start one split task per vectors part; ``refs[t][p]`` is part ``p``'s piece of shard ``t``,
-    shards numbered over the plans in order (the first plan's shards first).
+def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], part_rows: dict[str, list[int]],
+                  num_cpus: float = 1.0, min_piece_bytes: int = MIN_PIECE_BYTES) -> list[list]:
+    """Start the split tasks (one per run of parts, :func:`group_parts`); ``refs[t][g]`` is run ``g``'s
+    piece of shard ``t``, shards numbered over the plans in order (the first plan's shards first).
 
     Args:
         storage: object storage.
         plans: from :func:`plan_indexes`.
         parts: the vectors parts (their order is each shard's row order).
-        num_cpus: CPUs per split task (it reads one part and hashes its ids).
+        part_rows: :attr:`IdScan.part_rows` of the scan the plans came from.
+        num_cpus: CPUs per split task.
+        min_piece_bytes: the size each piece should reach (see :data:`MIN_PIECE_BYTES`).
     """
     import ray
 
     total = sum(plan.num_shards for plan in plans)
-    split = ray.remote(split_part).options(num_cpus=num_cpus, num_returns=total)
-    by_part = [split.remote(storage, uri, plans) for uri in parts]
-    return [[refs[t] if total > 1 else refs for refs in by_part] for t in range(total)]  # 1 return: a bare ref
+    dims = vector_dims(storage, parts[0], list(dict.fromkeys(p.column for p in plans)))
+    groups = group_parts(parts, part_rows, plans, dims, min_piece_bytes)
+    body = split_part if total > 1 else split_one_shard
+    split = ray.remote(body).options(num_cpus=num_cpus, num_returns=total)
+    by_group = [split.remote(storage, uris, plans) for uris in groups]
+    return [[refs[t] if total > 1 else refs for refs in by_group] for t in range(total)]  # 1 return: a bare ref
 
 
 def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], index_uri: str, config: IndexConfig,
@@ -329,11 +393,13 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
     return {name: ray.get(refs) for name, refs in pending.items()}
 
 
-def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], index_uri: str, config: IndexConfig,
+def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], part_rows: dict[str, list[int]],
+              index_uri: str, config: IndexConfig,
               num_cpus: float, memory_gb: float | None = None,
               tuning_queries: dict[str, np.ndarray] | None = None,
               split_num_cpus: float = 1.0) -> dict[str, list[ShardManifest]]:
     """:func:`split_vectors`, then :func:`build_shards`: every part read once, every shard built by
-    its own task. Each shard's pieces are freed once its task has finished."""
-    return build_shards(storage, plans, split_vectors(storage, plans, parts, split_num_cpus), index_uri, config,
-                        num_cpus, memory_gb, tuning_queries)  # no reference kept here: build_shards frees them
+    its own task. Each shard's pieces are freed once its build task has finished (Ray pins a task's
+    arguments until then)."""
+    return build_shards(storage, plans, split_vectors(storage, plans, parts, part_rows, split_num_cpus), index_uri,
+                        config, num_cpus, memory_gb, tuning_queries)  # no reference kept here: build_shards frees them

@@ -8,9 +8,9 @@ defaults to the model version.
 Sizing on a real cluster: ``num_shards`` x ``build.num_cpus`` CPUs build in parallel (one Ray task
 per shard; ScaNN trains with ``build.num_cpus`` threads). Keep shards at or under ~1M points each
 and give a task about 3x its shard's vector bytes of memory (``build.memory_gb``). Before the builds,
-one task a vectors part splits it by shard into Ray's object store, which holds every index's
-vectors until their shards are built (``(1 + modalities) x items x dim x 4`` bytes in all; Ray
-spills to local disk past the store's size).
+one task per run of vectors parts splits them by shard into Ray's object store, which holds every
+index's vectors until their shards are built (at most ``(1 + modalities) x items x dim x 4`` bytes
+with ``modal_indexes``, ``items x dim x 4`` without; Ray spills to local disk past the store's size).
 
 Example::
 

@@ -86,7 +86,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     scan = scan_ids(storage, vectors.parts, [FUSED, *planned], cfg.build.split_num_cpus)
     _check_integrity(src, vectors.counts, scan)
     plans = plan_indexes(scan, cfg.num_shards, planned)
-    del scan
+    part_rows = scan.part_rows
+    del scan  # the hashes: 8 bytes an item and index
     print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
           f"{sum(p.num_shards for p in plans)} shards ({', '.join(f'{p.name}: {p.num_shards}' for p in plans)})",
           flush=True)
@@ -106,7 +107,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
             cfg.build.training_threads))
         print(f"[index] fused shards tune on their own vectors and {len(tuning['fused'])} user vectors "
               f"(users outside the self-check's sample)", flush=True)
-    shard_manifests = build_all(storage, plans, vectors.parts, src.index_uri, cfg.index_config(),
+    shard_manifests = build_all(storage, plans, vectors.parts, part_rows, src.index_uri, cfg.index_config(),
                                 cfg.build.num_cpus, cfg.build.memory_gb, tuning_queries=tuning,
                                 split_num_cpus=cfg.build.split_num_cpus)
     build_s = time.perf_counter() - t_build
@@ -193,8 +194,9 @@ def _tower_config(storage: Storage, cfg: IndexJobConfig):
 def _check_integrity(src: IndexSources, counts: dict[str, int], scan: IdScan) -> None:
     distinct = scan.distinct_items()
     if counts["rows"] != src.num_items or scan.rows != src.num_items or distinct != src.num_items:
-        raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {scan.rows} rows, {distinct} distinct items "
-                                  f"for {src.num_items} input items in {src.embedding_run}")
+        raise IndexIntegrityError(f"{src.index_uri}/{VECTORS_DIR}: {scan.rows} rows in the parts ({counts['rows']} "
+                                  f"written), {distinct} distinct items, for {src.num_items} input items in "
+                                  f"{src.embedding_run}")
 
 
 def _record_recall(version: str, checks: dict[str, dict[str, RecallCheck]]) -> None:
