@@ -93,9 +93,11 @@ def test_a_child_killed_between_items_is_replaced_without_failing_the_next_item(
         decoder.close()
 
 
-def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image_weights):
-    """Killed while its child decodes (here: an item that hangs), the parent closes no pipe the child is
-    reading: the child's own watch on its parent ends it."""
+@pytest.mark.parametrize("item", [b"HANG", b"SPIN"])
+def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image_weights, item):
+    """Killed while its child decodes (an item that hangs, or one that spins in C holding the GIL, so no
+    thread of the child can run), the parent closes no pipe the child is reading: the kernel's death
+    signal ends it (the child's watch thread alone would wait for the GIL, for hours)."""
     import psutil
 
     script = tmp_path / "parent.py"  # no main guard: the child must not re-run the parent's script
@@ -107,7 +109,7 @@ def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image
         "prep = FaultyImagePreprocessor(ImageEncoderConfig(weights=sys.argv[1]))\n"
         "d = IsolatedDecoder(timeout_s=600)\n"
         "d.start(prep)\n"
-        "threading.Thread(target=d.map, args=(prep, [b'HANG']), daemon=True).start()\n"
+        f"threading.Thread(target=d.map, args=(prep, [{item!r}]), daemon=True).start()\n"
         "time.sleep(2)\n"
         "print(d.pid, flush=True)\n"
         "os.kill(os.getpid(), 9)\n")

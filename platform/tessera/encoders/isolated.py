@@ -16,7 +16,10 @@ unpickling (a JSON header: an array's dtype and shape, a media error's kind and 
 exception's type and message; then the array's bytes), so a child taken over through a decoder
 exploit cannot run code in the parent by what it answers. The isolation guards against crashes and
 hangs; the child runs as the same user with the same environment. It exits when the parent closes
-its stdin or dies.
+its stdin or dies: on Linux the kernel kills it (``PR_SET_PDEATHSIG``) even while a decoder holds
+the GIL in a C loop; elsewhere a thread watching the parent ends it, once it gets the GIL. The death
+signal follows the parent *thread* that started the child, so every child is started from one
+thread of this module's that lives as long as the process (never a pool thread that may exit).
 
 Costs: one child process per decoder (it imports the preprocessors' modules, torch included: a few
 hundred MB), and a round trip per item (the raw bytes in, the model input out). Meant for untrusted
@@ -31,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -60,6 +64,46 @@ MAX_REPLY_BYTES = 256 << 20  # a model input is a few MB at most
 _DTYPES = frozenset({"uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"})
 # exceptions a preprocessor's setup raises, re-raised as themselves; any other type as a RuntimeError
 _SETUP_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, KeyError, TypeError, OSError, RuntimeError)}
+
+
+_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None  # the one thread every child is started from
+_SPAWNER_LOCK = threading.Lock()
+_PR_SET_PDEATHSIG = 1
+
+
+def _forget_spawner() -> None:
+    """In a forked child: the spawner thread was not copied, so the next start makes a new one."""
+    global _SPAWNER, _SPAWNER_LOCK
+    _SPAWNER, _SPAWNER_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _start_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``Popen`` on the module's spawner thread (see the module docstring: the child's death signal is
+    tied to the thread that started it; an executor's single worker never exits while it lives)."""
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-decoder-spawn")
+        spawner = _SPAWNER
+    return spawner.submit(subprocess.Popen, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env).result()
+
+
+def _die_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGKILL when the parent (its spawning thread) ends; False where there is no
+    ``prctl`` (not Linux). Exits at once if the parent is already gone."""
+    done = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    if os.getppid() != parent:  # it died before the request: no signal will come
+        os._exit(0)
+    return done
 
 
 class DecoderUnavailable(RuntimeError):
@@ -164,9 +208,9 @@ class IsolatedDecoder:
     def _spawn(self) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            return subprocess.Popen([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
-                                     *sorted(self._modules)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        except OSError as err:  # out of processes, memory or descriptors
+            return _start_child([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
+                                 *sorted(self._modules)], env)
+        except (OSError, RuntimeError) as err:  # out of processes, memory or descriptors; at interpreter exit
             raise DecoderUnavailable(f"cannot start the decoding process: {err}") from err
 
     def _discard(self, restart: bool = True) -> None:
@@ -304,6 +348,7 @@ def _serve(parent: int, modules: list[str]) -> None:
             time.sleep(1.0)
         os._exit(0)
 
+    _die_with_parent(parent)  # the kernel's watch, which needs no GIL
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     for name in modules:  # the preprocessors' imports (torch, ...) while the parent waits for work
         importlib.import_module(name)
