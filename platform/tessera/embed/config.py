@@ -81,6 +81,10 @@ class FetchConfig(StageConfig):
 # 0.74 of the plain loop, 256 0.77-0.85, 512 0.88 (one run each, noisy): per-task and per-call
 # overheads, and a heap trim per call, paid 8x less often. A block of 256 is 12.5 MB of 128 px pixels.
 MEDIA_BATCH = 256
+# Decoding media: a batch still running after BATCH ends its worker; on the isolated retry an item
+# past ITEM fails (MediaStageConfig's defaults, and tessera.embed.stages.map_guarded's).
+DECODE_BATCH_TIMEOUT_S = 600.0
+DECODE_ITEM_TIMEOUT_S = 60.0
 
 
 # Their own classes, so a config that sets only some keys of a block (``fetch: {concurrency: 2}``)
@@ -100,8 +104,8 @@ class MediaStageConfig(StageConfig):
     """
 
     batch_size: int = Field(MEDIA_BATCH, ge=1)
-    batch_timeout_s: float = Field(600.0, gt=0)
-    item_timeout_s: float = Field(60.0, gt=0)
+    batch_timeout_s: float = Field(DECODE_BATCH_TIMEOUT_S, gt=0)
+    item_timeout_s: float = Field(DECODE_ITEM_TIMEOUT_S, gt=0)
 
 
 class MediaPoolConfig(PoolConfig):

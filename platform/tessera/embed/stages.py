@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tessera.embed.config import DECODE_BATCH_TIMEOUT_S, DECODE_ITEM_TIMEOUT_S
 from tessera.embed.ids import hash_ids, is_member
 from tessera.embed.output import MODALITIES, ids_digest, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
@@ -144,7 +145,7 @@ def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, thre
 
 
 def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage,
-           batch_timeout_s: float = 600.0, item_timeout_s: float = 60.0) -> pa.Table:
+           batch_timeout_s: float = DECODE_BATCH_TIMEOUT_S, item_timeout_s: float = DECODE_ITEM_TIMEOUT_S) -> pa.Table:
     """Raw bytes (or text) -> model inputs with the modality's preprocessor; errors recorded per item
     (media through :func:`map_guarded`, with its timeouts)."""
     batch = to_lists(table)
@@ -179,8 +180,8 @@ _GUARD_NAMESPACE = "tessera_embed"
 _GUARD_PREFIX = "decoding/"
 
 
-def map_guarded(pre: Preprocessor, raws: list, batch_key: str, batch_timeout_s: float = 600.0,
-                item_timeout_s: float = 60.0) -> list:
+def map_guarded(pre: Preprocessor, raws: list, batch_key: str, batch_timeout_s: float = DECODE_BATCH_TIMEOUT_S,
+                item_timeout_s: float = DECODE_ITEM_TIMEOUT_S) -> list:
     """``pre.map(raws)``, unless an attempt of this batch died while preprocessing it: then one item at a
     time in a child process (:class:`~tessera.encoders.isolated.IsolatedDecoder`).
 
