@@ -1,8 +1,9 @@
 """The index job end to end: bundle + embedding run in, ``index/<version>/`` out.
 
-    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► plan shards ─► split the vectors
-    by shard (a task a part) ─► S x (1 + M) shard builds (Ray tasks) ─► self-check per index (Ray
-    tasks, shards read back from storage) ─► manifests
+    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► id hashes (a task a part) ─► plan
+    shards (driver, from the hashes) ─► split the vectors by shard (a task per run of parts) ─►
+    S x (1 + M) shard builds (Ray tasks) ─► self-check per index (Ray tasks, shards read back from
+    storage) ─► manifests
 
 Manifests are written last: ``modal/<modality>/_MANIFEST.json`` for each per-modality index, then
 the version's ``_MANIFEST.json`` (its presence marks the index complete). A build whose self-check
