@@ -7,6 +7,7 @@ decoders); the isolation is what is under test here."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -110,17 +111,33 @@ def test_the_child_exits_when_its_parent_is_killed_even_mid_item(tmp_path, image
         "d = IsolatedDecoder(timeout_s=600)\n"
         "d.start(prep)\n"
         f"threading.Thread(target=d.map, args=(prep, [{item!r}]), daemon=True).start()\n"
-        "time.sleep(2)\n"
-        "print(d.pid, flush=True)\n"
+        "time.sleep(3)\n"
+        "import psutil\n"
+        "print(d.pid, d.restarts, psutil.Process(d.pid).cpu_times().user, flush=True)\n"
         "os.kill(os.getpid(), 9)\n")
     parent = subprocess.run([sys.executable, str(script), str(image_weights)], capture_output=True, text=True,
                             timeout=180, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert parent.returncode == -9, parent.stderr
+    pid, restarts, cpu_s = parent.stdout.split()
+    assert restarts == "0"  # the child killed is the one busy with the item, not a fresh idle one
+    if item == b"SPIN":
+        assert float(cpu_s) > 1.0  # it was spinning (the GIL held), not waiting
     try:
-        child = psutil.Process(int(parent.stdout.split()[0]))
+        child = psutil.Process(int(pid))
     except psutil.NoSuchProcess:
         return  # already gone
     child.wait(10)  # raises TimeoutExpired if the orphan lingers in its hang
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_asks_the_kernel_for_sigkill_when_its_parent_dies():
+    code = ("import ctypes, os; from tessera.encoders.isolated import _die_with_parent\n"
+            "assert _die_with_parent(os.getppid())\n"
+            "sig = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)\n"
+            "print(sig.value)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == str(int(signal.SIGKILL))
 
 
 def test_the_parent_reads_plain_frames_only_and_never_unpickles_what_the_child_writes():

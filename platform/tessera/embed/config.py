@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tessera.config import TesseraConfig
+from tessera.embed.limits import DECODE_BATCH_TIMEOUT_S, DECODE_ITEM_TIMEOUT_S
 from tessera.encoders.audio import AudioEncoderConfig
 from tessera.encoders.image import ImageEncoderConfig
 from tessera.encoders.text import TextEncoderConfig
@@ -81,10 +82,6 @@ class FetchConfig(StageConfig):
 # 0.74 of the plain loop, 256 0.77-0.85, 512 0.88 (one run each, noisy): per-task and per-call
 # overheads, and a heap trim per call, paid 8x less often. A block of 256 is 12.5 MB of 128 px pixels.
 MEDIA_BATCH = 256
-# Decoding media: a batch still running after BATCH ends its worker; on the isolated retry an item
-# past ITEM fails (MediaStageConfig's defaults, and tessera.embed.stages.map_guarded's).
-DECODE_BATCH_TIMEOUT_S = 600.0
-DECODE_ITEM_TIMEOUT_S = 60.0
 
 
 # Their own classes, so a config that sets only some keys of a block (``fetch: {concurrency: 2}``)

@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tessera.embed.config import DECODE_BATCH_TIMEOUT_S, DECODE_ITEM_TIMEOUT_S
 from tessera.embed.ids import hash_ids, is_member
+from tessera.embed.limits import DECODE_BATCH_TIMEOUT_S, DECODE_ITEM_TIMEOUT_S
 from tessera.embed.output import MODALITIES, ids_digest, vector_column, write_part
 from tessera.encoders.errors import MediaError, fetch_media
 from tessera.memory import active_allocator, release_free_heap

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import select
 import struct
 import subprocess
@@ -66,7 +67,31 @@ _DTYPES = frozenset({"uint8", "int8", "int16", "int32", "int64", "float16", "flo
 _SETUP_ERRORS = {e.__name__: e for e in (FileNotFoundError, ValueError, KeyError, TypeError, OSError, RuntimeError)}
 
 
-_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None  # the one thread every child is started from
+class _Spawner:
+    """One daemon thread that starts every child (see the module docstring: a child's death signal is
+    tied to the thread that started it). A daemon thread, not an executor: ``concurrent.futures``
+    ends its workers at interpreter exit before other threads are joined, which would kill children
+    still decoding for them; this thread is never ended, it stops with the process."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="tessera-decoder-spawn", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            args, env, done = self._jobs.get()
+            try:
+                done.set_result(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env))
+            except BaseException as err:  # handed to the caller, the thread goes on
+                done.set_exception(err)
+
+    def start(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((args, env, done))
+        return done.result()
+
+
+_SPAWNER: _Spawner | None = None
 _SPAWNER_LOCK = threading.Lock()
 _PR_SET_PDEATHSIG = 1
 
@@ -77,30 +102,34 @@ def _forget_spawner() -> None:
     _SPAWNER, _SPAWNER_LOCK = None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_spawner)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_spawner)
 
 
 def _start_child(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """``Popen`` on the module's spawner thread (see the module docstring: the child's death signal is
-    tied to the thread that started it; an executor's single worker never exits while it lives)."""
+    """``Popen`` on the module's spawner thread."""
     global _SPAWNER
     with _SPAWNER_LOCK:
         if _SPAWNER is None:
-            _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-decoder-spawn")
+            _SPAWNER = _Spawner()
         spawner = _SPAWNER
-    return spawner.submit(subprocess.Popen, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env).result()
+    return spawner.start(args, env)
 
 
 def _die_with_parent(parent: int) -> bool:
     """Ask the kernel for SIGKILL when the parent (its spawning thread) ends; False where there is no
-    ``prctl`` (not Linux). Exits at once if the parent is already gone."""
+    ``prctl`` (not Linux) or it failed (logged). Exits at once if the parent is already gone."""
     done = False
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
 
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         done = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        if not done:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): only the watch thread ends this child "
+                           "when its parent dies", ctypes.get_errno())
     if os.getppid() != parent:  # it died before the request: no signal will come
         os._exit(0)
     return done
@@ -210,7 +239,7 @@ class IsolatedDecoder:
         try:
             return _start_child([sys.executable, "-m", "tessera.encoders.isolated", str(os.getpid()),
                                  *sorted(self._modules)], env)
-        except (OSError, RuntimeError) as err:  # out of processes, memory or descriptors; at interpreter exit
+        except (OSError, RuntimeError) as err:  # out of processes, memory or descriptors; no thread at exit
             raise DecoderUnavailable(f"cannot start the decoding process: {err}") from err
 
     def _discard(self, restart: bool = True) -> None:
