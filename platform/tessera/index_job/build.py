@@ -1,11 +1,12 @@
 """Shard planning, the split of the vectors by shard, and the parallel shard builds (Ray tasks).
 
-    vectors parts ─► scan (a task a part: id hashes) ─► plan (driver) ─► split (a task a part)
+    vectors parts ─► scan (id hashes) ─► plan (driver) ─► split (a task per run of parts)
     ─► S x (1 + M) builds (a task a shard)
 
 A shard is a range of ``(id hash, id)`` keys: the split :func:`tessera.index.assign_shards` makes.
-The scan tasks read each part's small ``item_id`` / ``status`` / ``modalities`` columns and return
-only the ids' 64-bit hashes, per index; from those the driver finds each index's shard sizes and
+The scan (:func:`tessera.embed.ids.map_files`: Ray tasks of 64 parts each once there are many)
+reads each part's small ``item_id`` / ``status`` / ``modalities`` columns and keeps only the ids'
+64-bit hashes, per index; from those the driver finds each index's shard sizes and
 its ``S - 1`` cuts (:func:`tessera.index.shard_bounds`), holding 8 bytes an item and no id strings.
 One split task per run of consecutive parts (:func:`group_parts`: runs long enough that every piece
 reaches ~1 MiB) then reads them once and returns one piece (ids + vectors) per shard of every index
@@ -39,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tessera.embed.ids import colliding, is_member, map_files
 from tessera.index import (
     IndexConfig,
     ShardManifest,
@@ -103,17 +105,22 @@ def index_rows(table: pa.Table, name: str) -> np.ndarray:
 
 def read_id_columns(storage: Storage, uri: str) -> pa.Table:
     """``item_id``, ``status``, ``modalities`` of one vectors part (small: no vectors read)."""
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=["item_id", "status", "modalities"])
+    return storage.read_parquet(uri, ["item_id", "status", "modalities"])
 
 
-def hash_part(storage: Storage, uri: str, names: list[str]) -> dict[str, np.ndarray]:
-    """Body of one scan task: the id hashes (uint64) of a vectors part's rows, of every row
+def hash_part(uri: str, storage: Storage, names: list[str]) -> dict[str, np.ndarray]:
+    """One part of the scan: the id hashes (uint64) of a vectors part's rows, of every row
     (:data:`ALL_ROWS`) and of the rows of each index in ``names``."""
     table = read_id_columns(storage, uri)
     hashes = hash_ids(table.column("item_id").to_pylist())
     return {name: hashes[index_rows(table, name)] for name in [ALL_ROWS, *names]}
+
+
+def part_ids_with_hashes(uri: str, storage: Storage, name: str, wanted: np.ndarray) -> list[str]:
+    """The ids of a vectors part's rows of index ``name`` whose hash is in sorted ``wanted``, in order."""
+    table = read_id_columns(storage, uri)
+    ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)[index_rows(table, name)]
+    return ids[is_member(wanted, hash_ids(ids.tolist()))].tolist()
 
 
 @dataclass
@@ -125,12 +132,14 @@ class IdScan:
         parts: the vectors parts.
         hashes: by index name (and :data:`ALL_ROWS`), the hashes of its rows, part after part.
         part_rows: by index name, its rows in each part (what :func:`group_parts` sizes groups by).
+        num_cpus: CPUs per task of a read of every part (:func:`tessera.embed.ids.map_files`).
     """
 
     storage: Storage
     parts: list[str]
     hashes: dict[str, np.ndarray]
     part_rows: dict[str, list[int]] = field(default_factory=dict)
+    num_cpus: float = 1.0
 
     @property
     def rows(self) -> int:
@@ -138,25 +147,22 @@ class IdScan:
 
     def ids_with_hashes(self, wanted: set[int], name: str = ALL_ROWS) -> list[str]:
         """The ids of the rows of index ``name`` whose hash is in ``wanted``, with repeats (a read of
-        every part's ids on the driver: only for the rare shared hash)."""
-        found = []
-        for uri in self.parts:
-            table = read_id_columns(self.storage, uri)
-            ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)[index_rows(table, name)]
-            found.extend(i for i, h in zip(ids.tolist(), hash_ids(ids.tolist()).tolist(), strict=True) if h in wanted)
-        return found
+        every part's ids: only for the rare shared hash)."""
+        sorted_wanted = np.unique(np.fromiter(wanted, np.uint64, count=len(wanted)))
+        found = map_files(part_ids_with_hashes, self.parts, self.storage, name, sorted_wanted, num_cpus=self.num_cpus)
+        return [i for ids in found for i in ids]
 
     def distinct_items(self) -> int:
         """Distinct item ids over every row: from the hashes, reading ids only for hashes seen twice."""
-        values, counts = np.unique(self.hashes[ALL_ROWS], return_counts=True)
-        shared = values[counts > 1]
-        if not len(shared):
-            return len(values)
-        return int((counts == 1).sum()) + len(set(self.ids_with_hashes({int(h) for h in shared})))
+        distinct, repeated = colliding([self.hashes[ALL_ROWS]])
+        if not len(repeated):
+            return distinct
+        return distinct - len(repeated) + len(set(self.ids_with_hashes({int(h) for h in repeated})))
 
 
 def scan_ids(storage: Storage, parts: list[str], names: list[str], num_cpus: float = 1.0) -> IdScan:
-    """Hash every vectors part's ids in parallel Ray tasks (one a part; only hashes come back).
+    """Hash every vectors part's ids (:func:`tessera.embed.ids.map_files`: in Ray tasks of many parts
+    each once there are many parts, else here; only hashes come back).
 
     Args:
         storage: object storage.
@@ -164,14 +170,11 @@ def scan_ids(storage: Storage, parts: list[str], names: list[str], num_cpus: flo
         names: the indexes to plan (``fused`` and modalities).
         num_cpus: CPUs per task.
     """
-    import ray
-
-    task = ray.remote(hash_part).options(num_cpus=num_cpus)
-    by_part = ray.get([task.remote(storage, uri, names) for uri in parts])
+    by_part = map_files(hash_part, parts, storage, names, num_cpus=num_cpus)
     hashes = {name: np.concatenate([h[name] for h in by_part]) if by_part else np.empty(0, np.uint64)
               for name in [ALL_ROWS, *names]}
     part_rows = {name: [len(h[name]) for h in by_part] for name in [ALL_ROWS, *names]}
-    return IdScan(storage, list(parts), hashes, part_rows)
+    return IdScan(storage, list(parts), hashes, part_rows, num_cpus)
 
 
 def plan_indexes(scan: IdScan, num_shards: int, modalities: list[str]) -> list[IndexPlan]:
@@ -205,9 +208,7 @@ def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str
     """Ids and (N, D) vectors of every non-null row of ``column``, part by part (the self-check's read)."""
     got_ids, blocks, dim = [], [], None
     for uri in parts:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f, columns=["item_id", column])
+        table = storage.read_parquet(uri, ["item_id", column])
         table = table.filter(pc.is_valid(table.column(column)))
         dim = table.schema.field(column).type.list_size
         if table.num_rows:
@@ -272,12 +273,7 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> lis
         IndexIntegrityError: a row of an index without its vector (a null in that column).
     """
     columns = list(dict.fromkeys(["item_id", "status", "modalities", *(p.column for p in plans)]))
-    tables = []
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=columns))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([storage.read_parquet(uri, columns) for uri in uris])
     ids = table.column("item_id").to_pylist()
     keys = [shard_key(i) for i in ids] if any(p.num_shards > 1 for p in plans) else []
     pieces: list[Piece] = []

@@ -1,6 +1,6 @@
 """The index job end to end: bundle + embedding run in, ``index/<version>/`` out.
 
-    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► id hashes (a task a part) ─► plan
+    resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► id hashes (tasks of many parts) ─► plan
     shards (driver, from the hashes) ─► split the vectors by shard (a task per run of parts) ─►
     S x (1 + M) shard builds (Ray tasks) ─► self-check per index (Ray tasks, shards read back from
     storage) ─► manifests
