@@ -126,7 +126,7 @@ def run_split(storage, plans, parts, split_num_cpus: float, shard_ids, part_rows
 
     task = ray.remote(assemble_task).options(num_cpus=1)
     t0 = time.perf_counter()
-    pieces = split_vectors(storage, plans, parts, part_rows, num_cpus=split_num_cpus)
+    pieces = split_vectors(storage, plans, parts, part_rows, num_cpus=split_num_cpus).pieces
     expected = [size for plan in plans for size in plan.sizes]
     refs = [task.remote(n, *shard_pieces) for n, shard_pieces in zip(expected, pieces, strict=True)]
     del pieces

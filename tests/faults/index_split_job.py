@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from tessera.index import IndexConfig, assign_shards, load_shard
-from tessera.index_job.build import build_shards, plan_indexes, read_rows, scan_ids, split_vectors
+from tessera.index_job.build import build_shards, index_rows, plan_indexes, read_id_columns, scan_ids, split_vectors
 from tessera.index_job.synthetic import random_vectors_table
 from tessera.storage import Storage, StorageConfig, join_uri
 
@@ -36,9 +36,11 @@ def main(root: str) -> int:
         parts.append(uri)
     scan = scan_ids(storage, parts, ["fused"])
     plans = plan_indexes(scan, SHARDS, [])
-    ids, _ = read_rows(storage, parts, "fused")
+    tables = [read_id_columns(storage, uri) for uri in parts]
+    ids = [i for table in tables for i, kept in zip(table.column("item_id").to_pylist(), index_rows(table, "fused"),
+                                                      strict=True) if kept]
     planned = [sorted(ids[r] for r in rows) for rows in assign_shards(ids, SHARDS)]
-    pieces = split_vectors(storage, plans, parts, scan.part_rows)
+    pieces = split_vectors(storage, plans, parts, scan.part_rows).pieces
     flat = [ref for by_part in pieces for ref in by_part]
     ready, _ = ray.wait(flat, num_returns=len(flat), timeout=300, fetch_local=False)
     assert len(ready) == len(flat), "the split did not finish"
@@ -48,7 +50,8 @@ def main(root: str) -> int:
     while not storage.exists(join_uri(root, "go")):
         time.sleep(0.5)
     index_uri = join_uri(root, "index")
-    manifests = build_shards(storage, plans, pieces, index_uri, IndexConfig(), num_cpus=1)["fused"]
+    built = build_shards(storage, plans, pieces, index_uri, IndexConfig(), num_cpus=1)["fused"]
+    manifests = [b.manifest for b in built]
     shards = [sorted(load_shard(storage, join_uri(index_uri, m.name)).ids.tolist()) for m in manifests]
     storage.write_json(join_uri(root, "result.json"),
                        {"exact": [got == want for got, want in zip(shards, planned, strict=True)],

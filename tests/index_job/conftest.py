@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from tessera.index_job import IndexJobConfig
 from tessera.index_job.seeded_bundle import seeded_bundle
-from tessera.storage import join_uri
+from tessera.index_job.vectors import column_matrix
+from tessera.storage import Storage, join_uri
 from tests.conftest import TEST_ROOT
 
 
@@ -27,3 +30,18 @@ def job_config(bundle_uri: str, output_uri: str, **overrides) -> IndexJobConfig:
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return IndexJobConfig.model_validate(data)
+
+
+def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str], np.ndarray]:
+    """Ids and (N, D) vectors of every non-null row of ``column``, part by part: a whole column, read in
+    the test process (the reference the tests compare the job's distributed reads with)."""
+    got_ids, blocks, dim = [], [], None
+    for uri in parts:
+        table = storage.read_parquet(uri, ["item_id", column])
+        table = table.filter(pc.is_valid(table.column(column)))
+        dim = table.schema.field(column).type.list_size
+        if table.num_rows:
+            got_ids.extend(table.column("item_id").to_pylist())
+            blocks.append(column_matrix(table.column(column), dim))
+    vectors = np.concatenate(blocks) if blocks else np.empty((0, dim or 0), np.float32)
+    return got_ids, vectors

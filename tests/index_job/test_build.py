@@ -17,7 +17,6 @@ from tessera.index_job.build import (
     build_shards,
     group_parts,
     plan_indexes,
-    read_rows,
     scan_ids,
     split_part,
     split_vectors,
@@ -25,6 +24,7 @@ from tessera.index_job.build import (
 from tessera.index_job.synthetic import random_vectors_table
 from tessera.index_job.vectors import STATUS_OK, matrix_column
 from tessera.storage import join_uri
+from tests.index_job.conftest import read_rows
 
 DIM = 8
 MODALITIES = ["text", "image"]
@@ -62,7 +62,7 @@ def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session
 
     plans, part_rows = planned(storage, parts, num_shards)
     assert [p.name for p in plans] == ["fused", *MODALITIES]
-    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=min_piece_bytes)
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=min_piece_bytes).pieces
     assert len(pieces) == sum(p.num_shards for p in plans) and all(len(by_task) == tasks for by_task in pieces)
     t = 0
     for plan in plans:
@@ -79,12 +79,75 @@ def test_each_shard_gets_its_rows_once_in_part_order(storage, parts, ray_session
             np.testing.assert_array_equal(vectors, all_vectors[rows])
 
 
+@pytest.mark.parametrize("min_piece_bytes", [0, 1 << 20])  # three runs of parts, or one
+def test_the_split_picks_out_the_sampled_rows_and_the_wanted_items(storage, parts, ray_session, min_piece_bytes):
+    """Positions among each index's rows (in part order) and fused items by id come back from the runs
+    in order, whichever run holds them: the item queries and the users' history items."""
+    import ray
+
+    from tessera.index_job.build import gather_rows
+
+    plans, part_rows = planned(storage, parts, 2)
+    fused_ids = read_rows(storage, parts, "fused")[0]
+    rng = np.random.default_rng(5)
+    samples = {p.name: np.sort(rng.choice(p.num_items, size=min(30, p.num_items), replace=False)) for p in plans}
+    samples["image"] = np.array([0, plans[2].num_items - 1])  # the first and the last row
+    wanted = sorted(rng.choice(fused_ids, size=25, replace=False).tolist() + ["not-an-item"])
+    split = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=min_piece_bytes, samples=samples,
+                          wanted=wanted)
+    for plan in plans:
+        ids, vectors = ray.get(ray.remote(gather_rows).remote(*split.samples[plan.name]))
+        all_ids, all_vectors = read_rows(storage, parts, plan.column)
+        assert ids == [all_ids[r] for r in samples[plan.name]], plan.name
+        np.testing.assert_array_equal(vectors, all_vectors[samples[plan.name]])
+    ids, vectors = gather_rows(*ray.get(split.wanted))
+    all_ids, all_vectors = read_rows(storage, parts, "fused")
+    rows = [r for r, item in enumerate(all_ids) if item in set(wanted)]
+    assert ids == [all_ids[r] for r in rows] and len(ids) == 25
+    np.testing.assert_array_equal(vectors, all_vectors[rows])
+
+
+def test_each_build_checks_its_shard_as_the_whole_index_would_be_checked(storage, parts, bucket_uri, ray_session):
+    """The shards' recall shares, merged, are the recall of the saved index measured whole in one process
+    (item queries with their own item excluded, and queries of no item)."""
+    import ray
+
+    from tessera.index import ShardedIndex, measure_recall
+    from tessera.index_job.build import gather_rows
+    from tessera.index_job.config import SelfCheckConfig
+    from tessera.index_job.self_check import combine_checks, item_sample
+
+    plans, part_rows = planned(storage, parts, 3, modalities=["text"])
+    cfg = SelfCheckConfig(item_queries=40, k=5)
+    samples = {p.name: item_sample(p.num_items, cfg) for p in plans}
+    split = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0, samples=samples)
+    items = {name: ray.remote(gather_rows).remote(*refs) for name, refs in split.samples.items()}
+    users = np.random.default_rng(6).standard_normal((20, DIM)).astype(np.float32)
+    config = IndexConfig(mode="ah", num_neighbors=2, reorder_num_neighbors=2, training_threads=1)
+    index_uri = join_uri(bucket_uri, "checked")
+    built = build_shards(storage, plans, split.pieces, index_uri, config, num_cpus=0.5, check_k=cfg.k,
+                         check_queries={"fused": (users, items["fused"]), "text": (None, items["text"])})
+    for plan in plans:
+        checks = combine_checks([b.checks for b in built[plan.name]], cfg.k, {"item": "{n} items", "user": "{n}"})
+        assert set(checks) == ({"item", "user"} if plan.name == "fused" else {"item"})
+        assert all(b.check_seconds > 0 for b in built[plan.name])
+        index = ShardedIndex.load(storage, join_uri(index_uri, plan.path) if plan.path else index_uri,
+                                  require_manifest=False)
+        ids, vectors = read_rows(storage, parts, plan.column)
+        sample = samples[plan.name]
+        whole = measure_recall(index, vectors[sample], ids, vectors, cfg.k, query_ids=[ids[r] for r in sample])
+        assert checks["item"].recall == pytest.approx(whole.recall) and checks["item"].num_queries == len(sample)
+        assert checks["item"].recall < 1.0  # AH without reordering depth: a figure that can be wrong
+        if plan.name == "fused":
+            assert checks["user"].recall == pytest.approx(measure_recall(index, users, ids, vectors, cfg.k).recall)
+
+
 def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
     """The parts are deleted once split: the builds still make every shard, from their pieces."""
     import ray
 
     plans, part_rows = planned(storage, parts, 2)
-    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0)
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0).pieces
     flat = [ref for by_part in pieces for ref in by_part]
     ready, _ = ray.wait(flat, num_returns=len(flat), timeout=120, fetch_local=False)
     assert len(ready) == len(flat)
@@ -97,19 +160,19 @@ def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):
     manifests = build_shards(storage, plans, pieces, index_uri, IndexConfig(), num_cpus=0.5)
     for plan in plans:
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
-        assert [m.count for m in manifests[plan.name]] == plan.sizes
-        for m, members in zip(manifests[plan.name], shards[plan.name], strict=True):
+        assert [b.manifest.count for b in manifests[plan.name]] == plan.sizes
+        for m, members in zip((b.manifest for b in manifests[plan.name]), shards[plan.name], strict=True):
             shard = load_shard(storage, join_uri(uri, m.name))
             assert sorted(shard.ids.tolist()) == sorted(members) and m.num_shards == 2
 
 
 def test_one_shard_in_all_is_split_and_built(storage, parts, bucket_uri, ray_session):
-    """Fused index only, one shard: the split task has one return (Ray stores it whole, not as a list)."""
+    """Fused index only, one shard (the split task's returns: that shard's piece, the sample, the wanted rows)."""
     plans, part_rows = planned(storage, parts, 1, modalities=[])
-    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0)
+    pieces = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0).pieces
     assert len(pieces) == 1 and len(pieces[0]) == 3
     manifests = build_shards(storage, plans, pieces, join_uri(bucket_uri, "index"), IndexConfig(), num_cpus=0.5)
-    shard = load_shard(storage, join_uri(bucket_uri, "index", manifests["fused"][0].name))
+    shard = load_shard(storage, join_uri(bucket_uri, "index", manifests["fused"][0].manifest.name))
     assert sorted(shard.ids.tolist()) == sorted(read_rows(storage, parts, "fused")[0])
 
 

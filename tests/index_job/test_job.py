@@ -6,9 +6,8 @@ import pytest
 from jobs.build_index import main
 from tessera.index import FAILED_REPORT, INDEX_MANIFEST, IndexCorruptError, ShardedIndex, read_index_manifest
 from tessera.index_job import IndexExistsError, IndexRecallError, run_index_job
-from tessera.index_job.build import read_rows
 from tessera.storage import join_uri
-from tests.index_job.conftest import job_config
+from tests.index_job.conftest import job_config, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +108,28 @@ def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage
 
 def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, ray_session, storage, bucket_uri,
                                                                    capsys):
-    from tessera.index_job.self_check import read_interactions, tuning_user_queries, user_query_vectors
-    from tessera.models.bundle import ModelBundle
+    from tessera.index_job.self_check import select_users, user_queries
 
     cfg = job_config(bundle_uri, join_uri(bucket_uri, "index-tuned"), modal_indexes=False,
                      index={"mode": "ah"}, self_check={"tuning_user_queries": 40})
     manifest = run_index_job(cfg)
-    assert "tune on their own vectors and" in capsys.readouterr().out
+    assert "tune on their own vectors and those of 40 sampled users" in capsys.readouterr().out
     assert all(s.params.mode == "ah" and s.params.reorder_num_neighbors >= 100 for s in manifest.shards)
     assert manifest.recall_checks["user"].recall >= 0.95
+    assert manifest.recall_checks["user"].num_queries == 40
     uri = join_uri(bucket_uri, "index-tuned", "seeded-index")
-    parts = [join_uri(uri, p) for p in manifest.item_vectors]
-    tuning = tuning_user_queries(storage, parts, "fused", cfg.self_check, bundle_uri,
-                                 manifest.source["interactions_uri"])
-    ids, vectors = read_rows(storage, parts, "fused")
-    checked = user_query_vectors(ModelBundle.load(storage, bundle_uri).user_tower.eval(),
-                                 read_interactions(storage, manifest.source["interactions_uri"]), ids, vectors,
-                                 cfg.self_check)
+    users = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40)
+    assert len(users.check) == len(users.tuning) == 40
+    assert not {h.user_id for h in users.check} & {h.user_id for h in users.tuning}
+    # the users' vectors from every fused vector (read whole here) or from their history items only
+    ids, vectors = read_rows(storage, [join_uri(uri, p) for p in manifest.item_vectors], "fused")
+    checked, tuning = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (ids, vectors))
+    row_of = {item: r for r, item in enumerate(ids)}
+    wanted = [i for i in users.wanted() if i in row_of]
+    assert 0 < len(wanted) < len(ids)
+    only = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (wanted, vectors[[row_of[i] for i in wanted]]))
+    np.testing.assert_allclose(only[0], checked, atol=1e-6)
+    np.testing.assert_allclose(only[1], tuning, atol=1e-6)
     assert len(tuning) > 10 and len(checked) > 10
     same = np.isclose(tuning @ checked.T, 1.0, atol=1e-6)  # unit vectors: a shared user scores 1
     assert not same.any()

@@ -1,28 +1,43 @@
-"""The job's recall self-check on real vectors parts and a saved index in the S3 store (no Ray needed)."""
+"""The job's recall self-check, a shard at a time, on an index saved in the S3 store (no Ray needed): each
+shard is loaded back and measured against its own vectors, as its build task does, and the shards'
+results merged as the driver merges them."""
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tessera.index import IndexConfig, ShardedIndex, assign_shards, exact_search, recall_at_k
+from tessera.index import (
+    IndexConfig,
+    IndexCorruptError,
+    ShardedIndex,
+    assign_shards,
+    exact_search,
+    load_shard,
+    measure_recall,
+    recall_at_k,
+)
 from tessera.index_job.config import SelfCheckConfig
-from tessera.index_job.self_check import run_self_check
-from tessera.index_job.vectors import matrix_column
+from tessera.index_job.self_check import check_saved_shard, combine_checks, item_sample
 from tessera.storage import join_uri
 from tests.index.conftest import unit_rows
 
+DESCRIPTIONS = {"item": "{n} sampled items", "user": "{n} users"}
 
-def _write_part(storage, uri: str, ids: list[str], vectors: np.ndarray) -> str:
-    part = join_uri(uri, "vectors", "part-00000.parquet")
-    table = pa.table({"item_id": pa.array(ids, pa.string()),
-                      "fused": matrix_column(vectors, np.ones(len(ids), dtype=bool))})
-    fs, path = storage.filesystem(part)
-    with fs.open_output_stream(path) as out:
-        pq.write_table(table, out)
-    return part
+
+def self_check(storage, uri, manifest, ids, vectors, cfg, users=None):
+    """The job's check of a saved index: per shard (its own rows only), then merged."""
+    row_of = {item: r for r, item in enumerate(ids)}
+    sample = item_sample(len(ids), cfg)
+    items = ([ids[r] for r in sample], vectors[sample])
+    by_shard = []
+    for entry in manifest.shards:
+        held = set(load_shard(storage, join_uri(uri, entry.name)).id_list)
+        mine = [i for i in ids if i in held]  # in catalog order, as the build task holds them
+        sha = manifest.shard_manifest_sha256[entry.name]
+        by_shard.append(check_saved_shard(storage, join_uri(uri, entry.name), sha, mine,
+                                          vectors[[row_of[i] for i in mine]], users, items, cfg.k))
+    return combine_checks(by_shard, cfg.k, DESCRIPTIONS)
 
 
 def test_item_queries_exclude_their_item_and_ties_count(storage, bucket_uri):
@@ -33,14 +48,13 @@ def test_item_queries_exclude_their_item_and_ties_count(storage, bucket_uri):
     shard_of = {ids[r]: s for s, rows in enumerate(assign_shards(ids, 2)) for r in rows}
     ids = [i for g in range(30) for i in sorted(ids[4 * g:4 * g + 4], key=lambda i: -shard_of[i])]
     vectors = np.stack([base[int(i[1:3])] for i in ids])  # (120, 16)
-    part = _write_part(storage, bucket_uri, ids, vectors)
     index = ShardedIndex.from_arrays(ids, vectors, IndexConfig(), num_shards=2)
     manifest = index.save(storage, bucket_uri)
     cfg = SelfCheckConfig(item_queries=60, user_queries=0, k=10)
-    checks = run_self_check(storage, bucket_uri, manifest, [part], "fused", cfg)
+    checks = self_check(storage, bucket_uri, manifest, ids, vectors, cfg)
     item = checks["item"]
     assert set(checks) == {"item"} and item.num_queries == 60 and item.recall == 1.0
-    assert item.query_items_excluded and "each item excluded from its own results" in item.queries
+    assert item.query_items_excluded and item.queries == "60 sampled items"
     # the same queries scored as before (ids as sets, the item itself included) miss tied copies
     sample = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), size=60, replace=False))
     found, _ = index.search(vectors[sample], 10)
@@ -53,12 +67,13 @@ def test_item_queries_do_not_count_the_item_itself(storage, bucket_uri):
     item often not; the check reports the latter."""
     ids = [f"i{r:04d}" for r in range(3_000)]
     vectors = unit_rows(np.random.default_rng(12), 3_000, 32)
-    part = _write_part(storage, bucket_uri, ids, vectors)
     index = ShardedIndex.from_arrays(ids, vectors, IndexConfig(mode="ah", num_neighbors=1, reorder_num_neighbors=1,
                                                                training_threads=1), num_shards=2)
     manifest = index.save(storage, bucket_uri)
     cfg = SelfCheckConfig(item_queries=100, user_queries=0, k=1)
-    check = run_self_check(storage, bucket_uri, manifest, [part], "fused", cfg)["item"]
+    users = unit_rows(np.random.default_rng(13), 50, 32)
+    checks = self_check(storage, bucket_uri, manifest, ids, vectors, cfg, users)
+    check = checks["item"]
     sample = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), size=100, replace=False))
     q = vectors[sample]
     with_self, _ = index.search(q, 1)
@@ -67,6 +82,26 @@ def test_item_queries_do_not_count_the_item_itself(storage, bucket_uri):
     truth, _ = exact_search(q, vectors, 1, [[r] for r in sample])
     assert check.recall == pytest.approx(recall_at_k(without, [[ids[r] for r in row] for row in truth]))
     assert check.recall < 0.85
+    # user queries (no item to exclude): the same figure as the whole index measured in one process
+    whole = measure_recall(ShardedIndex.load(storage, bucket_uri), users, ids, vectors, k=1)
+    assert checks["user"].recall == pytest.approx(whole.recall) and checks["user"].num_queries == 50
+    assert not checks["user"].query_items_excluded
+
+
+def test_a_shard_whose_saved_files_changed_fails_its_check(storage, bucket_uri):
+    """The build task loads its shard back with every checksum verified: a file changed after the save
+    (or a shard.json not the one the task wrote) is an error, not a recall."""
+    ids = [f"i{r:03d}" for r in range(200)]
+    vectors = unit_rows(np.random.default_rng(14), 200, 8)
+    manifest = ShardedIndex.from_arrays(ids, vectors, IndexConfig(), num_shards=1).save(storage, bucket_uri)
+    name = manifest.shards[0].name
+    sha = manifest.shard_manifest_sha256[name]
+    items = (ids[:5], vectors[:5])
+    assert check_saved_shard(storage, join_uri(bucket_uri, name), sha, ids, vectors, None, items, 10)["item"]
+    with pytest.raises(IndexCorruptError, match="sha256 does not match"):
+        check_saved_shard(storage, join_uri(bucket_uri, name), "0" * 64, ids, vectors, None, items, 10)
+    with pytest.raises(ValueError, match="not its 200 items"):
+        check_saved_shard(storage, join_uri(bucket_uri, name), sha, ids[1:], vectors[1:], None, items, 10)
 
 
 def test_a_config_without_item_queries_is_refused_naming_the_key(tmp_path):

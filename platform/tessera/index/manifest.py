@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 
 class RecallCheck(BaseModel):
     """Recall@k of the sharded index against exact search on a sample of queries
-    (:func:`tessera.index.sharded.measure_recall`)."""
+    (:func:`tessera.index.recall.measure_recall`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -131,7 +131,7 @@ def make_index_manifest(index_version: str, shards: list[ShardManifest], *, buil
         model_version: the model whose item tower produced the vectors (None for raw embeddings).
         embedding_run: the embedding run the vectors came from.
         timings: job phase durations in seconds, e.g. ``{"read": 3.1, "build": 40.2}``.
-        recall_check: result of :func:`tessera.index.sharded.measure_recall`.
+        recall_check: result of :func:`tessera.index.recall.measure_recall`.
 
     Example::
 

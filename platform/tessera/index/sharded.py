@@ -33,8 +33,6 @@ from pydantic import Field
 from tessera.config import TesseraConfig
 from tessera.index.exact import (
     as_float_matrix,
-    exact_search,
-    l2_normalize,
     prepare_queries,
     top_k_rows,
 )
@@ -63,9 +61,6 @@ from tessera.storage import Storage, join_uri
 
 # Merges of up to this many queries run in plain Python (see ShardedIndex._merge_few).
 _FEW_QUERIES = 8
-# measure_recall: a returned item within this of the exact k-th score is a hit (ties at the cut-off;
-# float32 rounding of the same dot product in two matrix products differs by far less).
-RECALL_TIE_TOLERANCE = 1e-5
 
 
 class SearchConfig(TesseraConfig):
@@ -283,7 +278,7 @@ class ShardedIndex:
 
         Per shard one ScaNN call (:func:`~tessera.index.shard.search_shard_one`, asking for as many
         more neighbours as that shard holds of ``exclude``), then the S x k candidates merged in plain
-        Python as :meth:`_merge_few` merges them (:func:`_merge_lists`).
+        Python as :meth:`_merge_few` merges them (:func:`merge_candidates`).
         """
         found = []
         for shard, params in zip(self.shards, self._search_params, strict=True):
@@ -291,7 +286,7 @@ class ShardedIndex:
             if answer is None:
                 return None
             found.append(answer)
-        ids, best = _merge_lists(found, k, self._id_lists)
+        ids, best = merge_candidates(found, k, self._id_lists)
         return [ids], np.array([best], dtype=np.float32)
 
     def _merge(self, results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -329,7 +324,7 @@ class ShardedIndex:
         parts = [(rows.tolist(), scores.tolist()) for rows, scores in results]
         ids_out, best = [], []
         for q in range(len(parts[0][0])):
-            ids, scores = _merge_lists([(rows[q], scores[q]) for rows, scores in parts], k, self._id_lists)
+            ids, scores = merge_candidates([(rows[q], scores[q]) for rows, scores in parts], k, self._id_lists)
             ids_out.append(ids)
             best.append(scores)
         return ids_out, np.array(best, dtype=np.float32)
@@ -355,11 +350,13 @@ class ShardedIndex:
         self.close()
 
 
-def _merge_lists(per_shard: list[tuple[list[int], list[float]]], k: int,
-                 lists: list[list[str]]) -> tuple[list[str], list[float]]:
+def merge_candidates(per_shard: list[tuple[list[int], list[float]]], k: int,
+                     lists: list[list]) -> tuple[list, list[float]]:
     """One query's global top-``k`` from each shard's ``(rows, scores)`` lists (best first; row -1 is
-    padding): ids, and scores padded with ``-inf`` to ``k``. Order: score descending, ties to the lower
-    shard, then that shard's own order (a stable sort of the candidates listed in that order)."""
+    padding): what ``lists[shard][row]`` holds for each winner (the item ids, for a search), and scores
+    padded with ``-inf`` to ``k``. Order: score descending, ties to the lower shard, then that shard's
+    own order (a stable sort of the candidates listed in that order). The index's search and the index
+    job's distributed self-check (:func:`tessera.index.recall.combine_recall`) both merge with it."""
     cand = [(score, j, row) for j, (rows, scores) in enumerate(per_shard)
             for row, score in zip(rows, scores, strict=True) if row >= 0]
     cand.sort(key=itemgetter(0), reverse=True)  # reverse keeps a stable sort's order among ties
@@ -398,63 +395,3 @@ def _complete_shard_set(storage: Storage, uri: str, names: list[str]) -> list[tu
                                 f"missing under {uri}: the other shards record an index of {total} shards, "
                                 f"{len(missing)} of them absent ({', '.join(missing)}); the build is incomplete")
     return [(m.name, digest) for m, digest in read]
-
-
-def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10,
-                   query_ids: Sequence[str | None] | None = None,
-                   tie_tolerance: float = RECALL_TIE_TOLERANCE) -> RecallCheck:
-    """Recall@k of ``index`` against exact search over the full catalog (the index's self-check).
-
-    A query's recall is the share of its exact top-``k`` the index found, where a returned item counts
-    as found when its exact score is at least the exact ``k``-th score less ``tie_tolerance`` (times
-    that score's magnitude when above 1): among items tied at the cut-off, exact search keeps some by
-    row order, and another of them is as good an answer. Queries that are vectors of catalog items
-    (``query_ids``) are searched with that item excluded, in the exact answer and in the index's: the
-    item itself, its own nearest neighbour, would otherwise be a free hit (1/k of the figure), as the
-    shard tuning's leave-one-out queries already avoid.
-
-    Args:
-        index: the index to check.
-        queries: (Q, D) query vectors (e.g. a sample of item vectors or held-out user vectors).
-        item_ids, item_vectors: the whole catalog the index was built from.
-        k: cut-off.
-        query_ids: per query, the catalog item it is the vector of (None: not an item); None for
-            queries that are no item's (user vectors).
-        tie_tolerance: see above; :data:`RECALL_TIE_TOLERANCE` covers float32 rounding only.
-
-    Example::
-
-        check = measure_recall(index, vecs[:500], ids, vecs, k=10, query_ids=ids[:500])
-        assert check.recall >= 0.95
-    """
-    x = as_float_matrix(item_vectors, "item vectors", index.dim)
-    q = as_float_matrix(queries, "queries", index.dim)
-    if x.shape[0] != len(item_ids):
-        raise ValueError(f"{len(item_ids)} item ids for {x.shape[0]} item vectors")
-    if query_ids is not None and len(query_ids) != q.shape[0]:
-        raise ValueError(f"{len(query_ids)} query ids for {q.shape[0]} queries")
-    if index.shards[0].params.normalized:
-        x, q = l2_normalize(x), l2_normalize(q, "queries")
-    row_of = {str(item): r for r, item in enumerate(item_ids)}
-    exclude = exclude_rows = None
-    if query_ids is not None:
-        exclude = [set() if i is None else {str(i)} for i in query_ids]
-        exclude_rows = [[row_of[i] for i in ex if i in row_of] for ex in exclude]
-    start = time.perf_counter()
-    approx, _ = index.search(q, k, exclude)
-    seconds = time.perf_counter() - start
-    _, exact_scores = exact_search(q, x, k, exclude_rows)  # (Q, min(k, N)), -inf past the eligible items
-    total, counted = 0.0, 0
-    for i, found in enumerate(approx):
-        truth = exact_scores[i][np.isfinite(exact_scores[i])]
-        if not len(truth):
-            continue
-        kth = float(truth[-1])
-        skip = exclude[i] if exclude is not None else ()
-        rows = [row_of[item] for item in dict.fromkeys(found[:k]) if item in row_of and item not in skip]
-        scores = x[rows] @ q[i]  # (len(rows),) exact scores of what the index returned
-        hits = int(np.count_nonzero(scores >= kth - tie_tolerance * max(1.0, abs(kth))))
-        total += min(hits, len(truth)) / len(truth)
-        counted += 1
-    return RecallCheck(k=k, num_queries=len(q), recall=total / counted if counted else 1.0, search_seconds=seconds,
-                       tie_tolerance=tie_tolerance, query_items_excluded=query_ids is not None)

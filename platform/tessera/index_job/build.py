@@ -1,7 +1,7 @@
 """Shard planning, the split of the vectors by shard, and the parallel shard builds (Ray tasks).
 
     vectors parts ─► scan (id hashes) ─► plan (driver) ─► split (a task per run of parts)
-    ─► S x (1 + M) builds (a task a shard)
+    ─► S x (1 + M) builds and self-checks (a task a shard)
 
 A shard is a range of ``(id hash, id)`` keys: the split :func:`tessera.index.assign_shards` makes.
 The scan (:func:`tessera.embed.ids.map_files`: Ray tasks of 64 parts each once there are many)
@@ -13,10 +13,13 @@ reaches ~1 MiB) then reads them once and returns one piece (ids + vectors) per s
 into Ray's object store; each shard's build task takes its pieces, one from each run, in part order.
 So every part is read once whatever the shard count (the builds used to read every part each), the
 pieces move only to the node building their shard, and a piece lost with a node is made again by
-re-running its split task (Ray's lineage reconstruction). The build task builds the shard with
-:func:`tessera.index.build_and_save_shard` (ScaNN training threads matching its CPUs) and returns
-only the small shard manifest. Vectors do not pass through the driver, except the pieces of an
-index too small to fill them (Ray keeps returns under 100 KiB in the owner's memory).
+re-running its split task (Ray's lineage reconstruction). The split tasks also pick out the rows the
+self-check asked for (sampled item queries, the sampled users' history items). The build task builds
+the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads matching its CPUs),
+loads it back and measures its share of the self-check against the vectors it holds
+(:mod:`tessera.index_job.self_check`), and returns only the small shard manifest and that share.
+Vectors do not pass through the driver, except the pieces of an index too small to fill them (Ray
+keeps returns under 100 KiB in the owner's memory).
 
 Index layout under ``index/<version>/``::
 
@@ -28,22 +31,26 @@ Example::
 
     scan = scan_ids(storage, summary.parts, ["fused", "text", "image"])
     plans = plan_indexes(scan, cfg.num_shards, modalities=["text", "image"])
-    manifests = build_all(storage, plans, summary.parts, scan.part_rows, src.index_uri, cfg.index_config(), 1)
+    split = split_vectors(storage, plans, summary.parts, scan.part_rows)
+    built = build_shards(storage, plans, split.pieces, src.index_uri, cfg.index_config(), num_cpus=1)
+    built["fused"][0].manifest
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tessera.embed.ids import colliding, is_member, map_files
 from tessera.index import (
     IndexConfig,
     ShardManifest,
+    ShardRecall,
     build_and_save_shard,
     hash_ids,
     locate_shard,
@@ -51,6 +58,8 @@ from tessera.index import (
     shard_key,
     shard_sizes,
 )
+from tessera.index.shard_io import manifest_bytes
+from tessera.index_job.self_check import Piece, check_saved_shard
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
 from tessera.storage import Storage, join_uri
@@ -204,22 +213,6 @@ def plan_indexes(scan: IdScan, num_shards: int, modalities: list[str]) -> list[I
     return plans
 
 
-def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str], np.ndarray]:
-    """Ids and (N, D) vectors of every non-null row of ``column``, part by part (the self-check's read)."""
-    got_ids, blocks, dim = [], [], None
-    for uri in parts:
-        table = storage.read_parquet(uri, ["item_id", column])
-        table = table.filter(pc.is_valid(table.column(column)))
-        dim = table.schema.field(column).type.list_size
-        if table.num_rows:
-            got_ids.extend(table.column("item_id").to_pylist())
-            blocks.append(column_matrix(table.column(column), dim))
-    vectors = np.concatenate(blocks) if blocks else np.empty((0, dim or 0), np.float32)
-    return got_ids, vectors
-
-
-Piece = tuple[list[str], np.ndarray]  # one group of parts' rows of one shard: ids, (n, D) float32
-
 # Ray keeps a task's return under 100 KiB (max_direct_call_object_size) in its owner's memory, here the
 # driver's, and copies it into each task that takes it; larger ones go to the object store of the node
 # that made them. Split tasks take consecutive parts until each piece should reach MIN_PIECE_BYTES, so
@@ -261,13 +254,23 @@ def vector_dims(storage: Storage, uri: str, columns: list[str]) -> dict[str, int
     return {c: schema.field(c).type.list_size for c in columns}
 
 
-def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> list[Piece]:
+def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan],
+               samples: dict[str, np.ndarray] | None = None, wanted: list[str] | None = None) -> list[Piece]:
     """Body of one split task: read a run of vectors parts once, return their rows of every shard of
-    every index.
+    every index, and the rows the self-check asked for.
+
+    Args:
+        storage: object storage.
+        uris: the run of parts, in order.
+        plans: the indexes.
+        samples: by index name, positions among that index's rows in this run (the item queries).
+        wanted: item ids whose fused-index rows are wanted (the sampled users' histories).
 
     Returns:
         One piece per shard, index after index in ``plans`` order, shards in order (empty pieces
-        included, so the task's ``num_returns`` is fixed); rows keep the parts' order.
+        included, so the task's ``num_returns`` is fixed); then one piece per index of its sampled
+        rows; then one piece of the wanted rows (of the ``fused`` plan; empty without one). Rows keep
+        the parts' order.
 
     Raises:
         IndexIntegrityError: a row of an index without its vector (a null in that column).
@@ -276,7 +279,11 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> lis
     table = pa.concat_tables([storage.read_parquet(uri, columns) for uri in uris])
     ids = table.column("item_id").to_pylist()
     keys = [shard_key(i) for i in ids] if any(p.num_shards > 1 for p in plans) else []
+    samples = samples or {}
+    wanted_set = set(wanted or ())
     pieces: list[Piece] = []
+    sampled: list[Piece] = []
+    asked: Piece = ([], np.empty((0, 0), np.float32))
     for plan in plans:
         rows = np.flatnonzero(index_rows(table, plan.name))
         column = table.column(plan.column).take(pa.array(rows, pa.int64()))
@@ -289,13 +296,20 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> lis
         for s in range(plan.num_shards):
             sel = np.flatnonzero(shard_of == s)
             pieces.append(([ids[rows[j]] for j in sel], vectors[sel]))
-    return pieces
+        picked = np.asarray(samples.get(plan.name, ()), np.int64)
+        sampled.append(([ids[rows[j]] for j in picked], vectors[picked]))
+        if plan.name == "fused":
+            sel = [j for j, r in enumerate(rows) if ids[r] in wanted_set] if wanted_set else []
+            asked = ([ids[rows[j]] for j in sel], vectors[np.asarray(sel, np.int64)])
+    return [*pieces, *sampled, asked]
 
 
-def split_one_shard(storage: Storage, uris: list[str], plans: list[IndexPlan]) -> Piece:
-    """:func:`split_part` when the plans hold one shard in all (``num_returns=1`` stores the return whole)."""
-    (piece,) = split_part(storage, uris, plans)
-    return piece
+def gather_rows(*pieces: Piece) -> Piece:
+    """One piece of many, in order (a small Ray task: the item queries of an index, from every split task)."""
+    dim = max((p[1].shape[1] for p in pieces), default=0)
+    ids = [i for p_ids, _ in pieces for i in p_ids]
+    vectors = np.concatenate([v for _, v in pieces if len(v)]) if ids else np.empty((0, dim), np.float32)
+    return ids, vectors
 
 
 def assemble_shard(pieces: tuple[Piece, ...], expected: int, where: str) -> Piece:
@@ -316,21 +330,55 @@ def assemble_shard(pieces: tuple[Piece, ...], expected: int, where: str) -> Piec
     return ids, vectors
 
 
+@dataclass
+class BuiltShard:
+    """What a shard's build task returns: its manifest, and its share of the index's self-check (by
+    query source, see :func:`tessera.index_job.self_check.check_saved_shard`) with the seconds it took."""
+
+    manifest: ShardManifest
+    checks: dict[str, ShardRecall] = field(default_factory=dict)
+    check_seconds: float = 0.0
+
+
 def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri: str, config: IndexConfig,
-                     catalog_size: int, tuning_queries: np.ndarray | None, num_shards: int,
-                     *pieces: Piece) -> ShardManifest:
+                     catalog_size: int, tuning_queries: np.ndarray | None, num_shards: int, check_k: int | None,
+                     user_queries: np.ndarray | None, item_queries: Piece | None, *pieces: Piece) -> BuiltShard:
     """Body of one shard's Ray task: assemble its pieces (Ray resolves them before the task runs:
     they are its top-level arguments), build (tuning also on ``tuning_queries``), save with
-    checksums (and the index's ``num_shards``), return the manifest."""
+    checksums (and the index's ``num_shards``), then, with ``check_k``, load the shard back and measure
+    it on the check's queries against the vectors at hand."""
     ids, vectors = assemble_shard(pieces, num_items, f"{index_uri} shard {shard_id}")
-    return build_and_save_shard(storage, index_uri, shard_id, ids, vectors, config, catalog_size, tuning_queries,
-                                num_shards=num_shards)
+    manifest = build_and_save_shard(storage, index_uri, shard_id, ids, vectors, config, catalog_size, tuning_queries,
+                                    num_shards=num_shards)
+    if check_k is None:
+        return BuiltShard(manifest)
+    start = time.perf_counter()
+    checks = check_saved_shard(storage, join_uri(index_uri, manifest.name),
+                               hashlib.sha256(manifest_bytes(manifest)).hexdigest(), ids, vectors, user_queries,
+                               item_queries, check_k)
+    return BuiltShard(manifest, checks, time.perf_counter() - start)
+
+
+@dataclass
+class SplitRefs:
+    """The split tasks' returns (Ray object refs), by run of parts ``g``.
+
+    Attributes:
+        pieces: ``pieces[t][g]``, run ``g``'s piece of shard ``t``, shards numbered over the plans in
+            order (the first plan's shards first).
+        samples: by index name, each run's sampled rows (the item queries).
+        wanted: each run's fused-index rows of the wanted items.
+    """
+
+    pieces: list[list]
+    samples: dict[str, list]
+    wanted: list
 
 
 def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], part_rows: dict[str, list[int]],
-                  num_cpus: float = 1.0, min_piece_bytes: int = MIN_PIECE_BYTES) -> list[list]:
-    """Start the split tasks (one per run of parts, :func:`group_parts`); ``refs[t][g]`` is run ``g``'s
-    piece of shard ``t``, shards numbered over the plans in order (the first plan's shards first).
+                  num_cpus: float = 1.0, min_piece_bytes: int = MIN_PIECE_BYTES,
+                  samples: dict[str, np.ndarray] | None = None, wanted: list[str] | None = None) -> SplitRefs:
+    """Start the split tasks (one per run of parts, :func:`group_parts`).
 
     Args:
         storage: object storage.
@@ -339,24 +387,41 @@ def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], pa
         part_rows: :attr:`IdScan.part_rows` of the scan the plans came from.
         num_cpus: CPUs per split task.
         min_piece_bytes: the size each piece should reach (see :data:`MIN_PIECE_BYTES`).
+        samples: by index name, sorted positions among its rows (in part order) to pick out.
+        wanted: item ids whose fused-index rows to pick out (put in the object store once).
     """
     import ray
 
-    total = sum(plan.num_shards for plan in plans)
     dims = vector_dims(storage, parts[0], list(dict.fromkeys(p.column for p in plans)))
     groups = group_parts(parts, part_rows, plans, dims, min_piece_bytes)
-    body = split_part if total > 1 else split_one_shard
-    split = ray.remote(body).options(num_cpus=num_cpus, num_returns=total)
-    by_group = [split.remote(storage, uris, plans) for uris in groups]
-    return [[refs[t] if total > 1 else refs for refs in by_group] for t in range(total)]  # 1 return: a bare ref
+    total = sum(plan.num_shards for plan in plans)
+    split = ray.remote(split_part).options(num_cpus=num_cpus, num_returns=total + len(plans) + 1)
+    wanted_ref = ray.put(list(wanted)) if wanted else None
+    samples = samples or {}
+    by_group, offset, first_part = [], dict.fromkeys((p.name for p in plans), 0), 0
+    for uris in groups:
+        local = {}
+        for plan in plans:  # the sampled positions among this run's rows of each index
+            rows = sum(part_rows[plan.name][first_part:first_part + len(uris)])
+            picked = np.asarray(samples.get(plan.name, ()), np.int64)
+            picked = picked[(picked >= offset[plan.name]) & (picked < offset[plan.name] + rows)] - offset[plan.name]
+            if len(picked):
+                local[plan.name] = picked
+            offset[plan.name] += rows
+        first_part += len(uris)
+        by_group.append(split.remote(storage, uris, plans, local, wanted_ref))
+    return SplitRefs(pieces=[[refs[t] for refs in by_group] for t in range(total)],
+                     samples={p.name: [refs[total + j] for refs in by_group] for j, p in enumerate(plans)},
+                     wanted=[refs[-1] for refs in by_group])
 
 
 def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], index_uri: str, config: IndexConfig,
-                 num_cpus: float, memory_gb: float | None = None,
-                 tuning_queries: dict[str, np.ndarray] | None = None) -> dict[str, list[ShardManifest]]:
-    """Build every shard of every planned index from its pieces (:func:`split_vectors`) as parallel
-    Ray tasks; manifests by index name. Each task is scheduled once its pieces exist and fetches only
-    them: no task reads the vectors parts.
+                 num_cpus: float, memory_gb: float | None = None, tuning_queries: dict | None = None,
+                 check_k: int | None = None, check_queries: dict[str, tuple] | None = None,
+                 ) -> dict[str, list[BuiltShard]]:
+    """Build every shard of every planned index from its pieces (:attr:`SplitRefs.pieces`) as parallel
+    Ray tasks, each checking its shard when ``check_k`` is set; results by index name, in shard order.
+    Each task is scheduled once its pieces exist and fetches only them: no task reads the vectors parts.
 
     Args:
         storage: object storage (the shards are written there).
@@ -367,7 +432,10 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
         num_cpus: CPUs per build task.
         memory_gb: memory reserved per build task (None: none).
         tuning_queries: by index name, real queries its shards also tune on (e.g. user vectors for
-            ``fused``); put in the object store once and shared by that index's tasks.
+            ``fused``): an array or an object ref, shared by that index's tasks.
+        check_k: the self-check's cut-off (None: no check).
+        check_queries: by index name, ``(user vectors, item queries piece)`` (arrays or object refs;
+            either may be None), measured on every shard of that index.
     """
     import ray
 
@@ -375,27 +443,27 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
     if memory_gb:
         options["memory"] = int(memory_gb * (1 << 30))
     task = ray.remote(build_shard_task).options(**options)
-    tuning_queries = tuning_queries or {}
+    tuning_queries, check_queries = tuning_queries or {}, check_queries or {}
     pending: dict[str, list] = {}
     shard_pieces = iter(pieces)
     for plan in plans:
         uri = join_uri(index_uri, plan.path) if plan.path else index_uri
-        queries = tuning_queries.get(plan.name)
-        queries_ref = ray.put(queries) if queries is not None and len(queries) else None
-        pending[plan.name] = [task.remote(size, i, storage, uri, config, plan.num_items, queries_ref,
-                                          plan.num_shards, *next(shard_pieces))
+        tuning = _shared(tuning_queries.get(plan.name))
+        users, items = (_shared(q) for q in check_queries.get(plan.name, (None, None)))
+        pending[plan.name] = [task.remote(size, i, storage, uri, config, plan.num_items, tuning, plan.num_shards,
+                                          check_k, users, items, *next(shard_pieces))
                               for i, size in enumerate(plan.sizes)]
     del pieces, shard_pieces  # from here each piece lives as long as the task that reads it
     return {name: ray.get(refs) for name, refs in pending.items()}
 
 
-def build_all(storage: Storage, plans: list[IndexPlan], parts: list[str], part_rows: dict[str, list[int]],
-              index_uri: str, config: IndexConfig,
-              num_cpus: float, memory_gb: float | None = None,
-              tuning_queries: dict[str, np.ndarray] | None = None,
-              split_num_cpus: float = 1.0) -> dict[str, list[ShardManifest]]:
-    """:func:`split_vectors`, then :func:`build_shards`: every part read once, every shard built by
-    its own task. Each shard's pieces are freed once its build task has finished (Ray pins a task's
-    arguments until then)."""
-    return build_shards(storage, plans, split_vectors(storage, plans, parts, part_rows, split_num_cpus), index_uri,
-                        config, num_cpus, memory_gb, tuning_queries)  # no reference kept here: build_shards frees them
+def _shared(value):
+    """An object ref for a task argument shared by many tasks: ``value`` itself if already one, None for
+    nothing (None or empty), else ``value`` put in the object store once."""
+    import ray
+
+    if value is None or isinstance(value, ray.ObjectRef):
+        return value
+    if isinstance(value, np.ndarray) and not len(value):
+        return None
+    return ray.put(value)

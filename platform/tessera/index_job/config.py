@@ -89,9 +89,10 @@ class SelfCheckConfig(TesseraConfig):
         holdout: each sampled user's last events left out of the history.
         max_history: most recent history events fed to the user tower (None: the tower's own limit).
         seed: seeds the samples.
-        memory_gb: memory reserved per check task (one per index) and for the tuning-query task, each
-            of which holds a whole index column's vectors (and the check, every shard of its index):
-            about 3x one column's vector bytes (None: no reservation, as on this machine).
+        memory_gb: memory reserved for the task that reads the interaction log and samples the users,
+            and for the one running the user tower over their histories (None: no reservation). The
+            checks themselves run in the shard build tasks (``build.memory_gb``), on the vectors they
+            hold: no task holds a whole index column.
     """
 
     recall_floor: float = Field(0.95, ge=0, le=1)

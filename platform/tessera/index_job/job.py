@@ -2,8 +2,8 @@
 
     resolve inputs ─► item vectors (Ray Data, tower actor pool) ─► id hashes (tasks of many parts) ─► plan
     shards (driver, from the hashes) ─► split the vectors by shard (a task per run of parts) ─►
-    S x (1 + M) shard builds (Ray tasks) ─► self-check per index (Ray tasks, shards read back from
-    storage) ─► manifests
+    S x (1 + M) shard builds, each checking its shard read back from storage (Ray tasks) ─► the
+    shards' checks merged per index (driver) ─► manifests
 
 Manifests are written last: ``modal/<modality>/_MANIFEST.json`` for each per-modality index, then
 the version's ``_MANIFEST.json`` (its presence marks the index complete). A build whose self-check
@@ -36,9 +36,19 @@ from tessera.index import (
 )
 from tessera.index.params import choose_mode
 from tessera.index.shard_io import manifest_bytes
-from tessera.index_job.build import IdScan, IndexIntegrityError, build_all, plan_indexes, scan_ids
+from tessera.index_job.build import (
+    BuiltShard,
+    IdScan,
+    IndexIntegrityError,
+    IndexPlan,
+    build_shards,
+    gather_rows,
+    plan_indexes,
+    scan_ids,
+    split_vectors,
+)
 from tessera.index_job.config import IndexJobConfig
-from tessera.index_job.self_check import run_self_check, tuning_user_queries
+from tessera.index_job.self_check import UserSample, combine_checks, item_sample, select_users, user_queries
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.storage import Storage, join_uri
@@ -65,7 +75,6 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
         IndexIntegrityError: items lost or duplicated on the way.
         IndexRecallError: a self-check below ``self_check.recall_floor`` (``_FAILED.json`` written).
     """
-    import ray
 
     t0 = time.perf_counter()
     storage = Storage(cfg.storage)
@@ -94,48 +103,34 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
           flush=True)
 
     t_build = time.perf_counter()
-    tuning = {}
     fused_plan = next(p for p in plans if p.name == "fused")
     approximate = any(choose_mode(size, cfg.index, fused_plan.num_items) != "brute_force"
                       for size in fused_plan.sizes)
     if src.interactions_uri is None and (cfg.self_check.user_queries or cfg.self_check.tuning_user_queries):
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
-    if cfg.self_check.tuning_user_queries and approximate and src.interactions_uri is not None:
-        tuning["fused"] = ray.get(ray.remote(tuning_user_queries).options(
-            **cfg.self_check.task_options(cfg.build.num_cpus)).remote(
-            storage, vectors.parts, FUSED, cfg.self_check, cfg.model_uri, src.interactions_uri,
-            cfg.build.training_threads))
-        print(f"[index] fused shards tune on their own vectors and {len(tuning['fused'])} user vectors "
-              f"(users outside the self-check's sample)", flush=True)
-    shard_manifests = build_all(storage, plans, vectors.parts, part_rows, src.index_uri, cfg.index_config(),
-                                cfg.build.num_cpus, cfg.build.memory_gb, tuning_queries=tuning,
-                                split_num_cpus=cfg.build.split_num_cpus)
+    built, users = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
+                                    cfg.self_check.tuning_user_queries if approximate else 0)
     build_s = time.perf_counter() - t_build
+    shard_manifests = {name: [b.manifest for b in shards] for name, shards in built.items()}
+    check_s = max((b.check_seconds for shards in built.values() for b in shards), default=0.0)
 
-    t_check = time.perf_counter()
     rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
     source = {"model_uri": cfg.model_uri, "embedding_run": src.embedding_run,
               "embedding_run_id": src.embedding_manifest.get("run_id"), "interactions_uri": src.interactions_uri,
               "encoders": {m: {k: e.get(k) for k in ("name", "dim", "weights_checksum")}
                            for m, e in src.embedding_manifest.get("encoders", {}).items()}}
     manifests: dict[str, IndexManifest] = {}
+    checks: dict[str, dict[str, RecallCheck]] = {}
     for plan in plans:
         manifests[plan.name] = make_index_manifest(
             src.version, shard_manifests[plan.name], build_config=cfg.index_config(),
             model_version=src.model_version, embedding_run=src.embedding_run)
-    check = ray.remote(run_self_check).options(**cfg.self_check.task_options(cfg.build.num_cpus))
-    refs = {}
-    for plan in plans:
-        uri = join_uri(src.index_uri, plan.path) if plan.path else src.index_uri
-        is_fused = plan.name == "fused"
-        refs[plan.name] = check.remote(storage, uri, manifests[plan.name], vectors.parts, plan.column, cfg.self_check,
-                                       model_uri=cfg.model_uri if is_fused else None,
-                                       interactions_uri=src.interactions_uri if is_fused else None,
-                                       torch_threads=cfg.build.training_threads)
-    checks = {name: ray.get(ref) for name, ref in refs.items()}
-    check_s = time.perf_counter() - t_check
-    if cfg.self_check.user_queries and src.interactions_uri is not None and "user" not in checks["fused"]:
+        descriptions = {"item": f"{{n}} sampled item vectors ({plan.column}), each item excluded from its own results",
+                        "user": f"{{n}} user vectors (user tower over histories, last {cfg.self_check.holdout} "
+                                f"event(s) held out) from {src.interactions_uri}"}
+        checks[plan.name] = combine_checks([b.checks for b in built[plan.name]], cfg.self_check.k, descriptions)
+    if users is not None and cfg.self_check.user_queries and "user" not in checks["fused"]:
         print(f"[index] warning: no user check (self_check.user_queries={cfg.self_check.user_queries}): no user "
               "in the log has more than self_check.holdout events", flush=True)
     unchecked = sorted(name for name, by_source in checks.items() if not by_source)
@@ -154,7 +149,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     top = manifests["fused"]
     top.counts = {"input_items": src.num_items, **{k: v for k, v in vectors.counts.items() if k != "rows"},
                   **{f"with_{m}": n for m, n in sorted(vectors.per_modality.items())}}
-    timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s": check_s,
+    timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s_max_shard": check_s,
                "shard_build_s_sum": sum(s.build_seconds for ms in shard_manifests.values() for s in ms)}
     failures = [f"{name} index, {source_name} queries: recall@{c.k} {c.recall:.4f} < floor {floor}"
                 for name, cs in checks.items() for source_name, c in cs.items() if c.recall < floor]
@@ -182,6 +177,42 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     top.timings["total_s"] = round(time.perf_counter() - t0, 3)
     write_index_manifest(storage, src.index_uri, top)
     return top
+
+
+def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
+                     parts: list[str], part_rows: dict[str, list[int]],
+                     tuning_count: int) -> tuple[dict[str, list[BuiltShard]], UserSample | None]:
+    """Split, build and self-check every shard: the users task samples the log first (the check's users
+    and ``tuning_count`` more), the split tasks pick out the sampled item rows and the users' history
+    items, a task turns those into user vectors, and each build task tunes on the tuning users' and
+    checks its saved shard on the check's queries. Returns the builds by index, and the users sampled
+    (None without a log)."""
+    import ray
+
+    check = cfg.self_check
+    task_options = check.task_options(cfg.build.num_cpus)
+    users = None
+    if src.interactions_uri is not None and (check.user_queries or tuning_count):
+        users = ray.get(ray.remote(select_users).options(**task_options).remote(
+            storage, src.interactions_uri, check, tuning_count))
+    split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
+                          samples={plan.name: item_sample(plan.num_items, check) for plan in plans},
+                          wanted=users.wanted() if users is not None else None)
+    gather = ray.remote(gather_rows).options(num_cpus=cfg.build.split_num_cpus)
+    items = {name: gather.remote(*refs) for name, refs in split.samples.items()}
+    checked = tuning = None
+    if users is not None:
+        checked, tuning = ray.remote(user_queries).options(num_returns=2, **task_options).remote(
+            storage, cfg.model_uri, users, check, cfg.build.training_threads, *split.wanted)
+        if tuning_count:
+            print(f"[index] fused shards tune on their own vectors and those of {len(users.tuning)} sampled users "
+                  f"(outside the self-check's sample)", flush=True)
+    built = build_shards(storage, plans, split.pieces, src.index_uri, cfg.index_config(), cfg.build.num_cpus,
+                         cfg.build.memory_gb, tuning_queries={"fused": tuning if tuning_count else None},
+                         check_k=check.k,
+                         check_queries={plan.name: (checked if plan.name == "fused" else None, items[plan.name])
+                                        for plan in plans})
+    return built, users
 
 
 def _tower_config(storage: Storage, cfg: IndexJobConfig):

@@ -1,35 +1,45 @@
-"""The recall self-check: the saved, sharded index against exact search, on real queries.
+"""The recall self-check: the saved, sharded index against exact search, on real queries; measured a
+shard at a time, where each shard's vectors already are.
 
-Runs as one Ray task per index (it needs every item vector for the exact reference, which should
-not pass through the driver). It loads the shards back from storage exactly as serving does
-(checksums verified), then measures recall@k on
+Queries:
 
-* **user queries** (fused index only): users sampled from the interaction log; each one's history
-  (all but the last ``holdout`` events, the most recent ``max_history`` of them, items outside the
-  index dropped) goes through the bundle's user tower, at the time of the first held-out event;
-* **item queries**: a sample of the index's own vectors (for a per-modality index, that modality's),
-  each searched with its own item excluded (in the exact answer too), so the item is no free hit.
+* **item queries**: a seeded sample of the index's own rows (for a per-modality index, that
+  modality's vectors), each searched with its own item excluded (in the exact answer too), so the
+  item is no free hit. The split tasks pick the sampled rows out of the parts as they read them
+  (:func:`tessera.index_job.build.split_vectors`).
+* **user queries** (fused index only): users sampled from the interaction log (:func:`select_users`);
+  each one's history (all but the last ``holdout`` events, the most recent ``max_history`` of them, items
+  outside the index dropped) goes through the bundle's user tower at the time of the first held-out
+  event (:func:`user_queries`). Only the history items' vectors are gathered, again by the split tasks.
+  The next users of the same seeded order make the fused shards' tuning queries.
 
-A returned item counts as a hit when its exact score ties the exact k-th score (within
-:data:`~tessera.index.sharded.RECALL_TIE_TOLERANCE`): see :func:`tessera.index.measure_recall`.
+Each shard's build task saves its shard, loads it back from storage exactly as serving does (checksums
+verified) and measures it against its own vectors (:func:`check_saved_shard`); the driver merges the
+shards' small results into the index's recall (:func:`tessera.index.combine_recall`): the same figure
+as :func:`tessera.index.measure_recall` over the whole index, without any process holding a whole
+index column. A returned item counts as a hit when its exact score ties the exact k-th score (within
+:data:`~tessera.index.RECALL_TIE_TOLERANCE`).
 
 Example::
 
-    checks = run_self_check(storage, index_uri, manifest, parts, "fused", cfg.self_check,
-                            model_uri=cfg.model_uri, interactions_uri=src.interactions_uri)
-    checks["user"].recall
+    users = select_users(storage, interactions_uri, cfg.self_check, tuning_count=200)
+    checked, tuning = user_queries(storage, model_uri, users, cfg.self_check, 1, (ids, vectors))
+    parts = check_saved_shard(storage, shard_uri, sha256, ids, vectors, {"user": checked}, None, k=10)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tessera.index import IndexManifest, RecallCheck, ShardedIndex, load_shard, measure_recall
-from tessera.index_job.build import read_rows
+from tessera.index import RecallCheck, ShardRecall, combine_recall, load_shard, shard_recall
 from tessera.index_job.config import SelfCheckConfig
-from tessera.storage import Storage, join_uri
+from tessera.storage import Storage
+
+Piece = tuple[list[str], np.ndarray]  # item ids and their (n, D) float32 vectors
 
 
 def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
@@ -45,119 +55,139 @@ def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def user_query_vectors(user_tower, interactions: pa.Table, ids: list[str], vectors: np.ndarray,
-                       cfg: SelfCheckConfig, count: int | None = None, skip: int = 0) -> np.ndarray:
-    """User vectors of up to ``count`` sampled users with a non-empty history in the index.
+@dataclass
+class UserHistory:
+    """One sampled user: the history the user tower reads, before the items outside the index are
+    dropped, and the time of the query (the first held-out event)."""
 
-    Users are drawn in one seeded random order (``cfg.seed``); the sample is ``count`` users after
-    the first ``skip`` of that order, so the build's tuning queries (``skip = cfg.user_queries``)
-    never include a user the self-check measures.
+    user_id: str
+    items: list[str]
+    ts: np.ndarray  # (n,) int64 ms, oldest first
+    weights: np.ndarray  # (n,) float32
+    query_ts: int
 
-    Args:
-        user_tower: the bundle's :class:`~tessera.models.UserTower` (eval mode).
-        interactions: the log (``user_id``, ``item_id``, ``ts``, ``weight``).
-        ids, vectors: the indexed items and their fused vectors (N, E).
-        cfg: holdout, history length, seed.
-        count: users wanted (None: ``cfg.user_queries``).
-        skip: users of the seeded order left out first.
 
-    Returns:
-        (Q, E) float32 user vectors (Q may be below the sample size for a small log).
-    """
-    import torch
+@dataclass
+class UserSample:
+    """The self-check's users and, after them in the same seeded order, the tuning users."""
 
-    from tessera.models.history import pad_histories
+    check: list[UserHistory] = field(default_factory=list)
+    tuning: list[UserHistory] = field(default_factory=list)
 
-    row_of = {item: r for r, item in enumerate(ids)}
-    _, users = np.unique(np.asarray(interactions.column("user_id").to_pylist(), dtype=object), return_inverse=True)
+    def wanted(self) -> list[str]:
+        """Every item of every sampled history, sorted: the rows the split tasks gather."""
+        return sorted({item for h in (*self.check, *self.tuning) for item in h.items})
+
+
+def sample_users(interactions: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0) -> list[UserHistory]:
+    """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
+    random order (``cfg.seed``): the tuning users (``skip = cfg.user_queries``) are never checked ones."""
+    names, users = np.unique(np.asarray(interactions.column("user_id").to_pylist(), dtype=object),
+                             return_inverse=True)
     items = interactions.column("item_id").to_pylist()
     ts = interactions.column("ts").to_numpy()
     weight = interactions.column("weight").to_numpy(zero_copy_only=False).astype(np.float32)
     order = np.lexsort((np.arange(len(ts)), ts, users))  # by user, then time, then log order
     _, first, counts = np.unique(users[order], return_index=True, return_counts=True)
     eligible = np.flatnonzero(counts > cfg.holdout)
-    count = cfg.user_queries if count is None else count
     picked = np.sort(np.random.default_rng(cfg.seed).permutation(eligible)[skip:skip + count])
-    max_len = cfg.max_history or user_tower.config.max_history
-    hist_rows, hist_ts, hist_w, query_ts = [], [], [], []
+    sample = []
     for u in picked:
         events = order[first[u]:first[u] + counts[u]]  # this user's events, oldest first
         history, held = events[:len(events) - cfg.holdout], events[len(events) - cfg.holdout:]
-        history = [e for e in history if items[e] in row_of][-max_len:]
-        if not history:
-            continue
-        hist_rows.append(np.asarray([row_of[items[e]] for e in history], np.int64))
-        hist_ts.append(ts[history])
-        hist_w.append(weight[history])
-        query_ts.append(int(ts[held[0]]) if len(held) else int(ts[history[-1]]))
-    if not hist_rows:
+        query_ts = int(ts[held[0]]) if len(held) else int(ts[history[-1]])
+        sample.append(UserHistory(str(names[u]), [items[e] for e in history], ts[history], weight[history], query_ts))
+    return sample
+
+
+def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int) -> UserSample:
+    """A Ray task in the job: read the log once, sample the check's users (``cfg.user_queries``) and the
+    tuning users (``tuning_count``); returns their histories (small), not the log."""
+    interactions = read_interactions(storage, interactions_uri)
+    return UserSample(sample_users(interactions, cfg, cfg.user_queries) if cfg.user_queries else [],
+                      sample_users(interactions, cfg, tuning_count, skip=cfg.user_queries) if tuning_count else [])
+
+
+def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
+                 max_history: int | None = None) -> np.ndarray:
+    """The user tower's vectors of ``histories``, each keeping its items found in ``ids`` (the index's
+    items: at least those of the histories), the last ``max_history`` of them (None: the tower's own
+    limit); a user left with no item is dropped.
+
+    Returns:
+        (Q, E) float32, Q <= len(histories).
+    """
+    import torch
+
+    from tessera.models.history import pad_histories
+
+    row_of = {item: r for r, item in enumerate(ids)}
+    max_len = max_history or user_tower.config.max_history
+    rows, stamps, weights, query_ts = [], [], [], []
+    for h in histories:
+        kept = [j for j, item in enumerate(h.items) if item in row_of][-max_len:]
+        if kept:
+            rows.append(np.asarray([row_of[h.items[j]] for j in kept], np.int64))
+            stamps.append(h.ts[kept])
+            weights.append(h.weights[kept])
+            query_ts.append(h.query_ts)
+    if not rows:
         return np.empty((0, vectors.shape[1]), np.float32)
-    batch = pad_histories(hist_rows, max_len, timestamps=hist_ts, weights=hist_w)
+    batch = pad_histories(rows, max_len, timestamps=stamps, weights=weights)
     item_vecs = torch.from_numpy(vectors)[batch.item_idx]  # (Q, N, E)
     with torch.no_grad():
         out = user_tower(item_vecs, batch.mask, batch.timestamps_ms, torch.tensor(query_ts), batch.weights)
     return out.numpy().astype(np.float32)  # (Q, E)
 
 
-def tuning_user_queries(storage: Storage, parts: list[str], column: str, cfg: SelfCheckConfig, model_uri: str,
-                        interactions_uri: str, torch_threads: int = 1) -> np.ndarray:
-    """User vectors for the shard builds' tuning: ``cfg.tuning_user_queries`` users, none of them
-    among the self-check's (the next users of the same seeded order). A Ray task in the job: it
-    reads every item vector of ``column`` and the log, and returns only the (Q, E) queries."""
+def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfCheckConfig, torch_threads: int,
+                 *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """A Ray task in the job: the check's and the tuning's user vectors, from the history items' fused
+    vectors (``pieces``: the split tasks' rows of :meth:`UserSample.wanted` found in the fused index)."""
     import torch
 
     from tessera.models.bundle import ModelBundle
 
     torch.set_num_threads(torch_threads)
-    ids, vectors = read_rows(storage, parts, column)
+    ids = [i for p_ids, _ in pieces for i in p_ids]
+    vectors = np.concatenate([v for _, v in pieces]) if pieces else np.empty((0, 0), np.float32)
     user_tower = ModelBundle.load(storage, model_uri).user_tower.eval()
-    return user_query_vectors(user_tower, read_interactions(storage, interactions_uri), ids, vectors, cfg,
-                              count=cfg.tuning_user_queries, skip=cfg.user_queries)
+    return (user_vectors(user_tower, users.check, ids, vectors, cfg.max_history),
+            user_vectors(user_tower, users.tuning, ids, vectors, cfg.max_history))
 
 
-def load_saved_index(storage: Storage, index_uri: str, manifest: IndexManifest) -> ShardedIndex:
-    """The shards as written, each verified against the checksum in ``manifest``."""
-    shards = [load_shard(storage, join_uri(index_uri, s.name), expected_manifest_sha256=sha)
-              for s, sha in ((s, manifest.shard_manifest_sha256[s.name]) for s in manifest.shards)]
-    return ShardedIndex(shards, manifest=manifest)
+def check_saved_shard(storage: Storage, shard_uri: str, manifest_sha256: str, ids: list[str], vectors: np.ndarray,
+                      user_vectors_: np.ndarray | None, item_queries: Piece | None,
+                      k: int) -> dict[str, ShardRecall]:
+    """One shard's share of the self-check, in its build task: load the shard back from ``shard_uri``
+    as serving does (every checksum verified against ``shard.json``, itself against ``manifest_sha256``)
+    and measure it on the user queries and the item queries (their own items excluded) against
+    ``ids`` / ``vectors``, the rows it was built from. Keyed ``user`` / ``item``; a query set that is
+    None or empty is skipped."""
+    shard = load_shard(storage, shard_uri, expected_manifest_sha256=manifest_sha256)
+    found: dict[str, ShardRecall] = {}
+    if user_vectors_ is not None and len(user_vectors_):
+        found["user"] = shard_recall(shard, vectors, user_vectors_, k, ids=ids)
+    if item_queries is not None and len(item_queries[0]):
+        query_ids, queries = item_queries
+        found["item"] = shard_recall(shard, vectors, queries, k, query_ids=query_ids, ids=ids)
+    return found
 
 
-def run_self_check(storage: Storage, index_uri: str, manifest: IndexManifest, parts: list[str], column: str,
-                   cfg: SelfCheckConfig, model_uri: str | None = None,
-                   interactions_uri: str | None = None, torch_threads: int = 1) -> dict[str, RecallCheck]:
-    """Recall checks of one saved index, by query source (``user``, ``item``).
-
-    Args:
-        storage: object storage.
-        index_uri: the index folder (the version root, or ``.../modal/<modality>``).
-        manifest: its manifest (not yet written: the checks go into it).
-        parts: the vectors parts.
-        column: the vectors column the index was built from.
-        cfg: the self-check settings.
-        model_uri: the bundle, for user queries (None: item queries only).
-        interactions_uri: the log, for user queries (None: item queries only).
-        torch_threads: threads for the user tower.
-    """
-    index = load_saved_index(storage, index_uri, manifest)
-    ids, vectors = read_rows(storage, parts, column)
-    checks: dict[str, RecallCheck] = {}
-    rng = np.random.default_rng(cfg.seed)
-    if cfg.item_queries:
-        sample = np.sort(rng.choice(len(ids), size=min(cfg.item_queries, len(ids)), replace=False))
-        check = measure_recall(index, vectors[sample], ids, vectors, cfg.k, query_ids=[ids[r] for r in sample])
-        checks["item"] = check.model_copy(update={
-            "queries": f"{len(sample)} sampled item vectors ({column}), each item excluded from its own results"})
-    if cfg.user_queries and model_uri and interactions_uri:
-        import torch
-
-        from tessera.models.bundle import ModelBundle
-
-        torch.set_num_threads(torch_threads)
-        user_tower = ModelBundle.load(storage, model_uri).user_tower.eval()
-        queries = user_query_vectors(user_tower, read_interactions(storage, interactions_uri), ids, vectors, cfg)
-        if len(queries):
-            check = measure_recall(index, queries, ids, vectors, cfg.k)
-            checks["user"] = check.model_copy(update={
-                "queries": f"{len(queries)} user vectors (user tower over histories, last {cfg.holdout} "
-                           f"event(s) held out) from {interactions_uri}"})
+def combine_checks(by_shard: list[dict[str, ShardRecall]], k: int,
+                   descriptions: dict[str, str]) -> dict[str, RecallCheck]:
+    """One index's recall checks from its shards' :func:`check_saved_shard` results (shard order), by
+    query source; ``descriptions[source]`` says where the queries came from, ``{n}`` their number."""
+    checks = {}
+    for source in ("user", "item"):
+        if by_shard and source in by_shard[0]:
+            check = combine_recall([parts[source] for parts in by_shard], k, query_items_excluded=source == "item")
+            checks[source] = check.model_copy(update={"queries": descriptions[source].format(n=check.num_queries)})
     return checks
+
+
+def item_sample(num_items: int, cfg: SelfCheckConfig) -> np.ndarray:
+    """Sorted row positions (in part order, among the index's rows) of the item queries."""
+    return np.sort(np.random.default_rng(cfg.seed).choice(num_items, size=min(cfg.item_queries, num_items),
+                                                          replace=False))
+
