@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from tessera.index import IndexConfig, ShardedIndex, assign_shards, exact_search, measure_recall, recall_at_k
+from tessera.index import (
+    IndexConfig,
+    ShardedIndex,
+    assign_shards,
+    combine_recall,
+    exact_search,
+    measure_recall,
+    recall_at_k,
+    shard_recall,
+)
 from tests.index.conftest import unit_rows
 
 
@@ -67,3 +76,57 @@ def test_a_worse_item_is_no_tie(duplicated):
     held = sum(i.startswith("g00-") for i in index.shards[0].id_list)
     assert 1 <= held < 4
     assert measure_recall(partial, query, ids, vectors, k=4).recall == pytest.approx(held / 4)
+
+
+def _by_shard(index, ids, vectors, queries, k, query_ids=None, ordered_as_catalog=True):
+    """Each shard's share, measured against its own rows only (listed in catalog order, or the shard's)."""
+    row_of = {item: r for r, item in enumerate(ids)}
+    parts = []
+    for shard in index.shards:
+        held = set(shard.id_list)
+        mine = [i for i in ids if i in held] if ordered_as_catalog else shard.id_list
+        parts.append(shard_recall(shard, vectors[[row_of[i] for i in mine]], queries, k, query_ids=query_ids,
+                                  ids=mine))
+    return combine_recall(parts, k, query_items_excluded=query_ids is not None)
+
+
+def test_the_shards_shares_combine_to_the_whole_index_figure(small_catalog):
+    """AH shards that miss often: the merged shares give measure_recall's figure exactly, with and without
+    the query items excluded, for many queries and for one."""
+    ids, vectors = small_catalog
+    index = ShardedIndex.from_arrays(ids, vectors, IndexConfig(mode="ah", num_neighbors=2, reorder_num_neighbors=2,
+                                                               training_threads=1), num_shards=3)
+    for queries, query_ids in ((vectors[:150], ids[:150]), (vectors[:150], None), (vectors[7:8], ids[7:8])):
+        whole = measure_recall(index, queries, ids, vectors, k=10, query_ids=query_ids)
+        parts = _by_shard(index, ids, vectors, queries, 10, query_ids, ordered_as_catalog=query_ids is None)
+        assert parts.recall == whole.recall and parts.num_queries == whole.num_queries
+        assert parts.query_items_excluded == (query_ids is not None)
+    assert whole.recall < 1.0 or len(queries) == 1  # a figure that can be wrong
+
+
+def test_shares_with_ties_across_shards_and_shards_smaller_than_k(duplicated):
+    """Copies of one vector sit in different shards (ties broken by the merge), k is above each shard's
+    size, and a one-item shard holds only the excluded query item: the same figures as the whole index."""
+    ids, vectors, index = duplicated
+    users = unit_rows(np.random.default_rng(4), 40, 16)
+    assert _by_shard(index, ids, vectors, users, 10).recall == measure_recall(index, users, ids, vectors, 10).recall
+    assert _by_shard(index, ids, vectors, vectors[::3], 10, ids[::3]).recall == 1.0
+    small_ids, small_vectors = ids[:9], vectors[:9]
+    tiny = ShardedIndex.from_arrays(small_ids, small_vectors, IndexConfig(), num_shards=3)
+    got = _by_shard(tiny, small_ids, small_vectors, small_vectors, 6, small_ids)  # k=6 > 3 items a shard
+    assert got.recall == measure_recall(tiny, small_vectors, small_ids, small_vectors, 6, small_ids).recall
+    one = ShardedIndex.from_arrays(["a", "b"], np.eye(2, 16, dtype=np.float32), IndexConfig(), num_shards=2)
+    alone = _by_shard(one, ["a", "b"], np.eye(2, 16, dtype=np.float32), np.eye(1, 16, dtype=np.float32), 1, ["a"])
+    assert alone.recall == 1.0 and alone.num_queries == 1  # "b" is the only other item, and is found
+
+
+def test_a_share_refuses_vectors_that_are_not_the_shards(small_catalog):
+    ids, vectors = small_catalog
+    index = ShardedIndex.from_arrays(ids[:100], vectors[:100], IndexConfig(), num_shards=1)
+    with pytest.raises(ValueError, match="not its 100 items"):
+        shard_recall(index.shards[0], vectors[:99], vectors[:5], 10)
+    with pytest.raises(ValueError, match="not its 100 items"):
+        shard_recall(index.shards[0], vectors[1:101], vectors[:5], 10, ids=ids[1:101])
+    with pytest.raises(ValueError, match="over different queries"):
+        combine_recall([shard_recall(index.shards[0], vectors[:100], vectors[:5], 10),
+                        shard_recall(index.shards[0], vectors[:100], vectors[:4], 10)], 10)

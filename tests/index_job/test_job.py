@@ -1,5 +1,7 @@
 """The index job on the session's real Ray and S3, over a real embedding run, with a seeded bundle."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -108,17 +110,20 @@ def test_fails_below_floor_with_a_clear_message(bundle_uri, ray_session, storage
 
 def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, ray_session, storage, bucket_uri,
                                                                    capsys):
+    from tessera.index import hash_ids
     from tessera.index_job.self_check import select_users, user_queries
+    from tessera.models.bundle import ModelBundle
 
     cfg = job_config(bundle_uri, join_uri(bucket_uri, "index-tuned"), modal_indexes=False,
                      index={"mode": "ah"}, self_check={"tuning_user_queries": 40})
     manifest = run_index_job(cfg)
-    assert "tune on their own vectors and those of 40 sampled users" in capsys.readouterr().out
+    tuned = re.search(r"tuned on their own vectors and (\d+) user vectors", capsys.readouterr().out)
+    assert tuned and 10 < int(tuned.group(1)) <= 40
     assert all(s.params.mode == "ah" and s.params.reorder_num_neighbors >= 100 for s in manifest.shards)
     assert manifest.recall_checks["user"].recall >= 0.95
     assert manifest.recall_checks["user"].num_queries == 40
     uri = join_uri(bucket_uri, "index-tuned", "seeded-index")
-    users = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40)
+    users = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40)  # whole histories
     assert len(users.check) == len(users.tuning) == 40
     assert not {h.user_id for h in users.check} & {h.user_id for h in users.tuning}
     # the users' vectors from every fused vector (read whole here) or from their history items only
@@ -130,6 +135,29 @@ def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, r
     only = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (wanted, vectors[[row_of[i] for i in wanted]]))
     np.testing.assert_allclose(only[0], checked, atol=1e-6)
     np.testing.assert_allclose(only[1], tuning, atol=1e-6)
+    # the job's histories: cut to the indexed items the tower reads, before the split gathers them
+    limit = ModelBundle.load(storage, bundle_uri).user_tower.config.max_history
+    cut = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40, limit,
+                       np.unique(hash_ids(ids)))
+    assert max(len(h.items) for h in cut.check + cut.tuning) <= limit < max(len(h.items) for h in users.check)
+    same = user_queries(storage, bundle_uri, cut, cfg.self_check, 1, (ids, vectors))
+    np.testing.assert_allclose(same[0], checked, atol=1e-6)
+    np.testing.assert_allclose(same[1], tuning, atol=1e-6)
     assert len(tuning) > 10 and len(checked) > 10
     same = np.isclose(tuning @ checked.T, 1.0, atol=1e-6)  # unit vectors: a shared user scores 1
     assert not same.any()
+
+
+def test_one_shard_no_user_queries_and_every_item_a_query(bundle_uri, ray_session, storage, bucket_uri):
+    """One shard an index, no user check nor tuning users (no log read), more item queries than items:
+    every item of every index is a query, with its own item excluded."""
+    cfg = job_config(bundle_uri, join_uri(bucket_uri, "index-one"), num_shards=1,
+                     self_check={"user_queries": 0, "tuning_user_queries": 0, "item_queries": 100_000})
+    manifest = run_index_job(cfg)
+    assert manifest.num_shards == 1 and set(manifest.recall_checks) == {"item"}
+    assert manifest.recall_checks["item"].num_queries == manifest.num_items
+    assert manifest.timings["self_check_users_s"] == 0 and manifest.timings["self_check_s"] > 0
+    uri = join_uri(bucket_uri, "index-one", "seeded-index")
+    for name, ref in manifest.modal_indexes.items():
+        modal = read_index_manifest(storage, join_uri(uri, ref.path))
+        assert modal.num_shards == 1 and modal.recall_checks["item"].num_queries == ref.num_items, name

@@ -123,3 +123,48 @@ def test_a_config_without_item_queries_is_refused_naming_the_key(tmp_path):
 def test_check_tasks_reserve_the_configured_memory():
     assert SelfCheckConfig().task_options(1.0) == {"num_cpus": 1.0}
     assert SelfCheckConfig(memory_gb=2).task_options(0.5) == {"num_cpus": 0.5, "memory": 2 << 30}
+
+
+def test_a_shard_file_changed_after_the_save_fails_its_check(storage, bucket_uri):
+    ids = [f"i{r:03d}" for r in range(300)]
+    vectors = unit_rows(np.random.default_rng(15), 300, 8)
+    config = IndexConfig(mode="ah", training_threads=1)
+    manifest = ShardedIndex.from_arrays(ids, vectors, config, num_shards=1).save(storage, bucket_uri)
+    name = manifest.shards[0].name
+    shard_uri = join_uri(bucket_uri, name)
+    victim = next(f for f in storage.list_files(shard_uri) if not f.endswith("shard.json"))
+    storage.write_bytes(victim, storage.read_bytes(victim) + b"x", "application/octet-stream")
+    with pytest.raises(IndexCorruptError):
+        check_saved_shard(storage, shard_uri, manifest.shard_manifest_sha256[name], ids, vectors, None,
+                          (ids[:5], vectors[:5]), 10)
+
+
+def test_sampled_histories_keep_the_last_events_on_indexed_items():
+    """Only what the user tower reads is kept (and gathered by the split tasks): events on items of the
+    index, the last max_history of them; events without an item are dropped; the held-out event stays
+    the query time; tuning users never overlap the checked ones."""
+    import pyarrow as pa
+
+    from tessera.index import hash_ids
+    from tessera.index_job.self_check import sample_users
+
+    rows = []
+    for u in range(6):
+        for e in range(30):
+            item = None if e == 3 else f"it-{(u * 7 + e) % 40:02d}"
+            rows.append((f"u{u}", item, 1_000 * (e + 1), 1.0))
+    table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                      "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
+    indexed = np.unique(hash_ids([f"it-{i:02d}" for i in range(0, 40, 2)]))  # even items only
+    cfg = SelfCheckConfig(user_queries=3, holdout=1, seed=1)
+    checked = sample_users(table, cfg, 3, max_history=5, indexed=indexed)
+    tuning = sample_users(table, cfg, 3, skip=3, max_history=5, indexed=indexed)
+    assert len(checked) == len(tuning) == 3
+    assert not {h.user_id for h in checked} & {h.user_id for h in tuning}
+    for h in checked + tuning:
+        u = int(h.user_id[1:])
+        events = [(f"it-{(u * 7 + e) % 40:02d}", 1_000 * (e + 1)) for e in range(29) if e != 3]  # last held out
+        kept = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][-5:]
+        assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept and h.query_ts == 30_000
+    everything = sample_users(table, cfg, 3)
+    assert [len(h.items) for h in everything] == [28] * 3  # 30 events, one held out, one without an item

@@ -18,8 +18,9 @@ are, and no process ever holds a whole index column.
 Example::
 
     check = measure_recall(index, vecs[:500], ids, vecs, k=10, query_ids=ids[:500])
-    parts = [shard_recall(shard, shard_vectors[s], queries, k=10) for s, shard in enumerate(index.shards)]
-    same = combine_recall(parts, k=10)
+    parts = [shard_recall(shard, vecs[rows[s]], vecs[:500], k=10, query_ids=ids[:500], ids=[ids[r] for r in rows[s]])
+             for s, shard in enumerate(index.shards)]  # rows[s]: shard s's rows of vecs
+    same = combine_recall(parts, k=10, query_items_excluded=True)  # check.recall == same.recall
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tessera.index.exact import as_float_matrix, exact_search, l2_normalize
+from tessera.index.exact import as_float_matrix, exact_search, l2_normalize, prepare_queries
 from tessera.index.manifest import RecallCheck
 from tessera.index.shard import ShardArtifact, search_shard
 from tessera.index.sharded import ShardedIndex, merge_candidates
@@ -135,8 +136,10 @@ def shard_recall(shard: ShardArtifact, vectors, queries, k: int = 10,
         x, q = l2_normalize(x), l2_normalize(q, "queries")
     row_of = {item: r for r, item in enumerate(ids)}
     exclude = _exclusions(query_ids)
+    searched = prepare_queries(q, shard.dim, shard.params.normalized)  # as ShardedIndex.search prepares them
     start = time.perf_counter()
-    rows, scores = search_shard(shard, q, k, None if exclude is None else [shard.rows_of(ex) for ex in exclude])
+    rows, scores = search_shard(shard, searched, k,
+                                None if exclude is None else [shard.rows_of(ex) for ex in exclude])
     seconds = time.perf_counter() - start
     exact = np.full((q.shape[0], k), -np.inf, np.float32)
     if len(ids):

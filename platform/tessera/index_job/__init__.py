@@ -3,8 +3,9 @@
 * :mod:`tessera.index_job.config`: :class:`IndexJobConfig` (``configs/index.yaml``).
 * :mod:`tessera.index_job.sources`: the bundle, its embedding run and the interaction log.
 * :mod:`tessera.index_job.vectors`: the item tower over every item (fused + per-modality vectors).
-* :mod:`tessera.index_job.build`: shard planning and one build task per shard.
-* :mod:`tessera.index_job.self_check`: recall@k of the saved index vs exact search on real queries.
+* :mod:`tessera.index_job.build`: shard planning, the split by shard, one build task per shard.
+* :mod:`tessera.index_job.self_check`: recall@k of the saved index vs exact search on real queries,
+  measured a shard at a time in the build tasks and merged on the driver.
 * :mod:`tessera.index_job.job`: :func:`run_index_job`, the whole job.
 * :mod:`tessera.index_job.seeded_bundle`: a placeholder untrained bundle for tests and demos.
 

@@ -374,6 +374,12 @@ class SplitRefs:
     samples: dict[str, list]
     wanted: list
 
+    def take_pieces(self) -> list[list]:
+        """:attr:`pieces`, no longer held here: pass them on (:func:`build_shards`) without keeping a
+        reference, so that each piece is freed once the task reading it has finished."""
+        pieces, self.pieces = self.pieces, []
+        return pieces
+
 
 def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], part_rows: dict[str, list[int]],
                   num_cpus: float = 1.0, min_piece_bytes: int = MIN_PIECE_BYTES,

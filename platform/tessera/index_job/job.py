@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from tessera.index import (
     FAILED_REPORT,
@@ -97,6 +100,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     _check_integrity(src, vectors.counts, scan)
     plans = plan_indexes(scan, cfg.num_shards, planned)
     part_rows = scan.part_rows
+    # the fused index's item hashes, sorted: the users sampled for the check keep their events on them
+    indexed = np.unique(scan.hashes[FUSED]) if src.interactions_uri is not None else None
     del scan  # the hashes: 8 bytes an item and index
     print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
           f"{sum(p.num_shards for p in plans)} shards ({', '.join(f'{p.name}: {p.num_shards}' for p in plans)})",
@@ -109,10 +114,15 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     if src.interactions_uri is None and (cfg.self_check.user_queries or cfg.self_check.tuning_user_queries):
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
-    built, users = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
-                                    cfg.self_check.tuning_user_queries if approximate else 0)
+    run = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
+                           cfg.self_check.tuning_user_queries if approximate else 0, indexed)
+    built, users = run.shards, run.users
     build_s = time.perf_counter() - t_build
+    if run.tuning_vectors is not None:
+        print(f"[index] fused shards tuned on their own vectors and {run.tuning_vectors} user vectors (users "
+              f"outside the self-check's sample)", flush=True)
     shard_manifests = {name: [b.manifest for b in shards] for name, shards in built.items()}
+    _check_shard_set(src.index_uri, plans, shard_manifests)
     check_s = max((b.check_seconds for shards in built.values() for b in shards), default=0.0)
 
     rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
@@ -149,7 +159,10 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     top = manifests["fused"]
     top.counts = {"input_items": src.num_items, **{k: v for k, v in vectors.counts.items() if k != "rows"},
                   **{f"with_{m}": n for m, n in sorted(vectors.per_modality.items())}}
-    timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s_max_shard": check_s,
+    # build_s includes each build task's check of its shard; self_check_s is the longest of those checks,
+    # self_check_users_s the log's read and the users' sampling before the split
+    timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s": check_s,
+               "self_check_users_s": run.users_s,
                "shard_build_s_sum": sum(s.build_seconds for ms in shard_manifests.values() for s in ms)}
     failures = [f"{name} index, {source_name} queries: recall@{c.k} {c.recall:.4f} < floor {floor}"
                 for name, cs in checks.items() for source_name, c in cs.items() if c.recall < floor]
@@ -179,22 +192,33 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     return top
 
 
+@dataclass
+class _BuildRun:
+    """What :func:`_build_and_check` returns."""
+
+    shards: dict[str, list[BuiltShard]]  # by index name, in shard order
+    users: UserSample | None  # None without a log (or with no user query asked for)
+    tuning_vectors: int | None  # user vectors the fused shards tuned on (None: no tuning users asked for)
+    users_s: float  # the users task: the log read and the sampling
+
+
 def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
-                     parts: list[str], part_rows: dict[str, list[int]],
-                     tuning_count: int) -> tuple[dict[str, list[BuiltShard]], UserSample | None]:
+                     parts: list[str], part_rows: dict[str, list[int]], tuning_count: int,
+                     indexed: np.ndarray | None) -> _BuildRun:
     """Split, build and self-check every shard: the users task samples the log first (the check's users
-    and ``tuning_count`` more), the split tasks pick out the sampled item rows and the users' history
-    items, a task turns those into user vectors, and each build task tunes on the tuning users' and
-    checks its saved shard on the check's queries. Returns the builds by index, and the users sampled
-    (None without a log)."""
+    and ``tuning_count`` more, their histories kept to the last events on ``indexed`` items the user
+    tower reads), the split tasks pick out the sampled item rows and those history items, a task turns
+    them into user vectors, and each build task tunes on the tuning users' and checks its saved shard on
+    the check's queries."""
     import ray
 
     check = cfg.self_check
     task_options = check.task_options(cfg.build.num_cpus)
-    users = None
+    users, t0 = None, time.perf_counter()
     if src.interactions_uri is not None and (check.user_queries or tuning_count):
         users = ray.get(ray.remote(select_users).options(**task_options).remote(
-            storage, src.interactions_uri, check, tuning_count))
+            storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg), indexed))
+    users_s = time.perf_counter() - t0
     split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
                           samples={plan.name: item_sample(plan.num_items, check) for plan in plans},
                           wanted=users.wanted() if users is not None else None)
@@ -204,15 +228,33 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
     if users is not None:
         checked, tuning = ray.remote(user_queries).options(num_returns=2, **task_options).remote(
             storage, cfg.model_uri, users, check, cfg.build.training_threads, *split.wanted)
-        if tuning_count:
-            print(f"[index] fused shards tune on their own vectors and those of {len(users.tuning)} sampled users "
-                  f"(outside the self-check's sample)", flush=True)
-    built = build_shards(storage, plans, split.pieces, src.index_uri, cfg.index_config(), cfg.build.num_cpus,
-                         cfg.build.memory_gb, tuning_queries={"fused": tuning if tuning_count else None},
-                         check_k=check.k,
+    built = build_shards(storage, plans, split.take_pieces(), src.index_uri, cfg.index_config(),
+                         cfg.build.num_cpus, cfg.build.memory_gb,
+                         tuning_queries={"fused": tuning if tuning_count else None}, check_k=check.k,
                          check_queries={plan.name: (checked if plan.name == "fused" else None, items[plan.name])
                                         for plan in plans})
-    return built, users
+    tuning_vectors = len(ray.get(tuning)) if tuning is not None and tuning_count else None
+    return _BuildRun(built, users, tuning_vectors, users_s)
+
+
+def _history_limit(storage: Storage, cfg: IndexJobConfig) -> int:
+    """The events of a history the user tower reads: ``self_check.max_history``, else the tower's own."""
+    if cfg.self_check.max_history:
+        return cfg.self_check.max_history
+    return int(storage.read_json(join_uri(cfg.model_uri, "user_tower", "config.json"))["config"]["max_history"])
+
+
+def _check_shard_set(index_uri: str, plans: list[IndexPlan], shard_manifests: dict[str, list]) -> None:
+    """Each index's shards as planned (ids 0..S-1, the planned sizes) and of one dimension and
+    normalisation: what loading them as one index requires."""
+    for plan in plans:
+        shards = shard_manifests[plan.name]
+        if ([s.shard_id for s in shards] != list(range(plan.num_shards)) or [s.count for s in shards] != plan.sizes
+                or len({(s.dim, s.params.normalized) for s in shards}) != 1):
+            raise IndexIntegrityError(
+                f"{index_uri}: the {plan.name} index's shards do not make one index: ids "
+                f"{[s.shard_id for s in shards]}, sizes {[s.count for s in shards]} (planned {plan.sizes}), "
+                f"dims and normalisation {sorted({(s.dim, s.params.normalized) for s in shards})}")
 
 
 def _tower_config(storage: Storage, cfg: IndexJobConfig):

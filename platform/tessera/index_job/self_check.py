@@ -22,9 +22,10 @@ index column. A returned item counts as a hit when its exact score ties the exac
 
 Example::
 
-    users = select_users(storage, interactions_uri, cfg.self_check, tuning_count=200)
+    users = select_users(storage, interactions_uri, cfg.self_check, tuning_count=200, max_history=50,
+                         indexed=np.sort(fused_hashes))
     checked, tuning = user_queries(storage, model_uri, users, cfg.self_check, 1, (ids, vectors))
-    parts = check_saved_shard(storage, shard_uri, sha256, ids, vectors, {"user": checked}, None, k=10)
+    parts = check_saved_shard(storage, shard_uri, sha256, ids, vectors, checked, (query_ids, queries), k=10)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tessera.index import RecallCheck, ShardRecall, combine_recall, load_shard, shard_recall
+from tessera.embed.ids import is_member
+from tessera.index import RecallCheck, ShardRecall, combine_recall, hash_ids, load_shard, shard_recall
 from tessera.index_job.config import SelfCheckConfig
 from tessera.storage import Storage
 
@@ -79,9 +81,16 @@ class UserSample:
         return sorted({item for h in (*self.check, *self.tuning) for item in h.items})
 
 
-def sample_users(interactions: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0) -> list[UserHistory]:
+def sample_users(interactions: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
+                 max_history: int | None = None, indexed: np.ndarray | None = None) -> list[UserHistory]:
     """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
-    random order (``cfg.seed``): the tuning users (``skip = cfg.user_queries``) are never checked ones."""
+    random order (``cfg.seed``): the tuning users (``skip = cfg.user_queries``) are never checked ones.
+
+    Each history keeps its events on items whose id hash is in ``indexed`` (sorted uint64 hashes of the
+    index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of
+    them (None: all): what the user tower will read, so long histories stay small. Events without an
+    item id are dropped.
+    """
     names, users = np.unique(np.asarray(interactions.column("user_id").to_pylist(), dtype=object),
                              return_inverse=True)
     items = interactions.column("item_id").to_pylist()
@@ -96,16 +105,24 @@ def sample_users(interactions: pa.Table, cfg: SelfCheckConfig, count: int, skip:
         events = order[first[u]:first[u] + counts[u]]  # this user's events, oldest first
         history, held = events[:len(events) - cfg.holdout], events[len(events) - cfg.holdout:]
         query_ts = int(ts[held[0]]) if len(held) else int(ts[history[-1]])
+        history = np.asarray([e for e in history if items[e] is not None], np.int64)
+        if indexed is not None and len(history):
+            history = history[is_member(indexed, hash_ids([items[e] for e in history]))]
+        if max_history is not None:
+            history = history[-max_history:] if len(history) else history
         sample.append(UserHistory(str(names[u]), [items[e] for e in history], ts[history], weight[history], query_ts))
     return sample
 
 
-def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int) -> UserSample:
+def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
+                 max_history: int | None = None, indexed: np.ndarray | None = None) -> UserSample:
     """A Ray task in the job: read the log once, sample the check's users (``cfg.user_queries``) and the
-    tuning users (``tuning_count``); returns their histories (small), not the log."""
+    tuning users (``tuning_count``); returns their histories (each at most ``max_history`` events on
+    ``indexed`` items, see :func:`sample_users`), not the log."""
     interactions = read_interactions(storage, interactions_uri)
-    return UserSample(sample_users(interactions, cfg, cfg.user_queries) if cfg.user_queries else [],
-                      sample_users(interactions, cfg, tuning_count, skip=cfg.user_queries) if tuning_count else [])
+    return UserSample(
+        sample_users(interactions, cfg, cfg.user_queries, 0, max_history, indexed) if cfg.user_queries else [],
+        sample_users(interactions, cfg, tuning_count, cfg.user_queries, max_history, indexed) if tuning_count else [])
 
 
 def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
@@ -157,8 +174,7 @@ def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfC
 
 
 def check_saved_shard(storage: Storage, shard_uri: str, manifest_sha256: str, ids: list[str], vectors: np.ndarray,
-                      user_vectors_: np.ndarray | None, item_queries: Piece | None,
-                      k: int) -> dict[str, ShardRecall]:
+                      users: np.ndarray | None, item_queries: Piece | None, k: int) -> dict[str, ShardRecall]:
     """One shard's share of the self-check, in its build task: load the shard back from ``shard_uri``
     as serving does (every checksum verified against ``shard.json``, itself against ``manifest_sha256``)
     and measure it on the user queries and the item queries (their own items excluded) against
@@ -166,8 +182,8 @@ def check_saved_shard(storage: Storage, shard_uri: str, manifest_sha256: str, id
     None or empty is skipped."""
     shard = load_shard(storage, shard_uri, expected_manifest_sha256=manifest_sha256)
     found: dict[str, ShardRecall] = {}
-    if user_vectors_ is not None and len(user_vectors_):
-        found["user"] = shard_recall(shard, vectors, user_vectors_, k, ids=ids)
+    if users is not None and len(users):
+        found["user"] = shard_recall(shard, vectors, users, k, ids=ids)
     if item_queries is not None and len(item_queries[0]):
         query_ids, queries = item_queries
         found["item"] = shard_recall(shard, vectors, queries, k, query_ids=query_ids, ids=ids)
@@ -179,7 +195,7 @@ def combine_checks(by_shard: list[dict[str, ShardRecall]], k: int,
     """One index's recall checks from its shards' :func:`check_saved_shard` results (shard order), by
     query source; ``descriptions[source]`` says where the queries came from, ``{n}`` their number."""
     checks = {}
-    for source in ("user", "item"):
+    for source in ("item", "user"):
         if by_shard and source in by_shard[0]:
             check = combine_recall([parts[source] for parts in by_shard], k, query_items_excluded=source == "item")
             checks[source] = check.model_copy(update={"queries": descriptions[source].format(n=check.num_queries)})
