@@ -141,8 +141,8 @@ def test_a_shard_file_changed_after_the_save_fails_its_check(storage, bucket_uri
 
 def test_sampled_histories_keep_the_last_events_on_indexed_items():
     """Only what the user tower reads is kept (and gathered by the split tasks): events on items of the
-    index, the last max_history of them; events without an item are dropped; the held-out event stays
-    the query time; tuning users never overlap the checked ones."""
+    index, the last max_history of them; events without an item or a user are dropped; the held-out
+    event stays the query time; tuning users never overlap the checked ones."""
     import pyarrow as pa
 
     from tessera.index import hash_ids
@@ -153,6 +153,7 @@ def test_sampled_histories_keep_the_last_events_on_indexed_items():
         for e in range(30):
             item = None if e == 3 else f"it-{(u * 7 + e) % 40:02d}"
             rows.append((f"u{u}", item, 1_000 * (e + 1), 1.0))
+    rows.append((None, "it-00", 5_000, 1.0))  # an event without a user: dropped
     table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
                       "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
     indexed = np.unique(hash_ids([f"it-{i:02d}" for i in range(0, 40, 2)]))  # even items only

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tessera.embed.ids import is_member
@@ -81,36 +82,73 @@ class UserSample:
         return sorted({item for h in (*self.check, *self.tuning) for item in h.items})
 
 
-def sample_users(interactions: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
+@dataclass
+class UserEvents:
+    """A log's events grouped by user, without turning its columns into Python objects (a log of
+    hundreds of millions of events stays in Arrow and numpy arrays).
+
+    Attributes:
+        log: the interaction log (rows without a user id dropped).
+        names: the distinct user ids, sorted.
+        order: event rows by user (in ``names`` order), then time, then log order.
+        first, counts: per user, where its events start in ``order`` and how many there are.
+    """
+
+    log: pa.Table
+    names: pa.Array
+    order: np.ndarray
+    first: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, interactions: pa.Table) -> UserEvents:
+        log = interactions.filter(pc.is_valid(interactions.column("user_id")))
+        encoded = pc.dictionary_encode(log.column("user_id").combine_chunks())
+        sort = pc.array_sort_indices(encoded.dictionary).to_numpy()  # sorted place -> dictionary entry
+        rank = np.empty(len(sort), np.int64)
+        rank[sort] = np.arange(len(sort))
+        users = rank[encoded.indices.to_numpy()]  # (n,) each event's user, numbered in sorted-id order
+        ts = log.column("ts").to_numpy()
+        order = np.lexsort((np.arange(len(ts)), ts, users))
+        counts = np.bincount(users, minlength=len(sort))
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return cls(log, encoded.dictionary.take(pa.array(sort)), order, first, counts)
+
+
+def sample_users(events: pa.Table | UserEvents, cfg: SelfCheckConfig, count: int, skip: int = 0,
                  max_history: int | None = None, indexed: np.ndarray | None = None) -> list[UserHistory]:
     """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
-    random order (``cfg.seed``): the tuning users (``skip = cfg.user_queries``) are never checked ones.
+    random order (``cfg.seed``) over the users sorted by id: the tuning users (``skip = cfg.user_queries``)
+    are never checked ones.
 
     Each history keeps its events on items whose id hash is in ``indexed`` (sorted uint64 hashes of the
     index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of
     them (None: all): what the user tower will read, so long histories stay small. Events without an
     item id are dropped.
+
+    Args:
+        events: the interaction log, or its :class:`UserEvents` (to draw several samples from one).
     """
-    names, users = np.unique(np.asarray(interactions.column("user_id").to_pylist(), dtype=object),
-                             return_inverse=True)
-    items = interactions.column("item_id").to_pylist()
-    ts = interactions.column("ts").to_numpy()
-    weight = interactions.column("weight").to_numpy(zero_copy_only=False).astype(np.float32)
-    order = np.lexsort((np.arange(len(ts)), ts, users))  # by user, then time, then log order
-    _, first, counts = np.unique(users[order], return_index=True, return_counts=True)
-    eligible = np.flatnonzero(counts > cfg.holdout)
+    events = events if isinstance(events, UserEvents) else UserEvents.of(events)
+    eligible = np.flatnonzero(events.counts > cfg.holdout)
     picked = np.sort(np.random.default_rng(cfg.seed).permutation(eligible)[skip:skip + count])
+    item_col, ts_col, weight_col = (events.log.column(c) for c in ("item_id", "ts", "weight"))
     sample = []
     for u in picked:
-        events = order[first[u]:first[u] + counts[u]]  # this user's events, oldest first
-        history, held = events[:len(events) - cfg.holdout], events[len(events) - cfg.holdout:]
-        query_ts = int(ts[held[0]]) if len(held) else int(ts[history[-1]])
-        history = np.asarray([e for e in history if items[e] is not None], np.int64)
-        if indexed is not None and len(history):
-            history = history[is_member(indexed, hash_ids([items[e] for e in history]))]
+        rows = events.order[events.first[u]:events.first[u] + events.counts[u]]  # oldest first
+        history, held = rows[:len(rows) - cfg.holdout], rows[len(rows) - cfg.holdout:]
+        query_ts = int(ts_col[int(held[0] if len(held) else history[-1])].as_py())
+        items = item_col.take(pa.array(history)).to_pylist()
+        keep = np.asarray([i is not None for i in items], bool)
+        if indexed is not None and keep.any():
+            keep[keep] = is_member(indexed, hash_ids([i for i in items if i is not None]))
+        kept = np.flatnonzero(keep)
         if max_history is not None:
-            history = history[-max_history:] if len(history) else history
-        sample.append(UserHistory(str(names[u]), [items[e] for e in history], ts[history], weight[history], query_ts))
+            kept = kept[-max_history:] if len(kept) else kept
+        rows_kept = pa.array(history[kept])
+        sample.append(UserHistory(events.names[int(u)].as_py(), [items[j] for j in kept],
+                                  ts_col.take(rows_kept).to_numpy(),
+                                  weight_col.take(rows_kept).to_numpy().astype(np.float32), query_ts))
     return sample
 
 
@@ -119,10 +157,10 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
     """A Ray task in the job: read the log once, sample the check's users (``cfg.user_queries``) and the
     tuning users (``tuning_count``); returns their histories (each at most ``max_history`` events on
     ``indexed`` items, see :func:`sample_users`), not the log."""
-    interactions = read_interactions(storage, interactions_uri)
+    events = UserEvents.of(read_interactions(storage, interactions_uri))
     return UserSample(
-        sample_users(interactions, cfg, cfg.user_queries, 0, max_history, indexed) if cfg.user_queries else [],
-        sample_users(interactions, cfg, tuning_count, cfg.user_queries, max_history, indexed) if tuning_count else [])
+        sample_users(events, cfg, cfg.user_queries, 0, max_history, indexed) if cfg.user_queries else [],
+        sample_users(events, cfg, tuning_count, cfg.user_queries, max_history, indexed) if tuning_count else [])
 
 
 def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
