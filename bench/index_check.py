@@ -15,10 +15,11 @@ in turns (``--rounds``):
   measures its share (:func:`tessera.index_job.self_check.check_saved_shard`); the driver merges the
   shares (:func:`~tessera.index_job.self_check.combine_checks`).
 
-Both must report the same recall. Every task runs in a fresh worker process (``max_calls=1``) and
-returns its peak RSS (``ru_maxrss``: imports included, the same on both sides). Last line, one JSON
-object: ``baseline_s`` / ``ours_s`` (medians, the check's wall time from submit to the figure, a fresh
-worker's start included: one for the baseline, one per shard for ours), ``ratio``, the time inside the
+Both must report the same recall on the same query items. Each task returns its peak RSS from its
+start (``VmHWM``, reset through ``/proc/self/clear_refs``: the worker's imports included, the same on
+both sides; Linux only); ``max_calls=1`` ends each worker after its task. Last line, one JSON
+object: ``baseline_s`` / ``ours_s`` (medians, the check's wall time from submit to the figure, a
+worker's start included where Ray starts one), ``ratio``, the time inside the
 tasks (``baseline_task_s``, ``ours_longest_shard_check_s``: what a build task adds in the job),
 ``baseline_task_peak_mb`` and ``ours_max_task_peak_mb``, and the recall (the same both ways).
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -36,15 +36,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from bench._stack import bench_stack  # noqa: E402
 from bench.index_split import write_parts  # noqa: E402
-from tessera.index import IndexConfig, ShardedIndex, measure_recall  # noqa: E402
+from tessera.index import IndexConfig, ShardedIndex, load_shard, measure_recall  # noqa: E402
 from tessera.index_job.build import (  # noqa: E402
     assemble_shard,
     build_shards,
     gather_rows,
-    index_rows,
     plan_indexes,
     scan_ids,
     split_vectors,
@@ -55,62 +55,82 @@ from tessera.index_job.vectors import FUSED, column_matrix  # noqa: E402
 from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
 
 
+def _reset_peak() -> None:
+    """Start the task's peak RSS from here (a reused worker's earlier peaks do not count)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """The process's peak RSS since :func:`_reset_peak` (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def whole_column_check(storage: Storage, index_uri: str, parts: list[str], sample: np.ndarray,
-                       k: int) -> tuple[float, float, float]:
-    """The baseline task: every vector of the fused column read here, the whole index loaded and measured;
-    returns the recall, the task's seconds and its peak RSS."""
+def whole_column_check(storage: Storage, index_uri: str, shas: dict[str, str], parts: list[str],
+                       sample: np.ndarray, k: int) -> tuple[float, list[str], float, float]:
+    """The baseline task, as the job's check task was: every non-null vector of the fused column read
+    here (``item_id`` and that column only), every shard loaded against its ``shard.json`` checksum, the
+    whole index measured; returns the recall, the query items, the task's seconds and its peak RSS."""
+    _reset_peak()
     t0 = time.perf_counter()
     ids: list[str] = []
     blocks = []
     for uri in parts:
-        table = storage.read_parquet(uri, ["item_id", "status", "modalities", FUSED])
-        table = table.filter(index_rows(table, "fused"))
+        table = storage.read_parquet(uri, ["item_id", FUSED])
+        table = table.filter(pc.is_valid(table.column(FUSED)))
         ids.extend(table.column("item_id").to_pylist())
         blocks.append(column_matrix(table.column(FUSED), table.schema.field(FUSED).type.list_size))
     vectors = np.concatenate(blocks)
-    index = ShardedIndex.load(storage, index_uri, require_manifest=False)
-    check = measure_recall(index, vectors[sample], ids, vectors, k, query_ids=[ids[r] for r in sample])
-    return check.recall, time.perf_counter() - t0, _peak_mb()
+    index = ShardedIndex([load_shard(storage, join_uri(index_uri, name), expected_manifest_sha256=sha)
+                          for name, sha in shas.items()])
+    query_ids = [ids[r] for r in sample]
+    check = measure_recall(index, vectors[sample], ids, vectors, k, query_ids=query_ids)
+    return check.recall, query_ids, time.perf_counter() - t0, _peak_mb()
 
 
 def shard_check(num_items: int, shard_uri: str, sha256: str, storage: Storage, k: int, item_queries,
                 *pieces) -> tuple[dict, float, float]:
     """Ours, one shard: its pieces assembled (the build task's vectors), its share measured; returns the
     share, the seconds of the check itself (in the job, what the build task adds) and the peak RSS."""
+    _reset_peak()
     ids, vectors = assemble_shard(pieces, num_items, shard_uri)
     t0 = time.perf_counter()
     share = check_saved_shard(storage, shard_uri, sha256, ids, vectors, None, item_queries, k)
     return share, time.perf_counter() - t0, _peak_mb()
 
 
-def run_baseline(storage, index_uri, parts, sample, k, **_) -> dict:
+def run_baseline(storage, index_uri, parts, sample, k, manifests=None, query_ids=None, **_) -> dict:
     import ray
 
     task = ray.remote(num_cpus=1, max_calls=1)(whole_column_check)
+    shas = {m.name: _sha(m) for m in manifests}
     t0 = time.perf_counter()
-    recall, task_s, peak = ray.get(task.remote(storage, index_uri, parts, sample, k))
-    return {"wall_s": time.perf_counter() - t0, "recall": recall, "task_s": task_s, "peak_mb": peak}
+    recall, used, task_s, peak = ray.get(task.remote(storage, index_uri, shas, parts, sample, k))
+    assert used == query_ids, "the baseline's queries are not the split's sample"
+    return {"wall_s": time.perf_counter() - t0, "recall": recall, "queries": len(used), "task_s": task_s,
+            "peak_mb": peak}
 
 
-def run_ours(storage, index_uri, parts, sample, k, plan=None, pieces=None, items=None, manifests=None):
+def _sha(manifest) -> str:
     import hashlib
-
-    import ray
 
     from tessera.index.shard_io import manifest_bytes
 
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+
+
+def run_ours(storage, index_uri, parts, sample, k, plan=None, pieces=None, items=None, manifests=None, **_):
+    import ray
+
     task = ray.remote(num_cpus=1, max_calls=1)(shard_check)
     t0 = time.perf_counter()
-    refs = [task.remote(size, join_uri(index_uri, m.name), hashlib.sha256(manifest_bytes(m)).hexdigest(), storage, k,
-                        items, *shard_pieces)
+    refs = [task.remote(size, join_uri(index_uri, m.name), _sha(m), storage, k, items, *shard_pieces)
             for size, m, shard_pieces in zip(plan.sizes, manifests, pieces, strict=True)]
     results = ray.get(refs)
     check = combine_checks([r[0] for r in results], k, {"item": "{n}", "user": "{n}"})["item"]
-    return {"wall_s": time.perf_counter() - t0, "recall": check.recall, "task_s": max(r[1] for r in results),
+    return {"wall_s": time.perf_counter() - t0, "recall": check.recall, "queries": check.num_queries,
+            "task_s": max(r[1] for r in results),
             "peak_mb": max(r[2] for r in results)}
 
 
@@ -142,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         built = build_shards(storage, [plan], split.pieces, index_uri, IndexConfig(), num_cpus=1)["fused"]
         build_s = time.perf_counter() - t0
         manifests = [b.manifest for b in built]
-        shared = {"plan": plan, "pieces": split.pieces, "items": items, "manifests": manifests}
+        query_ids = ray.get(items)[0]
+        shared = {"plan": plan, "pieces": split.pieces, "items": items, "manifests": manifests, "query_ids": query_ids}
         runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
         for r in range(args.rounds):
             for name, fn in (("baseline", run_baseline), ("ours", run_ours))[::1 if r % 2 == 0 else -1]:
                 runs[name].append(fn(storage, index_uri, parts, sample, cfg.k, **shared))
                 print(f"[bench] round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
-        assert len({run["recall"] for name in runs for run in runs[name]}) == 1, runs
+        assert len({(run["recall"], run["queries"]) for name in runs for run in runs[name]}) == 1, runs
+        assert runs["ours"][0]["queries"] == len(sample)
 
     def median(name: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[name])

@@ -169,3 +169,34 @@ def test_sampled_histories_keep_the_last_events_on_indexed_items():
         assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept and h.query_ts == 30_000
     everything = sample_users(table, cfg, 3)
     assert [len(h.items) for h in everything] == [28] * 3  # 30 events, one held out, one without an item
+
+
+def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary_ids():
+    """A log read from many Parquet files is a table of many chunks: the sample is the one a single chunk
+    gives (the sampled events are taken chunk by chunk); dictionary-typed user ids whose dictionary
+    repeats a value are one user."""
+    import pyarrow as pa
+
+    from tessera.index_job.self_check import sample_users, take_rows
+
+    rng = np.random.default_rng(16)
+    n = 20_000
+    table = pa.table({"user_id": [f"u{u:04d}" for u in rng.integers(0, 700, n)],
+                      "item_id": [f"it-{i}" for i in rng.integers(0, 3_000, n)],
+                      "ts": pa.array(rng.integers(0, 10**6, n), pa.int64()),
+                      "weight": rng.random(n).astype(np.float32)})
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=997))
+    assert chunked.column("item_id").num_chunks > 10
+    cfg = SelfCheckConfig(user_queries=50, holdout=1, seed=4)
+    for one, many in zip(sample_users(table, cfg, 50, max_history=9), sample_users(chunked, cfg, 50, max_history=9),
+                         strict=True):
+        assert (one.user_id, one.items, one.ts.tolist(), one.weights.tolist(), one.query_ts) == (
+            many.user_id, many.items, many.ts.tolist(), many.weights.tolist(), many.query_ts)
+    rows = np.array([5, n - 1, 0, 997, 996, 5])
+    assert take_rows(chunked.column("item_id"), rows).to_pylist() == [table.column("item_id")[int(r)].as_py()
+                                                                       for r in rows]
+    ids = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 1, 0, 1], pa.int32()), pa.array(["b", "a", "b"]))
+    log = pa.table({"user_id": ids, "item_id": [f"i{j}" for j in range(6)],
+                    "ts": pa.array(range(1, 7), pa.int64()), "weight": [1.0] * 6})
+    got = {h.user_id: h.items for h in sample_users(log, SelfCheckConfig(holdout=0), 5)}
+    assert got == {"a": ["i1", "i3", "i5"], "b": ["i0", "i2", "i4"]}

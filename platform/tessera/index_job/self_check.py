@@ -102,17 +102,27 @@ class UserEvents:
 
     @classmethod
     def of(cls, interactions: pa.Table) -> UserEvents:
-        log = interactions.filter(pc.is_valid(interactions.column("user_id")))
-        encoded = pc.dictionary_encode(log.column("user_id").combine_chunks())
-        sort = pc.array_sort_indices(encoded.dictionary).to_numpy()  # sorted place -> dictionary entry
+        log = interactions
+        if log.column("user_id").null_count:
+            log = log.filter(pc.is_valid(log.column("user_id")))
+        user_col = log.column("user_id")
+        if not pa.types.is_string(user_col.type) and not pa.types.is_large_string(user_col.type):
+            user_col = user_col.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
+        # encoded chunk by chunk (no copy of the column into one array: its text may pass 2 GiB), one
+        # dictionary for all chunks
+        encoded = pc.dictionary_encode(user_col).unify_dictionaries()
+        dictionary = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
+        codes = np.concatenate([c.indices.to_numpy() for c in encoded.chunks]) if encoded.num_chunks \
+            else np.empty(0, np.int64)
+        sort = pc.array_sort_indices(dictionary).to_numpy()  # sorted place -> dictionary entry
         rank = np.empty(len(sort), np.int64)
         rank[sort] = np.arange(len(sort))
-        users = rank[encoded.indices.to_numpy()]  # (n,) each event's user, numbered in sorted-id order
+        users = rank[codes]  # (n,) each event's user, numbered in sorted-id order
         ts = log.column("ts").to_numpy()
         order = np.lexsort((np.arange(len(ts)), ts, users))
         counts = np.bincount(users, minlength=len(sort))
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return cls(log, encoded.dictionary.take(pa.array(sort)), order, first, counts)
+        return cls(log, dictionary.take(pa.array(sort, pa.int64())), order, first, counts)
 
 
 def sample_users(events: pa.Table | UserEvents, cfg: SelfCheckConfig, count: int, skip: int = 0,
@@ -132,24 +142,44 @@ def sample_users(events: pa.Table | UserEvents, cfg: SelfCheckConfig, count: int
     events = events if isinstance(events, UserEvents) else UserEvents.of(events)
     eligible = np.flatnonzero(events.counts > cfg.holdout)
     picked = np.sort(np.random.default_rng(cfg.seed).permutation(eligible)[skip:skip + count])
-    item_col, ts_col, weight_col = (events.log.column(c) for c in ("item_id", "ts", "weight"))
-    sample = []
-    for u in picked:
-        rows = events.order[events.first[u]:events.first[u] + events.counts[u]]  # oldest first
-        history, held = rows[:len(rows) - cfg.holdout], rows[len(rows) - cfg.holdout:]
-        query_ts = int(ts_col[int(held[0] if len(held) else history[-1])].as_py())
-        items = item_col.take(pa.array(history)).to_pylist()
-        keep = np.asarray([i is not None for i in items], bool)
+    spans = [events.order[events.first[u]:events.first[u] + events.counts[u]] for u in picked]  # oldest first
+    held = [rows[len(rows) - cfg.holdout:] for rows in spans]
+    histories = [rows[:len(rows) - cfg.holdout] for rows in spans]
+    wanted = np.concatenate([*histories, *(h[:1] for h in held)]) if len(picked) else np.empty(0, np.int64)
+    items = take_rows(events.log.column("item_id"), wanted).to_pylist()
+    ts = take_rows(events.log.column("ts"), wanted).to_numpy(zero_copy_only=False)
+    weight = take_rows(events.log.column("weight"), wanted).to_numpy(zero_copy_only=False).astype(np.float32)
+    sample, at, held_at = [], 0, sum(len(h) for h in histories)
+    for u, history, query in zip(picked, histories, held, strict=True):
+        span = slice(at, at + len(history))  # this user's history in the taken rows
+        at += len(history)
+        if len(query):
+            query_ts, held_at = int(ts[held_at]), held_at + 1
+        else:  # holdout 0: the time of the last event
+            query_ts = int(ts[span][-1])
+        mine = items[span]
+        keep = np.asarray([i is not None for i in mine], bool)
         if indexed is not None and keep.any():
-            keep[keep] = is_member(indexed, hash_ids([i for i in items if i is not None]))
+            keep[keep] = is_member(indexed, hash_ids([i for i in mine if i is not None]))
         kept = np.flatnonzero(keep)
         if max_history is not None:
             kept = kept[-max_history:] if len(kept) else kept
-        rows_kept = pa.array(history[kept])
-        sample.append(UserHistory(events.names[int(u)].as_py(), [items[j] for j in kept],
-                                  ts_col.take(rows_kept).to_numpy(),
-                                  weight_col.take(rows_kept).to_numpy().astype(np.float32), query_ts))
+        sample.append(UserHistory(events.names[int(u)].as_py(), [mine[j] for j in kept], ts[span][kept],
+                                  weight[span][kept], query_ts))
     return sample
+
+
+def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """``column``'s values at ``rows``, in that order, taken chunk by chunk: a take on the whole chunked
+    column would first join its chunks (a copy of the column, which fails past 2 GiB of text)."""
+    rows = np.asarray(rows, np.int64)
+    bounds = np.cumsum([0, *(len(c) for c in column.chunks)])
+    by_row = np.argsort(rows, kind="stable")
+    chunk_of = np.searchsorted(bounds, rows[by_row], side="right") - 1
+    pieces = [column.chunk(int(j)).take(pa.array(rows[by_row][chunk_of == j] - bounds[j], pa.int64()))
+              for j in np.unique(chunk_of)]
+    in_row_order = pa.concat_arrays(pieces) if pieces else pa.array([], column.type)
+    return in_row_order.take(pa.array(np.argsort(by_row, kind="stable"), pa.int64()))
 
 
 def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
