@@ -41,16 +41,16 @@ import pyarrow.compute as pc  # noqa: E402
 from bench._stack import bench_stack  # noqa: E402
 from bench.index_split import write_parts  # noqa: E402
 from tessera.index import IndexConfig, ShardedIndex, load_shard, measure_recall  # noqa: E402
+from tessera.index.shard_io import manifest_sha256  # noqa: E402
 from tessera.index_job.build import (  # noqa: E402
     assemble_shard,
     build_shards,
-    gather_rows,
     plan_indexes,
     scan_ids,
     split_vectors,
 )
 from tessera.index_job.config import SelfCheckConfig, VectorStageConfig  # noqa: E402
-from tessera.index_job.self_check import check_saved_shard, combine_checks, item_sample  # noqa: E402
+from tessera.index_job.self_check import check_saved_shard, combine_checks, gather_rows, item_sample  # noqa: E402
 from tessera.index_job.vectors import FUSED, column_matrix  # noqa: E402
 from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
 
@@ -104,7 +104,7 @@ def run_baseline(storage, index_uri, parts, sample, k, manifests=None, query_ids
     import ray
 
     task = ray.remote(num_cpus=1, max_calls=1)(whole_column_check)
-    shas = {m.name: _sha(m) for m in manifests}
+    shas = {m.name: manifest_sha256(m) for m in manifests}
     t0 = time.perf_counter()
     recall, used, task_s, peak = ray.get(task.remote(storage, index_uri, shas, parts, sample, k))
     assert used == query_ids, "the baseline's queries are not the split's sample"
@@ -112,20 +112,12 @@ def run_baseline(storage, index_uri, parts, sample, k, manifests=None, query_ids
             "peak_mb": peak}
 
 
-def _sha(manifest) -> str:
-    import hashlib
-
-    from tessera.index.shard_io import manifest_bytes
-
-    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
-
-
 def run_ours(storage, index_uri, parts, sample, k, plan=None, pieces=None, items=None, manifests=None, **_):
     import ray
 
     task = ray.remote(num_cpus=1, max_calls=1)(shard_check)
     t0 = time.perf_counter()
-    refs = [task.remote(size, join_uri(index_uri, m.name), _sha(m), storage, k, items, *shard_pieces)
+    refs = [task.remote(size, join_uri(index_uri, m.name), manifest_sha256(m), storage, k, items, *shard_pieces)
             for size, m, shard_pieces in zip(plan.sizes, manifests, pieces, strict=True)]
     results = ray.get(refs)
     check = combine_checks([r[0] for r in results], k, {"item": "{n}", "user": "{n}"})["item"]

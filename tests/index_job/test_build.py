@@ -85,7 +85,7 @@ def test_the_split_picks_out_the_sampled_rows_and_the_wanted_items(storage, part
     in order, whichever run holds them: the item queries and the users' history items."""
     import ray
 
-    from tessera.index_job.build import gather_rows
+    from tessera.index_job.self_check import gather_rows
 
     plans, part_rows = planned(storage, parts, 2)
     fused_ids = read_rows(storage, parts, "fused")[0]
@@ -113,9 +113,8 @@ def test_each_build_checks_its_shard_as_the_whole_index_would_be_checked(storage
     import ray
 
     from tessera.index import ShardedIndex, measure_recall
-    from tessera.index_job.build import gather_rows
     from tessera.index_job.config import SelfCheckConfig
-    from tessera.index_job.self_check import combine_checks, item_sample
+    from tessera.index_job.self_check import combine_checks, gather_rows, item_sample
 
     plans, part_rows = planned(storage, parts, 3, modalities=["text"])
     cfg = SelfCheckConfig(item_queries=40, k=5)

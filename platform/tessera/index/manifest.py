@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tessera.index.params import IndexConfig
-from tessera.index.shard_io import IndexCorruptError, ShardManifest, manifest_bytes
+from tessera.index.shard_io import IndexCorruptError, ShardManifest, manifest_bytes, manifest_sha256
 from tessera.storage import Storage, join_uri
 
 INDEX_MANIFEST = "_MANIFEST.json"
@@ -143,7 +143,7 @@ def make_index_manifest(index_version: str, shards: list[ShardManifest], *, buil
     return IndexManifest(
         index_version=index_version, model_version=model_version, embedding_run=embedding_run,
         dim=ordered[0].dim, num_items=sum(s.count for s in ordered), num_shards=len(ordered), shards=ordered,
-        shard_manifest_sha256={s.name: hashlib.sha256(manifest_bytes(s)).hexdigest() for s in ordered},
+        shard_manifest_sha256={s.name: manifest_sha256(s) for s in ordered},
         build_config=build_config.model_dump(mode="json") if build_config else {},
         timings=dict(timings or {}), recall_check=recall_check,
     )

@@ -230,6 +230,12 @@ def manifest_bytes(manifest: BaseModel) -> bytes:
     return manifest.model_dump_json(indent=2).encode()
 
 
+def manifest_sha256(manifest: BaseModel) -> str:
+    """Hex sha256 of :func:`manifest_bytes`: the checksum an index manifest records for a shard (or a
+    per-modality index) manifest, and :func:`load_shard` verifies."""
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+
+
 def load_shard(storage: Storage, shard_uri: str, cache_dir: str | os.PathLike | None = None,
                expected_manifest_sha256: str | None = None) -> ShardArtifact:
     """Load one shard, verifying every file against ``shard.json``.

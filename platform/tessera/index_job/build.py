@@ -38,7 +38,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -58,7 +57,7 @@ from tessera.index import (
     shard_key,
     shard_sizes,
 )
-from tessera.index.shard_io import manifest_bytes
+from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.self_check import Piece, check_saved_shard
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
@@ -304,14 +303,6 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan],
     return [*pieces, *sampled, asked]
 
 
-def gather_rows(*pieces: Piece) -> Piece:
-    """One piece of many, in order (a small Ray task: the item queries of an index, from every split task)."""
-    dim = max((p[1].shape[1] for p in pieces), default=0)
-    ids = [i for p_ids, _ in pieces for i in p_ids]
-    vectors = np.concatenate([v for _, v in pieces if len(v)]) if ids else np.empty((0, dim), np.float32)
-    return ids, vectors
-
-
 def assemble_shard(pieces: tuple[Piece, ...], expected: int, where: str) -> Piece:
     """One shard's ids and vectors from its pieces, in order, into one array (one copy).
 
@@ -354,8 +345,7 @@ def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri:
         return BuiltShard(manifest)
     start = time.perf_counter()
     checks = check_saved_shard(storage, join_uri(index_uri, manifest.name),
-                               hashlib.sha256(manifest_bytes(manifest)).hexdigest(), ids, vectors, user_queries,
-                               item_queries, check_k)
+                               manifest_sha256(manifest), ids, vectors, user_queries, item_queries, check_k)
     return BuiltShard(manifest, checks, time.perf_counter() - start)
 
 

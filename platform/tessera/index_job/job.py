@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -38,20 +37,26 @@ from tessera.index import (
     write_index_manifest,
 )
 from tessera.index.params import choose_mode
-from tessera.index.shard_io import manifest_bytes
+from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.build import (
     BuiltShard,
     IdScan,
     IndexIntegrityError,
     IndexPlan,
     build_shards,
-    gather_rows,
     plan_indexes,
     scan_ids,
     split_vectors,
 )
 from tessera.index_job.config import IndexJobConfig
-from tessera.index_job.self_check import UserSample, combine_checks, item_sample, select_users, user_queries
+from tessera.index_job.self_check import (
+    UserSample,
+    combine_checks,
+    gather_rows,
+    item_sample,
+    select_users,
+    user_queries,
+)
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.storage import Storage, join_uri
@@ -185,7 +190,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
         sub = manifests[plan.name]
         write_index_manifest(storage, join_uri(src.index_uri, plan.path), sub)
         top.modal_indexes[plan.name] = ModalIndexRef(path=plan.path, num_items=plan.num_items,
-                                                     manifest_sha256=hashlib.sha256(manifest_bytes(sub)).hexdigest())
+                                                     manifest_sha256=manifest_sha256(sub))
     _clear_failed_report(storage, src.index_uri)
     top.timings["total_s"] = round(time.perf_counter() - t0, 3)
     write_index_manifest(storage, src.index_uri, top)

@@ -45,6 +45,15 @@ from tessera.storage import Storage
 Piece = tuple[list[str], np.ndarray]  # item ids and their (n, D) float32 vectors
 
 
+def gather_rows(*pieces: Piece) -> Piece:
+    """One piece of many, in order: an index's item queries from every split task (a small Ray task), the
+    users' history items (:func:`user_queries`)."""
+    dim = max((p[1].shape[1] for p in pieces), default=0)
+    ids = [i for p_ids, _ in pieces for i in p_ids]
+    vectors = np.concatenate([v for _, v in pieces if len(v)]) if ids else np.empty((0, dim), np.float32)
+    return ids, vectors
+
+
 def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
     """``user_id``, ``item_id``, ``ts``, ``weight`` of every part of the interaction log."""
     files = storage.list_files(interactions_uri, ".parquet")
@@ -60,8 +69,8 @@ def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
 
 @dataclass
 class UserHistory:
-    """One sampled user: the history the user tower reads, before the items outside the index are
-    dropped, and the time of the query (the first held-out event)."""
+    """One sampled user: the history the user tower reads (see :func:`sample_users` for what is kept),
+    and the time of the query (the first held-out event)."""
 
     user_id: str
     items: list[str]
@@ -163,7 +172,7 @@ def sample_users(events: pa.Table | UserEvents, cfg: SelfCheckConfig, count: int
             keep[keep] = is_member(indexed, hash_ids([i for i in mine if i is not None]))
         kept = np.flatnonzero(keep)
         if max_history is not None:
-            kept = kept[-max_history:] if len(kept) else kept
+            kept = kept[-max_history:]
         sample.append(UserHistory(events.names[int(u)].as_py(), [mine[j] for j in kept], ts[span][kept],
                                   weight[span][kept], query_ts))
     return sample
@@ -234,8 +243,7 @@ def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfC
     from tessera.models.bundle import ModelBundle
 
     torch.set_num_threads(torch_threads)
-    ids = [i for p_ids, _ in pieces for i in p_ids]
-    vectors = np.concatenate([v for _, v in pieces]) if pieces else np.empty((0, 0), np.float32)
+    ids, vectors = gather_rows(*pieces)
     user_tower = ModelBundle.load(storage, model_uri).user_tower.eval()
     return (user_vectors(user_tower, users.check, ids, vectors, cfg.max_history),
             user_vectors(user_tower, users.tuning, ids, vectors, cfg.max_history))
