@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench._stack import repo_root
-from tessera.embed.output import MODALITIES, list_parts, tally, write_part
+from tessera.embed.output import MODALITIES, committed_parts, tally, write_part
 from tessera.storage import Storage, join_uri
 from tessera.train.catalog import vector_matrix
 
@@ -50,7 +50,7 @@ class ScaledVersion:
 
 def _read_run(storage: Storage, run_uri: str) -> pa.Table:
     tables = []
-    for uri in list_parts(storage, run_uri):
+    for uri in committed_parts(storage, run_uri):
         fs, path = storage.filesystem(uri)
         tables.append(pq.read_table(path, filesystem=fs))
     table = pa.concat_tables(tables)
@@ -167,7 +167,7 @@ def scaled_version(storage: Storage, source_run: str, model_uri: str, root: str,
         built.append("index")
     manifest = read_index_manifest(storage, index_uri)
     ids = []
-    for uri in list_parts(storage, run_uri):
+    for uri in committed_parts(storage, run_uri):
         fs, path = storage.filesystem(uri)
         ids += pq.read_table(path, filesystem=fs, columns=["item_id"]).column("item_id").to_pylist()
     scaled = run_manifest["scaled_from"]

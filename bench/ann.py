@@ -141,6 +141,7 @@ def fused_vectors(embeddings_uri: str, bundle_uri: str | None) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tessera.embed.output import committed_parts
     from tessera.index_job.seeded_bundle import seeded_bundle
     from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix, item_vector_table
     from tessera.models.bundle import ModelBundle
@@ -150,7 +151,7 @@ def fused_vectors(embeddings_uri: str, bundle_uri: str | None) -> np.ndarray:
     run = storage.read_json(join_uri(embeddings_uri, "_MANIFEST.json"))
     bundle = ModelBundle.load(storage, bundle_uri) if bundle_uri else seeded_bundle(run, "bench-seeded", out_dim=64)
     tables = []
-    for uri in storage.list_files(embeddings_uri, ".parquet"):
+    for uri in committed_parts(storage, embeddings_uri, run):
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             tables.append(item_vector_table(bundle.item_tower.eval(), pq.read_table(f)))

@@ -49,7 +49,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from bench._stack import PeakRSS, bench_stack, repo_root  # noqa: E402
 from bench.texts import real_texts  # noqa: E402
 from tessera.embed.config import MEDIA_BATCH, EmbedConfig  # noqa: E402
-from tessera.embed.output import list_parts  # noqa: E402
+from tessera.embed.output import committed_parts  # noqa: E402
 from tessera.embed.pipeline import run_embedding  # noqa: E402
 from tessera.encoders import (  # noqa: E402
     AudioEncoder,
@@ -114,7 +114,7 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
 
 def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     out = {}
-    for uri in list_parts(storage, manifest["output"]["uri"]):
+    for uri in committed_parts(storage, manifest["output"]["uri"], manifest):
         fs, path = storage.filesystem(uri)
         t = pq.read_table(path, filesystem=fs, columns=["item_id", modality])
         for iid, v in zip(t.column("item_id").to_pylist(), t.column(modality).to_pylist(), strict=True):

@@ -36,6 +36,9 @@ def test_s3_round_trip_listing_and_missing(storage, bucket_uri):
     assert not storage.exists(join_uri(bucket_uri, "absent"))
     with pytest.raises(ValueError, match="over the limit"):
         storage.read_bytes(join_uri(bucket_uri, "a/b/two.bin"), max_bytes=1)
+    storage.delete(join_uri(bucket_uri, "a/one.bin"))
+    storage.delete(join_uri(bucket_uri, "a/one.bin"))  # gone already: nothing happens
+    assert storage.list_files(join_uri(bucket_uri, "a")) == [join_uri(bucket_uri, "a/b/two.bin")]
 
 
 def test_pyarrow_multipart_parquet_over_s3(storage, bucket_uri):
@@ -66,6 +69,9 @@ def test_local_paths(tmp_path):
     s.write_bytes(str(tmp_path / "x" / "y.bin"), b"abc")
     assert s.read_bytes(f"file://{tmp_path}/x/y.bin") == b"abc"
     assert s.list_files(str(tmp_path)) == [str(tmp_path / "x" / "y.bin")]
+    s.delete(str(tmp_path / "x" / "y.bin"))
+    s.delete(str(tmp_path / "x" / "y.bin"))
+    assert s.list_files(str(tmp_path)) == []
 
 
 def test_secrets_never_in_repr_or_pickle(storage, embedded_s3):

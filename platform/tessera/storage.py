@@ -352,6 +352,14 @@ class Storage:
         fs, path = self.filesystem(uri)
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
+    def delete(self, uri: str) -> None:
+        """Delete one object (or local file); nothing happens if it is not there."""
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            Path(loc.path).unlink(missing_ok=True)
+            return
+        self._retrying(f"DELETE {uri}", lambda: self.client().delete_object(Bucket=loc.bucket, Key=loc.key))
+
     # --- compare-and-swap on one small object (leases) -------------------------------------
     def create_exclusive(self, uri: str, data: bytes) -> str | None:
         """Write ``data`` to ``uri`` only if no object is there: its version tag (see

@@ -11,7 +11,15 @@ from tessera.embed import ids as ids_module
 from tessera.embed import output as output_module
 from tessera.embed import pipeline as pipeline_module
 from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, is_member, map_files, new_key
-from tessera.embed.output import done_item_hashes, list_parts, tally, vector_column, write_part
+from tessera.embed.output import (
+    committed_parts,
+    done_item_hashes,
+    list_parts,
+    superseded_parts,
+    tally,
+    vector_column,
+    write_part,
+)
 from tessera.embed.pipeline import EmbeddingInputError, check_item_ids
 from tessera.storage import join_uri
 
@@ -145,3 +153,36 @@ def test_done_hashes_are_the_written_ids(storage, bucket_uri):
     assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=True), expected)
     assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=False), expected)
     assert len(done_item_hashes(storage, join_uri(bucket_uri, "nothing"), key)) == 0
+
+
+@pytest.mark.parametrize("weak", [False, True])
+def test_superseded_parts_are_those_whose_every_id_is_in_the_kept_ones(storage, bucket_uri, request, weak):
+    """Hashes only pick out which ids to read: with every id sharing one of 8 hash values, a stray part
+    holding one id found nowhere else is still kept."""
+    if weak:
+        request.getfixturevalue("three_bit_hash")
+    run_uri = join_uri(bucket_uri, "run")
+    _write_run(storage, run_uri)
+    parts = list_parts(storage, run_uri)
+    fourth = next(p for p in parts if "i39" in storage.read_parquet(p, ["item_id"]).column("item_id").to_pylist())
+    kept = [p for p in parts if p != fourth]
+    covered = write_part(storage, run_uri, pa.table({"item_id": pa.array(["i1", "i12", "i39"], pa.string())}))
+    other = write_part(storage, run_uri, pa.table({"item_id": pa.array(["i2", "i99"], pa.string())}))
+    # the fourth part repeats i1..i3 of the first and holds i30..i39: covered only while kept
+    assert superseded_parts(storage, parts, [covered, other], use_ray=False) == [covered]
+    assert superseded_parts(storage, kept, [covered, other, fourth], use_ray=False) == []
+    assert superseded_parts(storage, kept, [], use_ray=False) == []
+
+
+def test_committed_parts_are_the_manifests_list_or_for_older_runs_the_folder(storage, bucket_uri):
+    run_uri = join_uri(bucket_uri, "run")
+    _write_run(storage, run_uri)
+    parts = list_parts(storage, run_uri)
+    with pytest.raises(FileNotFoundError):
+        committed_parts(storage, run_uri)  # not finished
+    names = [p.rsplit("/", 1)[1] for p in parts[:2]]
+    storage.write_json(join_uri(run_uri, "_MANIFEST.json"), {"output": {"uri": run_uri, "files": names}})
+    assert committed_parts(storage, run_uri) == parts[:2]
+    older = {"output": {"uri": run_uri, "parts": 4, "rows": 43}}
+    assert committed_parts(storage, run_uri, older) == parts
+    assert committed_parts(storage, run_uri, {"output": {"files": []}}) == []

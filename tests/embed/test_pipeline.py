@@ -399,3 +399,67 @@ def test_break_lease_takes_a_live_looking_run_over_and_its_holder_learns_it(enco
     holder.renew()
     with pytest.raises(LeaseLostError, match="deleted while this attempt ran"):
         holder.check()
+
+
+def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_manifest_is_not_read(
+        encoder_weights, storage, monkeypatch, capsys, ray_session):
+    """An attempt that lost its lease may still have part writes in flight. One landing after the new attempt
+    listed what was done repeats items that attempt writes again: it is deleted once every one of its ids is
+    found in the new attempt's parts, and the counts add up. One landing after the manifest is not in the
+    manifest's list of parts, which every reader takes."""
+    from tessera.embed import pipeline as pipeline_module
+    from tessera.embed.output import MANIFEST, committed_parts
+    from tessera.index_job.seeded_bundle import seeded_bundle
+    from tessera.index_job.sources import resolve_sources
+    from tessera.train.catalog import ItemCatalog
+    from tessera.train.config import TrainConfig
+    from tessera.train.datasets import _catalog_ids
+    from tests.index_job.conftest import job_config
+
+    root = f"{TEST_ROOT}/late"
+    items = join_uri(root, "items")
+    texts = ["oat milk", "rye bread", "green tea", "dark chocolate", "sea salt", "olive oil"]
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": [f"i{j}" for j in range(6)], "text": texts,
+        "image_uri": pa.nulls(6, pa.string()), "audio_uri": pa.nulls(6, pa.string())}))
+
+    def config(run_id):
+        return embed_config(encoder_weights, run_id, items_uri=items, output_uri=join_uri(root, "out"),
+                            image={"enabled": False}, audio={"enabled": False}, write_batch_size=3)
+
+    # the superseded attempt's parts: the same items through the same encoder, grouped its own way
+    earlier = run_embedding(config("earlier").model_copy(update={"write_batch_size": 4}))
+    late = committed_parts(storage, earlier["output"]["uri"], earlier)
+    assert len(late) == 2
+    run_uri = join_uri(root, "out", "taken")
+    real_build = pipeline_module.build_dataset
+
+    def build_then_late_write(*args, **kwargs):  # after this attempt listed the run's parts (none)
+        storage.write_bytes(join_uri(run_uri, late[0].rsplit("/", 1)[1]), storage.read_bytes(late[0]))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "build_dataset", build_then_late_write)
+    manifest = run_embedding(config("taken"))
+    monkeypatch.undo()
+    out = capsys.readouterr().out
+    assert "1 part(s) in " + run_uri in out and "1 held only items this attempt wrote again (deleted)" in out, out
+    removed = late[0].rsplit("/", 1)[1]
+    assert manifest["output"]["superseded_parts_removed"] == [removed]
+    assert manifest["counts"]["text"]["ok"] == 6 and manifest["output"]["rows"] == 6
+    ours = list_parts(storage, run_uri)
+    assert [u.rsplit("/", 1)[1] for u in ours] == manifest["output"]["files"] and len(ours) == 2
+    assert removed not in manifest["output"]["files"]
+
+    # a late part landing after the manifest: in the folder, not in the run
+    storage.write_bytes(join_uri(run_uri, late[1].rsplit("/", 1)[1]), storage.read_bytes(late[1]))
+    assert len(list_parts(storage, run_uri)) == 3
+    assert committed_parts(storage, run_uri) == ours
+    assert run_embedding(config("taken"))["reused"]
+    assert sorted(ItemCatalog.load(storage, run_uri).item_ids) == [f"i{j}" for j in range(6)]
+    train_cfg = TrainConfig.model_validate({"embeddings_uri": run_uri})
+    assert _catalog_ids(train_cfg, storage).tolist() == [f"i{j}" for j in range(6)]
+    bundle = join_uri(root, "bundle")
+    seeded_bundle(storage.read_json(join_uri(run_uri, MANIFEST)), version="late", seed=0, out_dim=8).save(
+        storage, bundle)
+    sources = resolve_sources(job_config(bundle, join_uri(root, "index")), storage)
+    assert sources.embedding_parts == ours and sources.num_items == 6

@@ -7,12 +7,20 @@ modality (null unless that modality failed for the item).
 Each part file is named by a hash of the item ids it holds, so a retried write task overwrites its
 own file instead of adding a duplicate, and an S3 object is either complete or absent: a run killed
 halfway leaves only whole parts, which a rerun reads to skip what is done.
+
+A finished run's ``_MANIFEST.json`` lists its parts (``output.files``, names relative to the run):
+readers take those (:func:`committed_parts`), not whatever the folder holds. An attempt that lost the
+run to another (:class:`~tessera.lease.RunLease`) may still have writes in flight; a part of its that
+lands after the new attempt listed what was done repeats items the new attempt writes too. The new
+attempt deletes such a part once every one of its ids is found in its own parts
+(:func:`superseded_parts`); one landing after the manifest is not in its list.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +29,7 @@ from tessera.embed.ids import colliding, file_id_hashes, file_ids_with_hashes, h
 from tessera.storage import Storage, join_uri
 
 MODALITIES = ("text", "image", "audio")
+MANIFEST = "_MANIFEST.json"
 
 
 def vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
@@ -67,15 +76,46 @@ class Tally:
 
 
 def list_parts(storage: Storage, run_uri: str) -> list[str]:
+    """Every ``part-*.parquet`` in the run's folder now (sorted URIs), committed or not."""
     return [u for u in storage.list_files(run_uri, ".parquet") if u.rsplit("/", 1)[-1].startswith("part-")]
 
 
+def committed_parts(storage: Storage, run_uri: str, manifest: dict | None = None) -> list[str]:
+    """The parts of a finished run: the ones its manifest lists (``output.files``), so a part written
+    late by a superseded attempt is not read; for a manifest written before that list existed, every
+    part in the folder. ``manifest``: the run's ``_MANIFEST.json`` if already read.
+
+    Raises:
+        FileNotFoundError: the run has no manifest (it is missing or not finished)."""
+    if manifest is None:
+        manifest = storage.read_json(join_uri(run_uri, MANIFEST))
+    files = (manifest.get("output") or {}).get("files")
+    if files is None:
+        return list_parts(storage, run_uri)
+    return [join_uri(run_uri, name) for name in files]
+
+
+def superseded_parts(storage: Storage, kept: list[str], stray: list[str], num_cpus: float = 0.25,
+                     use_ray: bool | None = None) -> list[str]:
+    """Of the ``stray`` parts, those whose every item id is also in one of the ``kept`` parts (compared
+    as strings: hashes only pick out which ids of ``kept`` to read). Deleting them loses nothing."""
+    if not stray:
+        return []
+    key = new_key()
+    stray_ids = {uri: storage.read_parquet(uri, ["item_id"]).column("item_id") for uri in stray}
+    wanted = np.unique(np.concatenate([hash_ids(ids, key) for ids in stray_ids.values()]))
+    found = set(chain.from_iterable(map_files(file_ids_with_hashes, kept, storage, key, wanted,
+                                              num_cpus=num_cpus, use_ray=use_ray)))
+    return [uri for uri, ids in stray_ids.items() if set(ids.to_pylist()) <= found]
+
+
 def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
-                     use_ray: bool | None = None) -> np.ndarray:
+                     use_ray: bool | None = None, parts: list[str] | None = None) -> np.ndarray:
     """Sorted distinct ``uint64`` hashes (under ``key``, see :mod:`tessera.embed.ids`) of the item ids
-    earlier attempts of this run wrote; many parts are read by Ray tasks (``use_ray``: see
-    :func:`~tessera.embed.ids.map_files`)."""
-    parts = list_parts(storage, run_uri)
+    earlier attempts of this run wrote (in ``parts``, default: every part in the folder); many parts
+    are read by Ray tasks (``use_ray``: see :func:`~tessera.embed.ids.map_files`)."""
+    if parts is None:
+        parts = list_parts(storage, run_uri)
     hashes = map_files(file_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
     return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
 
@@ -99,14 +139,16 @@ def _tally_part(uri: str, storage: Storage, modalities: list[str], key: str) -> 
 
 
 def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float = 0.25,
-          use_ray: bool | None = None) -> Tally:
-    """Count rows, distinct ids and, per modality, ok / failed (by kind) / missing, from the written parts.
+          use_ray: bool | None = None, parts: list[str] | None = None) -> Tally:
+    """Count rows, distinct ids and, per modality, ok / failed (by kind) / missing, from the written parts
+    (``parts``, default: every part in the folder).
 
     Many parts are read by Ray tasks (the driver keeps counts and 8 bytes an item either way);
     the distinct count is exact: ids sharing a hash are read again and compared (:mod:`tessera.embed.ids`).
     ``use_ray``: see :func:`~tessera.embed.ids.map_files`."""
     t = Tally(per_modality={m: {"ok": 0, "failed": 0, "missing": 0, "failed_by_kind": {}} for m in modalities})
-    parts = list_parts(storage, run_uri)
+    if parts is None:
+        parts = list_parts(storage, run_uri)
     key = new_key()
     scans = map_files(_tally_part, parts, storage, list(modalities), key, num_cpus=num_cpus, use_ray=use_ray)
     for scan in scans:

@@ -25,7 +25,7 @@ import numpy as np
 
 from tessera.embed.config import EmbedConfig
 from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
-from tessera.embed.output import done_item_hashes, list_parts, tally
+from tessera.embed.output import done_item_hashes, list_parts, superseded_parts, tally
 from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
@@ -400,23 +400,27 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         lease.check()
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
-    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus)
+    scanned = list_parts(storage, run_uri)
+    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus, parts=scanned)
     modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
     seen: set[str] = set()  # encoder identities reported by the actors, through the writer
-    written = 0
+    written, written_parts = 0, set()
     if len(done) < n_input:
         lease.check()
         ds = build_dataset(cfg, files, done, key, run_uri)
         for row in ds.iter_rows():
             lease.check()
             written += int(row["rows"])
+            written_parts.add(_name(row["part"]))
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
     encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
     lease.check()
-    counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus)
+    parts, removed = settle_parts(storage, run_uri, {_name(p) for p in scanned} | written_parts, lease,
+                                  cfg.read_num_cpus)
+    counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus, parts=parts)
     lease.check()  # parts another attempt wrote after taking the run over are not this run's duplicates
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
@@ -436,7 +440,8 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         "identity": identity,
         "complete": True,
         "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
-        "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows},
+        "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows,
+                   "files": [_name(p) for p in parts], "superseded_parts_removed": [_name(p) for p in removed]},
         "encoders": encoders,
         "counts": counts.per_modality,
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
@@ -447,6 +452,35 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     lease.check()
     storage.write_json(manifest_uri, manifest)
     return manifest
+
+
+def _name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def settle_parts(storage: Storage, run_uri: str, ours: set[str], lease: RunLease,
+                 num_cpus: float = 0.25) -> tuple[list[str], list[str]]:
+    """The run's parts to count, and those deleted: ``(parts, removed)`` (URIs).
+
+    ``ours``: the names of the parts this attempt found when it began and those it wrote. Any other part
+    was written meanwhile by an attempt this one took over (its writes in flight when it lost the lease):
+    one whose every item this attempt wrote again is deleted (:func:`~tessera.embed.output.superseded_parts`);
+    one holding anything else is kept and counted, so the tally sees it."""
+    listed = list_parts(storage, run_uri)
+    stray = [uri for uri in listed if _name(uri) not in ours]
+    if not stray:
+        return listed, []
+    kept = [uri for uri in listed if _name(uri) in ours]
+    covered = superseded_parts(storage, kept, stray, num_cpus)
+    lease.check()  # only the run's holder deletes
+    for uri in covered:
+        storage.delete(uri)
+    left = len(stray) - len(covered)
+    print(f"[embed] {len(stray)} part(s) in {run_uri} were written by an attempt this one took over, after this "
+          f"one listed what was done: {len(covered)} held only items this attempt wrote again (deleted)"
+          + (f"; {left} hold other items (kept, counted)" if left else ""), flush=True)
+    removed = set(covered)
+    return [uri for uri in listed if uri not in removed], covered
 
 
 def error_rate(manifest: dict) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tessera.embed.output import committed_parts
 from tessera.index_job.config import IndexJobConfig
 from tessera.storage import Storage, join_uri
 
@@ -81,7 +82,7 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
                                f"has no {RUN_MANIFEST}: it is missing or incomplete")
     run_manifest = storage.read_json(run_manifest_uri)
     _check_encoders(bundle, run_manifest, run)
-    parts = storage.list_files(run, ".parquet")
+    parts = committed_parts(storage, run, run_manifest)
     if not parts:
         raise IndexSourceError(f"embedding run {run} holds no Parquet parts")
     num_items = storage.parquet_rows(parts)

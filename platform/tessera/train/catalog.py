@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tessera.embed.output import committed_parts
 from tessera.models import hash_item_ids
 from tessera.storage import Storage, join_uri
 
@@ -85,7 +86,7 @@ class ItemCatalog:
         """Read an embedding run (its Parquet parts and ``_MANIFEST.json``) from storage."""
         manifest = storage.read_json(join_uri(embeddings_uri, MANIFEST))
         dims = {m: int(e["dim"]) for m, e in manifest["encoders"].items()}
-        parts = storage.list_files(embeddings_uri, suffix=".parquet")
+        parts = committed_parts(storage, embeddings_uri, manifest)
         if not parts:
             raise FileNotFoundError(f"no Parquet parts under {embeddings_uri}")
         fs, _ = storage.filesystem(parts[0])

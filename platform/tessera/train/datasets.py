@@ -26,6 +26,7 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
+from tessera.embed.output import committed_parts
 from tessera.storage import Storage
 from tessera.train.config import TrainConfig
 from tessera.train.examples import next_item_examples, user_records
@@ -48,8 +49,11 @@ class TrainDatasets:
 
 
 def _catalog_ids(cfg: TrainConfig, storage: Storage) -> np.ndarray:
-    fs, path = storage.filesystem(cfg.embeddings_uri)
-    ids = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(["item_id"])
+    parts = committed_parts(storage, cfg.embeddings_uri)
+    if not parts:
+        raise FileNotFoundError(f"no Parquet parts under {cfg.embeddings_uri}")
+    fs, _ = storage.filesystem(parts[0])
+    ids = ray.data.read_parquet([storage.filesystem(p)[1] for p in parts], filesystem=fs).select_columns(["item_id"])
     return np.sort(np.asarray([r["item_id"] for r in ids.take_all()], dtype=str))
 
 
