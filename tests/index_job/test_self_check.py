@@ -200,3 +200,89 @@ def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary
                     "ts": pa.array(range(1, 7), pa.int64()), "weight": [1.0] * 6})
     got = {h.user_id: h.items for h in sample_users(log, SelfCheckConfig(holdout=0), 5)}
     assert got == {"a": ["i1", "i3", "i5"], "b": ["i0", "i2", "i4"]}
+
+
+def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=None):
+    """The sample written out plainly over ``(user, item, ts, weight)`` rows in log order."""
+    import pyarrow as pa
+
+    from tessera.index_job.self_check import hash_user_ids, user_order_key
+
+    by_user = {}
+    for pos, (user, item, ts, weight) in enumerate(rows):
+        if user is not None:
+            by_user.setdefault(user, []).append((ts, pos, item, weight))
+    names = sorted(by_user)
+    hashes = hash_user_ids(pa.array(names, pa.string()), user_order_key(cfg.seed)).tolist()
+    order = sorted(names, key=lambda u: (hashes[names.index(u)], u))
+    out = []
+    for user in [u for u in order if len(by_user[u]) > cfg.holdout][skip:skip + count]:
+        events = sorted(by_user[user])
+        cut = len(events) - cfg.holdout
+        query_ts = events[cut][0] if cfg.holdout else events[-1][0]
+        history = [e for e in events[:cut] if e[2] is not None and (indexed_items is None or e[2] in indexed_items)]
+        history = history[max(len(history) - max_history, 0):] if max_history is not None else history
+        out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history], query_ts))
+    return out
+
+
+def _as_tuples(histories):
+    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist(), h.query_ts) for h in histories]
+
+
+@pytest.mark.parametrize("holdout,max_history", [(1, 4), (3, None), (0, 2)])
+def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole_log(
+        storage, bucket_uri, ray_session, holdout, max_history):
+    """``select_users`` reads the log in Ray tasks, a file at a time, and keeps only the first users of the
+    order (growing its budget while too few of them have enough events) and the events their histories can
+    need: the same users and histories as the sample written out plainly over the whole log. Users span
+    files, times tie across files (log order decides), some events have no user or no item, and most
+    users have too few events when the holdout is 3."""
+    import pyarrow as pa
+
+    from tessera.index import hash_ids
+    from tessera.index_job.self_check import hash_user_ids, sample_users, select_users, user_order_key
+
+    rng = np.random.default_rng(17 + holdout)
+    rows = []
+    for u in range(300):
+        n = int(rng.integers(4, 40)) if rng.random() < 0.2 else int(rng.integers(1, 4))
+        for _ in range(n):
+            item = None if rng.random() < 0.05 else f"it-{int(rng.integers(0, 60)):02d}"
+            rows.append((f"u{u:03d}", item, int(rng.integers(0, 25)) * 1000, float(rng.integers(1, 8)) / 4))
+    rows += [(None, "it-00", 5_000, 1.0)] * 3
+    rows = [rows[j] for j in rng.permutation(len(rows))]
+    cfg = SelfCheckConfig(user_queries=40, holdout=holdout, seed=3)
+    # two users first in the order, each with 30 events on indexed items in the last file alone: the file's
+    # cut must keep enough of them for the history once the last ones are held out
+    names = [f"w{j:04d}" for j in range(2000)]
+    first = np.argsort(hash_user_ids(pa.array(names), user_order_key(cfg.seed)))[:2]
+    for j in first:
+        rows += [(names[j], f"it-{3 * (e % 20):02d}", 100_000 + 1000 * e, 1.0) for e in range(30)]
+    uri = join_uri(bucket_uri, "log")
+    bounds = [0, 40, 41, 300, 520, 700, len(rows) - 70, len(rows)]
+    for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        chunk = rows[a:b]
+        storage.write_parquet(join_uri(uri, f"part-{f:02d}.parquet"), pa.table({
+            "user_id": pa.array([r[0] for r in chunk], pa.string()), "item_id": pa.array([r[1] for r in chunk],
+                                                                                      pa.string()),
+            "ts": pa.array([r[2] for r in chunk], pa.int64()), "weight": pa.array([r[3] for r in chunk],
+                                                                                  pa.float32()),
+            "event": ["view"] * len(chunk)}))
+    indexed_items = {f"it-{i:02d}" for i in range(0, 60, 3)}
+    indexed = np.unique(hash_ids(sorted(indexed_items)))
+    expected = _reference_sample(rows, cfg, 80, max_history=max_history, indexed_items=indexed_items)
+    assert [e[0] for e in expected[:2]] == [names[j] for j in first]
+    if holdout == 3:
+        assert 30 < len(expected) < 80  # fewer eligible users than asked for: the budget grew to all of them
+    else:
+        assert len(expected) == 80
+    for options in ({"num_cpus": 0.25}, None):  # Ray tasks, two files each; in this process
+        got = select_users(storage, uri, cfg, 40, max_history, indexed, task_options=options, files_per_task=2)
+        assert _as_tuples(got.check) == expected[:40]
+        assert _as_tuples(got.tuning) == expected[40:]
+    log = pa.table({"user_id": pa.array([r[0] for r in rows], pa.string()),
+                    "item_id": pa.array([r[1] for r in rows], pa.string()),
+                    "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
+    assert _as_tuples(sample_users(log, cfg, 10, skip=5, max_history=max_history, indexed=indexed)) == expected[5:15]
+    assert _as_tuples(sample_users(log, cfg, 5)) == _reference_sample(rows, cfg, 5)

@@ -204,13 +204,13 @@ class _BuildRun:
     shards: dict[str, list[BuiltShard]]  # by index name, in shard order
     users: UserSample | None  # None without a log (or with no user query asked for)
     tuning_vectors: int | None  # user vectors the fused shards tuned on (None: no tuning users asked for)
-    users_s: float  # the users task: the log read and the sampling
+    users_s: float  # sampling the users: the passes over the log
 
 
 def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
                      parts: list[str], part_rows: dict[str, list[int]], tuning_count: int,
                      indexed: np.ndarray | None) -> _BuildRun:
-    """Split, build and self-check every shard: the users task samples the log first (the check's users
+    """Split, build and self-check every shard: the users are sampled from the log first (the check's users
     and ``tuning_count`` more, their histories kept to the last events on ``indexed`` items the user
     tower reads), the split tasks pick out the sampled item rows and those history items, a task turns
     them into user vectors, and each build task tunes on the tuning users' and checks its saved shard on
@@ -221,8 +221,8 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
     task_options = check.task_options(cfg.build.num_cpus)
     users, t0 = None, time.perf_counter()
     if src.interactions_uri is not None and (check.user_queries or tuning_count):
-        users = ray.get(ray.remote(select_users).options(**task_options).remote(
-            storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg), indexed))
+        users = select_users(storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg),
+                             indexed, task_options=task_options)
     users_s = time.perf_counter() - t0
     split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
                           samples={plan.name: item_sample(plan.num_items, check) for plan in plans},

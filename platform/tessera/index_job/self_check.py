@@ -7,11 +7,12 @@ Queries:
   modality's vectors), each searched with its own item excluded (in the exact answer too), so the
   item is no free hit. The split tasks pick the sampled rows out of the parts as they read them
   (:func:`tessera.index_job.build.split_vectors`).
-* **user queries** (fused index only): users sampled from the interaction log (:func:`select_users`);
-  each one's history (all but the last ``holdout`` events, the most recent ``max_history`` of them, items
-  outside the index dropped) goes through the bundle's user tower at the time of the first held-out
-  event (:func:`user_queries`). Only the history items' vectors are gathered, again by the split tasks.
-  The next users of the same seeded order make the fused shards' tuning queries.
+* **user queries** (fused index only): users sampled from the interaction log (:func:`select_users`:
+  the first users of a seeded hash order, found in two passes of Ray tasks over the log's files, no
+  process holding the log); each one's history (all but the last ``holdout`` events, the most recent
+  ``max_history`` of them, items outside the index dropped) goes through the bundle's user tower at the
+  time of the first held-out event (:func:`user_queries`). Only the history items' vectors are gathered,
+  again by the split tasks. The next users of the same order make the fused shards' tuning queries.
 
 Each shard's build task saves its shard, loads it back from storage exactly as serving does (checksums
 verified) and measures it against its own vectors (:func:`check_saved_shard`); the driver merges the
@@ -23,13 +24,14 @@ index column. A returned item counts as a hit when its exact score ties the exac
 Example::
 
     users = select_users(storage, interactions_uri, cfg.self_check, tuning_count=200, max_history=50,
-                         indexed=np.sort(fused_hashes))
+                         indexed=np.sort(fused_hashes), task_options={"num_cpus": 0.5})
     checked, tuning = user_queries(storage, model_uri, users, cfg.self_check, 1, (ids, vectors))
     parts = check_saved_shard(storage, shard_uri, sha256, ids, vectors, checked, (query_ids, queries), k=10)
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,91 +93,188 @@ class UserSample:
         return sorted({item for h in (*self.check, *self.tuning) for item in h.items})
 
 
+USERS_KEY_SALT = "tessera.index_job.self_check.users"
+
+
+def user_order_key(seed: int) -> str:
+    """The hash key whose order of user ids is the sample's seeded random order (16 characters, one per
+    ``seed``; see :func:`tessera.embed.ids.hash_ids`)."""
+    return hashlib.sha256(f"{USERS_KEY_SALT}:{seed}".encode()).hexdigest()[:16]
+
+
 @dataclass
-class UserEvents:
-    """A log's events grouped by user, without turning its columns into Python objects (a log of
-    hundreds of millions of events stays in Arrow and numpy arrays).
+class _UserColumn:
+    """A log's ``user_id`` column, dictionary-encoded chunk by chunk (a large log's text may pass 2 GiB and
+    need not become a Python object per event).
 
     Attributes:
-        log: the interaction log (rows without a user id dropped).
-        names: the distinct user ids, sorted.
-        order: event rows by user (in ``names`` order), then time, then log order.
-        first, counts: per user, where its events start in ``order`` and how many there are.
+        names: the distinct user ids (strings).
+        codes: (n,) int64, each event's entry in ``names``; -1 for an event without a user id.
+        hashes: (len(names),) uint64, the ids' hashes under the sample's key.
     """
 
-    log: pa.Table
     names: pa.Array
-    order: np.ndarray
-    first: np.ndarray
-    counts: np.ndarray
+    codes: np.ndarray
+    hashes: np.ndarray
 
     @classmethod
-    def of(cls, interactions: pa.Table) -> UserEvents:
-        log = interactions
-        if log.column("user_id").null_count:
-            log = log.filter(pc.is_valid(log.column("user_id")))
-        user_col = log.column("user_id")
-        if not pa.types.is_string(user_col.type) and not pa.types.is_large_string(user_col.type):
-            user_col = user_col.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
-        # encoded chunk by chunk (no copy of the column into one array: its text may pass 2 GiB), one
-        # dictionary for all chunks
-        encoded = pc.dictionary_encode(user_col).unify_dictionaries()
-        dictionary = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
-        codes = np.concatenate([c.indices.to_numpy() for c in encoded.chunks]) if encoded.num_chunks \
-            else np.empty(0, np.int64)
-        sort = pc.array_sort_indices(dictionary).to_numpy()  # sorted place -> dictionary entry
-        rank = np.empty(len(sort), np.int64)
-        rank[sort] = np.arange(len(sort))
-        users = rank[codes]  # (n,) each event's user, numbered in sorted-id order
-        ts = log.column("ts").to_numpy()
-        order = np.lexsort((np.arange(len(ts)), ts, users))
-        counts = np.bincount(users, minlength=len(sort))
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        return cls(log, dictionary.take(pa.array(sort, pa.int64())), order, first, counts)
+    def of(cls, column: pa.ChunkedArray, key: str) -> _UserColumn:
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            column = column.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
+        encoded = pc.dictionary_encode(column).unify_dictionaries()  # one dictionary for all chunks
+        if not encoded.num_chunks:
+            return cls(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.uint64))
+        names = encoded.chunk(0).dictionary
+        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
+        return cls(names, codes, hash_user_ids(names, key))
 
 
-def sample_users(events: pa.Table | UserEvents, cfg: SelfCheckConfig, count: int, skip: int = 0,
+@dataclass
+class _Events:
+    """What one piece of the log holds of some users: their events cut to what a sample can use (see
+    :func:`_user_events`), and each user's number of events in the piece.
+
+    Attributes:
+        table: ``user_id``, ``item_id``, ``ts``, ``weight``, ``piece``, ``row`` (the event's place in the log).
+        users: the users' ids; ``counts`` (same length): their events in the piece, cut or not.
+    """
+
+    table: pa.Table
+    users: list[str]
+    counts: np.ndarray
+
+
+def _lowest_users(table: pa.Table, key: str, budget: int) -> np.ndarray:
+    """The ``budget`` lowest distinct user hashes (under ``key``) of a piece of the log, sorted."""
+    return np.unique(_UserColumn.of(table.column("user_id"), key).hashes)[:budget]
+
+
+def _user_events(table: pa.Table, piece: int, key: str, candidates: np.ndarray, indexed: np.ndarray | None,
+                 max_history: int | None, holdout: int) -> _Events:
+    """The events of a piece of the log whose user's hash is in sorted ``candidates``, each user's cut to
+    what its history and query can need whatever the other pieces hold: its last ``max(holdout, 1)``
+    events, and its last ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them
+    can be held out; ``max_history`` None: all)."""
+    users = _UserColumn.of(table.column("user_id"), key)
+    chosen = np.append(is_member(candidates, users.hashes), False)  # the last entry: code -1, no user id
+    rows = np.flatnonzero(chosen[users.codes])
+    codes = users.codes[rows]
+    ts = take_rows(table.column("ts"), rows).to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((rows, ts, codes))  # by user, then time, then log order
+    rows, codes, ts = rows[order], codes[order], ts[order]
+    items = take_rows(table.column("item_id"), rows)
+    usable = _usable(items, indexed)
+    n = len(rows)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n else np.empty(0, np.int64)
+    ends = np.r_[starts[1:], n].astype(np.int64) if n else np.empty(0, np.int64)
+    group = np.repeat(np.arange(len(starts)), ends - starts)
+    from_end = ends[group] - 1 - np.arange(n)  # 0 for the user's last event
+    keep = from_end < max(holdout, 1)
+    if max_history is None:
+        keep |= usable
+    else:
+        after = np.r_[np.cumsum(usable[::-1])[::-1], 0]  # usable events from each position to the end
+        keep |= usable & (after[:n] - after[ends[group]] <= max_history + holdout)
+    kept = np.flatnonzero(keep)
+    out = pa.table({
+        "user_id": users.names.take(pa.array(codes[kept], pa.int64())),
+        "item_id": items.take(pa.array(kept, pa.int64())),
+        "ts": pa.array(ts[kept], pa.int64()),
+        "weight": take_rows(table.column("weight"), rows[kept]).cast(pa.float32()),
+        "piece": pa.array(np.full(len(kept), piece, np.int64)),
+        "row": pa.array(rows[kept], pa.int64()),
+    })
+    return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
+
+
+def _usable(items: pa.Array, indexed: np.ndarray | None) -> np.ndarray:
+    """(n,) bool: events a history keeps: an item id, of an indexed item (hash in sorted ``indexed``)."""
+    usable = items.is_valid().to_numpy(zero_copy_only=False).copy()
+    if indexed is not None and usable.any():
+        usable[usable] = is_member(indexed, hash_ids(items.filter(pa.array(usable)).to_pylist()))
+    return usable
+
+
+def hash_user_ids(ids: pa.Array, key: str) -> np.ndarray:
+    """(n,) uint64 hashes of user ids (strings) under ``key``."""
+    from tessera.embed.ids import hash_ids as keyed_hashes
+
+    return keyed_hashes(ids, key)
+
+
+def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, skip: int,
+          max_history: int | None, indexed: np.ndarray | None) -> list[UserHistory]:
+    """Users ``skip .. skip + count - 1`` of the sample's order among those with more than ``cfg.holdout``
+    events in ``events`` (every piece's), with their histories."""
+    totals: dict[str, int] = {}
+    for piece in events:
+        for user, n in zip(piece.users, piece.counts.tolist(), strict=True):
+            totals[user] = totals.get(user, 0) + n
+    names = list(totals)
+    hashes = hash_user_ids(pa.array(names, pa.string()), key)
+    ordered = [names[j] for j in np.lexsort((np.asarray(names, dtype=object), hashes))] if names else []
+    picked = [u for u in ordered if totals[u] > cfg.holdout][skip:skip + count]
+    if not picked:
+        return []
+    log = pa.concat_tables([piece.table for piece in events])
+    log = log.filter(pc.is_in(log.column("user_id"), pa.array(picked, pa.string())))
+    log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("piece", "ascending"), ("row", "ascending")])
+    user_col = log.column("user_id").to_pylist()
+    ts = log.column("ts").to_numpy()
+    weights = log.column("weight").to_numpy().astype(np.float32)
+    items = log.column("item_id").combine_chunks() if log.num_rows else pa.array([], pa.string())
+    usable = _usable(items, indexed)
+    items_list = items.to_pylist()
+    spans: dict[str, tuple[int, int]] = {}  # each user's rows of the sorted log
+    for j, user in enumerate(user_col):
+        spans[user] = (spans.get(user, (j, j))[0], j + 1)
+    sample = []
+    for user in picked:
+        a, b = spans[user]
+        cut = b - cfg.holdout  # the held-out events: [cut, b)
+        query_ts = int(ts[cut]) if cfg.holdout else int(ts[b - 1])
+        kept = a + np.flatnonzero(usable[a:cut])
+        if max_history is not None:
+            kept = kept[max(len(kept) - max_history, 0):]
+        sample.append(UserHistory(user, [items_list[j] for j in kept], ts[kept], weights[kept], query_ts))
+    return sample
+
+
+def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
                  max_history: int | None = None, indexed: np.ndarray | None = None) -> list[UserHistory]:
     """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
-    random order (``cfg.seed``) over the users sorted by id: the tuning users (``skip = cfg.user_queries``)
-    are never checked ones.
+    random order (users by their id's hash under :func:`user_order_key` of ``cfg.seed``, ties by id): the
+    tuning users (``skip = cfg.user_queries``) are never checked ones. A log held in memory;
+    :func:`select_users` draws the same sample from a log in storage, a file at a time.
 
-    Each history keeps its events on items whose id hash is in ``indexed`` (sorted uint64 hashes of the
-    index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of
-    them (None: all): what the user tower will read, so long histories stay small. Events without an
-    item id are dropped.
+    Each history keeps its events (oldest first; by time, then log order) before the last ``cfg.holdout``
+    ones, on items whose id hash is in ``indexed`` (sorted uint64 hashes of the index's items,
+    :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of them (None: all):
+    what the user tower will read, so long histories stay small. The query time is the first held-out
+    event's (holdout 0: the last event's). Events without an item id are dropped, those without a user id
+    ignored."""
+    return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
+                        lambda key, candidates: [_user_events(log, 0, key, candidates, indexed, max_history,
+                                                              cfg.holdout)],
+                        cfg, count, skip, max_history, indexed)
 
-    Args:
-        events: the interaction log, or its :class:`UserEvents` (to draw several samples from one).
-    """
-    events = events if isinstance(events, UserEvents) else UserEvents.of(events)
-    eligible = np.flatnonzero(events.counts > cfg.holdout)
-    picked = np.sort(np.random.default_rng(cfg.seed).permutation(eligible)[skip:skip + count])
-    spans = [events.order[events.first[u]:events.first[u] + events.counts[u]] for u in picked]  # oldest first
-    held = [rows[len(rows) - cfg.holdout:] for rows in spans]
-    histories = [rows[:len(rows) - cfg.holdout] for rows in spans]
-    wanted = np.concatenate([*histories, *(h[:1] for h in held)]) if len(picked) else np.empty(0, np.int64)
-    items = take_rows(events.log.column("item_id"), wanted).to_pylist()
-    ts = take_rows(events.log.column("ts"), wanted).to_numpy(zero_copy_only=False)
-    weight = take_rows(events.log.column("weight"), wanted).to_numpy(zero_copy_only=False).astype(np.float32)
-    sample, at, held_at = [], 0, sum(len(h) for h in histories)
-    for u, history, query in zip(picked, histories, held, strict=True):
-        span = slice(at, at + len(history))  # this user's history in the taken rows
-        at += len(history)
-        if len(query):
-            query_ts, held_at = int(ts[held_at]), held_at + 1
-        else:  # holdout 0: the time of the last event
-            query_ts = int(ts[span][-1])
-        mine = items[span]
-        keep = np.asarray([i is not None for i in mine], bool)
-        if indexed is not None and keep.any():
-            keep[keep] = is_member(indexed, hash_ids([i for i in mine if i is not None]))
-        kept = np.flatnonzero(keep)
-        if max_history is not None:
-            kept = kept[-max_history:]
-        sample.append(UserHistory(events.names[int(u)].as_py(), [mine[j] for j in kept], ts[span][kept],
-                                  weight[span][kept], query_ts))
-    return sample
+
+def _first_users(lowest, events, cfg: SelfCheckConfig, count: int, skip: int, max_history: int | None,
+                 indexed: np.ndarray | None) -> list[UserHistory]:
+    """The sample from a log in pieces: ``lowest(key, budget)`` gives each piece's ``budget`` lowest user
+    hashes (so their union holds the log's ``budget`` lowest: the first users of the order), ``events(key,
+    candidates)`` each piece's :class:`_Events` of those users. The budget starts at twice the users
+    asked for and grows (x4) while too few of its users have more than ``cfg.holdout`` events."""
+    if count <= 0:
+        return []
+    key = user_order_key(cfg.seed)
+    budget = 2 * (skip + count) + 64
+    while True:
+        union = np.unique(np.concatenate(lowest(key, budget)))
+        picked = _pick(events(key, union[:budget]), key, cfg, count, skip, max_history, indexed)
+        if len(picked) == count or len(union) < budget:  # enough, or every user of the log was a candidate
+            return picked
+        budget *= 4
 
 
 def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
@@ -191,15 +290,54 @@ def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     return in_row_order.take(pa.array(np.argsort(by_row, kind="stable"), pa.int64()))
 
 
+def _lowest_in_file(piece: int, uri: str, storage: Storage, key: str, budget: int) -> np.ndarray:
+    return _lowest_users(storage.read_parquet(uri, ["user_id"]), key, budget)
+
+
+def _events_in_file(piece: int, uri: str, storage: Storage, key: str, candidates: np.ndarray,
+                    indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
+    table = storage.read_parquet(uri, ["user_id", "item_id", "ts", "weight"])
+    return _user_events(table, piece, key, candidates, indexed, max_history, holdout)
+
+
+def _over_files(fn, pieces: list[tuple[int, str]], *args) -> list:
+    return [fn(piece, uri, *args) for piece, uri in pieces]
+
+
+def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: int, *args) -> list:
+    """``fn(piece, uri, *args)`` for every file of the log, in order: in Ray tasks of ``task_options`` when
+    given (and Ray is up), ``files_per_task`` files a task; large arrays among ``args`` go to the object
+    store once."""
+    import ray
+
+    pieces = list(enumerate(files))
+    if task_options is None or not ray.is_initialized():
+        return _over_files(fn, pieces, *args)
+    args = tuple(ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > (1 << 20) else a for a in args)
+    remote = ray.remote(_over_files).options(**task_options)
+    chunks = [pieces[i:i + files_per_task] for i in range(0, len(pieces), files_per_task)]
+    return [r for got in ray.get([remote.remote(fn, chunk, *args) for chunk in chunks]) for r in got]
+
+
 def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
-                 max_history: int | None = None, indexed: np.ndarray | None = None) -> UserSample:
-    """A Ray task in the job: read the log once, sample the check's users (``cfg.user_queries``) and the
-    tuning users (``tuning_count``); returns their histories (each at most ``max_history`` events on
-    ``indexed`` items, see :func:`sample_users`), not the log."""
-    events = UserEvents.of(read_interactions(storage, interactions_uri))
-    return UserSample(
-        sample_users(events, cfg, cfg.user_queries, 0, max_history, indexed) if cfg.user_queries else [],
-        sample_users(events, cfg, tuning_count, cfg.user_queries, max_history, indexed) if tuning_count else [])
+                 max_history: int | None = None, indexed: np.ndarray | None = None,
+                 task_options: dict | None = None, files_per_task: int = 8) -> UserSample:
+    """The check's users (``cfg.user_queries``) and after them the tuning users (``tuning_count``): the
+    sample :func:`sample_users` draws from the whole log, read a file at a time (in Ray tasks of
+    ``task_options`` when given, ``files_per_task`` files each) without any process holding the log.
+
+    Two passes over the files: each file's lowest user hashes, then the events of the first users of
+    the order, each file's cut to what a history can need (:func:`_user_events`); see
+    :func:`_first_users`."""
+    files = storage.list_files(interactions_uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no interaction parts under {interactions_uri}")
+    picked = _first_users(
+        lambda key, budget: _map_log(_lowest_in_file, files, task_options, files_per_task, storage, key, budget),
+        lambda key, candidates: _map_log(_events_in_file, files, task_options, files_per_task, storage, key,
+                                         candidates, indexed, max_history, cfg.holdout),
+        cfg, cfg.user_queries + tuning_count, 0, max_history, indexed)
+    return UserSample(picked[:cfg.user_queries], picked[cfg.user_queries:])
 
 
 def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
