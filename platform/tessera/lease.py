@@ -215,6 +215,12 @@ class RunLease:
         if self._lost:
             raise LeaseLostError(self._lost + "; this attempt stopped writing")
 
+    def confirm(self) -> None:
+        """Renew the lease now and :meth:`check` it: before a write that must not come from an attempt
+        whose lease was just taken over (a renewal ago at most, the holder's view may be stale)."""
+        self.renew()
+        self.check()
+
     @property
     def lost(self) -> bool:
         return self._lost is not None

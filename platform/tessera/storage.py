@@ -486,14 +486,15 @@ class Storage:
     def write_json(self, uri: str, obj) -> None:
         self.write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode(), "application/json")
 
-    def list_files(self, prefix_uri: str, suffix: str = "") -> list[str]:
-        """All object URIs under a prefix (recursive), sorted; empty when the prefix does not exist."""
-        return sorted(self._iter_files(prefix_uri, suffix))
+    def list_files(self, prefix_uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
+        """All object URIs under a prefix (in subfolders too unless ``recursive`` is False), sorted; empty
+        when the prefix does not exist."""
+        return sorted(self._iter_files(prefix_uri, suffix, recursive))
 
-    def _iter_files(self, prefix_uri: str, suffix: str) -> Iterator[str]:
+    def _iter_files(self, prefix_uri: str, suffix: str, recursive: bool = True) -> Iterator[str]:
         loc = parse_uri(prefix_uri)
         fs, path = self.filesystem(prefix_uri)
-        selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
+        selector = pafs.FileSelector(path.rstrip("/"), recursive=recursive, allow_not_found=True)
         for info in fs.get_file_info(selector):
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
                 yield f"s3://{info.path}" if loc.scheme == "s3" else info.path

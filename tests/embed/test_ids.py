@@ -15,7 +15,7 @@ from tessera.embed.output import (
     committed_parts,
     done_item_hashes,
     list_parts,
-    superseded_parts,
+    superseded_copies,
     tally,
     vector_column,
     write_part,
@@ -155,23 +155,29 @@ def test_done_hashes_are_the_written_ids(storage, bucket_uri):
     assert len(done_item_hashes(storage, join_uri(bucket_uri, "nothing"), key)) == 0
 
 
-@pytest.mark.parametrize("weak", [False, True])
-def test_superseded_parts_are_those_whose_every_id_is_in_the_kept_ones(storage, bucket_uri, request, weak):
-    """Hashes only pick out which ids to read: with every id sharing one of 8 hash values, a stray part
-    holding one id found nowhere else is still kept."""
-    if weak:
-        request.getfixturevalue("three_bit_hash")
+def test_superseded_copies_are_parts_whose_every_id_is_in_a_part_kept(storage, bucket_uri):
+    """Tried in order: of two parts repeating each other, the first goes and the second stays; a part
+    holding one id found nowhere else stays; an id repeated inside the parts left stays repeated."""
+    run_uri = join_uri(bucket_uri, "run")
+
+    def part(attempt, *ids):
+        return write_part(storage, run_uri, pa.table({"item_id": pa.array(list(ids), pa.string())}), attempt)
+
+    ours_a, ours_b = part("ours", "a", "b", "c"), part("ours", "d", "e")
+    late, mixed, same = part("old", "b", "d"), part("old", "c", "z"), part("old", "d", "e")
+    assert same != ours_b
+    assert superseded_copies(storage, [late, mixed, same, ours_a, ours_b]) == [late, same]
+    assert superseded_copies(storage, [ours_b, same]) == [ours_b]  # the order decides which copy goes
+    assert superseded_copies(storage, [mixed]) == []
+    assert superseded_copies(storage, []) == []
+
+
+def test_tally_names_the_parts_holding_repeated_ids(storage, bucket_uri):
     run_uri = join_uri(bucket_uri, "run")
     _write_run(storage, run_uri)
-    parts = list_parts(storage, run_uri)
-    fourth = next(p for p in parts if "i39" in storage.read_parquet(p, ["item_id"]).column("item_id").to_pylist())
-    kept = [p for p in parts if p != fourth]
-    covered = write_part(storage, run_uri, pa.table({"item_id": pa.array(["i1", "i12", "i39"], pa.string())}))
-    other = write_part(storage, run_uri, pa.table({"item_id": pa.array(["i2", "i99"], pa.string())}))
-    # the fourth part repeats i1..i3 of the first and holds i30..i39: covered only while kept
-    assert superseded_parts(storage, parts, [covered, other], use_ray=False) == [covered]
-    assert superseded_parts(storage, kept, [covered, other, fourth], use_ray=False) == []
-    assert superseded_parts(storage, kept, [], use_ray=False) == []
+    repeated = tally(storage, run_uri, ["text"], use_ray=False).repeated_parts
+    assert [set(storage.read_parquet(p, ["item_id"]).column("item_id").to_pylist()) & {"i1", "i2", "i3"}
+            for p in repeated] == [{"i1", "i2", "i3"}] * 2
 
 
 def test_committed_parts_are_the_manifests_list_or_for_older_runs_the_folder(storage, bucket_uri):

@@ -442,7 +442,7 @@ def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_man
     manifest = run_embedding(config("taken"))
     monkeypatch.undo()
     out = capsys.readouterr().out
-    assert "1 part(s) in " + run_uri in out and "1 held only items this attempt wrote again (deleted)" in out, out
+    assert f"1 part(s) of {run_uri} repeat items found in other parts" in out, out
     removed = late[0].rsplit("/", 1)[1]
     assert manifest["output"]["superseded_parts_removed"] == [removed]
     assert manifest["counts"]["text"]["ok"] == 6 and manifest["output"]["rows"] == 6
@@ -450,6 +450,7 @@ def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_man
     assert [u.rsplit("/", 1)[1] for u in ours] == manifest["output"]["files"] and len(ours) == 2
     assert removed not in manifest["output"]["files"]
 
+    assert not storage.exists(join_uri(run_uri, removed))
     # a late part landing after the manifest: in the folder, not in the run
     storage.write_bytes(join_uri(run_uri, late[1].rsplit("/", 1)[1]), storage.read_bytes(late[1]))
     assert len(list_parts(storage, run_uri)) == 3
@@ -463,3 +464,34 @@ def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_man
         storage, bundle)
     sources = resolve_sources(job_config(bundle, join_uri(root, "index")), storage)
     assert sources.embedding_parts == ours and sources.num_items == 6
+
+
+def test_a_late_part_holding_an_item_of_no_other_part_is_counted_and_fails_the_run(encoder_weights, storage,
+                                                                                     monkeypatch, ray_session):
+    """Only a part whose every item is in a part kept is left out: one holding anything else stays, so the
+    tally names the repeats and the run fails (exit 4) without deleting anything or writing a manifest."""
+    from tessera.embed import pipeline as pipeline_module
+    from tessera.embed.output import vector_column, write_part
+    from tessera.embed.pipeline import EmbeddingIntegrityError
+
+    root = f"{TEST_ROOT}/late-foreign"
+    items = join_uri(root, "items")
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": ["a", "b"], "text": ["oat milk", "rye bread"],
+        "image_uri": pa.nulls(2, pa.string()), "audio_uri": pa.nulls(2, pa.string())}))
+    cfg = embed_config(encoder_weights, "foreign", items_uri=items, output_uri=join_uri(root, "out"),
+                       image={"enabled": False}, audio={"enabled": False})
+    run_uri = join_uri(cfg.output_uri, cfg.run_id)
+    real_build = pipeline_module.build_dataset
+    late = {}
+
+    def build_then_late_write(*args, **kwargs):
+        late["uri"] = write_part(storage, run_uri, pa.table({
+            "item_id": ["a", "zz"], "text": vector_column([None, None], 384),
+            "text_error": ["corrupt: late", "corrupt: late"]}), attempt="00000000")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "build_dataset", build_then_late_write)
+    with pytest.raises(EmbeddingIntegrityError, match=r"holds 3 distinct items \(1 duplicate rows\) for 2 input"):
+        run_embedding(cfg)
+    assert storage.exists(late["uri"]) and not storage.exists(join_uri(run_uri, "_MANIFEST.json"))

@@ -9,23 +9,33 @@ own file instead of adding a duplicate, and an S3 object is either complete or a
 halfway leaves only whole parts, which a rerun reads to skip what is done.
 
 A finished run's ``_MANIFEST.json`` lists its parts (``output.files``, names relative to the run):
-readers take those (:func:`committed_parts`), not whatever the folder holds. An attempt that lost the
-run to another (:class:`~tessera.lease.RunLease`) may still have writes in flight; a part of its that
-lands after the new attempt listed what was done repeats items the new attempt writes too. The new
-attempt deletes such a part once every one of its ids is found in its own parts
-(:func:`superseded_parts`); one landing after the manifest is not in its list.
+readers take those (:func:`committed_parts`), not whatever the folder holds. Part names carry the
+writing attempt's id. An attempt that lost the run to another (:class:`~tessera.lease.RunLease`) may
+still have writes in flight; a part of its that lands after the new attempt listed what was done
+repeats items the new attempt writes too (as does one left by an attempt that stopped between this
+settling and its manifest). When the tally finds repeated ids, a part each of whose ids is also in a
+part kept is left out of the tally and the manifest (:func:`superseded_copies`) and deleted after the
+manifest is written; a part landing later is not in the manifest's list.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 import pyarrow as pa
 
-from tessera.embed.ids import colliding, file_id_hashes, file_ids_with_hashes, hash_ids, map_files, new_key
+from tessera.embed.ids import (
+    colliding,
+    file_id_hashes,
+    file_ids_with_hashes,
+    hash_ids,
+    is_member,
+    map_files,
+    new_key,
+)
 from tessera.storage import Storage, join_uri
 
 MODALITIES = ("text", "image", "audio")
@@ -48,15 +58,17 @@ def ids_digest(item_ids: list[str]) -> str:
     return hashlib.sha1("\n".join(item_ids).encode()).hexdigest()
 
 
-def part_name(item_ids: list[str]) -> str:
-    return "part-" + ids_digest(item_ids)[:20] + ".parquet"
+def part_name(item_ids: list[str], attempt: str | None = None) -> str:
+    """``part-[<attempt>-]<digest of the ids>.parquet``: a retried write of the same items in the same
+    attempt overwrites its own file; another attempt's part is another file."""
+    return "part-" + (f"{attempt}-" if attempt else "") + ids_digest(item_ids)[:20] + ".parquet"
 
 
-def write_part(storage: Storage, run_uri: str, table: pa.Table) -> str:
+def write_part(storage: Storage, run_uri: str, table: pa.Table, attempt: str | None = None) -> str:
     """Write one part atomically (:meth:`~tessera.storage.Storage.write_parquet`: encoded in memory, then
     one PutObject or a local rename), so that a writer stopped at any moment leaves the whole part or
-    none of it: a rerun reads every part it finds."""
-    uri = join_uri(run_uri, part_name(table.column("item_id").to_pylist()))
+    none of it: a rerun reads every part it finds. ``attempt``: the writing attempt's id, in the name."""
+    uri = join_uri(run_uri, part_name(table.column("item_id").to_pylist(), attempt))
     storage.write_parquet(uri, table)
     return uri
 
@@ -69,6 +81,7 @@ class Tally:
     distinct_ids: int = 0
     parts: int = 0
     per_modality: dict[str, dict] = field(default_factory=dict)
+    repeated_parts: list[str] = field(default_factory=list)  # parts holding an id hash found more than once
 
     @property
     def duplicates(self) -> int:
@@ -76,8 +89,9 @@ class Tally:
 
 
 def list_parts(storage: Storage, run_uri: str) -> list[str]:
-    """Every ``part-*.parquet`` in the run's folder now (sorted URIs), committed or not."""
-    return [u for u in storage.list_files(run_uri, ".parquet") if u.rsplit("/", 1)[-1].startswith("part-")]
+    """Every ``part-*.parquet`` in the run's folder now (sorted URIs, not in subfolders), committed or not."""
+    return [u for u in storage.list_files(run_uri, ".parquet", recursive=False)
+            if u.rsplit("/", 1)[-1].startswith("part-")]
 
 
 def committed_parts(storage: Storage, run_uri: str, manifest: dict | None = None) -> list[str]:
@@ -95,18 +109,23 @@ def committed_parts(storage: Storage, run_uri: str, manifest: dict | None = None
     return [join_uri(run_uri, name) for name in files]
 
 
-def superseded_parts(storage: Storage, kept: list[str], stray: list[str], num_cpus: float = 0.25,
-                     use_ray: bool | None = None) -> list[str]:
-    """Of the ``stray`` parts, those whose every item id is also in one of the ``kept`` parts (compared
-    as strings: hashes only pick out which ids of ``kept`` to read). Deleting them loses nothing."""
-    if not stray:
-        return []
-    key = new_key()
-    stray_ids = {uri: storage.read_parquet(uri, ["item_id"]).column("item_id") for uri in stray}
-    wanted = np.unique(np.concatenate([hash_ids(ids, key) for ids in stray_ids.values()]))
-    found = set(chain.from_iterable(map_files(file_ids_with_hashes, kept, storage, key, wanted,
-                                              num_cpus=num_cpus, use_ray=use_ray)))
-    return [uri for uri, ids in stray_ids.items() if set(ids.to_pylist()) <= found]
+MAX_PARTS_TO_SETTLE = 4096  # parts holding repeated ids whose ids the driver reads to settle them
+
+
+def superseded_copies(storage: Storage, suspects: list[str]) -> list[str]:
+    """Of the parts holding repeated ids (``suspects``, tried in this order), those to leave out of the
+    run: a part goes when every one of its ids is also in a part still kept (ids compared as strings).
+    Leaving them out loses nothing; a repeat they do not explain stays (the tally reports it).
+
+    Every other copy of a repeated id is in a part holding a repeated id, so only ``suspects`` are read."""
+    ids = {uri: storage.read_parquet(uri, ["item_id"]).column("item_id").to_pylist() for uri in suspects}
+    copies = Counter(i for found in ids.values() for i in found)
+    out = []
+    for uri in suspects:
+        if ids[uri] and all(copies[i] > 1 for i in ids[uri]):
+            out.append(uri)
+            copies.subtract(ids[uri])
+    return out
 
 
 def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
@@ -161,6 +180,8 @@ def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float
             for kind, n in part["failed_by_kind"].items():
                 c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + n
     distinct, repeated = colliding([scan["hashes"] for scan in scans])
+    t.repeated_parts = [uri for uri, scan in zip(parts, scans, strict=True)
+                        if is_member(repeated, scan["hashes"]).any()]
     if len(repeated):  # a repeated id, or distinct ids sharing a hash: count those ids as strings
         found = map_files(file_ids_with_hashes, parts, storage, key, repeated, num_cpus=num_cpus, use_ray=use_ray)
         distinct += len({item for ids in found for item in ids}) - len(repeated)

@@ -25,7 +25,14 @@ import numpy as np
 
 from tessera.embed.config import EmbedConfig
 from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
-from tessera.embed.output import done_item_hashes, list_parts, superseded_parts, tally
+from tessera.embed.output import (
+    MAX_PARTS_TO_SETTLE,
+    Tally,
+    done_item_hashes,
+    list_parts,
+    superseded_copies,
+    tally,
+)
 from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
@@ -215,9 +222,11 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
     return {m: out[m] for m in cfg.modalities()}
 
 
-def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key: str, run_uri: str):
+def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key: str, run_uri: str,
+                  attempt: str | None = None):
     """The streaming pipeline over ``files``, skipping items whose id hash (under ``hash_key``) is in
-    ``done`` (sorted ``uint64``, :func:`~tessera.embed.output.done_item_hashes`)."""
+    ``done`` (sorted ``uint64``, :func:`~tessera.embed.output.done_item_hashes`); ``attempt`` names
+    the parts it writes."""
     import ray
 
     storage = Storage(cfg.storage)
@@ -265,7 +274,8 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
                                                    "allocator": pool.allocator})
     return ds.map_batches(write_batch, batch_format="pyarrow", batch_size=cfg.write_batch_size,
                           num_cpus=cfg.read_num_cpus, compute=io_compute,
-                          fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities())})
+                          fn_kwargs={"run_uri": run_uri, "storage": storage, "modalities": list(cfg.modalities()),
+                                     "attempt": attempt})
 
 
 def _autoscaler_max_resources() -> dict | None:
@@ -400,8 +410,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         lease.check()
         storage.write_json(identity_uri, identity)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
-    scanned = list_parts(storage, run_uri)
-    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus, parts=scanned)
+    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus)
     modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
@@ -409,7 +418,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     written, written_parts = 0, set()
     if len(done) < n_input:
         lease.check()
-        ds = build_dataset(cfg, files, done, key, run_uri)
+        ds = build_dataset(cfg, files, done, key, run_uri, attempt=lease.token[:8])
         for row in ds.iter_rows():
             lease.check()
             written += int(row["rows"])
@@ -418,9 +427,13 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     t_pipeline = time.perf_counter() - t0
     encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
     lease.check()
-    parts, removed = settle_parts(storage, run_uri, {_name(p) for p in scanned} | written_parts, lease,
-                                  cfg.read_num_cpus)
+    parts = list_parts(storage, run_uri)
     counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus, parts=parts)
+    superseded = settle_repeats(storage, run_uri, counts, written_parts)
+    if superseded:
+        gone = set(superseded)
+        parts = [uri for uri in parts if uri not in gone]
+        counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus, parts=parts)
     lease.check()  # parts another attempt wrote after taking the run over are not this run's duplicates
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
@@ -441,7 +454,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         "complete": True,
         "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
         "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows,
-                   "files": [_name(p) for p in parts], "superseded_parts_removed": [_name(p) for p in removed]},
+                   "files": [_name(p) for p in parts], "superseded_parts_removed": [_name(p) for p in superseded]},
         "encoders": encoders,
         "counts": counts.per_modality,
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
@@ -449,8 +462,11 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                     "items_written_this_attempt": written, "resumed_from": len(done),
                     "items_per_s": round(written / t_pipeline, 2) if written else None},
     }
-    lease.check()
+    lease.confirm()
     storage.write_json(manifest_uri, manifest)
+    for uri in superseded:  # out of the manifest; deleted by the run's holder only, its lease renewed just now
+        lease.confirm()
+        storage.delete(uri)
     return manifest
 
 
@@ -458,29 +474,24 @@ def _name(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def settle_parts(storage: Storage, run_uri: str, ours: set[str], lease: RunLease,
-                 num_cpus: float = 0.25) -> tuple[list[str], list[str]]:
-    """The run's parts to count, and those deleted: ``(parts, removed)`` (URIs).
-
-    ``ours``: the names of the parts this attempt found when it began and those it wrote. Any other part
-    was written meanwhile by an attempt this one took over (its writes in flight when it lost the lease):
-    one whose every item this attempt wrote again is deleted (:func:`~tessera.embed.output.superseded_parts`);
-    one holding anything else is kept and counted, so the tally sees it."""
-    listed = list_parts(storage, run_uri)
-    stray = [uri for uri in listed if _name(uri) not in ours]
-    if not stray:
-        return listed, []
-    kept = [uri for uri in listed if _name(uri) in ours]
-    covered = superseded_parts(storage, kept, stray, num_cpus)
-    lease.check()  # only the run's holder deletes
-    for uri in covered:
-        storage.delete(uri)
-    left = len(stray) - len(covered)
-    print(f"[embed] {len(stray)} part(s) in {run_uri} were written by an attempt this one took over, after this "
-          f"one listed what was done: {len(covered)} held only items this attempt wrote again (deleted)"
-          + (f"; {left} hold other items (kept, counted)" if left else ""), flush=True)
-    removed = set(covered)
-    return [uri for uri in listed if uri not in removed], covered
+def settle_repeats(storage: Storage, run_uri: str, counts: Tally, written_here: set[str]) -> list[str]:
+    """The parts to leave out of the run when its tally found repeated ids: those whose every id is in a
+    part kept (:func:`~tessera.embed.output.superseded_copies`), trying first the parts another attempt
+    wrote (names not in ``written_here``): parts an attempt this one took over wrote after this one
+    listed what was done, or parts left by an attempt that stopped before its manifest."""
+    if not counts.duplicates or not counts.repeated_parts:
+        return []
+    if len(counts.repeated_parts) > MAX_PARTS_TO_SETTLE:
+        print(f"[embed] {len(counts.repeated_parts)} parts of {run_uri} hold repeated ids: more than "
+              f"{MAX_PARTS_TO_SETTLE}, not settled here", flush=True)
+        return []
+    suspects = sorted(counts.repeated_parts, key=lambda uri: (_name(uri) in written_here, _name(uri)))
+    superseded = superseded_copies(storage, suspects)
+    if superseded:
+        print(f"[embed] {len(superseded)} part(s) of {run_uri} repeat items found in other parts (written by an "
+              f"attempt this one took over, or left by one that stopped before its manifest): left out of "
+              f"the run, deleted after its manifest", flush=True)
+    return superseded
 
 
 def error_rate(manifest: dict) -> float:

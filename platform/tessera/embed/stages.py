@@ -266,8 +266,10 @@ def _limit_tokenizer_threads() -> None:
     os.environ["RAYON_NUM_THREADS"] = str(max(1, math.ceil(cpus)))
 
 
-def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str]) -> pa.Table:
-    """Write one part (the final stage); returns a one-row summary for the driver."""
+def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: list[str],
+                attempt: str | None = None) -> pa.Table:
+    """Write one part (the final stage; ``attempt``: this attempt's id, in the part's name); returns a
+    one-row summary for the driver."""
     n = table.num_rows
     cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
     encoders = []
@@ -279,7 +281,7 @@ def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: lis
         else:  # a disabled modality keeps its columns, all null
             cols[m] = pa.nulls(n, pa.list_(pa.float32()))
             cols[f"{m}_error"] = pa.nulls(n, pa.string())
-    uri = write_part(storage, run_uri, pa.table(cols))
+    uri = write_part(storage, run_uri, pa.table(cols), attempt)
     return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
 
 
