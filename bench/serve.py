@@ -338,7 +338,7 @@ def load_demo_env() -> dict[str, str]:
 
 
 def known_users(interactions_uri: str) -> list[str]:
-    from tessera.index_job.self_check import read_interactions
+    from tessera.interactions import read_interactions
     from tessera.storage import Storage
 
     table = read_interactions(Storage(), interactions_uri)

@@ -39,7 +39,8 @@ from bench._stack import bench_stack  # noqa: E402
 from bench.index_check import _peak_mb, _reset_peak  # noqa: E402
 from tessera.index import hash_ids  # noqa: E402
 from tessera.index_job.config import SelfCheckConfig  # noqa: E402
-from tessera.index_job.self_check import UserSample, read_interactions, sample_users, select_users  # noqa: E402
+from tessera.index_job.self_check import UserSample, sample_users, select_users  # noqa: E402
+from tessera.interactions import read_interactions  # noqa: E402
 from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
 
 

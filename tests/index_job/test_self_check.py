@@ -206,7 +206,8 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
     """The sample written out plainly over ``(user, item, ts, weight)`` rows in log order."""
     import pyarrow as pa
 
-    from tessera.index_job.self_check import hash_user_ids, user_order_key
+    from tessera.index_job.self_check import user_order_key
+    from tessera.interactions import hash_user_ids
 
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
@@ -241,7 +242,8 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     import pyarrow as pa
 
     from tessera.index import hash_ids
-    from tessera.index_job.self_check import hash_user_ids, sample_users, select_users, user_order_key
+    from tessera.index_job.self_check import sample_users, select_users, user_order_key
+    from tessera.interactions import hash_user_ids
 
     rng = np.random.default_rng(17 + holdout)
     rows = []

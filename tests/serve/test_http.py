@@ -31,7 +31,7 @@ def local_flow(storage, served_index, version):
 
 @pytest.fixture(scope="module")
 def users(local_flow, served_index):
-    return list(local_flow.stages.query.get(served_index).histories.span)
+    return local_flow.stages.query.get(served_index).histories.user_ids()
 
 
 def test_recommend_over_http_matches_the_in_process_pipeline(app_url, users, local_flow, version):

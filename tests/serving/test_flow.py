@@ -36,7 +36,7 @@ def test_version_pairs_the_index_with_the_bundle_it_names(local, trained_bundle)
 def test_recommend_is_the_exact_top_k_of_user_tower_over_item_vectors_then_ranked(local, served_index):
     stages, flow, ref = local
     query = stages.query.get(served_index)
-    user = next(iter(query.histories.span))
+    user = query.histories.user_ids()[0]
     [enc] = query.encode_users([UserQuery(user)])
     items = query.items
     # brute force over every indexed item, seen ones removed
@@ -58,7 +58,7 @@ def test_an_answer_does_not_depend_on_the_k_of_its_batch_mates(local, served_ind
     """One search serves the batch at its largest k; each request must still rank only its own
     max(k, candidates) candidates (with a k=100 batch mate, k=10 answers used to change)."""
     stages, flow, ref = local
-    users = list(stages.query.get(served_index).histories.span)[:12]
+    users = stages.query.get(served_index).histories.user_ids()[:12]
 
     class Recording(LocalStages):  # the real stages, keeping what the ranker is handed
         async def rank(self, index_uri, inputs):
@@ -80,15 +80,15 @@ def test_an_answer_does_not_depend_on_the_k_of_its_batch_mates(local, served_ind
 def test_exclude_seen_false_may_return_seen_items_and_true_never_does(local, served_index):
     stages, flow, _ = local
     query = stages.query.get(served_index)
-    users = list(query.histories.span)[:10]
+    users = query.histories.user_ids()[:10]
     seen_any = False
     answers = run(flow.recommend([RecommendRequest(user_id=u, k=20, exclude_seen=False) for u in users]))
     for u, a in zip(users, answers, strict=True):
-        seen = set(query.items.ids[query.histories.of(u)[0]])
+        seen = set(query.items.ids[query.histories.of(u).seen])
         seen_any |= bool(seen & {x["item_id"] for x in a["items"]})
     assert seen_any  # the tower puts a user's own items near them
     for u, a in zip(users, run(flow.recommend([RecommendRequest(user_id=u, k=20) for u in users])), strict=True):
-        assert not set(query.items.ids[query.histories.of(u)[0]]) & {x["item_id"] for x in a["items"]}
+        assert not set(query.items.ids[query.histories.of(u).seen]) & {x["item_id"] for x in a["items"]}
 
 
 def test_cold_start_is_the_popular_items_from_the_bundle_and_flagged(local, storage, served_index):

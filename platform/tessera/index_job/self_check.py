@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tessera.embed.ids import is_member
 from tessera.index import RecallCheck, ShardRecall, combine_recall, hash_ids, load_shard, shard_recall
 from tessera.index_job.config import SelfCheckConfig
+from tessera.interactions import LOG_COLUMNS, UserColumn, hash_user_ids, interaction_files
 from tessera.storage import Storage
 
 Piece = tuple[list[str], np.ndarray]  # item ids and their (n, D) float32 vectors
@@ -54,19 +54,6 @@ def gather_rows(*pieces: Piece) -> Piece:
     ids = [i for p_ids, _ in pieces for i in p_ids]
     vectors = np.concatenate([v for _, v in pieces if len(v)]) if ids else np.empty((0, dim), np.float32)
     return ids, vectors
-
-
-def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
-    """``user_id``, ``item_id``, ``ts``, ``weight`` of every part of the interaction log."""
-    files = storage.list_files(interactions_uri, ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no interaction parts under {interactions_uri}")
-    tables = []
-    for uri in files:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=["user_id", "item_id", "ts", "weight"]))
-    return pa.concat_tables(tables)
 
 
 @dataclass
@@ -103,33 +90,6 @@ def user_order_key(seed: int) -> str:
 
 
 @dataclass
-class _UserColumn:
-    """A log's ``user_id`` column, dictionary-encoded chunk by chunk (a large log's text may pass 2 GiB and
-    need not become a Python object per event).
-
-    Attributes:
-        names: the distinct user ids (strings).
-        codes: (n,) int64, each event's entry in ``names``; -1 for an event without a user id.
-        hashes: (len(names),) uint64, the ids' hashes under the sample's key.
-    """
-
-    names: pa.Array
-    codes: np.ndarray
-    hashes: np.ndarray
-
-    @classmethod
-    def of(cls, column: pa.ChunkedArray, key: str) -> _UserColumn:
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            column = column.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
-        encoded = pc.dictionary_encode(column).unify_dictionaries()  # one dictionary for all chunks
-        if not encoded.num_chunks:
-            return cls(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.uint64))
-        names = encoded.chunk(0).dictionary
-        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
-        return cls(names, codes, hash_user_ids(names, key))
-
-
-@dataclass
 class _Events:
     """What one piece of the log holds of some users: their events cut to what a sample can use (see
     :func:`_user_events`), and each user's number of events in the piece.
@@ -146,7 +106,7 @@ class _Events:
 
 def _lowest_users(table: pa.Table, key: str, budget: int) -> np.ndarray:
     """The ``budget`` lowest distinct user hashes (under ``key``) of a piece of the log, sorted."""
-    return np.unique(_UserColumn.of(table.column("user_id"), key).hashes)[:budget]
+    return np.unique(UserColumn.of(table.column("user_id"), key).hashes)[:budget]
 
 
 def _user_events(table: pa.Table, piece: int, key: str, candidates: np.ndarray, indexed: np.ndarray | None,
@@ -155,7 +115,7 @@ def _user_events(table: pa.Table, piece: int, key: str, candidates: np.ndarray, 
     what its history and query can need whatever the other pieces hold: its last ``max(holdout, 1)``
     events, and its last ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them
     can be held out; ``max_history`` None: all)."""
-    users = _UserColumn.of(table.column("user_id"), key)
+    users = UserColumn.of(table.column("user_id"), key)
     chosen = np.append(is_member(candidates, users.hashes), False)  # the last entry: code -1, no user id
     rows = np.flatnonzero(chosen[users.codes])
     codes = users.codes[rows]
@@ -193,13 +153,6 @@ def _usable(items: pa.Array, indexed: np.ndarray | None) -> np.ndarray:
     if indexed is not None and usable.any():
         usable[usable] = is_member(indexed, hash_ids(items.filter(pa.array(usable)).to_pylist()))
     return usable
-
-
-def hash_user_ids(ids: pa.Array, key: str) -> np.ndarray:
-    """(n,) uint64 hashes of user ids (strings) under ``key``."""
-    from tessera.embed.ids import hash_ids as keyed_hashes
-
-    return keyed_hashes(ids, key)
 
 
 def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, skip: int,
@@ -296,7 +249,7 @@ def _lowest_in_file(piece: int, uri: str, storage: Storage, key: str, budget: in
 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, candidates: np.ndarray,
                     indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
-    table = storage.read_parquet(uri, ["user_id", "item_id", "ts", "weight"])
+    table = storage.read_parquet(uri, LOG_COLUMNS)
     return _user_events(table, piece, key, candidates, indexed, max_history, holdout)
 
 
@@ -329,9 +282,7 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
     Two passes over the files: each file's lowest user hashes, then the events of the first users of
     the order, each file's cut to what a history can need (:func:`_user_events`); see
     :func:`_first_users`."""
-    files = storage.list_files(interactions_uri, ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no interaction parts under {interactions_uri}")
+    files = interaction_files(storage, interactions_uri)
     picked = _first_users(
         lambda key, budget: _map_log(_lowest_in_file, files, task_options, files_per_task, storage, key, budget),
         lambda key, candidates: _map_log(_events_in_file, files, task_options, files_per_task, storage, key,

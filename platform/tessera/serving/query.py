@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from tessera.serving.errors import RequestError
@@ -66,53 +67,155 @@ class UserEncoding:
 
 
 @dataclass
-class UserHistories:
-    """The interaction-log snapshot as flat arrays grouped by user, oldest event first.
+class UserSnapshot:
+    """One user in the interaction-log snapshot, as the query side reads it.
 
-    Events on items outside the version's catalog are dropped (counted in ``dropped``).
+    Attributes:
+        rows, ts, weights: the user's last ``max_history`` events on items with a fused vector (what the
+            user tower can read), oldest first.
+        last_ts: the time of the user's last event on a catalog item (the snapshot's clock for the user).
+        seen: sorted distinct catalog rows of every event of the user (what ``exclude_seen`` excludes).
     """
 
-    span: dict[str, tuple[int, int]]
     rows: np.ndarray
     ts: np.ndarray
-    weight: np.ndarray
+    weights: np.ndarray
+    last_ts: int
+    seen: np.ndarray
+
+
+@dataclass
+class UserHistories:
+    """The interaction-log snapshot, per user: the last ``max_history`` events on items with a vector and
+    the distinct catalog items seen, in flat arrays (offsets per user). Users are found by a keyed 64-bit
+    hash of their id (sorted; the id itself compared on a hit), not a Python dict. Events on items
+    outside the version's catalog are dropped (counted in ``dropped``); events without a user id or a
+    time are ignored.
+    Loaded a log file at a time, with Arrow doing the id lookups: no Python object per event.
+    """
+
+    key: str
+    names: pa.Array  # user ids, in ``hashes`` order
+    hashes: np.ndarray  # (U,) sorted uint64
+    history_at: np.ndarray  # (U + 1,) offsets into rows / ts / weights
+    rows: np.ndarray
+    ts: np.ndarray
+    weights: np.ndarray
+    last_ts: np.ndarray  # (U,)
+    seen_at: np.ndarray  # (U + 1,) offsets into seen
+    seen: np.ndarray
     dropped: int = 0
 
     @classmethod
     def empty(cls) -> UserHistories:
-        return cls({}, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+        return cls.build(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32),
+                         np.empty(0, np.int64), pa.array([], pa.string()), np.empty(0, bool), 1)
 
     @classmethod
-    def load(cls, storage: Storage, interactions_uri: str | None, items: ItemVectors) -> UserHistories:
+    def load(cls, storage: Storage, interactions_uri: str | None, items: ItemVectors,
+             max_history: int) -> UserHistories:
+        """The snapshot of the log under ``interactions_uri`` (None: no snapshot, every user is unknown)
+        for ``items``' catalog, keeping each user's last ``max_history`` usable events."""
         if not interactions_uri:
             return cls.empty()
-        from tessera.index_job.self_check import read_interactions
+        from tessera.interactions import LOG_COLUMNS, UserColumn, interaction_files
 
         try:
-            table = read_interactions(storage, interactions_uri)
+            files = interaction_files(storage, interactions_uri)
         except FileNotFoundError as err:
             raise VersionError(f"interaction-log snapshot: {err}") from None
-        rows = items.rows(table.column("item_id").to_pylist())
-        keep = rows >= 0
-        users = np.asarray(table.column("user_id").to_pylist(), dtype=object).astype(str)[keep]
-        ts = table.column("ts").to_numpy()[keep].astype(np.int64)
-        weight = pc.cast(table.column("weight"), "float32").to_numpy(zero_copy_only=False)[keep]
-        rows = rows[keep]
-        order = np.lexsort((np.arange(len(ts)), ts, users))
-        users, rows, ts, weight = users[order], rows[order], ts[order], weight[order]
-        uniq, first, counts = np.unique(users, return_index=True, return_counts=True)
-        span = {str(u): (int(s), int(s + c)) for u, s, c in zip(uniq, first, counts, strict=True)}
-        return cls(span, rows, ts, np.asarray(weight, np.float32), dropped=int((~keep).sum()))
+        names, codes, rows, ts, weights, dropped = [], [], [], [], [], 0
+        for uri in files:
+            table = storage.read_parquet(uri, LOG_COLUMNS)
+            users = UserColumn.of(table.column("user_id"), "0" * 16)  # the hashes are not used here
+            found = _catalog_rows(table.column("item_id"), items)
+            timed = table.column("ts").is_valid().to_numpy(zero_copy_only=False)  # an event without a time: ignored
+            keep = (found >= 0) & (users.codes >= 0) & timed
+            dropped += int(((found < 0) & (users.codes >= 0) & timed).sum())
+            offset = sum(len(n) for n in names)
+            names.append(users.names)
+            codes.append(users.codes[keep] + offset)
+            rows.append(found[keep])
+            ts.append(table.column("ts").fill_null(0).to_numpy()[keep].astype(np.int64))
+            weights.append(pc.cast(table.column("weight"), pa.float32()).to_numpy(zero_copy_only=False)[keep])
+        # one code per distinct user over all files
+        encoded = pc.dictionary_encode(pa.concat_arrays(names)) if names else None
+        if encoded is None or not len(encoded):
+            return cls.empty()
+        code = encoded.indices.to_numpy().astype(np.int64)[np.concatenate(codes)]
+        histories = cls.build(np.concatenate(rows), np.concatenate(ts), np.concatenate(weights), code,
+                              encoded.dictionary, items.indexed, max_history)
+        histories.dropped = dropped
+        return histories
+
+    @classmethod
+    def build(cls, rows: np.ndarray, ts: np.ndarray, weights: np.ndarray, code: np.ndarray, names: pa.Array,
+              indexed: np.ndarray, max_history: int) -> UserHistories:
+        """From the catalog events in log order: ``rows`` (catalog rows), ``ts``, ``weights``, and ``code``,
+        each event's user as an entry of ``names`` (distinct ids); ``indexed``: catalog rows with a vector."""
+        from tessera.embed.ids import new_key
+        from tessera.interactions import hash_user_ids
+
+        present = np.bincount(code, minlength=len(names)) > 0  # users with an event on a catalog item
+        if not present.all():
+            code = (np.cumsum(present) - 1)[code]
+            names = names.filter(pa.array(present))
+        key = new_key()
+        hashes = hash_user_ids(names, key)
+        by_hash = np.argsort(hashes, kind="stable")
+        place = np.empty(len(names), np.int64)
+        place[by_hash] = np.arange(len(names))
+        user = place[code]  # each event's user, numbered in hash order
+        order = np.lexsort((np.arange(len(user)), ts, user))  # by user, then time, then log order
+        user, rows, ts, weights = user[order], rows[order], ts[order], weights[order]
+        counts = np.bincount(user, minlength=len(names))
+        ends = np.cumsum(counts)
+        last_ts = ts[np.maximum(ends - 1, 0)] if len(ts) else np.zeros(len(names), np.int64)
+        usable = indexed[rows]
+        after = np.r_[np.cumsum(usable[::-1])[::-1], 0]  # usable events from each position to the end
+        keep = usable & (after[:len(user)] - after[ends[user]] <= max_history)
+        history_at = np.r_[0, np.cumsum(np.bincount(user[keep], minlength=len(names)))]
+        by_item = np.lexsort((rows, user))
+        first = np.r_[True, (user[by_item][1:] != user[by_item][:-1]) | (rows[by_item][1:] != rows[by_item][:-1])] \
+            if len(user) else np.empty(0, bool)
+        seen = by_item[first]  # one event per (user, item), by user then item
+        seen_at = np.r_[0, np.cumsum(np.bincount(user[seen], minlength=len(names)))]
+        return cls(key, names.take(pa.array(by_hash, pa.int64())), hashes[by_hash], history_at.astype(np.int64),
+                   rows[keep], ts[keep], weights[keep].astype(np.float32), last_ts.astype(np.int64),
+                   seen_at.astype(np.int64), rows[seen].astype(np.int64))
 
     @property
     def num_users(self) -> int:
-        return len(self.span)
+        return len(self.hashes)
 
-    def of(self, user_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        if user_id not in self.span:
-            return None
-        s, e = self.span[user_id]
-        return self.rows[s:e], self.ts[s:e], self.weight[s:e]
+    def user_ids(self) -> list[str]:
+        """Every user of the snapshot (in its hash order)."""
+        return self.names.to_pylist()
+
+    def of(self, user_id: str) -> UserSnapshot | None:
+        """The user's snapshot, None for a user the snapshot does not know."""
+        from tessera.interactions import hash_user_ids
+
+        h = hash_user_ids([user_id], self.key)[0]
+        lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
+        for u in range(int(lo), int(hi)):  # one, unless two ids share a hash
+            if self.names[u].as_py() == user_id:
+                a, b = self.history_at[u], self.history_at[u + 1]
+                return UserSnapshot(self.rows[a:b], self.ts[a:b], self.weights[a:b], int(self.last_ts[u]),
+                                    self.seen[self.seen_at[u]:self.seen_at[u + 1]])
+        return None
+
+
+def _catalog_rows(item_ids: pa.ChunkedArray, items: ItemVectors) -> np.ndarray:
+    """(n,) each event's catalog row, -1 for an item outside the catalog or no item id; looked up once
+    per distinct id (dictionary-encoded in Arrow)."""
+    if not pa.types.is_string(item_ids.type) and not pa.types.is_large_string(item_ids.type):
+        item_ids = item_ids.cast(pa.string())
+    encoded = pc.dictionary_encode(item_ids).unify_dictionaries()
+    if not encoded.num_chunks:
+        return np.empty(0, np.int64)
+    lookup = np.append(items.rows(encoded.chunk(0).dictionary.to_pylist()), -1)  # the last entry: no id
+    return lookup[np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])]
 
 
 class QueryCore:
@@ -141,9 +244,9 @@ class QueryCore:
         from tessera.models.bundle import ModelBundle
 
         items = ItemVectors.load(storage, ref)
-        histories = UserHistories.load(storage, ref.interactions_uri, items)
-        return cls(storage, ref, items, histories, ModelBundle.load(storage, ref.model_uri), preload_modalities,
-                   decoder)
+        bundle = ModelBundle.load(storage, ref.model_uri)
+        histories = UserHistories.load(storage, ref.interactions_uri, items, bundle.user_tower.config.max_history)
+        return cls(storage, ref, items, histories, bundle, preload_modalities, decoder)
 
     # --- users ----------------------------------------------------------------------------
     def encode_users(self, queries: list[UserQuery]) -> list[UserEncoding | RequestError]:
@@ -162,12 +265,15 @@ class QueryCore:
                 out[i] = RequestError.unknown_items(unknown)
                 continue
             snap = self.histories.of(q.user_id) if q.user_id else None
-            rows, ts, w = snap if snap is not None else (np.empty(0, np.int64),) * 2 + (np.empty(0, np.float32),)
-            last = int(ts[-1]) if len(ts) else 0
+            if snap is None:
+                rows, ts, w, last, seen = (np.empty(0, np.int64),) * 2 + (np.empty(0, np.float32), 0,
+                                                                         np.empty(0, np.int64))
+            else:
+                rows, ts, w, last, seen = snap.rows, snap.ts, snap.weights, snap.last_ts, snap.seen
             rows = np.concatenate([rows, recent])
             ts = np.concatenate([ts, last + 1 + np.arange(len(recent), dtype=np.int64)])
             w = np.concatenate([w, np.ones(len(recent), np.float32)])
-            exclude = np.unique(rows) if q.exclude_seen else np.empty(0, np.int64)
+            exclude = np.unique(np.concatenate([seen, recent])) if q.exclude_seen else np.empty(0, np.int64)
             exclude_ids = self.items.ids[exclude].tolist()
             usable = self.items.indexed[rows]  # items without a fused vector cannot feed the tower
             keep = np.flatnonzero(usable)[-self.max_history:]

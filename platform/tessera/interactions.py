@@ -1,0 +1,74 @@
+"""The interaction log (``corpus/interactions/part-*.parquet``: ``user_id``, ``item_id``, ``ts``, ``event``,
+``weight``) as the index job and the serving snapshot read it: a file at a time, user ids dictionary-encoded
+in Arrow (a log of hundreds of millions of events never becomes a Python object per event).
+
+Example::
+
+    for uri in interaction_files(storage, interactions_uri):
+        table = storage.read_parquet(uri, LOG_COLUMNS)
+        users = UserColumn.of(table.column("user_id"), key)   # names, per-event codes, keyed hashes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tessera.storage import Storage
+
+LOG_COLUMNS = ["user_id", "item_id", "ts", "weight"]
+
+
+def interaction_files(storage: Storage, interactions_uri: str) -> list[str]:
+    """The log's Parquet files, sorted (their order is the log's order).
+
+    Raises:
+        FileNotFoundError: none under ``interactions_uri``."""
+    files = storage.list_files(interactions_uri, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no interaction parts under {interactions_uri}")
+    return files
+
+
+def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
+    """``user_id``, ``item_id``, ``ts``, ``weight`` of every part of the interaction log, in one table
+    (for small logs and benchmarks; the jobs and the app read a file at a time)."""
+    return pa.concat_tables([storage.read_parquet(uri, LOG_COLUMNS) for uri in interaction_files(storage,
+                                                                                                 interactions_uri)])
+
+
+def hash_user_ids(ids: pa.Array | Sequence[str], key: str) -> np.ndarray:
+    """(n,) uint64 keyed hashes of user ids (strings) under ``key`` (see :func:`tessera.embed.ids.hash_ids`)."""
+    from tessera.embed.ids import hash_ids
+
+    return hash_ids(ids, key)
+
+
+@dataclass
+class UserColumn:
+    """A log's ``user_id`` column, dictionary-encoded chunk by chunk (a large log's text may pass 2 GiB).
+
+    Attributes:
+        names: the distinct user ids (strings).
+        codes: (n,) int64, each event's entry in ``names``; -1 for an event without a user id.
+        hashes: (len(names),) uint64, the ids' hashes under ``key``.
+    """
+
+    names: pa.Array
+    codes: np.ndarray
+    hashes: np.ndarray
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray, key: str) -> UserColumn:
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            column = column.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
+        encoded = pc.dictionary_encode(column).unify_dictionaries()  # one dictionary for all chunks
+        if not encoded.num_chunks:
+            return cls(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.uint64))
+        names = encoded.chunk(0).dictionary
+        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
+        return cls(names, codes, hash_user_ids(names, key))
