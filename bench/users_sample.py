@@ -8,8 +8,12 @@ handful of events; ``--items`` items, a third of them indexed) is written to the
 ``--files`` Parquet files, then the check's users and the tuning users (``--user-queries`` each,
 histories cut to ``--max-history`` indexed events) are sampled both ways, in turns (``--rounds``):
 
-* **baseline** (the index job before this change): one Ray task reads every file of the log into one
-  table and samples it in memory (:func:`tessera.index_job.self_check.sample_users`).
+* **baseline**: what the index job did before 2026-12-06, one Ray task reading every file of the log into
+  one table, sampled there in memory, with today's sampling code
+  (:func:`tessera.index_job.self_check.sample_users`; the job's old code was slower in memory: 0.33-0.35
+  s against 0.13-0.16 s on 1M events in one process, measured by a review). Its time is the task's own
+  (``max_calls=1`` gives each round a fresh worker, so a peak from an earlier round cannot count; the
+  worker's start is left out).
 * **ours**: :func:`tessera.index_job.self_check.select_users` as the job runs it: two passes of Ray
   tasks (half a CPU each, ``--files-per-task`` files each) over the files, the driver keeping the first
   users of the order and their events only.
@@ -17,8 +21,8 @@ histories cut to ``--max-history`` indexed events) are sampled both ways, in tur
 Both must return the same users and histories. Peaks are ``VmHWM`` from the task's start (reset through
 ``/proc/self/clear_refs``; Linux only); for ours, the same sampling run in one task a file after another
 gives the most any of its tasks can hold (one file, plus the events it keeps). Last line, one JSON
-object: ``baseline_s`` / ``ours_s`` (medians, submit to sample), ``ratio``, ``baseline_task_peak_mb``,
-``ours_one_process_peak_mb``, ``log_parquet_mb``.
+object: ``baseline_s`` (median of the task's own time) / ``ours_s`` (median, call to sample, its tasks'
+starts included), ``ratio``, ``baseline_task_peak_mb``, ``ours_one_process_peak_mb``, ``log_parquet_mb``.
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files-per-task", type=int, default=8)
     parser.add_argument("--user-queries", type=int, default=200)
     parser.add_argument("--max-history", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = SelfCheckConfig(user_queries=args.user_queries, seed=args.seed)
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_peak = ray.get(one.remote(storage, uri, cfg, args.user_queries, args.max_history, indexed))
 
     def median(name: str) -> float:
-        return statistics.median(run["wall_s"] for run in runs[name])
+        return statistics.median(run["task_s" if name == "baseline" else "wall_s"] for run in runs[name])
 
     print(json.dumps({
         "events": args.events, "users": args.users, "files": args.files, "log_parquet_mb": round(log_mb, 1),

@@ -70,5 +70,7 @@ class UserColumn:
         if not encoded.num_chunks:
             return cls(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.uint64))
         names = encoded.chunk(0).dictionary
+        if names.type != pa.string():
+            names = names.cast(pa.string())  # large_string: one type whatever each file holds
         codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
         return cls(names, codes, hash_user_ids(names, key))

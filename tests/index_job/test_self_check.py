@@ -211,7 +211,7 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
 
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
-        if user is not None:
+        if user is not None and ts is not None:
             by_user.setdefault(user, []).append((ts, pos, item, weight))
     names = sorted(by_user)
     hashes = hash_user_ids(pa.array(names, pa.string()), user_order_key(cfg.seed)).tolist()
@@ -231,14 +231,15 @@ def _as_tuples(histories):
     return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist(), h.query_ts) for h in histories]
 
 
-@pytest.mark.parametrize("holdout,max_history", [(1, 4), (3, None), (0, 2)])
+@pytest.mark.parametrize("holdout,max_history", [(1, 4), (3, None), (0, 2), (0, None)])
 def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole_log(
         storage, bucket_uri, ray_session, holdout, max_history):
     """``select_users`` reads the log in Ray tasks, a file at a time, and keeps only the first users of the
     order (growing its budget while too few of them have enough events) and the events their histories can
     need: the same users and histories as the sample written out plainly over the whole log. Users span
-    files, times tie across files (log order decides), some events have no user or no item, and most
-    users have too few events when the holdout is 3."""
+    files, times tie across files (log order decides), some events have no user, no item or no time, most
+    users have too few events when the holdout is 3; one file is empty, one holds no user id, one has
+    large-string user ids and dictionary item ids."""
     import pyarrow as pa
 
     from tessera.index import hash_ids
@@ -252,7 +253,7 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
         for _ in range(n):
             item = None if rng.random() < 0.05 else f"it-{int(rng.integers(0, 60)):02d}"
             rows.append((f"u{u:03d}", item, int(rng.integers(0, 25)) * 1000, float(rng.integers(1, 8)) / 4))
-    rows += [(None, "it-00", 5_000, 1.0)] * 3
+    rows += [(None, "it-00", 5_000, 1.0)] * 3 + [("u001", "it-03", None, 1.0), ("u002", None, None, 1.0)]
     rows = [rows[j] for j in rng.permutation(len(rows))]
     cfg = SelfCheckConfig(user_queries=40, holdout=holdout, seed=3)
     # two users first in the order, each with 30 events on indexed items in the last file alone: the file's
@@ -262,15 +263,19 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     for j in first:
         rows += [(names[j], f"it-{3 * (e % 20):02d}", 100_000 + 1000 * e, 1.0) for e in range(30)]
     uri = join_uri(bucket_uri, "log")
-    bounds = [0, 40, 41, 300, 520, 700, len(rows) - 70, len(rows)]
-    for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    bounds = [0, 40, 40, 300, 520, 700, len(rows) - 70, len(rows)]
+    for f, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):  # the second file is empty
         chunk = rows[a:b]
+        users = pa.array([r[0] for r in chunk], pa.large_string() if f == 3 else pa.string())
+        items = pa.array([r[1] for r in chunk], pa.string())
         storage.write_parquet(join_uri(uri, f"part-{f:02d}.parquet"), pa.table({
-            "user_id": pa.array([r[0] for r in chunk], pa.string()), "item_id": pa.array([r[1] for r in chunk],
-                                                                                      pa.string()),
+            "user_id": users, "item_id": items.dictionary_encode() if f == 3 else items,
             "ts": pa.array([r[2] for r in chunk], pa.int64()), "weight": pa.array([r[3] for r in chunk],
                                                                                   pa.float32()),
             "event": ["view"] * len(chunk)}))
+    storage.write_parquet(join_uri(uri, "part-99.parquet"), pa.table({  # no user id: nothing to sample
+        "user_id": pa.nulls(3, pa.string()), "item_id": pa.nulls(3), "ts": pa.array([1, 2, 3], pa.int64()),
+        "weight": pa.array([1.0] * 3, pa.float32()), "event": ["view"] * 3}))
     indexed_items = {f"it-{i:02d}" for i in range(0, 60, 3)}
     indexed = np.unique(hash_ids(sorted(indexed_items)))
     expected = _reference_sample(rows, cfg, 80, max_history=max_history, indexed_items=indexed_items)
@@ -288,3 +293,44 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
                     "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
     assert _as_tuples(sample_users(log, cfg, 10, skip=5, max_history=max_history, indexed=indexed)) == expected[5:15]
     assert _as_tuples(sample_users(log, cfg, 5)) == _reference_sample(rows, cfg, 5)
+
+
+def test_users_sharing_a_hash_are_told_apart(monkeypatch):
+    """With every user id hashed to one of four values, the order's ties are broken by id, each user keeps
+    its own events and is counted alone: the sample is still the one written out plainly."""
+    import pyarrow as pa
+
+    from tessera import interactions
+    from tessera.index_job import self_check
+    from tessera.index_job.self_check import sample_users
+
+    real = interactions.hash_user_ids
+
+    def weak(ids, key):
+        return real(ids, key) & np.uint64(3)
+
+    monkeypatch.setattr(interactions, "hash_user_ids", weak)
+    monkeypatch.setattr(self_check, "hash_user_ids", weak)
+    rng = np.random.default_rng(23)
+    rows = [(f"u{int(rng.integers(0, 30)):02d}", f"it-{int(rng.integers(0, 20)):02d}", int(rng.integers(0, 50)), 1.0)
+            for _ in range(400)]
+    log = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                    "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
+    cfg = SelfCheckConfig(holdout=1, seed=2)
+    expected = _reference_sample(rows, cfg, 12, skip=3, max_history=3)
+    assert len(expected) == 12
+    assert _as_tuples(sample_users(log, cfg, 12, skip=3, max_history=3)) == expected
+    # one-event users (too few for holdout 1) sharing a hash look like one user with enough events:
+    # the fetch goes on past such hashes until it has the users asked for (64 hash values here)
+    def weak64(ids, key):
+        return real(ids, key) & np.uint64(63)
+
+    monkeypatch.setattr(interactions, "hash_user_ids", weak64)
+    monkeypatch.setattr(self_check, "hash_user_ids", weak64)
+    rows = [(f"one-{j:02d}", "it-01", j, 1.0) for j in range(30)]
+    rows += [(f"many-{j}", f"it-{e:02d}", 100 + e, 1.0) for j in range(6) for e in range(4)]
+    log = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                    "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
+    expected = _reference_sample(rows, cfg, 6)
+    assert sorted(e[0] for e in expected) == [f"many-{j}" for j in range(6)]
+    assert _as_tuples(sample_users(log, cfg, 6)) == expected

@@ -57,8 +57,9 @@ class BuildResources(TesseraConfig):
     Args:
         num_cpus: CPUs per shard build task (and ScaNN training threads, rounded down, at least 1).
         memory_gb: memory reserved per task (None: no reservation).
-        split_num_cpus: CPUs per task hashing one vectors part's ids for the plan, and per task
-            splitting one part by shard (decoding and hashing: CPU-bound; a fraction lets Ray start
+        split_num_cpus: CPUs per task hashing one vectors part's ids for the plan, per task
+            splitting one part by shard, and per task reading interaction-log files for the
+            self-check's users (decoding and hashing: CPU-bound; a fraction lets Ray start
             many workers at once for little gain: 0.1 was 6x slower than 1 in
             ``bench/index_split.py`` on 2 cores).
     """
@@ -89,10 +90,11 @@ class SelfCheckConfig(TesseraConfig):
         holdout: each sampled user's last events left out of the history.
         max_history: most recent history events fed to the user tower (None: the tower's own limit).
         seed: seeds the samples.
-        memory_gb: memory reserved for the task that reads the interaction log and samples the users,
-            and for the one running the user tower over their histories (None: no reservation). The
-            checks themselves run in the shard build tasks (``build.memory_gb``), on the vectors they
-            hold: no task holds a whole index column.
+        memory_gb: memory reserved for the task running the user tower over the sampled users'
+            histories (None: no reservation). The users are sampled by tasks reading the interaction
+            log a file at a time (``build.split_num_cpus`` each); the checks run in the shard build
+            tasks (``build.memory_gb``), on the vectors they hold: no task holds a whole index column
+            or the whole log.
     """
 
     recall_floor: float = Field(0.95, ge=0, le=1)

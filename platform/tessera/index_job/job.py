@@ -221,8 +221,9 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
     task_options = check.task_options(cfg.build.num_cpus)
     users, t0 = None, time.perf_counter()
     if src.interactions_uri is not None and (check.user_queries or tuning_count):
+        # tasks reading a log file at a time: sized like the split tasks reading a vectors part
         users = select_users(storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg),
-                             indexed, task_options=task_options)
+                             indexed, task_options={"num_cpus": cfg.build.split_num_cpus})
     users_s = time.perf_counter() - t0
     split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
                           samples={plan.name: item_sample(plan.num_items, check) for plan in plans},

@@ -92,10 +92,11 @@ def user_order_key(seed: int) -> str:
 @dataclass
 class _Events:
     """What one piece of the log holds of some users: their events cut to what a sample can use (see
-    :func:`_user_events`), and each user's number of events in the piece.
+    :func:`_user_events`).
 
     Attributes:
-        table: ``user_id``, ``item_id``, ``ts``, ``weight``, ``piece``, ``row`` (the event's place in the log).
+        table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32), ``piece``, ``row``
+            (the event's place in the log), ``usable`` (a history keeps it: see :func:`_usable`).
         users: the users' ids; ``counts`` (same length): their events in the piece, cut or not.
     """
 
@@ -104,25 +105,40 @@ class _Events:
     counts: np.ndarray
 
 
-def _lowest_users(table: pa.Table, key: str, budget: int) -> np.ndarray:
-    """The ``budget`` lowest distinct user hashes (under ``key``) of a piece of the log, sorted."""
-    return np.unique(UserColumn.of(table.column("user_id"), key).hashes)[:budget]
+def _timed_users(table: pa.Table, key: str) -> tuple[UserColumn, np.ndarray]:
+    """The piece's user column, and (n,) whether each event counts: a user id and a time."""
+    users = UserColumn.of(table.column("user_id"), key)
+    return users, (users.codes >= 0) & table.column("ts").is_valid().to_numpy(zero_copy_only=False)
 
 
-def _user_events(table: pa.Table, piece: int, key: str, candidates: np.ndarray, indexed: np.ndarray | None,
+def _lowest_users(table: pa.Table, key: str, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``budget`` lowest distinct user hashes (under ``key``) of a piece of the log, sorted, and each
+    one's events in the piece. The union over the pieces holds the log's ``budget`` lowest, each with all
+    of its pieces' counts (a piece's lower hashes are among the log's lower ones)."""
+    users, counted = _timed_users(table, key)
+    per_name = np.bincount(users.codes[counted], minlength=len(users.names))
+    hashes, of_name = np.unique(users.hashes, return_inverse=True)
+    counts = np.bincount(of_name, weights=per_name, minlength=len(hashes)).astype(np.int64)
+    present = counts > 0
+    return hashes[present][:budget], counts[present][:budget]
+
+
+def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
                  max_history: int | None, holdout: int) -> _Events:
-    """The events of a piece of the log whose user's hash is in sorted ``candidates``, each user's cut to
+    """The events of a piece of the log whose user's hash is in sorted ``chosen``, each user's cut to
     what its history and query can need whatever the other pieces hold: its last ``max(holdout, 1)``
     events, and its last ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them
-    can be held out; ``max_history`` None: all)."""
-    users = UserColumn.of(table.column("user_id"), key)
-    chosen = np.append(is_member(candidates, users.hashes), False)  # the last entry: code -1, no user id
-    rows = np.flatnonzero(chosen[users.codes])
+    can be held out; ``max_history`` None: all). Events without a user id or a time are ignored."""
+    users, counted = _timed_users(table, key)
+    wanted = np.append(is_member(chosen, users.hashes), False)  # the last entry: code -1, no user id
+    rows = np.flatnonzero(wanted[users.codes] & counted)
     codes = users.codes[rows]
     ts = take_rows(table.column("ts"), rows).to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.lexsort((rows, ts, codes))  # by user, then time, then log order
     rows, codes, ts = rows[order], codes[order], ts[order]
     items = take_rows(table.column("item_id"), rows)
+    if items.type != pa.string():
+        items = items.cast(pa.string())  # dictionary, large_string, null: one type over the pieces
     usable = _usable(items, indexed)
     n = len(rows)
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n else np.empty(0, np.int64)
@@ -143,20 +159,24 @@ def _user_events(table: pa.Table, piece: int, key: str, candidates: np.ndarray, 
         "weight": take_rows(table.column("weight"), rows[kept]).cast(pa.float32()),
         "piece": pa.array(np.full(len(kept), piece, np.int64)),
         "row": pa.array(rows[kept], pa.int64()),
+        "usable": pa.array(usable[kept], pa.bool_()),
     })
     return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
 
 
 def _usable(items: pa.Array, indexed: np.ndarray | None) -> np.ndarray:
-    """(n,) bool: events a history keeps: an item id, of an indexed item (hash in sorted ``indexed``)."""
+    """(n,) bool: events a history keeps: an item id, of an indexed item (hash in sorted ``indexed``);
+    each distinct item hashed once."""
     usable = items.is_valid().to_numpy(zero_copy_only=False).copy()
     if indexed is not None and usable.any():
-        usable[usable] = is_member(indexed, hash_ids(items.filter(pa.array(usable)).to_pylist()))
+        encoded = pc.dictionary_encode(items)
+        member = is_member(indexed, hash_ids(encoded.dictionary.to_pylist()))
+        usable[usable] = member[encoded.indices.to_numpy(zero_copy_only=False)[usable].astype(np.int64)]
     return usable
 
 
 def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, skip: int,
-          max_history: int | None, indexed: np.ndarray | None) -> list[UserHistory]:
+          max_history: int | None) -> list[UserHistory]:
     """Users ``skip .. skip + count - 1`` of the sample's order among those with more than ``cfg.holdout``
     events in ``events`` (every piece's), with their histories."""
     totals: dict[str, int] = {}
@@ -172,15 +192,15 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
     log = pa.concat_tables([piece.table for piece in events])
     log = log.filter(pc.is_in(log.column("user_id"), pa.array(picked, pa.string())))
     log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("piece", "ascending"), ("row", "ascending")])
-    user_col = log.column("user_id").to_pylist()
+    users = pc.dictionary_encode(log.column("user_id").combine_chunks())
+    codes = users.indices.to_numpy().astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    ends = np.r_[starts[1:], len(codes)]
+    spans = {users.dictionary[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
     ts = log.column("ts").to_numpy()
     weights = log.column("weight").to_numpy().astype(np.float32)
-    items = log.column("item_id").combine_chunks() if log.num_rows else pa.array([], pa.string())
-    usable = _usable(items, indexed)
-    items_list = items.to_pylist()
-    spans: dict[str, tuple[int, int]] = {}  # each user's rows of the sorted log
-    for j, user in enumerate(user_col):
-        spans[user] = (spans.get(user, (j, j))[0], j + 1)
+    items = log.column("item_id").combine_chunks()
+    usable = log.column("usable").to_numpy()
     sample = []
     for user in picked:
         a, b = spans[user]
@@ -189,7 +209,8 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
         kept = a + np.flatnonzero(usable[a:cut])
         if max_history is not None:
             kept = kept[max(len(kept) - max_history, 0):]
-        sample.append(UserHistory(user, [items_list[j] for j in kept], ts[kept], weights[kept], query_ts))
+        sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept],
+                                  query_ts))
     return sample
 
 
@@ -204,27 +225,35 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     ones, on items whose id hash is in ``indexed`` (sorted uint64 hashes of the index's items,
     :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of them (None: all):
     what the user tower will read, so long histories stay small. The query time is the first held-out
-    event's (holdout 0: the last event's). Events without an item id are dropped, those without a user id
-    ignored."""
+    event's (holdout 0: the last event's). Events without an item id are dropped from histories; events
+    without a user id or a time are ignored."""
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
-                        lambda key, candidates: [_user_events(log, 0, key, candidates, indexed, max_history,
-                                                              cfg.holdout)],
-                        cfg, count, skip, max_history, indexed)
+                        lambda key, chosen: [_user_events(log, 0, key, chosen, indexed, max_history, cfg.holdout)],
+                        cfg, count, skip, max_history)
 
 
-def _first_users(lowest, events, cfg: SelfCheckConfig, count: int, skip: int, max_history: int | None,
-                 indexed: np.ndarray | None) -> list[UserHistory]:
-    """The sample from a log in pieces: ``lowest(key, budget)`` gives each piece's ``budget`` lowest user
-    hashes (so their union holds the log's ``budget`` lowest: the first users of the order), ``events(key,
-    candidates)`` each piece's :class:`_Events` of those users. The budget starts at twice the users
-    asked for and grows (x4) while too few of its users have more than ``cfg.holdout`` events."""
+def _first_users(lowest, events, cfg: SelfCheckConfig, count: int, skip: int,
+                 max_history: int | None) -> list[UserHistory]:
+    """The sample from a log in pieces. ``lowest(key, budget)``: each piece's :func:`_lowest_users` (so
+    the first users of the order and their event counts); ``events(key, chosen)``: each piece's
+    :class:`_Events` of the users whose hash is in ``chosen``. Only the first hashes with more than
+    ``cfg.holdout`` events are fetched (more if users sharing a hash fall short); the budget starts at
+    twice the users asked for and grows (x4) while too few of its users have enough events."""
     if count <= 0:
         return []
     key = user_order_key(cfg.seed)
     budget = 2 * (skip + count) + 64
     while True:
-        union = np.unique(np.concatenate(lowest(key, budget)))
-        picked = _pick(events(key, union[:budget]), key, cfg, count, skip, max_history, indexed)
+        found = lowest(key, budget)
+        union, at = np.unique(np.concatenate([h for h, _ in found]), return_inverse=True)
+        totals = np.bincount(at, weights=np.concatenate([c for _, c in found]), minlength=len(union))
+        eligible = union[:budget][totals[:budget] > cfg.holdout]
+        take = skip + count
+        while True:
+            picked = _pick(events(key, eligible[:take]), key, cfg, count, skip, max_history)
+            if len(picked) == count or take >= len(eligible):
+                break
+            take += count - len(picked)  # some hash was shared by users that each fall short
         if len(picked) == count or len(union) < budget:  # enough, or every user of the log was a candidate
             return picked
         budget *= 4
@@ -243,14 +272,13 @@ def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     return in_row_order.take(pa.array(np.argsort(by_row, kind="stable"), pa.int64()))
 
 
-def _lowest_in_file(piece: int, uri: str, storage: Storage, key: str, budget: int) -> np.ndarray:
-    return _lowest_users(storage.read_parquet(uri, ["user_id"]), key, budget)
+def _lowest_in_file(piece: int, uri: str, storage: Storage, key: str, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    return _lowest_users(storage.read_parquet(uri, ["user_id", "ts"]), key, budget)
 
 
-def _events_in_file(piece: int, uri: str, storage: Storage, key: str, candidates: np.ndarray,
+def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
                     indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
-    table = storage.read_parquet(uri, LOG_COLUMNS)
-    return _user_events(table, piece, key, candidates, indexed, max_history, holdout)
+    return _user_events(storage.read_parquet(uri, LOG_COLUMNS), piece, key, chosen, indexed, max_history, holdout)
 
 
 def _over_files(fn, pieces: list[tuple[int, str]], *args) -> list:
@@ -259,14 +287,14 @@ def _over_files(fn, pieces: list[tuple[int, str]], *args) -> list:
 
 def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: int, *args) -> list:
     """``fn(piece, uri, *args)`` for every file of the log, in order: in Ray tasks of ``task_options`` when
-    given (and Ray is up), ``files_per_task`` files a task; large arrays among ``args`` go to the object
-    store once."""
+    given (and Ray is up), ``files_per_task`` files a task (an ``ObjectRef`` among ``args`` reaches ``fn``
+    as its value)."""
     import ray
 
     pieces = list(enumerate(files))
     if task_options is None or not ray.is_initialized():
+        args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
         return _over_files(fn, pieces, *args)
-    args = tuple(ray.put(a) if isinstance(a, np.ndarray) and a.nbytes > (1 << 20) else a for a in args)
     remote = ray.remote(_over_files).options(**task_options)
     chunks = [pieces[i:i + files_per_task] for i in range(0, len(pieces), files_per_task)]
     return [r for got in ray.get([remote.remote(fn, chunk, *args) for chunk in chunks]) for r in got]
@@ -279,15 +307,19 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
     sample :func:`sample_users` draws from the whole log, read a file at a time (in Ray tasks of
     ``task_options`` when given, ``files_per_task`` files each) without any process holding the log.
 
-    Two passes over the files: each file's lowest user hashes, then the events of the first users of
-    the order, each file's cut to what a history can need (:func:`_user_events`); see
-    :func:`_first_users`."""
+    Passes over the files: each file's lowest user hashes with their event counts, then the events of
+    the first users of the order with enough events, each file's cut to what a history can need
+    (:func:`_user_events`); see :func:`_first_users`. The driver holds the hashes and those users' events."""
+    import ray
+
     files = interaction_files(storage, interactions_uri)
+    if task_options is not None and ray.is_initialized() and indexed is not None:
+        indexed = ray.put(indexed)  # once, for every task of every pass
     picked = _first_users(
         lambda key, budget: _map_log(_lowest_in_file, files, task_options, files_per_task, storage, key, budget),
-        lambda key, candidates: _map_log(_events_in_file, files, task_options, files_per_task, storage, key,
-                                         candidates, indexed, max_history, cfg.holdout),
-        cfg, cfg.user_queries + tuning_count, 0, max_history, indexed)
+        lambda key, chosen: _map_log(_events_in_file, files, task_options, files_per_task, storage, key, chosen,
+                                     indexed, max_history, cfg.holdout),
+        cfg, cfg.user_queries + tuning_count, 0, max_history)
     return UserSample(picked[:cfg.user_queries], picked[cfg.user_queries:])
 
 
