@@ -64,13 +64,31 @@ class UserColumn:
 
     @classmethod
     def of(cls, column: pa.ChunkedArray, key: str) -> UserColumn:
-        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-            column = column.cast(pa.string())  # dictionary, string_view, binary (UTF-8 checked)
-        encoded = pc.dictionary_encode(column).unify_dictionaries()  # one dictionary for all chunks
-        if not encoded.num_chunks:
-            return cls(pa.array([], pa.string()), np.empty(0, np.int64), np.empty(0, np.uint64))
-        names = encoded.chunk(0).dictionary
-        if names.type != pa.string():
-            names = names.cast(pa.string())  # large_string: one type whatever each file holds
-        codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
+        names, codes = encode_strings(column)
         return cls(names, codes, hash_user_ids(names, key))
+
+
+def encode_strings(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """A string column (or one castable to strings: dictionary, large, binary UTF-8) as its distinct values
+    (``pa.string()``) and (n,) int64 codes into them, -1 for a null; encoded chunk by chunk (no copy of the
+    column into one array, whose text may pass 2 GiB)."""
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
+    encoded = pc.dictionary_encode(column)
+    if not encoded.num_chunks:
+        return pa.array([], pa.string()), np.empty(0, np.int64)
+    values = encoded.chunk(encoded.num_chunks - 1).dictionary
+    # Arrow gives every chunk the same dictionary (one memo table for the column); unify otherwise
+    if not all(_shared(c.dictionary, values) for c in encoded.chunks):
+        encoded = encoded.unify_dictionaries()
+        values = encoded.chunk(0).dictionary
+    if values.type != pa.string():
+        values = values.cast(pa.string())  # large_string: one type whatever each file holds
+    codes = np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])
+    return values, codes
+
+
+def _shared(a: pa.Array, b: pa.Array) -> bool:
+    """Whether two arrays are one array's views: same length, same data buffer (or none)."""
+    da, db = a.buffers()[-1], b.buffers()[-1]
+    return len(a) == len(b) and (da is None) == (db is None) and (da is None or da.address == db.address)

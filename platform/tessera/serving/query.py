@@ -209,13 +209,10 @@ class UserHistories:
 def _catalog_rows(item_ids: pa.ChunkedArray, items: ItemVectors) -> np.ndarray:
     """(n,) each event's catalog row, -1 for an item outside the catalog or no item id; looked up once
     per distinct id (dictionary-encoded in Arrow)."""
-    if not pa.types.is_string(item_ids.type) and not pa.types.is_large_string(item_ids.type):
-        item_ids = item_ids.cast(pa.string())
-    encoded = pc.dictionary_encode(item_ids).unify_dictionaries()
-    if not encoded.num_chunks:
-        return np.empty(0, np.int64)
-    lookup = np.append(items.rows(encoded.chunk(0).dictionary.to_pylist()), -1)  # the last entry: no id
-    return lookup[np.concatenate([c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks])]
+    from tessera.interactions import encode_strings
+
+    values, codes = encode_strings(item_ids)
+    return np.append(items.rows(values.to_pylist()), -1)[codes]  # the last entry: code -1, no id
 
 
 class QueryCore:
