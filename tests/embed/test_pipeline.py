@@ -9,7 +9,7 @@ import pytest
 
 from jobs import embed as embed_job
 from tessera.embed.config import EmbedConfig
-from tessera.embed.output import list_parts
+from tessera.embed.output import committed_parts, list_parts
 from tessera.embed.pipeline import check_fits, error_rate, run_embedding
 from tessera.storage import join_uri
 from tests.conftest import TEST_ROOT, embed_config
@@ -30,7 +30,7 @@ def _read_all(storage, uris):
 
 @pytest.fixture(scope="module")
 def output(sample_embeddings, storage):
-    return _read_all(storage, list_parts(storage, sample_embeddings["output"]["uri"]))
+    return _read_all(storage, committed_parts(storage, sample_embeddings["output"]["uri"], sample_embeddings))
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +408,7 @@ def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_man
     found in the new attempt's parts, and the counts add up. One landing after the manifest is not in the
     manifest's list of parts, which every reader takes."""
     from tessera.embed import pipeline as pipeline_module
-    from tessera.embed.output import MANIFEST, committed_parts
+    from tessera.embed.output import MANIFEST
     from tessera.index_job.seeded_bundle import seeded_bundle
     from tessera.index_job.sources import resolve_sources
     from tessera.train.catalog import ItemCatalog
@@ -444,7 +444,7 @@ def test_a_part_a_taken_over_attempt_wrote_late_is_deleted_and_one_after_the_man
     out = capsys.readouterr().out
     assert f"1 part(s) of {run_uri} repeat items found in other parts" in out, out
     removed = late[0].rsplit("/", 1)[1]
-    assert manifest["output"]["superseded_parts_removed"] == [removed]
+    assert manifest["output"]["superseded_parts"] == [removed]
     assert manifest["counts"]["text"]["ok"] == 6 and manifest["output"]["rows"] == 6
     ours = list_parts(storage, run_uri)
     assert [u.rsplit("/", 1)[1] for u in ours] == manifest["output"]["files"] and len(ours) == 2
@@ -495,3 +495,30 @@ def test_a_late_part_holding_an_item_of_no_other_part_is_counted_and_fails_the_r
     with pytest.raises(EmbeddingIntegrityError, match=r"holds 3 distinct items \(1 duplicate rows\) for 2 input"):
         run_embedding(cfg)
     assert storage.exists(late["uri"]) and not storage.exists(join_uri(run_uri, "_MANIFEST.json"))
+
+
+def test_an_attempt_does_not_overwrite_a_manifest_written_while_it_ran(encoder_weights, storage, monkeypatch,
+                                                                       ray_session):
+    """Were an attempt to stall past its lease while another took the run over and finished it, its own
+    manifest must not replace the other's: the write is conditional on the manifest it found."""
+    from tessera.embed import pipeline as pipeline_module
+    from tessera.lease import LeaseLostError
+
+    root = f"{TEST_ROOT}/stalled"
+    items = join_uri(root, "items")
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": ["a"], "text": ["oat milk"], "image_uri": pa.nulls(1, pa.string()),
+        "audio_uri": pa.nulls(1, pa.string())}))
+    cfg = embed_config(encoder_weights, "stalled", items_uri=items, output_uri=join_uri(root, "out"),
+                       image={"enabled": False}, audio={"enabled": False})
+    manifest_uri = join_uri(cfg.output_uri, cfg.run_id, "_MANIFEST.json")
+    real_build = pipeline_module.build_dataset
+
+    def build_then_other_finishes(*args, **kwargs):
+        storage.write_json(manifest_uri, {"written_by": "the attempt that took over"})
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "build_dataset", build_then_other_finishes)
+    with pytest.raises(LeaseLostError, match="written by another attempt while this one ran"):
+        run_embedding(cfg)
+    assert storage.read_json(manifest_uri) == {"written_by": "the attempt that took over"}

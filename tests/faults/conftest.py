@@ -388,7 +388,7 @@ def check_run(storage: Storage, run_uri: str, truth: dict, modalities: tuple[str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tessera.embed.output import list_parts
+    from tessera.embed.output import committed_parts
     from tests.embed.test_pipeline import EXPECTED
 
     manifest = storage.read_json(f"{run_uri}/_MANIFEST.json")
@@ -396,7 +396,7 @@ def check_run(storage: Storage, run_uri: str, truth: dict, modalities: tuple[str
     assert manifest["complete"] and manifest["input"]["items"] == manifest["output"]["rows"] == n
     for c in manifest["counts"].values():
         assert c["ok"] + c["failed"] + c["missing"] == n
-    parts = list_parts(storage, run_uri)
+    parts = committed_parts(storage, run_uri, manifest)
     assert len(parts) == manifest["output"]["parts"]
     table = pa.concat_tables([pq.read_table(storage.filesystem(u)[1], filesystem=storage.s3_filesystem())
                               for u in parts])

@@ -38,7 +38,7 @@ from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
 from tessera.encoders.weights import CheckpointFiles
-from tessera.lease import RunLease
+from tessera.lease import LeaseLostError, RunLease
 from tessera.memory import allocator_env
 from tessera.storage import Storage, join_uri, parse_uri
 
@@ -402,6 +402,8 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     started, finished = run_state(storage, run_uri, identity, n_input, announce=True)
     if finished is not None:
         return finished
+    # an earlier run's incomplete or outdated manifest, if any: this attempt replaces that version only
+    started_manifest = storage.read_versioned(manifest_uri)[1] if storage.exists(manifest_uri) else None
     cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
     check_fits(cfg, cpus, gpus)
     check_weights(cfg, storage)
@@ -454,7 +456,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         "complete": True,
         "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
         "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows,
-                   "files": [_name(p) for p in parts], "superseded_parts_removed": [_name(p) for p in superseded]},
+                   "files": [_name(p) for p in parts], "superseded_parts": [_name(p) for p in superseded]},
         "encoders": encoders,
         "counts": counts.per_modality,
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
@@ -463,11 +465,32 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                     "items_per_s": round(written / t_pipeline, 2) if written else None},
     }
     lease.confirm()
-    storage.write_json(manifest_uri, manifest)
-    for uri in superseded:  # out of the manifest; deleted by the run's holder only, its lease renewed just now
-        lease.confirm()
-        storage.delete(uri)
+    _write_manifest(storage, manifest_uri, manifest, started_manifest)
+    _delete_superseded(storage, superseded, lease)
     return manifest
+
+
+def _write_manifest(storage: Storage, uri: str, manifest: dict, replacing: str | None) -> None:
+    """Write the run's manifest only if it is still what this attempt found when it began (``replacing``:
+    that manifest's version tag, None for none): an attempt that stalled past its lease cannot overwrite
+    the manifest of the attempt that took the run over and finished it."""
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    written = storage.replace_if(uri, data, replacing) if replacing else storage.create_exclusive(uri, data)
+    if written is None:
+        raise LeaseLostError(f"{uri} was written by another attempt while this one ran (it took the run over); "
+                             "this attempt stopped")
+
+
+def _delete_superseded(storage: Storage, parts: list[str], lease: RunLease) -> None:
+    """Delete the parts the manifest left out, while this attempt holds the lease (renewed before each).
+    The run is complete either way: a part left behind is not in the manifest, so never read."""
+    for uri in parts:
+        try:
+            lease.confirm()
+            storage.delete(uri)
+        except Exception as err:  # noqa: BLE001 - the manifest is written; a leftover part is harmless
+            print(f"[embed] left {uri} in place (not part of the run): {err}", flush=True)
+            return
 
 
 def _name(uri: str) -> str:

@@ -244,12 +244,10 @@ def _first_users(lowest, events, cfg: SelfCheckConfig, count: int, skip: int,
     key = user_order_key(cfg.seed)
     budget = 2 * (skip + count) + 64
     while True:
-        found = lowest(key, budget)
-        union, at = np.unique(np.concatenate([h for h, _ in found]), return_inverse=True)
-        totals = np.bincount(at, weights=np.concatenate([c for _, c in found]), minlength=len(union))
+        union, totals = _lowest_of(lowest(key, budget))
         eligible = union[:budget][totals[:budget] > cfg.holdout]
-        take = skip + count
-        while True:
+        take, picked = skip + count, []
+        while len(eligible):
             picked = _pick(events(key, eligible[:take]), key, cfg, count, skip, max_history)
             if len(picked) == count or take >= len(eligible):
                 break
@@ -272,8 +270,22 @@ def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     return in_row_order.take(pa.array(np.argsort(by_row, kind="stable"), pa.int64()))
 
 
-def _lowest_in_file(piece: int, uri: str, storage: Storage, key: str, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    return _lowest_users(storage.read_parquet(uri, ["user_id", "ts"]), key, budget)
+def _lowest_in_files(pieces: list[tuple[int, str]], storage: Storage, key: str,
+                     budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_lowest_users` over several files, merged into one (the lowest ``budget`` of their union, each
+    with its files' summed counts: exact for the same reason as per file)."""
+    return [_lowest_of([_lowest_users(storage.read_parquet(uri, ["user_id", "ts"]), key, budget)
+                        for _, uri in pieces], budget)]
+
+
+def _lowest_of(found: list[tuple[np.ndarray, np.ndarray]], budget: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The union of :func:`_lowest_users` results, sorted, counts summed; its lowest ``budget`` (None: all)."""
+    if not found:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    union, at = np.unique(np.concatenate([h for h, _ in found]), return_inverse=True)
+    totals = np.bincount(at, weights=np.concatenate([c for _, c in found]), minlength=len(union)).astype(np.int64)
+    return (union, totals) if budget is None else (union[:budget], totals[:budget])
 
 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
@@ -281,23 +293,24 @@ def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np
     return _user_events(storage.read_parquet(uri, LOG_COLUMNS), piece, key, chosen, indexed, max_history, holdout)
 
 
-def _over_files(fn, pieces: list[tuple[int, str]], *args) -> list:
-    return [fn(piece, uri, *args) for piece, uri in pieces]
+def _over_files(fn, per_task: bool, pieces: list[tuple[int, str]], *args) -> list:
+    return fn(pieces, *args) if per_task else [fn(piece, uri, *args) for piece, uri in pieces]
 
 
-def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: int, *args) -> list:
-    """``fn(piece, uri, *args)`` for every file of the log, in order: in Ray tasks of ``task_options`` when
-    given (and Ray is up), ``files_per_task`` files a task (an ``ObjectRef`` among ``args`` reaches ``fn``
-    as its value)."""
+def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: int, *args,
+             per_task: bool = False) -> list:
+    """``fn(piece, uri, *args)`` for every file of the log, in order (``per_task``: ``fn(pieces, *args)``
+    once per group of files, returning a list): in Ray tasks of ``task_options`` when given (and Ray is
+    up), ``files_per_task`` files a task (an ``ObjectRef`` among ``args`` reaches ``fn`` as its value)."""
     import ray
 
     pieces = list(enumerate(files))
+    chunks = [pieces[i:i + files_per_task] for i in range(0, len(pieces), files_per_task)]
     if task_options is None or not ray.is_initialized():
         args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
-        return _over_files(fn, pieces, *args)
+        return [r for chunk in chunks for r in _over_files(fn, per_task, chunk, *args)]
     remote = ray.remote(_over_files).options(**task_options)
-    chunks = [pieces[i:i + files_per_task] for i in range(0, len(pieces), files_per_task)]
-    return [r for got in ray.get([remote.remote(fn, chunk, *args) for chunk in chunks]) for r in got]
+    return [r for got in ray.get([remote.remote(fn, per_task, chunk, *args) for chunk in chunks]) for r in got]
 
 
 def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
@@ -316,7 +329,8 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
     if task_options is not None and ray.is_initialized() and indexed is not None:
         indexed = ray.put(indexed)  # once, for every task of every pass
     picked = _first_users(
-        lambda key, budget: _map_log(_lowest_in_file, files, task_options, files_per_task, storage, key, budget),
+        lambda key, budget: _map_log(_lowest_in_files, files, task_options, files_per_task, storage, key, budget,
+                                     per_task=True),
         lambda key, chosen: _map_log(_events_in_file, files, task_options, files_per_task, storage, key, chosen,
                                      indexed, max_history, cfg.holdout),
         cfg, cfg.user_queries + tuning_count, 0, max_history)

@@ -118,33 +118,32 @@ class UserHistories:
         for ``items``' catalog, keeping each user's last ``max_history`` usable events."""
         if not interactions_uri:
             return cls.empty()
-        from tessera.interactions import LOG_COLUMNS, UserColumn, interaction_files
+        from tessera.interactions import LOG_COLUMNS, encode_strings, interaction_files
 
         try:
             files = interaction_files(storage, interactions_uri)
         except FileNotFoundError as err:
             raise VersionError(f"interaction-log snapshot: {err}") from None
-        names, codes, rows, ts, weights, dropped = [], [], [], [], [], 0
+        names, codes, rows, ts, weights, dropped, offset = [], [], [], [], [], 0, 0
         for uri in files:
             table = storage.read_parquet(uri, LOG_COLUMNS)
-            users = UserColumn.of(table.column("user_id"), "0" * 16)  # the hashes are not used here
+            file_names, file_codes = encode_strings(table.column("user_id"))
             found = _catalog_rows(table.column("item_id"), items)
             timed = table.column("ts").is_valid().to_numpy(zero_copy_only=False)  # an event without a time: ignored
-            keep = (found >= 0) & (users.codes >= 0) & timed
-            dropped += int(((found < 0) & (users.codes >= 0) & timed).sum())
-            offset = sum(len(n) for n in names)
-            names.append(users.names)
-            codes.append(users.codes[keep] + offset)
+            keep = (found >= 0) & (file_codes >= 0) & timed
+            dropped += int(((found < 0) & (file_codes >= 0) & timed).sum())
+            names.append(file_names)
+            codes.append(file_codes[keep] + offset)
+            offset += len(file_names)
             rows.append(found[keep])
             ts.append(table.column("ts").fill_null(0).to_numpy()[keep].astype(np.int64))
             weights.append(pc.cast(table.column("weight"), pa.float32()).to_numpy(zero_copy_only=False)[keep])
-        # one code per distinct user over all files
-        encoded = pc.dictionary_encode(pa.concat_arrays(names)) if names else None
-        if encoded is None or not len(encoded):
+        # one code per distinct user over all files (the files' names as chunks: their text may pass 2 GiB)
+        distinct, index = encode_strings(pa.chunked_array(names, pa.string()))
+        if not len(distinct):
             return cls.empty()
-        code = encoded.indices.to_numpy().astype(np.int64)[np.concatenate(codes)]
-        histories = cls.build(np.concatenate(rows), np.concatenate(ts), np.concatenate(weights), code,
-                              encoded.dictionary, items.indexed, max_history)
+        histories = cls.build(np.concatenate(rows), np.concatenate(ts), np.concatenate(weights),
+                              index[np.concatenate(codes)], distinct, items.indexed, max_history)
         histories.dropped = dropped
         return histories
 
