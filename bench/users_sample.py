@@ -1,7 +1,7 @@
 """Benchmark: the index job's sample of users for its self-check, read a file at a time (ours) vs the
 whole interaction log in one task.
 
-    .venv/bin/python bench/users_sample.py [--events 5000000] [--users 500000] [--files 20] [--rounds 2]
+    .venv/bin/python bench/users_sample.py [--events 5000000] [--users 500000] [--files 20] [--rounds 3]
 
 An interaction log of ``--events`` events over ``--users`` users (a few heavy users, most with a
 handful of events; ``--items`` items, a third of them indexed) is written to the bench's S3 store in
@@ -15,8 +15,8 @@ histories cut to ``--max-history`` indexed events) are sampled both ways, in tur
   (``max_calls=1`` gives each round a fresh worker, so a peak from an earlier round cannot count; the
   worker's start is left out).
 * **ours**: :func:`tessera.index_job.self_check.select_users` as the job runs it: two passes of Ray
-  tasks (half a CPU each, ``--files-per-task`` files each) over the files, the driver keeping the first
-  users of the order and their events only.
+  tasks (``build.split_num_cpus`` each, ``--files-per-task`` files each) over the files, the driver
+  keeping the first users of the order and their events only.
 
 Both must return the same users and histories. Peaks are ``VmHWM`` from the task's start (reset through
 ``/proc/self/clear_refs``; Linux only); for ours, the same sampling run in one task a file after another
@@ -42,7 +42,7 @@ import pyarrow as pa  # noqa: E402
 from bench._stack import bench_stack  # noqa: E402
 from bench.index_check import _peak_mb, _reset_peak  # noqa: E402
 from tessera.index import hash_ids  # noqa: E402
-from tessera.index_job.config import SelfCheckConfig  # noqa: E402
+from tessera.index_job.config import BuildResources, SelfCheckConfig  # noqa: E402
 from tessera.index_job.self_check import UserSample, sample_users, select_users  # noqa: E402
 from tessera.interactions import read_interactions  # noqa: E402
 from tessera.storage import Storage, StorageConfig, join_uri  # noqa: E402
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                     run = {"wall_s": time.perf_counter() - t0, "task_s": task_s, "peak_mb": peak}
                 else:
                     sample = select_users(storage, uri, cfg, args.user_queries, args.max_history, indexed,
-                                          task_options={"num_cpus": 0.5}, files_per_task=args.files_per_task)
+                                          task_options={"num_cpus": BuildResources().split_num_cpus},
+                                          files_per_task=args.files_per_task)
                     run = {"wall_s": time.perf_counter() - t0}
                 samples.append(_key(sample))
                 runs[name].append(run)

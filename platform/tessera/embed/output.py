@@ -129,12 +129,11 @@ def superseded_copies(storage: Storage, suspects: list[str]) -> list[str]:
 
 
 def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
-                     use_ray: bool | None = None, parts: list[str] | None = None) -> np.ndarray:
+                     use_ray: bool | None = None) -> np.ndarray:
     """Sorted distinct ``uint64`` hashes (under ``key``, see :mod:`tessera.embed.ids`) of the item ids
-    earlier attempts of this run wrote (in ``parts``, default: every part in the folder); many parts
-    are read by Ray tasks (``use_ray``: see :func:`~tessera.embed.ids.map_files`)."""
-    if parts is None:
-        parts = list_parts(storage, run_uri)
+    earlier attempts of this run wrote; many parts are read by Ray tasks (``use_ray``: see
+    :func:`~tessera.embed.ids.map_files`)."""
+    parts = list_parts(storage, run_uri)
     hashes = map_files(file_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
     return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
 
