@@ -522,3 +522,22 @@ def test_an_attempt_does_not_overwrite_a_manifest_written_while_it_ran(encoder_w
     with pytest.raises(LeaseLostError, match="written by another attempt while this one ran"):
         run_embedding(cfg)
     assert storage.read_json(manifest_uri) == {"written_by": "the attempt that took over"}
+
+
+def test_a_manifest_write_whose_answer_was_lost_counts_as_written(storage, bucket_uri):
+    """A conditional write that landed but whose answer was lost is retried and refused: reading back this
+    attempt's own bytes, the write counts as done; anything else there means another attempt wrote it."""
+    from tessera.embed.pipeline import _write_manifest
+    from tessera.lease import LeaseLostError
+
+    uri = join_uri(bucket_uri, "run", "_MANIFEST.json")
+    manifest = {"complete": True, "timings": {"total_s": 1.25}}
+    _write_manifest(storage, uri, manifest, None)
+    _write_manifest(storage, uri, manifest, None)  # as the refused retry of a landed write
+    tag = storage.read_versioned(uri)[1]
+    _write_manifest(storage, uri, {**manifest, "timings": {"total_s": 2.5}}, tag)  # over the version found
+    with pytest.raises(LeaseLostError, match="written by another attempt"):
+        _write_manifest(storage, uri, manifest, None)
+    with pytest.raises(LeaseLostError, match="written by another attempt"):
+        _write_manifest(storage, uri, manifest, tag)  # that version is gone
+    assert storage.read_json(uri)["timings"]["total_s"] == 2.5

@@ -55,6 +55,9 @@ def test_snapshot_read_a_file_at_a_time_is_the_plain_snapshot(storage, bucket_ur
             "item_id": pa.array([r[1] for r in chunk], pa.string()),
             "ts": pa.array([r[2] for r in chunk], pa.int64()), "event": ["view"] * len(chunk),
             "weight": pa.array([r[3] for r in chunk], pa.float64())}))
+    storage.write_parquet(join_uri(uri, "part-9.parquet"), pa.table({  # times of Arrow type null: ignored
+        "user_id": ["user-00", "user-01"], "item_id": ["it-02", "it-45"], "ts": pa.nulls(2),
+        "event": ["view"] * 2, "weight": [1.0, 1.0]}))
     histories = UserHistories.load(storage, uri, items, max_history=5)
     expected = _reference(rows, items, 5)
     assert sorted(histories.user_ids()) == sorted(expected) and histories.num_users == 60

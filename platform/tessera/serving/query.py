@@ -136,7 +136,7 @@ class UserHistories:
             codes.append(file_codes[keep] + offset)
             offset += len(file_names)
             rows.append(found[keep])
-            ts.append(table.column("ts").fill_null(0).to_numpy()[keep].astype(np.int64))
+            ts.append(pc.cast(table.column("ts"), pa.int64()).fill_null(0).to_numpy()[keep])
             weights.append(pc.cast(table.column("weight"), pa.float32()).to_numpy(zero_copy_only=False)[keep])
         # one code per distinct user over all files (the files' names as chunks: their text may pass 2 GiB)
         distinct, index = encode_strings(pa.chunked_array(names, pa.string()))
