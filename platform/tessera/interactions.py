@@ -88,6 +88,22 @@ def encode_strings(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     return values, codes
 
 
+def runs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of equal values of ``codes`` (events grouped by user) starts, and where it ends
+    (exclusive): two (runs,) int64 arrays."""
+    if not len(codes):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return starts, np.r_[starts[1:], len(codes)].astype(np.int64)
+
+
+def last_flagged(flags: np.ndarray, run_end: np.ndarray, k: int) -> np.ndarray:
+    """(n,) bool: the flagged events among the last ``k`` flagged ones of their run, for events grouped
+    in runs (each event's run ending, exclusive, at ``run_end``; oldest first within a run)."""
+    after = np.r_[np.cumsum(flags[::-1])[::-1], 0]  # flagged events from each position to the end
+    return flags & (after[:len(flags)] - after[run_end] <= k)
+
+
 def _shared(a: pa.Array, b: pa.Array) -> bool:
     """Whether two arrays are one array's views: same length, same data buffer (or none)."""
     da, db = a.buffers()[-1], b.buffers()[-1]

@@ -41,7 +41,15 @@ import pyarrow.compute as pc
 from tessera.embed.ids import is_member
 from tessera.index import RecallCheck, ShardRecall, combine_recall, hash_ids, load_shard, shard_recall
 from tessera.index_job.config import SelfCheckConfig
-from tessera.interactions import LOG_COLUMNS, UserColumn, hash_user_ids, interaction_files
+from tessera.interactions import (
+    LOG_COLUMNS,
+    UserColumn,
+    encode_strings,
+    hash_user_ids,
+    interaction_files,
+    last_flagged,
+    runs,
+)
 from tessera.storage import Storage
 
 Piece = tuple[list[str], np.ndarray]  # item ids and their (n, D) float32 vectors
@@ -140,17 +148,10 @@ def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, inde
     if items.type != pa.string():
         items = items.cast(pa.string())  # dictionary, large_string, null: one type over the pieces
     usable = _usable(items, indexed)
-    n = len(rows)
-    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if n else np.empty(0, np.int64)
-    ends = np.r_[starts[1:], n].astype(np.int64) if n else np.empty(0, np.int64)
-    group = np.repeat(np.arange(len(starts)), ends - starts)
-    from_end = ends[group] - 1 - np.arange(n)  # 0 for the user's last event
-    keep = from_end < max(holdout, 1)
-    if max_history is None:
-        keep |= usable
-    else:
-        after = np.r_[np.cumsum(usable[::-1])[::-1], 0]  # usable events from each position to the end
-        keep |= usable & (after[:n] - after[ends[group]] <= max_history + holdout)
+    starts, ends = runs(codes)
+    run_end = np.repeat(ends, ends - starts)  # each event's user's end
+    keep = run_end - 1 - np.arange(len(rows)) < max(holdout, 1)  # the user's last events
+    keep |= usable if max_history is None else last_flagged(usable, run_end, max_history + holdout)
     kept = np.flatnonzero(keep)
     out = pa.table({
         "user_id": users.names.take(pa.array(codes[kept], pa.int64())),
@@ -167,11 +168,10 @@ def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, inde
 def _usable(items: pa.Array, indexed: np.ndarray | None) -> np.ndarray:
     """(n,) bool: events a history keeps: an item id, of an indexed item (hash in sorted ``indexed``);
     each distinct item hashed once."""
-    usable = items.is_valid().to_numpy(zero_copy_only=False).copy()
+    values, codes = encode_strings(pa.chunked_array([items]))
+    usable = codes >= 0
     if indexed is not None and usable.any():
-        encoded = pc.dictionary_encode(items)
-        member = is_member(indexed, hash_ids(encoded.dictionary.to_pylist()))
-        usable[usable] = member[encoded.indices.to_numpy(zero_copy_only=False)[usable].astype(np.int64)]
+        usable[usable] = is_member(indexed, hash_ids(values.to_pylist()))[codes[usable]]
     return usable
 
 
@@ -192,11 +192,8 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
     log = pa.concat_tables([piece.table for piece in events])
     log = log.filter(pc.is_in(log.column("user_id"), pa.array(picked, pa.string())))
     log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("piece", "ascending"), ("row", "ascending")])
-    users = pc.dictionary_encode(log.column("user_id").combine_chunks())
-    codes = users.indices.to_numpy().astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-    ends = np.r_[starts[1:], len(codes)]
-    spans = {users.dictionary[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(starts, ends, strict=True)}
+    names, codes = encode_strings(log.column("user_id"))
+    spans = {names[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(*runs(codes), strict=True)}
     ts = log.column("ts").to_numpy()
     weights = log.column("weight").to_numpy().astype(np.float32)
     items = log.column("item_id").combine_chunks()

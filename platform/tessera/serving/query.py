@@ -153,7 +153,7 @@ class UserHistories:
         """From the catalog events in log order: ``rows`` (catalog rows), ``ts``, ``weights``, and ``code``,
         each event's user as an entry of ``names`` (distinct ids); ``indexed``: catalog rows with a vector."""
         from tessera.embed.ids import new_key
-        from tessera.interactions import hash_user_ids
+        from tessera.interactions import hash_user_ids, last_flagged
 
         present = np.bincount(code, minlength=len(names)) > 0  # users with an event on a catalog item
         if not present.all():
@@ -170,9 +170,7 @@ class UserHistories:
         counts = np.bincount(user, minlength=len(names))
         ends = np.cumsum(counts)
         last_ts = ts[np.maximum(ends - 1, 0)] if len(ts) else np.zeros(len(names), np.int64)
-        usable = indexed[rows]
-        after = np.r_[np.cumsum(usable[::-1])[::-1], 0]  # usable events from each position to the end
-        keep = usable & (after[:len(user)] - after[ends[user]] <= max_history)
+        keep = last_flagged(indexed[rows], ends[user], max_history)
         history_at = np.r_[0, np.cumsum(np.bincount(user[keep], minlength=len(names)))]
         by_item = np.lexsort((rows, user))
         first = np.r_[True, (user[by_item][1:] != user[by_item][:-1]) | (rows[by_item][1:] != rows[by_item][:-1])] \
