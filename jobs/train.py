@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except ConfigError as err:  # the config does not fit the data it names
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
     except RunConflictError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

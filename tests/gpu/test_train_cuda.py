@@ -130,9 +130,8 @@ def test_ranker_stage_trains_on_device_and_the_checkpoint_rebuilds_on_the_cpu(de
         rebuilt = bundle.item_tower(feats, masks, catalog.id_buckets(bundle.item_tower.config.num_id_buckets))
         torch.testing.assert_close(rebuilt, on_device.cpu(), rtol=1e-4, atol=1e-5)
         # user tower: the held-out users' histories
-        users = fused.user_vectors(hist.to(device), on_device, eval_set.query_ts.to(device)).cpu()
-        rebuilt_users = bundle.user_tower(rebuilt[hist.item_idx], hist.mask, hist.timestamps_ms, eval_set.query_ts,
-                                          hist.weights)
+        users = fused.user_vectors(hist.to(device), on_device).cpu()
+        rebuilt_users = bundle.user_tower(rebuilt[hist.item_idx], hist.mask, hist.timestamps_ms, hist.weights)
         torch.testing.assert_close(rebuilt_users, users, rtol=1e-4, atol=1e-5)
         # ranker: the same inputs to the trained ranker on the device and the rebuilt one
         g = torch.Generator().manual_seed(1)

@@ -142,7 +142,7 @@ def test_a_shard_file_changed_after_the_save_fails_its_check(storage, bucket_uri
 def test_sampled_histories_keep_the_last_events_on_indexed_items():
     """Only what the user tower reads is kept (and gathered by the split tasks): events on items of the
     index, the last max_history of them; events without an item or a user are dropped; the held-out
-    event stays the query time; tuning users never overlap the checked ones."""
+    event is left out; tuning users never overlap the checked ones."""
     import pyarrow as pa
 
     from tessera.index import hash_ids
@@ -166,7 +166,7 @@ def test_sampled_histories_keep_the_last_events_on_indexed_items():
         u = int(h.user_id[1:])
         events = [(f"it-{(u * 7 + e) % 40:02d}", 1_000 * (e + 1)) for e in range(29) if e != 3]  # last held out
         kept = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][-5:]
-        assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept and h.query_ts == 30_000
+        assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept
     everything = sample_users(table, cfg, 3)
     assert [len(h.items) for h in everything] == [28] * 3  # 30 events, one held out, one without an item
 
@@ -190,8 +190,8 @@ def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary
     cfg = SelfCheckConfig(user_queries=50, holdout=1, seed=4)
     for one, many in zip(sample_users(table, cfg, 50, max_history=9), sample_users(chunked, cfg, 50, max_history=9),
                          strict=True):
-        assert (one.user_id, one.items, one.ts.tolist(), one.weights.tolist(), one.query_ts) == (
-            many.user_id, many.items, many.ts.tolist(), many.weights.tolist(), many.query_ts)
+        assert (one.user_id, one.items, one.ts.tolist(), one.weights.tolist()) == (
+            many.user_id, many.items, many.ts.tolist(), many.weights.tolist())
     rows = np.array([5, n - 1, 0, 997, 996, 5])
     assert take_rows(chunked.column("item_id"), rows).to_pylist() == [table.column("item_id")[int(r)].as_py()
                                                                        for r in rows]
@@ -220,15 +220,14 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
     for user in [u for u in order if len(by_user[u]) > cfg.holdout][skip:skip + count]:
         events = sorted(by_user[user])
         cut = len(events) - cfg.holdout
-        query_ts = events[cut][0] if cfg.holdout else events[-1][0]
         history = [e for e in events[:cut] if e[2] is not None and (indexed_items is None or e[2] in indexed_items)]
         history = history[max(len(history) - max_history, 0):] if max_history is not None else history
-        out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history], query_ts))
+        out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history]))
     return out
 
 
 def _as_tuples(histories):
-    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist(), h.query_ts) for h in histories]
+    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist()) for h in histories]
 
 
 @pytest.mark.parametrize("holdout,max_history", [(1, 4), (3, None), (0, 2), (0, None)])

@@ -98,9 +98,8 @@ def train_and_evaluate(problem: Problem, modalities: list[str], steps: int = 200
         hist = pad_histories([problem.train_items[u][:t] for u, t in chosen], max_len=8,
                              timestamps=[problem.train_ts[u][:t] for u, t in chosen])
         target = torch.tensor([problem.train_items[u][t] for u, t in chosen])
-        query_ms = torch.tensor([problem.train_ts[u][t] for u, t in chosen])
         vecs = item_tower(emb)  # (I, 32)
-        user = user_tower(vecs[hist.item_idx], hist.mask, hist.timestamps_ms, query_ms, hist.weights)
+        user = user_tower(vecs[hist.item_idx], hist.mask, hist.timestamps_ms, hist.weights)
         loss = sampled_softmax_loss(user, vecs[target], log_q[target], temperature=temperature, item_ids=target)
         if len(modalities) > 1 and align_weight > 0:
             uniq = target.unique()
@@ -114,8 +113,7 @@ def train_and_evaluate(problem: Problem, modalities: list[str], steps: int = 200
     with torch.no_grad():
         vecs = item_tower(emb)
         hist = pad_histories(problem.train_items, max_len=8, timestamps=problem.train_ts)
-        query_ms = torch.tensor([ts[-1] + DAY_MS for ts in problem.train_ts])
-        user = user_tower(vecs[hist.item_idx], hist.mask, hist.timestamps_ms, query_ms, hist.weights)
+        user = user_tower(vecs[hist.item_idx], hist.mask, hist.timestamps_ms, hist.weights)
         scores = user @ vecs.T
     return ranking_metrics(scores, problem.test_items, ks=(10,), exclude=problem.train_items)["recall@10"]
 

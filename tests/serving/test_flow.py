@@ -54,6 +54,40 @@ def test_recommend_is_the_exact_top_k_of_user_tower_over_item_vectors_then_ranke
     assert answer["model_version"] == ref.model_version and answer["timings"]["total_ms"] > 0
 
 
+def test_a_served_user_vector_is_the_one_training_computes_from_the_same_events(local, served_index, storage):
+    """Serving assembles a user's history from the log snapshot; training from its own user records
+    (:func:`tessera.train.examples.user_records`, the evaluation's padding). The same events must give
+    the same vector: same order, times, weights and cut. (That no side can place the request at another
+    time, as training once did, is the tower's signature: ``test_the_tower_takes_no_request_time``.)"""
+    import torch
+
+    from tessera.interactions import read_interactions
+    from tessera.models import pad_histories
+    from tessera.train.examples import user_records
+
+    stages, _, ref = local
+    query = stages.query.get(served_index)
+    log = read_interactions(storage, ref.interactions_uri).to_pandas()
+    tower = query.user_tower
+    n = tower.config.max_history
+    users = [u for u in query.histories.user_ids()[:40] if (log.user_id == u).sum() > 3][:8]
+    assert users
+    served = query.encode_users([UserQuery(u) for u in users])
+    for user, enc in zip(users, served, strict=True):
+        events = log[(log.user_id == user) & log.item_id.notna() & log.ts.notna()]
+        rows = query.items.rows(events.item_id.tolist())
+        events, rows = events[rows >= 0], rows[rows >= 0]
+        rec = user_records({"user_id": events.user_id.to_numpy(), "item_row": rows, "ts": events.ts.to_numpy(),
+                            "weight": events.weight.to_numpy()}, holdout=0)
+        items, ts, w = rec["train_items"][0], rec["train_ts"][0], rec["train_w"][0]
+        usable = query.items.indexed[items]
+        batch = pad_histories([items[usable][-n:]], n, timestamps=[ts[usable][-n:]], weights=[w[usable][-n:]])
+        with torch.no_grad():
+            trained = tower(torch.from_numpy(query.items.fused)[batch.item_idx], batch.mask, batch.timestamps_ms,
+                            batch.weights)[0].numpy()
+        np.testing.assert_allclose(enc.vector, trained, rtol=1e-5, atol=1e-6)
+
+
 def test_an_answer_does_not_depend_on_the_k_of_its_batch_mates(local, served_index):
     """One search serves the batch at its largest k; each request must still rank only its own
     max(k, candidates) candidates (with a k=100 batch mate, k=10 answers used to change)."""

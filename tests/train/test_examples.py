@@ -8,7 +8,14 @@ import torch
 
 from tessera.train.catalog import ItemCatalog, vector_matrix
 from tessera.train.evaluate import metrics_of_scores
-from tessera.train.examples import EvalSet, history_from_batch, item_counts, next_item_examples, user_records
+from tessera.train.examples import (
+    EXAMPLE_COLUMNS,
+    EvalSet,
+    history_from_batch,
+    item_counts,
+    next_item_examples,
+    user_records,
+)
 
 
 def _records():
@@ -41,14 +48,14 @@ def test_next_item_examples_use_only_earlier_items_left_padded():
     ex = next_item_examples(_records(), max_history=2)
     assert ex["target"].tolist() == [1, 9]  # u1 positions 1 and 2; u2 has a single event
     assert ex["hist_items"].tolist() == [[0, 3], [3, 1]] and ex["hist_len"].tolist() == [1, 2]
-    assert ex["target_ts"].tolist() == [20, 30]
+    assert ex["hist_ts"].tolist() == [[0, 10], [10, 20]] and set(ex) == set(EXAMPLE_COLUMNS)
     hist = history_from_batch({k: torch.from_numpy(v) for k, v in ex.items()})
     assert hist.mask.tolist() == [[False, True], [True, True]]
 
 
 def test_eval_set_keeps_users_with_history_and_targets():
     ev = EvalSet.from_records(_records(), max_history=4)
-    assert ev.num_users == 1 and ev.test_items[0].tolist() == [5] and ev.query_ts.tolist() == [40]
+    assert ev.num_users == 1 and ev.test_items[0].tolist() == [5]
     assert ev.history.item_idx.tolist() == [[0, 3, 1, 9]]
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tessera.models.bundle import ModelBundle
+from tessera.models.bundle import MANIFEST, ModelBundle
 from tessera.storage import join_uri
 
 from .conftest import read_final_state
@@ -84,3 +84,27 @@ def test_a_rerun_resumes_only_checkpoints_of_the_same_settings_and_data(storage,
     storage.write_bytes(join_uri(run_dir, "checkpoint_1", "state.pt"), b"x")
     with pytest.raises(RunConflictError, match="without _RUN.json"):
         _claim_run(other, storage, embed)
+
+
+def test_a_variant_of_a_modality_the_embedding_run_lacks_fails_before_any_work(storage, train_root, ray_session,
+                                                                               tmp_path, capsys):
+    """The default variants name every modality; an embedding run without audio used to train the other
+    variants for hours, fail in every worker and exit 4 with the run claimed. Now: exit 2 at once,
+    naming the file, the key and the modalities, and nothing claimed."""
+    import yaml
+
+    from jobs.train import main
+
+    from .conftest import tiny_train_config
+
+    emb = join_uri(train_root, "emb-text-only")
+    storage.write_json(join_uri(emb, "_MANIFEST.json"),
+                       {"encoders": {"text": {"name": "minilm", "dim": 4}}, "counts": {"text": {"ok": 3}}})
+    cfg = tiny_train_config(emb, train_root, variants=["fused", "text", "audio", "image"])
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage"})))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "variants" in err and "['audio', 'image']" in err and "['text']" in err, err
+    assert not storage.list_files(join_uri(cfg.checkpoint_uri, cfg.version))
+    assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))

@@ -36,10 +36,9 @@ def _scores_and_targets(B: int = 400):
 def _empty_history_batch(model: RankerModel, B: int, N: int = 4) -> tuple[dict, torch.Tensor]:
     """A batch of ``B`` examples with empty histories (no target yet), and its retrieval scores."""
     batch = {"hist_items": torch.zeros(B, N, dtype=torch.long), "hist_ts": torch.zeros(B, N, dtype=torch.long),
-             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long),
-             "target_ts": torch.ones(B, dtype=torch.long)}
+             "hist_w": torch.ones(B, N), "hist_len": torch.zeros(B, dtype=torch.long)}
     with torch.no_grad():
-        return batch, model.retrieve(history_from_batch(batch), batch["target_ts"])
+        return batch, model.retrieve(history_from_batch(batch))
 
 
 def test_lists_only_where_the_target_is_in_the_top_k_and_negatives_from_it():
@@ -99,5 +98,5 @@ def test_a_positive_s_popularity_leaves_its_own_event_out(monkeypatch):
     # re-ranking (evaluation, serving) takes the counts as they are
     seen.clear()
     with torch.no_grad():
-        model.rerank(history_from_batch(batch), batch["target_ts"])
+        model.rerank(history_from_batch(batch))
     torch.testing.assert_close(seen[-1], torch.full_like(seen[-1], float(np.log1p(3.0))))

@@ -10,9 +10,10 @@ Queries:
 * **user queries** (fused index only): users sampled from the interaction log (:func:`select_users`:
   the first users of a seeded hash order, found in two passes of Ray tasks over the log's files, no
   process holding the log); each one's history (all but the last ``holdout`` events, the most recent
-  ``max_history`` of them, items outside the index dropped) goes through the bundle's user tower at the
-  time of the first held-out event (:func:`user_queries`). Only the history items' vectors are gathered,
-  again by the split tasks. The next users of the same order make the fused shards' tuning queries.
+  ``max_history`` of them, items outside the index dropped) goes through the bundle's user tower, its
+  time gaps measured to the history's latest event as in training and serving (:func:`user_queries`).
+  Only the history items' vectors are gathered, again by the split tasks. The next users of the same
+  order make the fused shards' tuning queries.
 
 Each shard's build task saves its shard, loads it back from storage exactly as serving does (checksums
 verified) and measures it against its own vectors (:func:`check_saved_shard`); the driver merges the
@@ -67,13 +68,12 @@ def gather_rows(*pieces: Piece) -> Piece:
 @dataclass
 class UserHistory:
     """One sampled user: the history the user tower reads (see :func:`sample_users` for what is kept),
-    and the time of the query (the first held-out event)."""
+    (the tower measures time gaps to its latest event)."""
 
     user_id: str
     items: list[str]
     ts: np.ndarray  # (n,) int64 ms, oldest first
     weights: np.ndarray  # (n,) float32
-    query_ts: int
 
 
 @dataclass
@@ -134,9 +134,10 @@ def _lowest_users(table: pa.Table, key: str, budget: int) -> tuple[np.ndarray, n
 def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
                  max_history: int | None, holdout: int) -> _Events:
     """The events of a piece of the log whose user's hash is in sorted ``chosen``, each user's cut to
-    what its history and query can need whatever the other pieces hold: its last ``max(holdout, 1)``
-    events, and its last ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them
-    can be held out; ``max_history`` None: all). Events without a user id or a time are ignored."""
+    what its history can need whatever the other pieces hold: its last ``max(holdout, 1)`` events (the
+    held-out ones; at least one, so that every chosen user has a run of events), and its last
+    ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them can be held out;
+    ``max_history`` None: all). Events without a user id or a time are ignored."""
     users, counted = _timed_users(table, key)
     wanted = np.append(is_member(chosen, users.hashes), False)  # the last entry: code -1, no user id
     rows = np.flatnonzero(wanted[users.codes] & counted)
@@ -202,12 +203,10 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
     for user in picked:
         a, b = spans[user]
         cut = b - cfg.holdout  # the held-out events: [cut, b)
-        query_ts = int(ts[cut]) if cfg.holdout else int(ts[b - 1])
         kept = a + np.flatnonzero(usable[a:cut])
         if max_history is not None:
             kept = kept[max(len(kept) - max_history, 0):]
-        sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept],
-                                  query_ts))
+        sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept]))
     return sample
 
 
@@ -221,9 +220,8 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     Each history keeps its events (oldest first; by time, then log order) before the last ``cfg.holdout``
     ones, on items whose id hash is in ``indexed`` (sorted uint64 hashes of the index's items,
     :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of them (None: all):
-    what the user tower will read, so long histories stay small. The query time is the first held-out
-    event's (holdout 0: the last event's). Events without an item id are dropped from histories; events
-    without a user id or a time are ignored."""
+    what the user tower will read, so long histories stay small. Events without an item id are dropped
+    from histories; events without a user id or a time are ignored."""
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
                         lambda key, chosen: [_user_events(log, 0, key, chosen, indexed, max_history, cfg.holdout)],
                         cfg, count, skip, max_history)
@@ -349,20 +347,19 @@ def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vecto
 
     row_of = {item: r for r, item in enumerate(ids)}
     max_len = max_history or user_tower.config.max_history
-    rows, stamps, weights, query_ts = [], [], [], []
+    rows, stamps, weights = [], [], []
     for h in histories:
         kept = [j for j, item in enumerate(h.items) if item in row_of][-max_len:]
         if kept:
             rows.append(np.asarray([row_of[h.items[j]] for j in kept], np.int64))
             stamps.append(h.ts[kept])
             weights.append(h.weights[kept])
-            query_ts.append(h.query_ts)
     if not rows:
         return np.empty((0, vectors.shape[1]), np.float32)
     batch = pad_histories(rows, max_len, timestamps=stamps, weights=weights)
     item_vecs = torch.from_numpy(vectors)[batch.item_idx]  # (Q, N, E)
     with torch.no_grad():
-        out = user_tower(item_vecs, batch.mask, batch.timestamps_ms, torch.tensor(query_ts), batch.weights)
+        out = user_tower(item_vecs, batch.mask, batch.timestamps_ms, batch.weights)
     return out.numpy().astype(np.float32)  # (Q, E)
 
 

@@ -5,9 +5,12 @@ interactions is served immediately, and a user with none gets a learned default 
 
 The last ``max_history`` item vectors (left-padded, with a mask) become tokens; each token adds
 
-* a recency position (0 = most recent), as in SASRec (Kang & McAuley 2018), and
-* a log time-gap bucket ``floor(log2(1 + (t_query - t_item) / time_unit_ms))``, a bucketed form of
-  the time intervals of TiSASRec (Li et al. 2020),
+* a recency position (0 = most recent), as in SASRec (Kang & McAuley 2018),
+* a log time-gap bucket ``floor(log2(1 + (t_last - t_item) / time_unit_ms))``, a bucketed form of
+  the time intervals of TiSASRec (Li et al. 2020), measured from the history's latest event
+  ``t_last``: the tower is given no request time, so training (where the next event's time is known),
+  evaluation, the index self-check and serving (where "now" is the snapshot's clock at best) cannot
+  place the query differently,
 * optionally the interaction's event weight, through ``Linear(log1p(weight))``.
 
 A learned query token is appended last; it always attends to itself, so even an empty history
@@ -20,7 +23,7 @@ the long initial plateau of a randomly rotated output); the sum, L2-normalised, 
 Example::
 
     tower = UserTower(UserTowerConfig(item_dim=64, d_model=64, max_history=20))
-    u = tower(item_vecs, mask, timestamps_ms, query_time_ms)     # (B, 64), unit norm
+    u = tower(item_vecs, mask, timestamps_ms, weights)     # (B, 64), unit norm
 """
 
 from __future__ import annotations
@@ -73,19 +76,19 @@ class UserTowerConfig(TesseraConfig):
         return self
 
 
-def log_gap_buckets(timestamps_ms: torch.Tensor, query_time_ms: torch.Tensor, num_buckets: int,
+def log_gap_buckets(timestamps_ms: torch.Tensor, origin_ms: torch.Tensor, num_buckets: int,
                     unit_ms: float = 1000.0) -> torch.Tensor:
-    """``clamp(floor(log2(1 + max(t_query - t, 0) / unit)), 0, num_buckets - 1)``.
+    """``clamp(floor(log2(1 + max(t_origin - t, 0) / unit)), 0, num_buckets - 1)``.
 
     Args:
         timestamps_ms: ``(B, N)`` int64 event times in ms.
-        query_time_ms: ``(B,)`` int64 time the recommendation is made for.
+        origin_ms: ``(B,)`` int64 time the gaps are measured to (the tower: the history's latest event).
 
     Example::
 
         log_gap_buckets(torch.tensor([[0, 3000]]), torch.tensor([4000]), 40)   # tensor([[2, 1]])
     """
-    gap = (query_time_ms[:, None] - timestamps_ms).clamp(min=0).double() / unit_ms  # (B, N)
+    gap = (origin_ms[:, None] - timestamps_ms).clamp(min=0).double() / unit_ms  # (B, N)
     return torch.floor(torch.log2(1.0 + gap)).long().clamp(0, num_buckets - 1)
 
 
@@ -111,14 +114,13 @@ class UserTower(SavableModule):
         self.head = nn.Linear(c.d_model, c.item_dim)
 
     def forward(self, item_vecs: torch.Tensor, mask: torch.Tensor, timestamps_ms: torch.Tensor | None = None,
-                query_time_ms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         """User vectors.
 
         Args:
             item_vecs: ``(B, N, item_dim)`` item-tower vectors, oldest first, left-padded.
             mask: ``(B, N)`` bool, True for real interactions. Padded values are never read.
             timestamps_ms: ``(B, N)`` int64 event times; needed when ``time_encoding="log_gap"``.
-            query_time_ms: ``(B,)`` int64 time of the request; defaults to the latest event per row.
             weights: ``(B, N)`` event weights; defaults to 1.
 
         Returns:
@@ -135,9 +137,8 @@ class UserTower(SavableModule):
             if timestamps_ms is None:
                 raise ValueError("time_encoding='log_gap' needs timestamps_ms")
             ts = timestamps_ms[:, -N:]  # (B, N)
-            if query_time_ms is None:
-                query_time_ms = torch.where(mask, ts, torch.zeros_like(ts)).amax(dim=1)  # (B,)
-            h = h + self.time(log_gap_buckets(ts, query_time_ms, c.num_time_buckets, c.time_unit_ms))
+            latest = torch.where(mask, ts, torch.zeros_like(ts)).amax(dim=1)  # (B,) the gaps' origin
+            h = h + self.time(log_gap_buckets(ts, latest, c.num_time_buckets, c.time_unit_ms))
         if self.weight_proj is not None:
             w = torch.ones_like(mask, dtype=h.dtype) if weights is None else weights[:, -N:].to(h.dtype)
             w = torch.where(mask, w, torch.zeros_like(w)).clamp(min=0)  # (B, N)

@@ -2,10 +2,10 @@
 
 * Users: the history is the user's events in the interaction-log snapshot (loaded once per version),
   then the request's ``recent_item_ids``; the most recent ``max_history`` go through the bundle's
-  user tower, with the fused item vectors of the same version. The request is placed at the time of
-  the latest event (the snapshot's clock), as in training, so an old snapshot does not push every
-  time gap into the last bucket. A user with no usable history is *cold*: no vector, the ranker
-  answers with popular items.
+  user tower, with the fused item vectors of the same version. The tower measures time gaps to the
+  history's latest event, in training as here, so an old snapshot does not push every gap into the
+  last bucket (the request's recent items count as just after the snapshot's last event). A user
+  with no usable history is *cold*: no vector, the ranker answers with popular items.
 * Queries: the modality's encoder (the same weights as the embedding run, checked by checksum) and
   the item tower's projection of that modality into the item space. Given an ``IsolatedDecoder``,
   image and audio bytes are preprocessed in its child process, so a decoder crash or hang fails the
@@ -203,6 +203,15 @@ class UserHistories:
         return None
 
 
+def _replica_device() -> str:
+    """``cuda`` when Ray gave this process a GPU (a QueryEncoder with ``num_gpus``), else ``cpu``: whatever
+    the embedding run ran on, and never a GPU Ray did not assign (Ray 2.60 leaves the GPUs of a node
+    visible to an actor that asked for none)."""
+    import ray
+
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+
+
 def _catalog_rows(item_ids: pa.ChunkedArray, items: ItemVectors) -> np.ndarray:
     """(n,) each event's catalog row, -1 for an item outside the catalog or no item id; looked up once
     per distinct id (dictionary-encoded in Arrow)."""
@@ -286,9 +295,8 @@ class QueryCore:
         if warm:
             batch = pad_histories(hist_rows, self.max_history, timestamps=hist_ts, weights=hist_w)
             item_vecs = torch.from_numpy(self.items.fused)[batch.item_idx]  # (B, N, E)
-            query_ts = torch.as_tensor([int(t[-1]) for t in hist_ts])
             with torch.inference_mode():
-                vecs = self.user_tower(item_vecs, batch.mask, batch.timestamps_ms, query_ts, batch.weights).numpy()
+                vecs = self.user_tower(item_vecs, batch.mask, batch.timestamps_ms, batch.weights).numpy()
             for j, i in enumerate(warm):
                 out[i].vector = vecs[j].astype(np.float32)
         return out  # type: ignore[return-value]
@@ -334,7 +342,7 @@ class QueryCore:
         section = cfg.modalities().get(modality)
         if section is None:
             raise VersionError(f"the embedding run {self.ref.embedding_run} did not embed {modality}")
-        encoder_cfg = section.encoder.model_copy(update={"device": "cpu" if section.pool.num_gpus == 0 else "auto"})
+        encoder_cfg = section.encoder.model_copy(update={"device": _replica_device()})
         encoder = load_encoder(encoder_cfg, self.storage)
         expected = run["encoders"].get(modality, {}).get("weights_checksum")
         if expected and encoder.weights_checksum != expected:

@@ -33,7 +33,7 @@ def evaluate_retrieval(model: TwoTowerModel, eval_set: EvalSet, ks: Sequence[int
     was_training = model.training
     model.eval()
     try:
-        scores, _ = model.score(eval_set.history, eval_set.query_ts)
+        scores, _ = model.score(eval_set.history)
     finally:
         model.train(was_training)
     return metrics_of_scores(scores.cpu(), eval_set, ks)
@@ -44,7 +44,7 @@ def evaluate_ranked(model: RankerModel, eval_set: EvalSet, ks: Sequence[int]) ->
     was_training = model.training
     model.eval()
     try:
-        scores = model.rerank(eval_set.history, eval_set.query_ts, exclude=eval_set.train_items)
+        scores = model.rerank(eval_set.history, exclude=eval_set.train_items)
     finally:
         model.train(was_training)
     return metrics_of_scores(scores.cpu(), eval_set, ks)

@@ -21,7 +21,7 @@ import torch
 
 from tessera.models import HistoryBatch, pad_histories
 
-EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_ts", "target_w", "from_end")
+EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_w", "from_end")
 
 
 def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.ndarray]:
@@ -32,8 +32,8 @@ def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.nd
         holdout: events held out at the end; users with ``<= holdout`` events keep all for training.
 
     Returns:
-        A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w`` and ``test_items``/
-        ``test_ts`` as object arrays holding one numpy array each (chronological).
+        A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w`` and ``test_items`` as
+        object arrays holding one numpy array each (chronological).
     """
     # ties on ts broken by item, then weight: the group's arrival order changes between runs (Ray Data's
     # shuffle), and which of two same-time events is held out must not
@@ -50,8 +50,7 @@ def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.nd
         return out
 
     return {"user_id": np.asarray(events["user_id"][:1]), "train_items": one(items[:cut]),
-            "train_ts": one(ts[:cut]), "train_w": one(w[:cut]), "test_items": one(items[cut:]),
-            "test_ts": one(ts[cut:])}
+            "train_ts": one(ts[:cut]), "train_w": one(w[:cut]), "test_items": one(items[cut:])}
 
 
 def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict[str, np.ndarray]:
@@ -59,12 +58,12 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
 
     Returns:
         ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
-        left-padded with 0), ``hist_len`` ``(E,)``, ``target``/``target_ts`` ``(E,)`` int64,
+        left-padded with 0), ``hist_len`` ``(E,)``, ``target`` ``(E,)`` int64,
         ``target_w`` ``(E,)`` float32 and ``from_end`` ``(E,)`` int64: 0 for the user's last training
         event, 1 for the one before... (the ranker trains on the most recent examples, which the
         retrieval towers do not see).
     """
-    hist, hts, hw, tgt, tts, tw, fe = [], [], [], [], [], [], []
+    hist, hts, hw, tgt, tw, fe = [], [], [], [], [], []
     for items, ts, w in zip(records["train_items"], records["train_ts"], records["train_w"], strict=True):
         for t in range(1, len(items)):
             lo = max(0, t - max_history)
@@ -72,13 +71,12 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
             hts.append(ts[lo:t])
             hw.append(w[lo:t])
             tgt.append(items[t])
-            tts.append(ts[t])
             tw.append(w[t])
             fe.append(len(items) - 1 - t)
     batch = pad_histories(hist, max_len=max_history, timestamps=hts, weights=hw)
     return {"hist_items": batch.item_idx.numpy(), "hist_ts": batch.timestamps_ms.numpy(),
             "hist_w": batch.weights.numpy(), "hist_len": batch.mask.sum(1).numpy().astype(np.int64),
-            "target": np.asarray(tgt, dtype=np.int64), "target_ts": np.asarray(tts, dtype=np.int64),
+            "target": np.asarray(tgt, dtype=np.int64),
             "target_w": np.asarray(tw, dtype=np.float32), "from_end": np.asarray(fe, dtype=np.int64)}
 
 
@@ -92,12 +90,11 @@ def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:
 @dataclass
 class EvalSet:
     """Held-out evaluation: per evaluated user, the training history (input and excluded from the
-    ranking), the held-out targets, and the request time (the first held-out event's time)."""
+    ranking) and the held-out targets."""
 
     history: HistoryBatch
     train_items: list[np.ndarray]
     test_items: list[np.ndarray]
-    query_ts: torch.Tensor
 
     @property
     def num_users(self) -> int:
@@ -113,8 +110,7 @@ class EvalSet:
                                 timestamps=[records["train_ts"][i] for i in keep],
                                 weights=[records["train_w"][i] for i in keep])
         return cls(history=history, train_items=train,
-                   test_items=[np.asarray(records["test_items"][i], dtype=np.int64) for i in keep],
-                   query_ts=torch.tensor([int(records["test_ts"][i][0]) for i in keep], dtype=torch.long))
+                   test_items=[np.asarray(records["test_items"][i], dtype=np.int64) for i in keep])
 
 
 def item_counts(records: dict[str, np.ndarray], num_items: int) -> np.ndarray:

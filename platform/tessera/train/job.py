@@ -26,6 +26,7 @@ import pyarrow as pa
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from tessera.config import ConfigError
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
@@ -93,6 +94,7 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     if replace_bundle and not cfg.overwrite:
         raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
+    check_variants(cfg, list(embed_manifest["encoders"]))
     _claim_run(cfg, storage, embed_manifest)
     data = build_datasets(cfg, storage)
     t_data = time.perf_counter()
@@ -137,6 +139,18 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
                     "total_s": round(time.perf_counter() - t0, 2)},
     }
     return bundle.save(storage, cfg.bundle_uri)
+
+
+def check_variants(cfg: TrainConfig, modalities: list[str]) -> None:
+    """Every single-modality variant names a modality of the embedding run (checked before any work:
+    the workers would otherwise fail on it after training the others).
+
+    Raises:
+        ConfigError: naming ``variants``, the missing modalities and the run's."""
+    missing = [v for v in cfg.variants if v not in ("fused", "id_only") and v not in modalities]
+    if missing:
+        raise ConfigError(f"variants: {missing} name modalities the embedding run {cfg.embeddings_uri} does not "
+                          f"have (it has {modalities}); remove them from `variants`")
 
 
 def run_identity(cfg: TrainConfig, embed_manifest: dict) -> dict:

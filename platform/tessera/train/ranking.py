@@ -16,7 +16,7 @@ Example::
 
     rm = RankerModel.build(retrieval_model, counts, ranker_cfg, max_history=20)
     loss = rm(batch, rng)                                  # training
-    scores = rm.rerank(eval_set.history, eval_set.query_ts, exclude=eval_set.train_items)   # (U, I)
+    scores = rm.rerank(eval_set.history, exclude=eval_set.train_items)   # (U, I)
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ class RankerModel(nn.Module):
         return self._item_vecs
 
     @torch.no_grad()
-    def retrieve(self, hist: HistoryBatch, query_ts: torch.Tensor) -> torch.Tensor:
+    def retrieve(self, hist: HistoryBatch) -> torch.Tensor:
         """``(B, I)`` retrieval scores with the history's items at ``-inf``."""
-        scores, _ = self.retrieval.score(hist, query_ts, self.item_vecs)
+        scores, _ = self.retrieval.score(hist, self.item_vecs)
         return mask_rows(scores, hist.item_idx, hist.mask)
 
     def logits(self, hist: HistoryBatch, candidates: torch.Tensor, scores: torch.Tensor,
@@ -152,7 +152,7 @@ class RankerModel(nn.Module):
         """Training loss over the lists of one batch of examples (see :meth:`training_lists`)."""
         hist = history_from_batch(batch)
         target = batch["target"].long()
-        scores = self.retrieve(hist, batch["target_ts"].long())  # (B, I)
+        scores = self.retrieve(hist)  # (B, I)
         keep, candidates, labels = self.training_lists(target, scores, rng)
         if not keep.any():  # no target in the top-K: a zero loss still reaches every parameter (DDP)
             return sum(p.sum() for p in self.ranker.parameters()) * 0.0
@@ -163,16 +163,16 @@ class RankerModel(nn.Module):
         return listwise_softmax_loss(logits, labels)
 
     @torch.no_grad()
-    def rerank(self, hist: HistoryBatch, query_ts: torch.Tensor, exclude: Sequence[np.ndarray] | None = None,
+    def rerank(self, hist: HistoryBatch, exclude: Sequence[np.ndarray] | None = None,
                chunk: int = 256) -> torch.Tensor:
         """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it (on
         the catalog's device, wherever ``hist`` is)."""
         device = self.item_vecs.device
-        hist, query_ts = hist.to(device), query_ts.to(device)
+        hist = hist.to(device)
         outs = []
-        for s in range(0, len(query_ts), chunk):
+        for s in range(0, len(hist.item_idx), chunk):
             h = HistoryBatch(*(t[s:s + chunk] for t in (hist.item_idx, hist.mask, hist.timestamps_ms, hist.weights)))
-            scores = self.retrieve(h, query_ts[s:s + chunk])
+            scores = self.retrieve(h)
             if exclude is not None:
                 scores = mask_rows(scores, exclude[s:s + chunk])
             top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices  # (b, K)

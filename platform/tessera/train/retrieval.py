@@ -13,7 +13,7 @@ Example::
 
     model = TwoTowerModel.build(variant("text", catalog.modalities), catalog, towers_cfg, log_q, max_history=20)
     loss = model(batch)                              # batch: example columns as tensors
-    scores = model.score(eval_set.history, eval_set.query_ts)    # (U, I)
+    scores = model.score(eval_set.history)    # (U, I)
 """
 
 from __future__ import annotations
@@ -109,10 +109,9 @@ class TwoTowerModel(nn.Module):
         feats, masks, ids = self._inputs(rows)
         return self.item_tower(feats, masks, ids)
 
-    def user_vectors(self, history: HistoryBatch, item_vecs: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
+    def user_vectors(self, history: HistoryBatch, item_vecs: torch.Tensor) -> torch.Tensor:
         """User vectors from a history batch and the ``(I', D)`` vectors its ``item_idx`` points into."""
-        return self.user_tower(item_vecs[history.item_idx], history.mask, history.timestamps_ms, query_ts,
-                               history.weights)
+        return self.user_tower(item_vecs[history.item_idx], history.mask, history.timestamps_ms, history.weights)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss of one batch of examples (columns of :mod:`tessera.train.examples`)."""
@@ -122,7 +121,7 @@ class TwoTowerModel(nn.Module):
         uniq, inv = torch.unique(torch.cat([hist.item_idx.reshape(-1), target]), return_inverse=True)  # (K,)
         vecs = self.item_vectors(uniq)  # (K, D)
         local = HistoryBatch(inv[: B * N].view(B, N), hist.mask, hist.timestamps_ms, hist.weights)
-        user = self.user_vectors(local, vecs, batch["target_ts"].long())  # (B, D)
+        user = self.user_vectors(local, vecs)  # (B, D)
         loss = sampled_softmax_loss(user, vecs[inv[B * N:]], self.log_q.to(user.device)[target],
                                     temperature=self.cfg.temperature, item_ids=target)
         if len(self.variant.modalities) > 1 and self.cfg.align_weight > 0:
@@ -141,12 +140,11 @@ class TwoTowerModel(nn.Module):
                           for s in range(0, n, chunk)])
 
     @torch.no_grad()
-    def score(self, history: HistoryBatch, query_ts: torch.Tensor,
-              item_vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, history: HistoryBatch, item_vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, I)`` full-catalog scores (cosine) and the ``(U, D)`` user vectors (call in eval mode), on
         the catalog's device (the model's: the worker puts both there) wherever ``history`` is: the
         evaluation set stays on the host."""
         vecs = self.all_item_vectors() if item_vecs is None else item_vecs
-        history, query_ts = history.to(vecs.device), query_ts.to(vecs.device)
-        user = self.user_vectors(history, vecs, query_ts)
+        history = history.to(vecs.device)
+        user = self.user_vectors(history, vecs)
         return user @ vecs.T, user

@@ -160,6 +160,8 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
         for epoch in range(start_epoch, stage.epochs):
             rng = np.random.default_rng([cfg.seed, stage_idx, epoch, rank])
+            # dropout draws seeded per epoch: a run resumed at epoch e draws what it would have, not epoch 0's
+            torch.manual_seed(int(rng.integers(1 << 62)))
             model.train()
             t0, total, steps, samples = time.perf_counter(), 0.0, 0, 0
             batches = shards[stage.kind].iter_torch_batches(
@@ -177,9 +179,10 @@ def train_loop_per_worker(config: dict) -> None:
                 samples += len(batch["target"])
             train_s = time.perf_counter() - t0
             global_epoch += 1
+            total, steps, samples = _summed([total, steps, samples], device)  # over every worker
             metrics = {"stage": stage.name, "epoch": epoch + 1, "global_epoch": global_epoch,
-                       "loss": total / max(steps, 1), "samples_global": samples * world,
-                       "samples_per_s": samples * world / max(train_s, 1e-9),
+                       "loss": total / max(steps, 1), "samples_global": int(samples),
+                       "samples_per_s": samples / max(train_s, 1e-9),
                        "train_s": train_s}
             if gauges is not None:
                 gauges.record(stage.name, metrics["loss"], metrics["samples_per_s"])
@@ -202,6 +205,18 @@ def train_loop_per_worker(config: dict) -> None:
                 save_state(state, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         state.current = None
+
+
+def _summed(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed over the workers (an all-reduce every worker makes at the same point; as they
+    are with one worker or no process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _model_state(model, stage: Stage) -> dict:
