@@ -101,6 +101,9 @@ class RecommenderArgs(BaseModel):
             replica (and the requests batched with it, and the replicas the Ingress retries it on);
             one taking longer than this is killed and fails too. None: decode in the replica itself.
         batch: the Ingress's batching.
+        rollout_retry_s: a failed rollout is tried again after this long, the wait doubling up to 10
+            minutes, while the config still names its version (the index may still be building, or a
+            stage short of memory: ``serve deploy`` of an unchanged config does not reach the replicas).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +117,22 @@ class RecommenderArgs(BaseModel):
     preload_modalities: bool = True
     decode_timeout_s: float | None = Field(10.0, gt=0)
     batch: BatchArgs = Field(default_factory=BatchArgs)
+    rollout_retry_s: float = Field(30.0, gt=0)
+
+
+def configured_index(config: dict | None, deployment: str) -> str:
+    """The ``index_uri`` a deployment's ``user_config`` names ('' for none).
+
+    Raises:
+        ValueError: a key other than ``index_uri`` (a typo would otherwise be ignored, and the replica start
+            on no version), or an ``index_uri`` that is not a string; naming the deployment and the keys."""
+    config = config or {}
+    extra = sorted(str(k) for k in config if k != "index_uri")
+    uri = config.get("index_uri")
+    if extra or not isinstance(uri, (str, type(None))):
+        raise ValueError(f"user_config of {deployment}: takes only index_uri (a string, the index version to "
+                         f"serve); got " + (f"unknown keys {extra}" if extra else f"index_uri={uri!r}"))
+    return (uri or "").rstrip("/")
 
 
 def _split(results: list, sizes: list[int]) -> list[list]:
@@ -145,6 +164,7 @@ class _Versioned:
         self.cache = VersionCache(lambda uri: loader(self.storage, VersionRef.resolve(self.storage, uri)))
         self._target: str | None = None  # the configured version (a background load of another one does not
         self._pending_loads: dict[str, asyncio.Task] = {}  # become it); uri -> task (the loop keeps weak refs)
+        self._request_loads: dict[str, asyncio.Future] = {}  # uri -> the load requests naming it wait for
 
     async def reconfigure(self, config: dict) -> None:
         """Take the version in ``user_config``. A replica's first version is loaded here (it has nothing
@@ -157,8 +177,14 @@ class _Versioned:
         to a replica inside ``reconfigure``, so a load here stalled every stage call for its length), and a
         version that fails to load is logged and reported by :meth:`version_status` instead of failing the
         replica (Serve would stop it, and its replacements would fail the same way: a bad rollout took the
-        whole app down). The Ingress switches only once every stage replica reports the version loaded."""
-        uri = ((config or {}).get("index_uri") or "").rstrip("/")
+        whole app down). The Ingress switches only once every stage replica reports the version loaded.
+        A ``user_config`` with other keys than ``index_uri`` is logged and ignored (the Ingress fails its
+        first deploy, or reports it as a failed rollout)."""
+        try:
+            uri = configured_index(config, type(self).__name__)
+        except ValueError as err:
+            logger.error("%s; ignored (serving %s)", err, self.cache.current)
+            return
         if not uri:
             return
         self._target = uri
@@ -218,6 +244,21 @@ class _Versioned:
         core = self.cache.get_loaded(uri)
         return core if core is not None else await asyncio.to_thread(self.cache.get, uri)
 
+    async def _ready(self, uri: str) -> None:
+        """Wait until ``uri`` is loaded here, before a request joins a batch. A replica asked for a version
+        it lacks (one added during a rollout starts on the new version and is sent the current one's
+        requests) loads it while only that version's requests wait: loading inside the batch handler,
+        which runs one batch at a time, held every request of the replica for the whole load. One load
+        (one worker thread) per version, however many requests wait for it."""
+        if self.cache.get_loaded(uri) is not None:
+            return
+        loads = self._request_loads
+        load = loads.get(uri)
+        if load is None:
+            load = loads[uri] = asyncio.ensure_future(asyncio.to_thread(self.cache.get, uri))
+            load.add_done_callback(lambda _: loads.pop(uri, None))
+        await asyncio.shield(load)  # a waiter cancelled (its client gone) leaves the load to the others
+
     async def _per_version(self, uris: list[str], batches: list[list], call, threaded: bool = False) -> list[list]:
         """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, with
         the answers split back per call.
@@ -255,18 +296,32 @@ class QueryEncoder(_Versioned):
         if getattr(self, "_decoder", None) is not None:
             self._decoder.close()
 
+    async def encode_users(self, uri: str, queries: list) -> list:
+        await self._ready(uri)
+        return await self._encode_users(uri, queries)
+
+    async def encode_queries(self, uri: str, queries: list) -> list:
+        """Search queries: texts in one batch queue, image / audio in another, so that media decoding (up to
+        ``decode_timeout_s`` an item, or a child's restart) never holds a text query."""
+        from tessera.serving.query import MEDIA_MODALITIES
+
+        await self._ready(uri)
+        if any(modality in MEDIA_MODALITIES for modality, _ in queries):
+            return await self._encode_media(uri, queries)
+        return await self._encode_texts(uri, queries)
+
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
-    async def encode_users(self, uris: list[str], queries: list[list]) -> list[list]:
+    async def _encode_users(self, uris: list[str], queries: list[list]) -> list[list]:
         return await self._per_version(uris, queries, lambda core, flat: core.encode_users(flat))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def encode_queries(self, uris: list[str], queries: list[list]) -> list[list]:
-        from tessera.serving.query import MEDIA_MODALITIES
+    async def _encode_texts(self, uris: list[str], queries: list[list]) -> list[list]:
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat))
 
-        # image / audio decoding may take up to decode_timeout_s an item (or a child's restart): in a thread,
-        # so that it does not hold the event loop encode_users shares
-        media = any(modality in MEDIA_MODALITIES for batch in queries for modality, _ in batch)
-        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat), threaded=media)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _encode_media(self, uris: list[str], queries: list[list]) -> list[list]:
+        # in a thread, so that decoding does not hold the event loop the user and text batches share
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat), threaded=True)
 
     async def item_vectors(self, uri: str, item_ids: list[str]) -> list:
         return (await self._core(uri)).item_vectors(item_ids)
@@ -285,9 +340,13 @@ class Retriever(_Versioned):
         share = tuple(group) if group else None  # (i, groups): the shards whose id is i modulo groups
         self._init_cache(storage_config, lambda s, ref: RetrieverCore.load(s, ref, config, share, modal))
 
+    async def search(self, uri: str, index: str, vectors: np.ndarray, k: int, exclude: list[set[str]] | None):
+        await self._ready(uri)
+        return await self._search(uri, index, vectors, k, exclude)
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def search(self, uris: list[str], indexes: list[str], vectors: list[np.ndarray], ks: list[int],
-                     excludes: list[list[set[str]] | None]) -> list:
+    async def _search(self, uris: list[str], indexes: list[str], vectors: list[np.ndarray], ks: list[int],
+                      excludes: list[list[set[str]] | None]) -> list:
         from tessera.serving.local import search_or_error
 
         out: list = [None] * len(uris)
@@ -321,13 +380,18 @@ class Ranker(_Versioned):
         _set_threads(torch_threads)
         self._init_cache(storage_config, RankerCore.load)
 
+    async def rank(self, uri: str, inputs: list) -> list:
+        await self._ready(uri)
+        return await self._rank(uri, inputs)
+
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
-    async def rank(self, uris: list[str], inputs: list[list]) -> list[list]:
+    async def _rank(self, uris: list[str], inputs: list[list]) -> list[list]:
         return await self._per_version(uris, inputs, lambda core, flat: core.rank(flat))
 
 
 HEALTH_TIMEOUT_S = 5.0  # how long GET /healthz?deep=true waits for each stage
 ROLLOUT_TIMEOUT_S = 1800.0  # how long the Ingress waits for the stages to load a new version
+ROLLOUT_RETRY_MAX_S = 600.0  # the longest wait between tries of a failed rollout
 RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
 
 
@@ -530,8 +594,16 @@ def metrics() -> _Metrics:
     return _METRICS[0]
 
 
+_ROUTES = {"/v1/recommend": "recommend", "/v1/search": "search", "/v1/version": "version", "/healthz": "healthz"}
+
+
 def _route_of(path: str) -> str:
-    return "similar" if path.endswith("/similar") else path.rstrip("/").rsplit("/", 1)[-1] or "root"
+    """The metric label of a request path: one of the app's routes (under any route prefix), else
+    ``other``: a label per path would let any client create metric series without end."""
+    path = path.rstrip("/")
+    if "/v1/items/" in path and path.endswith("/similar"):
+        return "similar"
+    return next((name for suffix, name in _ROUTES.items() if path.endswith(suffix)), "other")
 
 
 def _printable(value: Any) -> Any:
@@ -674,7 +746,7 @@ class Ingress:
         self.stages = HandleStages(query_encoder, retrievers, ranker)
         self.metrics = metrics()
         b = self.args.batch
-        for batched in (self._recommend_batch, self._search_batch):
+        for batched in (self._recommend_batch, self._search_batch, self._media_search_batch):
             batched.set_max_batch_size(b.max_batch_size)
             batched.set_batch_wait_timeout_s(b.batch_wait_timeout_ms / 1000.0)
         self._inflight = 0  # requests of this replica between arrival and answer
@@ -698,11 +770,20 @@ class Ingress:
         out in the background: requests keep being answered from the
         current version until every stage deployment reports the new one loaded, then new requests switch
         to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
-        stays on the current version and ``/v1/version`` and ``/healthz`` report the failed rollout."""
-        uri = ((config or {}).get("index_uri") or "").rstrip("/")
-        if not uri:
+        stays on the current version, ``/v1/version`` and ``/healthz`` report the failed rollout, and it
+        is tried again (``rollout_retry_s``). A ``user_config`` with other keys than ``index_uri`` fails a
+        first deploy; later, it is reported as a failed rollout and the current version goes on (a
+        replica added meanwhile starts on the version the app serves)."""
+        try:
+            uri = configured_index(config, "Ingress")
+        except ValueError as err:
+            await self._refuse_config(config, err)
+            uri = None
+        if uri == "":
             raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
-        if self.flow is None:
+        if uri is None:
+            pass  # refused: the current version goes on
+        elif self.flow is None:
             ref = await self._first_version(uri)
             self._switch(ref)
             if ref.index_uri != uri:  # started on the app's serving version: keep trying the configured one
@@ -715,6 +796,19 @@ class Ingress:
         app = getattr(self, "_asgi_app", None)  # set by serve.ingress after __init__, before this first call
         if isinstance(app, FastAPI) and app.openapi_schema is None:
             app.openapi_schema = _publish_max_k(app.openapi(), self.args.max_k)
+
+    async def _refuse_config(self, config: dict | None, err: ValueError) -> None:
+        """A ``user_config`` that is not one: reported as a failed rollout while the current version goes on
+        (a replica with none yet starts on the version the app serves, if any; else ``err`` is raised)."""
+        if self.flow is None:
+            serving = await self._serving_fallback(None)
+            if serving is None:
+                raise err
+            self._switch(await self._ready_version(serving))
+        self._cancel_rollout()
+        self.rollout = {"index_uri": str((config or {}).get("index_uri") or ""), "state": "failed",
+                        "since": time.time(), "error": str(err)}
+        logger.error("%s; still serving %s", err, self.flow.index_uri)
 
     def _start_rollout(self, uri: str) -> None:
         self.rollout = {"index_uri": uri, "state": "loading", "since": time.time(), "error": None}
@@ -750,27 +844,49 @@ class Ingress:
         try:
             return await self._ready_version(uri)
         except Exception as err:
-            app = serve.get_replica_context().app_name
-            fallback = await asyncio.to_thread(_published_serving, app)
-            if fallback is None or fallback == uri:
+            fallback = await self._serving_fallback(uri)
+            if fallback is None:
                 raise
-            held = await self.stages.probe(fallback, HEALTH_TIMEOUT_S)
-            if not any(answer.get("has_current") for answer in held.values()):
-                raise
-            logger.error("%s cannot be served (%s); starting on %s, the version app %s was serving",
-                         uri, _cause_line(err), fallback, app)
+            logger.error("%s cannot be served (%s); starting on %s, the version the app was serving",
+                         uri, _cause_line(err), fallback)
             return await self._ready_version(fallback)
 
+    async def _serving_fallback(self, other_than: str | None) -> str | None:
+        """The version the app's Ingress replicas last switched to (Ray's KV store), if it is not
+        ``other_than`` and a stage still holds it loaded (the key outlives the app: a deleted app deployed
+        again has new stages, and must not start on a version of its past)."""
+        fallback = await asyncio.to_thread(_published_serving, serve.get_replica_context().app_name)
+        if fallback is None or fallback == other_than:
+            return None
+        held = await self.stages.probe(fallback, HEALTH_TIMEOUT_S)
+        return fallback if any(answer.get("has_current") for answer in held.values()) else None
+
     async def _roll_out(self, uri: str) -> None:
-        start = time.perf_counter()
-        try:
-            ref = await self._ready_version(uri)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            self.rollout = {**self.rollout, "state": "failed", "error": _cause_line(err)}
-            logger.error("rollout of %s failed, still serving %s: %s", uri, self.flow.index_uri, _cause_line(err))
-            return
+        """Roll ``uri`` out; a failed try is reported (``failed``, the error, when the next try starts)
+        and tried again after ``rollout_retry_s``, doubling, until it loads or the config changes (which
+        cancels this task)."""
+        start, wait = time.perf_counter(), self.args.rollout_retry_s
+        me = asyncio.current_task()
+        while True:
+            try:
+                ref = await self._ready_version(uri)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                ref, error = None, _cause_line(err)
+            if self._rolling is not me:  # replaced (a cancel can be lost in wait_for on Python 3.11)
+                return
+            if ref is not None:
+                break
+            self.rollout = {**self.rollout, "state": "failed", "error": error,
+                            "attempts": self.rollout.get("attempts", 0) + 1, "retry_at": time.time() + wait}
+            logger.error("rollout of %s failed, still serving %s (tried again in %.0f s): %s", uri,
+                         self.flow.index_uri, wait, error)
+            await asyncio.sleep(wait)
+            if self._rolling is not me:
+                return
+            wait = min(2 * wait, max(ROLLOUT_RETRY_MAX_S, self.args.rollout_retry_s))
+            self.rollout = {**self.rollout, "state": "loading", "retry_at": None}
         self._switch(ref)
         self.rollout = None
         logger.info("serving %s (rolled out in %.1f s)", ref.index_uri, time.perf_counter() - start)
@@ -818,6 +934,12 @@ class Ingress:
     async def _search_batch(self, requests: list[SearchRequest], payloads: list[Any]) -> list:
         return await self.flow.search(requests, payloads)
 
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=4)
+    async def _media_search_batch(self, requests: list[SearchRequest], payloads: list[Any]) -> list:
+        """Image and audio searches, batched apart from text ones: a batch's answers all wait for its
+        slowest decode (up to ``decode_timeout_s``), which no text query should."""
+        return await self.flow.search(requests, payloads)
+
     # --- routes -------------------------------------------------------------------------
     @api.post("/v1/recommend", response_model=RecommendResponse,
               responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
@@ -842,9 +964,10 @@ class Ingress:
         if bad:
             self.metrics.observe("search", bad.status)
             return _error(bad)
-        return await self._answer("search", self._batched(self._search_batch, body, payload), SearchResponse)
+        batched = self._search_batch if body.text is not None else self._media_search_batch
+        return await self._answer("search", self._batched(batched, body, payload), SearchResponse)
 
-    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse,
+    @api.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse,  # :path: ids may hold "/"
              responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def similar(self, item_id: str, k: int = Query(10, ge=1, le=MAX_K, description="items to return")):
         """Items nearest this item's fused vector (the item itself left out)."""

@@ -34,7 +34,7 @@ def deploy_config(index_uri: str, port: int, **args) -> dict:
     config["http_options"]["port"] = port
     [app] = config["applications"]
     assert "index_uri" not in app["args"]  # the version is user_config only: a rollout reconfigures in place
-    app["args"].update({"max_k": 50, "max_body_bytes": 1_000_000, **args})
+    app["args"].update({"max_k": 50, "max_body_bytes": 1_000_000, "rollout_retry_s": 5.0, **args})
     for d in app["deployments"]:
         d["user_config"] = {"index_uri": index_uri}
         d["ray_actor_options"]["num_cpus"] = 0.2

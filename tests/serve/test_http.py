@@ -72,6 +72,48 @@ def test_cold_start_and_recent_items(app_url, local_flow, served_index):
     assert not warm["cold_start"] and not set(recent) & {x["item_id"] for x in warm["items"]}
 
 
+def test_a_hanging_media_query_does_not_hold_text_searches_or_users(app_url, shared_data, dashboard_url):
+    """The decoding child stopped (SIGSTOP: a decode that hangs) holds its image query until the decode
+    timeout; text searches and recommendations sent meanwhile are answered first. Texts and media shared one
+    batch queue, so a text query waited for the hanging decode."""
+    import signal
+    import threading
+
+    import psutil
+    from ray.util.state import list_actors
+
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    image = {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"}
+    assert post(app_url, "/v1/search", image).status_code == 200  # a decoding child exists
+    alive = list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
+    replicas = [psutil.Process(a.pid) for a in alive if "QueryEncoder" in a.class_name]
+    children = [c for r in replicas for c in r.children() if "tessera.encoders.isolated" in " ".join(c.cmdline())]
+    assert children
+    done: list[tuple[str, int]] = []
+
+    def send(name, path, body):
+        done.append((name, post(app_url, path, body).status_code))
+
+    for child in children:
+        child.send_signal(signal.SIGSTOP)
+    try:
+        stuck = threading.Thread(target=send, args=("image", "/v1/search", image))
+        stuck.start()
+        time.sleep(0.5)
+        send("text", "/v1/search", {"text": "tomato", "k": 3})
+        send("user", "/v1/recommend", {"user_id": "user-00000004", "k": 3})
+        assert stuck.is_alive(), done  # the image query still waits on its decoder
+    finally:
+        for child in children:
+            try:
+                child.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:  # killed by the decode timeout meanwhile
+                pass
+    stuck.join(timeout=120)
+    assert done[:2] == [("text", 200), ("user", 200)] and done[2][0] == "image", done
+    assert post(app_url, "/v1/search", image).status_code == 200  # and media queries go on
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"recent_item_ids": ["no-such-item-1", "no-such-item-2"]}, 422, ["no-such-item-1", "no-such-item-2"]),
     ({"k": 51}, 422, ["max_k=50"]),
@@ -210,6 +252,9 @@ def test_similar_items(app_url, local_flow, served_index):
     got = [x["item_id"] for x in r.json()["items"]]
     assert len(got) == 6 and item not in got
     assert requests.get(f"{app_url}/v1/items/not-an-item/similar", timeout=30).status_code == 404
+    # an id holding "/" (decoded from %2F before routing) reaches the route: our 404, naming it
+    r = requests.get(f"{app_url}/v1/items/sku%2F12/34/similar", timeout=30)
+    assert r.status_code == 404 and r.json()["kind"] == "not_found" and "sku/12/34" in r.json()["detail"], r.text
     assert requests.get(f"{app_url}/v1/items/{item}/similar", params={"k": 0}, timeout=30).status_code == 422
     assert requests.get(f"{app_url}/v1/items/{item}/similar", params={"k": 99}, timeout=30).status_code == 422
 

@@ -106,7 +106,9 @@ class RolloutStatus(BaseModel):
     index_uri: str
     state: Literal["loading", "failed"]
     since: float = Field(description="when the rollout started (Unix time)")
-    error: str | None = None
+    error: str | None = Field(None, description="why the last try failed (kept while the next one loads)")
+    attempts: int = Field(0, description="tries that failed so far")
+    retry_at: float | None = Field(None, description="when a failed rollout is tried again (Unix time)")
 
 
 class VersionResponse(BaseModel):
