@@ -6,8 +6,8 @@
 
 Exit codes: 0 done (or the version exists and --keep-existing was given); 2 bad config; 3 a self-check
 recall is below the floor (``_FAILED.json`` written, no manifest); 4 the vectors do not hold every
-input item exactly once; 5 the index version already exists; 6 an input (bundle, embedding run) is
-missing or inconsistent.
+input item exactly once; 5 the index version already exists, or another build of it is running (or
+took it over); 6 an input (bundle, embedding run) is missing or inconsistent.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tessera.index_job import (
     IndexSourceError,
     run_index_job,
 )
+from tessera.lease import LeaseHeldError, LeaseLostError
 from tessera.ray_utils import init_ray
 
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     try:
         manifest = run_index_job(cfg)
+    except ConfigError as err:  # a setting that does not fit the data (a pinned ScaNN parameter)
+        print(f"error: {args.config}: {err}", file=sys.stderr)
+        return 2
     except IndexRecallError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_existing:
             print(f"kept: {err}")
             return 0
+        print(f"error: {err}", file=sys.stderr)
+        return 5
+    except (LeaseHeldError, LeaseLostError) as err:  # another build of the same version
         print(f"error: {err}", file=sys.stderr)
         return 5
     except (IndexSourceError, FileNotFoundError) as err:

@@ -138,3 +138,15 @@ def test_a_cut_among_items_sharing_a_hash_is_settled_by_their_ids():
         shard_bounds(hashes, 2, tied_ids=lambda h: ["a", "a", "b"])  # duplicate ids cannot be ordered
     with pytest.raises(ValueError, match="between 1 and the 6 items"):
         shard_bounds(hashes, 7)
+
+
+def test_pinned_settings_the_training_sample_cannot_train_are_refused_naming_the_key():
+    """ScaNN fails these in the build task ("Number of points (20) is less than the number of clusters (40)",
+    "clusters per block (16) > training data size"), after the whole vector stage; the job derives every
+    shard's parameters first (``_check_build_params``), so the key is named before any build."""
+    with pytest.raises(ValueError, match=r"index\.num_leaves: 40 leaves .* trained on 20 points .*sample_size=20"):
+        derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=40, training_sample_size=20))
+    with pytest.raises(ValueError, match=r"index\.training_sample_size=10: .* at least 16"):
+        derive_params(400, 8, IndexConfig(mode="ah", training_sample_size=10))
+    assert derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=20, training_sample_size=20)).num_leaves == 20
+    assert derive_params(30, 8, IndexConfig(mode="tree_ah", num_leaves=40)).num_leaves == 30  # capped at n

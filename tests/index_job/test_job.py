@@ -74,6 +74,61 @@ def test_existing_version_is_refused(built, bundle_uri, tmp_path):
     assert main(["--config", str(config)]) == 2
 
 
+def test_a_second_build_of_a_version_being_built_is_refused_before_any_write(built, bundle_uri, bucket_uri,
+                                                                            storage, tmp_path, capsys):
+    """Two builds of one version at once (a retried submit, a scheduler firing twice): the second used to
+    rewrite the first one's shards under its published manifest. Now it exits 5 naming the build that holds
+    the version, having written nothing; and a manifest is only ever written where there is none."""
+    from tessera.index import write_index_manifest
+    from tessera.lease import RunLease
+
+    out = join_uri(bucket_uri, "index-twice")
+    uri = join_uri(out, "seeded-index")
+    config = tmp_path / "index.yaml"
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {out}\n")
+    with RunLease(storage, join_uri(uri, "_LEASE.json"), ttl_s=60, what=f"index {uri}"):  # the first build
+        assert main(["--config", str(config)]) == 5
+        assert f"index {uri}" in capsys.readouterr().err
+        assert storage.list_files(uri) == [join_uri(uri, "_LEASE.json")]
+    assert not storage.list_files(uri)  # released
+    manifest = built[1]
+    write_index_manifest(storage, uri, manifest, exclusive=True)
+    with pytest.raises(FileExistsError, match="published by another build"):
+        write_index_manifest(storage, uri, manifest, exclusive=True)
+
+
+def test_an_embedding_run_of_other_widths_than_the_tower_is_an_input_error(bundle_uri, sample_embeddings, storage,
+                                                                          ray_session, bucket_uri, tmp_path, capsys):
+    """A run whose text vectors are wider than the tower reads (another encoder, checksums not recorded) was
+    cut to the tower's width row by row, silently; now exit 6 before any work, naming the widths."""
+    run = sample_embeddings["output"]["uri"].rstrip("/")
+    copy = join_uri(bucket_uri, "emb-wider")
+    for uri in storage.list_files(run):
+        storage.write_bytes(join_uri(copy, uri[len(run) + 1:]), storage.read_bytes(uri))
+    manifest = storage.read_json(join_uri(copy, "_MANIFEST.json"))
+    width = manifest["encoders"]["text"]["dim"]
+    manifest["encoders"]["text"]["dim"] = width + 8
+    storage.write_json(join_uri(copy, "_MANIFEST.json"), manifest)
+    config = tmp_path / "index.yaml"
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {join_uri(bucket_uri, 'index-wider')}\n"
+                      f"embeddings_uri: {copy}\n")
+    assert main(["--config", str(config)]) == 6
+    assert f"'text': ({width}, {width + 8})" in capsys.readouterr().err
+    assert not storage.list_files(join_uri(bucket_uri, "index-wider"))
+
+
+def test_pinned_scann_settings_no_shard_can_train_exit_2_naming_the_key_before_any_build(
+        bundle_uri, ray_session, bucket_uri, storage, tmp_path, capsys):
+    out = join_uri(bucket_uri, "index-leaves")
+    config = tmp_path / "index.yaml"
+    config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {out}\nmodal_indexes: false\n"
+                      "index: {mode: tree_ah, num_leaves: 60, training_sample_size: 20}\n")
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "index.num_leaves" in err and "training_sample_size=20" in err, err
+    assert not [f for f in storage.list_files(out) if "/shard-" in f]  # no shard was built
+
+
 def test_id_only_without_id_buckets_is_an_input_error(bundle_uri, ray_session, bucket_uri, tmp_path, capsys):
     config = tmp_path / "index.yaml"
     config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {join_uri(bucket_uri, 'index-id-only')}\n"

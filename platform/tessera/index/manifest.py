@@ -149,7 +149,7 @@ def make_index_manifest(index_version: str, shards: list[ShardManifest], *, buil
     )
 
 
-def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManifest) -> str:
+def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManifest, exclusive: bool = False) -> str:
     """Write ``<index_uri>/_MANIFEST.json``; returns its URI.
 
     Write it after every shard: its presence marks the index complete.
@@ -158,12 +158,20 @@ def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManife
         storage: where to write.
         index_uri: the index version's root, e.g. ``s3://bucket/index/v3``.
         manifest: from :func:`make_index_manifest`.
+        exclusive: only if there is none yet (a conditional write: a published version is never replaced).
+
+    Raises:
+        FileExistsError: ``exclusive`` and a manifest is there.
 
     Example::
 
         write_index_manifest(storage, uri, make_index_manifest("v3", shard_manifests))
     """
     uri = join_uri(index_uri, INDEX_MANIFEST)
+    if exclusive:
+        if storage.create_exclusive(uri, manifest_bytes(manifest)) is None:
+            raise FileExistsError(f"{uri} exists: the index version was published by another build")
+        return uri
     storage.write_bytes(uri, manifest_bytes(manifest), "application/json")
     return uri
 

@@ -170,17 +170,25 @@ def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
         return ScannParams(mode=mode, num_points=num_points, dim=dim, num_neighbors=config.num_neighbors,
                            normalized=config.normalize)
     reorder = config.reorder_num_neighbors or 10 * config.num_neighbors
+    sample = min(num_points, config.training_sample_size or 100_000)
+    if sample < 16:  # ScaNN: "clusters per block (16) > training data size"
+        raise ValueError(f"index.training_sample_size={config.training_sample_size}: the AH codebooks (16 centres "
+                         f"a block) need at least 16 training points")
     common = dict(
         num_points=num_points, dim=dim, num_neighbors=config.num_neighbors, normalized=config.normalize,
         dimensions_per_block=min(config.dimensions_per_block, dim),
         anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
         hash_type=config.hash_type, reorder_num_neighbors=max(reorder, config.num_neighbors),
-        training_sample_size=min(num_points, config.training_sample_size or 100_000),
+        training_sample_size=sample,
     )
     if mode == "ah":
         return ScannParams(mode=mode, **common)
     leaves = config.num_leaves or max(1, round(math.sqrt(num_points)))
     leaves = min(leaves, num_points)
+    if leaves > sample:  # ScaNN: "Number of points (...) is less than the number of clusters (...)"
+        raise ValueError(f"index.num_leaves: {leaves} leaves for a {num_points}-point shard, but the tree is trained "
+                         f"on {sample} points (index.training_sample_size={config.training_sample_size}): raise "
+                         f"training_sample_size or lower num_leaves")
     to_search = config.num_leaves_to_search or max(1, math.ceil(leaves / 50))
     soar = config.soar_lambda is not None and leaves > 1
     return ScannParams(mode=mode, num_leaves=leaves, num_leaves_to_search=min(to_search, leaves),

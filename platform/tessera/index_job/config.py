@@ -132,6 +132,11 @@ class IndexJobConfig(TesseraConfig):
         build: resources per shard build task.
         vectors: the item-tower stage.
         self_check: the recall self-check.
+        lease_ttl_s: a build holds its version through ``<version>/_LEASE.json``, renewed every quarter
+            of this: a second build of the same version started meanwhile is refused (its shard writes
+            would replace the first one's under its manifest), and one not renewed for this long (its
+            build was killed) is taken over (at once when its holder was a process on this machine that
+            has exited). See :mod:`tessera.lease`.
     """
 
     model_uri: str = "s3://tessera-demo/models/demo"
@@ -147,6 +152,7 @@ class IndexJobConfig(TesseraConfig):
     vectors: VectorStageConfig = VectorStageConfig()
     self_check: SelfCheckConfig = SelfCheckConfig()
     storage: StorageConfig = StorageConfig()
+    lease_ttl_s: float = Field(150.0, ge=5)
 
     def index_config(self) -> IndexConfig:
         """The shard build settings with ScaNN's training threads matched to the task's CPUs."""

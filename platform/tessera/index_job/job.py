@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tessera.config import ConfigError
 from tessera.index import (
     FAILED_REPORT,
     INDEX_MANIFEST,
@@ -36,7 +37,7 @@ from tessera.index import (
     make_index_manifest,
     write_index_manifest,
 )
-from tessera.index.params import choose_mode
+from tessera.index.params import choose_mode, derive_params
 from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.build import (
     BuiltShard,
@@ -59,7 +60,10 @@ from tessera.index_job.self_check import (
 )
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
+from tessera.lease import RunLease
 from tessera.storage import Storage, join_uri
+
+LEASE_FILE = "_LEASE.json"
 
 
 class IndexExistsError(FileExistsError):
@@ -77,24 +81,48 @@ class IndexRecallError(RuntimeError):
 def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     """Build, check and publish one index version; returns its manifest.
 
+    One build of a version runs at a time: it holds ``<version>/_LEASE.json`` (:class:`RunLease`) from
+    before its first write to its manifest, which is written only if none is there.
+
     Raises:
         IndexSourceError: a missing or inconsistent input.
         IndexExistsError: ``<output_uri>/<version>/_MANIFEST.json`` exists.
         IndexIntegrityError: items lost or duplicated on the way.
         IndexRecallError: a self-check below ``self_check.recall_floor`` (``_FAILED.json`` written).
+        LeaseHeldError: another build of the version is running.
+        LeaseLostError: another build took the version over while this one ran (this one stopped).
     """
 
     t0 = time.perf_counter()
     storage = Storage(cfg.storage)
     src = resolve_sources(cfg, storage)
+    _refuse_existing(storage, src)
+    lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}")
+    lease.acquire()
+    with lease:  # renewed while the build goes on, released at its end
+        _refuse_existing(storage, src)  # a build that held the lease before this one may have published it
+        return _build_leased(cfg, storage, src, lease, t0)
+
+
+def _refuse_existing(storage: Storage, src: IndexSources) -> None:
     if storage.exists(join_uri(src.index_uri, INDEX_MANIFEST)):
         raise IndexExistsError(f"index {src.index_uri} already exists (it has {INDEX_MANIFEST}); indexes are "
                                f"immutable: set version (or --version) to build another")
+
+
+def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, lease: RunLease,
+                  t0: float) -> IndexManifest:
     tower_cfg = _tower_config(storage, cfg)
     if cfg.no_modality == "id_only" and not tower_cfg.num_id_buckets:
         raise IndexSourceError(f"no_modality: id_only needs an item tower with num_id_buckets > 0; the one in "
                                f"{cfg.model_uri} has none (set no_modality: exclude, or train with id buckets)")
     modalities = list(tower_cfg.modality_dims)
+    encoders = src.embedding_manifest.get("encoders") or {}
+    wrong = {m: (dim, encoders[m].get("dim")) for m, dim in tower_cfg.modality_dims.items()
+             if m in encoders and encoders[m].get("dim") not in (None, dim)}
+    if wrong:  # the vectors would be cut to the tower's width, or fail to reshape, deep in the vector stage
+        raise IndexSourceError(f"embedding run {src.embedding_run}: its vectors do not have the widths the item "
+                               f"tower of {cfg.model_uri} reads (modality: (tower, run)) {wrong}")
     print(f"[index] model {src.model_version} ({cfg.model_uri}), embeddings {src.embedding_run}: "
           f"{src.num_items} items in {len(src.embedding_parts)} parts -> {src.index_uri}", flush=True)
 
@@ -104,6 +132,7 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     scan = scan_ids(storage, vectors.parts, [FUSED, *planned], cfg.build.split_num_cpus)
     _check_integrity(src, vectors.counts, scan)
     plans = plan_indexes(scan, cfg.num_shards, planned)
+    _check_build_params(cfg, plans, tower_cfg.out_dim)
     part_rows = scan.part_rows
     # the fused index's item hashes, sorted: the users sampled for the check keep their events on them
     indexed = np.unique(scan.hashes[FUSED]) if src.interactions_uri is not None else None
@@ -182,8 +211,10 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                      "so they are tuned), or lower self_check.recall_floor")
         report = {"error": message, "manifest": top.model_dump(mode="json"),
                   "modal_indexes": {n: m.model_dump(mode="json") for n, m in manifests.items() if n != "fused"}}
+        lease.confirm()
         storage.write_json(join_uri(src.index_uri, FAILED_REPORT), report)
         raise IndexRecallError(message, report)
+    lease.confirm()  # still this build's version: nothing below may land over another build's shards
     for plan in plans:
         if plan.name == "fused":
             continue
@@ -193,7 +224,11 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
                                                      manifest_sha256=manifest_sha256(sub))
     _clear_failed_report(storage, src.index_uri)
     top.timings["total_s"] = round(time.perf_counter() - t0, 3)
-    write_index_manifest(storage, src.index_uri, top)
+    lease.confirm()
+    try:
+        write_index_manifest(storage, src.index_uri, top, exclusive=True)
+    except FileExistsError as err:
+        raise IndexExistsError(f"index {src.index_uri}: {err}") from None
     return top
 
 
@@ -241,6 +276,20 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
                                         for plan in plans})
     tuning_vectors = len(ray.get(tuning)) if tuning is not None and tuning_count else None
     return _BuildRun(built, users, tuning_vectors, users_s)
+
+
+def _check_build_params(cfg: IndexJobConfig, plans: list[IndexPlan], dim: int) -> None:
+    """Every shard's ScaNN settings derive (a pinned ``index`` value that cannot build a shard fails here,
+    naming it, not in the build tasks after the vector stage).
+
+    Raises:
+        ConfigError: naming the ``index`` key and the shard."""
+    for plan in plans:
+        for shard, size in enumerate(plan.sizes):
+            try:
+                derive_params(size, dim, cfg.index_config(), plan.num_items)
+            except ValueError as err:
+                raise ConfigError(f"{err} (the {plan.name} index's shard {shard})") from None
 
 
 def _history_limit(storage: Storage, cfg: IndexJobConfig) -> int:
