@@ -11,6 +11,7 @@ from tessera.train.evaluate import metrics_of_scores
 from tessera.train.examples import (
     EXAMPLE_COLUMNS,
     EvalSet,
+    SeenBefore,
     history_from_batch,
     item_counts,
     next_item_examples,
@@ -51,6 +52,14 @@ def test_next_item_examples_use_only_earlier_items_left_padded():
     assert ex["hist_ts"].tolist() == [[0, 10], [10, 20]] and set(ex) == set(EXAMPLE_COLUMNS)
     hist = history_from_batch({k: torch.from_numpy(v) for k, v in ex.items()})
     assert hist.mask.tolist() == [[False, True], [True, True]]
+
+
+def test_seen_before_is_every_training_item_before_the_target_beyond_the_history_window():
+    ex = next_item_examples(_records(), max_history=1)  # u1's training items 3, 1, 9: targets 1 and 9
+    assert ex["hist_items"].tolist() == [[3], [1]]
+    batch = {k: torch.from_numpy(v) for k, v in ex.items()}
+    seen = SeenBefore(_records())(batch["user_key"], batch["from_end"])
+    assert [x.tolist() for x in seen] == [[3], [3, 1]]
 
 
 def test_eval_set_keeps_users_with_history_and_targets():

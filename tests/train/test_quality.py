@@ -87,7 +87,9 @@ def test_sample_corpus_fused_beats_single_modalities_and_ranker_beats_retrieval(
     margin is the thin one (an earlier run before this test had fused tied with image). A CI run on
     a machine without native bf16 once had the ranker at -0.0055 (fused strong that run); the
     ranker's nearest-history-item features (max_sim_*) followed: ranker +0.0061 in this test after
-    them, and +0.0018..+0.0223 over 8 seeded training runs (session note of 2026-12-02, issue 4 section). ~8 min.
+    them, and +0.0018..+0.0223 over 8 seeded training runs (session note of 2026-12-02, issue 4 section).
+    On 2026-12-06, with time gaps measured to the history's latest event and ranker lists leaving out every
+    item seen before the target: fused +0.0198 / +0.0177 / +0.0292 / +0.0247, ranker +0.0090 (one run). ~8 min.
     """
     from tessera.config import load_config
     from tessera.corpus import CorpusConfig, generate_corpus

@@ -100,3 +100,22 @@ def test_a_positive_s_popularity_leaves_its_own_event_out(monkeypatch):
     with torch.no_grad():
         model.rerank(history_from_batch(batch))
     torch.testing.assert_close(seen[-1], torch.full_like(seen[-1], float(np.log1p(3.0))))
+
+
+def test_training_lists_leave_out_every_item_seen_before_the_target_not_only_the_history(monkeypatch):
+    """Evaluation and serving leave out everything a user has seen; training lists left out only the
+    history window's items, so an older seen item could be a hard negative it never is after. (Random
+    negatives are drawn from the whole catalog, as before: none here.)"""
+    model = _ranker_model(num_hard=K - 1, num_random=0)
+    batch, scores = _empty_history_batch(model, B=2)
+    order = scores.argsort(dim=1, descending=True)
+    batch["target"] = order[:, 0]
+    older = [order[0, 1:4].numpy(), np.empty(0, np.int64)]  # seen before the window (empty here)
+    handed = []
+    real = model.training_lists
+    monkeypatch.setattr(model, "training_lists", lambda t, s, rng: handed.append(s) or real(t, s, rng))
+    model(batch, np.random.default_rng(0), older)
+    s = handed[-1]
+    assert torch.isinf(s[0, older[0]]).all() and torch.isfinite(s[1, order[1, 1:4]]).all()
+    _, cands, _ = real(batch["target"], s, np.random.default_rng(0))
+    assert not set(older[0].tolist()) & set(cands[0].tolist())

@@ -21,7 +21,15 @@ import torch
 
 from tessera.models import HistoryBatch, pad_histories
 
-EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_w", "from_end")
+EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_w", "from_end", "user_key")
+USER_KEY = "tessera-users-01"  # the (16-character) key of the examples' user hashes (user_key)
+
+
+def user_keys(user_ids: np.ndarray) -> np.ndarray:
+    """(n,) int64 keyed hashes of user ids: an example's ``user_key`` (torch has no uint64)."""
+    from tessera.interactions import hash_user_ids
+
+    return hash_user_ids([str(u) for u in user_ids], USER_KEY).view(np.int64)
 
 
 def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.ndarray]:
@@ -59,12 +67,14 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
     Returns:
         ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
         left-padded with 0), ``hist_len`` ``(E,)``, ``target`` ``(E,)`` int64,
-        ``target_w`` ``(E,)`` float32 and ``from_end`` ``(E,)`` int64: 0 for the user's last training
+        ``target_w`` ``(E,)`` float32, ``from_end`` ``(E,)`` int64: 0 for the user's last training
         event, 1 for the one before... (the ranker trains on the most recent examples, which the
-        retrieval towers do not see).
+        retrieval towers do not see), and ``user_key`` ``(E,)`` int64 (:func:`user_keys`; with
+        ``from_end``, :class:`SeenBefore` finds every item the user had before the target).
     """
-    hist, hts, hw, tgt, tw, fe = [], [], [], [], [], []
-    for items, ts, w in zip(records["train_items"], records["train_ts"], records["train_w"], strict=True):
+    hist, hts, hw, tgt, tw, fe, uk = [], [], [], [], [], [], []
+    keys = user_keys(records["user_id"])
+    for key, items, ts, w in zip(keys, records["train_items"], records["train_ts"], records["train_w"], strict=True):
         for t in range(1, len(items)):
             lo = max(0, t - max_history)
             hist.append(items[lo:t])
@@ -73,11 +83,39 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
             tgt.append(items[t])
             tw.append(w[t])
             fe.append(len(items) - 1 - t)
+            uk.append(key)
     batch = pad_histories(hist, max_len=max_history, timestamps=hts, weights=hw)
     return {"hist_items": batch.item_idx.numpy(), "hist_ts": batch.timestamps_ms.numpy(),
             "hist_w": batch.weights.numpy(), "hist_len": batch.mask.sum(1).numpy().astype(np.int64),
             "target": np.asarray(tgt, dtype=np.int64),
-            "target_w": np.asarray(tw, dtype=np.float32), "from_end": np.asarray(fe, dtype=np.int64)}
+            "target_w": np.asarray(tw, dtype=np.float32), "from_end": np.asarray(fe, dtype=np.int64),
+            "user_key": np.asarray(uk, dtype=np.int64)}
+
+
+class SeenBefore:
+    """Every item each example's user had before its target: their training events up to it, where the
+    example's history holds only the last ``max_history``. The ranker's training lists leave them all
+    out, as evaluation and serving leave out everything a user has seen (an older seen item was a hard
+    negative in training, and can never be a candidate after).
+
+    Args:
+        records: user records (:func:`user_records` columns ``user_id``, ``train_items``), of every user
+            the examples come from (each worker holds them all).
+
+    Example::
+
+        seen = SeenBefore(users)(batch["user_key"], batch["from_end"])   # one array of rows per example
+    """
+
+    def __init__(self, records: dict[str, np.ndarray]):
+        self._items = dict(zip(user_keys(records["user_id"]).tolist(), records["train_items"], strict=True))
+
+    def __call__(self, user_key: torch.Tensor, from_end: torch.Tensor) -> list[np.ndarray]:
+        out = []
+        for key, back in zip(user_key.tolist(), from_end.tolist(), strict=True):
+            items = self._items[key]
+            out.append(np.asarray(items[:len(items) - 1 - back], dtype=np.int64))
+        return out
 
 
 def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:

@@ -54,9 +54,11 @@ def mask_rows(scores: torch.Tensor, rows: Sequence[np.ndarray] | torch.Tensor, m
         keep = r >= 0
         out[b[keep], r[keep]] = float("-inf")
         return out
-    for u, seen in enumerate(rows):
-        if len(seen):
-            out[u, torch.as_tensor(seen, dtype=torch.long)] = float("-inf")
+    lengths = [len(seen) for seen in rows]
+    if sum(lengths):  # one indexing op for the whole batch
+        r = torch.from_numpy(np.concatenate([np.asarray(seen, dtype=np.int64) for seen in rows])).to(out.device)
+        b = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)).to(out.device)
+        out[b, r] = float("-inf")
     return out
 
 
@@ -148,11 +150,16 @@ class RankerModel(nn.Module):
                                    min(self.cfg.num_hard, k - 1), self.cfg.num_random, rng)
         return keep, torch.from_numpy(ex.candidates).to(target.device), torch.from_numpy(ex.labels).to(target.device)
 
-    def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
-        """Training loss over the lists of one batch of examples (see :meth:`training_lists`)."""
+    def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator,
+                seen: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """Training loss over the lists of one batch of examples (see :meth:`training_lists`); ``seen``:
+        each example's items before its target (:class:`~tessera.train.examples.SeenBefore`), left out
+        of its list as evaluation and serving leave out seen items (None: the history's items only)."""
         hist = history_from_batch(batch)
         target = batch["target"].long()
         scores = self.retrieve(hist)  # (B, I)
+        if seen is not None:
+            scores = mask_rows(scores, seen)
         keep, candidates, labels = self.training_lists(target, scores, rng)
         if not keep.any():  # no target in the top-K: a zero loss still reaches every parameter (DDP)
             return sum(p.sum() for p in self.ranker.parameters()) * 0.0

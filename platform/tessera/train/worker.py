@@ -31,7 +31,7 @@ from tessera.storage import Storage
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
-from tessera.train.examples import EvalSet, item_counts
+from tessera.train.examples import EvalSet, SeenBefore, item_counts
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
 from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
@@ -136,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
+    seen_before = SeenBefore(users)
     eval_set = EvalSet.from_records(users, cfg.max_history) if rank == 0 else None
     shards = {"retrieval": ray.train.get_dataset_shard("train"), "ranker": ray.train.get_dataset_shard("ranker")}
     gauges = EpochGauges(cfg.version) if rank == 0 else None
@@ -168,7 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
                 batch_size=batch_size, drop_last=stage.kind == "retrieval", device=device,
                 local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(1 << 31)))
             for batch in batches:
-                loss = model(batch, rng) if stage.kind == "ranker" else model(batch)
+                loss = (model(batch, rng, seen_before(batch["user_key"], batch["from_end"]))
+                        if stage.kind == "ranker" else model(batch))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
