@@ -249,15 +249,40 @@ def test_rerun_with_other_encoder_settings_is_refused_naming_the_keys(sample_emb
     assert run_embedding(same)["reused"] is True
 
 
-@pytest.mark.parametrize("case", ["null", "repeated_in_file", "repeated_across_files"])
+def _unchecked_strings(values: list[bytes | None]) -> pa.Array:
+    """A string array holding these bytes as they are (invalid UTF-8 included, as other writers leave it)."""
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), raw.null_count)
+
+
+def test_a_media_uri_that_is_not_utf8_fails_its_item_not_the_block(storage, bucket_uri):
+    """Text was read as bytes for this reason, the URI columns were not: one row written with a URI of
+    invalid UTF-8 (by Spark or Go, which do not check) failed the read's block, and the job."""
+    from tessera.embed.stages import fetch, read_items
+
+    uri = join_uri(bucket_uri, "items", "part-00000.parquet")
+    good = join_uri(bucket_uri, "media", "a.bin")
+    storage.write_bytes(good, b"some bytes")
+    fs, path = storage.filesystem(uri)
+    pq.write_table(pa.table({"item_id": ["a", "b", "c"], "image_uri": _unchecked_strings([good.encode(),
+                                                                                          b"s3://x/\xff.jpg", None])}),
+                   path, filesystem=fs)
+    [table] = list(read_items({"uri": [uri]}, storage, ["item_id", "image_uri"], rows_per_batch=10))
+    out = fetch(table, "image", storage, max_bytes=1000, threads=2)
+    assert out.column("image_bytes").to_pylist() == [b"some bytes", None, None]
+    assert out.column("image_error").to_pylist() == [None, "missing: invalid URI: not UTF-8 (byte 7)", None]
+
+
+@pytest.mark.parametrize("case", ["null", "repeated_in_file", "repeated_across_files", "not_utf8"])
 def test_items_with_null_or_repeated_ids_are_refused_before_any_work(case, encoder_weights, storage, tmp_path,
                                                                       capsys):
     items_uri = f"{TEST_ROOT}/bad-ids-{case}/items"
     tables = {"null": [["a", None, "b"]], "repeated_in_file": [["a", "b", "a"]],
-              "repeated_across_files": [["a", "b"], ["c", "b"]]}[case]
+              "repeated_across_files": [["a", "b"], ["c", "b"]], "not_utf8": [[b"a", b"\xffb"]]}[case]
     for i, ids in enumerate(tables):
         fs, p = storage.filesystem(join_uri(items_uri, f"part-{i:05d}.parquet"))
-        pq.write_table(pa.table({"item_id": pa.array(ids, pa.string()), "text": ["a mug"] * len(ids),
+        column = _unchecked_strings(ids) if case == "not_utf8" else pa.array(ids, pa.string())
+        pq.write_table(pa.table({"item_id": column, "text": ["a mug"] * len(ids),
                                  "image_uri": pa.nulls(len(ids), pa.string()),
                                  "audio_uri": pa.nulls(len(ids), pa.string())}), p, filesystem=fs)
     cfg = embed_config(encoder_weights, f"bad-ids-{case}", items_uri=items_uri)
@@ -266,7 +291,7 @@ def test_items_with_null_or_repeated_ids_are_refused_before_any_work(case, encod
     assert embed_job.main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert {"null": "null item_id", "repeated_in_file": "repeated within the file: a",
-            "repeated_across_files": "'b' is in both"}[case] in err
+            "repeated_across_files": "'b' is in both", "not_utf8": "not valid UTF-8"}[case] in err
     assert not storage.list_files(join_uri(cfg.output_uri, cfg.run_id))  # nothing written, not even _RUN.json
 
 

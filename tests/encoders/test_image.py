@@ -148,6 +148,34 @@ def test_oversized_bytes_and_pixels(image_weights, photos):
         by_pixels(bomb.getvalue())
 
 
+def test_a_png_with_a_second_header_cannot_pass_the_pixel_limit(image_weights):
+    """A 7000x7000 PNG whose IHDR is followed by a second IHDR saying 1x1: the header walk took the last
+    one, and 49 MP went past max_pixels (1.2 GB to decode). Now the first chunk is the only header, and
+    Pillow's own size is checked again before any pixel is decoded."""
+    import struct
+    import zlib
+
+    from tessera.encoders.image_decode import _decode_pillow
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    def header(w, h):
+        return chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+
+    rows = zlib.compress(b"\x00" * (1 + 3 * 7000) * 16)  # a few rows: the rest is missing, as in a bomb
+    crafted = b"\x89PNG\r\n\x1a\n" + header(7000, 7000) + chunk(b"IDAT", rows) + header(1, 1) + chunk(b"IEND", b"")
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights), max_pixels=1_000_000))
+    with pytest.raises(MediaError, match="corrupt: PNG's IHDR chunk is not its first"):
+        prep(crafted)
+    late = b"\x89PNG\r\n\x1a\n" + chunk(b"tEXt", b"k\x00v") + header(1, 1) + chunk(b"IEND", b"")
+    with pytest.raises(MediaError, match="corrupt: PNG starts with a b'tEXt' chunk"):
+        prep(late)
+    with pytest.raises(MediaError, match="oversized: 7000x7000 pixels"):  # and behind the walk, Pillow's size
+        _decode_pillow(b"\x89PNG\r\n\x1a\n" + header(7000, 7000) + chunk(b"IDAT", rows) + chunk(b"IEND", b""),
+                       "png", 1_000_000)
+
+
 def test_torchvision_pth_checkpoint_loads_the_same(image_fp32, image_weights, photos, tmp_path):
     """A folder with a plain torchvision state_dict (*.pth), as torchvision's own downloads are."""
     folder = tmp_path / "resnet18-pth"

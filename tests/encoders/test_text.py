@@ -108,6 +108,8 @@ def test_cls_pooling_is_configurable(text_fp32):
     ("", "empty"),
     (" \n\t ", "empty"),
     ("\u200b\u200d \ufeff", "empty"),  # zero-width space and joiner, a BOM: nothing to embed
+    ("\ufffd\ufffd", "empty"),  # mojibake of an earlier lossy decode: the tokenizer keeps nothing of it
+    ("\u0301\u0308 \ue000", "empty"),  # lone combining marks, a private-use character: the same
     (b"\x00\x00\x00", "empty"),
     (b"", "empty"),
     (b"caf\xe9 au lait", "not_utf8"),
@@ -131,9 +133,9 @@ def test_oversized_text_and_truncation():
 
 def test_map_keeps_errors_in_place_and_utf8_bytes_work():
     prep = TextPreprocessor(TextEncoderConfig())
-    out = prep.map(["crème fraîche".encode(), b"\xc3\x28", "", "basil"])
-    assert isinstance(out[0], np.ndarray) and isinstance(out[3], np.ndarray)
-    assert [e.kind for e in out if isinstance(e, MediaError)] == ["not_utf8", "empty"]
+    out = prep.map(["crème fraîche".encode(), b"\xc3\x28", "", "basil", "\ufffd", "caf\ufffd"])
+    assert isinstance(out[0], np.ndarray) and isinstance(out[3], np.ndarray) and isinstance(out[5], np.ndarray)
+    assert [e.kind for e in out if isinstance(e, MediaError)] == ["not_utf8", "empty", "empty"]
     np.testing.assert_array_equal(out[0], prep("crème fraîche"))
 
 

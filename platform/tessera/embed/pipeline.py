@@ -185,6 +185,10 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
         col = storage.retrying_io(f"read {uri}", lambda: file.read(columns=["item_id"])).column("item_id")
+    try:
+        col.validate(full=True)  # Parquet strings are not checked for UTF-8 when read
+    except pa.ArrowInvalid as err:
+        return f"item_id holds a value that is not valid UTF-8 ({err})", [], np.empty(0, np.uint64)
     if col.null_count:
         return col.null_count, [], np.empty(0, np.uint64)
     counts = pc.value_counts(col)

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_BINARY_SUFFIXES = ("_bytes", "_input")
+_BINARY_SUFFIXES = ("_bytes", "_input", "_uri")  # a URI column may hold invalid UTF-8: its item fails, not the block
 
 
 def column_type(name: str) -> pa.DataType:
@@ -86,8 +86,9 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                done_hashes: np.ndarray | None = None, hash_key: str | None = None):
     """Read the items files named in ``batch["uri"]``, yielding blocks of at most ``rows_per_batch`` rows.
 
-    Rows an earlier attempt of the run wrote (their id's hash in ``done_hashes``) are dropped; text is
-    read as bytes, since it may not be valid UTF-8 (that fails its item later, not the block). Reading
+    Rows an earlier attempt of the run wrote (their id's hash in ``done_hashes``) are dropped; text and
+    the media URIs are read as bytes, since they may not be valid UTF-8 (that fails its item later, not
+    the block). Reading
     here rather than with ``ray.data.read_parquet`` keeps the read's CPU request small and
     configurable: the reader's own file-listing task asks for a whole CPU, which three encoder pools on
     a 2-CPU node never free.
@@ -105,9 +106,9 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                 if done_hashes is not None:
                     written = is_member(done_hashes, hash_ids(table.column("item_id"), hash_key))
                     table = table.filter(pa.array(~written))
-                if "text" in table.column_names:
-                    idx = table.column_names.index("text")
-                    table = table.set_column(idx, "text", table.column("text").cast(pa.binary()))
+                for idx, name in enumerate(table.column_names):
+                    if name == "text" or name.endswith("_uri"):
+                        table = table.set_column(idx, name, table.column(name).cast(pa.binary()))
                 if table.num_rows:
                     yield table
 
@@ -132,6 +133,11 @@ def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, thre
         if uri is None:
             return None, None
         try:
+            if isinstance(uri, bytes):  # read as bytes (see read_items)
+                try:
+                    uri = uri.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise MediaError("missing", f"invalid URI: not UTF-8 (byte {err.start})") from None
             return fetch_media(storage, str(uri), max_bytes=max_bytes), None
         except MediaError as err:
             return None, str(err)

@@ -58,7 +58,7 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
     if width * height > max_pixels:
         raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
     if fmt != "jpeg":  # PNG, WebP, GIF: Pillow (see _decode_pillow); JPEG has no alpha
-        return _decode_pillow(data, fmt)
+        return _decode_pillow(data, fmt, max_pixels)
     try:
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                            apply_exif_orientation=True)
@@ -67,7 +67,7 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
     return img  # (3, H, W), uint8
 
 
-def _decode_pillow(data: bytes, fmt: str) -> torch.Tensor:
+def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> torch.Tensor:
     """A PNG, WebP or GIF through Pillow, not torchvision.
 
     - torchvision 0.29's PNG reader crashes the whole process (SIGSEGV) on most libpng errors raised
@@ -81,9 +81,13 @@ def _decode_pillow(data: bytes, fmt: str) -> torch.Tensor:
     - EXIF orientation applied for every format (torchvision ignored WebP's; Pillow also honours an XMP
       orientation). Opaque 8-bit images give torchvision's RGB pixels; 16-bit samples keep their high
       byte, as torchvision's uint16 -> uint8 conversion does. One copy beyond Pillow's own buffer (the
-      array) when the image is already RGB and upright."""
+      array) when the image is already RGB and upright.
+    - The size Pillow read is checked against ``max_pixels`` again before any pixel is decoded (the
+      header walk and Pillow could disagree on a crafted file)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise MediaError("oversized", f"{im.size[0]}x{im.size[1]} pixels, over the limit of {max_pixels}")
             im.load()  # a GIF: its first frame (the caller cut the others off)
             ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (and its 32-bit widening)
@@ -91,6 +95,8 @@ def _decode_pillow(data: bytes, fmt: str) -> torch.Tensor:
                 arr = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
             else:
                 arr = np.array(_on_white(im))  # a writable copy, as torch wants
+    except MediaError:
+        raise
     except Image.DecompressionBombError as err:
         raise MediaError("oversized", f"{fmt}: {err}") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, SystemError) as err:
@@ -209,7 +215,9 @@ def _walk_jpeg(data: bytes) -> tuple[int, int]:
 
 
 def _walk_png(data: bytes) -> tuple[int, int]:
-    """Walk the PNG chunks; check each is whole and that IEND is reached."""
+    """Walk the PNG chunks; check each is whole and that IEND is reached. The size is the first chunk's,
+    which must be the one IHDR (what decoders read): a later IHDR saying 1x1 let a 7000x7000 image past
+    ``max_pixels``."""
     pos, n, size = 8, len(data), None
     while pos + 8 <= n:
         length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
@@ -217,7 +225,12 @@ def _walk_png(data: bytes) -> tuple[int, int]:
             raise MediaError("corrupt", f"PNG chunk type {ctype!r} at byte {pos} is not a chunk name")
         if pos + 12 + length > n:
             raise MediaError("truncated", f"PNG chunk {ctype.decode()} runs past the end ({n} bytes)")
-        if ctype == b"IHDR" and length >= 8:
+        if (pos == 8) != (ctype == b"IHDR"):
+            raise MediaError("corrupt", "PNG's IHDR chunk is not its first and only header"
+                             if ctype == b"IHDR" else f"PNG starts with a {ctype!r} chunk, not IHDR")
+        if ctype == b"IHDR":
+            if length < 8:
+                raise MediaError("corrupt", f"PNG IHDR chunk of {length} bytes")
             size = struct.unpack(">II", data[pos + 8:pos + 16])
         if ctype == b"IEND":
             if size is None:

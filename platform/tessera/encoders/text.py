@@ -162,8 +162,16 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         return checkpoint_max_length(CheckpointFiles(self.weights_dir), self.config.max_length,
                                      lambda: self.tokenizer.model_max_length)
 
+    @functools.cached_property
+    def num_special_tokens(self) -> int:
+        """Tokens an empty text gets (``[CLS] [SEP]`` for BERT): a text with no more kept nothing."""
+        return len(self._tokenize([""])[0])
+
     def __call__(self, raw: str | bytes | None) -> np.ndarray:
-        return self._tokenize([decode_text(raw, self.config.max_bytes)])[0]
+        [out] = self.map([raw])
+        if isinstance(out, MediaError):
+            raise out
+        return out
 
     def map(self, raws: Sequence[str | bytes | None]) -> list[np.ndarray | MediaError]:
         """Validate each text, then tokenise the good ones in one fast-tokenizer call."""
@@ -174,7 +182,18 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
             except MediaError as err:
                 checked.append(err)
         ids = iter(self._tokenize([t for t in checked if isinstance(t, str)]))
-        return [t if isinstance(t, MediaError) else next(ids) for t in checked]
+        out: list[np.ndarray | MediaError] = []
+        for t in checked:
+            if isinstance(t, MediaError):
+                out.append(t)
+                continue
+            tokens = next(ids)
+            # characters the tokenizer's normaliser drops (U+FFFD, lone combining marks, private use): a
+            # text of only those got the special tokens alone, one shared vector for every such item
+            out.append(tokens if len(tokens) > self.num_special_tokens else
+                       MediaError("empty", "text holds no character the tokenizer keeps (only ones its "
+                                  "normaliser drops, such as U+FFFD or lone combining marks)"))
+        return out
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
         if not texts:
