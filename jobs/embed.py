@@ -5,7 +5,8 @@
 
 Exit codes: 0 done; 2 bad config or input (null / repeated item ids, pools that do not fit the
 cluster, a run id started with other settings); 3 error rate above --max-error-rate (the summary is
-printed and the output is kept); 4 the output does not hold every input item exactly once; 5 another
+printed and the output is kept); 4 the output does not hold every input item exactly once, or a pool's
+actors ran different weights of one encoder; 5 another
 attempt of the run holds it (started before this one and still running, or took it over from this one).
 """
 

@@ -347,6 +347,19 @@ def test_run_identity_names_weights_the_same_everywhere_and_tolerates_new_encode
     assert identity_changes(fewer, old) == ["encoders.audio"]
 
 
+def test_actors_of_one_pool_reporting_other_weights_fail_the_run(encoder_weights, storage):
+    """Two actors of the text pool that loaded different weights (a node with another local folder, or
+    weights replaced mid-run): the first one's checksum used to be kept and the mix written as one encoder."""
+    from tessera.embed.pipeline import EmbeddingIntegrityError, encoder_identities
+
+    cfg = embed_config(encoder_weights, "mixed")
+    same = {"name": "text:minilm", "dim": 384, "weights_checksum": "aa", "weights": "w", "device": "cpu"}
+    reported = [same | {"name": f"{m}:enc"} for m in cfg.modalities()]
+    assert set(encoder_identities(cfg, storage, reported + [same])) == set(cfg.modalities())
+    with pytest.raises(EmbeddingIntegrityError, match=r"text: the pool's actors loaded different weights \(aa and bb"):
+        encoder_identities(cfg, storage, reported + [same | {"weights_checksum": "bb", "device": "cuda"}])
+
+
 def test_an_attempt_that_wrote_nothing_does_not_pin_the_run_identity(encoder_weights, storage, ray_session):
     """A weights prefix with a typo is refused before the run starts, naming the key. An attempt that
     started and failed before writing a part leaves ``_RUN.json`` behind (written here as such an attempt

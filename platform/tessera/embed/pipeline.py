@@ -197,6 +197,10 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
     return 0, repeated, hash_ids(col, key)
 
 
+class EncoderMismatchError(EmbeddingIntegrityError):
+    """The actors of one modality's pool ran different encoder weights (the run is not written)."""
+
+
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
     """Name, dim, weights checksum of an encoder, by loading it (a Ray task holding no GPU: on the CPU)."""
     enc = ENCODERS[modality](encoder_cfg.model_copy(update={"device": "cpu"}), storage)
@@ -215,6 +219,11 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
         m = ident["name"].split(":", 1)[0]
         entry = out.setdefault(m, {k: v for k, v in ident.items() if k not in per_actor}
                                | {"devices": [], "allocators": []})
+        if ident.get("weights_checksum") != entry.get("weights_checksum"):  # one run, one set of weights
+            raise EncoderMismatchError(
+                f"{m}: the pool's actors loaded different weights ({entry.get('weights_checksum')} and "
+                f"{ident.get('weights_checksum')} from {ident.get('weights')}): a node with another local "
+                f"folder, or weights replaced while the run read them; its vectors mix both")
         entry["devices"] = sorted(set(entry["devices"]) | {ident["device"]})
         entry["allocators"] = sorted(set(entry["allocators"]) | {ident.get("allocator", "system")})
     missing = [m for m in cfg.modalities() if m not in out]
@@ -338,7 +347,8 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     Raises:
         EmbeddingInputError: no items table at ``items_uri``, null or repeated item ids, an items file
             without a source column, pools that cannot fit, another run's identity.
-        EmbeddingIntegrityError: the parts do not hold every input item exactly once.
+        EmbeddingIntegrityError: the parts do not hold every input item exactly once, or one modality's
+            actors ran different weights (:class:`EncoderMismatchError`).
         LeaseHeldError: another attempt of the run is running.
         LeaseLostError: another attempt took the run over while this one ran (it had not renewed its
             lease for ``lease_ttl_s``, or was broken); this attempt stopped.
