@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python -m jobs.build_index --config configs/index.yaml
     python -m jobs.build_index --config configs/index.yaml [--model-uri U] [--version V] [--shards S]
-        [--keep-existing]
+        [--keep-existing] [--break-lease]
 
 Exit codes: 0 done (or the version exists and --keep-existing was given); 2 bad config; 3 a self-check
 recall is below the floor (``_FAILED.json`` written, no manifest); 4 the vectors do not hold every
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=None, help="override num_shards")
     parser.add_argument("--keep-existing", action="store_true",
                         help="an existing complete index of that version is kept and the job succeeds")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the version over from another build that still holds its lease (only when "
+                             "that build is known to be gone)")
     args = parser.parse_args(argv)
     try:
         cfg = apply_flags(load_config(IndexJobConfig, args.config), [
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_ray()
     try:
-        manifest = run_index_job(cfg)
+        manifest = run_index_job(cfg, break_lease=args.break_lease)
     except ConfigError as err:  # a setting that does not fit the data (a pinned ScaNN parameter)
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2

@@ -360,6 +360,19 @@ def test_actors_of_one_pool_reporting_other_weights_fail_the_run(encoder_weights
         encoder_identities(cfg, storage, reported + [same | {"weights_checksum": "bb", "device": "cuda"}])
 
 
+def test_a_run_found_mixed_is_never_completed_by_a_rerun(encoder_weights, storage, ray_session):
+    """The attempt that found a pool's weights mixed writes _MIXED.json beside its parts: a rerun, finding
+    every item done, would otherwise describe each encoder afresh (one checksum) and publish the mix."""
+    from tessera.embed.pipeline import MIXED_FILE, EncoderMismatchError
+
+    cfg = embed_config(encoder_weights, "mixed-run")
+    run_uri = join_uri(cfg.output_uri, cfg.run_id)
+    storage.write_json(join_uri(run_uri, MIXED_FILE), {"error": "text: the pool's actors loaded different weights"})
+    with pytest.raises(EncoderMismatchError, match="different weights.*delete the run's folder"):
+        run_embedding(cfg)
+    assert not storage.exists(join_uri(run_uri, "_MANIFEST.json"))
+
+
 def test_an_attempt_that_wrote_nothing_does_not_pin_the_run_identity(encoder_weights, storage, ray_session):
     """A weights prefix with a typo is refused before the run starts, naming the key. An attempt that
     started and failed before writing a part leaves ``_RUN.json`` behind (written here as such an attempt

@@ -146,6 +146,8 @@ def test_pinned_settings_the_training_sample_cannot_train_are_refused_naming_the
     shard's parameters first (``_check_build_params``), so the key is named before any build."""
     with pytest.raises(ValueError, match=r"index\.num_leaves: 40 leaves .* trained on 20 points .*sample_size=20"):
         derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=40, training_sample_size=20))
+    with pytest.raises(ValueError, match=r"^index\.training_sample_size: 20 leaves .* trained on 16 points"):
+        derive_params(400, 8, IndexConfig(mode="tree_ah", training_sample_size=16))  # sqrt(400) leaves, unpinned
     with pytest.raises(ValueError, match=r"index\.training_sample_size=10: .* at least 16"):
         derive_params(400, 8, IndexConfig(mode="ah", training_sample_size=10))
     assert derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=20, training_sample_size=20)).num_leaves == 20

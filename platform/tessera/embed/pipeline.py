@@ -197,8 +197,12 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
     return 0, repeated, hash_ids(col, key)
 
 
+MIXED_FILE = "_MIXED.json"  # beside the parts of a run whose actors ran different weights: it is never completed
+
+
 class EncoderMismatchError(EmbeddingIntegrityError):
-    """The actors of one modality's pool ran different encoder weights (the run is not written)."""
+    """The actors of one modality's pool ran different encoder weights: the parts are written, the manifest
+    is not, and ``_MIXED.json`` keeps every later attempt from completing the run over them."""
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
@@ -416,6 +420,9 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     started, finished = run_state(storage, run_uri, identity, n_input, announce=True)
     if finished is not None:
         return finished
+    if storage.exists(join_uri(run_uri, MIXED_FILE)):  # a rerun would find every item done: one checksum
+        raise EncoderMismatchError(f"{run_uri}: {storage.read_json(join_uri(run_uri, MIXED_FILE))['error']}; its "
+                                   f"parts mix both: delete the run's folder, or embed into another run_id")
     # an earlier run's incomplete or outdated manifest, if any: this attempt replaces that version only
     started_manifest = storage.read_versioned(manifest_uri)[1] if storage.exists(manifest_uri) else None
     cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
@@ -441,7 +448,12 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
             written_parts.add(_name(row["part"]))
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
-    encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
+    try:
+        encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
+    except EncoderMismatchError as err:
+        lease.check()
+        storage.write_json(join_uri(run_uri, MIXED_FILE), {"error": str(err)})
+        raise
     lease.check()
     parts = list_parts(storage, run_uri)
     counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus, parts=parts)

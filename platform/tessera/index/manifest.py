@@ -169,7 +169,9 @@ def write_index_manifest(storage: Storage, index_uri: str, manifest: IndexManife
     """
     uri = join_uri(index_uri, INDEX_MANIFEST)
     if exclusive:
-        if storage.create_exclusive(uri, manifest_bytes(manifest)) is None:
+        data = manifest_bytes(manifest)
+        # None: an object is there; ours if the write landed and its answer was lost (a retry then got 412)
+        if storage.create_exclusive(uri, data) is None and storage.read_bytes(uri) != data:
             raise FileExistsError(f"{uri} exists: the index version was published by another build")
         return uri
     storage.write_bytes(uri, manifest_bytes(manifest), "application/json")

@@ -186,9 +186,10 @@ def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
     leaves = config.num_leaves or max(1, round(math.sqrt(num_points)))
     leaves = min(leaves, num_points)
     if leaves > sample:  # ScaNN: "Number of points (...) is less than the number of clusters (...)"
-        raise ValueError(f"index.num_leaves: {leaves} leaves for a {num_points}-point shard, but the tree is trained "
-                         f"on {sample} points (index.training_sample_size={config.training_sample_size}): raise "
-                         f"training_sample_size or lower num_leaves")
+        key = "index.num_leaves" if config.num_leaves else "index.training_sample_size"
+        raise ValueError(f"{key}: {leaves} leaves for a {num_points}-point shard, but the tree is trained on {sample} "
+                         f"points (index.training_sample_size={config.training_sample_size}, index.num_leaves="
+                         f"{config.num_leaves}): raise training_sample_size or lower num_leaves")
     to_search = config.num_leaves_to_search or max(1, math.ceil(leaves / 50))
     soar = config.soar_lambda is not None and leaves > 1
     return ScannParams(mode=mode, num_leaves=leaves, num_leaves_to_search=min(to_search, leaves),

@@ -78,11 +78,12 @@ class IndexRecallError(RuntimeError):
         self.report = report
 
 
-def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
+def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManifest:
     """Build, check and publish one index version; returns its manifest.
 
     One build of a version runs at a time: it holds ``<version>/_LEASE.json`` (:class:`RunLease`) from
-    before its first write to its manifest, which is written only if none is there.
+    before its first write to its manifest, which is written only if none is there; ``break_lease``
+    takes over a lease whose holder looks live.
 
     Raises:
         IndexSourceError: a missing or inconsistent input.
@@ -97,7 +98,8 @@ def run_index_job(cfg: IndexJobConfig) -> IndexManifest:
     storage = Storage(cfg.storage)
     src = resolve_sources(cfg, storage)
     _refuse_existing(storage, src)
-    lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}")
+    lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}",
+                     break_lease=break_lease)
     lease.acquire()
     with lease:  # renewed while the build goes on, released at its end
         _refuse_existing(storage, src)  # a build that held the lease before this one may have published it
