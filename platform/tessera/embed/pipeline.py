@@ -116,7 +116,9 @@ def check_weights(cfg: EmbedConfig, storage: Storage) -> None:
     sentence-transformers ``Dense`` module or pooling the text encoder does not do; see each encoder's
     ``check_checkpoint``). These otherwise surface as a traceback from inside a Ray task, after the run
     has started. Only those small files are read (from the prefix itself), never the weights. A local
-    folder is checked only when it exists here: it need only exist on the nodes that run the encoders."""
+    folder is checked only when it exists here (the driver's node may have none); it must exist on every
+    node of the job, since the decode tasks, which run anywhere, read its tokenizer and preprocessing
+    configs too: on a cluster, prefer an ``s3://`` prefix."""
     for m, mcfg in cfg.modalities().items():
         uri = mcfg.encoder.weights
         if parse_uri(uri).scheme == "s3":
