@@ -55,8 +55,7 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
         data = data[:end] + _GIF_TRAILER
     else:
         width, height = _checked_size(data, fmt)
-    if width * height > max_pixels:
-        raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
+    _check_pixels(width, height, max_pixels)
     if fmt != "jpeg":  # PNG, WebP, GIF: Pillow (see _decode_pillow); JPEG has no alpha
         return _decode_pillow(data, fmt, max_pixels)
     try:
@@ -65,6 +64,11 @@ def decode_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> torch.Te
     except RuntimeError as err:  # torchvision reports every decoder failure as RuntimeError
         raise _decode_failure(fmt, err) from None
     return img  # (3, H, W), uint8
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise MediaError("oversized", f"{width}x{height} pixels, over the limit of {max_pixels}")
 
 
 def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> torch.Tensor:
@@ -86,8 +90,7 @@ def _decode_pillow(data: bytes, fmt: str, max_pixels: int) -> torch.Tensor:
       header walk and Pillow could disagree on a crafted file)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.size[0] * im.size[1] > max_pixels:
-                raise MediaError("oversized", f"{im.size[0]}x{im.size[1]} pixels, over the limit of {max_pixels}")
+            _check_pixels(*im.size, max_pixels)
             im.load()  # a GIF: its first frame (the caller cut the others off)
             ImageOps.exif_transpose(im, in_place=True)  # a no-op without an orientation tag
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (and its 32-bit widening)
