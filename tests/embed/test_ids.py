@@ -13,8 +13,9 @@ from tessera.embed import pipeline as pipeline_module
 from tessera.embed.ids import colliding, hash_ids, ids_with_hashes, is_member, map_files, new_key
 from tessera.embed.output import (
     committed_parts,
-    done_item_hashes,
+    done_items,
     list_parts,
+    part_name,
     superseded_copies,
     tally,
     vector_column,
@@ -118,14 +119,15 @@ def test_input_check_refuses_a_file_without_a_source_column_or_with_non_string_i
 def _write_run(storage, run_uri):
     """Four parts: 40 distinct ids, the fourth repeating three of the first's (43 rows). Text vectors
     absent for ids 0, 5, 10, ..., 35, of which 0, 10, 20, 30 failed (error recorded) and 5, 15, 25, 35
-    are missing."""
+    are missing. The fourth records other text weights (``sha256:bb``) than the rest (``sha256:aa``)."""
     groups = [[f"i{j}" for j in range(k, k + 10)] for k in (0, 10, 20, 30)]
     groups[3] += ["i1", "i2", "i3"]
-    for ids in groups:
+    for n, ids in enumerate(groups):
         vectors = [None if int(i[1:]) % 5 == 0 else np.ones(4, np.float32) / 2 for i in ids]
         errors = ["corrupt: bad bytes" if int(i[1:]) % 10 == 0 else None for i in ids]
         write_part(storage, run_uri, pa.table({"item_id": pa.array(ids, pa.string()), "text": vector_column(vectors, 4),
-                                               "text_error": pa.array(errors, pa.string())}))
+                                               "text_error": pa.array(errors, pa.string())}),
+                   weights={"text": ["sha256:bb" if n == 3 else "sha256:aa"]})
     return groups
 
 
@@ -139,6 +141,8 @@ def test_tally_counts_exactly_even_when_ids_share_hashes(storage, bucket_uri, re
     for use_ray in ([False] if weak else [False, True]):  # Ray tasks would hash with the real function
         t = tally(storage, run_uri, ["text"], use_ray=use_ray)
         assert (t.parts, t.rows, t.distinct_ids, t.duplicates) == (4, rows, 40, 3)
+        assert sorted(t.weights["text"]) == ["sha256:aa", "sha256:bb"]
+        assert t.weights["text"]["sha256:bb"] == join_uri(run_uri, part_name(groups[3]))
         assert t.per_modality["text"] == {"ok": rows - 8, "failed": 4, "missing": 4,
                                           "failed_by_kind": {"corrupt": 4}, "input": rows - 4}
 
@@ -150,9 +154,14 @@ def test_done_hashes_are_the_written_ids(storage, bucket_uri):
     written = sorted({i for g in groups for i in g})
     expected = np.unique(hash_ids(written, key))
     assert len(list_parts(storage, run_uri)) == 4
-    assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=True), expected)
-    assert np.array_equal(done_item_hashes(storage, run_uri, key, use_ray=False), expected)
-    assert len(done_item_hashes(storage, join_uri(bucket_uri, "nothing"), key)) == 0
+    for use_ray in (True, False):
+        hashes, weights = done_items(storage, run_uri, key, use_ray=use_ray)
+        assert np.array_equal(hashes, expected)
+        assert weights == {"text": {"sha256:aa": weights["text"]["sha256:aa"],
+                                    "sha256:bb": join_uri(run_uri, part_name(groups[3]))}}
+        assert weights["text"]["sha256:aa"] in list_parts(storage, run_uri)
+    hashes, weights = done_items(storage, join_uri(bucket_uri, "nothing"), key)
+    assert len(hashes) == 0 and weights == {}
 
 
 def test_superseded_copies_are_parts_whose_every_id_is_in_a_part_kept(storage, bucket_uri):

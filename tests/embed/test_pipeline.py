@@ -592,3 +592,78 @@ def test_a_manifest_write_whose_answer_was_lost_counts_as_written(storage, bucke
     with pytest.raises(LeaseLostError, match="written by another attempt"):
         _write_manifest(storage, uri, manifest, tag)  # that version is gone
     assert storage.read_json(uri)["timings"]["total_s"] == 2.5
+
+
+def test_parts_record_their_weights_and_a_mix_of_checksums_is_refused():
+    """The closing check over the tally: every part's recorded checksum must be the encoder's; parts written
+    before parts recorded weights (none recorded) pass."""
+    from tessera.embed.pipeline import EncoderMismatchError, check_parts_weights
+
+    encoders = {"image": {"weights_checksum": "sha256:aa", "weights": "s3://b/m/image"}}
+    check_parts_weights({}, encoders)
+    check_parts_weights({"image": {"sha256:aa": "s3://b/run/part-1.parquet"}}, encoders)
+    with pytest.raises(EncoderMismatchError, match=r"image: .*different weights \(sha256:aa and sha256:bb, for one "
+                                                   r"in s3://b/run/part-2.parquet"):
+        check_parts_weights({"image": {"sha256:aa": "s3://b/run/part-1.parquet",
+                                       "sha256:bb": "s3://b/run/part-2.parquet"}}, encoders)
+
+
+def test_a_run_resumed_after_its_weights_were_replaced_under_the_same_name_is_refused(
+        encoder_weights, storage, shared_data, tmp_path, capsys, monkeypatch, ray_session):
+    """The run identity names ``s3://`` weights by their URI, so a retrained model uploaded to the same prefix
+    used to pass it, and a resumed run encoded its remaining items with another model than its written ones.
+    Each part records the checksum of its weights: the resume exits 2 before any work, naming the key and
+    both checksums, and goes ahead once the original weights are back. Weights replaced after that check
+    (here: the check skipped) are caught by the closing tally: exit 4 and ``_MIXED.json``."""
+    from tessera.embed import pipeline as pipeline_module
+    from tessera.embed.output import MANIFEST, part_weights
+    from tessera.embed.pipeline import MIXED_FILE, EncoderMismatchError
+    from tessera.encoders import write_seeded_weights
+
+    root = f"{TEST_ROOT}/replaced"
+    photos = sorted(shared_data.glob("grocery/dataset/iconic-images-and-descriptions/Vegetables/**/*.jpg"))[:4]
+    uris = [join_uri(root, "media", f"{j}.jpg") for j in range(len(photos))]
+    for uri, photo in zip(uris, photos, strict=True):
+        storage.write_bytes(uri, photo.read_bytes())
+    items = join_uri(root, "items")
+    storage.write_parquet(join_uri(items, "part-0.parquet"), pa.table({
+        "item_id": [f"i{j}" for j in range(4)], "image_uri": uris}))
+    models = join_uri(root, "models")
+    weights = write_seeded_weights(models, storage, seed=0)
+
+    def config(run_id):
+        return embed_config(encoder_weights, run_id, items_uri=items, output_uri=join_uri(root, "out"),
+                            write_batch_size=2, text={"enabled": False}, audio={"enabled": False},
+                            image={"encoder": {"weights": weights["image"]}})
+
+    first = run_embedding(config("run"))
+    run_uri = first["output"]["uri"]
+    checksum = first["encoders"]["image"]["weights_checksum"]
+    parts = committed_parts(storage, run_uri, first)
+    assert first["counts"]["image"]["ok"] == 4 and len(parts) == 2
+    assert [part_weights(storage.read_parquet(p, ["item_id"])) for p in parts] == [{"image": [checksum]}] * 2
+    mixed_uri = join_uri(root, "out", "mixed")
+    storage.write_bytes(join_uri(mixed_uri, parts[0].rsplit("/", 1)[1]), storage.read_bytes(parts[0]))
+    storage.delete(join_uri(run_uri, MANIFEST))  # the state a run killed after its first part leaves
+    storage.delete(parts[1])
+
+    write_seeded_weights(models, storage, seed=1, force=True)  # retrained: same names, same file sizes
+    path = tmp_path / "embed.yaml"
+    path.write_text(json.dumps(config("run").model_dump(mode="json")))
+    assert embed_job.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"image.encoder.weights: {weights['image']} holds weights sha256:" in err
+    assert f"encoded with {checksum}" in err and "changed since the run started" in err
+    assert list_parts(storage, run_uri) == [parts[0]] and not storage.exists(join_uri(run_uri, MANIFEST))
+
+    monkeypatch.setattr(pipeline_module, "check_resumed_weights", lambda *args: None)
+    with pytest.raises(EncoderMismatchError, match=f"image: the run's parts were encoded with different weights "
+                                                   f"\\(sha256:\\w+ and {checksum}"):
+        run_embedding(config("mixed"))
+    monkeypatch.undo()
+    assert storage.exists(join_uri(mixed_uri, MIXED_FILE)) and not storage.exists(join_uri(mixed_uri, MANIFEST))
+
+    write_seeded_weights(models, storage, seed=0, force=True)
+    resumed = run_embedding(config("run"))
+    assert resumed["timings"]["resumed_from"] == 2 and resumed["counts"] == first["counts"]
+    assert resumed["encoders"]["image"]["weights_checksum"] == checksum

@@ -16,11 +16,17 @@ repeats items the new attempt writes too (as does one left by an attempt that st
 settling and its manifest). When the tally finds repeated ids, a part each of whose ids is also in a
 part kept is left out of the tally and the manifest (:func:`superseded_copies`) and deleted after the
 manifest is written; a part landing later is not in the manifest's list.
+
+Each part records, in its Parquet schema metadata (``tessera.weights``), the checksum of the weights
+each modality's actors encoded it with (:func:`part_weights`): a resumed run compares them with the
+weights it is about to load, and the tally collects them, so a run never mixes two sets of weights
+unnoticed (same-named weights replaced between attempts included).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -29,7 +35,6 @@ import pyarrow as pa
 
 from tessera.embed.ids import (
     colliding,
-    file_id_hashes,
     file_ids_with_hashes,
     hash_ids,
     is_member,
@@ -40,6 +45,7 @@ from tessera.storage import Storage, join_uri
 
 MODALITIES = ("text", "image", "audio")
 MANIFEST = "_MANIFEST.json"
+WEIGHTS_METADATA = b"tessera.weights"  # a part's schema metadata: {modality: [weights checksums]}
 
 
 def vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.FixedSizeListArray:
@@ -64,13 +70,32 @@ def part_name(item_ids: list[str], attempt: str | None = None) -> str:
     return "part-" + (f"{attempt}-" if attempt else "") + ids_digest(item_ids)[:20] + ".parquet"
 
 
-def write_part(storage: Storage, run_uri: str, table: pa.Table, attempt: str | None = None) -> str:
+def write_part(storage: Storage, run_uri: str, table: pa.Table, attempt: str | None = None,
+               weights: dict[str, list[str]] | None = None) -> str:
     """Write one part atomically (:meth:`~tessera.storage.Storage.write_parquet`: encoded in memory, then
     one PutObject or a local rename), so that a writer stopped at any moment leaves the whole part or
-    none of it: a rerun reads every part it finds. ``attempt``: the writing attempt's id, in the name."""
+    none of it: a rerun reads every part it finds. ``attempt``: the writing attempt's id, in the name;
+    ``weights``: per modality, the checksums of the weights its rows were encoded with (metadata)."""
     uri = join_uri(run_uri, part_name(table.column("item_id").to_pylist(), attempt))
+    if weights:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               WEIGHTS_METADATA: json.dumps(weights, sort_keys=True).encode()})
     storage.write_parquet(uri, table)
     return uri
+
+
+def part_weights(table: pa.Table) -> dict[str, list[str]]:
+    """The weights checksums a part records per modality (``{}`` for a part written before parts
+    recorded them, or by a writer that was given none)."""
+    raw = (table.schema.metadata or {}).get(WEIGHTS_METADATA)
+    return json.loads(raw) if raw else {}
+
+
+def merge_weights(into: dict[str, dict[str, str]], part_uri: str, found: dict[str, list[str]]) -> None:
+    """Add one part's :func:`part_weights` to ``into`` ({modality: {checksum: the first part found with it}})."""
+    for m, checksums in found.items():
+        for checksum in checksums:
+            into.setdefault(m, {}).setdefault(checksum, part_uri)
 
 
 @dataclass
@@ -82,6 +107,7 @@ class Tally:
     parts: int = 0
     per_modality: dict[str, dict] = field(default_factory=dict)
     repeated_parts: list[str] = field(default_factory=list)  # parts holding an id hash found more than once
+    weights: dict[str, dict[str, str]] = field(default_factory=dict)  # see merge_weights
 
     @property
     def duplicates(self) -> int:
@@ -128,14 +154,24 @@ def superseded_copies(storage: Storage, suspects: list[str]) -> list[str]:
     return out
 
 
-def done_item_hashes(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
-                     use_ray: bool | None = None) -> np.ndarray:
-    """Sorted distinct ``uint64`` hashes (under ``key``, see :mod:`tessera.embed.ids`) of the item ids
-    earlier attempts of this run wrote; many parts are read by Ray tasks (``use_ray``: see
+def done_items(storage: Storage, run_uri: str, key: str, num_cpus: float = 0.25,
+               use_ray: bool | None = None) -> tuple[np.ndarray, dict[str, dict[str, str]]]:
+    """What earlier attempts of this run wrote: the sorted distinct ``uint64`` hashes (under ``key``,
+    see :mod:`tessera.embed.ids`) of their item ids, and the weights their parts record (see
+    :func:`merge_weights`); many parts are read by Ray tasks (``use_ray``: see
     :func:`~tessera.embed.ids.map_files`)."""
     parts = list_parts(storage, run_uri)
-    hashes = map_files(file_id_hashes, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
-    return np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
+    scans = map_files(_done_part, parts, storage, key, num_cpus=num_cpus, use_ray=use_ray)
+    weights: dict[str, dict[str, str]] = {}
+    for uri, (_, found) in zip(parts, scans, strict=True):
+        merge_weights(weights, uri, found)
+    hashes = np.unique(np.concatenate([h for h, _ in scans])) if scans else np.empty(0, np.uint64)
+    return hashes, weights
+
+
+def _done_part(uri: str, storage: Storage, key: str) -> tuple[np.ndarray, dict[str, list[str]]]:
+    table = storage.read_parquet(uri, ["item_id"])
+    return hash_ids(table.column("item_id"), key), part_weights(table)
 
 
 def _tally_part(uri: str, storage: Storage, modalities: list[str], key: str) -> dict:
@@ -153,7 +189,8 @@ def _tally_part(uri: str, storage: Storage, modalities: list[str], key: str) -> 
                 c["failed_by_kind"][kind] = c["failed_by_kind"].get(kind, 0) + 1
             elif not ok:
                 c["missing"] += 1
-    return {"rows": table.num_rows, "counts": counts, "hashes": hash_ids(table.column("item_id"), key)}
+    return {"rows": table.num_rows, "counts": counts, "hashes": hash_ids(table.column("item_id"), key),
+            "weights": part_weights(table)}
 
 
 def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float = 0.25,
@@ -169,9 +206,10 @@ def tally(storage: Storage, run_uri: str, modalities: list[str], num_cpus: float
         parts = list_parts(storage, run_uri)
     key = new_key()
     scans = map_files(_tally_part, parts, storage, list(modalities), key, num_cpus=num_cpus, use_ray=use_ray)
-    for scan in scans:
+    for uri, scan in zip(parts, scans, strict=True):
         t.parts += 1
         t.rows += scan["rows"]
+        merge_weights(t.weights, uri, scan["weights"])
         for m, part in scan["counts"].items():
             c = t.per_modality[m]
             for name in ("ok", "failed", "missing"):

@@ -28,7 +28,7 @@ from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_fil
 from tessera.embed.output import (
     MAX_PARTS_TO_SETTLE,
     Tally,
-    done_item_hashes,
+    done_items,
     list_parts,
     superseded_copies,
     tally,
@@ -37,7 +37,7 @@ from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, 
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
-from tessera.encoders.weights import CheckpointFiles
+from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
 from tessera.lease import LeaseLostError, RunLease
 from tessera.memory import allocator_env
 from tessera.storage import Storage, join_uri, parse_uri
@@ -203,8 +203,9 @@ MIXED_FILE = "_MIXED.json"  # beside the parts of a run whose actors ran differe
 
 
 class EncoderMismatchError(EmbeddingIntegrityError):
-    """The actors of one modality's pool ran different encoder weights: the parts are written, the manifest
-    is not, and ``_MIXED.json`` keeps every later attempt from completing the run over them."""
+    """The actors of one modality's pool ran different encoder weights, or the run's parts record weights
+    other than its encoders': the parts are written, the manifest is not, and ``_MIXED.json`` keeps every
+    later attempt from completing the run over them."""
 
 
 def describe_encoder(modality: str, encoder_cfg, storage: Storage) -> dict:
@@ -241,10 +242,57 @@ def encoder_identities(cfg: EmbedConfig, storage: Storage, reported: list[dict])
     return {m: out[m] for m in cfg.modalities()}
 
 
+def configured_checksum(encoder_cfg, storage: Storage) -> str:
+    """The checksum of the weights ``encoder_cfg`` names, as an encoder loading them computes it (``s3://``
+    weights are downloaded into this node's cache, where this node's actors then find them)."""
+    return weights_checksum(resolve_weights(encoder_cfg.weights, storage, encoder_cfg.cache_dir).path)
+
+
+def check_resumed_weights(cfg: EmbedConfig, storage: Storage, recorded: dict[str, dict[str, str]]) -> None:
+    """Refuse to resume a run whose written parts were encoded with other weights than the configured ones
+    (``recorded``: what the parts record, see :func:`~tessera.embed.output.merge_weights`), before any
+    work: same-named weights replaced between attempts (a retrained checkpoint uploaded to the same
+    prefix, a local folder of the same file sizes) pass the run identity, and the resumed vectors would
+    otherwise come from another model than the written ones. The configured weights are checksummed
+    by a Ray task (a local folder must be on every node anyway; see :func:`check_weights`).
+
+    Raises:
+        EmbeddingInputError: naming the modality's key, the weights and both checksums; nothing is written.
+    """
+    import ray
+
+    todo = [m for m in cfg.modalities() if recorded.get(m)]
+    if not todo:
+        return
+    task = ray.remote(num_cpus=0.1)(configured_checksum)
+    now = ray.get([task.remote(cfg.modalities()[m].encoder, storage) for m in todo])
+    for m, checksum in zip(todo, now, strict=True):
+        if other := sorted(set(recorded[m]) - {checksum}):
+            raise EmbeddingInputError(
+                f"{m}.encoder.weights: {cfg.modalities()[m].encoder.weights} holds weights {checksum}, but this "
+                f"run's parts were encoded with {other[0]} (for one, {recorded[m][other[0]]}): the weights changed "
+                f"since the run started. Put the original weights back to resume it, or embed into another run_id")
+
+
+def check_parts_weights(recorded: dict[str, dict[str, str]], encoders: dict[str, dict]) -> None:
+    """The run's parts (``recorded``, from the final tally) were all encoded with the weights of
+    ``encoders`` (:func:`encoder_identities`); parts written before parts recorded weights are not checked.
+
+    Raises:
+        EncoderMismatchError: a part of another checksum (weights replaced while the run read them)."""
+    for m, found in recorded.items():
+        expected = (encoders.get(m) or {}).get("weights_checksum")
+        if expected is not None and (other := sorted(set(found) - {expected})):
+            raise EncoderMismatchError(
+                f"{m}: the run's parts were encoded with different weights ({expected} and {other[0]}, for "
+                f"one in {found[other[0]]}; from {encoders[m].get('weights')}): weights replaced while the "
+                f"run read them; its vectors mix both")
+
+
 def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key: str, run_uri: str,
                   attempt: str | None = None):
     """The streaming pipeline over ``files``, skipping items whose id hash (under ``hash_key``) is in
-    ``done`` (sorted ``uint64``, :func:`~tessera.embed.output.done_item_hashes`); ``attempt`` names
+    ``done`` (sorted ``uint64``, :func:`~tessera.embed.output.done_items`); ``attempt`` names
     the parts it writes."""
     import ray
 
@@ -431,11 +479,12 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     check_fits(cfg, cpus, gpus)
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
+    key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
+    done, recorded = done_items(storage, run_uri, key, cfg.read_num_cpus)
+    check_resumed_weights(cfg, storage, recorded)
     if started is None:
         lease.check()
         storage.write_json(identity_uri, identity)
-    key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
-    done = done_item_hashes(storage, run_uri, key, cfg.read_num_cpus)
     modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
@@ -453,8 +502,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     try:
         encoders = encoder_identities(cfg, storage, [json.loads(e) for e in seen])
     except EncoderMismatchError as err:
-        lease.check()
-        storage.write_json(join_uri(run_uri, MIXED_FILE), {"error": str(err)})
+        _mark_mixed(storage, run_uri, lease, err)
         raise
     lease.check()
     parts = list_parts(storage, run_uri)
@@ -465,6 +513,11 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         parts = [uri for uri in parts if uri not in gone]
         counts = tally(storage, run_uri, list(modalities), cfg.read_num_cpus, parts=parts)
     lease.check()  # parts another attempt wrote after taking the run over are not this run's duplicates
+    try:
+        check_parts_weights(counts.weights, encoders)
+    except EncoderMismatchError as err:
+        _mark_mixed(storage, run_uri, lease, err)
+        raise
     if counts.distinct_ids != n_input or counts.duplicates:
         raise EmbeddingIntegrityError(
             f"{run_uri} holds {counts.distinct_ids} distinct items ({counts.duplicates} duplicate rows) for "
@@ -496,6 +549,12 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     _write_manifest(storage, manifest_uri, manifest, started_manifest)
     _delete_superseded(storage, superseded, lease)
     return manifest
+
+
+def _mark_mixed(storage: Storage, run_uri: str, lease: RunLease, err: EncoderMismatchError) -> None:
+    """``_MIXED.json`` beside the parts: no later attempt completes the run over them."""
+    lease.check()
+    storage.write_json(join_uri(run_uri, MIXED_FILE), {"error": str(err)})
 
 
 def _write_manifest(storage: Storage, uri: str, manifest: dict, replacing: str | None) -> None:

@@ -278,16 +278,19 @@ def write_batch(table: pa.Table, run_uri: str, storage: Storage, modalities: lis
     one-row summary for the driver."""
     n = table.num_rows
     cols: dict[str, pa.Array] = {"item_id": table.column("item_id")}
-    encoders = []
+    encoders: list[str] = []
+    weights: dict[str, list[str]] = {}  # per modality, the checksums of the weights this part's rows saw
     for m in MODALITIES:
         if m in modalities:
             cols[m] = table.column(m)
             cols[f"{m}_error"] = table.column(f"{m}_error").cast(pa.string())
-            encoders.extend(set(table.column(f"{m}_encoder").to_pylist()))
+            seen = set(table.column(f"{m}_encoder").to_pylist())
+            encoders.extend(seen)
+            weights[m] = sorted({json.loads(ident)["weights_checksum"] for ident in seen})
         else:  # a disabled modality keeps its columns, all null
             cols[m] = pa.nulls(n, pa.list_(pa.float32()))
             cols[f"{m}_error"] = pa.nulls(n, pa.string())
-    uri = write_part(storage, run_uri, pa.table(cols), attempt)
+    uri = write_part(storage, run_uri, pa.table(cols), attempt, weights)
     return pa.table({"part": [uri], "rows": [n], "encoders": [json.dumps(sorted(encoders))]})
 
 
