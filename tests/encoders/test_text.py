@@ -208,3 +208,47 @@ def test_a_checkpoint_asking_for_what_the_encoder_does_not_do_is_refused(tmp_pat
     dense = _minilm_copy(tmp_path / "b", extra_module="Dense")
     with pytest.raises(ValueError, match="lists a sentence_transformers.models.Dense module"):
         TextEncoder(TextEncoderConfig(weights=dense, device="cpu", pooling="mean")).embed(["oat milk"])
+
+
+def _roberta_folder(folder, max_positions: int, pad_token_id: int = 0, model_type_listed: bool = True):
+    """A one-layer RoBERTa (seeded weights) with MiniLM's tokenizer files: its positions start past the padding id."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    from tessera.encoders.text import packaged_minilm_path
+
+    src = Path(packaged_minilm_path())
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=max_positions,
+                               pad_token_id=pad_token_id)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_roberta_style_model_takes_texts_as_long_as_its_positions_hold(tmp_path, monkeypatch):
+    """RoBERTa-family position ids start at pad_token_id + 1, so max_position_embeddings 514 holds 512 tokens.
+    The cap used to be the raw 514 (here 34): a text that long indexed past the position table and failed its
+    whole batch. A model type the list lacks is caught when the model loads, naming the length to set."""
+    from tessera.encoders import text as text_module
+    from tessera.encoders.text import checkpoint_max_length
+    from tessera.encoders.weights import CheckpointFiles
+
+    folder = _roberta_folder(tmp_path, max_positions=34, pad_token_id=0)
+    enc = TextEncoder(TextEncoderConfig(weights=folder, device="cpu"))
+    assert enc.preprocessor.max_length == 33
+    ids = enc.preprocessor.map([" ".join(["milk"] * 100), "oat milk"])
+    assert len(ids[0]) == 33 and len(ids[1]) < 33
+    assert np.isfinite(enc.encode(ids)).all()
+    assert checkpoint_max_length(CheckpointFiles(folder), 34) == 33  # a configured length is capped too
+    assert text_module.usable_positions({"model_type": "xlm-roberta", "max_position_embeddings": 514,
+                                         "pad_token_id": 1}) == 512
+    assert text_module.usable_positions({"model_type": "bert", "max_position_embeddings": 512}) == 512
+
+    monkeypatch.setattr(text_module, "_OFFSET_POSITIONS", frozenset())
+    with pytest.raises(ValueError, match="cut at 34 tokens, but the model's positions hold 33.*max_length to 33"):
+        TextEncoder(TextEncoderConfig(weights=folder, device="cpu"))

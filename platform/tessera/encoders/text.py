@@ -225,8 +225,28 @@ def checkpoint_max_length(files: CheckpointFiles, configured: int | None,
             if tokenizer_limit is None:
                 return None
             limit = tokenizer_limit()
-    positions = (files.json("config.json") or {}).get("max_position_embeddings")
-    return int(min(limit, positions)) if positions else int(limit)
+    return int(min(limit, positions)) if (positions := usable_positions(files.json("config.json") or {})) \
+        else int(limit)
+
+
+# model types whose embeddings number positions from pad_token_id + 1 (transformers'
+# create_position_ids_from_input_ids): max_position_embeddings 514 holds 512 tokens
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert",
+                               "longformer", "mpnet", "data2vec-text", "ibert", "luke", "markuplm", "esm", "xmod",
+                               "lilt", "layoutlmv3"})
+
+
+def usable_positions(config: dict) -> int | None:
+    """Tokens a text model's position embeddings hold, from its ``config.json``: ``max_position_embeddings``,
+    less ``pad_token_id + 1`` for the RoBERTa family, whose positions start past the padding id (a 514-token
+    text there indexes past the table). None when the config names no maximum."""
+    positions = config.get("max_position_embeddings")
+    if not positions:
+        return None
+    if config.get("model_type") in _OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        positions -= (1 if pad is None else int(pad)) + 1
+    return int(positions)
 
 
 # sentence-transformers modules after the transformer that leave its pooled vector as it is (we L2-normalise)
@@ -293,9 +313,19 @@ class TextEncoder(Encoder[TextEncoderConfig]):
         tokenizer = self.preprocessor.tokenizer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
+        import torch
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
+        model = AutoModel.from_pretrained(self.weights_dir, local_files_only=True)
+        table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None:
+            # positions numbered past the padding id, in a model type usable_positions does not list
+            usable = table.num_embeddings - table.padding_idx - 1
+            if self.preprocessor.max_length > usable:
+                raise ValueError(f"{self.config.weights}: texts are cut at {self.preprocessor.max_length} tokens, "
+                                 f"but the model's positions hold {usable} (its position ids start past the "
+                                 f"padding id): set the text encoder's max_length to {usable} or less")
+        return model
 
     @property
     def dim(self) -> int:
