@@ -141,14 +141,40 @@ def test_a_cut_among_items_sharing_a_hash_is_settled_by_their_ids():
 
 
 def test_pinned_settings_the_training_sample_cannot_train_are_refused_naming_the_key():
-    """ScaNN fails these in the build task ("Number of points (20) is less than the number of clusters (40)",
+    """ScaNN fails these in the build task ("Number of points (60) is less than the number of clusters (80)",
     "clusters per block (16) > training data size"), after the whole vector stage; the job derives every
     shard's parameters first (``_check_build_params``), so the key is named before any build."""
-    with pytest.raises(ValueError, match=r"index\.num_leaves: 40 leaves .* trained on 20 points .*sample_size=20"):
-        derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=40, training_sample_size=20))
-    with pytest.raises(ValueError, match=r"^index\.training_sample_size: 20 leaves .* trained on 16 points"):
-        derive_params(400, 8, IndexConfig(mode="tree_ah", training_sample_size=16))  # sqrt(400) leaves, unpinned
-    with pytest.raises(ValueError, match=r"index\.training_sample_size=10: .* at least 16"):
-        derive_params(400, 8, IndexConfig(mode="ah", training_sample_size=10))
-    assert derive_params(400, 8, IndexConfig(mode="tree_ah", num_leaves=20, training_sample_size=20)).num_leaves == 20
+    with pytest.raises(ValueError, match=r"index\.num_leaves: 80 leaves .* trained on 60 points .*sample_size=60"):
+        derive_params(4000, 8, IndexConfig(mode="tree_ah", num_leaves=80, training_sample_size=60))
+    with pytest.raises(ValueError, match=r"^index\.training_sample_size: 100 leaves .* trained on 60 points"):
+        derive_params(10_000, 8, IndexConfig(mode="tree_ah", training_sample_size=60))  # sqrt(10k) leaves, unpinned
+    assert derive_params(4000, 8, IndexConfig(mode="tree_ah", num_leaves=60, training_sample_size=60)).num_leaves == 60
+
+
+@pytest.mark.parametrize(("hash_type", "points", "sample", "least"), [("lut16", 5000, 16, 53),
+                                                                       ("lut256", 5000, 256, 350)])
+def test_an_ah_training_sample_that_scann_may_draw_short_is_refused(hash_type, points, sample, least):
+    """ScaNN keeps each point with probability sample / points: the codebooks train on a binomial count
+    around the sample. A pinned sample of exactly the centres (16, or 256 for lut256) drew 15 of 5,000 points
+    and 247 and failed the build; the sample must sit well above them (or take the whole shard). Each
+    setting is built in ScaNN: refused ones fail there, accepted ones build."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((points, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+
+    def build(p):
+        return (scann_ops_pybind.builder(x, 10, "dot_product")
+                .score_ah(2, training_sample_size=p.training_sample_size, hash_type=p.hash_type).reorder(50).build())
+
+    with pytest.raises(ValueError, match=rf"index\.training_sample_size={sample}: .* set at least {least}, or no less "
+                                         rf"than the shard's size"):
+        derive_params(points, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=sample))
+    with pytest.raises(RuntimeError, match="is greater than asymmetric hashing training data size"):
+        build(derive_params(points, 8, IndexConfig(mode="ah", hash_type=hash_type)).model_copy(
+            update={"training_sample_size": sample}))
+    build(derive_params(points, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=least)))
+    whole = derive_params(300, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=300))
+    assert whole.training_sample_size == 300  # the whole shard: every point trains, none drawn short
     assert derive_params(30, 8, IndexConfig(mode="tree_ah", num_leaves=40)).num_leaves == 30  # capped at n

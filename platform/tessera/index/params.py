@@ -143,6 +143,17 @@ def choose_mode(num_points: int, config: IndexConfig, catalog_size: int | None =
     return mode
 
 
+def min_ah_sample(centres: int, z: float = 5.0) -> int:
+    """The least ``training_sample_size`` that trains ``centres``-centre AH codebooks on a shard larger than
+    it: ScaNN keeps each point with probability sample / points, a binomial count around the sample with
+    a spread of about its square root, and refuses a draw of fewer points than centres ("Number of
+    clusters per block (16) is greater than asymmetric hashing training data size (15)" from a sample
+    of 16 of 5,000 points). Here the sample sits ``z`` spreads above the centres (odds of a short draw
+    below 1 in 3 million): 53 for lut16, 350 for lut256. A sample of the whole shard is taken whole."""
+    root = (z + math.sqrt(z * z + 4 * centres)) / 2  # s - z * sqrt(s) = centres
+    return math.ceil(root * root)
+
+
 def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
                   catalog_size: int | None = None) -> ScannParams:
     """Build parameters for one shard; tunable values not pinned in ``config`` get starting points.
@@ -171,9 +182,12 @@ def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
                            normalized=config.normalize)
     reorder = config.reorder_num_neighbors or 10 * config.num_neighbors
     sample = min(num_points, config.training_sample_size or 100_000)
-    if sample < 16:  # ScaNN: "clusters per block (16) > training data size"
-        raise ValueError(f"index.training_sample_size={config.training_sample_size}: the AH codebooks (16 centres "
-                         f"a block) need at least 16 training points")
+    centres = 256 if config.hash_type == "lut256" else 16
+    if sample < num_points and sample < (least := min_ah_sample(centres)):
+        raise ValueError(f"index.training_sample_size={config.training_sample_size}: ScaNN trains the {config.hash_type} "
+                         f"codebooks ({centres} centres a block) on a random draw of about that many of a "
+                         f"{num_points}-point shard's points (give or take its square root) and fails when fewer than "
+                         f"{centres} are drawn: set at least {least}, or no less than the shard's size")
     common = dict(
         num_points=num_points, dim=dim, num_neighbors=config.num_neighbors, normalized=config.normalize,
         dimensions_per_block=min(config.dimensions_per_block, dim),
