@@ -184,10 +184,10 @@ def derive_params(num_points: int, dim: int, config: IndexConfig | None = None,
     sample = min(num_points, config.training_sample_size or 100_000)
     centres = 256 if config.hash_type == "lut256" else 16
     if sample < num_points and sample < (least := min_ah_sample(centres)):
-        raise ValueError(f"index.training_sample_size={config.training_sample_size}: ScaNN trains the {config.hash_type} "
-                         f"codebooks ({centres} centres a block) on a random draw of about that many of a "
-                         f"{num_points}-point shard's points (give or take its square root) and fails when fewer than "
-                         f"{centres} are drawn: set at least {least}, or no less than the shard's size")
+        raise ValueError(f"index.training_sample_size={config.training_sample_size}: ScaNN trains the "
+                         f"{config.hash_type} codebooks ({centres} centres a block) on a random draw of about that "
+                         f"many of a {num_points}-point shard's points (give or take its square root) and fails "
+                         f"when fewer than {centres} are drawn: set at least {least}, or no less than the shard's size")
     common = dict(
         num_points=num_points, dim=dim, num_neighbors=config.num_neighbors, normalized=config.normalize,
         dimensions_per_block=min(config.dimensions_per_block, dim),
