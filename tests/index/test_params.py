@@ -175,6 +175,25 @@ def test_an_ah_training_sample_that_scann_may_draw_short_is_refused(hash_type, p
         build(derive_params(points, 8, IndexConfig(mode="ah", hash_type=hash_type)).model_copy(
             update={"training_sample_size": sample}))
     build(derive_params(points, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=least)))
-    whole = derive_params(300, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=300))
-    assert whole.training_sample_size == 300  # the whole shard: every point trains, none drawn short
+    for n in (300, 200):  # the whole shard trains, none drawn short; lut256 on fewer points than centres too
+        x = x[:n]
+        whole = derive_params(n, 8, IndexConfig(mode="ah", hash_type=hash_type, training_sample_size=n))
+        assert whole.training_sample_size == n
+        build(whole)
+
+
+def test_a_tree_trained_on_exactly_its_leaves_builds_in_scann():
+    """Unlike the AH codebooks, ScaNN's partitioner trains on a sample of exactly the leaves (checked at
+    several shard sizes): the leaves check stays "no more leaves than the sample"."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    rng = np.random.default_rng(1)
+    for n in (4000, 20_000):
+        x = rng.standard_normal((n, 8)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        p = derive_params(n, 8, IndexConfig(mode="tree_ah", num_leaves=60, training_sample_size=60))
+        assert (p.num_leaves, p.training_sample_size) == (60, 60)
+        (scann_ops_pybind.builder(x, 10, "dot_product")
+         .tree(num_leaves=p.num_leaves, num_leaves_to_search=6, training_sample_size=p.training_sample_size)
+         .score_ah(2, training_sample_size=p.training_sample_size).reorder(50).build())  # as the job builds it
     assert derive_params(30, 8, IndexConfig(mode="tree_ah", num_leaves=40)).num_leaves == 30  # capped at n
