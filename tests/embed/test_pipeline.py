@@ -596,12 +596,16 @@ def test_a_manifest_write_whose_answer_was_lost_counts_as_written(storage, bucke
 
 def test_parts_record_their_weights_and_a_mix_of_checksums_is_refused():
     """The closing check over the tally: every part's recorded checksum must be the encoder's; parts written
-    before parts recorded weights (none recorded) pass."""
-    from tessera.embed.pipeline import EncoderMismatchError, check_parts_weights
+    before parts recorded weights (none recorded) pass. Parts of one other checksum are not a mix (an attempt
+    that wrote nothing described weights replaced since): refused as changed weights, not marked mixed."""
+    from tessera.embed.pipeline import EmbeddingInputError, EncoderMismatchError, check_parts_weights
 
     encoders = {"image": {"weights_checksum": "sha256:aa", "weights": "s3://b/m/image"}}
     check_parts_weights({}, encoders)
     check_parts_weights({"image": {"sha256:aa": "s3://b/run/part-1.parquet"}}, encoders)
+    with pytest.raises(EmbeddingInputError, match=r"image.encoder.weights: s3://b/m/image now holds weights sha256:aa, "
+                                                  r"but this run's parts were encoded with sha256:bb"):
+        check_parts_weights({"image": {"sha256:bb": "s3://b/run/part-2.parquet"}}, encoders)
     with pytest.raises(EncoderMismatchError, match=r"image: .*different weights \(sha256:aa and sha256:bb, for one "
                                                    r"in s3://b/run/part-2.parquet"):
         check_parts_weights({"image": {"sha256:aa": "s3://b/run/part-1.parquet",

@@ -265,7 +265,14 @@ def check_resumed_weights(cfg: EmbedConfig, storage: Storage, recorded: dict[str
     if not todo:
         return
     task = ray.remote(num_cpus=0.1)(configured_checksum)
-    now = ray.get([task.remote(cfg.modalities()[m].encoder, storage) for m in todo])
+    refs = [task.remote(cfg.modalities()[m].encoder, storage) for m in todo]
+    now = []
+    for m, ref in zip(todo, refs, strict=True):
+        try:
+            now.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:  # e.g. a local folder missing on the task's node
+            raise EmbeddingInputError(f"{m}.encoder.weights: could not read {cfg.modalities()[m].encoder.weights} "
+                                      f"to compare it with the run's parts: {err.cause!r}") from err
     for m, checksum in zip(todo, now, strict=True):
         if other := sorted(set(recorded[m]) - {checksum}):
             raise EmbeddingInputError(
@@ -279,10 +286,20 @@ def check_parts_weights(recorded: dict[str, dict[str, str]], encoders: dict[str,
     ``encoders`` (:func:`encoder_identities`); parts written before parts recorded weights are not checked.
 
     Raises:
-        EncoderMismatchError: a part of another checksum (weights replaced while the run read them)."""
+        EncoderMismatchError: parts of two checksums (weights replaced while the run read them).
+        EmbeddingInputError: every part of one checksum, the encoder another: an attempt that wrote
+            nothing described weights replaced after its resume check; the parts are not mixed."""
     for m, found in recorded.items():
         expected = (encoders.get(m) or {}).get("weights_checksum")
-        if expected is not None and (other := sorted(set(found) - {expected})):
+        if expected is None or set(found) <= {expected}:
+            continue
+        if len(found) == 1:  # this attempt wrote none of m's parts: its own would record `expected`
+            (checksum, part), = found.items()
+            raise EmbeddingInputError(
+                f"{m}.encoder.weights: {encoders[m].get('weights')} now holds weights {expected}, but this run's "
+                f"parts were encoded with {checksum} (for one, {part}): the weights changed since the run started. "
+                f"Put the original weights back to finish it, or embed into another run_id")
+        if other := sorted(set(found) - {expected}):
             raise EncoderMismatchError(
                 f"{m}: the run's parts were encoded with different weights ({expected} and {other[0]}, for "
                 f"one in {found[other[0]]}; from {encoders[m].get('weights')}): weights replaced while the "
