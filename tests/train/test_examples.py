@@ -68,6 +68,37 @@ def test_eval_set_keeps_users_with_history_and_targets():
     assert ev.history.item_idx.tolist() == [[0, 3, 1, 9]]
 
 
+def test_validation_targets_precede_the_test_and_are_never_training_targets():
+    """u1 (events 3, 1, 9, 5 in time order): 5 is the test target, 9 the validation target. Validation
+    ranks with the training events as history; the test with the validation event in it too (it happened
+    before), and neither is ever an example's target."""
+    def rec(rows, ts):
+        return user_records({"user_id": np.array(["u"] * len(rows)), "item_row": np.array(rows), "ts": np.array(ts),
+                             "weight": np.arange(1, len(rows) + 1, dtype=np.float32)}, holdout=1, validation=1)
+
+    one, two, three = rec([5, 3, 9, 1], [40, 10, 30, 20]), rec([4, 2], [1, 2]), rec([6, 8, 7], [1, 2, 3])
+    records = {k: np.concatenate([one[k], two[k], three[k]]) for k in one}
+    assert [records["train_items"][i].tolist() for i in range(3)] == [[3, 1], [4], [6]]
+    assert [records["val_items"][i].tolist() for i in range(3)] == [[9], [], [8]]  # u2: one event left, kept
+    assert [records["test_items"][i].tolist() for i in range(3)] == [[5], [2], [7]]
+    assert records["val_ts"][0].tolist() == [30] and records["val_w"][0].tolist() == [3.0]
+
+    val = EvalSet.from_records(records, max_history=4, split="validation")
+    assert [x.tolist() for x in val.test_items] == [[9], [8]]
+    assert val.history.item_idx.tolist() == [[0, 0, 3, 1], [0, 0, 0, 6]]
+    test = EvalSet.from_records(records, max_history=4, split="test")
+    assert [x.tolist() for x in test.test_items] == [[5], [2], [7]]
+    assert [x.tolist() for x in test.train_items] == [[3, 1, 9], [4], [6, 8]]  # left out of the test's ranking
+    assert test.history.item_idx[0].tolist() == [0, 3, 1, 9]
+    assert test.history.timestamps_ms[0].tolist() == [0, 10, 20, 30]
+    assert test.history.weights[0].tolist() == [0.0, 2.0, 4.0, 3.0]
+
+    targets = next_item_examples(records, max_history=4)["target"].tolist()
+    assert targets == [1]  # u1's second training event; 9, 5, 8, 7, 2 never
+    assert item_counts(records, 10).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 0, 0]
+    assert item_counts(records, 10, with_validation=True).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 1, 1]
+
+
 def test_nan_scores_are_misses_in_the_training_evaluation():
     ev = EvalSet.from_records(_records(), max_history=4)
     scores = torch.zeros(1, 10)

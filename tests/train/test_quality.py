@@ -89,7 +89,10 @@ def test_sample_corpus_fused_beats_single_modalities_and_ranker_beats_retrieval(
     ranker's nearest-history-item features (max_sim_*) followed: ranker +0.0061 in this test after
     them, and +0.0018..+0.0223 over 8 seeded training runs (session note of 2026-12-02, issue 4 section).
     On 2026-12-06, with time gaps measured to the history's latest event and ranker lists leaving out every
-    item seen before the target: fused +0.0198 / +0.0177 / +0.0292 / +0.0247, ranker +0.0090 (one run). ~8 min.
+    item seen before the target: fused +0.0198 / +0.0177 / +0.0292 / +0.0247, ranker +0.0090 (one run). With
+    the validation split (each user's second-to-last event a validation target, no longer trained on; the test
+    evaluated once a stage is trained): +0.0240 / +0.0198 / +0.0316 / +0.0271, popularity +0.0240, ranker
+    +0.0074 (one run). ~8 min.
     """
     from tessera.config import load_config
     from tessera.corpus import CorpusConfig, generate_corpus

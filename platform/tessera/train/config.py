@@ -115,7 +115,12 @@ class TrainConfig(TesseraConfig):
         checkpoint_uri: Ray Train ``storage_path`` (object storage, so a restarted worker on any node
             resumes); the run's folder is ``<checkpoint_uri>/<version>``.
         max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts from the last checkpoint).
-        holdout: each user's last ``holdout`` interactions are held out for evaluation.
+        holdout: each user's last ``holdout`` interactions are held out for the test, evaluated once
+            a stage is trained (``results`` in the bundle's metrics; the quality checks use them).
+        validation: the ``validation`` interactions before those are validation targets, evaluated
+            after every epoch (Ray Train's reported metrics, ``<stage>/val_<metric>``): tune epochs and
+            settings on them, not on the test. Neither is ever a training target. 0: no validation
+            split (no per-epoch evaluation).
         max_history: N, the most recent items a user tower / ranker reads.
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
@@ -137,6 +142,7 @@ class TrainConfig(TesseraConfig):
     max_failures: int = Field(2, ge=0)
     num_to_keep: int = Field(2, ge=1)
     holdout: int = Field(1, ge=1)
+    validation: int = Field(1, ge=0)
     max_history: int = Field(20, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50], min_length=1)

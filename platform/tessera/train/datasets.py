@@ -74,7 +74,8 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     known = mapped.filter(expr=col("item_row") >= 0)
     n_known = known.count()
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
-        user_records, fn_kwargs={"holdout": cfg.holdout}, batch_format="numpy").materialize()
+        user_records, fn_kwargs={"holdout": cfg.holdout, "validation": cfg.validation},
+        batch_format="numpy").materialize()
     examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
                                  batch_format="numpy").materialize()
     tail = cfg.ranker.tail if cfg.ranker.enabled else 0

@@ -2,12 +2,15 @@
 
 A *user record* is one user's interactions in time order, split by time: the last ``holdout``
 events are the test targets (users with fewer than ``holdout + 1`` events keep everything for
-training). Every training position ``t >= 1`` then gives one *example*: the (up to) ``N`` items
-before it, left-padded to fixed width, predict the item at ``t``.
+training), and the ``validation`` events before them the validation targets (when the user has
+more than ``validation`` events left; otherwise none). Every training position ``t >= 1`` then
+gives one *example*: the (up to) ``N`` items before it, left-padded to fixed width, predict the
+item at ``t``. Validation and test events are never training targets; the test's history holds the
+validation events (they happened before it).
 
 Example::
 
-    rec = user_records({"user_id": ..., "item_row": ..., "ts": ..., "weight": ...}, holdout=1)
+    rec = user_records({"user_id": ..., "item_row": ..., "ts": ..., "weight": ...}, holdout=1, validation=1)
     ex = next_item_examples(rec, max_history=20)
     ex["hist_items"].shape      # (E, 20) int64, 0 where padded;  ex["hist_len"]: (E,) real items
 """
@@ -32,16 +35,19 @@ def user_keys(user_ids: np.ndarray) -> np.ndarray:
     return hash_user_ids([str(u) for u in user_ids], USER_KEY).view(np.int64)
 
 
-def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.ndarray]:
-    """One user's events (any order) -> one record row with its time-split train and test parts.
+def user_records(events: dict[str, np.ndarray], holdout: int, validation: int = 0) -> dict[str, np.ndarray]:
+    """One user's events (any order) -> one record row with its time-split train, validation and test parts.
 
     Args:
         events: ``user_id``, ``item_row`` (catalog row), ``ts`` (ms) and ``weight`` arrays of one user.
         holdout: events held out at the end; users with ``<= holdout`` events keep all for training.
+        validation: events before those held out as validation targets, for a user with a test part and
+            more than ``validation`` events before it (the user keeps at least one training event).
 
     Returns:
-        A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w`` and ``test_items`` as
-        object arrays holding one numpy array each (chronological).
+        A one-row batch: ``user_id``; ``train_items``/``train_ts``/``train_w``,
+        ``val_items``/``val_ts``/``val_w`` and ``test_items`` as object arrays holding one numpy
+        array each (chronological).
     """
     # ties on ts broken by item, then weight: the group's arrival order changes between runs (Ray Data's
     # shuffle), and which of two same-time events is held out must not
@@ -50,7 +56,9 @@ def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.nd
     ts = np.asarray(events["ts"], dtype=np.int64)[order]
     w = np.asarray(events["weight"], dtype=np.float32)[order]
     n_test = holdout if len(items) > holdout else 0
-    cut = len(items) - n_test
+    n_val = validation if n_test and len(items) - n_test > validation else 0  # a user never tested keeps all
+    end = len(items) - n_test  # train [0, cut), validation [cut, end), test [end, n)
+    cut = end - n_val
 
     def one(x: np.ndarray) -> np.ndarray:
         out = np.empty(1, dtype=object)
@@ -58,7 +66,8 @@ def user_records(events: dict[str, np.ndarray], holdout: int) -> dict[str, np.nd
         return out
 
     return {"user_id": np.asarray(events["user_id"][:1]), "train_items": one(items[:cut]),
-            "train_ts": one(ts[:cut]), "train_w": one(w[:cut]), "test_items": one(items[cut:])}
+            "train_ts": one(ts[:cut]), "train_w": one(w[:cut]), "val_items": one(items[cut:end]),
+            "val_ts": one(ts[cut:end]), "val_w": one(w[cut:end]), "test_items": one(items[end:])}
 
 
 def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict[str, np.ndarray]:
@@ -125,34 +134,56 @@ def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:
     return HistoryBatch(batch["hist_items"].long(), mask, batch["hist_ts"].long(), batch["hist_w"].float())
 
 
+SPLITS = ("validation", "test")
+
+
 @dataclass
 class EvalSet:
-    """Held-out evaluation: per evaluated user, the training history (input and excluded from the
-    ranking) and the held-out targets."""
+    """One evaluation split: per evaluated user, the history (the model's input, and the items left out of
+    the ranking: the user has seen them) and the targets.
+
+    ``validation``: the history is the training events, the targets the validation events; it is
+    evaluated after every epoch. ``test``: the history is the training and validation events (everything
+    before the held-out ones), the targets the held-out events; evaluated once a stage is trained.
+    """
 
     history: HistoryBatch
-    train_items: list[np.ndarray]
-    test_items: list[np.ndarray]
+    train_items: list[np.ndarray]  # the history's items: left out of the ranking
+    test_items: list[np.ndarray]  # the targets
 
     @property
     def num_users(self) -> int:
         return len(self.test_items)
 
     @classmethod
-    def from_records(cls, records: dict[str, np.ndarray], max_history: int) -> EvalSet:
-        """Users with at least one held-out and one training event, from user-record columns."""
-        keep = [i for i, (tr, te) in enumerate(zip(records["train_items"], records["test_items"], strict=True))
-                if len(te) and len(tr)]
-        train = [np.asarray(records["train_items"][i], dtype=np.int64) for i in keep]
-        history = pad_histories(train, max_len=max_history,
-                                timestamps=[records["train_ts"][i] for i in keep],
-                                weights=[records["train_w"][i] for i in keep])
-        return cls(history=history, train_items=train,
-                   test_items=[np.asarray(records["test_items"][i], dtype=np.int64) for i in keep])
+    def from_records(cls, records: dict[str, np.ndarray], max_history: int, split: str = "test") -> EvalSet:
+        """Users with at least one target and one history event of ``split``, from user-record columns
+        (records without ``val_*`` columns have no validation events)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        n = len(records["train_items"])
+        empty = [np.zeros(0, dtype=np.int64)] * n
+        val = {k: records.get(f"val_{k}", empty) for k in ("items", "ts", "w")}
+        if split == "validation":
+            seen = {k: list(records[f"train_{k}"]) for k in ("items", "ts", "w")}
+            targets = list(val["items"])
+        else:
+            seen = {k: [np.concatenate([np.asarray(a), np.asarray(b, dtype=np.asarray(a).dtype)])
+                        for a, b in zip(records[f"train_{k}"], val[k], strict=True)] for k in ("items", "ts", "w")}
+            targets = list(records["test_items"])
+        keep = [i for i in range(n) if len(targets[i]) and len(seen["items"][i])]
+        items = [np.asarray(seen["items"][i], dtype=np.int64) for i in keep]
+        history = pad_histories(items, max_len=max_history, timestamps=[seen["ts"][i] for i in keep],
+                                weights=[seen["w"][i] for i in keep])
+        return cls(history=history, train_items=items,
+                   test_items=[np.asarray(targets[i], dtype=np.int64) for i in keep])
 
 
-def item_counts(records: dict[str, np.ndarray], num_items: int) -> np.ndarray:
-    """``(I,)`` training interactions per catalog row (the popularity and logQ statistics)."""
-    flat = [np.asarray(x, dtype=np.int64) for x in records["train_items"]]
+def item_counts(records: dict[str, np.ndarray], num_items: int, with_validation: bool = False) -> np.ndarray:
+    """``(I,)`` training interactions per catalog row (the logQ and ranker popularity statistics);
+    ``with_validation``: the validation events counted too (everything before the test: the popularity
+    baseline's counts when it is tested)."""
+    parts = ("train_items", "val_items") if with_validation and "val_items" in records else ("train_items",)
+    flat = [np.asarray(x, dtype=np.int64) for part in parts for x in records[part]]
     rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
     return np.bincount(rows, minlength=num_items)

@@ -2,7 +2,8 @@
 
 One run trains, in order, stages of a fixed plan (:func:`stage_plan`): the fused retrieval towers,
 the ranker on top of them, then each baseline variant (single modalities, ids alone). Every epoch
-of every stage ends with one ``ray.train.report``: rank 0 evaluates on the held-out users and
+of every stage ends with one ``ray.train.report``: rank 0 evaluates on the validation targets
+(``<stage>/val_<metric>``; the test targets once the stage's last epoch is done, into ``results``) and
 attaches a checkpoint (all models trained so far, the current optimiser and the results), so a
 killed worker resumes from the last finished epoch: ``ray.train.get_checkpoint()`` at start-up
 gives the stage and epoch to continue from.
@@ -137,7 +138,8 @@ def train_loop_per_worker(config: dict) -> None:
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
     seen_before = SeenBefore(users)
-    eval_set = EvalSet.from_records(users, cfg.max_history) if rank == 0 else None
+    test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
+    val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
     shards = {"retrieval": ray.train.get_dataset_shard("train"), "ranker": ray.train.get_dataset_shard("ranker")}
     gauges = EpochGauges(cfg.version) if rank == 0 else None
 
@@ -148,7 +150,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(os.path.join(d, STATE_FILE))
         state.resumes.append({"stage": state.stage, "epoch": state.epoch, "world_size": world})
     if rank == 0 and "popularity" not in state.results:
-        state.results["popularity"] = evaluate_popularity(counts, eval_set, cfg.ks)
+        state.results["popularity"] = evaluate_popularity(item_counts(users, catalog.num_items, with_validation=True),
+                                                          test_set, cfg.ks)
 
     plan = stage_plan(cfg)
     global_epoch = sum(s.epochs for s in plan[:state.stage]) + state.epoch
@@ -196,12 +199,13 @@ def train_loop_per_worker(config: dict) -> None:
             if rank != 0:
                 ray.train.report(metrics)
                 continue
-            evaluated = evaluate_ranked(inner, eval_set, cfg.ks) if stage.kind == "ranker" else \
-                evaluate_retrieval(inner, eval_set, cfg.ks)
-            metrics.update({f"{stage.name}/{k}": v for k, v in evaluated.items() if k != "num_users"})
+            evaluate = evaluate_ranked if stage.kind == "ranker" else evaluate_retrieval
+            if val_set is not None and val_set.num_users:
+                validated = evaluate(inner, val_set, cfg.ks)
+                metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items() if k != "num_users"})
+            if done:  # the test: once a stage, never a per-epoch signal to tune on
+                state.results[stage.name] = evaluate(inner, test_set, cfg.ks)
             state.history.append(dict(metrics))
-            if done:
-                state.results[stage.name] = evaluated
             state.current = None if done else {"model": inner.state_dict(), "optim": opt.state_dict()}
             with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as d:
                 save_state(state, os.path.join(d, STATE_FILE))
