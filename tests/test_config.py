@@ -94,3 +94,12 @@ def test_training_cut_offs_are_positive():
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
     with pytest.raises(ConfigError, match=r"key 'ks.0'.*greater than or equal to 1"):
         parse_config(TrainConfig, {**base, "ks": [0, 10]})
+
+
+def test_keeping_the_best_epoch_needs_a_validation_split():
+    from tessera.train.config import TrainConfig
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"keep_epoch 'best' chooses by the validation targets: it needs validation"):
+        parse_config(TrainConfig, {**base, "validation": 0})
+    assert parse_config(TrainConfig, {**base, "validation": 0, "keep_epoch": "last"}).keep_epoch == "last"

@@ -36,6 +36,12 @@ def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, st
     assert len(history) == 11
     for h in history:
         assert 0.0 <= h[f"{h['stage']}/val_ndcg@10"] <= 1.0 and f"{h['stage']}/ndcg@10" not in h, h
+    # each stage kept its epoch of the best validation NDCG@10, the earliest of equals (keep_epoch: best)
+    kept = manifest["metrics"]["kept_epochs"]
+    assert set(kept) == set(results) - {"popularity"}
+    for stage, epoch in kept.items():
+        scores = [h[f"{stage}/val_ndcg@10"] for h in history if h["stage"] == stage]
+        assert epoch == 1 + scores.index(max(scores)), (stage, epoch, scores)
 
     assert storage.exists(join_uri(cfg.bundle_uri, "item_popularity.parquet"))
     assert read_final_state(storage, manifest).resumes == []  # no worker restarted in a clean run

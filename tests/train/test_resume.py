@@ -28,6 +28,10 @@ def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, 
     assert state.resumes[0]["stage"] == 0 and state.resumes[0]["epoch"] in (1, 2)
     # Each epoch is in the history once, in order: 3 fused + 1 ranker.
     assert [h["global_epoch"] for h in state.history] == [1, 2, 3, 4]
+    # the best epoch so far travels in the checkpoint: the one kept is the best of all three, not of
+    # the epochs after the restart
+    scores = [h["fused/val_ndcg@10"] for h in state.history if h["stage"] == "fused"]
+    assert state.kept_epochs["fused"] == 1 + scores.index(max(scores)), (state.kept_epochs, scores)
     assert set(state.results) == {"popularity", "fused", "fused_ranked"}
     assert ModelBundle.load(storage, cfg.bundle_uri).version == cfg.version
 

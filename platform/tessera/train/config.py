@@ -121,6 +121,10 @@ class TrainConfig(TesseraConfig):
             after every epoch (Ray Train's reported metrics, ``<stage>/val_<metric>``): tune epochs and
             settings on them, not on the test. Neither is ever a training target. 0: no validation
             split (no per-epoch evaluation).
+        keep_epoch: ``best``: each stage keeps its epoch of the highest validation NDCG@10 (the earliest
+            of equals): the model later stages build on, the test evaluates and the bundle ships, so
+            a variant that over-fits is compared at its best, not at the shared epoch count. ``last``:
+            the final epoch. ``best`` needs ``validation >= 1``.
         max_history: N, the most recent items a user tower / ranker reads.
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
@@ -143,6 +147,7 @@ class TrainConfig(TesseraConfig):
     num_to_keep: int = Field(2, ge=1)
     holdout: int = Field(1, ge=1)
     validation: int = Field(1, ge=0)
+    keep_epoch: Literal["best", "last"] = "best"
     max_history: int = Field(20, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50], min_length=1)
@@ -164,6 +169,9 @@ class TrainConfig(TesseraConfig):
             raise ValueError("variants must include 'fused' (the model the bundle ships)")
         if 10 not in self.ks:
             raise ValueError("ks must include 10 (NDCG@10 is the headline metric)")
+        if self.keep_epoch == "best" and not self.validation:
+            raise ValueError("keep_epoch 'best' chooses by the validation targets: it needs validation >= 1 "
+                             "(or set keep_epoch: last)")
         if (self.fail_at_epoch is None) != (self.fail_marker_uri is None):
             raise ValueError("fail_at_epoch and fail_marker_uri go together")
         if self.towers.d_model % self.towers.n_heads:

@@ -112,7 +112,8 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     counts = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in
                                          data.users.to_pandas()["train_items"]]), minlength=catalog.num_items)
     bundle = bundle_from_state(cfg, state, catalog, counts)
-    metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history}
+    metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,
+               "kept_epochs": state.kept_epochs}
     if replace_bundle:  # kept until now: a failed retraining leaves the bundle serving and indexing use
         storage.delete_prefix(cfg.bundle_uri)
     storage.write_json(join_uri(cfg.bundle_uri, METRICS_FILE), metrics)
@@ -122,7 +123,8 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
         "embedding_run": cfg.embeddings_uri,
         "encoders": embed_manifest["encoders"],
         "modalities": catalog.modalities,
-        "metrics": {"results": state.results, "checks": metrics["checks"], "file": METRICS_FILE},
+        "metrics": {"results": state.results, "checks": metrics["checks"], "kept_epochs": state.kept_epochs,
+                    "file": METRICS_FILE},
         "item_ids": {"num_id_buckets": bundle.item_tower.config.num_id_buckets, "hash": "blake2b-8"},
         "ranker_features": {"names": bundle.ranker.config.dense_features, "similarity_inputs": "encoder embeddings",
                             "candidates": cfg.ranker.candidates, "trained": RANKED in state.models,

@@ -1,7 +1,8 @@
 """What a training checkpoint holds, how it is written, and the model bundle it gives (plain torch, no Ray).
 
 One file, ``state.pt``: the position in the stage plan (``stage``, ``epoch``: the next epoch to
-run), the state dicts of every finished stage's model, the unfinished stage's model and optimiser,
+run), the state dicts of every finished stage's model (the epoch it kept, ``kept_epochs``), the
+unfinished stage's model and optimiser and its best epoch so far (``best``, with ``keep_epoch: best``),
 the evaluation results so far, the per-epoch history and where each restart resumed from.
 
 Example::
@@ -40,6 +41,8 @@ class TrainState:
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     resumes: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the unfinished stage's best epoch so far: {"epoch", "score", "model"}
+    kept_epochs: dict[str, int] = field(default_factory=dict)  # per finished stage, the epoch it kept
 
 
 def save_state(state: TrainState, path: str | os.PathLike) -> None:

@@ -193,17 +193,31 @@ def train_loop_per_worker(config: dict) -> None:
                 gauges.record(stage.name, metrics["loss"], metrics["samples_per_s"])
             done = epoch + 1 == stage.epochs
             state.stage, state.epoch = (stage_idx + 1, 0) if done else (stage_idx, epoch + 1)
-            # Every rank keeps finished models (DDP keeps replicas equal): later stages build on them.
+            evaluate = evaluate_ranked if stage.kind == "ranker" else evaluate_retrieval
+            score = float("nan")
+            if val_set is not None and val_set.num_users:  # rank 0 (the others hold no evaluation set)
+                validated = evaluate(inner, val_set, cfg.ks)
+                metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items() if k != "num_users"})
+                score = validated["ndcg@10"]
+            if cfg.keep_epoch == "best":  # every rank keeps the same best (DDP keeps replicas equal)
+                score = _from_rank0(score, device)
+                # NaN (no user has a validation target) never wins or holds a place: then the last epoch
+                if state.best is None or not score <= state.best["score"]:
+                    state.best = {"epoch": epoch + 1, "score": score, "model": _copy(_model_state(inner, stage))}
+            # Every rank keeps finished models: later stages build on them.
             if done:
+                if state.best is not None:
+                    _load_stage_state(inner, stage, state.best["model"])
+                    state.kept_epochs[stage.name] = state.best["epoch"]
+                else:
+                    state.kept_epochs[stage.name] = epoch + 1
                 state.models[stage.name] = _model_state(inner, stage)
+                state.best = None
+                metrics["kept_epoch"] = state.kept_epochs[stage.name]
             if rank != 0:
                 ray.train.report(metrics)
                 continue
-            evaluate = evaluate_ranked if stage.kind == "ranker" else evaluate_retrieval
-            if val_set is not None and val_set.num_users:
-                validated = evaluate(inner, val_set, cfg.ks)
-                metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items() if k != "num_users"})
-            if done:  # the test: once a stage, never a per-epoch signal to tune on
+            if done:  # the test, of the epoch kept: once a stage, never a per-epoch signal to tune on
                 state.results[stage.name] = evaluate(inner, test_set, cfg.ks)
             state.history.append(dict(metrics))
             state.current = None if done else {"model": inner.state_dict(), "optim": opt.state_dict()}
@@ -225,6 +239,27 @@ def _summed(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every worker (a broadcast every worker makes at the same point)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def _model_state(model, stage: Stage) -> dict:
     """What the bundle and later stages need: the towers of a retrieval variant, the ranker alone."""
     return model.ranker.state_dict() if stage.kind == "ranker" else model.state_dict()
+
+
+def _load_stage_state(model, stage: Stage, weights: dict) -> None:
+    """Put back what :func:`_model_state` took."""
+    (model.ranker if stage.kind == "ranker" else model).load_state_dict(weights)
+
+
+def _copy(weights: dict) -> dict:
+    """A state dict's tensors copied (training goes on updating the originals in place)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
