@@ -44,3 +44,26 @@ def read_final_state(storage, manifest: dict):
         with open(local, "wb") as f:
             f.write(storage.read_bytes(join_uri(manifest["training"]["checkpoint"], STATE_FILE)))
         return load_state(local)
+
+
+def kept_validation_ndcg(cfg, storage, state, stages: list[str]) -> dict[str, float]:
+    """Validation NDCG@10 of each retrieval stage's model as the final state holds it (what later stages
+    built on and the bundle ships), evaluated here, on the driver, as the workers evaluate every epoch."""
+    from tessera.train.catalog import ItemCatalog
+    from tessera.train.datasets import build_datasets
+    from tessera.train.evaluate import evaluate_retrieval
+    from tessera.train.examples import EvalSet, item_counts
+    from tessera.train.retrieval import TwoTowerModel, variant
+
+    users = build_datasets(cfg, storage).users.to_pandas()
+    records = {c: users[c].to_numpy() for c in users.columns}
+    catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
+    counts = item_counts(records, catalog.num_items)
+    val = EvalSet.from_records(records, cfg.max_history, "validation")
+    out = {}
+    for stage in stages:
+        model = TwoTowerModel.build(variant(stage, catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
+                                    counts, cfg.max_history)
+        model.load_state_dict(state.models[stage])
+        out[stage] = evaluate_retrieval(model, val, cfg.ks)["ndcg@10"]
+    return out

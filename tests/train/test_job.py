@@ -10,7 +10,7 @@ import torch
 from tessera.models.bundle import MANIFEST, ModelBundle
 from tessera.storage import join_uri
 
-from .conftest import read_final_state
+from .conftest import kept_validation_ndcg, read_final_state
 
 
 @pytest.mark.slow
@@ -42,6 +42,14 @@ def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, st
     for stage, epoch in kept.items():
         scores = [h[f"{stage}/val_ndcg@10"] for h in history if h["stage"] == stage]
         assert epoch == 1 + scores.index(max(scores)), (stage, epoch, scores)
+    # and the models the run kept are those epochs' (not the last one's, where they differ): evaluated
+    # again here, each scores what the history reported for its kept epoch
+    retrieval = [s for s in kept if s != "fused_ranked"]
+    again = kept_validation_ndcg(cfg, storage, read_final_state(storage, manifest), retrieval)
+    print(f"kept epochs {kept}")
+    for stage in retrieval:
+        reported = next(h[f"{stage}/val_ndcg@10"] for h in history if h["stage"] == stage and h["epoch"] == kept[stage])
+        assert again[stage] == pytest.approx(reported, abs=1e-6), (stage, again[stage], reported)
 
     assert storage.exists(join_uri(cfg.bundle_uri, "item_popularity.parquet"))
     assert read_final_state(storage, manifest).resumes == []  # no worker restarted in a clean run

@@ -8,7 +8,7 @@ import pytest
 from tessera.models.bundle import MANIFEST, ModelBundle
 from tessera.storage import join_uri
 
-from .conftest import read_final_state, tiny_train_config
+from .conftest import kept_validation_ndcg, read_final_state, tiny_train_config
 
 
 @pytest.mark.slow
@@ -32,6 +32,8 @@ def test_killed_worker_resumes_from_last_checkpoint(sample_embeddings, storage, 
     # the epochs after the restart
     scores = [h["fused/val_ndcg@10"] for h in state.history if h["stage"] == "fused"]
     assert state.kept_epochs["fused"] == 1 + scores.index(max(scores)), (state.kept_epochs, scores)
+    again = kept_validation_ndcg(cfg, storage, state, ["fused"])["fused"]
+    assert again == pytest.approx(scores[state.kept_epochs["fused"] - 1], abs=1e-6), (again, scores)
     assert set(state.results) == {"popularity", "fused", "fused_ranked"}
     assert ModelBundle.load(storage, cfg.bundle_uri).version == cfg.version
 

@@ -17,6 +17,7 @@ worker.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
@@ -201,8 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
                 score = validated["ndcg@10"]
             if cfg.keep_epoch == "best":  # every rank keeps the same best (DDP keeps replicas equal)
                 score = _from_rank0(score, device)
-                # NaN (no user has a validation target) never wins or holds a place: then the last epoch
-                if state.best is None or not score <= state.best["score"]:
+                if improves(score, None if state.best is None else state.best["score"]):
                     state.best = {"epoch": epoch + 1, "score": score, "model": _copy(_model_state(inner, stage))}
             # Every rank keeps finished models: later stages build on them.
             if done:
@@ -260,6 +260,16 @@ def _load_stage_state(model, stage: Stage, weights: dict) -> None:
     (model.ranker if stage.kind == "ranker" else model).load_state_dict(weights)
 
 
+def improves(score: float, best: float | None) -> bool:
+    """Whether an epoch scoring ``score`` replaces the best so far (``best``; None: none yet). Equal
+    scores keep the earlier epoch. NaN (no user has a validation target) beats nothing real, and a NaN
+    best is always replaced: with no validation at all the last epoch is kept."""
+    if best is None or math.isnan(best):
+        return True
+    return not math.isnan(score) and score > best
+
+
 def _copy(weights: dict) -> dict:
-    """A state dict's tensors copied (training goes on updating the originals in place)."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+    """A state dict's tensors copied to the CPU (training goes on updating the originals in place; a copy
+    on the GPU would hold a second model there)."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
