@@ -201,19 +201,10 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items() if k != "num_users"})
                 score = validated["ndcg@10"]
             if cfg.keep_epoch == "best":  # every rank keeps the same best (DDP keeps replicas equal)
-                score = _from_rank0(score, device)
-                if improves(score, None if state.best is None else state.best["score"]):
-                    state.best = {"epoch": epoch + 1, "score": score, "model": _copy(_model_state(inner, stage))}
+                offer_epoch(state, inner, stage, epoch + 1, _from_rank0(score, device))
             # Every rank keeps finished models: later stages build on them.
             if done:
-                if state.best is not None:
-                    _load_stage_state(inner, stage, state.best["model"])
-                    state.kept_epochs[stage.name] = state.best["epoch"]
-                else:
-                    state.kept_epochs[stage.name] = epoch + 1
-                state.models[stage.name] = _model_state(inner, stage)
-                state.best = None
-                metrics["kept_epoch"] = state.kept_epochs[stage.name]
+                metrics["kept_epoch"] = finish_stage(state, inner, stage, epoch + 1)
             if rank != 0:
                 ray.train.report(metrics)
                 continue
@@ -258,6 +249,25 @@ def _model_state(model, stage: Stage) -> dict:
 def _load_stage_state(model, stage: Stage, weights: dict) -> None:
     """Put back what :func:`_model_state` took."""
     (model.ranker if stage.kind == "ranker" else model).load_state_dict(weights)
+
+
+def offer_epoch(state: TrainState, model, stage: Stage, epoch: int, score: float) -> None:
+    """Keep a copy of ``model``'s stage weights as ``state.best`` when ``epoch`` (1-based) scored better
+    than the best so far (:func:`improves`)."""
+    if improves(score, None if state.best is None else state.best["score"]):
+        state.best = {"epoch": epoch, "score": score, "model": _copy(_model_state(model, stage))}
+
+
+def finish_stage(state: TrainState, model, stage: Stage, epoch: int) -> int:
+    """After a stage's last epoch (``epoch``, 1-based): put the best epoch's weights back into ``model``
+    when one was kept, record the stage's model (``state.models``) and the epoch kept; returns that epoch."""
+    if state.best is not None:
+        _load_stage_state(model, stage, state.best["model"])
+        epoch = state.best["epoch"]
+    state.kept_epochs[stage.name] = epoch
+    state.models[stage.name] = _model_state(model, stage)
+    state.best = None
+    return epoch
 
 
 def improves(score: float, best: float | None) -> bool:
