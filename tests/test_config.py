@@ -101,5 +101,5 @@ def test_keeping_the_best_epoch_needs_a_validation_split():
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
     with pytest.raises(ConfigError, match=r"keep_epoch 'best' chooses by the validation targets: it needs validation"):
-        parse_config(TrainConfig, {**base, "validation": 0})
+        parse_config(TrainConfig, {**base, "validation": 0, "keep_epoch": "best"})
     assert parse_config(TrainConfig, {**base, "validation": 0, "keep_epoch": "last"}).keep_epoch == "last"

@@ -125,10 +125,10 @@ def test_pinned_scann_settings_no_shard_can_train_exit_2_naming_the_key_before_a
     out = join_uri(bucket_uri, "index-leaves")
     config = tmp_path / "index.yaml"
     config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {out}\nmodal_indexes: false\n"
-                      "index: {mode: tree_ah, num_leaves: 60, training_sample_size: 20}\n")
+                      "index: {mode: tree_ah, num_leaves: 60, training_sample_size: 55}\n")
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert str(config) in err and "index.num_leaves" in err and "training_sample_size=20" in err, err
+    assert str(config) in err and "index.num_leaves" in err and "training_sample_size=55" in err, err
     assert not [f for f in storage.list_files(out) if "/shard-" in f]  # no shard was built
 
 

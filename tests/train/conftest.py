@@ -18,7 +18,7 @@ def tiny_train_config(embeddings_uri: str, out_root: str, **overrides):
     data = {
         "interactions_uri": f"{TEST_ROOT}/corpus/interactions", "embeddings_uri": embeddings_uri,
         "models_uri": f"{out_root}/models", "checkpoint_uri": f"{out_root}/checkpoints",
-        "version": "t" + uuid.uuid4().hex[:8], "max_history": 8, "ks": [10, 20],
+        "version": "t" + uuid.uuid4().hex[:8], "max_history": 8, "ks": [10, 20], "keep_epoch": "best",
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "torch_threads": 1},
         "towers": {"d_model": 16, "out_dim": 16, "n_heads": 2, "proj_hidden": 32, "epochs": 2, "batch_size": 32},
         "ranker": {"epochs": 1, "batch_size": 32, "candidates": 20, "num_hard": 4, "num_random": 4},

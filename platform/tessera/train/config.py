@@ -124,7 +124,8 @@ class TrainConfig(TesseraConfig):
         keep_epoch: ``best``: each stage keeps its epoch of the highest validation NDCG@10 (the earliest
             of equals): the model later stages build on, the test evaluates and the bundle ships, so
             a variant that over-fits is compared at its best, not at the shared epoch count. ``last``:
-            the final epoch. ``best`` needs ``validation >= 1``.
+            the final epoch (the default: every variant compared at the same training budget). ``best``
+            needs ``validation >= 1``.
         max_history: N, the most recent items a user tower / ranker reads.
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
@@ -147,7 +148,7 @@ class TrainConfig(TesseraConfig):
     num_to_keep: int = Field(2, ge=1)
     holdout: int = Field(1, ge=1)
     validation: int = Field(1, ge=0)
-    keep_epoch: Literal["best", "last"] = "best"
+    keep_epoch: Literal["best", "last"] = "last"
     max_history: int = Field(20, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50], min_length=1)
