@@ -85,11 +85,6 @@ def ids_with_hashes(ids: pa.Array | pa.ChunkedArray, key: str, wanted: np.ndarra
     return [str(v) for v in ids.filter(pa.array(mask)).to_pylist()]
 
 
-def file_id_hashes(uri: str, storage: Storage, key: str) -> np.ndarray:
-    """:func:`hash_ids` of the ``item_id`` column of one Parquet file (an items file or a written part)."""
-    return hash_ids(storage.read_parquet(uri, ["item_id"]).column("item_id"), key)
-
-
 def file_ids_with_hashes(uri: str, storage: Storage, key: str, wanted: np.ndarray) -> list[str]:
     """:func:`ids_with_hashes` over the ``item_id`` column of one Parquet file."""
     return ids_with_hashes(storage.read_parquet(uri, ["item_id"]).column("item_id"), key, wanted)
