@@ -248,6 +248,13 @@ def configured_checksum(encoder_cfg, storage: Storage) -> str:
     return weights_checksum(resolve_weights(encoder_cfg.weights, storage, encoder_cfg.cache_dir).path)
 
 
+def _weights_replaced(modality: str, weights, now: str, then: str, part: str, verb: str) -> str:
+    """The refusal of a run whose parts were encoded with weights ``then`` while ``weights`` holds ``now``."""
+    return (f"{modality}.encoder.weights: {weights} holds weights {now}, but this run's parts were encoded with "
+            f"{then} (for one, {part}): the weights changed since the run started. Put the original weights "
+            f"back to {verb} it, or embed into another run_id")
+
+
 def check_resumed_weights(cfg: EmbedConfig, storage: Storage, recorded: dict[str, dict[str, str]]) -> None:
     """Refuse to resume a run whose written parts were encoded with other weights than the configured ones
     (``recorded``: what the parts record, see :func:`~tessera.embed.output.merge_weights`), before any
@@ -275,10 +282,8 @@ def check_resumed_weights(cfg: EmbedConfig, storage: Storage, recorded: dict[str
                                       f"to compare it with the run's parts: {err.cause!r}") from err
     for m, checksum in zip(todo, now, strict=True):
         if other := sorted(set(recorded[m]) - {checksum}):
-            raise EmbeddingInputError(
-                f"{m}.encoder.weights: {cfg.modalities()[m].encoder.weights} holds weights {checksum}, but this "
-                f"run's parts were encoded with {other[0]} (for one, {recorded[m][other[0]]}): the weights changed "
-                f"since the run started. Put the original weights back to resume it, or embed into another run_id")
+            raise EmbeddingInputError(_weights_replaced(m, cfg.modalities()[m].encoder.weights, checksum,
+                                                        other[0], recorded[m][other[0]], "resume"))
 
 
 def check_parts_weights(recorded: dict[str, dict[str, str]], encoders: dict[str, dict]) -> None:
@@ -295,10 +300,8 @@ def check_parts_weights(recorded: dict[str, dict[str, str]], encoders: dict[str,
             continue
         if len(found) == 1:  # this attempt wrote none of m's parts: its own would record `expected`
             (checksum, part), = found.items()
-            raise EmbeddingInputError(
-                f"{m}.encoder.weights: {encoders[m].get('weights')} now holds weights {expected}, but this run's "
-                f"parts were encoded with {checksum} (for one, {part}): the weights changed since the run started. "
-                f"Put the original weights back to finish it, or embed into another run_id")
+            raise EmbeddingInputError(_weights_replaced(m, encoders[m].get("weights"), expected, checksum, part,
+                                                        "finish"))
         if other := sorted(set(found) - {expected}):
             raise EncoderMismatchError(
                 f"{m}: the run's parts were encoded with different weights ({expected} and {other[0]}, for "
