@@ -71,3 +71,32 @@ def test_nearest_history_item_skips_absent_and_padded_positions():
     out = ranker_dense_features(torch.zeros(1, 1), torch.zeros(1, 1), {"t": cand}, {"t": torch.tensor([[True]])},
                                 {"t": hist}, {"t": torch.tensor([[True, True]])}, ["t"])
     assert out[0, 0, names.index("max_sim_t")].item() == pytest.approx(1.0)
+
+
+def test_random_negatives_leave_out_excluded_items():
+    rng = np.random.default_rng(2)
+    U, items = 64, 30
+    excluded = rng.random((U, items)) < 0.5
+    positives = np.array([rng.choice(np.flatnonzero(~row)) for row in excluded])
+    excluded[np.arange(U), positives] = False
+    retrieved = np.array([[1, 2, 3]] * U)  # seen ones among these are not hard negatives either
+    ex = build_ranker_examples(positives, retrieved, num_items=items, num_hard=2, num_random=5, rng=rng,
+                               excluded=excluded)
+    for u, row in enumerate(ex.candidates):
+        assert len(set(row.tolist())) == len(row)
+        assert not excluded[u, row[1:]].any(), (u, row, np.flatnonzero(excluded[u]))
+    # Without the mask the same draws do hit seen items (the test can fail).
+    plain = build_ranker_examples(positives, retrieved, num_items=items, num_hard=2, num_random=5,
+                                  rng=np.random.default_rng(2))
+    assert any(excluded[u, row[1:]].any() for u, row in enumerate(plain.candidates))
+
+
+def test_a_user_who_saw_nearly_everything_still_gets_a_full_list():
+    items, H, R = 12, 2, 4
+    excluded = np.ones((2, items), bool)
+    excluded[0, :1 + H + R] = False  # exactly room for the list: every unseen item is in it
+    excluded[1, :3] = False           # too little room: random negatives from the whole catalog
+    ex = build_ranker_examples(np.array([0, 0]), np.array([[1, 2], [1, 2]]), num_items=items, num_hard=H,
+                               num_random=R, rng=np.random.default_rng(0), excluded=excluded)
+    assert sorted(ex.candidates[0].tolist()) == list(range(1 + H + R))
+    assert len(set(ex.candidates[1].tolist())) == 1 + H + R

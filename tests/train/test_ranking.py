@@ -53,6 +53,20 @@ def test_lists_only_where_the_target_is_in_the_top_k_and_negatives_from_it():
         assert not set(row[K:].tolist()) & set(row[:K].tolist())  # random negatives are distinct
 
 
+def test_random_negatives_are_never_items_the_scores_mask():
+    # Seen items are -inf in the scores (as serving never offers them): a random negative drawn from them
+    # would train on a choice the ranker never faces.
+    model = _ranker_model(num_hard=K - 1, num_random=20)
+    scores, _, target, _ = _scores_and_targets()
+    seen = torch.rand(scores.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    seen[torch.arange(len(target)), target] = False
+    seen[:, :K + 20] = False  # room for every list among the unseen items (else the whole catalog is drawn from)
+    masked = scores.masked_fill(seen, float("-inf"))
+    keep, cands, _ = model.training_lists(target, masked, np.random.default_rng(0))
+    assert keep.any()
+    assert not seen[keep].gather(1, cands).any()
+
+
 def test_fewer_hard_negatives_are_drawn_across_the_top_k_not_from_its_head():
     # Taking the best-ranked H would make ranks H+1..K hold only positives in training: the ranker
     # learns to push the head of retrieval down (the fused_ranked < fused bug on the demo corpus).

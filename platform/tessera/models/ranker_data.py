@@ -75,13 +75,16 @@ def _duplicates_of_earlier(rows: np.ndarray) -> np.ndarray:
 
 
 def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_items: int, num_hard: int,
-                          num_random: int, rng: np.random.Generator, max_rounds: int = 100) -> RankerExamples:
+                          num_random: int, rng: np.random.Generator, max_rounds: int = 100,
+                          excluded: np.ndarray | None = None) -> RankerExamples:
     """Lists of one positive, ``num_hard`` negatives from retrieval and ``num_random`` uniform ones.
 
     Hard negatives are the best-ranked retrieved items that are not the positive (``-1`` entries in
     ``retrieved`` are padding); when too few remain the gap is filled with random items. Random
-    negatives are uniform over the catalog, never the positive and never repeated in a list.
-    (They may be items the user saw earlier; filter those upstream if they count as positives.)
+    negatives are uniform over the catalog less ``excluded`` (the items each user saw before: serving
+    never offers them, so a list holding one teaches a choice the ranker never faces), never the
+    positive and never repeated in a list. A user who has seen too much of the catalog to fill a list
+    otherwise draws from the whole catalog.
 
     Args:
         positives: ``(U,)`` item row of each example's positive.
@@ -91,6 +94,7 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
         num_random: R.
         rng: numpy random generator.
         max_rounds: resampling rounds before giving up on collisions.
+        excluded: ``(U, num_items)`` bool, items a user's random negatives must not be (None: none).
     """
     positives = np.asarray(positives, dtype=np.int64)
     retrieved = np.asarray(retrieved, dtype=np.int64).reshape(len(positives), -1)
@@ -98,6 +102,9 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
     if num_items < 1 + H + R:
         raise ValueError(f"a catalog of {num_items} items cannot fill lists of {1 + H + R} distinct items")
     ok = (retrieved >= 0) & (retrieved != positives[:, None]) & ~_duplicates_of_earlier(retrieved)  # (U, K)
+    if excluded is not None:
+        excluded = np.asarray(excluded, dtype=bool).reshape(U, num_items)
+        ok &= ~np.take_along_axis(excluded, retrieved.clip(0), axis=1)  # a top-K of fewer unseen items than K
     order = np.argsort(~ok, axis=1, kind="stable")[:, :H]  # usable ones first, rank order kept
     hard = np.take_along_axis(retrieved, order, axis=1)
     hard_ok = np.take_along_axis(ok, order, axis=1)
@@ -110,16 +117,25 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
     C = rows.shape[1]
     earlier_or_fixed = np.tril(np.ones((C, C), bool), k=-1)[None] | fixed[:, None, :]  # (U, C, C)
     earlier_or_fixed &= ~np.eye(C, dtype=bool)[None]
+    if excluded is not None:
+        # Room for the draws: the unseen items besides the positive and the hard negatives.
+        unseen_fixed = ~np.take_along_axis(excluded, rows, axis=1) & fixed  # (U, C)
+        room = num_items - excluded.sum(axis=1) - unseen_fixed.sum(axis=1)
+        excluded = excluded & (room >= (~fixed).sum(axis=1))[:, None]  # too little room: the whole catalog
     bad = ~fixed
     for _ in range(max_rounds):
         if not bad.any():
             break
         rows[bad] = rng.integers(0, num_items, size=int(bad.sum()))
-        # A draw is bad when it repeats a fixed entry (positive, hard) or an earlier draw.
+        # A draw is bad when it repeats a fixed entry (positive, hard) or an earlier draw, or is excluded.
         clash = ((rows[:, :, None] == rows[:, None, :]) & earlier_or_fixed).any(axis=2)  # (U, C)
+        if excluded is not None:
+            clash |= np.take_along_axis(excluded, rows, axis=1)
         bad = clash & ~fixed
-    else:
-        raise RuntimeError(f"could not draw distinct random negatives in {max_rounds} rounds")
+    for u in np.flatnonzero(bad.any(axis=1)):  # rejection keeps failing (a tight catalog): draw from what is left
+        allowed = np.ones(num_items, bool) if excluded is None else ~excluded[u]
+        allowed[rows[u][~bad[u]]] = False
+        rows[u, bad[u]] = rng.choice(np.flatnonzero(allowed), size=int(bad[u].sum()), replace=False)
     labels = np.zeros(rows.shape, dtype=np.float32)
     labels[:, 0] = 1.0
     is_hard = np.concatenate([np.zeros((U, 1), bool), hard_ok, np.zeros((U, R), bool)], axis=1)

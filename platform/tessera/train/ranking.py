@@ -135,7 +135,8 @@ class RankerModel(nn.Module):
         "positive" (they are never negatives there) and so pushes the top of retrieval down.
         Hard negatives are ``num_hard`` items drawn uniformly from the top-K (all of it when
         ``num_hard >= K - 1``), not its best-ranked ones, for the same reason; ``num_random``
-        uniform items follow. ``candidates``/``labels`` are ``(B', 1 + H + R)``, positive first.
+        uniform items follow, none of them an item ``scores`` masks (``-inf``: seen before, never a
+        candidate at serving). ``candidates``/``labels`` are ``(B', 1 + H + R)``, positive first.
         """
         k = min(self.cfg.candidates, scores.shape[1])
         top = scores.topk(k, dim=1).indices  # (B, K)
@@ -147,7 +148,8 @@ class RankerModel(nn.Module):
         gen = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
         shuffled = top.gather(1, torch.rand(top.shape, generator=gen).argsort(dim=1).to(top.device))  # (B', K)
         ex = build_ranker_examples(target.cpu().numpy(), shuffled.cpu().numpy(), scores.shape[1],
-                                   min(self.cfg.num_hard, k - 1), self.cfg.num_random, rng)
+                                   min(self.cfg.num_hard, k - 1), self.cfg.num_random, rng,
+                                   excluded=torch.isneginf(scores[keep]).cpu().numpy())
         return keep, torch.from_numpy(ex.candidates).to(target.device), torch.from_numpy(ex.labels).to(target.device)
 
     def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator,
