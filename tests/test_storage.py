@@ -237,3 +237,137 @@ def test_upload_file_is_whole_or_none(storage, bucket_uri, tmp_path):
     assert "none" in seen, seen
     storage.upload_file(big, join_uri(bucket_uri, "up/big.bin"))
     assert storage.read_bytes(join_uri(bucket_uri, "up/big.bin")) == big.read_bytes()
+
+
+class _Recorder:
+    """A loopback HTTP server that records each request (method, path, headers, body) and answers every
+    one with ``status`` (or ``status[method]``, else 404): what Tessera's S3 clients send, seen from the wire."""
+
+    def __init__(self, status: int = 404, headers: dict | None = None):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, dict, bytes]] = []
+        self.status, self.headers = status, headers or {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                outer.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                                       body))
+                status = outer.status
+                self.send_response(status.get(self.command, 404) if isinstance(status, dict) else status)
+                for k, v in outer.headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def recorder():
+    server = _Recorder()
+    yield server
+    server.close()
+
+
+def _recorded_store(recorder, monkeypatch, region="us-east-1", **env) -> Storage:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "TESTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Storage(StorageConfig(endpoint_url=recorder.url, region=region, max_attempts=1, retry_window_s=0))
+
+
+def test_temporary_credentials_send_their_session_token(recorder, monkeypatch):
+    """SSO, an assumed role or CI OIDC give a key, a secret and a session token; a request signed
+    without the token is refused by S3 (InvalidToken). Both clients (boto3 and pyarrow) must send it."""
+    s = _recorded_store(recorder, monkeypatch, AWS_SESSION_TOKEN="the-session-token")
+    assert not s.exists("s3://b/k")  # boto3: HEAD, 404
+    fs, path = s.filesystem("s3://b/k")
+    fs.get_file_info(path)  # pyarrow: HEAD, 404
+    assert len(recorder.requests) >= 2
+    for method, _, headers, _ in recorder.requests:
+        assert headers.get("x-amz-security-token") == "the-session-token", (method, headers)
+    assert "the-session-token" not in repr(s._credentials())
+
+
+def test_puts_to_an_s3_compatible_store_carry_no_default_checksum_trailer(recorder, monkeypatch):
+    """botocore >= 1.36 sends every PutObject aws-chunked with a CRC32 trailer, which several
+    S3-compatible stores refuse; against a configured endpoint checksums go only where required."""
+    recorder.status = 200
+    s = _recorded_store(recorder, monkeypatch)
+    s.write_bytes("s3://b/k", b"hello")
+    (method, _, headers, body), = [r for r in recorder.requests if r[0] == "PUT"]
+    assert body == b"hello"
+    assert "aws-chunked" not in headers.get("content-encoding", "")
+    assert not [h for h in headers if h.startswith("x-amz-checksum") or h == "x-amz-trailer"], headers
+
+
+def test_a_redirect_or_a_refusal_is_not_retried_for_the_window(recorder, monkeypatch):
+    """A bucket in another region answers 301, expired credentials 400/403: retrying for the whole
+    window (120 s by default) only delays the real error."""
+    from tessera.storage import _transient_io
+
+    recorder.status = 301
+    s = _recorded_store(recorder, monkeypatch)
+    s.config.retry_window_s = 30
+    fs, path = s.filesystem("s3://b/k")
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as err:
+        s.retrying_io("GET s3://b/k", lambda: fs.open_input_file(path).read())
+    assert time.monotonic() - t0 < 10, str(err.value)
+    assert not _transient_io(err.value), str(err.value)
+    assert _transient_io(OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation"))
+    assert _transient_io(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
+    assert not _transient_io(OSError("AWS Error UNKNOWN (HTTP status 501) during PutObject operation"))
+    assert _transient_io(OSError("AWS Error UNKNOWN (HTTP status 429) during GetObject operation"))
+
+
+def test_a_store_without_a_feature_is_not_retried():
+    from botocore.exceptions import ClientError
+
+    from tessera.storage import _transient
+
+    def error(status, code):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert not _transient(error(501, "NotImplemented"))
+    assert _transient(error(503, "SlowDown")) and _transient(error(500, "InternalError"))
+    assert not _transient(error(403, "AccessDenied"))
+
+
+def test_ensure_bucket_creates_only_a_missing_bucket_in_the_configured_region(storage, recorder, monkeypatch):
+    import uuid
+
+    name = f"ensure-{uuid.uuid4().hex[:8]}"
+    storage.ensure_bucket(f"s3://{name}/x")  # the embedded store: created, then found
+    storage.ensure_bucket(f"s3://{name}/y")
+    storage.write_bytes(f"s3://{name}/k", b"1")
+    assert storage.read_bytes(f"s3://{name}/k") == b"1"
+    s = _recorded_store(recorder, monkeypatch, region="eu-west-1")
+    recorder.status = {"HEAD": 404, "PUT": 200}
+    s.ensure_bucket("s3://missing/x")  # HEAD 404, then a create naming the region
+    (_, _, _, body), = [r for r in recorder.requests if r[0] == "PUT"]
+    assert b"<LocationConstraint>eu-west-1</LocationConstraint>" in body
+    recorder.requests.clear()
+    recorder.status = 403  # someone else's bucket: say so, do not try to create it
+    from botocore.exceptions import ClientError
+
+    with pytest.raises(ClientError, match="403|Forbidden"):
+        s.ensure_bucket("s3://theirs/x")
+    assert [r[0] for r in recorder.requests] == ["HEAD"]

@@ -9,7 +9,8 @@ failing together does within a second; so single-object reads are also retried b
 itself, for ``retry_window_s``, to ride out a store restart.
 
 Credentials are resolved where the code runs, never stored in the config or pickled with it:
-``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from the environment first, then the JSON file named
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (with ``AWS_SESSION_TOKEN`` for temporary credentials:
+SSO, an assumed role, CI OIDC) from the environment first, then the JSON file named
 by ``credentials_file`` (or ``TESSERA_S3_CREDENTIALS_FILE``), then the AWS default chain (instance
 roles on a real cluster). The endpoint comes from config, else ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL``; the region from config, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -55,8 +57,8 @@ class StorageConfig(TesseraConfig):
         endpoint_url: S3 endpoint (``http://127.0.0.1:8333`` for the embedded store); None means the
             environment's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS itself.
         region: S3 region; None means ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else ``us-east-1``.
-        credentials_file: JSON file with ``access_key_id`` and ``secret_access_key`` (used only when
-            the standard AWS environment variables are not set).
+        credentials_file: JSON file with ``access_key_id``, ``secret_access_key`` and optionally
+            ``session_token`` (used only when the standard AWS environment variables are not set).
         max_attempts: total attempts per request, retries included, for transient errors.
         retry_window_s: how long a single-object read (:meth:`Storage.read_bytes`) keeps being retried,
             after the client's own attempts, while the store is unreachable, cuts a response short, answers
@@ -121,6 +123,7 @@ def join_uri(base: str, *parts: str) -> str:
 class _Credentials:
     access_key_id: str
     secret_access_key: str
+    session_token: str | None = None
 
     def __repr__(self) -> str:  # never print secrets
         return "_Credentials(<redacted>)"
@@ -159,12 +162,12 @@ class Storage:
     def _credentials(self) -> _Credentials | None:
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         if key and secret:
-            return _Credentials(key, secret)
+            return _Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         path = self.config.credentials_file or os.environ.get(CREDENTIALS_FILE_ENV)
         if path:
             try:
                 data = json.loads(Path(path).read_text())
-                return _Credentials(data["access_key_id"], data["secret_access_key"])
+                return _Credentials(data["access_key_id"], data["secret_access_key"], data.get("session_token"))
             except (OSError, ValueError, KeyError) as err:
                 raise RuntimeError(f"cannot read S3 credentials from {path}: {type(err).__name__}") from None
         return None
@@ -543,8 +546,17 @@ class Storage:
         client = self.client()
         try:
             client.head_bucket(Bucket=loc.bucket)
-        except ClientError:
-            client.create_bucket(Bucket=loc.bucket)
+            return
+        except ClientError as err:  # 403 (not ours), 301 (another region): creating would only confuse
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                raise
+        kwargs = {} if self.region == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": self.region}}
+        try:
+            client.create_bucket(Bucket=loc.bucket, **kwargs)
+        except ClientError as err:  # created meanwhile by another process
+            if err.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
 
 
 def _replace_local(path: Path, fill) -> None:
@@ -591,22 +603,28 @@ def _transient(err: Exception) -> bool:
     (connection, timeout, streaming errors), a 5xx answer, or throttling."""
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
-    if isinstance(err, ClientError):
+    if isinstance(err, ClientError):  # 501: the store lacks the feature (e.g. conditional writes)
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or err.response.get("Error", {}).get("Code") in _THROTTLING_CODES
+        return (status >= 500 and status != 501) or err.response.get("Error", {}).get("Code") in _THROTTLING_CODES
     return isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError))
 
 
 # pyarrow's S3 errors that are not worth retrying: they say what is wrong with the request itself.
 _PERMANENT_IO = ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NO_SUCH_KEY", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH",
-                 "Access Denied", "InvalidAccessKeyId", "NoSuchBucket")
+                 "Access Denied", "InvalidAccessKeyId", "NoSuchBucket", "ExpiredToken", "InvalidToken",
+                 "AuthorizationHeaderMalformed", "PermanentRedirect", "InvalidRequest")
+_HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 
 
 def _transient_io(err: BaseException) -> bool:
-    """Whether a pyarrow I/O error may pass on its own (connection refused or reset, timeouts, 5xx)."""
+    """Whether a pyarrow I/O error may pass on its own (connection refused or reset, timeouts, 5xx, 429);
+    not a 3xx / 4xx answer (a wrong region, expired credentials, a malformed request) or 501."""
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
-    return not any(code in str(err) for code in _PERMANENT_IO)
+    text = str(err)
+    if (m := _HTTP_STATUS.search(text)) and (300 <= int(m.group(1)) < 500 or m.group(1) == "501"):
+        return m.group(1) in ("408", "429")
+    return not any(code in text for code in _PERMANENT_IO)
 
 
 _HANDLES_LOCK = threading.Lock()
@@ -623,6 +641,8 @@ def _make_filesystem(endpoint_url, region, creds, max_attempts, connect_timeout,
     }
     if creds:
         kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
+        if creds.session_token:
+            kwargs["session_token"] = creds.session_token
     if endpoint_url:
         parsed = urlparse(endpoint_url)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -630,21 +650,28 @@ def _make_filesystem(endpoint_url, region, creds, max_attempts, connect_timeout,
 
 
 @functools.lru_cache(maxsize=8)
-def _botocore_config(max_attempts: int, connect_timeout: float, read_timeout: float):
+def _botocore_config(max_attempts: int, connect_timeout: float, read_timeout: float, custom_endpoint: bool = False):
+    """botocore settings; against an S3-compatible store (``custom_endpoint``) checksums are sent and
+    checked only where the API requires them: botocore >= 1.36 adds CRC32 trailers (aws-chunked uploads)
+    to every PutObject by default, which several S3-compatible stores refuse."""
     from botocore.config import Config
 
+    checksums = ({"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+                 if custom_endpoint else {})
     return Config(retries={"max_attempts": max_attempts, "mode": "standard"},
                   s3={"addressing_style": "path"}, connect_timeout=connect_timeout,
-                  read_timeout=read_timeout, max_pool_connections=64)
+                  read_timeout=read_timeout, max_pool_connections=64, **checksums)
 
 
 def _make_client(endpoint_url, region, creds, max_attempts, connect_timeout, read_timeout):
     import boto3
 
-    kwargs = {"region_name": region, "config": _botocore_config(max_attempts, connect_timeout, read_timeout)}
+    kwargs = {"region_name": region,
+              "config": _botocore_config(max_attempts, connect_timeout, read_timeout, bool(endpoint_url))}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
     if creds:
-        kwargs.update(aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key)
+        kwargs.update(aws_access_key_id=creds.access_key_id, aws_secret_access_key=creds.secret_access_key,
+                      aws_session_token=creds.session_token)
     session = boto3.session.Session()
     return session.client("s3", **kwargs)
