@@ -226,9 +226,9 @@ class RunLease:
         return self._lost is not None
 
     def release(self) -> None:
-        """Stop renewing, and delete the lease if it is still ours. Best effort: with the store
-        unreachable the lease stays, and goes stale after its ttl (the error this attempt is ending with,
-        if any, is not replaced by a storage error)."""
+        """Stop renewing, and delete the lease if it is still ours and was renewed within its ttl. Best
+        effort: with the store unreachable the lease stays, and goes stale after its ttl (the error this
+        attempt is ending with, if any, is not replaced by a storage error)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)  # a renewal stuck on a store outage is left to its daemon thread
@@ -236,8 +236,12 @@ class RunLease:
 
         # a few quick tries: an attempt ending with the store down should not wait out the retry window
         store = Storage(self.storage.config.model_copy(update={"retry_window_s": 5.0, "max_attempts": 2}))
+        # Renewals failing for ttl_s: another attempt may hold the lease now, and on a store that ignores
+        # If-Match on DELETE (AWS honours it only since 2025-09; some S3-compatible stores never) a delete
+        # would remove *its* lease. Ours, if still there, is stale already: the next attempt takes it over.
+        overdue = time.monotonic() - self._renewed > self.ttl_s
         try:
-            if not self._lost and self._tag is not None and not store.delete_if(self.uri, self._tag):
+            if not (self._lost or overdue) and self._tag is not None and not store.delete_if(self.uri, self._tag):
                 if tag := self._mine(store):  # our last renewal's answer was lost
                     store.delete_if(self.uri, tag)
         except (OSError, BotoCoreError, ClientError) as err:
