@@ -116,7 +116,8 @@ def write_seeded_weights(out_uri: str, storage: Storage | None = None, seed: int
                 written[modality] = dest
                 continue
             if existing is not None and not force:
-                raise FileExistsError(f"{dest} holds other weights ({existing}); pass force=True to overwrite")
+                raise FileExistsError(f"{dest} holds other weights ({existing}); overwrite it with force=True "
+                                      "(jobs.make_models --force)")
             upload_folder(folder, dest, storage)
             storage.write_json(join_uri(dest, "_MANIFEST.json"), manifest)  # last: marks the folder complete
         written[modality] = dest
