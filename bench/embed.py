@@ -10,7 +10,8 @@ real text on this machine (bench/texts.py):
 - text: the whole job (items table in S3 -> Parquet embeddings in S3, wall clock, actor start and
   model load included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 and vs
   our bare encoder loop (``TextEncoder.embed`` over all the texts in one call, so sorted by length
-  over all of them), same thread count and micro-batch (the job splits the ``--threads`` over
+  over all of them, in a Ray actor started on the pools' ``--allocator``), same thread count and
+  micro-batch (the job splits the ``--threads`` over
   ``--text-actors`` one-thread actors by default; the baselines run them in one process); cosine of
   our vectors to the fp32 ones. The bare loop runs before the first text job and after the last
   (``--text-rounds`` jobs, 2 by default: bare, job, job, bare), and ``pipeline_efficiency`` is the
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
 
 from bench._stack import PeakRSS, bench_stack, repo_root  # noqa: E402
 from bench.texts import real_texts  # noqa: E402
@@ -61,9 +63,10 @@ from tessera.encoders import (  # noqa: E402
     fetch_media,
     write_seeded_weights,
 )
+from tessera.memory import allocator_env  # noqa: E402
 from tessera.storage import Storage, join_uri  # noqa: E402
 
-ROOT = "s3://tessera-bench"
+ROOT = f"s3://tessera-bench/embed-{uuid.uuid4().hex[:8]}"  # this run's objects, deleted when it ends
 SHARED = (repo_root().parent / "shared" / "data").resolve()
 
 
@@ -81,7 +84,9 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
 
 
 TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
-ALLOCATOR = {"allocator": "jemalloc"}  # every job's encoder pools (--allocator); the baselines run in this process
+# the encoder pools' and the bare text loop's (--allocator); the plain media loops and sentence-transformers
+# run in this process, on the C library's
+ALLOCATOR = {"allocator": "jemalloc"}
 TEXT_POOL_BATCH = 2048  # texts per encoder call, sorted by length before cutting micro-batches (configs/embed.yaml)
 
 
@@ -109,7 +114,7 @@ def _job(storage, items_uri, modality, weights, threads, batch, pool_batch=None,
         t0 = time.perf_counter()
         manifest = run_embedding(EmbedConfig.model_validate(cfg))
         wall = time.perf_counter() - t0
-    return manifest["input"]["items"] / wall, manifest, rss, wall
+    return manifest["counts"][modality]["ok"] / wall, manifest, rss, wall  # items encoded: failures do not count
 
 
 def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
@@ -121,6 +126,30 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
             if v is not None:
                 out[iid] = np.asarray(v, np.float32)
     return out
+
+
+@ray.remote(num_cpus=0)
+class BareTextLoop:
+    """The bare encoder loop in a process of its own, started on the encoder pools' allocator (the
+    driver runs on the C library's: jemalloc's ~7% less CPU would otherwise count as pipeline gain)."""
+
+    def __init__(self, cfg, threads: int):
+        import torch
+
+        from tessera.memory import active_allocator
+
+        torch.set_num_threads(threads)
+        self.enc = TextEncoder(cfg)
+        self.enc.embed(["warm up"] * 64)
+        self._allocator = active_allocator()
+
+    def allocator(self) -> str:
+        return self._allocator
+
+    def run(self, texts: list[str]) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.enc.embed(texts)
+        return len(texts) / (time.perf_counter() - t0), time.process_time() - c0
 
 
 def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BATCH, rounds=2) -> dict:
@@ -145,13 +174,16 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
                     convert_to_numpy=True)
     st_rate = len(sample) / (time.perf_counter() - t0)
     del st
-    enc = TextEncoder(cfg)
-    enc.embed(texts[:64])
+    texts_ref = ray.put(texts)
 
-    def bare() -> tuple[float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        enc.embed(texts)
-        return len(texts) / (time.perf_counter() - t0), time.process_time() - c0
+    def bare() -> tuple[float, float, str]:
+        """One pass, in an actor started for it (alive during a job, it would count in the job's memory)."""
+        loop = BareTextLoop.options(runtime_env={"env_vars": allocator_env(ALLOCATOR["allocator"])}).remote(
+            cfg, threads)
+        try:
+            return (*ray.get(loop.run.remote(texts_ref)), ray.get(loop.allocator.remote()))
+        finally:
+            ray.kill(loop)
 
     bares, jobs = [bare()], []
     for _ in range(rounds):
@@ -167,6 +199,8 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
     _, _, _, fixed = _job(storage, tiny, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors)
     cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
+            "text_failed": manifest["counts"]["text"]["failed"], "cosine_sample_without_vector": len(sample) - len(cos),
+            "bare_encoder_allocator": sorted({b[2] for b in bares}),
             "st_sample": len(sample), "text_items_per_s": round(job_rate, 1),
             "text_job_wall_s": round(wall, 2),
             "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
@@ -251,7 +285,8 @@ def main() -> None:
     # two 1-thread text actors beat one 2-thread actor here (separate runs, 20k texts: 228 texts/s at
     # 2048 a call vs 209 at 8192); for audio two actors were slower (0.66 vs 0.80 of its plain loop)
     parser.add_argument("--allocator", choices=("jemalloc", "system"), default="jemalloc",
-                        help="the encoder pools' allocator (pool.allocator); the baselines run on this process's")
+                        help="the encoder pools' allocator (pool.allocator), and the bare text loop's; the "
+                             "plain media loops and sentence-transformers run on this process's")
     parser.add_argument("--text-actors", type=int, default=2,
                         help="text encoder actors, sharing --threads (threads // actors torch threads each)")
     parser.add_argument("--media-actors", type=int, default=1, help="image / audio encoder actors, as --text-actors")
@@ -270,43 +305,51 @@ def main() -> None:
     with bench_stack(num_cpus=2):
         storage = Storage()
         storage.ensure_bucket(ROOT)
-        weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
-        if args.texts:
-            result.update(bench_text(storage, args.texts, args.threads, args.st_sample, args.text_actors,
-                                     args.text_pool_batch, args.text_rounds))
-            print(f"[bench] text: {result}", flush=True)
-        grocery = SHARED / "grocery" / "dataset"
-        photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
-        if args.images:
-            result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads,
-                                      args.media_actors, args.media_threads))
-            print(f"[bench] image: {result}", flush=True)
-        wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
-        if args.audio:
-            result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads,
-                                      args.media_actors, args.media_threads))
-            print(f"[bench] audio: {result}", flush=True)
-        scale = {}
-        # every size is a seeded sample of one pool, so the sizes differ in count and not in what the
-        # texts are like (the pool's later texts are longer: prefixes would compare different inputs)
-        pool = real_texts(SHARED, max(args.scale)) if args.scale else []
-        shuffled = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
-        for n in args.scale:
-            texts = shuffled[:n]
-            items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
-            _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
-            rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, args.text_pool_batch,
-                                      uss=True, actors=args.text_actors)
-            scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss.peak_mb,
-                                      "peak_rss_without_storage_mb": rss.peak_without_storage_mb,
-                                      "peak_uss_mb": rss.peak_uss_mb, "largest_at_peak": rss.top_at_peak,
-                                      "wall_s": round(wall, 2), **rss.cpu_by_process()}
-            print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
-        result["scale"] = scale
-        result.update(memory_ratio(scale))
+        try:
+            run_all(args, storage, result)
+        finally:  # the store's memory grows with what it holds: leave nothing for the next run
+            storage.delete_prefix(ROOT)
+    scale = result["scale"]
     peaks = [v for k, v in result.items() if k.endswith("peak_rss_mb")] + [v["peak_rss_mb"] for v in scale.values()]
     result["peak_rss_mb"] = max(peaks, default=None)  # a --scale-only run has no top-level peaks
     print(json.dumps(result))
+
+
+def run_all(args, storage: Storage, result: dict) -> None:
+    weights = write_seeded_weights(f"{ROOT}/models/encoders", storage, seed=0)
+    if args.texts:
+        result.update(bench_text(storage, args.texts, args.threads, args.st_sample, args.text_actors,
+                                 args.text_pool_batch, args.text_rounds))
+        print(f"[bench] text: {result}", flush=True)
+    grocery = SHARED / "grocery" / "dataset"
+    photos = sorted((grocery / "test").rglob("*.jpg")) + sorted((grocery / "val").rglob("*.jpg"))
+    if args.images:
+        result.update(bench_media(storage, "image", photos, args.images, weights["image"], args.threads,
+                                  args.media_actors, args.media_threads))
+        print(f"[bench] image: {result}", flush=True)
+    wavs = sorted((SHARED / "fsdd" / "recordings").glob("*.wav"))
+    if args.audio:
+        result.update(bench_media(storage, "audio", wavs, args.audio, weights["audio"], args.threads,
+                                  args.media_actors, args.media_threads))
+        print(f"[bench] audio: {result}", flush=True)
+    scale = {}
+    # every size is a seeded sample of one pool, so the sizes differ in count and not in what the
+    # texts are like (the pool's later texts are longer: prefixes would compare different inputs)
+    pool = real_texts(SHARED, max(args.scale)) if args.scale else []
+    shuffled = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))]
+    for n in args.scale:
+        texts = shuffled[:n]
+        items = f"{ROOT}/scale-{n}-{uuid.uuid4().hex[:6]}/items"
+        _write_items(storage, items, {"item_id": [f"s{i:08d}" for i in range(len(texts))], "text": texts})
+        rate, _, rss, wall = _job(storage, items, "text", None, args.threads, TEXT_BATCH, args.text_pool_batch,
+                                  uss=True, actors=args.text_actors)
+        scale[str(len(texts))] = {"items_per_s": round(rate, 1), "peak_rss_mb": rss.peak_mb,
+                                  "peak_rss_without_storage_mb": rss.peak_without_storage_mb,
+                                  "peak_uss_mb": rss.peak_uss_mb, "largest_at_peak": rss.top_at_peak,
+                                  "wall_s": round(wall, 2), **rss.cpu_by_process()}
+        print(f"[bench] scale {n}: {scale[str(len(texts))]}", flush=True)
+    result["scale"] = scale
+    result.update(memory_ratio(scale))
 
 
 if __name__ == "__main__":
