@@ -2,13 +2,15 @@
 
     ray job submit --working-dir . -- python -m jobs.train --config configs/train.yaml
     python -m jobs.train --config configs/train.yaml [--version v2] [--overwrite | --keep-existing]
+        [--break-lease]
 
 Exit codes: 0 done (the summary's last line is one JSON object with the metrics), or the version
 already exists and --keep-existing was given; 2 bad config, or checkpoints of this version trained
 with other settings or another embedding run (pass --overwrite or another --version; a rerun with the
 same ones resumes from them); 3 the bundle version already exists
 (pass --overwrite, --keep-existing or another --version); 4 training failed
-(more worker failures than max_failures).
+(more worker failures than max_failures); 5 another attempt of the version is running (it holds
+the version's lease; --break-lease takes it over) or took it over while this one ran.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that version")
     parser.add_argument("--keep-existing", action="store_true",
                         help="an existing bundle of that version is kept and the job succeeds (re-runs of a demo)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take the version over from another attempt that still holds its lease (only when "
+                             "that attempt is known to be gone)")
     args = parser.parse_args(argv)
     try:
         cfg = apply_flags(load_config(TrainConfig, args.config), [
@@ -36,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from tessera.lease import LeaseHeldError, LeaseLostError
     from tessera.train.job import BundleExistsError, RunConflictError, TrainingFailedError, run_training
 
     init_ray()
     try:
-        manifest = run_training(cfg)
+        manifest = run_training(cfg, break_lease=args.break_lease)
     except BundleExistsError as err:
         if args.keep_existing and not args.overwrite:
             print(f"kept: {err}")
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except (LeaseHeldError, LeaseLostError) as err:  # another attempt of the same version
+        print(f"error: {err}", file=sys.stderr)
+        return 5
     results, checks = manifest["metrics"]["results"], manifest["metrics"]["checks"]
     print(f"model bundle {cfg.version} written to {cfg.bundle_uri} ({manifest['timings']['total_s']} s)")
     for name, r in results.items():

@@ -126,3 +126,36 @@ def test_a_variant_of_a_modality_the_embedding_run_lacks_fails_before_any_work(s
     assert str(path) in err and "variants" in err and "['audio', 'image']" in err and "['text']" in err, err
     assert not storage.list_files(join_uri(cfg.checkpoint_uri, cfg.version))
     assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+
+
+def test_a_second_attempt_of_a_version_is_refused_while_the_first_holds_it(storage, train_root, ray_session,
+                                                                           tmp_path, capsys):
+    """A retried ``ray job submit`` used to train into the same checkpoints and bundle as the attempt still
+    running (the two uploads interleave under one manifest). Now the second exits 5 naming the holder,
+    before any work; once the holder is gone (released here) the version is free again."""
+    import yaml
+
+    from jobs.train import main
+    from tessera.lease import RunLease
+    from tessera.train.job import lease_uri
+
+    from .conftest import tiny_train_config
+
+    emb = join_uri(train_root, "emb-held")
+    storage.write_json(join_uri(emb, "_MANIFEST.json"),
+                       {"encoders": {"text": {"name": "minilm", "dim": 4}}, "counts": {"text": {"ok": 3}}})
+    cfg = tiny_train_config(emb, train_root, variants=["fused", "text", "audio"])
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage"})))
+    first = RunLease(storage, lease_uri(cfg), ttl_s=60, what="the first attempt")
+    first.acquire()
+    try:
+        assert main(["--config", str(path)]) == 5
+        err = capsys.readouterr().err
+        assert f"training run {cfg.version} is being written by another attempt" in err and "--break-lease" in err, err
+        assert not storage.list_files(join_uri(cfg.checkpoint_uri, cfg.version))  # nothing claimed
+    finally:
+        first.release()
+    assert main(["--config", str(path)]) == 2  # free again: on to the next check (the missing modality)
+    assert "variants" in capsys.readouterr().err
+    assert not storage.exists(lease_uri(cfg))  # released by the attempt that exited 2

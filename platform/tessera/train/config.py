@@ -115,6 +115,9 @@ class TrainConfig(TesseraConfig):
         checkpoint_uri: Ray Train ``storage_path`` (object storage, so a restarted worker on any node
             resumes); the run's folder is ``<checkpoint_uri>/<version>``.
         max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts from the last checkpoint).
+        lease_ttl_s: an attempt holds its version through ``<checkpoint_uri>/_LEASE-<version>.json``,
+            renewed every quarter of this; a second attempt started meanwhile is refused (exit 5), and
+            one not renewed for this long (its driver was killed) is taken over (:mod:`tessera.lease`).
         holdout: each user's last ``holdout`` interactions are held out for the test, evaluated once
             a stage is trained (``results`` in the bundle's metrics; the quality checks use them).
         validation: the ``validation`` interactions before those are validation targets, evaluated
@@ -145,6 +148,7 @@ class TrainConfig(TesseraConfig):
     checkpoint_uri: str = "s3://tessera-demo/checkpoints/train"
     overwrite: bool = False
     max_failures: int = Field(2, ge=0)
+    lease_ttl_s: float = Field(150.0, ge=5)
     num_to_keep: int = Field(2, ge=1)
     holdout: int = Field(1, ge=1)
     validation: int = Field(1, ge=0)

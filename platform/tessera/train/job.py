@@ -8,7 +8,9 @@ then turns the final checkpoint into a :class:`tessera.models.bundle.ModelBundle
 version restores the Ray Train run from its checkpoints instead of starting over, if it was started
 with the same settings and embedding run (``_RUN.json`` beside the checkpoints); other settings are
 refused (exit 2) unless ``overwrite``, which starts the run again. An existing bundle is replaced only
-once the new one is trained.
+once the new one is trained. One attempt of a version runs at a time: it holds
+``<checkpoint_uri>/_LEASE-<version>.json`` (:class:`~tessera.lease.RunLease`), so a retried submit
+does not train into the same checkpoints and bundle as the attempt still running.
 
 Example::
 
@@ -27,6 +29,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from tessera.config import ConfigError
+from tessera.lease import RunLease
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
@@ -40,7 +43,7 @@ METRICS_FILE = "metrics.json"
 RUN_FILE = "_RUN.json"  # what a run's checkpoints were trained from, beside them
 # Settings that may change between attempts of one run: where and how fast it runs, failure handling.
 _RESUMABLE_KEYS = {"version", "overwrite", "scaling", "max_failures", "num_to_keep", "fail_at_epoch",
-                   "fail_marker_uri", "storage", "models_uri", "checkpoint_uri"}
+                   "fail_marker_uri", "storage", "models_uri", "checkpoint_uri", "lease_ttl_s"}
 
 
 class BundleExistsError(RuntimeError):
@@ -86,13 +89,42 @@ def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: n
     storage.write_parquet(uri, table)
 
 
-def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
-    """Train every variant, evaluate, save the bundle; returns the bundle manifest."""
+def lease_uri(cfg: TrainConfig) -> str:
+    """The lease of a training run: beside its checkpoint folder (``overwrite`` empties that folder)."""
+    return join_uri(cfg.checkpoint_uri, f"_LEASE-{cfg.version}.json")
+
+
+def _refuse_existing(cfg: TrainConfig, storage: Storage) -> bool:
+    """Whether the bundle exists (to be replaced: ``overwrite``).
+
+    Raises:
+        BundleExistsError: it exists and ``overwrite`` is off."""
+    exists = storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+    if exists and not cfg.overwrite:
+        raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
+    return exists
+
+
+def run_training(cfg: TrainConfig, storage: Storage | None = None, break_lease: bool = False) -> dict:
+    """Train every variant, evaluate, save the bundle; returns the bundle manifest.
+
+    Raises:
+        BundleExistsError: the version exists and ``overwrite`` is off.
+        LeaseHeldError: another attempt of the version is running (``break_lease`` takes it over).
+        LeaseLostError: another attempt took the version over while this one trained; nothing written.
+    """
     storage = storage or Storage(cfg.storage)
     t0 = time.perf_counter()
-    replace_bundle = storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
-    if replace_bundle and not cfg.overwrite:
-        raise BundleExistsError(f"{cfg.bundle_uri} already holds a model bundle (set overwrite or a new version)")
+    _refuse_existing(cfg, storage)  # before the lease: a rerun of a finished version needs no wait
+    lease = RunLease(storage, lease_uri(cfg), cfg.lease_ttl_s, what=f"training run {cfg.version}",
+                     break_lease=break_lease)
+    lease.acquire()
+    with lease:  # renewed while training goes on, released at its end
+        return _train_leased(cfg, storage, lease, t0)
+
+
+def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float) -> dict:
+    replace_bundle = _refuse_existing(cfg, storage)  # an attempt that held the lease before may have written it
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
     check_variants(cfg, list(embed_manifest["encoders"]))
     _claim_run(cfg, storage, embed_manifest)
@@ -114,7 +146,9 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None) -> dict:
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,
                "kept_epochs": state.kept_epochs}
+    lease.confirm()  # still this attempt's version: nothing below may land over another attempt's bundle
     if replace_bundle:  # kept until now: a failed retraining leaves the bundle serving and indexing use
+        storage.delete(join_uri(cfg.bundle_uri, MANIFEST))  # first: a reader then finds no bundle, not half of one
         storage.delete_prefix(cfg.bundle_uri)
     storage.write_json(join_uri(cfg.bundle_uri, METRICS_FILE), metrics)
     write_popularity(storage, join_uri(cfg.bundle_uri, POPULARITY_FILE), catalog, counts)
