@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from tessera.storage import Storage
@@ -104,6 +105,31 @@ def _ray_job() -> str | None:
         return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
     except (ImportError, RuntimeError, AttributeError):  # no Ray, or no job context: the process only
         return None
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """What a task writing on a lease holder's behalf needs to check that it still holds: picklable, with
+    no renewal of its own (:attr:`RunLease.ref`)."""
+
+    uri: str
+    token: str
+    what: str
+
+    def verify(self, storage: Storage) -> None:
+        """Raise :class:`LeaseLostError` unless the lease still holds this token: call it just before a
+        write that must not land over another attempt's (the holder's driver may be hung while its
+        tasks go on, or its lease broken, and another attempt write the same names meanwhile)."""
+        try:
+            holder = json.loads(storage.read_bytes(self.uri))
+        except FileNotFoundError:
+            holder = None
+        except ValueError:
+            holder = {}
+        if not isinstance(holder, dict) or holder.get("token") != self.token:
+            raise LeaseLostError(f"{self.what}: the lease {self.uri} was "
+                                 + (f"taken over by {_describe(holder)}" if holder else "deleted")
+                                 + " while this attempt ran; this attempt stopped writing")
 
 
 class RunLease:
@@ -220,6 +246,10 @@ class RunLease:
         whose lease was just taken over (a renewal ago at most, the holder's view may be stale)."""
         self.renew()
         self.check()
+
+    @property
+    def ref(self) -> LeaseRef:
+        return LeaseRef(self.uri, self.token, self.what)
 
     @property
     def lost(self) -> bool:

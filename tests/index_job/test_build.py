@@ -213,3 +213,28 @@ def test_scan_counts_distinct_items_from_hashes_and_finds_a_repeated_id(storage,
     assert scan.rows == 5 and scan.distinct_items() == 4
     assert scan.ids_with_hashes({int(h) for h in hash_ids(["x-2", "x-4"])}) == ["x-2", "x-4", "x-2"]
     assert scan_ids(storage, uris[:1], ["fused"]).distinct_items() == 3
+
+
+def test_a_build_whose_lease_was_taken_over_writes_no_shard(storage, parts, bucket_uri, ray_session):
+    """A build's driver hung past its lease's ttl (or broken with --break-lease) while its tasks went on:
+    its shards must not land over the new build's under the same names. Each task checks the lease
+    between building and saving."""
+    import pytest
+    import ray
+
+    from tessera.lease import LeaseLostError, RunLease
+
+    plans, part_rows = planned(storage, parts, 1, modalities=[])
+    index_uri = join_uri(bucket_uri, "index-taken")
+    lease = RunLease(storage, join_uri(index_uri, "_LEASE.json"), ttl_s=60, what=f"index {index_uri}")
+    lease.acquire()
+    held = build_shards(storage, plans, split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0).pieces,
+                        index_uri, IndexConfig(), num_cpus=0.5, lease=lease.ref)  # still held: built and saved
+    assert storage.exists(join_uri(index_uri, held["fused"][0].manifest.name, "shard.json"))
+    storage.delete_prefix(join_uri(index_uri, held["fused"][0].manifest.name))
+    RunLease(storage, lease.uri, ttl_s=60, break_lease=True).acquire()  # another build takes the version
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        build_shards(storage, plans, split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0).pieces,
+                     index_uri, IndexConfig(), num_cpus=0.5, lease=lease.ref)
+    assert isinstance(err.value.cause, LeaseLostError) and "taken over by host" in str(err.value.cause)
+    assert not storage.list_files(join_uri(index_uri, held["fused"][0].manifest.name))

@@ -15,9 +15,10 @@ So every part is read once whatever the shard count (the builds used to read eve
 pieces move only to the node building their shard, and a piece lost with a node is made again by
 re-running its split task (Ray's lineage reconstruction). The split tasks also pick out the rows the
 self-check asked for (sampled item queries, the sampled users' history items). The build task builds
-the shard with :func:`tessera.index.build_and_save_shard` (ScaNN training threads matching its CPUs),
-loads it back and measures its share of the self-check against the vectors it holds
-(:mod:`tessera.index_job.self_check`), and returns only the small shard manifest and that share.
+the shard with :func:`tessera.index.build_shard` (ScaNN training threads matching its CPUs), saves
+it with :func:`tessera.index.save_shard` if the build still holds its lease, loads it back and
+measures its share of the self-check against the vectors it holds (:mod:`tessera.index_job.self_check`),
+and returns only the small shard manifest and that share.
 Vectors do not pass through the driver, except the pieces of an index too small to fill them (Ray
 keeps returns under 100 KiB in the owner's memory).
 
@@ -50,9 +51,10 @@ from tessera.index import (
     IndexConfig,
     ShardManifest,
     ShardRecall,
-    build_and_save_shard,
+    build_shard,
     hash_ids,
     locate_shard,
+    save_shard,
     shard_bounds,
     shard_key,
     shard_sizes,
@@ -61,6 +63,7 @@ from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.self_check import Piece, check_saved_shard
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
+from tessera.lease import LeaseRef
 from tessera.storage import Storage, join_uri
 
 
@@ -333,14 +336,22 @@ class BuiltShard:
 
 def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri: str, config: IndexConfig,
                      catalog_size: int, tuning_queries: np.ndarray | None, num_shards: int, check_k: int | None,
-                     user_queries: np.ndarray | None, item_queries: Piece | None, *pieces: Piece) -> BuiltShard:
+                     user_queries: np.ndarray | None, item_queries: Piece | None, *pieces: Piece,
+                     lease: LeaseRef | None = None) -> BuiltShard:
     """Body of one shard's Ray task: assemble its pieces (Ray resolves them before the task runs:
     they are its top-level arguments), build (tuning also on ``tuning_queries``), save with
     checksums (and the index's ``num_shards``), then, with ``check_k``, load the shard back and measure
-    it on the check's queries against the vectors at hand."""
+    it on the check's queries against the vectors at hand. With ``lease``, the build's lease is checked
+    between the build and the save: a build whose lease was taken over (its driver hung past the ttl,
+    or ``--break-lease``) writes no shard over the new build's.
+
+    Raises:
+        LeaseLostError: the lease no longer holds ``lease``'s token; nothing written."""
     ids, vectors = assemble_shard(pieces, num_items, f"{index_uri} shard {shard_id}")
-    manifest = build_and_save_shard(storage, index_uri, shard_id, ids, vectors, config, catalog_size, tuning_queries,
-                                    num_shards=num_shards)
+    shard = build_shard(ids, vectors, config, shard_id, catalog_size, tuning_queries)
+    if lease is not None:
+        lease.verify(storage)
+    manifest = save_shard(storage, index_uri, shard, num_shards)
     if check_k is None:
         return BuiltShard(manifest)
     start = time.perf_counter()
@@ -414,7 +425,7 @@ def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], pa
 def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], index_uri: str, config: IndexConfig,
                  num_cpus: float, memory_gb: float | None = None, tuning_queries: dict | None = None,
                  check_k: int | None = None, check_queries: dict[str, tuple] | None = None,
-                 ) -> dict[str, list[BuiltShard]]:
+                 lease: LeaseRef | None = None) -> dict[str, list[BuiltShard]]:
     """Build every shard of every planned index from its pieces (:attr:`SplitRefs.pieces`) as parallel
     Ray tasks, each checking its shard when ``check_k`` is set; results by index name, in shard order.
     Each task is scheduled once its pieces exist and fetches only them: no task reads the vectors parts.
@@ -432,6 +443,7 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
         check_k: the self-check's cut-off (None: no check).
         check_queries: by index name, ``(user vectors, item queries piece)`` (arrays or object refs;
             either may be None), measured on every shard of that index.
+        lease: the build's lease, checked by each task before it saves its shard (None: not checked).
     """
     import ray
 
@@ -447,7 +459,7 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
         tuning = _shared(tuning_queries.get(plan.name))
         users, items = (_shared(q) for q in check_queries.get(plan.name, (None, None)))
         pending[plan.name] = [task.remote(size, i, storage, uri, config, plan.num_items, tuning, plan.num_shards,
-                                          check_k, users, items, *next(shard_pieces))
+                                          check_k, users, items, *next(shard_pieces), lease=lease)
                               for i, size in enumerate(plan.sizes)]
     del pieces, shard_pieces  # from here each piece lives as long as the task that reads it
     return {name: ray.get(refs) for name, refs in pending.items()}

@@ -151,7 +151,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
     run = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
-                           cfg.self_check.tuning_user_queries if approximate else 0, indexed)
+                           cfg.self_check.tuning_user_queries if approximate else 0, indexed, lease)
     built, users = run.shards, run.users
     build_s = time.perf_counter() - t_build
     if run.tuning_vectors is not None:
@@ -246,12 +246,12 @@ class _BuildRun:
 
 def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
                      parts: list[str], part_rows: dict[str, list[int]], tuning_count: int,
-                     indexed: np.ndarray | None) -> _BuildRun:
+                     indexed: np.ndarray | None, lease: RunLease) -> _BuildRun:
     """Split, build and self-check every shard: the users are sampled from the log first (the check's users
     and ``tuning_count`` more, their histories kept to the last events on ``indexed`` items the user
     tower reads), the split tasks pick out the sampled item rows and those history items, a task turns
     them into user vectors, and each build task tunes on the tuning users' and checks its saved shard on
-    the check's queries."""
+    the check's queries; each saves its shard only while ``lease`` still holds this build's token."""
     import ray
 
     check = cfg.self_check
@@ -275,7 +275,7 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
                          cfg.build.num_cpus, cfg.build.memory_gb,
                          tuning_queries={"fused": tuning if tuning_count else None}, check_k=check.k,
                          check_queries={plan.name: (checked if plan.name == "fused" else None, items[plan.name])
-                                        for plan in plans})
+                                        for plan in plans}, lease=lease.ref)
     tuning_vectors = len(ray.get(tuning)) if tuning is not None and tuning_count else None
     return _BuildRun(built, users, tuning_vectors, users_s)
 
