@@ -82,6 +82,18 @@ def test_secrets_never_in_repr_or_pickle(storage, embedded_s3):
     assert clone.read_bytes is not None and clone.config == storage.config
 
 
+def test_a_pickled_filesystem_carries_no_keys_from_the_environment(storage, bucket_uri, embedded_s3):
+    """Ray Train pickles RunConfig.storage_filesystem into every worker (and pyarrow pickles its options):
+    keys from the environment are left to the AWS SDK's own chain there, so the pickle holds none and
+    the unpickled filesystem still reads."""
+    storage.write_bytes(join_uri(bucket_uri, "p.bin"), b"p")
+    fs, path = storage.filesystem(join_uri(bucket_uri, "p.bin"))
+    data = pickle.dumps(fs)
+    assert embedded_s3.secret_access_key.encode() not in data and embedded_s3.access_key_id.encode() not in data
+    with pickle.loads(data).open_input_file(path) as f:
+        assert f.read() == b"p"
+
+
 def test_credentials_file_used_when_env_absent(storage, bucket_uri, embedded_s3, tmp_path, monkeypatch):
     import json
 

@@ -124,6 +124,7 @@ class _Credentials:
     access_key_id: str
     secret_access_key: str
     session_token: str | None = None
+    from_env: bool = False  # the standard AWS variables: every process's AWS SDK reads them itself
 
     def __repr__(self) -> str:  # never print secrets
         return "_Credentials(<redacted>)"
@@ -162,7 +163,7 @@ class Storage:
     def _credentials(self) -> _Credentials | None:
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
         if key and secret:
-            return _Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
+            return _Credentials(key, secret, os.environ.get("AWS_SESSION_TOKEN") or None, from_env=True)
         path = self.config.credentials_file or os.environ.get(CREDENTIALS_FILE_ENV)
         if path:
             try:
@@ -639,7 +640,10 @@ def _make_filesystem(endpoint_url, region, creds, max_attempts, connect_timeout,
         "connect_timeout": connect_timeout,
         "request_timeout": request_timeout,
     }
-    if creds:
+    # A pyarrow filesystem pickles its options, keys included, and Ray pickles the one handed to Ray Train
+    # (RunConfig.storage_filesystem) into every worker: keys from the environment are left to the AWS SDK's
+    # own chain, which reads the same variables in each process, so the pickle carries none.
+    if creds and not creds.from_env:
         kwargs.update(access_key=creds.access_key_id, secret_key=creds.secret_access_key)
         if creds.session_token:
             kwargs["session_token"] = creds.session_token
