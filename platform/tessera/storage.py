@@ -13,7 +13,9 @@ Credentials are resolved where the code runs, never stored in the config or pick
 SSO, an assumed role, CI OIDC) from the environment first, then the JSON file named
 by ``credentials_file`` (or ``TESSERA_S3_CREDENTIALS_FILE``), then the AWS default chain (instance
 roles on a real cluster). The endpoint comes from config, else ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``; the region from config, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+``AWS_ENDPOINT_URL``; the region from config, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. (A pyarrow
+filesystem handed out here pickles with the keys of a credentials file, not with environment ones:
+prefer the environment, or instance roles, where filesystems cross processes, as Ray Train's does.)
 
 Example::
 
