@@ -348,6 +348,8 @@ def test_a_redirect_or_a_refusal_is_not_retried_for_the_window(recorder, monkeyp
     assert _transient_io(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
     assert not _transient_io(OSError("AWS Error UNKNOWN (HTTP status 501) during PutObject operation"))
     assert _transient_io(OSError("AWS Error UNKNOWN (HTTP status 429) during GetObject operation"))
+    assert _transient_io(OSError("AWS Error UNKNOWN (HTTP status 409) during PutObject operation"))
+    assert not _transient_io(OSError("AWS Error UNKNOWN (HTTP status 403) during GetObject operation"))
 
 
 def test_a_store_without_a_feature_is_not_retried():

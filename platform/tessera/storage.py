@@ -557,9 +557,11 @@ class Storage:
             "CreateBucketConfiguration": {"LocationConstraint": self.region}}
         try:
             client.create_bucket(Bucket=loc.bucket, **kwargs)
-        except ClientError as err:  # created meanwhile by another process
-            if err.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
-                raise
+        except ClientError as err:  # created meanwhile by another process (BucketAlreadyOwnedByYou, or Exists)?
+            try:
+                client.head_bucket(Bucket=loc.bucket)  # there and ours now: fine
+            except ClientError:
+                raise err from None  # the create's own error says what is wrong
 
 
 def _replace_local(path: Path, fill) -> None:
@@ -626,7 +628,7 @@ def _transient_io(err: BaseException) -> bool:
         return False
     text = str(err)
     if (m := _HTTP_STATUS.search(text)) and (300 <= int(m.group(1)) < 500 or m.group(1) == "501"):
-        return m.group(1) in ("408", "429")
+        return m.group(1) in ("408", "409", "429")  # 409: OperationAborted, a conflicting operation: again
     return not any(code in text for code in _PERMANENT_IO)
 
 
