@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -44,9 +45,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import ray  # noqa: E402
 
 from bench._stack import PeakRSS, bench_stack, repo_root  # noqa: E402
 from bench.texts import real_texts  # noqa: E402
@@ -128,10 +129,10 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     return out
 
 
-@ray.remote(num_cpus=0)
 class BareTextLoop:
     """The bare encoder loop in a process of its own, started on the encoder pools' allocator (the
-    driver runs on the C library's: jemalloc's ~7% less CPU would otherwise count as pipeline gain)."""
+    driver runs on the C library's: jemalloc's ~7% less CPU would otherwise count as pipeline gain).
+    (Ray is imported only once :func:`bench_stack` has set the token variables: Ray reads them at import.)"""
 
     def __init__(self, cfg, threads: int):
         import torch
@@ -143,8 +144,8 @@ class BareTextLoop:
         self.enc.embed(["warm up"] * 64)
         self._allocator = active_allocator()
 
-    def allocator(self) -> str:
-        return self._allocator
+    def allocator(self) -> tuple[str, int]:
+        return self._allocator, os.getpid()
 
     def run(self, texts: list[str]) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -174,16 +175,24 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
                     convert_to_numpy=True)
     st_rate = len(sample) / (time.perf_counter() - t0)
     del st
+    import ray
+
     texts_ref = ray.put(texts)
+    actor = ray.remote(num_cpus=0)(BareTextLoop)
 
     def bare() -> tuple[float, float, str]:
         """One pass, in an actor started for it (alive during a job, it would count in the job's memory)."""
-        loop = BareTextLoop.options(runtime_env={"env_vars": allocator_env(ALLOCATOR["allocator"])}).remote(
+        loop = actor.options(runtime_env={"env_vars": allocator_env(ALLOCATOR["allocator"])}).remote(
             cfg, threads)
+        allocator, pid = ray.get(loop.allocator.remote())
         try:
-            return (*ray.get(loop.run.remote(texts_ref)), ray.get(loop.allocator.remote()))
+            return (*ray.get(loop.run.remote(texts_ref)), allocator)
         finally:
-            ray.kill(loop)
+            ray.kill(loop)  # asynchronous: wait for the process, or its memory counts in the next job's peak
+            try:
+                psutil.Process(pid).wait(timeout=30)
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
 
     bares, jobs = [bare()], []
     for _ in range(rounds):
