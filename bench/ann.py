@@ -23,8 +23,7 @@ FAISS ``IndexHNSWFlat`` (M=32, efConstruction ``--hnsw-ef-construction``, 200: F
 builds a weaker graph that needs a larger efSearch for the same recall) and ``IndexIVFFlat`` (nlist
 4 sqrt(N)); exact numpy. Each is swept over its search knob; recall@10 is against exact numpy;
 single-threaded QPS runs one query per call on one thread, batched QPS one call with every query
-on all threads (ScaNN: a thread per shard, the queries split between threads when there are fewer
-shards than threads); each
+on all threads (ScaNN: the queries split between the threads, each searching every shard); each
 QPS is the best of 3 passes, since the machine may be shared.
 
 Prints one JSON object per size and as the last line one JSON summary of the largest text size:
@@ -293,8 +292,8 @@ def scann_sweep(index, queries, truth, q_single, reorders: set[int], threads: in
     reordering depths to sweep (40 and the depths the builds of both indexes tuned, so that the two
     sweeps hold the same settings). With several shards, ``qps_single_thread_per_shard``
     is one query per call with its shards searched in parallel (``search_threads`` = shards): the
-    latency a deployment with a core per shard sees. Batched QPS uses ``threads`` threads: one per
-    shard, and the queries split between threads when there are fewer shards than threads.
+    latency a deployment with a core per shard sees. Batched QPS splits the queries between ``threads``
+    threads, each searching every shard of its part (sharded or not, the same threads do the work).
     """
     from tessera.index import SearchConfig, ShardedIndex
 
@@ -311,7 +310,7 @@ def scann_sweep(index, queries, truth, q_single, reorders: set[int], threads: in
             r = recall(np.asarray([[int(i) for i in row] + [-1] * (K - len(row)) for row in found]), truth)
             single = single_qps(lambda q, v=view: v.search(q, K), q_single)
             threaded = ShardedIndex(index.shards, cfg.model_copy(update={"search_threads": len(index.shards)}))
-            batched = split_between_threads(lambda q, v=threaded: v.search(q, K), threads // len(index.shards))
+            batched = split_between_threads(lambda q, v=view: v.search(q, K), threads)
             point = {"leaf_share": share, "leaves": leaves, "reorder": reorder, "recall": round(r, 4),
                      "qps_single": round(single, 1), "qps_batched": round(batched_qps(batched, queries), 1)}
             if len(index.shards) > 1:  # one query per call, its shards searched at once on a thread each
