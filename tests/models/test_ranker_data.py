@@ -81,7 +81,7 @@ def test_random_negatives_leave_out_excluded_items():
     excluded[np.arange(U), positives] = False
     retrieved = np.array([[1, 2, 3]] * U)  # seen ones among these are not hard negatives either
     ex = build_ranker_examples(positives, retrieved, num_items=items, num_hard=2, num_random=5, rng=rng,
-                               excluded=excluded)
+                               excluded=[np.flatnonzero(row) for row in excluded])
     for u, row in enumerate(ex.candidates):
         assert len(set(row.tolist())) == len(row)
         assert not excluded[u, row[1:]].any(), (u, row, np.flatnonzero(excluded[u]))
@@ -97,6 +97,7 @@ def test_a_user_who_saw_nearly_everything_still_gets_a_full_list():
     excluded[0, :1 + H + R] = False  # exactly room for the list: every unseen item is in it
     excluded[1, :3] = False           # too little room: random negatives from the whole catalog
     ex = build_ranker_examples(np.array([0, 0]), np.array([[1, 2], [1, 2]]), num_items=items, num_hard=H,
-                               num_random=R, rng=np.random.default_rng(0), excluded=excluded)
+                               num_random=R, rng=np.random.default_rng(0),
+                               excluded=[np.flatnonzero(row) for row in excluded])
     assert sorted(ex.candidates[0].tolist()) == list(range(1 + H + R))
     assert len(set(ex.candidates[1].tolist())) == 1 + H + R

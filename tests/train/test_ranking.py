@@ -53,7 +53,7 @@ def test_lists_only_where_the_target_is_in_the_top_k_and_negatives_from_it():
         assert not set(row[K:].tolist()) & set(row[:K].tolist())  # random negatives are distinct
 
 
-def test_random_negatives_are_never_items_the_scores_mask():
+def test_random_negatives_are_never_items_seen_before():
     # Seen items are -inf in the scores (as serving never offers them): a random negative drawn from them
     # would train on a choice the ranker never faces.
     model = _ranker_model(num_hard=K - 1, num_random=20)
@@ -62,7 +62,8 @@ def test_random_negatives_are_never_items_the_scores_mask():
     seen[torch.arange(len(target)), target] = False
     seen[:, :K + 20] = False  # room for every list among the unseen items (else the whole catalog is drawn from)
     masked = scores.masked_fill(seen, float("-inf"))
-    keep, cands, _ = model.training_lists(target, masked, np.random.default_rng(0))
+    rows = [np.flatnonzero(row) for row in seen.numpy()]
+    keep, cands, _ = model.training_lists(target, masked, np.random.default_rng(0), excluded=rows)
     assert keep.any()
     assert not seen[keep].gather(1, cands).any()
 
@@ -119,7 +120,7 @@ def test_a_positive_s_popularity_leaves_its_own_event_out(monkeypatch):
 def test_training_lists_leave_out_every_item_seen_before_the_target_not_only_the_history(monkeypatch):
     """Evaluation and serving leave out everything a user has seen; training lists left out only the
     history window's items, so an older seen item could be a hard negative it never is after. (Random
-    negatives are drawn from the whole catalog, as before: none here.)"""
+    negatives: test_random_negatives_are_never_items_seen_before.)"""
     model = _ranker_model(num_hard=K - 1, num_random=0)
     batch, scores = _empty_history_batch(model, B=2)
     order = scores.argsort(dim=1, descending=True)
@@ -127,9 +128,11 @@ def test_training_lists_leave_out_every_item_seen_before_the_target_not_only_the
     older = [order[0, 1:4].numpy(), np.empty(0, np.int64)]  # seen before the window (empty here)
     handed = []
     real = model.training_lists
-    monkeypatch.setattr(model, "training_lists", lambda t, s, rng: handed.append(s) or real(t, s, rng))
+    monkeypatch.setattr(model, "training_lists",
+                        lambda t, s, rng, excluded: handed.append((s, excluded)) or real(t, s, rng, excluded))
     model(batch, np.random.default_rng(0), older)
-    s = handed[-1]
+    s, excluded = handed[-1]
     assert torch.isinf(s[0, older[0]]).all() and torch.isfinite(s[1, order[1, 1:4]]).all()
+    assert [e.tolist() for e in excluded] == [o.tolist() for o in older]  # random negatives leave them out too
     _, cands, _ = real(batch["target"], s, np.random.default_rng(0))
     assert not set(older[0].tolist()) & set(cands[0].tolist())

@@ -201,7 +201,8 @@ def _save_local(target: Path, shard: ShardArtifact, num_shards: int | None) -> S
 def build_and_save_shard(storage: Storage, index_uri: str, shard_id: int, ids, vectors,
                          config: IndexConfig | None = None, catalog_size: int | None = None,
                          tuning_queries=None, num_shards: int | None = None) -> ShardManifest:
-    """Build one shard and save it; the body of one Ray task in the index job.
+    """Build one shard and save it (the index job's build task does the two apart, checking its lease
+    between them: :func:`tessera.index_job.build.build_shard_task`).
 
     Returns only the (small, picklable) manifest: ScaNN searchers cannot cross process boundaries.
 

@@ -115,7 +115,7 @@ class TrainConfig(TesseraConfig):
         checkpoint_uri: Ray Train ``storage_path`` (object storage, so a restarted worker on any node
             resumes); the run's folder is ``<checkpoint_uri>/<version>``.
         max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts from the last checkpoint).
-        lease_ttl_s: an attempt holds its version through ``<checkpoint_uri>/_LEASE-<version>.json``,
+        lease_ttl_s: an attempt holds its version through ``<models_uri>/_LEASE-<version>.json``,
             renewed every quarter of this; a second attempt started meanwhile is refused (exit 5), and
             one not renewed for this long (its driver was killed) is taken over (:mod:`tessera.lease`).
         holdout: each user's last ``holdout`` interactions are held out for the test, evaluated once

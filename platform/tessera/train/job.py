@@ -9,8 +9,11 @@ version restores the Ray Train run from its checkpoints instead of starting over
 with the same settings and embedding run (``_RUN.json`` beside the checkpoints); other settings are
 refused (exit 2) unless ``overwrite``, which starts the run again. An existing bundle is replaced only
 once the new one is trained. One attempt of a version runs at a time: it holds
-``<checkpoint_uri>/_LEASE-<version>.json`` (:class:`~tessera.lease.RunLease`), so a retried submit
-does not train into the same checkpoints and bundle as the attempt still running.
+``<models_uri>/_LEASE-<version>.json`` (:class:`~tessera.lease.RunLease`), so a retried submit
+does not train into the same checkpoints and bundle as the attempt still running. (The lease guards the
+bundle to the end; an attempt whose lease is taken over while Ray Train runs, its driver hung past the
+ttl or broken with ``--break-lease``, finds out only when the fit returns, and its workers may write
+checkpoints meanwhile: break a lease only when its holder is gone.)
 
 Example::
 
@@ -90,8 +93,9 @@ def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: n
 
 
 def lease_uri(cfg: TrainConfig) -> str:
-    """The lease of a training run: beside its checkpoint folder (``overwrite`` empties that folder)."""
-    return join_uri(cfg.checkpoint_uri, f"_LEASE-{cfg.version}.json")
+    """The lease of a training run: beside its bundle folder (``overwrite`` empties that folder), keyed on
+    the bundle, which two attempts with another ``checkpoint_uri`` would still both write."""
+    return join_uri(cfg.models_uri, f"_LEASE-{cfg.version}.json")
 
 
 def _refuse_existing(cfg: TrainConfig, storage: Storage) -> bool:

@@ -126,6 +126,7 @@ class RankerModel(nn.Module):
         return correction
 
     def training_lists(self, target: torch.Tensor, scores: torch.Tensor, rng: np.random.Generator,
+                       excluded: Sequence[np.ndarray] | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lists drawn like the ones :meth:`rerank` re-orders: ``(keep, candidates, labels)``.
 
@@ -135,8 +136,9 @@ class RankerModel(nn.Module):
         "positive" (they are never negatives there) and so pushes the top of retrieval down.
         Hard negatives are ``num_hard`` items drawn uniformly from the top-K (all of it when
         ``num_hard >= K - 1``), not its best-ranked ones, for the same reason; ``num_random``
-        uniform items follow, none of them an item ``scores`` masks (``-inf``: seen before, never a
-        candidate at serving). ``candidates``/``labels`` are ``(B', 1 + H + R)``, positive first.
+        uniform items follow, none of them in the example's ``excluded`` rows (the items seen before,
+        which ``scores`` masks: never a candidate at serving), unless the user has seen too much of the
+        catalog to fill a list. ``candidates``/``labels`` are ``(B', 1 + H + R)``, positive first.
         """
         k = min(self.cfg.candidates, scores.shape[1])
         top = scores.topk(k, dim=1).indices  # (B, K)
@@ -149,7 +151,8 @@ class RankerModel(nn.Module):
         shuffled = top.gather(1, torch.rand(top.shape, generator=gen).argsort(dim=1).to(top.device))  # (B', K)
         ex = build_ranker_examples(target.cpu().numpy(), shuffled.cpu().numpy(), scores.shape[1],
                                    min(self.cfg.num_hard, k - 1), self.cfg.num_random, rng,
-                                   excluded=torch.isneginf(scores[keep]).cpu().numpy())
+                                   excluded=None if excluded is None else
+                                   [excluded[i] for i in torch.nonzero(keep).flatten().tolist()])
         return keep, torch.from_numpy(ex.candidates).to(target.device), torch.from_numpy(ex.labels).to(target.device)
 
     def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator,
@@ -162,7 +165,10 @@ class RankerModel(nn.Module):
         scores = self.retrieve(hist)  # (B, I)
         if seen is not None:
             scores = mask_rows(scores, seen)
-        keep, candidates, labels = self.training_lists(target, scores, rng)
+        else:  # the history's items, as retrieve masked them
+            idx, mask = hist.item_idx.cpu().numpy(), hist.mask.cpu().numpy()
+            seen = [row[m] for row, m in zip(idx, mask, strict=True)]
+        keep, candidates, labels = self.training_lists(target, scores, rng, excluded=seen)
         if not keep.any():  # no target in the top-K: a zero loss still reaches every parameter (DDP)
             return sum(p.sum() for p in self.ranker.parameters()) * 0.0
         hist = HistoryBatch(hist.item_idx[keep], hist.mask[keep], hist.timestamps_ms[keep], hist.weights[keep])
