@@ -76,7 +76,7 @@ def _duplicates_of_earlier(rows: np.ndarray) -> np.ndarray:
 
 def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_items: int, num_hard: int,
                           num_random: int, rng: np.random.Generator, max_rounds: int = 100,
-                          excluded: np.ndarray | None = None) -> RankerExamples:
+                          excluded: Sequence[np.ndarray] | None = None) -> RankerExamples:
     """Lists of one positive, ``num_hard`` negatives from retrieval and ``num_random`` uniform ones.
 
     Hard negatives are the best-ranked retrieved items that are not the positive (``-1`` entries in
@@ -94,7 +94,8 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
         num_random: R.
         rng: numpy random generator.
         max_rounds: resampling rounds before giving up on collisions.
-        excluded: ``(U, num_items)`` bool, items a user's random negatives must not be (None: none).
+        excluded: per user, the item rows its negatives must not be (None: none); sparse, so the cost
+            is the seen items', not the catalog's.
     """
     positives = np.asarray(positives, dtype=np.int64)
     retrieved = np.asarray(retrieved, dtype=np.int64).reshape(len(positives), -1)
@@ -102,9 +103,21 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
     if num_items < 1 + H + R:
         raise ValueError(f"a catalog of {num_items} items cannot fill lists of {1 + H + R} distinct items")
     ok = (retrieved >= 0) & (retrieved != positives[:, None]) & ~_duplicates_of_earlier(retrieved)  # (U, K)
+    is_excluded = None
     if excluded is not None:
-        excluded = np.asarray(excluded, dtype=bool).reshape(U, num_items)
-        ok &= ~np.take_along_axis(excluded, retrieved.clip(0), axis=1)  # a top-K of fewer unseen items than K
+        if len(excluded) != U:
+            raise ValueError(f"excluded holds {len(excluded)} users' items, not {U}")
+        # (user, item) as one sorted int64 key each: membership of any (U, C) block by one searchsorted
+        keys = np.unique(np.concatenate([u * num_items + np.asarray(rows, np.int64)
+                                         for u, rows in enumerate(excluded)] + [np.zeros(0, np.int64)]))
+        seen_count = np.bincount(keys // num_items, minlength=U)
+
+        def is_excluded(block: np.ndarray, users: np.ndarray = np.arange(U)) -> np.ndarray:
+            k = users[:, None] * num_items + block
+            at = np.searchsorted(keys, k).clip(max=max(len(keys) - 1, 0))
+            return (keys[at] == k) if len(keys) else np.zeros(block.shape, bool)
+
+        ok &= ~is_excluded(retrieved.clip(0))  # a top-K of fewer unseen items than K
     order = np.argsort(~ok, axis=1, kind="stable")[:, :H]  # usable ones first, rank order kept
     hard = np.take_along_axis(retrieved, order, axis=1)
     hard_ok = np.take_along_axis(ok, order, axis=1)
@@ -117,11 +130,12 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
     C = rows.shape[1]
     earlier_or_fixed = np.tril(np.ones((C, C), bool), k=-1)[None] | fixed[:, None, :]  # (U, C, C)
     earlier_or_fixed &= ~np.eye(C, dtype=bool)[None]
-    if excluded is not None:
-        # Room for the draws: the unseen items besides the positive and the hard negatives.
-        unseen_fixed = ~np.take_along_axis(excluded, rows, axis=1) & fixed  # (U, C)
-        room = num_items - excluded.sum(axis=1) - unseen_fixed.sum(axis=1)
-        excluded = excluded & (room >= (~fixed).sum(axis=1))[:, None]  # too little room: the whole catalog
+    applies = np.zeros(U, bool)
+    if is_excluded is not None:
+        # Room for the draws: the unseen items besides the positive and the hard negatives; a user with
+        # too little draws from the whole catalog.
+        room = num_items - seen_count - (~is_excluded(rows) & fixed).sum(axis=1)
+        applies = room >= (~fixed).sum(axis=1)
     bad = ~fixed
     for _ in range(max_rounds):
         if not bad.any():
@@ -129,11 +143,13 @@ def build_ranker_examples(positives: np.ndarray, retrieved: np.ndarray, num_item
         rows[bad] = rng.integers(0, num_items, size=int(bad.sum()))
         # A draw is bad when it repeats a fixed entry (positive, hard) or an earlier draw, or is excluded.
         clash = ((rows[:, :, None] == rows[:, None, :]) & earlier_or_fixed).any(axis=2)  # (U, C)
-        if excluded is not None:
-            clash |= np.take_along_axis(excluded, rows, axis=1)
+        if applies.any():
+            clash |= is_excluded(rows) & applies[:, None]
         bad = clash & ~fixed
     for u in np.flatnonzero(bad.any(axis=1)):  # rejection keeps failing (a tight catalog): draw from what is left
-        allowed = np.ones(num_items, bool) if excluded is None else ~excluded[u]
+        allowed = np.ones(num_items, bool)
+        if applies[u]:
+            allowed[np.asarray(excluded[u], np.int64)] = False
         allowed[rows[u][~bad[u]]] = False
         rows[u, bad[u]] = rng.choice(np.flatnonzero(allowed), size=int(bad[u].sum()), replace=False)
     labels = np.zeros(rows.shape, dtype=np.float32)
