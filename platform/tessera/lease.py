@@ -120,16 +120,29 @@ class LeaseRef:
         """Raise :class:`LeaseLostError` unless the lease still holds this token: call it just before a
         write that must not land over another attempt's (the holder's driver may be hung while its
         tasks go on, or its lease broken, and another attempt write the same names meanwhile)."""
-        try:
-            holder = json.loads(storage.read_bytes(self.uri))
-        except FileNotFoundError:
-            holder = None
-        except ValueError:
-            holder = {}
-        if not isinstance(holder, dict) or holder.get("token") != self.token:
-            raise LeaseLostError(f"{self.what}: the lease {self.uri} was "
-                                 + (f"taken over by {_describe(holder)}" if holder else "deleted")
-                                 + " while this attempt ran; this attempt stopped writing")
+        found = _read_holder(storage, self.uri)
+        if found is None or found[0].get("token") != self.token:
+            raise LeaseLostError(_lost_message(self.what, self.uri, found) + "; this attempt stopped writing")
+
+
+def _read_holder(storage: Storage, uri: str) -> tuple[dict, str, float] | None:
+    """The lease at ``uri``: ``(holder, version tag, age in seconds)``, the holder ``{}`` when unreadable;
+    None when there is none."""
+    try:
+        data, tag, age = storage.read_versioned(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), tag, age
+
+
+def _lost_message(what: str, uri: str, found: tuple[dict, str, float] | None) -> str:
+    """How an attempt that no longer holds the lease ``found`` at ``uri`` (:func:`_read_holder`) says so."""
+    return (f"{what}: the lease {uri} was " + (f"taken over by {_describe(found[0])}" if found else "deleted")
+            + " while this attempt ran")
 
 
 class RunLease:
@@ -170,15 +183,7 @@ class RunLease:
         return json.dumps({**self._holder, "writes": self._writes, "written_at": time.time()}, sort_keys=True).encode()
 
     def _read(self, store: Storage | None = None) -> tuple[dict, str, float] | None:
-        try:
-            data, tag, age = (store or self.storage).read_versioned(self.uri)
-        except FileNotFoundError:
-            return None
-        try:
-            holder = json.loads(data)
-        except ValueError:
-            holder = {}
-        return (holder if isinstance(holder, dict) else {}), tag, age
+        return _read_holder(store or self.storage, self.uri)
 
     def _mine(self, store: Storage | None = None) -> str | None:
         """The lease's tag if it holds this attempt's token, else None. (A conditional write whose answer
@@ -228,9 +233,7 @@ class RunLease:
         if tag := self.storage.replace_if(self.uri, self._body(), self._tag or "") or self._mine():
             self._held(tag, sent)
             return
-        found = self._read()
-        self._lost = (f"{self.what}: the lease {self.uri} was "
-                      + (f"taken over by {_describe(found[0])}" if found else "deleted") + " while this attempt ran")
+        self._lost = _lost_message(self.what, self.uri, self._read())
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` if a renewal found the lease taken over, or none succeeded for
