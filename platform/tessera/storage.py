@@ -551,7 +551,7 @@ class Storage:
             client.head_bucket(Bucket=loc.bucket)
             return
         except ClientError as err:  # 403 (not ours), 301 (another region): creating would only confuse
-            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            if _status(err) != 404:
                 raise
         kwargs = {} if self.region == "us-east-1" else {
             "CreateBucketConfiguration": {"LocationConstraint": self.region}}
@@ -577,10 +577,15 @@ def _aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
+def _status(err) -> int:
+    """The HTTP status of a boto3 ``ClientError`` (0 when it carries none)."""
+    return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+
+
 def _condition_failed(err) -> bool:
     """Whether a conditional request's ``ClientError`` says the condition did not hold: 412, 409 (another
     conditional write to the key was in flight, AWS, and won) or 404 (If-Match on an object gone)."""
-    return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 409, 412)
+    return _status(err) in (404, 409, 412)
 
 
 def _local_tag(path: Path) -> str:
@@ -609,7 +614,7 @@ def _transient(err: Exception) -> bool:
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
     if isinstance(err, ClientError):  # 501: the store lacks the feature (e.g. conditional writes)
-        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        status = _status(err)
         return (status >= 500 and status != 501) or err.response.get("Error", {}).get("Code") in _THROTTLING_CODES
     return isinstance(err, (ConnectionError, HTTPClientError, IncompleteReadError))
 
