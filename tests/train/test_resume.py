@@ -62,3 +62,56 @@ def test_a_run_whose_workers_fail_past_max_failures_raises_training_failed(sampl
     for name in (manifest["metrics"]["file"], "item_popularity.parquet"):
         assert storage.exists(join_uri(cfg.bundle_uri, name)), name
     assert ModelBundle.load(storage, cfg.bundle_uri).version == "no-retry"
+
+
+@pytest.mark.slow
+def test_a_run_taken_over_mid_fit_stops_at_its_next_checkpoint(sample_embeddings, storage, train_root):
+    """An attempt whose lease another takes over while Ray Train runs (its driver hung past the ttl, or
+    ``--break-lease``) used to train to the end, writing every checkpoint meanwhile into the run the other
+    attempt resumes from. Now rank 0 checks the lease before each checkpoint: the run stops, Ray Train's
+    restart stops at start-up, and the driver raises LeaseLostError with no bundle written."""
+    import threading
+    import time
+
+    from tessera.lease import LeaseLostError, RunLease
+    from tessera.train.job import lease_uri, run_training
+
+    # ttl 600 s: the driver's renewals (every 150 s) never see the takeover; only the workers' check can stop it.
+    # Every checkpoint kept (num_to_keep): the ones written after the takeover are counted.
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, variants=["fused", "text"],
+                            towers={"epochs": 4}, ranker={"epochs": 1}, lease_ttl_s=600, max_failures=1,
+                            num_to_keep=20)
+    run_dir = join_uri(cfg.checkpoint_uri, cfg.version)
+
+    def checkpoints() -> set[str]:
+        return {f.split("/checkpoint_")[1].split("/")[0] for f in storage.list_files(run_dir) if "/checkpoint_" in f}
+
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["manifest"] = run_training(cfg, storage)
+        except Exception as err:  # noqa: BLE001 (asserted below)
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not checkpoints() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoints(), outcome
+    taker = RunLease(storage, lease_uri(cfg), ttl_s=600, what="the second attempt", break_lease=True)
+    taker.acquire()
+    at_takeover = checkpoints()
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        err = outcome.get("error")
+        assert isinstance(err, LeaseLostError), outcome
+        assert f"training run {cfg.version}" in str(err) and "taken over by" in str(err), err
+        # at most the checkpoint under way when the lease changed hands, of the 9 epochs the run had to report
+        assert len(checkpoints() - at_takeover) <= 1, (at_takeover, checkpoints())
+        assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+        assert storage.read_json(lease_uri(cfg))["token"] == taker.token  # the stopped attempt left it alone
+    finally:
+        taker.release()

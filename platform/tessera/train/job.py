@@ -10,10 +10,10 @@ with the same settings and embedding run (``_RUN.json`` beside the checkpoints);
 refused (exit 2) unless ``overwrite``, which starts the run again. An existing bundle is replaced only
 once the new one is trained. One attempt of a version runs at a time: it holds
 ``<models_uri>/_LEASE-<version>.json`` (:class:`~tessera.lease.RunLease`), so a retried submit
-does not train into the same checkpoints and bundle as the attempt still running. (The lease guards the
-bundle to the end; an attempt whose lease is taken over while Ray Train runs, its driver hung past the
-ttl or broken with ``--break-lease``, finds out only when the fit returns, and its workers may write
-checkpoints meanwhile: break a lease only when its holder is gone.)
+does not train into the same checkpoints and bundle as the attempt still running. An attempt whose lease
+is taken over while Ray Train runs (its driver hung past the ttl, or the lease broken with
+``--break-lease``) stops at its next epoch's end: rank 0 checks the lease before each checkpoint, so it
+writes at most the checkpoint already under way, and the driver raises :class:`LeaseLostError`.
 
 Example::
 
@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -32,7 +33,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from tessera.config import ConfigError
-from tessera.lease import RunLease
+from tessera.lease import LeaseLostError, LeaseRef, RunLease
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
@@ -47,6 +48,8 @@ RUN_FILE = "_RUN.json"  # what a run's checkpoints were trained from, beside the
 # Settings that may change between attempts of one run: where and how fast it runs, failure handling.
 _RESUMABLE_KEYS = {"version", "overwrite", "scaling", "max_failures", "num_to_keep", "fail_at_epoch",
                    "fail_marker_uri", "storage", "models_uri", "checkpoint_uri", "lease_ttl_s"}
+
+logger = logging.getLogger(__name__)
 
 
 class BundleExistsError(RuntimeError):
@@ -66,15 +69,16 @@ def _uri_of(base_uri: str, fs_path: str) -> str:
     return f"s3://{fs_path}" if parse_uri(base_uri).scheme == "s3" else fs_path
 
 
-def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict) -> TorchTrainer:
-    """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split."""
+def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, lease: LeaseRef | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split;
+    ``lease``: the run's, checked by rank 0 before each checkpoint."""
     fs, path = storage.filesystem(cfg.checkpoint_uri)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json")},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "lease": lease},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -134,13 +138,16 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
     _claim_run(cfg, storage, embed_manifest)
     data = build_datasets(cfg, storage)
     t_data = time.perf_counter()
-    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users})
+    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users},
+                           lease.ref)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:  # Train V2 raises (workers failed past max_failures)
+        _raise_if_taken_over(lease, storage)
         raise TrainingFailedError(f"training run {cfg.version} failed: {str(err).strip()[:2000]}") from err
     t_train = time.perf_counter()
     if result.error is not None or result.checkpoint is None:
+        _raise_if_taken_over(lease, storage)
         raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")
     with result.checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE))
@@ -179,6 +186,18 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
                     "total_s": round(time.perf_counter() - t0, 2)},
     }
     return bundle.save(storage, cfg.bundle_uri)
+
+
+def _raise_if_taken_over(lease: RunLease, storage: Storage) -> None:
+    """After a failed fit: raise :class:`LeaseLostError` if another attempt holds the version (rank 0
+    stops on that, and the failure is best named as such); with the store unreachable, say nothing."""
+    try:
+        lease.ref.verify(storage)
+    except LeaseLostError:
+        raise
+    except Exception as err:  # the training error is the one to report
+        logger.warning("%s: could not read its lease after the failure (%s: %s)", lease.what,
+                       type(err).__name__, err)
 
 
 def check_variants(cfg: TrainConfig, modalities: list[str]) -> None:

@@ -6,7 +6,9 @@ of every stage ends with one ``ray.train.report``: rank 0 evaluates on the valid
 (``<stage>/val_<metric>``; the test targets once the stage's last epoch is done, into ``results``) and
 attaches a checkpoint (all models trained so far, the current optimiser and the results), so a
 killed worker resumes from the last finished epoch: ``ray.train.get_checkpoint()`` at start-up
-gives the stage and epoch to continue from.
+gives the stage and epoch to continue from. Rank 0 checks the run's lease (``config["lease"]``, a
+:class:`~tessera.lease.LeaseRef`) at start-up and before each checkpoint: once another attempt of
+the version holds it, this one writes no further checkpoint and fails (restarts fail at start-up).
 
 Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the towers' leave out
 each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers;
@@ -29,6 +31,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from tessera.lease import LeaseRef
 from tessera.storage import Storage
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
@@ -128,13 +131,16 @@ def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point on each worker; ``config = {"train": TrainConfig.model_dump()}``."""
+    """Entry point on each worker; ``config = {"train": TrainConfig.model_dump(), "lease": LeaseRef | None}``."""
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads)
     device = ray.train.torch.get_device()
     storage = Storage(cfg.storage)
+    lease: LeaseRef | None = config.get("lease") if rank == 0 else None
+    if lease is not None:  # a restart after the lease was lost stops here, not an epoch later
+        lease.verify(storage)
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
@@ -212,6 +218,8 @@ def train_loop_per_worker(config: dict) -> None:
                 state.results[stage.name] = evaluate(inner, test_set, cfg.ks)
             state.history.append(dict(metrics))
             state.current = None if done else {"model": inner.state_dict(), "optim": opt.state_dict()}
+            if lease is not None:  # a run taken over mid-fit (its driver hung, or --break-lease) stops here
+                lease.verify(storage)
             with tempfile.TemporaryDirectory(prefix="tessera-ckpt-") as d:
                 save_state(state, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
