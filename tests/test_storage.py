@@ -69,6 +69,9 @@ def test_local_paths(tmp_path):
     s.write_bytes(str(tmp_path / "x" / "y.bin"), b"abc")
     assert s.read_bytes(f"file://{tmp_path}/x/y.bin") == b"abc"
     assert s.list_files(str(tmp_path)) == [str(tmp_path / "x" / "y.bin")]
+    # a file is no prefix: nothing under it (as on S3; pyarrow raised NotADirectoryError, and a job given a
+    # single local items file exited 1 before its single-file fallback ran)
+    assert s.list_files(str(tmp_path / "x" / "y.bin"), ".bin") == []
     s.delete(str(tmp_path / "x" / "y.bin"))
     s.delete(str(tmp_path / "x" / "y.bin"))
     assert s.list_files(str(tmp_path)) == []

@@ -494,14 +494,18 @@ class Storage:
 
     def list_files(self, prefix_uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
         """All object URIs under a prefix (in subfolders too unless ``recursive`` is False), sorted; empty
-        when the prefix does not exist."""
+        when the prefix does not exist, or is a local file."""
         return sorted(self._iter_files(prefix_uri, suffix, recursive))
 
     def _iter_files(self, prefix_uri: str, suffix: str, recursive: bool = True) -> Iterator[str]:
         loc = parse_uri(prefix_uri)
         fs, path = self.filesystem(prefix_uri)
         selector = pafs.FileSelector(path.rstrip("/"), recursive=recursive, allow_not_found=True)
-        for info in fs.get_file_info(selector):
+        try:
+            infos = fs.get_file_info(selector)
+        except NotADirectoryError:  # a local file (an object key is listed as an empty prefix)
+            return
+        for info in infos:
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
                 yield f"s3://{info.path}" if loc.scheme == "s3" else info.path
 

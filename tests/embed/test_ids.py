@@ -114,6 +114,16 @@ def test_input_check_refuses_a_file_without_a_source_column_or_with_non_string_i
     storage.write_parquet(ints, pa.table({"item_id": pa.array([1, 2], pa.int64()), "text": ["p", "q"]}))
     with pytest.raises(EmbeddingInputError, match=r"ints.parquet: item_id must be a string column, not int64"):
         check_item_ids(storage, [good, ints], use_ray=use_ray, columns=["text"])
+    # a source column of another type failed its cast in a read task once the run had started, naming neither
+    int_uris = join_uri(root, "int-uris.parquet")
+    storage.write_parquet(int_uris, pa.table({"item_id": ["f"], "text": ["t"], "audio_uri": pa.array([7], pa.int64())}))
+    with pytest.raises(EmbeddingInputError, match=r"int-uris.parquet: audio_uri must be a string \(or binary\) "
+                                                  r"column, not int64"):
+        check_item_ids(storage, [good, int_uris], use_ray=use_ray, columns=["text", "audio_uri"])
+    lists = join_uri(root, "list-text.parquet")
+    storage.write_parquet(lists, pa.table({"item_id": ["g"], "text": [["two", "words"]]}))
+    with pytest.raises(EmbeddingInputError, match=r"list-text.parquet: text must be a string"):
+        check_item_ids(storage, [good, lists], use_ray=use_ray, columns=["text"])
 
 
 def _write_run(storage, run_uri):

@@ -273,6 +273,26 @@ def test_a_media_uri_that_is_not_utf8_fails_its_item_not_the_block(storage, buck
     assert out.column("image_error").to_pylist() == [None, "missing: invalid URI: not UTF-8 (byte 7)", None]
 
 
+def test_items_files_with_differing_column_types_read_as_one_schema(storage, bucket_uri):
+    """Parts written from pandas (a categorical item_id: dictionary<string>) beside parts written by Spark
+    (string, large_string): the first batch joining blocks of both files failed the job ("Unable to merge:
+    Field item_id has incompatible types"), as Arrow concatenates only equal types."""
+    from tessera.embed.stages import read_items
+
+    root = join_uri(bucket_uri, "mixed-types", "items")
+    tables = [pa.table({"item_id": pa.array(["a", "b"]).dictionary_encode(), "text": ["x", "y"]}),
+              pa.table({"item_id": pa.array(["c"], pa.large_string()), "text": pa.array(["z"], pa.large_string())}),
+              pa.table({"item_id": ["d"], "text": pa.array(["w"]).dictionary_encode()})]
+    uris = [join_uri(root, f"part-{n}.parquet") for n in range(len(tables))]
+    for uri, table in zip(uris, tables, strict=True):
+        storage.write_parquet(uri, table)
+    blocks = list(read_items({"uri": uris}, storage, ["item_id", "text"], rows_per_batch=10))
+    joined = pa.concat_tables(blocks)  # what Ray Data's batcher does
+    assert joined.schema.field("item_id").type == pa.string() and joined.schema.field("text").type == pa.binary()
+    assert joined.column("item_id").to_pylist() == ["a", "b", "c", "d"]
+    assert joined.column("text").to_pylist() == [b"x", b"y", b"z", b"w"]
+
+
 @pytest.mark.parametrize("case", ["null", "repeated_in_file", "repeated_across_files", "not_utf8"])
 def test_items_with_null_or_repeated_ids_are_refused_before_any_work(case, encoder_weights, storage, tmp_path,
                                                                       capsys):

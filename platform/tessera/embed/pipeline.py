@@ -140,7 +140,8 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
     """Refuse an items table with a null ``item_id`` or one id on two rows, before any work: the output
     holds every input item exactly once, keyed by its id. Also refused up front: a file whose
     ``item_id`` is not a string, or that lacks one of ``columns`` (the enabled modalities' sources:
-    ``text``, ``<m>_uri``); the read would drop a missing column without a word and a stage fail on it.
+    ``text``, ``<m>_uri``) or holds one that is not strings or bytes; the read would drop a missing
+    column without a word, and fail its cast of an int64 one, naming neither file nor column.
 
     Each file is scanned (by Ray tasks when there are many files): nulls and repeats within the file,
     exactly; across files, the driver compares 8-byte hashes of the ids and reads again, as strings,
@@ -167,6 +168,16 @@ def check_item_ids(storage: Storage, files: list[str], num_cpus: float = 0.25, u
                     raise EmbeddingInputError(f"item_id {item!r} is in both {first} and {uri}")
 
 
+def _text_like(kind) -> bool:
+    """A column the read stage can cast to binary: strings, bytes, those dictionary-encoded, or all null."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                         pa.types.is_large_binary, pa.types.is_null))
+
+
 def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str] = ()
                      ) -> tuple[int | str, list[str], np.ndarray]:
     """An items file's null ``item_id`` count, its ids on more than one row, and its id hashes; or, in
@@ -186,6 +197,10 @@ def _scan_items_file(uri: str, storage: Storage, key: str, columns: Sequence[str
             kind = kind.value_type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             return f"item_id must be a string column, not {kind}", [], np.empty(0, np.uint64)
+        for name in columns:  # found here, not as a failed cast in a read task once the run started
+            if not _text_like(schema.field(name).type):
+                return (f"{name} must be a string (or binary) column, not {schema.field(name).type}", [],
+                        np.empty(0, np.uint64))
         col = storage.retrying_io(f"read {uri}", lambda: file.read(columns=["item_id"])).column("item_id")
     try:
         col.validate(full=True)  # Parquet strings are not checked for UTF-8 when read

@@ -107,7 +107,11 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                     written = is_member(done_hashes, hash_ids(table.column("item_id"), hash_key))
                     table = table.filter(pa.array(~written))
                 for idx, name in enumerate(table.column_names):
-                    if name == "text" or name.endswith("_uri"):
+                    # one type per column whatever each file holds (a pandas categorical, a large_string):
+                    # batches join blocks of several files, and Arrow refuses to concatenate differing types
+                    if name == "item_id":
+                        table = table.set_column(idx, name, table.column(name).cast(pa.string()))
+                    elif name == "text" or name.endswith("_uri"):
                         table = table.set_column(idx, name, table.column(name).cast(pa.binary()))
                 if table.num_rows:
                     yield table
