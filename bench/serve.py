@@ -31,8 +31,9 @@ the demo's Serve proxy (127.0.0.1:8000), next to the demo app (idle meanwhile).
 
 Per level: ``qps`` (200 answers per second), latency percentiles of the 200 answers, ``error_rate``
 (non-200 or transport error), per-stage p50s from the response ``timings`` (one Flow per batch: the
-time a request's batch spent in each stage; ``outside_flow`` = client latency minus the Flow's
-total: HTTP, proxy, Ingress batching wait), ``mean_batch_size`` (answers sharing one Flow run's
+time a request's batch spent in each stage; ``queue``: the request's wait in the Ingress for its batch
+to run; ``ingress_total``: arrival in the Ingress to answer; ``outside_ingress`` = client latency minus
+that: HTTP, proxy, routing to the Ingress), ``mean_batch_size`` (answers sharing one Flow run's
 timings), and cores used over the level: the machine, the load
 generator, each Ray actor of the cluster, and the rest (other work on the shared machine shows there).
 Last line: one JSON object (``run`` returns it).
@@ -62,7 +63,7 @@ from tessera.embedded.state import read_env_file  # noqa: E402
 BENCH_ROOT = "s3://tessera-bench/serve"
 APP, NOOP_APP = "bench-recommender", "bench-noop-chain"
 APP_PREFIX, NOOP_PREFIX = "/bench/recommender", "/bench/noop"
-STAGES = ("encode", "retrieve", "rank", "total")
+STAGES = ("queue", "encode", "retrieve", "rank", "total")
 MIX = {"known_user": 0.70, "known_user_with_recent": 0.15, "anonymous_recent_items": 0.10, "unknown_user": 0.05}
 
 
@@ -106,11 +107,12 @@ def summarize(samples: list[Sample], elapsed_s: float) -> dict:
     lat = np.array([s.latency_s for s in ok]) * 1000.0
     stages = {}
     timed = [s for s in ok if s.timings]
-    for stage in STAGES:
-        stages[stage if stage != "total" else "flow_total"] = _pct([s.timings[f"{stage}_ms"] for s in timed], 50)
-    stages["outside_flow"] = _pct([s.latency_s * 1000.0 - s.timings["total_ms"] for s in timed], 50)
-    # the requests of one Ingress batch share one Flow run, so identical timings mark a batch
-    batches = len({tuple(sorted(s.timings.items())) for s in timed})
+    for stage in STAGES:  # (the no-op chain's answers have no queue)
+        stages[stage if stage != "total" else "ingress_total"] = _pct(
+            [s.timings[f"{stage}_ms"] for s in timed if f"{stage}_ms" in s.timings], 50)
+    stages["outside_ingress"] = _pct([s.latency_s * 1000.0 - s.timings["total_ms"] for s in timed], 50)
+    # the requests of one Ingress batch share one Flow run, so identical stage timings mark a batch
+    batches = len({tuple(s.timings.get(f"{k}_ms") for k in ("encode", "retrieve", "rank")) for s in timed})
     statuses: dict[str, int] = {}
     for s in samples:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1

@@ -61,7 +61,7 @@ from tessera.storage import Storage, StorageConfig
 
 logger = logging.getLogger("ray.serve")
 
-STAGES = ("encode", "retrieve", "rank", "total")
+STAGES = ("queue", "encode", "retrieve", "rank", "total")
 
 
 class BatchArgs(BaseModel):
@@ -771,16 +771,16 @@ class Ingress:
         current version until every stage deployment reports the new one loaded, then new requests switch
         to it. If a stage fails to load it (or none answers within ``ROLLOUT_TIMEOUT_S``), the Ingress
         stays on the current version, ``/v1/version`` and ``/healthz`` report the failed rollout, and it
-        is tried again (``rollout_retry_s``). A ``user_config`` with other keys than ``index_uri`` fails a
-        first deploy; later, it is reported as a failed rollout and the current version goes on (a
-        replica added meanwhile starts on the version the app serves)."""
+        is tried again (``rollout_retry_s``). A ``user_config`` with other keys than ``index_uri``, or with
+        none, fails a first deploy; later, it is reported as a failed rollout and the current version goes
+        on (a replica added meanwhile starts on the version the app serves)."""
         try:
             uri = configured_index(config, "Ingress")
+            if not uri:  # (an unset template variable): on a running app, not a reason to stop its replicas
+                raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
         except ValueError as err:
             await self._refuse_config(config, err)
             uri = None
-        if uri == "":
-            raise ValueError("the Ingress's user_config needs index_uri (the index version to serve)")
         if uri is None:
             pass  # refused: the current version goes on
         elif self.flow is None:
@@ -906,11 +906,11 @@ class Ingress:
     async def _answer(self, route: str, coro, response_model: type[BaseModel]):
         self._inflight += 1
         try:
-            return await self._answer_inner(route, coro, response_model)
+            return await self._answer_inner(route, coro, response_model, time.perf_counter())
         finally:
             self._inflight -= 1
 
-    async def _answer_inner(self, route: str, coro, response_model: type[BaseModel]):
+    async def _answer_inner(self, route: str, coro, response_model: type[BaseModel], arrived: float):
         try:
             result = await coro
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
@@ -921,6 +921,10 @@ class Ingress:
         if isinstance(result, RequestError):
             self.metrics.observe(route, result.status)
             return _error(result)
+        # the Flow times its batch; the request also waited for the batch to run (window, batches ahead)
+        total, ran = round((time.perf_counter() - arrived) * 1000.0, 3), result["timings"]["total_ms"]
+        result = {**result, "timings": {**result["timings"], "queue_ms": max(0.0, round(total - ran, 3)),
+                                        "total_ms": total}}  # per request: the batch shares one timings dict
         self.metrics.observe(route, 200, result["timings"])
         if result.get("cold_start"):
             self.metrics.cold.inc(tags={"route": route})

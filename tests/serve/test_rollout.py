@@ -306,6 +306,20 @@ def test_a_user_config_with_an_unknown_key_is_reported_and_the_current_version_g
         assert "user_config of Ingress" in version["rollout"]["error"] and version["index_uri"] == served_index
         r = requests.post(f"{app_url}/v1/recommend", json={"user_id": "user-00000004", "k": 5}, timeout=60)
         assert r.status_code == 200, r.text
+        # no index_uri at all (a templated config whose variable was unset): its reconfigure used to raise,
+        # which Serve counts as a failed replica start: it stopped every Ingress replica, and their
+        # replacements failed the same way
+        for d in config["applications"][0]["deployments"]:
+            d["user_config"] = {"index_uri": ""}
+        serve_deploy(config, dashboard_url, tmp_path)
+        version = wait_version(app_url, lambda v: "needs index_uri" in ((v["rollout"] or {}).get("error") or ""))
+        assert version["rollout"]["state"] == "failed" and version["index_uri"] == served_index, version
+        for _ in range(5):
+            r = requests.post(f"{app_url}/v1/recommend", json={"user_id": "user-00000004", "k": 5}, timeout=60)
+            assert r.status_code == 200, r.text
+            time.sleep(1)
+        status = yaml.safe_load(serve_cli("status", dashboard_url=dashboard_url).stdout or "{}")
+        assert status["applications"][APP]["deployments"]["Ingress"]["status"] == "HEALTHY", status
     finally:
         serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)
         wait_running(dashboard_url)

@@ -220,6 +220,15 @@ def test_version_errors_name_what_is_missing(storage, served_index, bucket_uri):
     write_index_manifest(storage, uri, bad)
     with pytest.raises(VersionError, match="model version 'other'"):
         VersionRef.resolve(storage, uri)
+    # the same version, retrained in place since (jobs.train --overwrite): its files differ from the ones the
+    # index was built from, which the version alone did not tell
+    assert manifest.source["model_fingerprint"].startswith("sha256:")  # recorded by the index job
+    VersionRef.resolve(storage, served_index)
+    retrained = manifest.model_copy(update={"source": {**manifest.source, "model_fingerprint": "sha256:" + "0" * 64}})
+    uri = f"{bucket_uri}/index/retrained"
+    write_index_manifest(storage, uri, retrained)
+    with pytest.raises(VersionError, match="another training of model version"):
+        VersionRef.resolve(storage, uri)
 
 
 def test_version_cache_keeps_the_current_and_newest_versions():
@@ -266,6 +275,20 @@ def test_version_cache_keeps_the_version_requests_name():
     assert "v1" in cache.loaded() and "v3" in cache.loaded() and cache.in_use == "v1"
     cache.get("v2", touch=False)  # a background load does not count as a request
     assert cache.in_use == "v1" and "v1" in cache.loaded()
+
+
+def test_version_cache_makes_room_before_a_load_not_after():
+    """Each rollout after the first used to hold three versions while the third loaded (the stale one, the one
+    serving, the new one): a replica sized for two was OOM-killed on its second rollout."""
+    held = []
+    cache: VersionCache = VersionCache(lambda uri: held.append(sorted(cache.loaded())) or uri.upper(), keep=2)
+    cache.set_current("v1")
+    assert cache.get_loaded("v1") == "V1"
+    cache.set_current("v2")
+    assert cache.get_loaded("v2") == "V2"  # the Ingress switched: requests name v2
+    cache.set_current("v3")
+    assert held == [[], ["v1"], ["v2"]], held  # v1 dropped before v3 loaded, not after
+    assert set(cache.loaded()) == {"v2", "v3"}
 
 
 def test_version_cache_never_evicts_the_version_it_just_loaded():

@@ -162,7 +162,8 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     check_s = max((b.check_seconds for shards in built.values() for b in shards), default=0.0)
 
     rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
-    source = {"model_uri": cfg.model_uri, "embedding_run": src.embedding_run,
+    source = {"model_uri": cfg.model_uri, "model_fingerprint": src.model_fingerprint,
+              "embedding_run": src.embedding_run,
               "embedding_run_id": src.embedding_manifest.get("run_id"), "interactions_uri": src.interactions_uri,
               "encoders": {m: {k: e.get(k) for k in ("name", "dim", "weights_checksum")}
                            for m, e in src.embedding_manifest.get("encoders", {}).items()}}

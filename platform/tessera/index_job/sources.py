@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tessera.embed.output import committed_parts
+from tessera.fingerprint import bundle_fingerprint
 from tessera.index_job.config import IndexJobConfig
 from tessera.storage import Storage, join_uri
 
@@ -32,6 +33,8 @@ class IndexSources:
     Attributes:
         model_uri: the bundle.
         model_version: the bundle's ``version``.
+        model_fingerprint: :func:`~tessera.fingerprint.bundle_fingerprint` of the bundle (which training
+            of the version this is: ``--overwrite`` retrains one in place).
         version: the index version folder name.
         index_uri: ``<output_uri>/<version>``.
         embedding_run: the embedding run's URI.
@@ -43,6 +46,7 @@ class IndexSources:
 
     model_uri: str
     model_version: str
+    model_fingerprint: str
     version: str
     index_uri: str
     embedding_run: str
@@ -100,7 +104,8 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
         # found now, not in the self-check after every shard is built
         raise IndexSourceError(f"interactions_uri={interactions} holds no Parquet parts")
     version = cfg.version or model_version
-    return IndexSources(model_uri=cfg.model_uri, model_version=model_version, version=version,
+    return IndexSources(model_uri=cfg.model_uri, model_version=model_version,
+                        model_fingerprint=bundle_fingerprint(bundle), version=version,
                         index_uri=join_uri(cfg.output_uri, version), embedding_run=run,
                         embedding_manifest=run_manifest, embedding_parts=parts, num_items=num_items,
                         interactions_uri=interactions)

@@ -66,10 +66,12 @@ class ScoredItem(BaseModel):
 
 
 class Timings(BaseModel):
+    queue_ms: float = Field(0.0, description="in the Ingress before the request's batch ran: the batching window "
+                                             "and the batches ahead of it")
     encode_ms: float = 0.0
     retrieve_ms: float = 0.0
     rank_ms: float = 0.0
-    total_ms: float = 0.0
+    total_ms: float = Field(0.0, description="in the Ingress, from the request's arrival to its answer")
 
 
 class RecommendResponse(BaseModel):

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tessera.fingerprint import bundle_fingerprint
 from tessera.index import IndexManifest, read_index_manifest
 from tessera.storage import Storage, join_uri
 
@@ -88,6 +89,11 @@ class VersionRef:
         if manifest.model_version is not None and str(bundle.get("version")) != manifest.model_version:
             raise VersionError(f"index {index_uri} was built from model version {manifest.model_version!r} but "
                                f"{model_uri} now holds version {bundle.get('version')!r}")
+        built_from = manifest.source.get("model_fingerprint")  # (indexes built before it was recorded: none)
+        if built_from and built_from != bundle_fingerprint(bundle):
+            raise VersionError(f"index {index_uri} was built from another training of model version "
+                               f"{bundle.get('version')!r}: {model_uri} was retrained since (its files differ); "
+                               f"build an index from it (jobs.build_index) and serve that")
         run = manifest.source.get("embedding_run") or manifest.embedding_run
         if not run:
             raise VersionError(f"the index manifest at {index_uri} names no embedding run")
@@ -201,7 +207,8 @@ T = TypeVar("T")
 
 
 class VersionCache(Generic[T]):
-    """Loaded versions of one serving component, by index URI; the newest ``keep`` stay loaded.
+    """Loaded versions of one serving component, by index URI; the newest ``keep`` stay loaded (a load
+    first drops the least recently used version beyond ``keep - 1``, so a rollout never holds more).
 
     A rollout loads the new version (``reconfigure``) while requests already routed with the old
     version's URI still find it here; a request naming a version this replica has not loaded yet
@@ -249,6 +256,7 @@ class VersionCache(Generic[T]):
                     self._loading.pop(index_uri, None)
                     raise VersionError(f"loading {index_uri} failed {time.monotonic() - failed[0]:.0f} s ago "
                                        f"(retried after {self._retry_after_s:g} s): {failed[2]}")
+                self._evict(self._keep - 1, index_uri)  # room first: a load never holds keep + 1 versions
             try:
                 state = self._loader(index_uri)
             except Exception as err:
@@ -261,14 +269,17 @@ class VersionCache(Generic[T]):
                 self._loaded[index_uri] = state
                 self._loading.pop(index_uri, None)
                 self._hit(index_uri, touch)
-                while len(self._loaded) > self._keep:
-                    # never evict the configured version, the one requests name, nor the one just loaded
-                    keep = (self.current, self.in_use, index_uri)
-                    oldest = next((u for u in self._loaded if u not in keep), None)
-                    if oldest is None:
-                        break
-                    self._loaded.pop(oldest)
+                self._evict(self._keep, index_uri)
             return state
+
+    def _evict(self, limit: int, loading: str) -> None:
+        """Drop the least recently used versions until at most ``limit`` are loaded; never the configured
+        version, the one requests name, nor ``loading`` (under ``_lock``)."""
+        while len(self._loaded) > limit:
+            oldest = next((u for u in self._loaded if u not in (self.current, self.in_use, loading)), None)
+            if oldest is None:
+                break
+            self._loaded.pop(oldest)
 
     def _hit(self, index_uri: str, touch: bool) -> T:
         self._loaded.move_to_end(index_uri)
