@@ -195,10 +195,28 @@ class _Versioned:
             except Exception:  # kept by the cache for version_status
                 logger.exception("%s: loading %s failed; this replica serves the versions requests name",
                                  type(self).__name__, uri)
-                return
-            logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri, time.perf_counter() - start)
+            else:
+                logger.info("%s: serving %s (loaded in %.1f s)", type(self).__name__, uri,
+                            time.perf_counter() - start)
+            await self._load_serving(uri)
         elif uri != self.cache.current:
             self._load_in_background(uri)
+
+    async def _load_serving(self, configured: str) -> None:
+        """Also load the version the app's Ingress serves, if another: a replica Serve adds or replaces during
+        a rollout (or after a failed one) is configured with the new version while requests still name the
+        old, and loading that on the first request held every request naming it for the whole load."""
+        serving = await asyncio.to_thread(_published_serving, serve.get_replica_context().app_name)
+        if not serving or serving == configured:
+            return
+        start = time.perf_counter()
+        try:
+            await asyncio.to_thread(self.cache.get, serving, True, False)
+        except Exception:  # (the key outlives a deleted app: its version may be gone) requests load what they name
+            logger.exception("%s: loading %s, the version the app serves, failed", type(self).__name__, serving)
+            return
+        logger.info("%s: also loaded %s, the version the app serves, in %.1f s", type(self).__name__, serving,
+                    time.perf_counter() - start)
 
     def _load_in_background(self, uri: str) -> None:
         """Load ``uri`` off the event loop (once at a time per version; a failed one is tried again), making
@@ -765,7 +783,7 @@ class Ingress:
 
         The first version is resolved here, and the replica starts once every stage deployment has it
         loaded (a replica without one cannot serve; one the stages cannot load fails the deploy; a replica
-        added while its rollout is failing starts on the version the app serves: :meth:`_first_version`).
+        added while a rollout is under way or failing starts on the version the app serves: :meth:`_first_version`).
         A later one is rolled
         out in the background: requests keep being answered from the
         current version until every stage deployment reports the new one loaded, then new requests switch
@@ -836,11 +854,18 @@ class Ingress:
 
     async def _first_version(self, uri: str):
         """The replica's first version: ``uri`` once every stage replica has it loaded. A replica that
-        Serve adds or replaces while a rollout of ``uri`` is failing (it starts them on the configured
-        version) starts instead on the version the app's Ingress replicas last switched to (published in
-        Ray's KV store by :meth:`_switch`) if a stage still holds it loaded, and tries ``uri`` again in
-        the background (reporting the rollout, as the running replicas do). With no such version (a first
+        Serve adds or replaces while a rollout of ``uri`` is under way or failing (it starts them on the
+        configured version) starts instead, at once, on the version the app's Ingress replicas last switched
+        to (published in Ray's KV store by :meth:`_switch`) if a stage still holds it loaded, and rolls
+        ``uri`` out in the background (reporting the rollout, as the running replicas do). With no such version (a first
         deploy, or the app deleted and deployed again: its stages are new) the failure fails its start."""
+        serving = await self._serving_fallback(uri)
+        if serving is not None:  # a rollout of uri under way or failing: start on the served version at once
+            try:  # (waiting for uri kept a replaced Ingress replica down for the whole rollout)
+                return await self._ready_version(serving)
+            except Exception as err:
+                logger.error("%s, the version the app serves, cannot be served here (%s); waiting for %s", serving,
+                             _cause_line(err), uri)
         try:
             return await self._ready_version(uri)
         except Exception as err:

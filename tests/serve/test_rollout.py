@@ -191,6 +191,18 @@ def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
     for user in ("user-00000004", "user-00000005"):
         r = requests.post(f"{app_url}/v1/recommend", json={"user_id": user, "k": 5}, timeout=60)
         assert r.status_code == 200 and r.json()["index_version"] == v1.index_version, r.text
+    # a stage replica replaced alone (no new Ingress replica waits for it): it loads the version the app
+    # serves at its start, before Serve routes to it; it used to load it on the first request naming it,
+    # which held every such request for the whole load
+    from ray import serve
+
+    [old] = replicas(ray_session, "Retriever")
+    ray_session.kill(ray_session.get_actor(old[0], namespace=old[1]), no_restart=True)
+    while not (now := replicas(ray_session, "Retriever")) or old in now:
+        assert time.monotonic() < deadline + 120, now
+        time.sleep(0.5)
+    loaded = serve.get_deployment_handle("Retriever", APP).loaded_versions.remote().result(timeout_s=120)
+    assert served_index in loaded, loaded  # the handle reaches only a replica whose start has ended
     # rolled back: nothing pending, the same replicas answer
     serve_deploy(deploy_config(served_index, serve_port), dashboard_url, tmp_path)
     wait_running(dashboard_url)
