@@ -14,3 +14,47 @@ def init_ray(**kwargs) -> None:
 
     if not ray.is_initialized():
         ray.init(**kwargs)
+
+
+SHARED_FS_ENV = "TESSERA_SHARED_FS"  # "1": local paths are a mount every node of the cluster shares
+
+
+def check_paths_for_cluster(written: dict[str, str | None], read: dict[str, str | None]) -> None:
+    """Refuse local paths a job's tasks write to when the cluster has more than one node.
+
+    A local path is each node's own disk: the parts a task writes land on whichever node ran it, and the
+    driver, which lists and tallies them on the head, finds only the head's (the embedding job encoded
+    the whole corpus, then exited 4 saying parts were lost, on every rerun). Keys read through local
+    paths only get a warning: they work if every node holds the same files. Nothing is checked with
+    ``TESSERA_SHARED_FS=1`` (the paths are a mount every node shares, e.g. NFS) or on one node.
+
+    Args:
+        written: config key -> URI the job's tasks write (None: not set).
+        read: config key -> URI the job's tasks read.
+
+    Raises:
+        ConfigError: naming every written key with a local path, and the cluster's node count.
+    """
+    import os
+    import sys
+
+    import ray
+
+    from tessera.config import ConfigError
+    from tessera.storage import parse_uri
+
+    def local(paths: dict[str, str | None]) -> list[str]:
+        return [f"{k}={v}" for k, v in paths.items() if v and parse_uri(v).scheme == "file"]
+
+    written_local, read_local = local(written), local(read)
+    if not (written_local or read_local) or os.environ.get(SHARED_FS_ENV) == "1":
+        return
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    if written_local:
+        raise ConfigError(f"{', '.join(written_local)}: a local path, but this Ray cluster has {nodes} nodes: each "
+                          "node's tasks would write to their own disk, and the driver sees only its own. Use an "
+                          f"s3:// URI, or set {SHARED_FS_ENV}=1 if the path is a mount every node shares")
+    print(f"warning: {', '.join(read_local)}: a local path on a cluster of {nodes} nodes; tasks on other nodes "
+          f"read their own disk there (set {SHARED_FS_ENV}=1 if it is a mount every node shares)", file=sys.stderr)

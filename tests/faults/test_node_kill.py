@@ -4,7 +4,8 @@ embedding job submitted with ``ray job submit`` still completes, every item exac
 The cluster is a head (1 CPU, no GPU: it runs the job's driver and CPU stages) and two worker nodes
 with one logical GPU each. Every encoder pool asks for 0.3 GPU, so encoder actors run on the worker
 nodes only, and one node alone can hold every pool once the other is gone. The test waits until an
-encoder actor on a worker node has encoded a batch, then kills that node.
+encoder actor on a worker node has encoded a batch, then kills that node. (Also here: a local output path
+refused on a cluster of several nodes.)
 """
 
 from __future__ import annotations
@@ -80,3 +81,24 @@ def test_worker_node_killed_mid_embedding(ray_cluster, fault_corpus, fault_weigh
     assert manifest["timings"]["resumed_from"] == 0  # recovered inside the one attempt, not by a rerun
     print(f"[node-kill] {manifest['input']['items']} items in {manifest['output']['parts']} parts, each once; "
           f"counts {manifest['counts']}")
+
+
+@pytest.mark.slow
+def test_a_local_output_path_on_a_cluster_of_several_nodes_is_refused(ray_cluster, fault_corpus, fault_weights,
+                                                                     tmp_path):
+    """A local ``output_uri`` is each node's own disk: the job used to encode the whole corpus with its parts
+    landing on the worker nodes, then exit 4 ("parts were lost") from the head, on every rerun. Now it exits 2
+    at once, naming the key."""
+    import yaml
+
+    ray_cluster.add_node(num_cpus=1)
+    out = tmp_path / "embeddings"
+    config = write_embed_config(tmp_path / "embed.yaml", fault_corpus, fault_weights, "local-out", modalities=("text",))
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "output_uri": str(out)}))
+    job = ray_cluster.submit("python", "-m", "jobs.embed", "--config", str(config))
+    info = job.wait(180)
+    logs = job.logs()
+    assert info["status"] == "FAILED", logs[-3000:]
+    assert f"output_uri={out}: a local path, but this Ray cluster has" in logs and "TESSERA_SHARED_FS=1" in logs, logs
+    assert not out.exists()
