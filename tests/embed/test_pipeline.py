@@ -268,9 +268,39 @@ def test_a_media_uri_that_is_not_utf8_fails_its_item_not_the_block(storage, buck
                                                                                           b"s3://x/\xff.jpg", None])}),
                    path, filesystem=fs)
     [table] = list(read_items({"uri": [uri]}, storage, ["item_id", "image_uri"], rows_per_batch=10))
-    out = fetch(table, "image", storage, max_bytes=1000, threads=2)
+    [out] = list(fetch(table, "image", storage, max_bytes=1000, threads=2))
     assert out.column("image_bytes").to_pylist() == [b"some bytes", None, None]
     assert out.column("image_error").to_pylist() == [None, "missing: invalid URI: not UTF-8 (byte 7)", None]
+
+
+def test_a_fetch_task_yields_blocks_bounded_by_bytes_every_item_once_in_order(storage, bucket_uri):
+    """A fetch task held its whole batch of fetched objects (256 of up to 20 MB each), twice over; now it
+    yields blocks of about ``max_block_bytes``, each row with its own bytes or error and the vector columns
+    of earlier pools beside it."""
+    from tessera.embed.stages import fetch
+
+    uris, expected = [], []
+    for n in range(10):
+        uri = join_uri(bucket_uri, "fetch-blocks", f"{n}.bin")
+        data = bytes([n]) * (1000 + n)
+        storage.write_bytes(uri, data)
+        uris.append(uri.encode())
+        expected.append(data)
+    uris[3], expected[3] = None, None  # no image
+    uris[6], expected[6] = join_uri(bucket_uri, "fetch-blocks", "absent.bin").encode(), None
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(20, dtype=np.float32)), 2)
+    table = pa.table({"item_id": [f"i{n}" for n in range(10)], "image_uri": pa.array(uris, pa.binary()),
+                      "text_vector": vectors})
+    blocks = list(fetch(table, "image", storage, max_bytes=5000, threads=3, max_block_bytes=2500))
+    # a block ends with the object that takes it past 2500 bytes (items 3 and 6 bring none)
+    assert [len(b) for b in blocks] == [3, 5, 2], [len(b) for b in blocks]
+    out = pa.concat_tables(blocks)
+    assert out.column("item_id").to_pylist() == [f"i{n}" for n in range(10)]
+    assert out.column("image_bytes").to_pylist() == expected
+    errors = out.column("image_error").to_pylist()
+    assert errors[6].startswith("missing") and [e for n, e in enumerate(errors) if n != 6] == [None] * 9
+    assert out.column("text_vector").equals(table.column("text_vector"))
+    assert [len(b) for b in fetch(table.slice(0, 0), "image", storage, 5000, 3)] == [0]
 
 
 def test_items_files_with_differing_column_types_read_as_one_schema(storage, bucket_uri):

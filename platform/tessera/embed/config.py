@@ -75,6 +75,9 @@ class FetchConfig(StageConfig):
     num_cpus: float = Field(0.1, gt=0)
     threads: int = Field(16, ge=1, le=256)
     concurrency: int | None = Field(4, ge=1)
+    # a task yields its batch in blocks of about this many fetched bytes: it holds one block plus the
+    # ``threads`` objects in flight (at most ``encoder.max_bytes`` each), not the whole batch
+    max_block_mb: int = Field(256, ge=1)
 
 
 # Media items per fetch task, decode task and encoder call (the encoder still runs micro-batches of its

@@ -355,7 +355,7 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
             ds = ds.map_batches(fetch, batch_format="pyarrow", batch_size=f.batch_size, num_cpus=f.num_cpus,
                                 compute=ray.data.TaskPoolStrategy(size=f.concurrency),
                                 fn_kwargs={"modality": m, "storage": storage, "max_bytes": mcfg.encoder.max_bytes,
-                                           "threads": f.threads})
+                                           "threads": f.threads, "max_block_bytes": f.max_block_mb << 20})
         p = mcfg.preprocess
         ds = ds.map_batches(decode, batch_format="pyarrow", batch_size=p.batch_size, num_cpus=p.num_cpus,
                             compute=ray.data.TaskPoolStrategy(size=p.concurrency),
