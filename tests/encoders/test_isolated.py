@@ -66,6 +66,26 @@ def test_a_crash_or_a_hang_fails_its_item_alone_and_a_fresh_child_takes_the_next
     assert "the decoding process died on one item" in caplog.text
 
 
+def test_a_decoder_killed_by_sigkill_gets_its_item_once_more(image_weights, grocery_jpegs, tmp_path, caplog):
+    """SIGKILL is what the kernel's OOM killer sends: most often the node's memory, not the input. Such an
+    item used to be failed for good as 'crashed on this input'; now it is tried once more in a new child,
+    and failed (saying so) only when that is killed too."""
+    decoder = IsolatedDecoder(timeout_s=20)
+    prep = FaultyImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    jpeg = grocery_jpegs[0].read_bytes()
+    once = b"OOM" + str(tmp_path / "killed-once").encode() + b"\0" + jpeg
+    try:
+        decoder.start(prep)
+        out = decoder.map(prep, [once, b"OOM\0" + jpeg, jpeg])
+    finally:
+        decoder.close()
+    expected = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights))).map([jpeg])[0]
+    assert np.array_equal(out[0], expected) and np.array_equal(out[2], expected)  # the retry decoded it
+    assert isinstance(out[1], MediaError) and str(out[1]) == (
+        "corrupt: the decoder was killed on this input twice (SIGKILL: out of memory?)")
+    assert decoder.restarts == 3 and "trying it once more" in caplog.text
+
+
 def test_a_preprocessor_that_cannot_set_up_raises_as_in_process(decoder, tmp_path, grocery_jpegs):
     broken = ImagePreprocessor(ImageEncoderConfig(weights=str(tmp_path)))  # no preprocessor_config.json
     with pytest.raises(FileNotFoundError):

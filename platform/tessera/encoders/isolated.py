@@ -7,6 +7,8 @@ every request batched with the bad one; the caller's retries then replay the bad
 replicas, which die the same way. :class:`IsolatedDecoder` runs ``Preprocessor.map`` for one item at
 a time in a child process: a crash becomes that item's ``MediaError("corrupt", ...)``, a hang past
 ``timeout_s`` is killed and becomes one too, and a replacement child starts at once for the next item.
+A child killed by SIGKILL (what the kernel's OOM killer sends: the node's memory, most often, not the
+input) gets its item once more in the new child; it fails only if that one is killed too.
 Items never share a child call, so the item that brought it down is known.
 
 The child is a plain ``python -m tessera.encoders.isolated`` subprocess (not ``multiprocessing``,
@@ -43,6 +45,7 @@ import os
 import pickle
 import queue
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -122,7 +125,6 @@ def _die_with_parent(parent: int) -> bool:
     done = False
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -277,7 +279,7 @@ class IsolatedDecoder:
         _result(reply)  # raises the preprocessor's setup error, if any
         self._ready.add(key)
 
-    def _one(self, key: bytes, raw: Any, name: str) -> np.ndarray | MediaError:
+    def _one(self, key: bytes, raw: Any, name: str, again: bool = False) -> np.ndarray | MediaError:
         self._setup(key)
         proc = self._proc
         try:
@@ -287,9 +289,15 @@ class IsolatedDecoder:
             return _result(reply)
         except _ChildGone:
             self._discard()
+            killed = proc.returncode == -signal.SIGKILL  # the kernel's OOM killer, most often: not the input
+            if killed and not again:  # the node's memory may be back: an item is failed for good on the second
+                logger.warning("%s: the decoding process was killed (SIGKILL: out of memory?) on one item; "
+                               "trying it once more in a new one", name)
+                return self._one(key, raw, name, again=True)
             logger.warning("%s: the decoding process died on one item (exit code %s; recorded as 'corrupt'); "
                            "started a new one", name, proc.returncode)
-            return MediaError("corrupt", "the decoder crashed on this input")
+            return MediaError("corrupt", "the decoder was killed on this input twice (SIGKILL: out of memory?)"
+                              if killed else "the decoder crashed on this input")
         except TimeoutError:
             self._discard()
             logger.warning("%s: one item took over %g s to decode; the decoding process was killed", name,
