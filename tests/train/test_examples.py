@@ -15,6 +15,7 @@ from tessera.train.examples import (
     history_from_batch,
     item_counts,
     next_item_examples,
+    target_counts,
     user_records,
 )
 
@@ -32,6 +33,20 @@ def test_time_split_holds_out_the_last_event_and_keeps_short_users_in_train():
     assert rec["train_items"][0].tolist() == [3, 1, 9] and rec["test_items"][0].tolist() == [5]
     assert rec["train_items"][1].tolist() == [7] and len(rec["test_items"][1]) == 0
     assert item_counts(rec, 10).tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 0, 1]
+
+
+def test_logq_counts_are_the_towers_targets():
+    """logQ corrects for how often an item is an in-batch negative, i.e. another example's target: every
+    training event was counted, the first of each user (never a target) and the ranker's tail included."""
+    rng = np.random.default_rng(0)
+    users = [f"u{n}" for n in rng.integers(0, 30, 400)]
+    records = user_records({"user_id": np.array(users), "item_row": rng.integers(0, 50, 400),
+                            "ts": rng.permutation(400), "weight": np.ones(400, np.float32)}, holdout=1)
+    examples = next_item_examples(records, max_history=5)
+    for tail in (0, 2):
+        targets = examples["target"][examples["from_end"] >= tail]
+        assert target_counts(records, 50, tail).tolist() == np.bincount(targets, minlength=50).tolist()
+    assert target_counts(records, 50, 2).sum() < item_counts(records, 50).sum()
 
 
 def test_events_at_the_same_time_split_the_same_whatever_order_they_arrive_in():

@@ -179,8 +179,19 @@ class EvalSet:
                    test_items=[np.asarray(targets[i], dtype=np.int64) for i in keep])
 
 
+def target_counts(records: dict[str, np.ndarray], num_items: int, tail: int) -> np.ndarray:
+    """``(I,)`` how often each catalog row is a target of the retrieval towers' examples (positions
+    ``1 <= t <= len - 1 - tail`` of each user's training events: :func:`next_item_examples` with
+    ``from_end >= tail``). In-batch negatives are other examples' targets, so this, not every training
+    event, is the distribution logQ corrects for: a user's first event is never a target, and the last
+    ``tail`` are the ranker's."""
+    flat = [np.asarray(x, dtype=np.int64)[1:max(1, len(x) - tail)] for x in records["train_items"]]
+    rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+    return np.bincount(rows, minlength=num_items)
+
+
 def item_counts(records: dict[str, np.ndarray], num_items: int, with_validation: bool = False) -> np.ndarray:
-    """``(I,)`` training interactions per catalog row (the logQ and ranker popularity statistics);
+    """``(I,)`` training interactions per catalog row (the ranker's popularity statistic);
     ``with_validation``: the validation events counted too (everything before the test: the popularity
     baseline's counts when it is tested)."""
     parts = ("train_items", "val_items") if with_validation and "val_items" in records else ("train_items",)

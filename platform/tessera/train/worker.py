@@ -12,7 +12,8 @@ the version holds it, this one writes no further checkpoint and fails (restarts 
 
 Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the towers' leave out
 each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers;
-the ``users`` dataset (time-split user records) is read whole by every worker for the logQ counts
+the ``users`` dataset (time-split user records) is read whole by every worker for the logQ counts (the
+towers' targets, :func:`~tessera.train.examples.target_counts`), the ranker's popularity
 and, on rank 0, the evaluation set. The item feature table is read from the embedding run by each
 worker.
 """
@@ -36,7 +37,7 @@ from tessera.storage import Storage
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
-from tessera.train.examples import EvalSet, SeenBefore, item_counts
+from tessera.train.examples import EvalSet, SeenBefore, item_counts, target_counts
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
 from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
@@ -100,10 +101,11 @@ def _maybe_fail(cfg: TrainConfig, storage: Storage, global_epoch: int, rank: int
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState):
-    if stage.kind == "retrieval":
+def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState,
+           q_counts: np.ndarray | None = None):
+    if stage.kind == "retrieval":  # logQ over the towers' targets (q_counts), else over every event
         return TwoTowerModel.build(variant(stage.name, catalog.modalities, cfg.towers.fused_ids), catalog,
-                                   cfg.towers, counts, cfg.max_history)
+                                   cfg.towers, counts if q_counts is None else q_counts, cfg.max_history)
     fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
                                 counts, cfg.max_history)
     fused.load_state_dict(state.models["fused"])
@@ -111,13 +113,15 @@ def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndar
 
 
 def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState,
-                resume: bool, prepare) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+                resume: bool, prepare, q_counts: np.ndarray | None = None
+                ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
     """The stage's model (``prepare``d: on the worker's device, DDP-wrapped), its unwrapped module, and its
-    optimizer; ``resume``: both restored from ``state.current``.
+    optimizer; ``resume``: both restored from ``state.current``. ``counts``: training events per item (the
+    ranker's popularity); ``q_counts``: targets of the towers' examples per item (their logQ; None: ``counts``).
 
     The model is on its device before the optimizer loads its state: ``load_state_dict`` puts Adam's
     moments on the parameters' device, and moments left on the CPU failed the first GPU step of a resume."""
-    model = _build(stage, cfg, catalog, counts, state)
+    model = _build(stage, cfg, catalog, counts, state, q_counts)
     if resume:
         model.load_state_dict(state.current["model"])
     model = prepare(model)
@@ -144,6 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
+    q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0)
     seen_before = SeenBefore(users)
     test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
     val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
@@ -166,7 +171,8 @@ def train_loop_per_worker(config: dict) -> None:
         stage = plan[stage_idx]
         torch.manual_seed(cfg.seed + stage_idx)
         resume = state.stage == stage_idx and state.current is not None
-        model, inner, opt = stage_model(stage, cfg, catalog, counts, state, resume, ray.train.torch.prepare_model)
+        model, inner, opt = stage_model(stage, cfg, catalog, counts, state, resume, ray.train.torch.prepare_model,
+                                        q_counts)
         start_epoch = state.epoch if resume else 0
         batch_size = cfg.ranker.batch_size if stage.kind == "ranker" else cfg.towers.batch_size
         for epoch in range(start_epoch, stage.epochs):
