@@ -26,7 +26,7 @@ from tessera.index_job import (
     run_index_job,
 )
 from tessera.lease import LeaseHeldError, LeaseLostError
-from tessera.ray_utils import check_paths_for_cluster, init_ray
+from tessera.ray_utils import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     init_ray()
-    try:
-        check_paths_for_cluster({"output_uri": cfg.output_uri},
-                                {"model_uri": cfg.model_uri, "embeddings_uri": cfg.embeddings_uri,
-                                 "interactions_uri": cfg.interactions_uri})
-    except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
     try:
         manifest = run_index_job(cfg, break_lease=args.break_lease)
     except ConfigError as err:  # a setting that does not fit the data (a pinned ScaNN parameter)

@@ -20,7 +20,7 @@ from tessera.config import ConfigError, apply_flags, load_config
 from tessera.embed.config import EmbedConfig
 from tessera.embed.pipeline import EmbeddingInputError, EmbeddingIntegrityError, error_rate, run_embedding
 from tessera.lease import LeaseHeldError, LeaseLostError
-from tessera.ray_utils import check_paths_for_cluster, init_ray
+from tessera.ray_utils import init_ray
 
 
 def summary_lines(manifest: dict) -> list[str]:
@@ -48,11 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     init_ray()
-    try:
-        check_paths_for_cluster({"output_uri": cfg.output_uri}, {"items_uri": cfg.items_uri})
-    except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
     try:
         manifest = run_embedding(cfg, break_lease=args.break_lease)
     except EmbeddingInputError as err:

@@ -20,7 +20,7 @@ import json
 import sys
 
 from tessera.config import ConfigError, apply_flags, load_config
-from tessera.ray_utils import check_paths_for_cluster, init_ray
+from tessera.ray_utils import init_ray
 from tessera.train.config import TrainConfig
 
 
@@ -45,13 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.train.job import BundleExistsError, RunConflictError, TrainingFailedError, run_training
 
     init_ray()
-    try:
-        check_paths_for_cluster({"checkpoint_uri": cfg.checkpoint_uri},
-                                {"embeddings_uri": cfg.embeddings_uri, "interactions_uri": cfg.interactions_uri,
-                                 "models_uri": cfg.models_uri})
-    except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
     try:
         manifest = run_training(cfg, break_lease=args.break_lease)
     except BundleExistsError as err:

@@ -49,6 +49,8 @@ def check_paths_for_cluster(written: dict[str, str | None], read: dict[str, str 
     written_local, read_local = local(written), local(read)
     if not (written_local or read_local) or os.environ.get(SHARED_FS_ENV) == "1":
         return
+    if not ray.is_initialized():  # the job starts a local Ray later: one node
+        return
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     if nodes <= 1:
         return

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tessera.config import ConfigError
 from tessera.embed.config import EmbedConfig
 from tessera.embed.ids import colliding, file_ids_with_hashes, hash_ids, map_files, new_key
 from tessera.embed.output import (
@@ -40,6 +41,7 @@ from tessera.encoders.text import TextEncoder
 from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
 from tessera.lease import LeaseLostError, RunLease
 from tessera.memory import allocator_env
+from tessera.ray_utils import check_paths_for_cluster
 from tessera.storage import Storage, join_uri, parse_uri
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
@@ -435,7 +437,8 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
 
     Raises:
         EmbeddingInputError: no items table at ``items_uri``, null or repeated item ids, an items file
-            without a source column, pools that cannot fit, another run's identity.
+            without a source column, pools that cannot fit, another run's identity, a local ``output_uri``
+            on a cluster of several nodes.
         EmbeddingIntegrityError: the parts do not hold every input item exactly once, or one modality's
             actors ran different weights (:class:`EncoderMismatchError`).
         LeaseHeldError: another attempt of the run is running.
@@ -443,6 +446,10 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
             lease for ``lease_ttl_s``, or was broken); this attempt stopped.
     """
     t0 = time.perf_counter()
+    try:
+        check_paths_for_cluster({"output_uri": cfg.output_uri}, {"items_uri": cfg.items_uri})
+    except ConfigError as err:
+        raise EmbeddingInputError(str(err)) from None
     storage = Storage(cfg.storage)
     run_uri = join_uri(cfg.output_uri, cfg.run_id)
     files = storage.list_files(cfg.items_uri, ".parquet")

@@ -61,6 +61,7 @@ from tessera.index_job.self_check import (
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.lease import RunLease
+from tessera.ray_utils import check_paths_for_cluster
 from tessera.storage import Storage, join_uri
 
 LEASE_FILE = "_LEASE.json"
@@ -92,9 +93,13 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
         IndexRecallError: a self-check below ``self_check.recall_floor`` (``_FAILED.json`` written).
         LeaseHeldError: another build of the version is running.
         LeaseLostError: another build took the version over while this one ran (this one stopped).
+        ConfigError: a local ``output_uri`` on a cluster of several nodes (:func:`check_paths_for_cluster`).
     """
 
     t0 = time.perf_counter()
+    check_paths_for_cluster({"output_uri": cfg.output_uri},
+                            {"model_uri": cfg.model_uri, "embeddings_uri": cfg.embeddings_uri,
+                             "interactions_uri": cfg.interactions_uri})
     storage = Storage(cfg.storage)
     src = resolve_sources(cfg, storage)
     _refuse_existing(storage, src)

@@ -35,6 +35,7 @@ from ray.train.torch import TorchTrainer
 from tessera.config import ConfigError
 from tessera.lease import LeaseLostError, LeaseRef, RunLease
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
+from tessera.ray_utils import check_paths_for_cluster
 from tessera.storage import Storage, join_uri, parse_uri
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
@@ -117,10 +118,14 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None, break_lease: 
     """Train every variant, evaluate, save the bundle; returns the bundle manifest.
 
     Raises:
+        ConfigError: a local ``checkpoint_uri`` on a cluster of several nodes (:func:`check_paths_for_cluster`).
         BundleExistsError: the version exists and ``overwrite`` is off.
         LeaseHeldError: another attempt of the version is running (``break_lease`` takes it over).
         LeaseLostError: another attempt took the version over while this one trained; nothing written.
     """
+    check_paths_for_cluster({"checkpoint_uri": cfg.checkpoint_uri},
+                            {"embeddings_uri": cfg.embeddings_uri, "interactions_uri": cfg.interactions_uri,
+                             "models_uri": cfg.models_uri})
     storage = storage or Storage(cfg.storage)
     t0 = time.perf_counter()
     _refuse_existing(cfg, storage)  # before the lease: a rerun of a finished version needs no wait
