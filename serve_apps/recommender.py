@@ -205,9 +205,14 @@ class _Versioned:
     async def _load_serving(self, configured: str) -> None:
         """Also load the version the app's Ingress serves, if another: a replica Serve adds or replaces during
         a rollout (or after a failed one) is configured with the new version while requests still name the
-        old, and loading that on the first request held every request naming it for the whole load."""
-        serving = await asyncio.to_thread(_published_serving, serve.get_replica_context().app_name)
+        old, and loading that on the first request held every request naming it for the whole load. Only
+        while an Ingress replica of the app runs: the published version outlives a deleted app, and the
+        stages of one deployed again must not hold a version of its past (the Ingress would start on it)."""
+        app = serve.get_replica_context().app_name
+        serving = await asyncio.to_thread(_published_serving, app)
         if not serving or serving == configured:
+            return
+        if not (await asyncio.to_thread(_replica_counts, app, ["Ingress"])).get("Ingress"):
             return
         start = time.perf_counter()
         try:

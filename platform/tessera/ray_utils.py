@@ -16,6 +16,18 @@ def init_ray(**kwargs) -> None:
         ray.init(**kwargs)
 
 
+def autoscaler_max_resources() -> dict | None:
+    """The most of each resource the cluster's autoscaler may bring up (its node types' ``max_workers``
+    x resources, capped by ``max_workers``), or None without an autoscaler. Read the way Ray Train and
+    Ray Data read it (``ray._private.state``: no public API in Ray 2.60); any failure reads as None."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: never let it fail the job
+        return None
+
+
 SHARED_FS_ENV = "TESSERA_SHARED_FS"  # "1": local paths are a mount every node of the cluster shares
 
 
@@ -26,7 +38,8 @@ def check_paths_for_cluster(written: dict[str, str | None], read: dict[str, str 
     driver, which lists and tallies them on the head, finds only the head's (the embedding job encoded
     the whole corpus, then exited 4 saying parts were lost, on every rerun). Keys read through local
     paths only get a warning: they work if every node holds the same files. Nothing is checked with
-    ``TESSERA_SHARED_FS=1`` (the paths are a mount every node shares, e.g. NFS) or on one node.
+    ``TESSERA_SHARED_FS=1`` (the paths are a mount every node shares, e.g. NFS), or on one node without an
+    autoscaler.
 
     Args:
         written: config key -> URI the job's tasks write (None: not set).
@@ -52,11 +65,13 @@ def check_paths_for_cluster(written: dict[str, str | None], read: dict[str, str 
     if not ray.is_initialized():  # the job starts a local Ray later: one node
         return
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes <= 1:
+    scaling = autoscaler_max_resources() is not None  # a head alone now, workers brought up for the tasks
+    if nodes <= 1 and not scaling:
         return
+    cluster = f"this Ray cluster has {nodes} nodes" + (" and an autoscaler" if scaling else "")
     if written_local:
-        raise ConfigError(f"{', '.join(written_local)}: a local path, but this Ray cluster has {nodes} nodes: each "
-                          "node's tasks would write to their own disk, and the driver sees only its own. Use an "
-                          f"s3:// URI, or set {SHARED_FS_ENV}=1 if the path is a mount every node shares")
-    print(f"warning: {', '.join(read_local)}: a local path on a cluster of {nodes} nodes; tasks on other nodes "
-          f"read their own disk there (set {SHARED_FS_ENV}=1 if it is a mount every node shares)", file=sys.stderr)
+        raise ConfigError(f"{', '.join(written_local)}: a local path, but {cluster}: each node's tasks would write "
+                          "to their own disk, and the driver sees only its own. Use an s3:// URI, or set "
+                          f"{SHARED_FS_ENV}=1 if the path is a mount every node shares")
+    print(f"warning: {', '.join(read_local)}: a local path, but {cluster}; tasks on other nodes read their own "
+          f"disk there (set {SHARED_FS_ENV}=1 if it is a mount every node shares)", file=sys.stderr)

@@ -86,6 +86,24 @@ def test_a_decoder_killed_by_sigkill_gets_its_item_once_more(image_weights, groc
     assert decoder.restarts == 3 and "trying it once more" in caplog.text
 
 
+def test_a_child_answering_what_it_never_writes_is_not_taken_for_an_oom_kill(image_weights, grocery_jpegs,
+                                                                              monkeypatch, caplog):
+    """The parent kills a child that answers garbage (here: a reply over the size limit) with SIGKILL
+    itself; that exit status is not the OOM killer's, so the item is not decoded again."""
+    import tessera.encoders.isolated as isolated
+
+    decoder = IsolatedDecoder(timeout_s=20)
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(image_weights)))
+    try:
+        decoder.start(prep)
+        monkeypatch.setattr(isolated, "MAX_REPLY_BYTES", 1000)  # an image input is ~200 kB
+        [out] = decoder.map(prep, [grocery_jpegs[0].read_bytes()])
+    finally:
+        decoder.close()
+    assert isinstance(out, MediaError) and str(out) == "corrupt: the decoder crashed on this input"
+    assert decoder.restarts == 1 and "trying it once more" not in caplog.text
+
+
 def test_a_preprocessor_that_cannot_set_up_raises_as_in_process(decoder, tmp_path, grocery_jpegs):
     broken = ImagePreprocessor(ImageEncoderConfig(weights=str(tmp_path)))  # no preprocessor_config.json
     with pytest.raises(FileNotFoundError):

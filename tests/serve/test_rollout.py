@@ -175,7 +175,8 @@ def test_a_rollout_the_stages_cannot_load_keeps_the_current_version_answering(
     health = requests.get(f"{app_url}/healthz?deep=true", timeout=30)  # (failed, or loading its next try)
     assert health.status_code == 200 and "Retriever could not load" in health.json()["rollout"]["error"]
     # replicas lost meanwhile are replaced: Serve starts them on the broken version of the config; the
-    # Retriever's starts without a version and loads what requests name, the Ingress's starts on the
+    # Retriever's starts without a version (no Ingress replica runs, so it does not load the served one:
+    # see below for one replaced alone) and loads what it is asked for, the Ingress's starts on the
     # version the app was serving (Ray's KV store), tries the broken one again and reports it failed
     victims = {d: replicas(ray_session, d) for d in ("Retriever", "Ingress")}
     for name, namespace in [r for rs in victims.values() for r in rs]:

@@ -41,7 +41,7 @@ from tessera.encoders.text import TextEncoder
 from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
 from tessera.lease import LeaseLostError, RunLease
 from tessera.memory import allocator_env
-from tessera.ray_utils import check_paths_for_cluster
+from tessera.ray_utils import autoscaler_max_resources, check_paths_for_cluster
 from tessera.storage import Storage, join_uri, parse_uri
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
@@ -382,18 +382,6 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
                                      "attempt": attempt})
 
 
-def _autoscaler_max_resources() -> dict | None:
-    """The most of each resource the cluster's autoscaler may bring up (its node types' ``max_workers``
-    x resources, capped by ``max_workers``), or None without an autoscaler. Read the way Ray Train and
-    Ray Data read it (``ray._private.state``: no public API in Ray 2.60); any failure reads as None."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: never let it fail the job
-        return None
-
-
 def cluster_capacity(current: dict, autoscaler_max: dict | None) -> tuple[float, float]:
     """``(CPUs, GPUs)`` the pools can count on: what the cluster has now, or on an autoscaling cluster the
     most its autoscaler may add (the pools' actors then bring the nodes up: ``cluster.yaml`` scales its
@@ -517,7 +505,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                                    f"parts mix both: delete the run's folder, or embed into another run_id")
     # an earlier run's incomplete or outdated manifest, if any: this attempt replaces that version only
     started_manifest = storage.read_versioned(manifest_uri)[1] if storage.exists(manifest_uri) else None
-    cpus, gpus = cluster_capacity(ray.cluster_resources(), _autoscaler_max_resources())
+    cpus, gpus = cluster_capacity(ray.cluster_resources(), autoscaler_max_resources())
     check_fits(cfg, cpus, gpus)
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))

@@ -18,16 +18,16 @@ fail the job: Ray Data does not retry a task whose function raised.
 
 from __future__ import annotations
 
-import collections
 import functools
 import io
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -133,9 +133,10 @@ def _read_row_group(storage: Storage, uri: str, index: int, columns: list[str]) 
 def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, threads: int,
           max_block_bytes: int = 256 << 20) -> Iterator[pa.Table]:
     """Read the objects behind ``<modality>_uri`` in parallel threads (``threads`` in flight), yielding
-    the batch in blocks of about ``max_block_bytes`` of fetched bytes: a task holds one block and the
-    objects in flight, not the whole batch (256 camera photos of 20 MB were 5 GB a task, twice over
-    as Python bytes and their Arrow copy)."""
+    the batch's rows as their objects arrive, in blocks of about ``max_block_bytes`` of fetched bytes: a
+    task holds one block and the objects in flight, not the whole batch (256 camera photos of 20 MB were
+    5 GB a task, twice over as Python bytes and their Arrow copy), and one slow object (a read retried
+    for minutes) holds one thread, not the others. Rows keep their columns; their order is not kept."""
     batch = to_lists(table)
     uris = batch.pop(f"{modality}_uri")
 
@@ -152,28 +153,32 @@ def fetch(table: pa.Table, modality: str, storage: Storage, max_bytes: int, thre
         except MediaError as err:
             return None, str(err)
 
-    def block(start: int, results: list) -> pa.Table:
-        end = start + len(results)
-        cols = {name: values[start:end] for name, values in batch.items()}
-        cols[f"{modality}_bytes"] = [r[0] for r in results]
-        cols[f"{modality}_error"] = [r[1] for r in results]
-        return to_table(cols, table.slice(start, end - start))
+    def block(got: list[tuple[int, tuple]]) -> pa.Table:
+        got.sort(key=lambda row_result: row_result[0])
+        rows = [row for row, _ in got]
+        cols = {name: [values[r] for r in rows] for name, values in batch.items()}
+        cols[f"{modality}_bytes"] = [result[0] for _, result in got]
+        cols[f"{modality}_error"] = [result[1] for _, result in got]
+        return to_table(cols, table.take(pa.array(rows, pa.int64())))
 
     if not uris:
-        yield block(0, [])
+        yield block([])
         return
-    start, size, results = 0, 0, []
+    got: list[tuple[int, tuple]] = []
+    size, queued = 0, iter(range(len(uris)))
     with ThreadPoolExecutor(max(1, min(threads, len(uris)))) as pool:
-        ahead = collections.deque(pool.submit(one, uri) for uri in uris[:threads])
-        for i in range(len(uris)):
-            result = ahead.popleft().result()
-            if i + threads < len(uris):
-                ahead.append(pool.submit(one, uris[i + threads]))
-            results.append(result)
-            size += len(result[0] or b"")
-            if size >= max_block_bytes or i == len(uris) - 1:
-                yield block(start, results)
-                start, size, results = i + 1, 0, []
+        in_flight = {pool.submit(one, uris[r]): r for r in itertools.islice(queued, threads)}
+        while in_flight:
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                row = in_flight.pop(future)
+                got.append((row, future.result()))
+                size += len(got[-1][1][0] or b"")
+                if (r := next(queued, None)) is not None:
+                    in_flight[pool.submit(one, uris[r])] = r
+            if size >= max_block_bytes or not in_flight:
+                out, got, size = block(got), [], 0  # the block's bytes, once: not also in ``got``
+                yield out
 
 
 def decode(table: pa.Table, modality: str, encoder_cfg: EncoderConfig, storage: Storage,

@@ -142,7 +142,10 @@ class DecoderUnavailable(RuntimeError):
 
 
 class _ChildGone(Exception):
-    """The child died (or was killed) before answering."""
+    """The child died (or was killed) before answering; ``exit_code``: its status when it had exited by
+    itself (a negative signal number), None when it was alive (it answered what our child never writes)."""
+
+    exit_code: int | None = None
 
 
 def _write_frame(stream: BinaryIO, *parts: bytes) -> None:
@@ -287,9 +290,9 @@ class IsolatedDecoder:
             if "array" not in reply[0] and "media_error" not in reply[0]:
                 raise _ChildGone()  # our child answers an item with one of the two
             return _result(reply)
-        except _ChildGone:
+        except _ChildGone as gone:
             self._discard()
-            killed = proc.returncode == -signal.SIGKILL  # the kernel's OOM killer, most often: not the input
+            killed = gone.exit_code == -signal.SIGKILL  # the kernel's OOM killer, most often: not the input
             if killed and not again:  # the node's memory may be back: an item is failed for good on the second
                 logger.warning("%s: the decoding process was killed (SIGKILL: out of memory?) on one item; "
                                "trying it once more in a new one", name)
@@ -314,7 +317,12 @@ class IsolatedDecoder:
             except (BrokenPipeError, OSError):
                 raise _ChildGone() from None
             return _read_reply(proc.stdout.fileno(), time.monotonic() + timeout_s)
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, _ChildGone):  # how it ended, before _discard's own SIGKILL would say it
+                try:
+                    err.exit_code = proc.wait(timeout=1.0)  # at end of file: exiting, if not yet reaped
+                except subprocess.TimeoutExpired:
+                    err.exit_code = None  # alive: it answered something our child never writes
             if self._proc is proc:
                 self._discard(restart=False)
             raise

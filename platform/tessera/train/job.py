@@ -118,14 +118,15 @@ def run_training(cfg: TrainConfig, storage: Storage | None = None, break_lease: 
     """Train every variant, evaluate, save the bundle; returns the bundle manifest.
 
     Raises:
-        ConfigError: a local ``checkpoint_uri`` on a cluster of several nodes (:func:`check_paths_for_cluster`).
+        ConfigError: a local ``checkpoint_uri`` or ``models_uri`` on a cluster of several nodes
+            (:func:`check_paths_for_cluster`).
         BundleExistsError: the version exists and ``overwrite`` is off.
         LeaseHeldError: another attempt of the version is running (``break_lease`` takes it over).
         LeaseLostError: another attempt took the version over while this one trained; nothing written.
     """
-    check_paths_for_cluster({"checkpoint_uri": cfg.checkpoint_uri},
-                            {"embeddings_uri": cfg.embeddings_uri, "interactions_uri": cfg.interactions_uri,
-                             "models_uri": cfg.models_uri})
+    # models_uri holds the run's lease, which rank 0 reads on whichever node it runs
+    check_paths_for_cluster({"checkpoint_uri": cfg.checkpoint_uri, "models_uri": cfg.models_uri},
+                            {"embeddings_uri": cfg.embeddings_uri, "interactions_uri": cfg.interactions_uri})
     storage = storage or Storage(cfg.storage)
     t0 = time.perf_counter()
     _refuse_existing(cfg, storage)  # before the lease: a rerun of a finished version needs no wait
