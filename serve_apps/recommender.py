@@ -875,7 +875,7 @@ class Ingress:
             return await self._ready_version(uri)
         except Exception as err:
             fallback = await self._serving_fallback(uri)
-            if fallback is None:
+            if fallback is None or fallback == serving:  # (that one failed above: not waited for twice)
                 raise
             logger.error("%s cannot be served (%s); starting on %s, the version the app was serving",
                          uri, _cause_line(err), fallback)

@@ -169,12 +169,12 @@ def test_a_stage_resumed_on_the_device_continues_where_its_checkpoint_left_off(d
         opt.step()
 
     torch.manual_seed(0)
-    model, inner, opt = stage_model(stage, cfg, catalog, counts, TrainState(), False, on_device)
+    model, inner, opt = stage_model(stage, cfg, catalog, counts, TrainState(), False, on_device, counts)
     for batch in batches[:3]:
         step(model, opt, batch)
     save_state(TrainState(current={"model": inner.state_dict(), "optim": opt.state_dict()}), tmp_path / "s.pt")
     state = load_state(tmp_path / "s.pt")  # on the CPU, as a restarted worker reads it
-    resumed, resumed_inner, resumed_opt = stage_model(stage, cfg, catalog, counts, state, True, on_device)
+    resumed, resumed_inner, resumed_opt = stage_model(stage, cfg, catalog, counts, state, True, on_device, counts)
     moments = [t for s in resumed_opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     assert moments and {t.device.type for t in moments} == {torch.device(device).type}
     step(resumed, resumed_opt, batches[3])

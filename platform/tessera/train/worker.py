@@ -102,10 +102,10 @@ def _maybe_fail(cfg: TrainConfig, storage: Storage, global_epoch: int, rank: int
 
 
 def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState,
-           q_counts: np.ndarray | None = None):
-    if stage.kind == "retrieval":  # logQ over the towers' targets (q_counts), else over every event
+           q_counts: np.ndarray):
+    if stage.kind == "retrieval":  # logQ over the towers' targets
         return TwoTowerModel.build(variant(stage.name, catalog.modalities, cfg.towers.fused_ids), catalog,
-                                   cfg.towers, counts if q_counts is None else q_counts, cfg.max_history)
+                                   cfg.towers, q_counts, cfg.max_history)
     fused = TwoTowerModel.build(variant("fused", catalog.modalities, cfg.towers.fused_ids), catalog, cfg.towers,
                                 counts, cfg.max_history)
     fused.load_state_dict(state.models["fused"])
@@ -113,11 +113,11 @@ def _build(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndar
 
 
 def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np.ndarray, state: TrainState,
-                resume: bool, prepare, q_counts: np.ndarray | None = None
+                resume: bool, prepare, q_counts: np.ndarray
                 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
     """The stage's model (``prepare``d: on the worker's device, DDP-wrapped), its unwrapped module, and its
     optimizer; ``resume``: both restored from ``state.current``. ``counts``: training events per item (the
-    ranker's popularity); ``q_counts``: targets of the towers' examples per item (their logQ; None: ``counts``).
+    ranker's popularity); ``q_counts``: targets of the towers' examples per item (their logQ).
 
     The model is on its device before the optimizer loads its state: ``load_state_dict`` puts Adam's
     moments on the parameters' device, and moments left on the CPU failed the first GPU step of a resume."""
