@@ -41,6 +41,21 @@ def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
                                                                                                  interactions_uri)])
 
 
+def event_order(ts: np.ndarray, item_key: np.ndarray, weight: np.ndarray,
+                user: np.ndarray | None = None) -> np.ndarray:
+    """Indices putting events in the one order training, the index self-check and serving all read a
+    history in: by ``user`` (when given), then time; events at the same time by item id, then weight.
+
+    ``item_key`` is anything that sorts as the item ids do (catalog rows of a catalog sorted by id, or
+    the ids' ranks). Not the log's order: training receives each user's events in the order of Ray
+    Data's shuffle, and a log of second-resolution times holds many ties, so the order is what decides
+    which same-time event is held out and which one a history ends with."""
+    keys = [np.asarray(weight), np.asarray(item_key), np.asarray(ts)]
+    if user is not None:
+        keys.append(np.asarray(user))
+    return np.lexsort(keys)
+
+
 def hash_user_ids(ids: pa.Array | Sequence[str], key: str) -> np.ndarray:
     """(n,) uint64 keyed hashes of user ids (strings) under ``key`` (see :func:`tessera.embed.ids.hash_ids`)."""
     from tessera.embed.ids import hash_ids

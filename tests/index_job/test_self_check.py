@@ -203,7 +203,8 @@ def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary
 
 
 def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=None):
-    """The sample written out plainly over ``(user, item, ts, weight)`` rows in log order."""
+    """The sample written out plainly over ``(user, item, ts, weight)`` rows: each user's events by time,
+    then item id (none last), then weight, as training orders them."""
     import pyarrow as pa
 
     from tessera.index_job.self_check import user_order_key
@@ -212,7 +213,7 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
         if user is not None and ts is not None:
-            by_user.setdefault(user, []).append((ts, pos, item, weight))
+            by_user.setdefault(user, []).append((ts, item is None, item or "", weight, pos))
     names = sorted(by_user)
     hashes = hash_user_ids(pa.array(names, pa.string()), user_order_key(cfg.seed)).tolist()
     order = sorted(names, key=lambda u: (hashes[names.index(u)], u))
@@ -220,7 +221,7 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
     for user in [u for u in order if len(by_user[u]) > cfg.holdout][skip:skip + count]:
         events = sorted(by_user[user])
         cut = len(events) - cfg.holdout
-        history = [e for e in events[:cut] if e[2] is not None and (indexed_items is None or e[2] in indexed_items)]
+        history = [e for e in events[:cut] if not e[1] and (indexed_items is None or e[2] in indexed_items)]
         history = history[max(len(history) - max_history, 0):] if max_history is not None else history
         out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history]))
     return out
@@ -236,7 +237,7 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     """``select_users`` reads the log in Ray tasks, a file at a time, and keeps only the first users of the
     order (growing its budget while too few of them have enough events) and the events their histories can
     need: the same users and histories as the sample written out plainly over the whole log. Users span
-    files, times tie across files (log order decides), some events have no user, no item or no time, most
+    files, times tie within and across files (item, then weight decide), some events have no user, no item or no time, most
     users have too few events when the holdout is 3; one file is empty, one holds no user id, one has
     large-string user ids and dictionary item ids."""
     import pyarrow as pa

@@ -17,23 +17,24 @@ def _catalog(num_items: int = 40) -> ItemVectors:
 
 
 def _reference(rows, items: ItemVectors, max_history: int) -> dict:
-    """user -> (history rows, ts, weights, last_ts, seen rows) over ``(user, item, ts, weight)`` in log order."""
+    """user -> (history rows, ts, weights, last_ts, seen rows) over ``(user, item, ts, weight)`` events:
+    by time, then catalog row (the id's order), then weight, as training orders them."""
     row_of = {item: r for r, item in enumerate(items.ids.tolist())}
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
         if user is not None and item in row_of and ts is not None:
-            by_user.setdefault(user, []).append((ts, pos, row_of[item], weight))
+            by_user.setdefault(user, []).append((ts, row_of[item], weight, pos))
     out = {}
     for user, events in by_user.items():
         events.sort()
-        usable = [e for e in events if items.indexed[e[2]]][-max_history:]
-        out[user] = ([e[2] for e in usable], [e[0] for e in usable], [e[3] for e in usable], events[-1][0],
-                     sorted({e[2] for e in events}))
+        usable = [e for e in events if items.indexed[e[1]]][-max_history:]
+        out[user] = ([e[1] for e in usable], [e[0] for e in usable], [e[2] for e in usable], events[-1][0],
+                     sorted({e[1] for e in events}))
     return out
 
 
 def test_snapshot_read_a_file_at_a_time_is_the_plain_snapshot(storage, bucket_uri):
-    """Users spanning files, times tied across files (log order decides), repeated items (seen once),
+    """Users spanning files, times tied within and across files (item, then weight decide), repeated items (seen once),
     events on items outside the catalog (dropped, counted) or without a user or a time (ignored), a user whose every
     event is outside the catalog (unknown), dictionary-typed ids in one file, an empty file."""
     items = _catalog()

@@ -46,6 +46,7 @@ from tessera.interactions import (
     LOG_COLUMNS,
     UserColumn,
     encode_strings,
+    event_order,
     hash_user_ids,
     interaction_files,
     last_flagged,
@@ -103,8 +104,8 @@ class _Events:
     :func:`_user_events`).
 
     Attributes:
-        table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32), ``piece``, ``row``
-            (the event's place in the log), ``usable`` (a history keeps it: see :func:`_usable`).
+        table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32), ``usable`` (a
+            history keeps it: see :func:`_usable`).
         users: the users' ids; ``counts`` (same length): their events in the piece, cut or not.
     """
 
@@ -131,7 +132,7 @@ def _lowest_users(table: pa.Table, key: str, budget: int) -> tuple[np.ndarray, n
     return hashes[present][:budget], counts[present][:budget]
 
 
-def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
+def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
                  max_history: int | None, holdout: int) -> _Events:
     """The events of a piece of the log whose user's hash is in sorted ``chosen``, each user's cut to
     what its history can need whatever the other pieces hold: its last ``max(holdout, 1)`` events (the
@@ -143,11 +144,15 @@ def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, inde
     rows = np.flatnonzero(wanted[users.codes] & counted)
     codes = users.codes[rows]
     ts = take_rows(table.column("ts"), rows).to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((rows, ts, codes))  # by user, then time, then log order
-    rows, codes, ts = rows[order], codes[order], ts[order]
     items = take_rows(table.column("item_id"), rows)
     if items.type != pa.string():
         items = items.cast(pa.string())  # dictionary, large_string, null: one type over the pieces
+    weights = take_rows(table.column("weight"), rows).cast(pa.float32())
+    # training's order (same-time events by item id, then weight), so the cut below keeps what it reads
+    order = event_order(ts, pc.rank(items, tiebreaker="dense").to_numpy(), weights.to_numpy(zero_copy_only=False),
+                        codes)
+    rows, codes, ts = rows[order], codes[order], ts[order]
+    items, weights = items.take(pa.array(order, pa.int64())), weights.take(pa.array(order, pa.int64()))
     usable = _usable(items, indexed)
     starts, ends = runs(codes)
     run_end = np.repeat(ends, ends - starts)  # each event's user's end
@@ -158,9 +163,7 @@ def _user_events(table: pa.Table, piece: int, key: str, chosen: np.ndarray, inde
         "user_id": users.names.take(pa.array(codes[kept], pa.int64())),
         "item_id": items.take(pa.array(kept, pa.int64())),
         "ts": pa.array(ts[kept], pa.int64()),
-        "weight": take_rows(table.column("weight"), rows[kept]).cast(pa.float32()),
-        "piece": pa.array(np.full(len(kept), piece, np.int64)),
-        "row": pa.array(rows[kept], pa.int64()),
+        "weight": weights.take(pa.array(kept, pa.int64())),
         "usable": pa.array(usable[kept], pa.bool_()),
     })
     return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
@@ -192,7 +195,8 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
         return []
     log = pa.concat_tables([piece.table for piece in events])
     log = log.filter(pc.is_in(log.column("user_id"), pa.array(picked, pa.string())))
-    log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("piece", "ascending"), ("row", "ascending")])
+    log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending"),
+                       ("weight", "ascending")])  # training's order (:func:`event_order`)
     names, codes = encode_strings(log.column("user_id"))
     spans = {names[int(codes[a])].as_py(): (int(a), int(b)) for a, b in zip(*runs(codes), strict=True)}
     ts = log.column("ts").to_numpy()
@@ -217,13 +221,13 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     tuning users (``skip = cfg.user_queries``) are never checked ones. A log held in memory;
     :func:`select_users` draws the same sample from a log in storage, a file at a time.
 
-    Each history keeps its events (oldest first; by time, then log order) before the last ``cfg.holdout``
-    ones, on items whose id hash is in ``indexed`` (sorted uint64 hashes of the index's items,
-    :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history`` of them (None: all):
-    what the user tower will read, so long histories stay small. Events without an item id are dropped
-    from histories; events without a user id or a time are ignored."""
+    Each history keeps its events (oldest first, in :func:`tessera.interactions.event_order`: by time, then item
+    id and weight) before the last ``cfg.holdout`` ones, on items whose id hash is in ``indexed`` (sorted uint64
+    hashes of the index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history``
+    of them (None: all): what the user tower will read, so long histories stay small. Events without an item id
+    are dropped from histories; events without a user id or a time are ignored."""
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
-                        lambda key, chosen: [_user_events(log, 0, key, chosen, indexed, max_history, cfg.holdout)],
+                        lambda key, chosen: [_user_events(log, key, chosen, indexed, max_history, cfg.holdout)],
                         cfg, count, skip, max_history)
 
 
@@ -285,7 +289,8 @@ def _lowest_of(found: list[tuple[np.ndarray, np.ndarray]], budget: int | None = 
 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
                     indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
-    return _user_events(storage.read_parquet(uri, LOG_COLUMNS), piece, key, chosen, indexed, max_history, holdout)
+    del piece  # :func:`_map_log`'s callback shape; the events' order is their own (:func:`event_order`)
+    return _user_events(storage.read_parquet(uri, LOG_COLUMNS), key, chosen, indexed, max_history, holdout)
 
 
 def _over_files(fn, per_task: bool, pieces: list[tuple[int, str]], *args) -> list:

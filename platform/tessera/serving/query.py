@@ -153,7 +153,7 @@ class UserHistories:
         """From the catalog events in log order: ``rows`` (catalog rows), ``ts``, ``weights``, and ``code``,
         each event's user as an entry of ``names`` (distinct ids); ``indexed``: catalog rows with a vector."""
         from tessera.embed.ids import new_key
-        from tessera.interactions import hash_user_ids, last_flagged
+        from tessera.interactions import event_order, hash_user_ids, last_flagged
 
         present = np.bincount(code, minlength=len(names)) > 0  # users with an event on a catalog item
         if not present.all():
@@ -165,7 +165,7 @@ class UserHistories:
         place = np.empty(len(names), np.int64)
         place[by_hash] = np.arange(len(names))
         user = place[code]  # each event's user, numbered in hash order
-        order = np.lexsort((np.arange(len(user)), ts, user))  # by user, then time, then log order
+        order = event_order(ts, rows, weights, user)  # rows sort as the ids do (the catalog is in id order)
         user, rows, ts, weights = user[order], rows[order], ts[order], weights[order]
         counts = np.bincount(user, minlength=len(names))
         ends = np.cumsum(counts)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tessera.interactions import event_order
 from tessera.models import HistoryBatch, pad_histories
 
 EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_w", "from_end", "user_key")
@@ -50,8 +51,8 @@ def user_records(events: dict[str, np.ndarray], holdout: int, validation: int = 
         array each (chronological).
     """
     # ties on ts broken by item, then weight: the group's arrival order changes between runs (Ray Data's
-    # shuffle), and which of two same-time events is held out must not
-    order = np.lexsort((np.asarray(events["weight"]), np.asarray(events["item_row"]), events["ts"]))
+    # shuffle), and which of two same-time events is held out must not (the self-check and serving agree)
+    order = event_order(events["ts"], events["item_row"], events["weight"])
     items = np.asarray(events["item_row"], dtype=np.int64)[order]
     ts = np.asarray(events["ts"], dtype=np.int64)[order]
     w = np.asarray(events["weight"], dtype=np.float32)[order]
