@@ -104,6 +104,10 @@ class RecommenderArgs(BaseModel):
         rollout_retry_s: a failed rollout is tried again after this long, the wait doubling up to 10
             minutes, while the config still names its version (the index may still be building, or a
             stage short of memory: ``serve deploy`` of an unchanged config does not reach the replicas).
+        stage_timeout_s: a stage call (one per batch) not answered within this long is cancelled and its
+            requests answered 504 naming the stage (a replica hung, or every replica too busy to take the
+            call), where they would wait with no bound. Not retried: a stage that slow is overloaded, and a
+            second call adds to its load. None: no bound.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -118,6 +122,7 @@ class RecommenderArgs(BaseModel):
     decode_timeout_s: float | None = Field(10.0, gt=0)
     batch: BatchArgs = Field(default_factory=BatchArgs)
     rollout_retry_s: float = Field(30.0, gt=0)
+    stage_timeout_s: float | None = Field(60.0, gt=0)
 
 
 def configured_index(config: dict | None, deployment: str) -> str:
@@ -418,13 +423,35 @@ ROLLOUT_RETRY_MAX_S = 600.0  # the longest wait between tries of a failed rollou
 RETRIES = 2  # a stage call whose replica died is sent again (every stage call is a read: safe to repeat)
 
 
-async def _call(method, *args):
-    """``await method.remote(*args)``, retried when the replica serving it died or became unreachable."""
+class StageTimeoutError(Exception):
+    """A stage call not answered within ``stage_timeout_s`` (its requests get a 504)."""
+
+    def __init__(self, stage: str, timeout_s: float):
+        super().__init__(f"{stage} did not answer within {timeout_s:g} s (stage_timeout_s)")
+        self.stage = stage
+
+
+async def _call(method, *args, timeout_s: float | None = None):
+    """``await method.remote(*args)``, retried when the replica serving it died or became unreachable;
+    cancelled, raising :class:`StageTimeoutError`, when not answered within ``timeout_s`` (None: no bound)."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     for attempt in range(RETRIES + 1):
+        response = method.remote(*args)
         try:
-            return await method.remote(*args)
+            if timeout_s is None:
+                return await response
+            waiting = asyncio.ensure_future(_result(response))
+            try:
+                await asyncio.wait([waiting], timeout=timeout_s)
+            finally:
+                if not waiting.done():  # timed out, or this request itself cancelled: the call goes too
+                    response.cancel()
+                    waiting.cancel()
+                    waiting.add_done_callback(_retrieve)
+            if not waiting.done():
+                raise StageTimeoutError(method.deployment_name, timeout_s)
+            return waiting.result()
         except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
             if attempt == RETRIES:
                 raise
@@ -432,11 +459,24 @@ async def _call(method, *args):
             await asyncio.sleep(0.05 * (attempt + 1))
 
 
-class HandleStages:
-    """:class:`tessera.serving.flow.Stages` over deployment handles (scatter-gather over retriever groups)."""
+async def _result(response):
+    return await response
 
-    def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle):
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Take a dropped call's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+class HandleStages:
+    """:class:`tessera.serving.flow.Stages` over deployment handles (scatter-gather over retriever groups);
+    a request call not answered within ``timeout_s`` raises :class:`StageTimeoutError` (None: no bound)."""
+
+    def __init__(self, query_encoder: DeploymentHandle, retrievers: list[DeploymentHandle], ranker: DeploymentHandle,
+                 timeout_s: float | None = None):
         self.query_encoder, self.retrievers, self.ranker = query_encoder, retrievers, ranker
+        self.timeout_s = timeout_s
 
     @property
     def handles(self) -> list[DeploymentHandle]:
@@ -444,18 +484,19 @@ class HandleStages:
         return [self.query_encoder, *self.retrievers, self.ranker]
 
     async def encode_users(self, index_uri, queries):
-        return await _call(self.query_encoder.encode_users, index_uri, queries)
+        return await _call(self.query_encoder.encode_users, index_uri, queries, timeout_s=self.timeout_s)
 
     async def encode_queries(self, index_uri, queries):
-        return await _call(self.query_encoder.encode_queries, index_uri, queries)
+        return await _call(self.query_encoder.encode_queries, index_uri, queries, timeout_s=self.timeout_s)
 
     async def item_vectors(self, index_uri, item_ids):
-        return await _call(self.query_encoder.item_vectors, index_uri, item_ids)
+        return await _call(self.query_encoder.item_vectors, index_uri, item_ids, timeout_s=self.timeout_s)
 
     async def search(self, index_uri, index, vectors, k, exclude):
         # the fused index is spread over the groups; the (small) per-modality indexes live in group 0
         groups = self.retrievers if index == "fused" else self.retrievers[:1]
-        parts = await asyncio.gather(*(_call(r.search, index_uri, index, vectors, k, exclude) for r in groups))
+        parts = await asyncio.gather(*(_call(r.search, index_uri, index, vectors, k, exclude, timeout_s=self.timeout_s)
+                                       for r in groups))
         for part in parts:
             if isinstance(part, RequestError):
                 return part
@@ -464,7 +505,7 @@ class HandleStages:
         return merge_top_k(parts, k)
 
     async def rank(self, index_uri, inputs):
-        return await _call(self.ranker.rank, index_uri, inputs)
+        return await _call(self.ranker.rank, index_uri, inputs, timeout_s=self.timeout_s)
 
     async def wait_loaded(self, index_uri: str, timeout_s: float, poll_s: float = 0.5) -> None:
         """Return once every running replica of every stage deployment reports ``index_uri`` loaded.
@@ -766,7 +807,7 @@ class Ingress:
         import serve_apps.recommender as this_module
 
         this_module.BODY_LIMIT[0] = self.args.max_body_bytes
-        self.stages = HandleStages(query_encoder, retrievers, ranker)
+        self.stages = HandleStages(query_encoder, retrievers, ranker, self.args.stage_timeout_s)
         self.metrics = metrics()
         b = self.args.batch
         for batched in (self._recommend_batch, self._search_batch, self._media_search_batch):
@@ -943,6 +984,10 @@ class Ingress:
     async def _answer_inner(self, route: str, coro, response_model: type[BaseModel], arrived: float):
         try:
             result = await coro
+        except StageTimeoutError as err:  # a stage hung or overloaded: 504, the request not left waiting
+            logger.error("%s: %s", route, err)
+            self.metrics.observe(route, 504)
+            return JSONResponse(status_code=504, content={"detail": f"{route} failed: {err}", "kind": "timeout"})
         except Exception as err:  # a stage failed (replica lost, bug): 503, logged, never a silent 500
             logger.exception("%s failed", route)
             self.metrics.observe(route, 503)
@@ -976,7 +1021,8 @@ class Ingress:
 
     # --- routes -------------------------------------------------------------------------
     @api.post("/v1/recommend", response_model=RecommendResponse,
-              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                         504: {"model": ErrorResponse}})
     async def recommend(self, body: RecommendRequest):
         """Top-k items for a user (snapshot history + ``recent_item_ids``); popular items when cold."""
         bad = self._check_k(body.k)
@@ -986,7 +1032,8 @@ class Ingress:
         return await self._answer("recommend", self._batched(self._recommend_batch, body), RecommendResponse)
 
     @api.post("/v1/search", response_model=SearchResponse,
-              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+              responses={413: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                         504: {"model": ErrorResponse}})
     async def search(self, body: SearchRequest):
         """Cross-modal search: items whose vectors are nearest a text, an image or a sound."""
         bad = self._check_k(body.k)
@@ -1002,7 +1049,8 @@ class Ingress:
         return await self._answer("search", self._batched(batched, body, payload), SearchResponse)
 
     @api.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse,  # :path: ids may hold "/"
-             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+                         504: {"model": ErrorResponse}})
     async def similar(self, item_id: str, k: int = Query(10, ge=1, le=MAX_K, description="items to return")):
         """Items nearest this item's fused vector (the item itself left out)."""
         bad = self._check_k(k)

@@ -305,6 +305,90 @@ def test_deep_health_names_a_stage_that_does_not_answer(app_url, served_index):
     assert all(report[n]["ok"] and report[n]["has_current"] for n in ("QueryEncoder", "Retriever", "Ranker"))
 
 
+def test_a_stage_call_past_the_stage_timeout_is_dropped_naming_the_stage(app_url, served_index, local_flow):
+    """HandleStages with ``stage_timeout_s`` against the live stages plus a deployment with no replica (a call to
+    it waits for one, as it would for a hung or saturated stage): that call ends in StageTimeoutError naming it
+    after the timeout, where the request waited with no bound; the live stage answers within it."""
+    import numpy as np
+    from ray.serve.handle import DeploymentHandle
+
+    from serve_apps.recommender import HandleStages, StageTimeoutError
+
+    def handle(name):
+        return DeploymentHandle(name, "recommender")
+
+    item = local_flow.stages.query.get(served_index).items.ids[0]
+    stages = HandleStages(handle("QueryEncoder"), [handle("NoSuchStage")], handle("Ranker"), timeout_s=2.0)
+
+    async def go():
+        [vector] = await stages.item_vectors(served_index, [item])
+        start = time.monotonic()
+        with pytest.raises(StageTimeoutError, match="NoSuchStage did not answer within 2 s"):
+            await stages.search(served_index, "fused", np.asarray([vector]), 5, None)
+        return time.monotonic() - start
+
+    assert 1.9 < asyncio.run(go()) < 10
+
+
+@pytest.mark.slow
+def test_a_query_encoder_past_the_stage_timeout_is_a_504_and_others_go_on(app_url, served_index, shared_data,
+                                                                          dashboard_url, serve_port, tmp_path):
+    """A second app with ``stage_timeout_s: 2``, its QueryEncoder's decoding child stopped (an image query then
+    waits on it for ``decode_timeout_s``, 30 s): the image search is a 504 naming the stage within seconds, text
+    searches of the same app are answered meanwhile, and once the child goes on, image searches do too."""
+    import copy
+    import signal
+
+    import psutil
+    from ray.util.state import list_actors
+
+    from tests.serve.conftest import deploy_config, serve_deploy
+
+    single = deploy_config(served_index, serve_port)
+    bounded = copy.deepcopy(single["applications"][0])
+    bounded.update(name="bounded", route_prefix="/bounded")
+    bounded["args"].update(stage_timeout_s=2.0, decode_timeout_s=30.0)
+    for d in bounded["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.05
+    serve_deploy({**single, "applications": [*single["applications"], bounded]}, dashboard_url, tmp_path)
+    jpeg = next((shared_data / "grocery").rglob("*.jpg")).read_bytes()
+    image = {"image": base64.b64encode(jpeg).decode(), "k": 3, "index": "image"}
+    children = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if post(app_url, "/bounded/v1/search", image).status_code == 200:  # its decoding child exists
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the bounded app did not come up"
+            time.sleep(1)
+        alive = list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+        [replica] = [psutil.Process(a.pid) for a in alive if (a.name or "").startswith("SERVE_REPLICA::bounded#Query")]
+        children = [c for c in replica.children() if "tessera.encoders.isolated" in " ".join(c.cmdline())]
+        assert children
+        for child in children:
+            child.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        answer = post(app_url, "/bounded/v1/search", image)
+        waited = time.monotonic() - start
+        assert answer.status_code == 504 and answer.json()["kind"] == "timeout", answer.text
+        assert "QueryEncoder did not answer within 2 s" in answer.json()["detail"]
+        assert waited < 15, waited  # not the decoder's 30 s
+        assert post(app_url, "/bounded/v1/search", {"text": "tomato", "k": 3}).status_code == 200
+    finally:
+        for child in children:
+            try:
+                child.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+    try:
+        assert post(app_url, "/bounded/v1/search", image).status_code == 200
+    finally:
+        serve_deploy(single, dashboard_url, tmp_path)  # the bounded app is deleted
+
+
 @pytest.mark.slow
 def test_retriever_groups_answer_like_one_retriever(app_url, users, served_index, dashboard_url, serve_port, tmp_path):
     """``args.retriever_groups: 3`` deployed beside the session's app with the real CLI (Retriever_0..2, each
