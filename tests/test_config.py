@@ -103,3 +103,62 @@ def test_keeping_the_best_epoch_needs_a_validation_split():
     with pytest.raises(ConfigError, match=r"keep_epoch 'best' chooses by the validation targets: it needs validation"):
         parse_config(TrainConfig, {**base, "validation": 0, "keep_epoch": "best"})
     assert parse_config(TrainConfig, {**base, "validation": 0, "keep_epoch": "last"}).keep_epoch == "last"
+
+
+class Named(TesseraConfig):
+    run_id: str = "demo"
+    uri: str = "s3://b/x"
+    inner: Inner = Inner()
+    ks: list[int] = [10]
+
+
+def test_env_values_are_taken_as_written_unless_yaml_reads_a_number_flag_or_list(tmp_path):
+    """A run id of digits or a date, a URI holding ' #' and a quoted value keep their text; numbers, booleans
+    and lists are parsed. Before, TESSERA__RUN_ID=20241205 failed ("Input should be a valid string") and a
+    URI was cut at ' #' with no error."""
+    cfg = load_config(Named, None, environ={"TESSERA__RUN_ID": "20241205", "TESSERA__URI": "s3://b/x #1",
+                                             "TESSERA__INNER__BATCH_SIZE": "64", "TESSERA__KS": "[5, 20]"})
+    assert cfg.run_id == "20241205" and cfg.uri == "s3://b/x #1" and cfg.inner.batch_size == 64 and cfg.ks == [5, 20]
+    assert load_config(Named, None, environ={"TESSERA__RUN_ID": "2024-12-05"}).run_id == "2024-12-05"
+    assert load_config(Named, None, environ={"TESSERA__RUN_ID": '"007"'}).run_id == "007"
+    assert load_config(Named, write(tmp_path, "run_id: 2\n"), environ={}).run_id == "2"
+
+
+def test_an_error_beneath_an_env_override_names_the_variable_not_the_file(tmp_path):
+    """An override of a key the model lacks, deeper than the unknown key (TESSERA__REAL_MEDIA__ENABLED in a
+    job without real_media), was blamed on the file, which has no such key."""
+    p = write(tmp_path, "inner:\n  batch_size: 32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Named, p, environ={"TESSERA__REAL_MEDIA__ENABLED": "false"})
+    assert "unknown key 'real_media' in environment variable TESSERA__REAL_MEDIA__ENABLED" in str(err.value)
+    from pydantic import model_validator
+
+    class Pair(TesseraConfig):
+        lo: int = 0
+        hi: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.lo >= self.hi:
+                raise ValueError("lo must be below hi")
+            return self
+
+    class Holder(TesseraConfig):
+        pair: Pair = Pair()
+
+    p = write(tmp_path, "pair:\n  lo: 5\n")  # the section fails on the file's value and an override's
+    with pytest.raises(ConfigError) as err:
+        load_config(Holder, p, environ={"TESSERA__PAIR__HI": "3"})
+    assert f"key 'pair' in file {p} (with environment variable TESSERA__PAIR__HI)" in str(err.value)
+
+
+def test_an_empty_training_version_is_refused():
+    """An empty version (an unset variable in TESSERA__VERSION=$V) named the models root as the bundle, and
+    --overwrite then deleted every version's checkpoints under checkpoint_uri."""
+    from tessera.train.config import TrainConfig
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ConfigError, match=r"key 'version' in environment variable TESSERA__VERSION"):
+            parse_config(TrainConfig, base, environ={"TESSERA__VERSION": bad})
+    assert parse_config(TrainConfig, base, environ={"TESSERA__VERSION": "2"}).version == "2"

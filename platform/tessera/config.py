@@ -13,6 +13,7 @@ file (or the environment variable) it came from::
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -30,7 +31,8 @@ class ConfigError(ValueError):
 class TesseraConfig(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a number where a string is expected is taken as its text: TESSERA__RUN_ID=20241205 and `version: 2`
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 C = TypeVar("C", bound=TesseraConfig)
@@ -55,19 +57,42 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, tuple[l
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        found[name] = (path, value)
+        found[name] = (path, env_value(raw))
     return found
 
 
-def _origin_of(loc: tuple, env: dict[str, tuple[list[str], Any]], source: str) -> str:
+def env_value(raw: str) -> Any:
+    """An override's value: YAML for numbers, booleans, null, lists and mappings (``64``, ``false``,
+    ``[10, 20]``); any other text as it is written (a value holding `` #`` is not cut at a YAML comment,
+    and a quoted one loses its quotes: ``'"2"'`` is the string ``2``)."""
+    text = raw.strip()
+    if not text:
+        return raw
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str) and text[0] in "'\"":
+        return value
+    if value is None or isinstance(value, (bool, int, float, list, dict)):
+        return value
+    return raw  # text, or what YAML would read as a date or a timestamp (TESSERA__RUN_ID=2024-12-05)
+
+
+def _origin_of(loc: tuple, env: dict[str, tuple[list[str], Any]], source: str, data: Mapping[str, Any]) -> str:
+    """Where the value at ``loc`` came from: an environment variable setting it or a key above it; one
+    setting a key beneath it, unless the file holds ``loc`` too (then both are named); else the file."""
     key = tuple(str(p) for p in loc)
     for var, (path, _) in env.items():
         if tuple(path) == key[: len(path)]:
             return f"environment variable {var}"
+    below = [var for var, (path, _) in env.items() if len(path) > len(key) and tuple(path[: len(key)]) == key]
+    if below:
+        node: Any = data
+        for part in key:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return f"environment variable {below[0]}" if node is None else \
+            f"{source} (with environment variable {below[0]})"
     return source
 
 
@@ -78,7 +103,7 @@ def parse_config(model: type[C], data: Mapping[str, Any] | None, source: str = "
     Raises:
         ConfigError: naming each bad key, what is wrong with it and where it came from.
     """
-    tree: dict = dict(data or {})
+    tree: dict = copy.deepcopy(dict(data or {}))  # the overrides go into nested sections: not the caller's
     env = env_overrides(environ)
     for _, (path, value) in env.items():
         _set_path(tree, path, value)
@@ -88,7 +113,7 @@ def parse_config(model: type[C], data: Mapping[str, Any] | None, source: str = "
         lines = []
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "<root>"
-            origin = _origin_of(e["loc"], env, source)
+            origin = _origin_of(e["loc"], env, source, data or {})
             if e["type"] == "extra_forbidden":
                 lines.append(f"unknown key '{key}' in {origin}")
             else:

@@ -237,9 +237,9 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     """``select_users`` reads the log in Ray tasks, a file at a time, and keeps only the first users of the
     order (growing its budget while too few of them have enough events) and the events their histories can
     need: the same users and histories as the sample written out plainly over the whole log. Users span
-    files, times tie within and across files (item, then weight decide), some events have no user, no item or no time, most
-    users have too few events when the holdout is 3; one file is empty, one holds no user id, one has
-    large-string user ids and dictionary item ids."""
+    files, times tie within and across files (item, then weight decide), some events have no user, no item
+    or no time, most users have too few events when the holdout is 3; one file is empty, one holds no user
+    id, one has large-string user ids and dictionary item ids."""
     import pyarrow as pa
 
     from tessera.index import hash_ids

@@ -111,7 +111,8 @@ class TrainConfig(TesseraConfig):
         interactions_uri: ``<root>/corpus/interactions`` (Parquet: user_id, item_id, ts, event, weight).
         embeddings_uri: one embedding run, ``<root>/embeddings/<run_id>`` (its ``_MANIFEST.json`` names
             the encoders, copied into the bundle).
-        models_uri / version: the bundle goes to ``<models_uri>/<version>/``.
+        models_uri / version: the bundle goes to ``<models_uri>/<version>/`` (a version is letters, digits and
+            ``._-``, up to 64, as an embedding run id and an index version are).
         checkpoint_uri: Ray Train ``storage_path`` (object storage, so a restarted worker on any node
             resumes); the run's folder is ``<checkpoint_uri>/<version>``.
         max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts from the last checkpoint).
@@ -144,7 +145,7 @@ class TrainConfig(TesseraConfig):
     interactions_uri: str = "s3://tessera-demo/corpus/interactions"
     embeddings_uri: str = "s3://tessera-demo/embeddings/demo"
     models_uri: str = "s3://tessera-demo/models"
-    version: str = "v1"
+    version: str = Field("v1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     checkpoint_uri: str = "s3://tessera-demo/checkpoints/train"
     overwrite: bool = False
     max_failures: int = Field(2, ge=0)
