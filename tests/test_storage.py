@@ -17,9 +17,20 @@ def test_parse_and_join():
     assert parse_uri("file:///tmp/a").path == "/tmp/a"
     assert parse_uri("rel/path").scheme == "file"
     assert join_uri("s3://b/x/", "/y/", "z") == "s3://b/x/y/z"
-    for bad in ("gs://b/k", "s3://", "", "s3:///k"):
-        with pytest.raises(ValueError):
+    for bad in ("gs://b/k", "s3://", "", "s3:///k", "S3://b/k", "s3a://b/k", "s3:/b/k"):  # the last two: a
+        with pytest.raises(ValueError, match="unsupported|no bucket|expected"):   # local path before
             parse_uri(bad)
+
+
+def test_a_uri_of_another_scheme_is_a_config_error_naming_the_key():
+    """The jobs' path check runs first in each job: a URI it cannot parse stops the job with exit 2 naming
+    the key, where it raised a bare ValueError (exit 1, a traceback)."""
+    from tessera.config import ConfigError
+    from tessera.ray_utils import check_paths_for_cluster
+
+    with pytest.raises(ConfigError, match=r"output_uri: unsupported URI scheme in 'S3://b/x'"):
+        check_paths_for_cluster({"output_uri": "S3://b/x"}, {"items_uri": "s3://b/items"})
+    check_paths_for_cluster({"output_uri": "s3://b/x"}, {"items_uri": "s3://b/items"})  # nothing to refuse
 
 
 def test_s3_round_trip_listing_and_missing(storage, bucket_uri):

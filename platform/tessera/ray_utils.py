@@ -57,7 +57,14 @@ def check_paths_for_cluster(written: dict[str, str | None], read: dict[str, str 
     from tessera.storage import parse_uri
 
     def local(paths: dict[str, str | None]) -> list[str]:
-        return [f"{k}={v}" for k, v in paths.items() if v and parse_uri(v).scheme == "file"]
+        out = []
+        for k, v in paths.items():
+            try:
+                if v and parse_uri(v).scheme == "file":
+                    out.append(f"{k}={v}")
+            except ValueError as err:  # S3://, s3a://: the key named, before any work (exit 2)
+                raise ConfigError(f"{k}: {err}") from None
+        return out
 
     written_local, read_local = local(written), local(read)
     if not (written_local or read_local) or os.environ.get(SHARED_FS_ENV) == "1":

@@ -108,7 +108,7 @@ def parse_uri(uri: str) -> Location:
         return Location("s3", rest)
     if uri.startswith("file://"):
         return Location("file", os.path.abspath(urlparse(uri).path))
-    if "://" in uri:
+    if "://" in uri or re.match(r"(?i)(s3[an]?|file):", uri):  # S3://, s3a://, and s3:/b/k (a slash short)
         raise ValueError(f"unsupported URI scheme in {uri!r}: use s3://bucket/key or a local path")
     return Location("file", os.path.abspath(uri))
 
