@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except (IndexSourceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 6
-    checks = {name: f"{c.recall:.4f} ({c.num_queries} queries)" for name, c in manifest.recall_checks.items()}
+    checks = {name: f"recall@{c.k} {c.recall:.4f} ({c.num_queries} queries)"
+              for name, c in manifest.recall_checks.items()}
     print(f"index {manifest.index_version} written: {manifest.num_items} items in {manifest.num_shards} shards "
-          f"(model {manifest.model_version}), recall@10 {checks}, modal indexes {sorted(manifest.modal_indexes)}")
+          f"(model {manifest.model_version}), {checks}, modal indexes {sorted(manifest.modal_indexes)}")
     print(json.dumps({"counts": manifest.counts, "timings": manifest.timings,
                       "recall": {n: c.recall for n, c in manifest.recall_checks.items()}}, sort_keys=True))
     return 0

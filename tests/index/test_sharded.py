@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from tessera.index import SearchConfig, ShardArtifact, ShardedIndex, exact_search, measure_recall, recall_at_k
+from tessera.index import (
+    IndexConfig,
+    SearchConfig,
+    ShardArtifact,
+    ShardedIndex,
+    exact_search,
+    measure_recall,
+    recall_at_k,
+)
 
 
 def _exact_ids(ids, vectors, queries, k, exclude=None):
@@ -87,10 +95,27 @@ def test_query_validation(exact_index):
         exact_index.search(np.ones((2, 5), np.float32), k=3)
     with pytest.raises(ValueError, match="zero norm"):
         exact_index.search(np.zeros((1, exact_index.dim), np.float32), k=3)
-    with pytest.raises(ValueError, match="exclude has 1 sets for 2 queries"):
+    with pytest.raises(ValueError, match=r"one collection of item ids per query \(2\), got 1 entries"):
         exact_index.search(np.ones((2, exact_index.dim), np.float32), k=3, exclude=[set()])
     ids, scores = exact_index.search(np.empty((0, exact_index.dim), np.float32), k=3)
     assert ids == [] and scores.shape == (0, 3)
+
+
+@pytest.mark.parametrize("num_queries", [1, 2])  # the lone-query path and the batched one
+def test_exclusions_are_matched_as_strings_and_a_bare_string_is_refused(num_queries):
+    """Ids are held as strings: an int id excluded as an int was returned anyway; a lone string where a set
+    belongs was iterated as its characters (nothing excluded), and None crashed the batched path."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    index = ShardedIndex.from_arrays(list(range(40)), vectors, IndexConfig(), num_shards=2)
+    q = np.repeat(vectors[:1], num_queries, axis=0)
+    [top, *_], _ = index.search(q, k=3)
+    assert top[0] == "0"
+    [got, *_], _ = index.search(q, k=3, exclude=[{0, 1}] * num_queries)
+    assert "0" not in got and "1" not in got and len(got) == 3
+    for bad in ("0", [None] * num_queries, ["0"] * num_queries):
+        with pytest.raises(ValueError, match="exclude"):
+            index.search(q, k=3, exclude=bad)
 
 
 def test_shards_must_be_numbered_and_disjoint(exact_index):

@@ -231,6 +231,39 @@ def test_version_errors_name_what_is_missing(storage, served_index, bucket_uri):
         VersionRef.resolve(storage, uri)
 
 
+def test_item_vectors_changed_since_the_build_are_refused(storage, served_index, bucket_uri):
+    """The index job records each vectors part's digest of what serving reads (item ids and fused vectors);
+    a part replaced since (still valid Parquet with the same ids, two items' vectors swapped) is refused,
+    where it loaded and paired wrong item vectors with the user tower. A faithful copy loads."""
+    import pyarrow as pa
+
+    from tessera.index import write_index_manifest
+    from tessera.serving.version import ItemVectors
+
+    manifest = read_index_manifest(storage, served_index)
+    assert manifest.item_vectors and set(manifest.item_vectors_sha256) == set(manifest.item_vectors)
+    for name, tamper in (("faithful", False), ("tampered", True)):
+        uri = f"{bucket_uri}/index/{name}"
+        write_index_manifest(storage, uri, manifest)
+        for n, rel in enumerate(manifest.item_vectors):
+            data = storage.read_bytes(join_uri(served_index, rel))
+            if tamper and n == 0:
+                table = pq.read_table(pa.BufferReader(data))
+                fused = table.column("fused").to_pylist()
+                fused[0], fused[1] = fused[1], fused[0]
+                table = table.set_column(table.schema.get_field_index("fused"), table.schema.field("fused"),
+                                         pa.array(fused, table.schema.field("fused").type))
+                storage.write_parquet(join_uri(uri, rel), table)
+            else:
+                storage.write_bytes(join_uri(uri, rel), data)
+        ref = VersionRef.resolve(storage, uri)
+        if tamper:
+            with pytest.raises(VersionError, match="does not match the checksum in the index manifest"):
+                ItemVectors.load(storage, ref)
+        else:
+            assert ItemVectors.load(storage, ref).num_items == manifest.counts["input_items"]
+
+
 def test_version_cache_keeps_the_current_and_newest_versions():
     loads = []
     cache = VersionCache(lambda uri: loads.append(uri) or uri.upper(), keep=2)

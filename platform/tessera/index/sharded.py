@@ -250,8 +250,8 @@ class ShardedIndex:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = prepare_queries(queries, self.dim, self.shards[0].params.normalized)
-        if exclude is not None and len(exclude) != q.shape[0]:
-            raise ValueError(f"exclude has {len(exclude)} sets for {q.shape[0]} queries")
+        if exclude is not None:
+            exclude = _exclusions(exclude, q.shape[0])
         if q.shape[0] == 0:
             return [], np.empty((0, k), np.float32)
         if q.shape[0] == 1 and self._one_query_path:
@@ -395,3 +395,19 @@ def _complete_shard_set(storage: Storage, uri: str, names: list[str]) -> list[tu
                                 f"missing under {uri}: the other shards record an index of {total} shards, "
                                 f"{len(missing)} of them absent ({', '.join(missing)}); the build is incomplete")
     return [(m.name, digest) for m, digest in read]
+
+
+def _exclusions(exclude, num_queries: int) -> list[set[str]]:
+    """``exclude`` as one set of id strings per query (the index holds its ids as strings: an int id
+    excluded as an int was returned). A lone string or None where a collection of ids belongs is refused:
+    a string would be iterated as its characters, excluding nothing."""
+    if isinstance(exclude, (str, bytes)) or len(exclude) != num_queries:
+        n = "a string" if isinstance(exclude, (str, bytes)) else f"{len(exclude)} entries"
+        raise ValueError(f"exclude must hold one collection of item ids per query ({num_queries}), got {n}")
+    out = []
+    for i, ids in enumerate(exclude):
+        if ids is None or isinstance(ids, (str, bytes)):
+            raise ValueError(f"exclude[{i}] must be a collection of item ids (a set), got {ids!r:.80}")
+        out.append({str(x) for x in ids})
+    return out
+

@@ -167,6 +167,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     check_s = max((b.check_seconds for shards in built.values() for b in shards), default=0.0)
 
     rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
+    part_digests = {rel: vectors.digests[p] for rel, p in zip(rel_parts, vectors.parts, strict=True)}
     source = {"model_uri": cfg.model_uri, "model_fingerprint": src.model_fingerprint,
               "embedding_run": src.embedding_run,
               "embedding_run_id": src.embedding_manifest.get("run_id"), "interactions_uri": src.interactions_uri,
@@ -197,6 +198,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     for plan in plans:
         manifests[plan.name] = _with_checks(manifests[plan.name], checks[plan.name], floor)
         manifests[plan.name].item_vectors = rel_parts
+        manifests[plan.name].item_vectors_sha256 = part_digests
         manifests[plan.name].source = source
     top = manifests["fused"]
     top.counts = {"input_items": src.num_items, **{k: v for k, v in vectors.counts.items() if k != "rows"},

@@ -140,16 +140,23 @@ class ItemVectors:
         """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``)."""
         if not ref.manifest.item_vectors:
             raise VersionError(f"the index manifest at {ref.index_uri} lists no item vectors parts")
+        from tessera.index_job.vectors import served_digest
+        from tessera.train.catalog import vector_matrix
+
         tables = []
+        digests = ref.manifest.item_vectors_sha256  # empty for an index built before they were recorded
         for rel in ref.manifest.item_vectors:
             uri = join_uri(ref.index_uri, rel)
             fs, path = storage.filesystem(uri)
             try:
                 with fs.open_input_file(path) as f:
-                    tables.append(pq.read_table(f, columns=["item_id", "fused"]))
+                    table = pq.read_table(f, columns=["item_id", "fused"])
             except FileNotFoundError:
                 raise VersionError(f"item vectors part {uri} named by the index manifest is missing") from None
-        from tessera.train.catalog import vector_matrix
+            if digests and served_digest(table, ref.manifest.dim) != digests.get(rel):
+                raise VersionError(f"item vectors part {uri} does not match the checksum in the index manifest "
+                                   f"(changed since the build): rebuild the index")
+            tables.append(table)
 
         table = pa.concat_tables(tables)
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object).astype(str)
