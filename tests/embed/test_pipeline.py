@@ -162,6 +162,21 @@ def test_pools_that_cannot_fit_are_refused_before_running(encoder_weights):
         check_fits(gpu, cluster_cpus=2, cluster_gpus=0)
 
 
+def test_an_actor_no_node_can_hold_is_refused_whatever_the_cluster_holds_in_all(encoder_weights):
+    """Two nodes of 1 GPU make 2 GPUs in all, but a pool actor asking for 2 would wait forever: refused, naming
+    the key; the same actor fits a node of 2 GPUs, and on an autoscaling cluster (nodes None) is not judged by
+    the nodes there now."""
+    cfg = embed_config(encoder_weights, "x", image={"pool": {"num_gpus": 2, "num_cpus": 0.25}})
+    small = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(ValueError, match=r"image\.pool asks each of its workers for 0.25 CPUs and 2 GPUs, but no node"):
+        check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=small)
+    check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=[{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0}])
+    check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=None)
+    wide = embed_config(encoder_weights, "x", audio={"preprocess": {"num_cpus": 6}})
+    with pytest.raises(ValueError, match=r"audio\.preprocess asks each of its workers for 6 CPUs"):
+        check_fits(wide, cluster_cpus=16, cluster_gpus=0, nodes=[{"CPU": 4.0}] * 4)
+
+
 def test_gpu_pools_hold_the_gpus(sample_corpus, encoder_weights, ray_session):
     """With logical GPUs in the cluster, each GPU pool's actors hold a GPU slot; text stays on CPU."""
     assert ray_session.cluster_resources().get("GPU") == 2

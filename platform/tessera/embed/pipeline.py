@@ -391,13 +391,31 @@ def cluster_capacity(current: dict, autoscaler_max: dict | None) -> tuple[float,
             max(float(current.get("GPU", 0.0)), float(maximum.get("GPU", 0) or 0)))
 
 
-def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float) -> None:
-    """Refuse a config whose pools, at their minimum size, leave no CPU for the stages that feed them.
+def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes: list[dict] | None = None) -> None:
+    """Refuse a config whose pools, at their minimum size, leave no CPU for the stages that feed them,
+    or whose one actor or task asks for more than any node has.
 
     Ray Data starts every pool's ``min_actors`` before data flows; if they hold all the CPUs the read
-    and decode tasks wait forever. This names the keys to change instead of stalling.
+    and decode tasks wait forever, and an actor no node can hold (2 GPUs on nodes of 1) waits forever
+    however many the cluster has in all. This names the keys to change instead of stalling.
+
+    Args:
+        nodes: each node's resources (``ray.nodes()``' ``Resources``); None on an autoscaling cluster,
+            whose node types may be larger than its nodes now.
     """
     mods = cfg.modalities()
+    if nodes:
+        asks = [(f"{m}.pool", mc.pool.num_cpus, mc.pool.num_gpus) for m, mc in mods.items()]
+        asks += [(f"{m}.preprocess", mc.preprocess.num_cpus, 0.0) for m, mc in mods.items()]
+        asks += [(f"{m}.fetch", mc.fetch.num_cpus, 0.0) for m, mc in mods.items() if hasattr(mc, "fetch")]
+        for key, cpus, gpus in asks:
+            if not any(float(n.get("CPU", 0)) + 1e-9 >= cpus and float(n.get("GPU", 0)) + 1e-9 >= gpus
+                       for n in nodes):
+                largest = max(nodes, key=lambda n: (float(n.get("GPU", 0)), float(n.get("CPU", 0))))
+                raise EmbeddingInputError(
+                    f"{key} asks each of its workers for {cpus:g} CPUs and {gpus:g} GPUs, but no node of this "
+                    f"cluster has that much (the largest: {float(largest.get('CPU', 0)):g} CPUs, "
+                    f"{float(largest.get('GPU', 0)):g} GPUs): lower {key}.num_cpus / num_gpus, or add such a node")
     pools = sum(m.pool.min_actors * m.pool.num_cpus for m in mods.values())
     stage = max([cfg.read_num_cpus] + [m.preprocess.num_cpus for m in mods.values()]
                 + [m.fetch.num_cpus for m in mods.values() if hasattr(m, "fetch")])
@@ -505,8 +523,10 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                                    f"parts mix both: delete the run's folder, or embed into another run_id")
     # an earlier run's incomplete or outdated manifest, if any: this attempt replaces that version only
     started_manifest = storage.read_versioned(manifest_uri)[1] if storage.exists(manifest_uri) else None
-    cpus, gpus = cluster_capacity(ray.cluster_resources(), autoscaler_max_resources())
-    check_fits(cfg, cpus, gpus)
+    autoscaler_max = autoscaler_max_resources()
+    cpus, gpus = cluster_capacity(ray.cluster_resources(), autoscaler_max)
+    nodes = None if autoscaler_max is not None else [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_fits(cfg, cpus, gpus, nodes)
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
