@@ -75,6 +75,33 @@ def test_exclusion_still_returns_k(index_name, request, queries):
     assert np.isfinite(scores).all()
 
 
+def test_searches_during_and_after_close_still_answer(ah_index, queries):
+    """close() (a version evicted by serving) while other threads search: their searches answer, one shard
+    after another, where one that had the pool just before raised "cannot schedule new futures after
+    shutdown"; a search after close does not start a pool nobody closes."""
+    import threading
+
+    serial = ah_index.search(queries, k=10)
+    index = ShardedIndex(ah_index.shards, SearchConfig(search_threads=3))
+    errors, answers = [], []
+
+    def search_a_while():
+        try:
+            for _ in range(30):
+                answers.append(index.search(queries, k=10)[0])
+        except Exception as err:  # noqa: BLE001 - any failure is the finding
+            errors.append(err)
+
+    threads = [threading.Thread(target=search_a_while) for _ in range(3)]
+    for t in threads:
+        t.start()
+    index.close()
+    for t in threads:
+        t.join()
+    assert not errors and answers and all(a == serial[0] for a in answers)
+    assert index.search(queries, k=10)[0] == serial[0] and index._pool is None
+
+
 def test_fewer_items_than_k(small_catalog):
     ids, vectors = small_catalog
     index = ShardedIndex.from_arrays(ids[:5], vectors[:5], num_shards=2)

@@ -109,6 +109,7 @@ class ShardedIndex:
             self.config.search_threads == 1 or len(self.shards) == 1)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closed = False
 
     @property
     def dim(self) -> int:
@@ -264,9 +265,14 @@ class ShardedIndex:
             rows = None if exclude is None else [shard.rows_of(ex) for ex in exclude]
             return search_shard(shard, q, k, rows, self._search_params[i])
 
-        if self.config.search_threads > 1 and len(self.shards) > 1:
-            results = list(self._executor().map(one, range(len(self.shards))))
-        else:
+        pool = self._executor() if self.config.search_threads > 1 and len(self.shards) > 1 else None
+        try:
+            results = None if pool is None else list(pool.map(one, range(len(self.shards))))
+        except RuntimeError:  # closed by another thread since (an evicted version): this search goes on alone
+            if not self._closed:
+                raise
+            results = None
+        if results is None:
             results = [one(i) for i in range(len(self.shards))]
         return self._merge(results, k)
 
@@ -329,16 +335,21 @@ class ShardedIndex:
             best.append(scores)
         return ids_out, np.array(best, dtype=np.float32)
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> ThreadPoolExecutor | None:
+        """The shard thread pool, started on first use; None once :meth:`close` ran (searches go serial)."""
         with self._pool_lock:
+            if self._closed:
+                return None
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=min(self.config.search_threads, len(self.shards)),
                                                 thread_name_prefix="tessera-index")
             return self._pool
 
     def close(self) -> None:
-        """Stop the shard thread pool (if one was started)."""
+        """Stop the shard thread pool (if one was started). Searches still answer after it, or while it
+        runs, one shard after another (a version evicted while a request on it is in flight)."""
         with self._pool_lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
