@@ -297,8 +297,10 @@ class IsolatedDecoder:
                 logger.warning("%s: the decoding process was killed (SIGKILL: out of memory?) on one item; "
                                "trying it once more in a new one", name)
                 return self._one(key, raw, name, again=True)
-            logger.warning("%s: the decoding process died on one item (exit code %s; recorded as 'corrupt'); "
-                           "started a new one", name, proc.returncode)
+            status = "it answered what it never writes, killed" if gone.exit_code is None else \
+                f"exit code {gone.exit_code}"  # proc.returncode would read -9 once _discard killed it
+            logger.warning("%s: the decoding process died on one item (%s; recorded as 'corrupt'); "
+                           "started a new one", name, status)
             return MediaError("corrupt", "the decoder was killed on this input twice (SIGKILL: out of memory?)"
                               if killed else "the decoder crashed on this input")
         except TimeoutError:
