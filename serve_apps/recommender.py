@@ -287,20 +287,22 @@ class _Versioned:
             load.add_done_callback(lambda _: loads.pop(uri, None))
         await asyncio.shield(load)  # a waiter cancelled (its client gone) leaves the load to the others
 
-    async def _per_version(self, uris: list[str], batches: list[list], call, threaded: bool = False) -> list[list]:
+    async def _per_version(self, uris: list[str], batches: list[list], call, threaded=False) -> list[list]:
         """A merged batch of calls (``uris[i]``, ``batches[i]``): one ``call(core, items)`` per version, with
         the answers split back per call.
 
         The model runs on the replica's user-code event loop, not in a worker thread: a thread hop per
         batch cost ~1 ms a stage at one client here, and calls arriving meanwhile queue up and form the
         next batch. (Serve answers health checks and control calls on its own loop, in another thread.)
-        ``threaded``: in a worker thread after all, for calls that may wait long (media decoding)."""
+        ``threaded``: in a worker thread after all, for calls that may wait long (media decoding); a
+        callable ``threaded(core)`` decides per version (a text encoder still to load)."""
         out: list[list | None] = [None] * len(uris)
         for uri in dict.fromkeys(uris):
             calls = [i for i, u in enumerate(uris) if u == uri]
             core = await self._core(uri)
             items = [x for i in calls for x in batches[i]]
-            answers = await asyncio.to_thread(call, core, items) if threaded else call(core, items)
+            in_thread = threaded(core) if callable(threaded) else threaded
+            answers = await asyncio.to_thread(call, core, items) if in_thread else call(core, items)
             for i, part in zip(calls, _split(answers, [len(batches[i]) for i in calls]), strict=True):
                 out[i] = part
         return out  # type: ignore[return-value]
@@ -344,7 +346,10 @@ class QueryEncoder(_Versioned):
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _encode_texts(self, uris: list[str], queries: list[list]) -> list[list]:
-        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat))
+        # the first text query of a version with preload_modalities false loads the encoder: in a thread,
+        # so that the load (seconds) does not hold the user batches on this event loop
+        return await self._per_version(uris, queries, lambda core, flat: core.encode_queries(flat),
+                                       threaded=lambda core: not core.has_encoder("text"))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _encode_media(self, uris: list[str], queries: list[list]) -> list[list]:

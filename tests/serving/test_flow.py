@@ -363,3 +363,23 @@ def test_item_lookup_never_widens_the_catalog_and_ignores_nul_tricks(local, serv
     assert rows.tolist() == [0, -1, -1, -1, 0] and items.ids.dtype.itemsize == width
     with pytest.raises(ValidationError, match="at most 1024 characters"):
         RecommendRequest(recent_item_ids=["x" * (MAX_ID_LENGTH + 1)])
+
+
+def test_without_preload_each_encoder_loads_on_first_use_and_one_load_holds_no_other(storage, served_index):
+    """preload_modalities false: nothing loaded at start; a text query loads the text encoder alone, and
+    while another modality's load is under way (its lock held) a text query is still answered (one lock
+    for every modality made it wait for that load)."""
+    import threading
+
+    from tessera.serving.query import QueryCore
+
+    core = QueryCore.load(storage, VersionRef.resolve(storage, served_index), preload_modalities=False)
+    assert core.modalities and not any(core.has_encoder(m) for m in core.modalities)
+    others = [m for m in core.modalities if m != "text"]
+    with core._encoder_locks[others[0]]:  # a load of that modality in progress
+        answered = []
+        worker = threading.Thread(target=lambda: answered.extend(core.encode_queries([("text", "ceramic mug")])))
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive() and isinstance(answered[0], np.ndarray)
+    assert core.has_encoder("text") and not any(core.has_encoder(m) for m in others)

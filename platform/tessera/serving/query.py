@@ -234,7 +234,7 @@ class QueryCore:
         self.max_history = self.user_tower.config.max_history
         self.modalities = list(self.item_tower.config.modality_dims)
         self._encoders: dict[str, object] = {}
-        self._encoder_lock = threading.Lock()
+        self._encoder_locks = {m: threading.Lock() for m in self.modalities}  # one load never holds another
         if preload_modalities:
             for m in self.modalities:
                 self.encoder(m)
@@ -315,9 +315,16 @@ class QueryCore:
         return out
 
     # --- text / image / audio queries ---------------------------------------------------
+    def has_encoder(self, modality: str) -> bool:
+        """Whether the modality's encoder is loaded (a query of it then does not wait for a load)."""
+        return modality in self._encoders
+
     def encoder(self, modality: str):
         """The modality's encoder as the embedding run used it (loaded once; checksum verified)."""
-        with self._encoder_lock:
+        if modality not in self._encoder_locks:
+            raise VersionError(f"the model of {self.ref.index_uri} has no {modality} modality "
+                               f"(it has {', '.join(self.modalities)})")
+        with self._encoder_locks[modality]:
             if modality not in self._encoders:
                 encoder = self._load_encoder(modality)
                 if self._isolated(modality):
