@@ -238,3 +238,25 @@ def test_a_build_whose_lease_was_taken_over_writes_no_shard(storage, parts, buck
                      index_uri, IndexConfig(), num_cpus=0.5, lease=lease.ref)
     assert isinstance(err.value.cause, LeaseLostError) and "taken over by host" in str(err.value.cause)
     assert not storage.list_files(join_uri(index_uri, held["fused"][0].manifest.name))
+
+
+def test_a_shard_tuned_into_rescoring_every_point_is_reported(tmp_path):
+    """A shard whose tuning reached its recall target only with a reordering depth of its whole size searches
+    as slowly as exact search, and nothing said so: the job now warns, naming the index and the shard."""
+    import numpy as np
+
+    from tessera.index import IndexConfig, ShardedIndex
+    from tessera.index_job.job import exhaustive_shards
+    from tessera.storage import Storage, StorageConfig
+
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    index = ShardedIndex.from_arrays([f"i{j}" for j in range(400)], vectors,
+                                     IndexConfig(mode="ah", training_threads=1), num_shards=2)
+    manifests = index.save(Storage(StorageConfig()), str(tmp_path / "index")).shards
+    assert all(m.params.mode == "ah" and m.params.reorder_num_neighbors < m.count for m in manifests)
+    assert exhaustive_shards({"fused": manifests}) == []
+    flat = manifests[1].model_copy(update={"params": manifests[1].params.model_copy(
+        update={"reorder_num_neighbors": manifests[1].count})})
+    [line] = exhaustive_shards({"fused": manifests[:1], "text": [flat]})
+    assert line.startswith(f"text index, {flat.name} ({flat.count} points, ah): the recall target was reached only")

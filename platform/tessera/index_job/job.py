@@ -164,6 +164,8 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
               f"outside the self-check's sample)", flush=True)
     shard_manifests = {name: [b.manifest for b in shards] for name, shards in built.items()}
     _check_shard_set(src.index_uri, plans, shard_manifests)
+    for line in exhaustive_shards(shard_manifests):
+        print(f"[index] warning: {line}", flush=True)
     check_s = max((b.check_seconds for shards in built.values() for b in shards), default=0.0)
 
     rel_parts = [p[len(src.index_uri.rstrip("/")) + 1:] for p in vectors.parts]
@@ -307,6 +309,23 @@ def _history_limit(storage: Storage, cfg: IndexJobConfig) -> int:
     if cfg.self_check.max_history:
         return cfg.self_check.max_history
     return int(storage.read_json(join_uri(cfg.model_uri, "user_tower", "config.json"))["config"]["max_history"])
+
+
+def exhaustive_shards(shard_manifests: dict[str, list]) -> list[str]:
+    """One line per approximate shard whose tuning reached the recall target only by rescoring every one of
+    its points (reordering depth = shard size): it searches no faster than exact search would, and
+    nothing else says so (its recall is fine)."""
+    out = []
+    for name, manifests in shard_manifests.items():
+        for m in manifests:
+            p = m.params
+            if p.mode != "brute_force" and p.reorder_num_neighbors is not None and p.reorder_num_neighbors >= m.count:
+                out.append(f"{name} index, {m.name} ({m.count} points, {p.mode}): the recall target was reached "
+                           f"only by rescoring every point (reorder_num_neighbors={p.reorder_num_neighbors}), so "
+                           f"it searches as slowly as exact search; its queries sit far from its points (user "
+                           f"vectors flatter than the items?): index.mode: brute_force says so plainly, or "
+                           f"fewer shards give each more points")
+    return out
 
 
 def _check_shard_set(index_uri: str, plans: list[IndexPlan], shard_manifests: dict[str, list]) -> None:
