@@ -15,7 +15,7 @@ import sys
 
 from tessera.config import ConfigError, load_config
 from tessera.corpus import CorpusConfig, generate_corpus
-from tessera.ray_utils import init_ray
+from tessera.ray_utils import check_paths_for_cluster, init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     init_ray()
+    try:  # tasks write under root: a local one is refused on several nodes, a URI of another scheme anywhere
+        check_paths_for_cluster({"root": cfg.root},
+                                {"real_media.data_dir": cfg.real_media.data_dir if cfg.real_media.enabled else None})
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         manifest = generate_corpus(cfg, force=args.force)
     except FileExistsError as err:  # another corpus at this root

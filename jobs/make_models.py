@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from tessera.config import ConfigError, TesseraConfig, parse_config
 from tessera.encoders.seeded import DEFAULT_MODELS_URI, write_seeded_weights
-from tessera.storage import Storage, StorageConfig, join_uri
+from tessera.storage import Storage, StorageConfig, join_uri, parse_uri
 
 STORAGE_ENV = "TESSERA__STORAGE__"
 
@@ -45,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         storage = Storage(storage_config())
+        parse_uri(args.out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: --out: {err}", file=sys.stderr)
         return 2
     try:
         written = write_seeded_weights(args.out, storage, seed=args.seed, force=args.force)

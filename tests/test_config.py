@@ -112,16 +112,20 @@ class Named(TesseraConfig):
     ks: list[int] = [10]
 
 
-def test_env_values_are_taken_as_written_unless_yaml_reads_a_number_flag_or_list(tmp_path):
-    """A run id of digits or a date, a URI holding ' #' and a quoted value keep their text; numbers, booleans
-    and lists are parsed. Before, TESSERA__RUN_ID=20241205 failed ("Input should be a valid string") and a
-    URI was cut at ' #' with no error."""
+def test_env_values_are_their_text_converted_to_the_key_type(tmp_path):
+    """Scalars are the variable's text (stripped), converted by the key's type; lists, mappings, null and
+    quoted strings are YAML. Before, TESSERA__RUN_ID=20241205 failed ("Input should be a valid string"),
+    YAML 1.1 read 0123 as 83 and 1.10 as 1.1, and a URI was cut at ' #' with no error."""
     cfg = load_config(Named, None, environ={"TESSERA__RUN_ID": "20241205", "TESSERA__URI": "s3://b/x #1",
                                              "TESSERA__INNER__BATCH_SIZE": "64", "TESSERA__KS": "[5, 20]"})
     assert cfg.run_id == "20241205" and cfg.uri == "s3://b/x #1" and cfg.inner.batch_size == 64 and cfg.ks == [5, 20]
-    assert load_config(Named, None, environ={"TESSERA__RUN_ID": "2024-12-05"}).run_id == "2024-12-05"
+    for text in ("2024-12-05", "0123", "1.10", "0x1F", "1_000", "yes"):
+        assert load_config(Named, None, environ={"TESSERA__RUN_ID": text}).run_id == text
     assert load_config(Named, None, environ={"TESSERA__RUN_ID": '"007"'}).run_id == "007"
-    assert load_config(Named, write(tmp_path, "run_id: 2\n"), environ={}).run_id == "2"
+    assert load_config(Named, None, environ={"TESSERA__URI": " s3://b/x \r"}).uri == "s3://b/x"  # a CRLF .env
+    assert load_config(Outer, None, environ={"TESSERA__RATIO": "1e-3"}).ratio == 0.001
+    with pytest.raises(ConfigError, match=r"key 'run_id' in file .*valid string"):  # a file's bare number: quote it
+        load_config(Named, write(tmp_path, "run_id: 1.10\n"), environ={})
 
 
 def test_an_error_beneath_an_env_override_names_the_variable_not_the_file(tmp_path):
@@ -150,6 +154,22 @@ def test_an_error_beneath_an_env_override_names_the_variable_not_the_file(tmp_pa
     with pytest.raises(ConfigError) as err:
         load_config(Holder, p, environ={"TESSERA__PAIR__HI": "3"})
     assert f"key 'pair' in file {p} (with environment variable TESSERA__PAIR__HI)" in str(err.value)
+
+    class Top(TesseraConfig):
+        lo: int = 0
+        hi: int = 1
+        pair: Pair = Pair()
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.lo >= self.hi:
+                raise ValueError("lo must be below hi")
+            return self
+
+    p = write(tmp_path, "lo: 5\n")  # an error of the whole config: an unrelated override is not named
+    with pytest.raises(ConfigError) as err:
+        load_config(Top, p, environ={"TESSERA__PAIR__LO": "0"})
+    assert f"key '<root>' in file {p}:" in str(err.value) and "TESSERA__PAIR__LO" not in str(err.value)
 
 
 def test_an_empty_training_version_is_refused():

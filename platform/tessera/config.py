@@ -31,8 +31,7 @@ class ConfigError(ValueError):
 class TesseraConfig(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
-    # a number where a string is expected is taken as its text: TESSERA__RUN_ID=20241205 and `version: 2`
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 C = TypeVar("C", bound=TesseraConfig)
@@ -62,21 +61,21 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, tuple[l
 
 
 def env_value(raw: str) -> Any:
-    """An override's value: YAML for numbers, booleans, null, lists and mappings (``64``, ``false``,
-    ``[10, 20]``); any other text as it is written (a value holding `` #`` is not cut at a YAML comment,
-    and a quoted one loses its quotes: ``'"2"'`` is the string ``2``)."""
+    """An override's value: a YAML list or mapping (``[10, 20]``), ``null``, or a quoted string (its
+    content) are parsed; any other value is its text, stripped, which the model converts to the key's type
+    (``64`` to an int key, ``false`` to a bool): so ``TESSERA__RUN_ID=20241205`` or ``=0123`` is that
+    text, where YAML 1.1 would read the numbers 20241205 and 83, and a value holding `` #`` is not cut at
+    a YAML comment."""
     text = raw.strip()
     if not text:
         return raw
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        return raw
-    if isinstance(value, str) and text[0] in "'\"":
+        return text
+    if value is None or isinstance(value, (list, dict)) or (isinstance(value, str) and text[0] in "'\""):
         return value
-    if value is None or isinstance(value, (bool, int, float, list, dict)):
-        return value
-    return raw  # text, or what YAML would read as a date or a timestamp (TESSERA__RUN_ID=2024-12-05)
+    return text
 
 
 def _origin_of(loc: tuple, env: dict[str, tuple[list[str], Any]], source: str, data: Mapping[str, Any]) -> str:
@@ -87,7 +86,7 @@ def _origin_of(loc: tuple, env: dict[str, tuple[list[str], Any]], source: str, d
         if tuple(path) == key[: len(path)]:
             return f"environment variable {var}"
     below = [var for var, (path, _) in env.items() if len(path) > len(key) and tuple(path[: len(key)]) == key]
-    if below:
+    if key and below:  # (an error of the whole config is every override's "above": none is named)
         node: Any = data
         for part in key:
             node = node.get(part) if isinstance(node, Mapping) else None

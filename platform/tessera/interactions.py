@@ -50,7 +50,7 @@ def event_order(ts: np.ndarray, item_key: np.ndarray, weight: np.ndarray,
     the ids' ranks). Not the log's order: training receives each user's events in the order of Ray
     Data's shuffle, and a log of second-resolution times holds many ties, so the order is what decides
     which same-time event is held out and which one a history ends with."""
-    keys = [np.asarray(weight), np.asarray(item_key), np.asarray(ts)]
+    keys = [np.asarray(weight, np.float32), np.asarray(item_key), np.asarray(ts)]  # weights as every reader holds them
     if user is not None:
         keys.append(np.asarray(user))
     return np.lexsort(keys)

@@ -60,6 +60,8 @@ def test_make_models_reads_the_storage_overrides_of_the_other_jobs(monkeypatch, 
     cfg = make_models.storage_config({"TESSERA__STORAGE__ENDPOINT_URL": "http://minio.internal:9000",
                                       "TESSERA__STORAGE__MAX_ATTEMPTS": "3", "TESSERA__OUTPUT_URI": "s3://b/e"})
     assert cfg.endpoint_url == "http://minio.internal:9000" and cfg.max_attempts == 3
+    assert make_models.main(["--out", "S3://tessera-test/never"]) == 2  # was a ValueError traceback (exit 1)
+    assert "error: --out: unsupported URI scheme in 'S3://tessera-test/never'" in capsys.readouterr().err
     monkeypatch.setenv("TESSERA__STORAGE__MAX_ATTEMPTS", "0")
     assert make_models.main(["--out", "s3://tessera-test/never"]) == 2
     assert "environment variable TESSERA__STORAGE__MAX_ATTEMPTS" in capsys.readouterr().err

@@ -84,9 +84,12 @@ def test_searches_during_and_after_close_still_answer(ah_index, queries):
     serial = ah_index.search(queries, k=10)
     index = ShardedIndex(ah_index.shards, SearchConfig(search_threads=3))
     errors, answers = [], []
+    searching = threading.Barrier(4)  # the three searchers are under way (each has searched) before close()
 
     def search_a_while():
         try:
+            answers.append(index.search(queries, k=10)[0])
+            searching.wait(timeout=30)
             for _ in range(30):
                 answers.append(index.search(queries, k=10)[0])
         except Exception as err:  # noqa: BLE001 - any failure is the finding
@@ -95,6 +98,7 @@ def test_searches_during_and_after_close_still_answer(ah_index, queries):
     threads = [threading.Thread(target=search_a_while) for _ in range(3)]
     for t in threads:
         t.start()
+    searching.wait(timeout=30)
     index.close()
     for t in threads:
         t.join()

@@ -408,6 +408,7 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes
         asks = [(f"{m}.pool", mc.pool.num_cpus, mc.pool.num_gpus) for m, mc in mods.items()]
         asks += [(f"{m}.preprocess", mc.preprocess.num_cpus, 0.0) for m, mc in mods.items()]
         asks += [(f"{m}.fetch", mc.fetch.num_cpus, 0.0) for m, mc in mods.items() if hasattr(mc, "fetch")]
+        asks.append(("read_num_cpus", cfg.read_num_cpus, 0.0))
         for key, cpus, gpus in asks:
             if not any(float(n.get("CPU", 0)) + 1e-9 >= cpus and float(n.get("GPU", 0)) + 1e-9 >= gpus
                        for n in nodes):

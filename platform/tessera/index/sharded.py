@@ -419,6 +419,9 @@ def _exclusions(exclude, num_queries: int) -> list[set[str]]:
     for i, ids in enumerate(exclude):
         if ids is None or isinstance(ids, (str, bytes)):
             raise ValueError(f"exclude[{i}] must be a collection of item ids (a set), got {ids!r:.80}")
-        out.append({str(x) for x in ids})
+        if isinstance(ids, (set, frozenset)) and (not ids or type(next(iter(ids))) is str):
+            out.append(ids)  # serving's sets of id strings, as they are (a set holds one kind of id)
+        else:
+            out.append({str(x) for x in ids})
     return out
 

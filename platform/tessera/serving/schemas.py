@@ -130,4 +130,5 @@ class VersionResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str | list
-    kind: Literal["bad_request", "unknown_items", "not_found", "too_large", "bad_media", "unavailable"] | None = None
+    kind: Literal["bad_request", "unknown_items", "not_found", "too_large", "bad_media", "unavailable",
+                  "timeout"] | None = None
