@@ -25,6 +25,7 @@ from tessera.index_job import (
     IndexSourceError,
     run_index_job,
 )
+from tessera.interactions import log_schema_error
 from tessera.lease import LeaseHeldError, LeaseLostError
 from tessera.ray_utils import init_ray
 
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 5
     except (IndexSourceError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 6
+    except Exception as err:  # an interaction-log file whose columns cannot be read (from a Ray task)
+        if (bad := log_schema_error(err)) is None:
+            raise
+        print(f"error: {bad}", file=sys.stderr)
         return 6
     checks = {name: f"recall@{c.k} {c.recall:.4f} ({c.num_queries} queries)"
               for name, c in manifest.recall_checks.items()}

@@ -41,6 +41,125 @@ def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
                                                                                                  interactions_uri)])
 
 
+class LogSchemaError(ValueError):
+    """An interaction-log file a reader cannot take: a required column missing, or of a type that is not
+    one the log's columns can be read from (the message names the file and the column)."""
+
+
+def log_schema_error(err: BaseException) -> LogSchemaError | None:
+    """The :class:`LogSchemaError` behind ``err``, if any: Ray raises a task's exception as an instance of
+    its class, but Ray Data wraps a map function's in its own (the original is a ``__cause__``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(getattr(err, "cause", None), LogSchemaError):
+            return err.cause  # the original, whose text is its message alone (a RayTaskError's holds a traceback)
+        if isinstance(err, LogSchemaError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or getattr(err, "cause", None) or err.__context__
+    return None
+
+
+_MS_PER = {"s": 1000, "ms": 1, "us": 1 / 1000, "ns": 1 / 1_000_000}
+
+
+def normalize_log(table: pa.Table, where: str, columns: Sequence[str] = LOG_COLUMNS,
+                  drop_incomplete: bool = False) -> pa.Table:
+    """``columns`` of one piece of the log in the types every reader (training, the index self-check,
+    serving) takes them in, so that the three read one log alike:
+
+    - ``user_id``, ``item_id``: strings (integer ids as their digits; string and dictionary-of-string
+      columns as they are);
+    - ``ts``: int64 milliseconds; an Arrow timestamp or date column is converted from its own unit (a
+      ``timestamp[us]`` column read as milliseconds put every gap 1000 times too far); integers are taken
+      as milliseconds already;
+    - ``weight``: float32; a missing column, a null or a NaN counts the event once (1.0), where a NaN
+      made the user tower's output NaN.
+
+    ``drop_incomplete``: leave out events without a user, an item or a time (serving and the self-check
+    ignore them; training would have made one user of every event without a user id).
+
+    Raises:
+        LogSchemaError: a column other than ``weight`` missing, or of a type none of these reads from."""
+    out = {}
+    for name in columns:
+        if name not in table.column_names:
+            if name == "weight":
+                out[name] = pa.chunked_array([pa.array(np.ones(table.num_rows, np.float32))])
+                continue
+            raise LogSchemaError(f"interaction log {where}: no '{name}' column (it has "
+                                 f"{', '.join(table.column_names) or 'none'})")
+        column = table.column(name)
+        try:
+            out[name] = _NORMAL[name](column)
+        except (TypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise LogSchemaError(f"interaction log {where}: column '{name}' of type {column.type}: {err}") from None
+    result = pa.table(out)
+    if drop_incomplete:
+        keep = None
+        for name in ("user_id", "item_id", "ts"):
+            if name in result.column_names:
+                valid = pc.is_valid(result.column(name))
+                keep = valid if keep is None else pc.and_(keep, valid)
+        if keep is not None:
+            result = result.filter(keep)
+    return result
+
+
+def _ids(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    t = column.type
+    values = t.value_type if pa.types.is_dictionary(t) else t
+    if pa.types.is_string(values) or pa.types.is_large_string(values):
+        return column
+    if pa.types.is_integer(values) or pa.types.is_null(values):
+        return pc.cast(column, pa.string())
+    raise TypeError("ids must be strings or integers")
+
+
+def _ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    t = column.type
+    if pa.types.is_integer(t) or pa.types.is_null(t):
+        return pc.cast(column, pa.int64())
+    if pa.types.is_timestamp(t):
+        raw, per = pc.cast(column, pa.int64()), _MS_PER[t.unit]
+        return raw if per == 1 else pc.multiply(raw, per) if per > 1 else pc.divide(raw, round(1 / per))
+    if pa.types.is_date32(t):
+        return pc.multiply(pc.cast(pc.cast(column, pa.int32()), pa.int64()), 86_400_000)
+    if pa.types.is_date64(t):
+        return pc.cast(column, pa.int64())
+    if pa.types.is_floating(t):  # integers written by pandas with a null among them
+        return pc.cast(pc.floor(pc.if_else(pc.is_nan(column), None, column)), pa.int64())
+    raise TypeError("times must be int64 milliseconds, an Arrow timestamp or a date")
+
+
+def _weights(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    t = column.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):
+        raise TypeError("weights must be numbers")
+    w = pc.cast(column, pa.float32())
+    return pc.fill_null(pc.if_else(pc.is_nan(w), None, w), 1.0)
+
+
+_NORMAL = {"user_id": _ids, "item_id": _ids, "ts": _ms, "weight": _weights}
+
+
+def read_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUMNS,
+                  drop_incomplete: bool = False) -> pa.Table:
+    """``columns`` of one Parquet file of the log, as :func:`normalize_log` gives them (a file without a
+    ``weight`` column reads as weights of 1.0)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+
+    def read() -> pa.Table:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            return parquet.read(columns=[c for c in columns if c in present])
+
+    return normalize_log(storage.retrying_io(f"read {uri}", read), uri, columns, drop_incomplete)
+
+
 def event_order(ts: np.ndarray, item_key: np.ndarray, weight: np.ndarray,
                 user: np.ndarray | None = None) -> np.ndarray:
     """Indices putting events in the one order training, the index self-check and serving all read a

@@ -43,13 +43,14 @@ from tessera.embed.ids import is_member
 from tessera.index import RecallCheck, ShardRecall, combine_recall, hash_ids, load_shard, shard_recall
 from tessera.index_job.config import SelfCheckConfig
 from tessera.interactions import (
-    LOG_COLUMNS,
     UserColumn,
     encode_strings,
     event_order,
     hash_user_ids,
     interaction_files,
     last_flagged,
+    normalize_log,
+    read_log_file,
     runs,
 )
 from tessera.storage import Storage
@@ -226,6 +227,7 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     hashes of the index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history``
     of them (None: all): what the user tower will read, so long histories stay small. Events without an item id
     are dropped from histories; events without a user id or a time are ignored."""
+    log = normalize_log(log, "(a table)")
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
                         lambda key, chosen: [_user_events(log, key, chosen, indexed, max_history, cfg.holdout)],
                         cfg, count, skip, max_history)
@@ -273,7 +275,7 @@ def _lowest_in_files(pieces: list[tuple[int, str]], storage: Storage, key: str,
                      budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`_lowest_users` over several files, merged into one (the lowest ``budget`` of their union, each
     with its files' summed counts: exact for the same reason as per file)."""
-    return [_lowest_of([_lowest_users(storage.read_parquet(uri, ["user_id", "ts"]), key, budget)
+    return [_lowest_of([_lowest_users(read_log_file(storage, uri, ["user_id", "ts"]), key, budget)
                         for _, uri in pieces], budget)]
 
 
@@ -290,7 +292,7 @@ def _lowest_of(found: list[tuple[np.ndarray, np.ndarray]], budget: int | None = 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
                     indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
     del piece  # :func:`_map_log`'s callback shape; the events' order is their own (:func:`event_order`)
-    return _user_events(storage.read_parquet(uri, LOG_COLUMNS), key, chosen, indexed, max_history, holdout)
+    return _user_events(read_log_file(storage, uri), key, chosen, indexed, max_history, holdout)
 
 
 def _over_files(fn, per_task: bool, pieces: list[tuple[int, str]], *args) -> list:

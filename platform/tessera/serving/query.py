@@ -118,7 +118,7 @@ class UserHistories:
         for ``items``' catalog, keeping each user's last ``max_history`` usable events."""
         if not interactions_uri:
             return cls.empty()
-        from tessera.interactions import LOG_COLUMNS, encode_strings, interaction_files
+        from tessera.interactions import LogSchemaError, encode_strings, interaction_files, read_log_file
 
         try:
             files = interaction_files(storage, interactions_uri)
@@ -126,7 +126,10 @@ class UserHistories:
             raise VersionError(f"interaction-log snapshot: {err}") from None
         names, codes, rows, ts, weights, dropped, offset = [], [], [], [], [], 0, 0
         for uri in files:
-            table = storage.read_parquet(uri, LOG_COLUMNS)
+            try:
+                table = read_log_file(storage, uri)  # the types training and the self-check read too
+            except LogSchemaError as err:
+                raise VersionError(f"interaction-log snapshot: {err}") from None
             file_names, file_codes = encode_strings(table.column("user_id"))
             found = _catalog_rows(table.column("item_id"), items)
             timed = table.column("ts").is_valid().to_numpy(zero_copy_only=False)  # an event without a time: ignored

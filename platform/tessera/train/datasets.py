@@ -9,7 +9,9 @@
 
 Both are materialised once before training (they are small next to the object store), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
-the embedding run are counted and dropped (the count goes into the manifest).
+the embedding run are counted and dropped (the count goes into the manifest); events without a user, an
+item or a time are left out (:func:`tessera.interactions.normalize_log`, which also gives every reader
+of the log the same column types).
 
 Example::
 
@@ -64,11 +66,30 @@ def _to_rows(batch: dict[str, np.ndarray], item_ids: np.ndarray) -> dict[str, np
     return batch
 
 
+def _read_log_files(batch: dict[str, np.ndarray], storage: Storage):
+    """Each log file of the batch in the readers' common types (:func:`tessera.interactions.read_log_file`),
+    events without a user, an item or a time left out, as serving and the index self-check ignore them."""
+    from tessera.interactions import read_log_file
+
+    for uri in batch["uri"]:
+        yield read_log_file(storage, str(uri), INTERACTION_COLUMNS, drop_incomplete=True)
+
+
+def read_interactions(storage: Storage, interactions_uri: str, num_cpus: float = 0.25) -> ray.data.Dataset:
+    """The interaction log as a Dataset of ``user_id``, ``item_id`` (strings), ``ts`` (int64 ms) and
+    ``weight`` (float32), read the way the self-check and serving read it: a file at a time, each converted
+    on its own (Ray Data's ``read_parquet`` refused files whose column types differ, int and string ids)."""
+    from tessera.interactions import interaction_files
+
+    files = interaction_files(storage, interactions_uri)
+    listing = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(_read_log_files, batch_size=1, num_cpus=num_cpus, fn_kwargs={"storage": storage})
+
+
 def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     """Read, map, split and expand; see the module docstring."""
     item_ids = _catalog_ids(cfg, storage)
-    fs, path = storage.filesystem(cfg.interactions_uri)
-    inter = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"]).select_columns(INTERACTION_COLUMNS)
+    inter = read_interactions(storage, cfg.interactions_uri)
     mapped = inter.map_batches(_to_rows, fn_kwargs={"item_ids": item_ids}, batch_format="numpy").materialize()
     total = mapped.count()
     known = mapped.filter(expr=col("item_row") >= 0)

@@ -33,6 +33,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from tessera.config import ConfigError
+from tessera.interactions import log_schema_error
 from tessera.lease import LeaseLostError, LeaseRef, RunLease
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.ray_utils import check_paths_for_cluster
@@ -142,7 +143,12 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
     embed_manifest = storage.read_json(join_uri(cfg.embeddings_uri, "_MANIFEST.json"))
     check_variants(cfg, list(embed_manifest["encoders"]))
     _claim_run(cfg, storage, embed_manifest)
-    data = build_datasets(cfg, storage)
+    try:
+        data = build_datasets(cfg, storage)
+    except Exception as err:  # a log file of unreadable columns: the job's input, named (exit 2), not a traceback
+        if (bad := log_schema_error(err)) is None:
+            raise
+        raise ConfigError(f"interactions_uri: {bad}") from None
     t_data = time.perf_counter()
     trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users},
                            lease.ref)
