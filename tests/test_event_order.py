@@ -66,11 +66,12 @@ def test_training_self_check_and_serving_order_same_time_events_alike(storage, b
 
 
 def test_the_three_readers_take_an_untidy_log_alike(storage, bucket_uri, ray_session):
-    """A log as real ones come: integer ids in one file and strings in another, times as timestamp[us, UTC] in
-    one and int64 ms in the other, no weight column in one and null / NaN weights in the other, events
-    without a user or a time. Training (Ray Data), the self-check and serving all read the same events:
-    microseconds were taken for milliseconds, a NaN weight made the user vector NaN, and training made one
-    user of every event without a user id."""
+    """A log as real ones come: integer ids in one file, strings in another, floats (pandas' ints with a null)
+    and binary in a third; times as timestamp[us, UTC] and int64 ms; no weight column in one file and null /
+    NaN / infinite weights in another; events without a user, an item or a time, and on an item outside the
+    catalog. Training (Ray Data), the self-check and serving all read the same events: microseconds were
+    taken for milliseconds, a NaN weight made the user vector NaN, training made one user of every event
+    without a user id, and the self-check held out events training drops."""
     from tessera.train.datasets import read_interactions
 
     rng = np.random.default_rng(8)
@@ -85,22 +86,29 @@ def test_the_three_readers_take_an_untidy_log_alike(storage, bucket_uri, ray_ses
     storage.write_parquet(join_uri(uri, "part-0.parquet"), pa.table({  # ints, microseconds, no weight column
         "user_id": pa.array([int(e[0]) for e in a], pa.int64()), "item_id": pa.array([int(e[1]) for e in a]),
         "ts": pa.array([e[2] * 1000 for e in a], pa.timestamp("us", tz="UTC"))}))
-    weights = [None if j % 5 == 0 else float("nan") if j % 7 == 0 else e[3] for j, e in enumerate(b)]
+    weights = [None if j % 5 == 0 else float("nan") if j % 7 == 0 else float("inf") if j % 11 == 0 else e[3]
+               for j, e in enumerate(b)]
     storage.write_parquet(join_uri(uri, "part-1.parquet"), pa.table({
         "user_id": [e[0] for e in b] + [None, "3"], "item_id": [e[1] for e in b] + ["101", "102"],
         "ts": pa.array([e[2] for e in b] + [5, None], pa.int64()), "weight": weights + [1.0, 1.0],
         "event": ["view"] * (len(b) + 2)}))
+    # each user's latest events: one without an item, one on an item outside the catalog (all readers drop
+    # both, so neither is the one held out); user ids as pandas writes ints with a null, item ids as binary
+    late = [(float(u), item, 90_000 + u) for u in range(12) for item in (None, b"999")] + [(None, b"101", 7)]
+    storage.write_parquet(join_uri(uri, "part-2.parquet"), pa.table({
+        "user_id": pa.array([e[0] for e in late], pa.float64()), "item_id": pa.array([e[1] for e in late], pa.binary()),
+        "ts": pa.array([e[2] for e in late], pa.int64()), "weight": [2.0] * len(late)}))
     truth = {}
     for j, (user, item, ts, w) in enumerate(a + b):
-        weight = 1.0 if j < half or weights[j - half] is None or weights[j - half] != weights[j - half] else w
+        weight = 1.0 if j < half or weights[j - half] is None or not np.isfinite(weights[j - half]) else w
         truth.setdefault(user, []).append((item, ts, weight))
     expected = {u: sorted(ev, key=lambda e: (e[1], e[0], e[2])) for u, ev in truth.items()}
 
     trained = {}
     rows = read_interactions(storage, uri).take_all()
-    assert len(rows) == len(events)  # the two incomplete events left out
+    assert len(rows) == len(events) + 12  # events without a user, an item or a time left out
     for user in expected:
-        mine = [r for r in rows if r["user_id"] == user]
+        mine = [r for r in rows if r["user_id"] == user and r["item_id"] in row_of]  # training's unknown items
         rec = user_records({"user_id": np.asarray([r["user_id"] for r in mine]),
                             "item_row": np.asarray([row_of[r["item_id"]] for r in mine]),
                             "ts": np.asarray([r["ts"] for r in mine]),
@@ -115,10 +123,15 @@ def test_the_three_readers_take_an_untidy_log_alike(storage, bucket_uri, ray_ses
     for user, want in expected.items():
         snap = served.of(user)
         assert list(zip(ids[snap.rows].tolist(), snap.ts.tolist(), snap.weights.tolist(), strict=True)) == want
-    sample = select_users(storage, uri, SelfCheckConfig(user_queries=12, holdout=1, seed=3), 0)
-    assert len(sample.check) == 12
-    for h in sample.check:
-        assert list(zip(h.items, h.ts.tolist(), h.weights.tolist(), strict=True)) == expected[h.user_id][:-1]
+    from tessera.index import hash_ids
+
+    catalog = np.unique(hash_ids(ids.tolist()))  # the index job's catalog: every item of its vectors parts
+    for options in (None, {"num_cpus": 0.25}):
+        sample = select_users(storage, uri, SelfCheckConfig(user_queries=12, holdout=1, seed=3), 0,
+                              task_options=options, known=catalog)
+        assert len(sample.check) == 12
+        for h in sample.check:
+            assert list(zip(h.items, h.ts.tolist(), h.weights.tolist(), strict=True)) == expected[h.user_id][:-1]
 
 
 def test_a_log_file_of_unreadable_columns_is_named_by_every_reader(storage, bucket_uri, ray_session):

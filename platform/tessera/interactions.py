@@ -37,8 +37,8 @@ def interaction_files(storage: Storage, interactions_uri: str) -> list[str]:
 def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
     """``user_id``, ``item_id``, ``ts``, ``weight`` of every part of the interaction log, in one table
     (for small logs and benchmarks; the jobs and the app read a file at a time)."""
-    return pa.concat_tables([storage.read_parquet(uri, LOG_COLUMNS) for uri in interaction_files(storage,
-                                                                                                 interactions_uri)])
+    tables = [read_log_file(storage, uri) for uri in interaction_files(storage, interactions_uri)]
+    return pa.concat_tables(tables, promote_options="permissive")  # (a file's ids may be dictionary-encoded)
 
 
 class LogSchemaError(ValueError):
@@ -73,8 +73,8 @@ def normalize_log(table: pa.Table, where: str, columns: Sequence[str] = LOG_COLU
     - ``ts``: int64 milliseconds; an Arrow timestamp or date column is converted from its own unit (a
       ``timestamp[us]`` column read as milliseconds put every gap 1000 times too far); integers are taken
       as milliseconds already;
-    - ``weight``: float32; a missing column, a null or a NaN counts the event once (1.0), where a NaN
-      made the user tower's output NaN.
+    - ``weight``: float32; a missing column, a null, a NaN or an infinite one counts the event once
+      (1.0), where a NaN made the user tower's output NaN.
 
     ``drop_incomplete``: leave out events without a user, an item or a time (serving and the self-check
     ignore them; training would have made one user of every event without a user id).
@@ -101,8 +101,8 @@ def normalize_log(table: pa.Table, where: str, columns: Sequence[str] = LOG_COLU
             if name in result.column_names:
                 valid = pc.is_valid(result.column(name))
                 keep = valid if keep is None else pc.and_(keep, valid)
-        if keep is not None:
-            result = result.filter(keep)
+        if keep is not None and pc.sum(keep.cast(pa.int64())).as_py() != result.num_rows:
+            result = result.filter(keep)  # (a copy of every column: only when some event goes)
     return result
 
 
@@ -111,8 +111,15 @@ def _ids(column: pa.ChunkedArray) -> pa.ChunkedArray:
     values = t.value_type if pa.types.is_dictionary(t) else t
     if pa.types.is_string(values) or pa.types.is_large_string(values):
         return column
-    if pa.types.is_integer(values) or pa.types.is_null(values):
+    if pa.types.is_integer(values) or pa.types.is_null(values) or pa.types.is_binary(values) \
+            or pa.types.is_large_binary(values):  # binary: text written without its UTF-8 tag (checked here)
         return pc.cast(column, pa.string())
+    if pa.types.is_floating(values):  # integer ids written by pandas with a null among them
+        column = pc.cast(column, values) if pa.types.is_dictionary(t) else column
+        whole = pc.equal(pc.floor(column), column)
+        if not pc.all(pc.or_kleene(whole, pc.is_null(column))).as_py():
+            raise TypeError("ids must be strings or integers (this float column holds fractions)")
+        return pc.cast(pc.cast(column, pa.int64()), pa.string())
     raise TypeError("ids must be strings or integers")
 
 
@@ -136,8 +143,8 @@ def _weights(column: pa.ChunkedArray) -> pa.ChunkedArray:
     t = column.type
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):
         raise TypeError("weights must be numbers")
-    w = pc.cast(column, pa.float32())
-    return pc.fill_null(pc.if_else(pc.is_nan(w), None, w), 1.0)
+    w = pc.cast(column, pa.float32(), safe=False)  # an int64 weight past float32's exact range is rounded
+    return pc.fill_null(pc.if_else(pc.is_finite(w), w, None), 1.0)  # NaN / inf (1e300 as float32) count once
 
 
 _NORMAL = {"user_id": _ids, "item_id": _ids, "ts": _ms, "weight": _weights}
@@ -154,10 +161,38 @@ def read_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUM
     def read() -> pa.Table:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
-            present = set(parquet.schema_arrow.names)
-            return parquet.read(columns=[c for c in columns if c in present])
+            return parquet.read(columns=_present(parquet, columns, uri))
 
-    return normalize_log(storage.retrying_io(f"read {uri}", read), uri, columns, drop_incomplete)
+    try:
+        table = storage.retrying_io(f"read {uri}", read)
+    except (pa.ArrowInvalid, KeyError) as err:  # not Parquet, or a column twice
+        raise LogSchemaError(f"interaction log {uri}: cannot be read as Parquet: {err}") from None
+    return normalize_log(table, uri, columns, drop_incomplete)
+
+
+def iter_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUMNS, drop_incomplete: bool = False,
+                  rows: int = 1_000_000):
+    """:func:`read_log_file` in pieces of at most ``rows`` events (row groups read one at a time), for a
+    reader that never needs the whole file at once (training: a multi-GB file held whole, then copied
+    by the conversion, ran workers out of memory)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=rows, columns=_present(parquet, columns, uri)):
+                yield normalize_log(pa.Table.from_batches([batch]), uri, columns, drop_incomplete)
+    except (pa.ArrowInvalid, KeyError) as err:
+        raise LogSchemaError(f"interaction log {uri}: cannot be read as Parquet: {err}") from None
+
+
+def _present(parquet, columns: Sequence[str], uri: str) -> list[str]:
+    names = parquet.schema_arrow.names
+    twice = sorted({c for c in columns if names.count(c) > 1})
+    if twice:
+        raise LogSchemaError(f"interaction log {uri}: column {twice[0]!r} appears more than once")
+    return [c for c in columns if c in names]
 
 
 def event_order(ts: np.ndarray, item_key: np.ndarray, weight: np.ndarray,

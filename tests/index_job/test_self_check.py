@@ -204,7 +204,8 @@ def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary
 
 def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=None):
     """The sample written out plainly over ``(user, item, ts, weight)`` rows: each user's events by time,
-    then item id (none last), then weight, as training orders them."""
+    then item id, then weight, as training orders them; events without a user, a time or an item are not
+    counted (training drops them before holding any out)."""
     import pyarrow as pa
 
     from tessera.index_job.self_check import user_order_key
@@ -212,8 +213,8 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
 
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
-        if user is not None and ts is not None:
-            by_user.setdefault(user, []).append((ts, item is None, item or "", weight, pos))
+        if user is not None and ts is not None and item is not None:
+            by_user.setdefault(user, []).append((ts, False, item, weight, pos))
     names = sorted(by_user)
     hashes = hash_user_ids(pa.array(names, pa.string()), user_order_key(cfg.seed)).tolist()
     order = sorted(names, key=lambda u: (hashes[names.index(u)], u))

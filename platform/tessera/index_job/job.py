@@ -40,6 +40,7 @@ from tessera.index import (
 from tessera.index.params import choose_mode, derive_params
 from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.build import (
+    ALL_ROWS,
     BuiltShard,
     IdScan,
     IndexIntegrityError,
@@ -143,6 +144,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     part_rows = scan.part_rows
     # the fused index's item hashes, sorted: the users sampled for the check keep their events on them
     indexed = np.unique(scan.hashes[FUSED]) if src.interactions_uri is not None else None
+    known = np.unique(scan.hashes[ALL_ROWS]) if src.interactions_uri is not None else None  # the catalog
     del scan  # the hashes: 8 bytes an item and index
     print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
           f"{sum(p.num_shards for p in plans)} shards ({', '.join(f'{p.name}: {p.num_shards}' for p in plans)})",
@@ -156,7 +158,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
     run = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
-                           cfg.self_check.tuning_user_queries if approximate else 0, indexed, lease)
+                           cfg.self_check.tuning_user_queries if approximate else 0, indexed, lease, known)
     built, users = run.shards, run.users
     build_s = time.perf_counter() - t_build
     if run.tuning_vectors is not None:
@@ -256,7 +258,7 @@ class _BuildRun:
 
 def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
                      parts: list[str], part_rows: dict[str, list[int]], tuning_count: int,
-                     indexed: np.ndarray | None, lease: RunLease) -> _BuildRun:
+                     indexed: np.ndarray | None, lease: RunLease, known: np.ndarray | None = None) -> _BuildRun:
     """Split, build and self-check every shard: the users are sampled from the log first (the check's users
     and ``tuning_count`` more, their histories kept to the last events on ``indexed`` items the user
     tower reads), the split tasks pick out the sampled item rows and those history items, a task turns
@@ -270,7 +272,7 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
     if src.interactions_uri is not None and (check.user_queries or tuning_count):
         # tasks reading a log file at a time: sized like the split tasks reading a vectors part
         users = select_users(storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg),
-                             indexed, task_options={"num_cpus": cfg.build.split_num_cpus})
+                             indexed, task_options={"num_cpus": cfg.build.split_num_cpus}, known=known)
     users_s = time.perf_counter() - t0
     split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
                           samples={plan.name: item_sample(plan.num_items, check) for plan in plans},

@@ -115,17 +115,27 @@ class _Events:
     counts: np.ndarray
 
 
-def _timed_users(table: pa.Table, key: str) -> tuple[UserColumn, np.ndarray]:
-    """The piece's user column, and (n,) whether each event counts: a user id and a time."""
+def _timed_users(table: pa.Table, key: str, known: np.ndarray | None = None) -> tuple[UserColumn, np.ndarray]:
+    """The piece's user column, and (n,) whether each event counts: a user id, a time and an item id, of an
+    item of the catalog (hash in sorted ``known``; None: any item), as training and serving count events
+    (training drops an event on an unknown item before it holds anything out)."""
     users = UserColumn.of(table.column("user_id"), key)
-    return users, (users.codes >= 0) & table.column("ts").is_valid().to_numpy(zero_copy_only=False)
+    counted = (users.codes >= 0) & table.column("ts").is_valid().to_numpy(zero_copy_only=False)
+    if "item_id" in table.column_names:
+        values, codes = encode_strings(table.column("item_id"))
+        found = codes >= 0
+        if known is not None and found.any():
+            found[found] = is_member(known, hash_ids(values.to_pylist()))[codes[found]]
+        counted &= found
+    return users, counted
 
 
-def _lowest_users(table: pa.Table, key: str, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def _lowest_users(table: pa.Table, key: str, budget: int, known: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The ``budget`` lowest distinct user hashes (under ``key``) of a piece of the log, sorted, and each
     one's events in the piece. The union over the pieces holds the log's ``budget`` lowest, each with all
     of its pieces' counts (a piece's lower hashes are among the log's lower ones)."""
-    users, counted = _timed_users(table, key)
+    users, counted = _timed_users(table, key, known)
     per_name = np.bincount(users.codes[counted], minlength=len(users.names))
     hashes, of_name = np.unique(users.hashes, return_inverse=True)
     counts = np.bincount(of_name, weights=per_name, minlength=len(hashes)).astype(np.int64)
@@ -134,13 +144,13 @@ def _lowest_users(table: pa.Table, key: str, budget: int) -> tuple[np.ndarray, n
 
 
 def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
-                 max_history: int | None, holdout: int) -> _Events:
+                 max_history: int | None, holdout: int, known: np.ndarray | None = None) -> _Events:
     """The events of a piece of the log whose user's hash is in sorted ``chosen``, each user's cut to
     what its history can need whatever the other pieces hold: its last ``max(holdout, 1)`` events (the
     held-out ones; at least one, so that every chosen user has a run of events), and its last
     ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them can be held out;
-    ``max_history`` None: all). Events without a user id or a time are ignored."""
-    users, counted = _timed_users(table, key)
+    ``max_history`` None: all). Events without a user id, a time or a catalog item are ignored."""
+    users, counted = _timed_users(table, key, known)
     wanted = np.append(is_member(chosen, users.hashes), False)  # the last entry: code -1, no user id
     rows = np.flatnonzero(wanted[users.codes] & counted)
     codes = users.codes[rows]
@@ -216,7 +226,8 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
 
 
 def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
-                 max_history: int | None = None, indexed: np.ndarray | None = None) -> list[UserHistory]:
+                 max_history: int | None = None, indexed: np.ndarray | None = None,
+                 known: np.ndarray | None = None) -> list[UserHistory]:
     """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
     random order (users by their id's hash under :func:`user_order_key` of ``cfg.seed``, ties by id): the
     tuning users (``skip = cfg.user_queries``) are never checked ones. A log held in memory;
@@ -228,8 +239,9 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     of them (None: all): what the user tower will read, so long histories stay small. Events without an item id
     are dropped from histories; events without a user id or a time are ignored."""
     log = normalize_log(log, "(a table)")
-    return _first_users(lambda key, budget: [_lowest_users(log, key, budget)],
-                        lambda key, chosen: [_user_events(log, key, chosen, indexed, max_history, cfg.holdout)],
+    return _first_users(lambda key, budget: [_lowest_users(log, key, budget, known)],
+                        lambda key, chosen: [_user_events(log, key, chosen, indexed, max_history, cfg.holdout,
+                                                          known)],
                         cfg, count, skip, max_history)
 
 
@@ -272,10 +284,10 @@ def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
 
 
 def _lowest_in_files(pieces: list[tuple[int, str]], storage: Storage, key: str,
-                     budget: int) -> list[tuple[np.ndarray, np.ndarray]]:
+                     budget: int, known: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`_lowest_users` over several files, merged into one (the lowest ``budget`` of their union, each
     with its files' summed counts: exact for the same reason as per file)."""
-    return [_lowest_of([_lowest_users(read_log_file(storage, uri, ["user_id", "ts"]), key, budget)
+    return [_lowest_of([_lowest_users(read_log_file(storage, uri, ["user_id", "ts", "item_id"]), key, budget, known)
                         for _, uri in pieces], budget)]
 
 
@@ -290,9 +302,10 @@ def _lowest_of(found: list[tuple[np.ndarray, np.ndarray]], budget: int | None = 
 
 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
-                    indexed: np.ndarray | None, max_history: int | None, holdout: int) -> _Events:
+                    indexed: np.ndarray | None, max_history: int | None, holdout: int,
+                    known: np.ndarray | None = None) -> _Events:
     del piece  # :func:`_map_log`'s callback shape; the events' order is their own (:func:`event_order`)
-    return _user_events(read_log_file(storage, uri), key, chosen, indexed, max_history, holdout)
+    return _user_events(read_log_file(storage, uri), key, chosen, indexed, max_history, holdout, known)
 
 
 def _over_files(fn, per_task: bool, pieces: list[tuple[int, str]], *args) -> list:
@@ -317,7 +330,8 @@ def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: in
 
 def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
                  max_history: int | None = None, indexed: np.ndarray | None = None,
-                 task_options: dict | None = None, files_per_task: int = 8) -> UserSample:
+                 task_options: dict | None = None, files_per_task: int = 8,
+                 known: np.ndarray | None = None) -> UserSample:
     """The check's users (``cfg.user_queries``) and after them the tuning users (``tuning_count``): the
     sample :func:`sample_users` draws from the whole log, read a file at a time (in Ray tasks of
     ``task_options`` when given, ``files_per_task`` files each) without any process holding the log.
@@ -328,13 +342,14 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
     import ray
 
     files = interaction_files(storage, interactions_uri)
-    if task_options is not None and ray.is_initialized() and indexed is not None:
-        indexed = ray.put(indexed)  # once, for every task of every pass
+    if task_options is not None and ray.is_initialized():  # once, for every task of every pass
+        indexed = ray.put(indexed) if indexed is not None else None
+        known = ray.put(known) if known is not None else None
     picked = _first_users(
         lambda key, budget: _map_log(_lowest_in_files, files, task_options, files_per_task, storage, key, budget,
-                                     per_task=True),
+                                     known, per_task=True),
         lambda key, chosen: _map_log(_events_in_file, files, task_options, files_per_task, storage, key, chosen,
-                                     indexed, max_history, cfg.holdout),
+                                     indexed, max_history, cfg.holdout, known),
         cfg, cfg.user_queries + tuning_count, 0, max_history)
     return UserSample(picked[:cfg.user_queries], picked[cfg.user_queries:])
 

@@ -69,13 +69,13 @@ def _to_rows(batch: dict[str, np.ndarray], item_ids: np.ndarray) -> dict[str, np
 def _read_log_files(batch: dict[str, np.ndarray], storage: Storage):
     """Each log file of the batch in the readers' common types (:func:`tessera.interactions.read_log_file`),
     events without a user, an item or a time left out, as serving and the index self-check ignore them."""
-    from tessera.interactions import read_log_file
+    from tessera.interactions import iter_log_file
 
     for uri in batch["uri"]:
-        yield read_log_file(storage, str(uri), INTERACTION_COLUMNS, drop_incomplete=True)
+        yield from iter_log_file(storage, str(uri), INTERACTION_COLUMNS, drop_incomplete=True)
 
 
-def read_interactions(storage: Storage, interactions_uri: str, num_cpus: float = 0.25) -> ray.data.Dataset:
+def read_interactions(storage: Storage, interactions_uri: str) -> ray.data.Dataset:
     """The interaction log as a Dataset of ``user_id``, ``item_id`` (strings), ``ts`` (int64 ms) and
     ``weight`` (float32), read the way the self-check and serving read it: a file at a time, each converted
     on its own (Ray Data's ``read_parquet`` refused files whose column types differ, int and string ids)."""
@@ -83,7 +83,8 @@ def read_interactions(storage: Storage, interactions_uri: str, num_cpus: float =
 
     files = interaction_files(storage, interactions_uri)
     listing = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return listing.map_batches(_read_log_files, batch_size=1, num_cpus=num_cpus, fn_kwargs={"storage": storage})
+    # one CPU a task, as the map that follows (so the two fuse: no trip through the object store between)
+    return listing.map_batches(_read_log_files, batch_size=1, fn_kwargs={"storage": storage})
 
 
 def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
