@@ -158,3 +158,24 @@ def test_a_log_file_of_unreadable_columns_is_named_by_every_reader(storage, buck
     with pytest.raises(VersionError, match="interaction-log snapshot: interaction log .*column 'ts'"):
         UserHistories.load(storage, uri, ItemVectors(ids=ids, fused=np.zeros((1, 4), np.float32),
                                                      indexed=np.ones(1, bool)), max_history=5)
+
+
+def test_training_reads_a_log_file_a_row_group_at_a_time(tmp_path):
+    """iter_log_file (training's reader) gives the file read_log_file gives, one row group per piece (a
+    multi-GB file was held whole, then copied by the conversion), and names a file that is not Parquet."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    from tessera.interactions import LogSchemaError, iter_log_file, read_log_file
+    from tessera.storage import Storage, StorageConfig
+
+    path = str(tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"user_id": list(range(10)), "item_id": ["a"] * 10, "ts": list(range(10))}), path,
+                   row_group_size=3)
+    storage = Storage(StorageConfig())
+    pieces = list(iter_log_file(storage, path))
+    assert [p.num_rows for p in pieces] == [3, 3, 3, 1]
+    assert pa.concat_tables(pieces).equals(read_log_file(storage, path))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(LogSchemaError, match="bad.parquet: cannot be read as Parquet"):
+        list(iter_log_file(storage, str(tmp_path / "bad.parquet")))

@@ -170,19 +170,29 @@ def read_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUM
     return normalize_log(table, uri, columns, drop_incomplete)
 
 
-def iter_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUMNS, drop_incomplete: bool = False,
-                  rows: int = 1_000_000):
-    """:func:`read_log_file` in pieces of at most ``rows`` events (row groups read one at a time), for a
-    reader that never needs the whole file at once (training: a multi-GB file held whole, then copied
-    by the conversion, ran workers out of memory)."""
+def iter_log_file(storage: Storage, uri: str, columns: Sequence[str] = LOG_COLUMNS, drop_incomplete: bool = False):
+    """:func:`read_log_file` a row group at a time, for a reader that never needs the whole file at once
+    (training: a multi-GB file held whole, then copied by the conversion, ran workers out of memory). Each
+    row group is one read, retried as :meth:`~tessera.storage.Storage.retrying_io` retries (a store
+    restart does not fail the file after some of it was read)."""
     import pyarrow.parquet as pq
 
     fs, path = storage.filesystem(uri)
-    try:
+
+    def footer() -> tuple[list[str], int]:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_size=rows, columns=_present(parquet, columns, uri)):
-                yield normalize_log(pa.Table.from_batches([batch]), uri, columns, drop_incomplete)
+            return _present(parquet, columns, uri), parquet.num_row_groups
+
+    def group(g: int, wanted: list[str]) -> pa.Table:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_group(g, columns=wanted)
+
+    try:
+        wanted, groups = storage.retrying_io(f"read {uri}", footer)
+        for g in range(groups):
+            table = storage.retrying_io(f"read {uri} row group {g}", lambda g=g: group(g, wanted))
+            yield normalize_log(table, uri, columns, drop_incomplete)
     except (pa.ArrowInvalid, KeyError) as err:
         raise LogSchemaError(f"interaction log {uri}: cannot be read as Parquet: {err}") from None
 
