@@ -98,8 +98,8 @@ def test_sample_corpus_fused_beats_single_modalities_and_ranker_beats_retrieval(
     configs/train.yaml therefore keeps keep_epoch: last and 12 epochs (see README Status). After one order for
     same-time events and one log converter (training data unchanged on this corpus: int64 ms, no nulls), a
     fresh-clone CI run failed it (image -0.0028, popularity +0.0027, ranker +0.0291); the same code right after,
-    locally: image +0.0133, popularity +0.0176, ranker +0.0118 (the job is not bit-reproducible for one seed:
-    Ray Data's block order feeds the seeded shuffle). ~8 min.
+    locally: image +0.0133, popularity +0.0176, ranker +0.0118 (the same seed and training data: runs of the
+    job differ, not only seeds). ~8 min.
     """
     from tessera.config import load_config
     from tessera.corpus import CorpusConfig, generate_corpus
