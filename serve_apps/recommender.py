@@ -446,7 +446,7 @@ async def _call(method, *args, timeout_s: float | None = None):
         try:
             if timeout_s is None:
                 return await response
-            waiting = asyncio.ensure_future(_result(response))
+            waiting = asyncio.ensure_future(response)
             try:
                 await asyncio.wait([waiting], timeout=timeout_s)
             finally:
@@ -462,10 +462,6 @@ async def _call(method, *args, timeout_s: float | None = None):
                 raise
             logger.warning("stage call failed (%s: %s); retrying on another replica", type(err).__name__, err)
             await asyncio.sleep(0.05 * (attempt + 1))
-
-
-async def _result(response):
-    return await response
 
 
 def _retrieve(task: asyncio.Future) -> None:

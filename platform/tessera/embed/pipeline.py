@@ -404,11 +404,12 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes
             whose node types may be larger than its nodes now.
     """
     mods = cfg.modalities()
+    stages = [("read_num_cpus", cfg.read_num_cpus), *((f"{m}.preprocess", mc.preprocess.num_cpus)
+                                                      for m, mc in mods.items()),
+              *((f"{m}.fetch", mc.fetch.num_cpus) for m, mc in mods.items() if hasattr(mc, "fetch"))]
     if nodes:
         asks = [(f"{m}.pool", mc.pool.num_cpus, mc.pool.num_gpus) for m, mc in mods.items()]
-        asks += [(f"{m}.preprocess", mc.preprocess.num_cpus, 0.0) for m, mc in mods.items()]
-        asks += [(f"{m}.fetch", mc.fetch.num_cpus, 0.0) for m, mc in mods.items() if hasattr(mc, "fetch")]
-        asks.append(("read_num_cpus", cfg.read_num_cpus, 0.0))
+        asks += [(key, cpus, 0.0) for key, cpus in stages]
         for key, cpus, gpus in asks:
             if not any(float(n.get("CPU", 0)) + 1e-9 >= cpus and float(n.get("GPU", 0)) + 1e-9 >= gpus
                        for n in nodes):
@@ -418,8 +419,7 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes
                     f"cluster has that much (the largest: {float(largest.get('CPU', 0)):g} CPUs, "
                     f"{float(largest.get('GPU', 0)):g} GPUs): lower {key}.num_cpus / num_gpus, or add such a node")
     pools = sum(m.pool.min_actors * m.pool.num_cpus for m in mods.values())
-    stage = max([cfg.read_num_cpus] + [m.preprocess.num_cpus for m in mods.values()]
-                + [m.fetch.num_cpus for m in mods.values() if hasattr(m, "fetch")])
+    stage = max(cpus for _, cpus in stages)
     if pools + stage > cluster_cpus + 1e-9:
         raise EmbeddingInputError(
             f"encoder pools need {pools:g} CPUs at their minimum size (<modality>.pool.min_actors x num_cpus) and "

@@ -95,7 +95,7 @@ class IndexManifest(BaseModel):
     item_vectors: list[str] = Field(default_factory=list, description="vectors parts, relative to the root")
     item_vectors_sha256: dict[str, str] = Field(
         default_factory=dict, description="per vectors part: sha256 of its item ids and fused vectors, what "
-        "serving reads (tessera.index_job.vectors.served_digest); empty in manifests written before it")
+        "serving reads (tessera.index_job.vectors.served_part); empty in manifests written before it")
     source: dict[str, Any] = Field(default_factory=dict, description="the inputs' URIs and manifests' ids")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

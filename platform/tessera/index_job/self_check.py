@@ -122,11 +122,7 @@ def _timed_users(table: pa.Table, key: str, known: np.ndarray | None = None) -> 
     users = UserColumn.of(table.column("user_id"), key)
     counted = (users.codes >= 0) & table.column("ts").is_valid().to_numpy(zero_copy_only=False)
     if "item_id" in table.column_names:
-        values, codes = encode_strings(table.column("item_id"))
-        found = codes >= 0
-        if known is not None and found.any():
-            found[found] = is_member(known, hash_ids(values.to_pylist()))[codes[found]]
-        counted &= found
+        counted &= _usable(table.column("item_id"), known)
     return users, counted
 
 
@@ -158,7 +154,7 @@ def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndar
     items = take_rows(table.column("item_id"), rows)
     if items.type != pa.string():
         items = items.cast(pa.string())  # dictionary, large_string, null: one type over the pieces
-    weights = take_rows(table.column("weight"), rows).cast(pa.float32())
+    weights = take_rows(table.column("weight"), rows)  # float32 (read_log_file)
     # training's order (same-time events by item id, then weight), so the cut below keeps what it reads
     order = event_order(ts, pc.rank(items, tiebreaker="dense").to_numpy(), weights.to_numpy(zero_copy_only=False),
                         codes)
@@ -180,10 +176,11 @@ def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndar
     return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
 
 
-def _usable(items: pa.Array, indexed: np.ndarray | None) -> np.ndarray:
-    """(n,) bool: events a history keeps: an item id, of an indexed item (hash in sorted ``indexed``);
-    each distinct item hashed once."""
-    values, codes = encode_strings(pa.chunked_array([items]))
+def _usable(items: pa.Array | pa.ChunkedArray, indexed: np.ndarray | None) -> np.ndarray:
+    """(n,) bool: events with an item id whose hash is in sorted ``indexed`` (None: any item id): those a
+    history keeps (``indexed``: the index's items), or those counted at all (the catalog's); each distinct
+    item hashed once."""
+    values, codes = encode_strings(items if isinstance(items, pa.ChunkedArray) else pa.chunked_array([items]))
     usable = codes >= 0
     if indexed is not None and usable.any():
         usable[usable] = is_member(indexed, hash_ids(values.to_pylist()))[codes[usable]]

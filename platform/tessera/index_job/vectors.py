@@ -54,22 +54,24 @@ def column_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return x
 
 
-def served_digest(table: pa.Table, dim: int) -> str:
-    """sha256 of what serving reads from a vectors part: its ``item_id`` and ``fused`` columns, in row order
-    (ids, then the vectors with zeros where null, then which rows are null). The index manifest records it
-    per part (``item_vectors_sha256``) and serving checks it after reading only those two columns, where
-    a whole-file checksum would make every replica read the per-modality vectors as well."""
+def served_part(table: pa.Table, dim: int) -> tuple[list, np.ndarray, np.ndarray, str]:
+    """What serving reads from a vectors part: its item ids, fused vectors ``(N, dim)`` float32 (zeros where
+    null) and which rows have one, and their sha256 (ids, then vectors, then the rows with one). The index
+    manifest records the digest per part (``item_vectors_sha256``) and serving checks it after reading only
+    those two columns, where a whole-file checksum would make every replica read the per-modality vectors
+    as well."""
     import hashlib
 
     from tessera.train.catalog import vector_matrix
 
-    h = hashlib.sha256()
-    for item in table.column("item_id").to_pylist():
-        h.update(str(item).encode("utf-8", "surrogatepass") + b"\0")
+    ids = table.column("item_id").to_pylist()
     values, present = vector_matrix(table.column(FUSED), dim)
+    h = hashlib.sha256()
+    for item in ids:
+        h.update(str(item).encode("utf-8", "surrogatepass") + b"\0")
     h.update(np.ascontiguousarray(values, "<f4").tobytes())
     h.update(np.packbits(present).tobytes())
-    return h.hexdigest()
+    return ids, values, present, h.hexdigest()
 
 
 def matrix_column(x: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
@@ -184,7 +186,7 @@ def write_vectors_part(table: pa.Table, index_uri: str, storage: Storage) -> pa.
         for m in filter(None, names.split(",")):
             per_modality[m] = per_modality.get(m, 0) + 1
     empty = sum(1 for names in table.column("modalities").to_pylist() if not names)
-    digest = served_digest(table, table.schema.field(FUSED).type.list_size)
+    digest = served_part(table, table.schema.field(FUSED).type.list_size)[3]
     return pa.table({"part": [uri], "rows": [table.num_rows], "ok": [int((status == STATUS_OK).sum())],
                      "empty": [empty], "per_modality": [json.dumps(per_modality)], "digest": [digest]})
 
@@ -199,7 +201,7 @@ class VectorsSummary:
     """
 
     parts: list[str] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)  # part URI -> served_digest
+    digests: dict[str, str] = field(default_factory=dict)  # part URI -> its served_part digest
     counts: dict[str, int] = field(default_factory=dict)
     per_modality: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0

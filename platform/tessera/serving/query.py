@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tessera.serving.errors import RequestError
 from tessera.serving.version import ItemVectors, VersionError, VersionRef
@@ -139,8 +138,8 @@ class UserHistories:
             codes.append(file_codes[keep] + offset)
             offset += len(file_names)
             rows.append(found[keep])
-            ts.append(pc.cast(table.column("ts"), pa.int64()).fill_null(0).to_numpy()[keep])
-            weights.append(pc.cast(table.column("weight"), pa.float32()).to_numpy(zero_copy_only=False)[keep])
+            ts.append(table.column("ts").fill_null(0).to_numpy()[keep])  # int64 ms, float32 (read_log_file)
+            weights.append(table.column("weight").to_numpy()[keep])
         # one code per distinct user over all files (the files' names as chunks: their text may pass 2 GiB)
         distinct, index = encode_strings(pa.chunked_array(names, pa.string()))
         if not len(distinct):

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tessera.fingerprint import bundle_fingerprint
@@ -140,10 +139,9 @@ class ItemVectors:
         """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``)."""
         if not ref.manifest.item_vectors:
             raise VersionError(f"the index manifest at {ref.index_uri} lists no item vectors parts")
-        from tessera.index_job.vectors import served_digest
-        from tessera.train.catalog import vector_matrix
+        from tessera.index_job.vectors import served_part
 
-        tables = []
+        ids, fused, valid = [], [], []
         digests = ref.manifest.item_vectors_sha256  # empty for an index built before they were recorded
         for rel in ref.manifest.item_vectors:
             uri = join_uri(ref.index_uri, rel)
@@ -153,14 +151,16 @@ class ItemVectors:
                     table = pq.read_table(f, columns=["item_id", "fused"])
             except FileNotFoundError:
                 raise VersionError(f"item vectors part {uri} named by the index manifest is missing") from None
-            if digests and served_digest(table, ref.manifest.dim) != digests.get(rel):
+            part_ids, part_fused, part_valid, digest = served_part(table, ref.manifest.dim)  # zeros where null
+            if digests and digest != digests.get(rel):
                 raise VersionError(f"item vectors part {uri} does not match the checksum in the index manifest "
                                    f"(changed since the build): rebuild the index")
-            tables.append(table)
+            ids += part_ids
+            fused.append(part_fused)
+            valid.append(part_valid)
 
-        table = pa.concat_tables(tables)
-        ids = np.asarray(table.column("item_id").to_pylist(), dtype=object).astype(str)
-        fused, valid = vector_matrix(table.column("fused"), ref.manifest.dim)  # zeros where null
+        ids = np.asarray(ids, dtype=object).astype(str)
+        fused, valid = np.concatenate(fused), np.concatenate(valid)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
