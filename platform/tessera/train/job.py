@@ -71,6 +71,30 @@ def _uri_of(base_uri: str, fs_path: str) -> str:
     return f"s3://{fs_path}" if parse_uri(base_uri).scheme == "s3" else fs_path
 
 
+SPLIT_DATASETS = ("train", "ranker")
+
+
+def row_ranges(datasets: dict, world_size: int) -> dict:
+    """``datasets`` with each of :data:`SPLIT_DATASETS` replaced by one dataset a worker, ``<name>.<rank>``:
+    rank r's contiguous range of its rows (``MaterializedDataset.split(equal=True)``, which leaves out the last
+    ``world_size - 1`` rows at most, as ``streaming_split(equal=True)`` did), the same range for the same rows
+    and world size, whatever blocks hold them.
+
+    Ray Train's default (``streaming_split``) hands blocks to whichever worker is short of rows as they
+    come, so which examples a worker trained on, and in what order, changed from run to run. Both datasets
+    are materialised in a seeded order (:func:`tessera.train.datasets.seeded_order`); with this and the
+    workers' seeded batches (:func:`tessera.train.worker.seeded_batches`) one seed trains one model on
+    the CPU (see README: Training). Split here, on the driver before the workers start: the split runs
+    tasks where a range ends inside a block, which a split inside the run could wait on for ever once
+    the workers hold every CPU. Blocks are not placed by node (no locality hints): a worker reads its
+    range from wherever its blocks are."""
+    out = {name: ds for name, ds in datasets.items() if name not in SPLIT_DATASETS}
+    for name in SPLIT_DATASETS:
+        for rank, part in enumerate(datasets[name].split(world_size, equal=True)):
+            out[f"{name}.{rank}"] = part
+    return out
+
+
 def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, lease: LeaseRef | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split;
     ``lease``: the run's, checked by rank 0 before each checkpoint."""
@@ -87,8 +111,8 @@ def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, lease: Leas
             name=cfg.version, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "ranker"]),
+        datasets=row_ranges(datasets, cfg.scaling.num_workers),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # each worker reads its own (row_ranges)
     )
 
 

@@ -11,7 +11,9 @@ gives the stage and epoch to continue from. Rank 0 checks the run's lease (``con
 the version holds it, this one writes no further checkpoint and fails (restarts fail at start-up).
 
 Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the towers' leave out
-each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers;
+each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers, each
+a range of rows of their seeded order (:func:`~tessera.train.job.row_ranges`), read in seeded
+batches (:func:`seeded_batches`): one seed, one model;
 the ``users`` dataset (time-split user records) is read whole by every worker for the logQ counts (the
 towers' targets, :func:`~tessera.train.examples.target_counts`), the ranker's popularity
 and, on rank 0, the evaluation set. The item feature table is read from the embedding run by each
@@ -84,11 +86,31 @@ class EpochGauges:
 
 
 def _users_table(shard) -> dict[str, np.ndarray]:
+    """Every user record, ordered by user id (the groupby that made them hands them over in no fixed order)."""
     cols: dict[str, list] = {}
     for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
         for k, v in batch.items():
             cols.setdefault(k, []).extend(list(v))
-    return {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+    table = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+    order = np.argsort(table["user_id"].astype(str), kind="stable") if table else None
+    return {k: v[order] for k, v in table.items()}
+
+
+def seeded_batches(shard, batch_size: int, window: int, seed: int, drop_last: bool, device):
+    """Batches of ``batch_size`` rows of the shard, its rows permuted within consecutive windows of
+    ``window`` batches by a generator seeded with ``seed``; ``drop_last``: no short batch at the end.
+
+    Ray Data's local shuffle buffer permutes whatever the buffer holds when it fills, so its batches
+    depend on how the rows were cut into blocks, which differs between runs of one dataset. The windows
+    here are cut by row count (``iter_torch_batches`` of ``window * batch_size`` rows), so the same rows and
+    seed give the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    for chunk in shard.iter_torch_batches(batch_size=window * batch_size, device=device):
+        n = len(next(iter(chunk.values())))  # window * batch_size, but for the last window
+        perm = torch.randperm(n, generator=gen).to(device)
+        chunk = {k: v[perm] for k, v in chunk.items()}
+        for start in range(0, n if not drop_last else n - n % batch_size, batch_size):
+            yield {k: v[start:start + batch_size] for k, v in chunk.items()}
 
 
 def _maybe_fail(cfg: TrainConfig, storage: Storage, global_epoch: int, rank: int, world: int) -> None:
@@ -152,7 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
     seen_before = SeenBefore(users)
     test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
     val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
-    shards = {"retrieval": ray.train.get_dataset_shard("train"), "ranker": ray.train.get_dataset_shard("ranker")}
+    shards = {"retrieval": ray.train.get_dataset_shard(f"train.{rank}"),
+              "ranker": ray.train.get_dataset_shard(f"ranker.{rank}")}
     gauges = EpochGauges(cfg.version) if rank == 0 else None
 
     state = TrainState()
@@ -181,9 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
             torch.manual_seed(int(rng.integers(1 << 62)))
             model.train()
             t0, total, steps, samples = time.perf_counter(), 0.0, 0, 0
-            batches = shards[stage.kind].iter_torch_batches(
-                batch_size=batch_size, drop_last=stage.kind == "retrieval", device=device,
-                local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=int(rng.integers(1 << 31)))
+            batches = seeded_batches(shards[stage.kind], batch_size, 4, int(rng.integers(1 << 62)),
+                                     drop_last=stage.kind == "retrieval", device=device)
             for batch in batches:
                 loss = (model(batch, rng, seen_before(batch["user_key"], batch["from_end"]))
                         if stage.kind == "ranker" else model(batch))
