@@ -92,10 +92,12 @@ def test_of_attempts_starting_together_exactly_one_gets_the_lease(storage, lease
 def test_a_lease_not_renewed_for_its_ttl_is_taken_over(storage, lease_uri, caplog):
     """A killed attempt on another host leaves its lease behind: stale once its ttl has passed (the
     store's clock counts, to the second)."""
-    storage.write_bytes(lease_uri, json.dumps({"token": "old", "host": "elsewhere", "pid": 1, "ttl_s": 1}).encode())
+    # the store's times are whole seconds, so an age is known to about 1 s: a ttl of 3 is fresh at once, even
+    # on a slow machine, and stale 4.5 s later
+    storage.write_bytes(lease_uri, json.dumps({"token": "old", "host": "elsewhere", "pid": 1, "ttl_s": 3}).encode())
     with pytest.raises(LeaseHeldError, match="host elsewhere, pid 1"):  # still fresh
         RunLease(storage, lease_uri, ttl_s=60).acquire()
-    time.sleep(2.5)
+    time.sleep(4.5)
     with caplog.at_level(logging.WARNING, logger="tessera.lease"), RunLease(storage, lease_uri, ttl_s=60) as lease:
         assert _holder(storage, lease_uri)["token"] == lease.token
     assert "taken over from host elsewhere, pid 1: not renewed for" in caplog.text
@@ -158,11 +160,12 @@ def test_an_attempt_that_cannot_renew_for_its_ttl_counts_its_lease_as_lost(stora
 
 def test_the_heartbeat_keeps_a_short_lease_fresh(storage, bucket_uri):
     uri = join_uri(bucket_uri, "beat", "_LEASE.json")
-    with RunLease(storage, uri, ttl_s=2) as lease:
-        time.sleep(4)  # two ttls: without renewals the lease would be stale
+    # ttl 4 (renewed every second): a renewal a second late, and the store's whole-second times, stay inside it
+    with RunLease(storage, uri, ttl_s=4) as lease:
+        time.sleep(8)  # two ttls: without renewals the lease would be stale
         lease.check()
         with pytest.raises(LeaseHeldError):
-            RunLease(storage, uri, ttl_s=2).acquire()
+            RunLease(storage, uri, ttl_s=4).acquire()
 
 
 def test_release_with_the_store_unreachable_logs_and_leaves_the_lease_to_go_stale(storage, bucket_uri, caplog):

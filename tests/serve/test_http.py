@@ -299,7 +299,12 @@ def test_deep_health_names_a_stage_that_does_not_answer(app_url, served_index):
     def handle(name):
         return DeploymentHandle(name, "recommender")
 
-    stages = HandleStages(handle("QueryEncoder"), [handle("Retriever"), handle("NoSuchStage")], handle("Ranker"))
+    def live(name):  # a new handle's first call also waits for its set-up: made here, not inside the probe's 3 s
+        h = handle(name)
+        h.loaded_versions.remote().result(timeout_s=60)
+        return h
+
+    stages = HandleStages(live("QueryEncoder"), [live("Retriever"), handle("NoSuchStage")], live("Ranker"))
     report = asyncio.run(stages.probe(served_index, timeout_s=3.0))
     assert report["NoSuchStage"] == {"ok": False, "error": "no answer within 3 s"}
     assert all(report[n]["ok"] and report[n]["has_current"] for n in ("QueryEncoder", "Retriever", "Ranker"))
@@ -319,9 +324,12 @@ def test_a_stage_call_past_the_stage_timeout_is_dropped_naming_the_stage(app_url
 
     item = local_flow.stages.query.get(served_index).items.ids[0]
     stages = HandleStages(handle("QueryEncoder"), [handle("NoSuchStage")], handle("Ranker"), timeout_s=2.0)
+    unbounded = HandleStages(stages.query_encoder, [], stages.ranker)  # a new handle's first call sets it up too
 
     async def go():
-        [vector] = await stages.item_vectors(served_index, [item])
+        [vector] = await unbounded.item_vectors(served_index, [item])
+        [again] = await stages.item_vectors(served_index, [item])  # the live stage, set up: within the 2 s
+        assert np.array_equal(again, vector)
         start = time.monotonic()
         with pytest.raises(StageTimeoutError, match="NoSuchStage did not answer within 2 s"):
             await stages.search(served_index, "fused", np.asarray([vector]), 5, None)

@@ -72,9 +72,10 @@ def test_rollout_under_load_drops_nothing_and_never_mixes_versions(app_url, serv
         rng = random.Random(seed)
         with requests.Session() as s:
             while not stop.is_set():
+                sent = time.monotonic()  # a request sent before the switch may answer from v1 after it
                 r = s.post(f"{app_url}/v1/recommend", json={"user_id": rng.choice(users), "k": 5}, timeout=60)
                 body = r.json() if r.status_code == 200 else None
-                results.append((time.monotonic(), r.status_code,
+                results.append((sent, r.status_code,
                                 (body["model_version"], body["index_version"]) if body else None))
 
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
