@@ -4,9 +4,10 @@ whole interaction log in one task.
     .venv/bin/python bench/users_sample.py [--events 5000000] [--users 500000] [--files 20] [--rounds 3]
 
 An interaction log of ``--events`` events over ``--users`` users (a few heavy users, most with a
-handful of events; ``--items`` items, a third of them indexed) is written to the bench's S3 store in
-``--files`` Parquet files, then the check's users and the tuning users (``--user-queries`` each,
-histories cut to ``--max-history`` indexed events) are sampled both ways, in turns (``--rounds``):
+handful of events; ``--items`` items, a catalog of every third of them, as the job passes the catalog's
+item hashes) is written to the bench's S3 store in ``--files`` Parquet files, then the check's users and the
+tuning users (``--user-queries`` each, histories cut to ``--max-history`` events) are sampled both ways, in
+turns (``--rounds``):
 
 * **baseline**: what the index job did before 2026-12-06, one Ray task reading every file of the log into
   one table, sampled there in memory, with today's sampling code
@@ -70,19 +71,19 @@ def write_log(storage: Storage, uri: str, events: int, users: int, items: int, f
 
 
 def whole_log_task(storage: Storage, uri: str, cfg: SelfCheckConfig, tuning: int, max_history: int,
-                   indexed: np.ndarray) -> tuple[UserSample, float, float]:
+                   known: np.ndarray) -> tuple[UserSample, float, float]:
     """The baseline: the whole log read into this task, sampled in memory."""
     _reset_peak()
     t0 = time.perf_counter()
-    picked = sample_users(read_interactions(storage, uri), cfg, cfg.user_queries + tuning, 0, max_history, indexed)
+    picked = sample_users(read_interactions(storage, uri), cfg, cfg.user_queries + tuning, 0, max_history, known)
     return UserSample(picked[:cfg.user_queries], picked[cfg.user_queries:]), time.perf_counter() - t0, _peak_mb()
 
 
 def one_process_task(storage: Storage, uri: str, cfg: SelfCheckConfig, tuning: int, max_history: int,
-                     indexed: np.ndarray) -> float:
+                     known: np.ndarray) -> float:
     """Ours a file after another in this task: its peak bounds what any of ours' tasks holds."""
     _reset_peak()
-    select_users(storage, uri, cfg, tuning, max_history, indexed)
+    select_users(storage, uri, cfg, tuning, max_history, known=known)
     return _peak_mb()
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = SelfCheckConfig(user_queries=args.user_queries, seed=args.seed)
-    indexed = np.unique(hash_ids([f"it-{i}" for i in range(0, args.items, 3)]))
+    known = np.unique(hash_ids([f"it-{i}" for i in range(0, args.items, 3)]))
     with bench_stack():
         import ray
 
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 if name == "baseline":
                     sample, task_s, peak = ray.get(baseline.remote(storage, uri, cfg, args.user_queries,
-                                                                   args.max_history, indexed))
+                                                                   args.max_history, known))
                     run = {"wall_s": time.perf_counter() - t0, "task_s": task_s, "peak_mb": peak}
                 else:
-                    sample = select_users(storage, uri, cfg, args.user_queries, args.max_history, indexed,
+                    sample = select_users(storage, uri, cfg, args.user_queries, args.max_history, known=known,
                                           task_options={"num_cpus": BuildResources().split_num_cpus},
                                           files_per_task=args.files_per_task)
                     run = {"wall_s": time.perf_counter() - t0}
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] round {r} {name}: {json.dumps(run)}", flush=True)
         assert all(s == samples[0] for s in samples), "the two ways sampled different users or histories"
         one = ray.remote(num_cpus=1, max_calls=1)(one_process_task)
-        ours_peak = ray.get(one.remote(storage, uri, cfg, args.user_queries, args.max_history, indexed))
+        ours_peak = ray.get(one.remote(storage, uri, cfg, args.user_queries, args.max_history, known))
 
     def median(name: str) -> float:
         return statistics.median(run["task_s" if name == "baseline" else "wall_s"] for run in runs[name])

@@ -53,8 +53,7 @@ def test_training_self_check_and_serving_order_same_time_events_alike(storage, b
                                  rec["train_w"][0].tolist(), strict=True))
     assert any(len({t for _, t, _ in h}) < len(h) for h in trained.values())  # ties to order
 
-    served = UserHistories.load(storage, uri, ItemVectors(ids=ids, fused=np.zeros((25, 4), np.float32),
-                                                          indexed=np.ones(25, bool)), max_history=100)
+    served = UserHistories.load(storage, uri, _all_indexed(ids), max_history=100)
     sample = select_users(storage, uri, SelfCheckConfig(user_queries=30, holdout=1, seed=3), 0)
     assert len(sample.check) == 30
     for h in sample.check:
@@ -118,8 +117,7 @@ def test_the_three_readers_take_an_untidy_log_alike(storage, bucket_uri, ray_ses
                                  rec["train_w"][0].tolist(), strict=True))
     assert trained == expected
 
-    served = UserHistories.load(storage, uri, ItemVectors(ids=ids, fused=np.zeros((25, 4), np.float32),
-                                                          indexed=np.ones(25, bool)), max_history=100)
+    served = UserHistories.load(storage, uri, _all_indexed(ids), max_history=100)
     for user, want in expected.items():
         snap = served.of(user)
         assert list(zip(ids[snap.rows].tolist(), snap.ts.tolist(), snap.weights.tolist(), strict=True)) == want
@@ -156,8 +154,7 @@ def test_a_log_file_of_unreadable_columns_is_named_by_every_reader(storage, buck
     assert isinstance(log_schema_error(err.value), LogSchemaError) and said in str(log_schema_error(err.value))
     ids = np.asarray(["it-01"])
     with pytest.raises(VersionError, match="interaction-log snapshot: interaction log .*column 'ts'"):
-        UserHistories.load(storage, uri, ItemVectors(ids=ids, fused=np.zeros((1, 4), np.float32),
-                                                     indexed=np.ones(1, bool)), max_history=5)
+        UserHistories.load(storage, uri, _all_indexed(ids), max_history=5)
 
 
 def test_training_reads_a_log_file_a_row_group_at_a_time(tmp_path):
@@ -179,3 +176,10 @@ def test_training_reads_a_log_file_a_row_group_at_a_time(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(LogSchemaError, match="bad.parquet: cannot be read as Parquet"):
         list(iter_log_file(storage, str(tmp_path / "bad.parquet")))
+
+
+def _all_indexed(ids) -> ItemVectors:
+    """A catalog of ``ids`` whose every item is in the index (the vectors are not read here)."""
+    n = len(ids)
+    return ItemVectors(ids=np.asarray(ids), fused=np.zeros((n, 4), np.float32), has_vector=np.ones(n, bool),
+                       indexed=np.ones(n, bool))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.compute as pc
+import pyarrow as pa
 import pytest
 
 from tessera.index_job import IndexJobConfig
+from tessera.index_job.build import index_rows
 from tessera.index_job.seeded_bundle import seeded_bundle
 from tessera.index_job.vectors import column_matrix
 from tessera.storage import Storage, join_uri
@@ -32,13 +33,18 @@ def job_config(bundle_uri: str, output_uri: str, **overrides) -> IndexJobConfig:
     return IndexJobConfig.model_validate(data)
 
 
-def read_rows(storage: Storage, parts: list[str], column: str) -> tuple[list[str], np.ndarray]:
-    """Ids and (N, D) vectors of every non-null row of ``column``, part by part: a whole column, read in
-    the test process (the reference the tests compare the job's distributed reads with)."""
+def read_rows(storage: Storage, parts: list[str], column: str, index_only: bool = True) -> tuple[list[str], np.ndarray]:
+    """Ids and (N, D) vectors of ``column``, part by part: the rows of the index it feeds (``fused``: status
+    ok; a modality: the items that have it), or with ``index_only=False`` every row with a vector (every
+    row's ``fused``). A whole column, read in the test process (the reference the tests compare the job's
+    distributed reads with)."""
     got_ids, blocks, dim = [], [], None
     for uri in parts:
-        table = storage.read_parquet(uri, ["item_id", column])
-        table = table.filter(pc.is_valid(table.column(column)))
+        table = storage.read_parquet(uri, ["item_id", "status", "modalities", column])
+        keep = index_rows(table, column) if index_only else table.column(column).is_valid().to_numpy(
+            zero_copy_only=False)
+        table = table.filter(pa.array(keep))
+        assert not table.column(column).null_count, f"{uri}: a row of the {column} index without a vector"
         dim = table.schema.field(column).type.list_size
         if table.num_rows:
             got_ids.extend(table.column("item_id").to_pylist())

@@ -88,11 +88,14 @@ def test_the_split_picks_out_the_sampled_rows_and_the_wanted_items(storage, part
     from tessera.index_job.self_check import gather_rows
 
     plans, part_rows = planned(storage, parts, 2)
-    fused_ids = read_rows(storage, parts, "fused")[0]
+    every_id, every_vector = read_rows(storage, parts, "fused", index_only=False)  # the wanted ones come from here
+    assert len(read_rows(storage, parts, "fused")[0]) < len(every_id)  # some items are not in the fused index
     rng = np.random.default_rng(5)
     samples = {p.name: np.sort(rng.choice(p.num_items, size=min(30, p.num_items), replace=False)) for p in plans}
     samples["image"] = np.array([0, plans[2].num_items - 1])  # the first and the last row
-    wanted = sorted(rng.choice(fused_ids, size=25, replace=False).tolist() + ["not-an-item"])
+    fused_ids = set(read_rows(storage, parts, "fused")[0])
+    outside = [i for i in every_id if i not in fused_ids][:3]  # no usable modality: a history still holds them
+    wanted = sorted(rng.choice(sorted(fused_ids), size=22, replace=False).tolist() + outside + ["not-an-item"])
     split = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=min_piece_bytes, samples=samples,
                           wanted=wanted)
     for plan in plans:
@@ -101,10 +104,9 @@ def test_the_split_picks_out_the_sampled_rows_and_the_wanted_items(storage, part
         assert ids == [all_ids[r] for r in samples[plan.name]], plan.name
         np.testing.assert_array_equal(vectors, all_vectors[samples[plan.name]])
     ids, vectors = gather_rows(*ray.get(split.wanted))
-    all_ids, all_vectors = read_rows(storage, parts, "fused")
-    rows = [r for r, item in enumerate(all_ids) if item in set(wanted)]
-    assert ids == [all_ids[r] for r in rows] and len(ids) == 25
-    np.testing.assert_array_equal(vectors, all_vectors[rows])
+    rows = [r for r, item in enumerate(every_id) if item in set(wanted)]
+    assert ids == [every_id[r] for r in rows] and len(ids) == 25 and set(outside) <= set(ids)
+    np.testing.assert_array_equal(vectors, every_vector[rows])
 
 
 def test_each_build_checks_its_shard_as_the_whole_index_would_be_checked(storage, parts, bucket_uri, ray_session):

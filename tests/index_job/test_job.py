@@ -184,8 +184,10 @@ def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, r
     users = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40)  # whole histories
     assert len(users.check) == len(users.tuning) == 40
     assert not {h.user_id for h in users.check} & {h.user_id for h in users.tuning}
-    # the users' vectors from every fused vector (read whole here) or from their history items only
-    ids, vectors = read_rows(storage, [join_uri(uri, p) for p in manifest.item_vectors], "fused")
+    # the users' vectors from every item's fused vector (read whole here; in the index or not) or from their
+    # history items only
+    ids, vectors = read_rows(storage, [join_uri(uri, p) for p in manifest.item_vectors], "fused", index_only=False)
+    assert len(ids) == manifest.counts["input_items"]
     checked, tuning = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (ids, vectors))
     row_of = {item: r for r, item in enumerate(ids)}
     wanted = [i for i in users.wanted() if i in row_of]
@@ -193,10 +195,10 @@ def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, r
     only = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (wanted, vectors[[row_of[i] for i in wanted]]))
     np.testing.assert_allclose(only[0], checked, atol=1e-6)
     np.testing.assert_allclose(only[1], tuning, atol=1e-6)
-    # the job's histories: cut to the indexed items the tower reads, before the split gathers them
+    # the job's histories: cut to the last events the tower reads, before the split gathers them
     limit = ModelBundle.load(storage, bundle_uri).user_tower.config.max_history
     cut = select_users(storage, manifest.source["interactions_uri"], cfg.self_check, 40, limit,
-                       np.unique(hash_ids(ids)))
+                       known=np.unique(hash_ids(ids)))
     assert max(len(h.items) for h in cut.check + cut.tuning) <= limit < max(len(h.items) for h in users.check)
     same = user_queries(storage, bundle_uri, cut, cfg.self_check, 1, (ids, vectors))
     np.testing.assert_allclose(same[0], checked, atol=1e-6)

@@ -139,10 +139,11 @@ def test_a_shard_file_changed_after_the_save_fails_its_check(storage, bucket_uri
                           (ids[:5], vectors[:5]), 10)
 
 
-def test_sampled_histories_keep_the_last_events_on_indexed_items():
+def test_sampled_histories_keep_the_last_events_on_catalog_items():
     """Only what the user tower reads is kept (and gathered by the split tasks): events on items of the
-    index, the last max_history of them; events without an item or a user are dropped; the held-out
-    event is left out; tuning users never overlap the checked ones."""
+    catalog, the last max_history of them, whether the item is in the index or not (training reads an item
+    without a usable modality too); events on other items, without an item or without a user are dropped
+    before the held-out event is left out; tuning users never overlap the checked ones."""
     import pyarrow as pa
 
     from tessera.index import hash_ids
@@ -156,16 +157,16 @@ def test_sampled_histories_keep_the_last_events_on_indexed_items():
     rows.append((None, "it-00", 5_000, 1.0))  # an event without a user: dropped
     table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
                       "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
-    indexed = np.unique(hash_ids([f"it-{i:02d}" for i in range(0, 40, 2)]))  # even items only
+    known = np.unique(hash_ids([f"it-{i:02d}" for i in range(0, 40, 2)]))  # a catalog of the even items
     cfg = SelfCheckConfig(user_queries=3, holdout=1, seed=1)
-    checked = sample_users(table, cfg, 3, max_history=5, indexed=indexed)
-    tuning = sample_users(table, cfg, 3, skip=3, max_history=5, indexed=indexed)
+    checked = sample_users(table, cfg, 3, max_history=5, known=known)
+    tuning = sample_users(table, cfg, 3, skip=3, max_history=5, known=known)
     assert len(checked) == len(tuning) == 3
     assert not {h.user_id for h in checked} & {h.user_id for h in tuning}
     for h in checked + tuning:
         u = int(h.user_id[1:])
-        events = [(f"it-{(u * 7 + e) % 40:02d}", 1_000 * (e + 1)) for e in range(29) if e != 3]  # last held out
-        kept = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][-5:]
+        events = [(f"it-{(u * 7 + e) % 40:02d}", 1_000 * (e + 1)) for e in range(30) if e != 3]
+        kept = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][:-1][-5:]  # the last catalog event held out
         assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept
     everything = sample_users(table, cfg, 3)
     assert [len(h.items) for h in everything] == [28] * 3  # 30 events, one held out, one without an item
@@ -202,10 +203,10 @@ def test_users_are_sampled_the_same_from_a_log_in_many_chunks_or_with_dictionary
     assert got == {"a": ["i1", "i3", "i5"], "b": ["i0", "i2", "i4"]}
 
 
-def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=None):
+def _reference_sample(rows, cfg, count, skip=0, max_history=None, known_items=None):
     """The sample written out plainly over ``(user, item, ts, weight)`` rows: each user's events by time,
-    then item id, then weight, as training orders them; events without a user, a time or an item are not
-    counted (training drops them before holding any out)."""
+    then item id, then weight, as training orders them; events without a user, a time or an item of the
+    catalog (``known_items``; None: any) are not counted (training drops them before holding any out)."""
     import pyarrow as pa
 
     from tessera.index_job.self_check import user_order_key
@@ -213,7 +214,7 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
 
     by_user = {}
     for pos, (user, item, ts, weight) in enumerate(rows):
-        if user is not None and ts is not None and item is not None:
+        if user is not None and ts is not None and item is not None and (known_items is None or item in known_items):
             by_user.setdefault(user, []).append((ts, False, item, weight, pos))
     names = sorted(by_user)
     hashes = hash_user_ids(pa.array(names, pa.string()), user_order_key(cfg.seed)).tolist()
@@ -222,7 +223,7 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, indexed_items=
     for user in [u for u in order if len(by_user[u]) > cfg.holdout][skip:skip + count]:
         events = sorted(by_user[user])
         cut = len(events) - cfg.holdout
-        history = [e for e in events[:cut] if not e[1] and (indexed_items is None or e[2] in indexed_items)]
+        history = events[:cut]
         history = history[max(len(history) - max_history, 0):] if max_history is not None else history
         out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history]))
     return out
@@ -257,7 +258,7 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     rows += [(None, "it-00", 5_000, 1.0)] * 3 + [("u001", "it-03", None, 1.0), ("u002", None, None, 1.0)]
     rows = [rows[j] for j in rng.permutation(len(rows))]
     cfg = SelfCheckConfig(user_queries=40, holdout=holdout, seed=3)
-    # two users first in the order, each with 30 events on indexed items in the last file alone: the file's
+    # two users first in the order, each with 30 events on catalog items in the last file alone: the file's
     # cut must keep enough of them for the history once the last ones are held out
     names = [f"w{j:04d}" for j in range(2000)]
     first = np.argsort(hash_user_ids(pa.array(names), user_order_key(cfg.seed)))[:2]
@@ -277,22 +278,22 @@ def test_users_sampled_from_the_log_a_file_at_a_time_are_the_sample_of_the_whole
     storage.write_parquet(join_uri(uri, "part-99.parquet"), pa.table({  # no user id: nothing to sample
         "user_id": pa.nulls(3, pa.string()), "item_id": pa.nulls(3), "ts": pa.array([1, 2, 3], pa.int64()),
         "weight": pa.array([1.0] * 3, pa.float32()), "event": ["view"] * 3}))
-    indexed_items = {f"it-{i:02d}" for i in range(0, 60, 3)}
-    indexed = np.unique(hash_ids(sorted(indexed_items)))
-    expected = _reference_sample(rows, cfg, 80, max_history=max_history, indexed_items=indexed_items)
+    known_items = {f"it-{i:02d}" for i in range(60) if i % 7}  # events on it-00, it-07, ...: not in the catalog
+    known = np.unique(hash_ids(sorted(known_items)))
+    expected = _reference_sample(rows, cfg, 80, max_history=max_history, known_items=known_items)
     assert [e[0] for e in expected[:2]] == [names[j] for j in first]
     if holdout == 3:
         assert 30 < len(expected) < 80  # fewer eligible users than asked for: the budget grew to all of them
     else:
         assert len(expected) == 80
     for options in ({"num_cpus": 0.25}, None):  # Ray tasks, two files each; in this process
-        got = select_users(storage, uri, cfg, 40, max_history, indexed, task_options=options, files_per_task=2)
+        got = select_users(storage, uri, cfg, 40, max_history, task_options=options, files_per_task=2, known=known)
         assert _as_tuples(got.check) == expected[:40]
         assert _as_tuples(got.tuning) == expected[40:]
     log = pa.table({"user_id": pa.array([r[0] for r in rows], pa.string()),
                     "item_id": pa.array([r[1] for r in rows], pa.string()),
                     "ts": pa.array([r[2] for r in rows], pa.int64()), "weight": [r[3] for r in rows]})
-    assert _as_tuples(sample_users(log, cfg, 10, skip=5, max_history=max_history, indexed=indexed)) == expected[5:15]
+    assert _as_tuples(sample_users(log, cfg, 10, skip=5, max_history=max_history, known=known)) == expected[5:15]
     assert _as_tuples(sample_users(log, cfg, 5)) == _reference_sample(rows, cfg, 5)
 
 

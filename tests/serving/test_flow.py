@@ -80,7 +80,8 @@ def test_a_served_user_vector_is_the_one_training_computes_from_the_same_events(
         rec = user_records({"user_id": events.user_id.to_numpy(), "item_row": rows, "ts": events.ts.to_numpy(),
                             "weight": events.weight.to_numpy()}, holdout=0)
         items, ts, w = rec["train_items"][0], rec["train_ts"][0], rec["train_w"][0]
-        usable = query.items.indexed[items]
+        usable = query.items.has_vector[items]  # every item: training reads one out of the index too
+        assert usable.all()
         batch = pad_histories([items[usable][-n:]], n, timestamps=[ts[usable][-n:]], weights=[w[usable][-n:]])
         with torch.no_grad():
             trained = tower(torch.from_numpy(query.items.fused)[batch.item_idx], batch.mask, batch.timestamps_ms,
@@ -265,6 +266,58 @@ def test_item_vectors_changed_since_the_build_are_refused(storage, served_index,
     # an index built before digests were recorded still loads (nothing to check it against)
     write_index_manifest(storage, uri, manifest.model_copy(update={"item_vectors_sha256": {}}))
     assert ItemVectors.load(storage, VersionRef.resolve(storage, uri)).num_items == manifest.counts["input_items"]
+
+
+def test_an_item_out_of_the_index_still_feeds_a_history(storage, served_index, bucket_uri):
+    """An item without a usable modality is left out of the fused index (``no_modality: exclude``) but keeps the
+    fused vector training fed the user tower for it: serving reads it in a history, never recommends it and
+    answers 404 for its vector. Made here by marking two items of the served vectors ``no_modality`` (the vectors
+    untouched, so their digests hold). An index built before every item had a vector (those two nulled) still
+    loads, the two left out of histories as that build's self-check left them."""
+    import pyarrow as pa
+
+    from tessera.index import write_index_manifest
+    from tessera.index_job.vectors import STATUS_NO_MODALITY
+    from tessera.serving.version import ItemVectors
+
+    manifest = read_index_manifest(storage, served_index)
+    served = ItemVectors.load(storage, VersionRef.resolve(storage, served_index))
+    assert served.has_vector.all() and served.indexed.sum() == manifest.counts["indexed"]
+    for name, old in (("excluded", False), ("excluded-old", True)):
+        uri = f"{bucket_uri}/index/{name}"
+        write_index_manifest(storage, uri, manifest.model_copy(update={"item_vectors_sha256": {}} if old else {}))
+        marked = []
+        for n, rel in enumerate(manifest.item_vectors):
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(served_index, rel))))
+            if n == 0:
+                status = table.column("status").to_pylist()
+                rows = [r for r, st in enumerate(status) if st == "ok"][:2]
+                marked = [table.column("item_id")[r].as_py() for r in rows]
+                for r in rows:
+                    status[r] = STATUS_NO_MODALITY
+                table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+                if old:
+                    fused = table.column("fused").to_pylist()
+                    for r in rows:
+                        fused[r] = None
+                    table = table.set_column(table.schema.get_field_index("fused"), table.schema.field("fused"),
+                                             pa.array(fused, table.schema.field("fused").type))
+            storage.write_parquet(join_uri(uri, rel), table)
+        items = ItemVectors.load(storage, VersionRef.resolve(storage, uri))
+        rows = items.rows(marked)
+        assert len(marked) == 2 and not items.indexed[rows].any()
+        assert items.indexed.sum() == served.indexed.sum() - 2
+        np.testing.assert_array_equal(items.has_vector[rows], [not old] * 2)
+        query = LocalStages(storage, preload_modalities=False).query.get(uri)
+        [enc] = query.encode_users([UserQuery(None, recent_item_ids=marked)])
+        assert all(isinstance(e, RequestError) and e.status == 404 for e in query.item_vectors(marked))
+        if old:
+            assert enc.vector is None and enc.cold_reason == "no history item has a vector"
+        else:  # the vector they gave while in the index: the one training computed for them
+            np.testing.assert_array_equal(items.fused, served.fused)
+            [indexed] = LocalStages(storage, preload_modalities=False).query.get(served_index).encode_users(
+                [UserQuery(None, recent_item_ids=marked)])
+            np.testing.assert_allclose(enc.vector, indexed.vector, atol=1e-6)
 
 
 def test_version_cache_keeps_the_current_and_newest_versions():

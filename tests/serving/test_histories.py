@@ -12,8 +12,11 @@ from tessera.storage import join_uri
 
 def _catalog(num_items: int = 40) -> ItemVectors:
     ids = np.asarray(sorted(f"it-{i:02d}" for i in range(num_items)))
-    indexed = np.asarray([i % 4 != 3 for i in range(num_items)])  # every fourth item has no vector
-    return ItemVectors(ids=ids, fused=np.zeros((num_items, 4), np.float32), indexed=indexed)
+    # every fourth item is out of the index (no usable modality) but has a vector, as training reads it; every
+    # seventh has none (an index built before every item had one): only those leave the histories
+    has_vector = np.asarray([i % 7 != 6 for i in range(num_items)])
+    indexed = has_vector & np.asarray([i % 4 != 3 for i in range(num_items)])
+    return ItemVectors(ids=ids, fused=np.zeros((num_items, 4), np.float32), has_vector=has_vector, indexed=indexed)
 
 
 def _reference(rows, items: ItemVectors, max_history: int) -> dict:
@@ -27,7 +30,7 @@ def _reference(rows, items: ItemVectors, max_history: int) -> dict:
     out = {}
     for user, events in by_user.items():
         events.sort()
-        usable = [e for e in events if items.indexed[e[1]]][-max_history:]
+        usable = [e for e in events if items.has_vector[e[1]]][-max_history:]
         out[user] = ([e[1] for e in usable], [e[0] for e in usable], [e[2] for e in usable], events[-1][0],
                      sorted({e[1] for e in events}))
     return out

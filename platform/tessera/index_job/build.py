@@ -266,16 +266,17 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan],
         uris: the run of parts, in order.
         plans: the indexes.
         samples: by index name, positions among that index's rows in this run (the item queries).
-        wanted: item ids whose fused-index rows are wanted (the sampled users' histories).
+        wanted: item ids whose fused vectors are wanted (the sampled users' histories), whether the fused
+            index holds them or not: a history keeps an item without a usable modality, as training does.
 
     Returns:
         One piece per shard, index after index in ``plans`` order, shards in order (empty pieces
         included, so the task's ``num_returns`` is fixed); then one piece per index of its sampled
-        rows; then one piece of the wanted rows (of the ``fused`` plan; empty without one). Rows keep
-        the parts' order.
+        rows; then one piece of the wanted rows' fused vectors (empty without a ``fused`` plan). Rows
+        keep the parts' order.
 
     Raises:
-        IndexIntegrityError: a row of an index without its vector (a null in that column).
+        IndexIntegrityError: a row of an index, or a wanted row, without its vector (a null in that column).
     """
     columns = list(dict.fromkeys(["item_id", "status", "modalities", *(p.column for p in plans)]))
     table = pa.concat_tables([storage.read_parquet(uri, columns) for uri in uris])
@@ -301,8 +302,12 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan],
         picked = np.asarray(samples.get(plan.name, ()), np.int64)
         sampled.append(([ids[rows[j]] for j in picked], vectors[picked]))
         if plan.name == "fused":
-            sel = [j for j, r in enumerate(rows) if ids[r] in wanted_set] if wanted_set else []
-            asked = ([ids[rows[j]] for j in sel], vectors[np.asarray(sel, np.int64)])
+            sel = np.asarray([r for r, item in enumerate(ids) if item in wanted_set] if wanted_set else [], np.int64)
+            column = table.column(FUSED).take(pa.array(sel, pa.int64()))
+            if column.null_count:
+                raise IndexIntegrityError(f"{', '.join(uris)}: {column.null_count} rows without a {FUSED} vector "
+                                          "(a vectors part written before every item had one: rebuild it)")
+            asked = ([ids[r] for r in sel], column_matrix(column, table.schema.field(FUSED).type.list_size))
     return [*pieces, *sampled, asked]
 
 
@@ -368,7 +373,7 @@ class SplitRefs:
         pieces: ``pieces[t][g]``, run ``g``'s piece of shard ``t``, shards numbered over the plans in
             order (the first plan's shards first).
         samples: by index name, each run's sampled rows (the item queries).
-        wanted: each run's fused-index rows of the wanted items.
+        wanted: each run's rows (fused vectors) of the wanted items.
     """
 
     pieces: list[list]
@@ -395,7 +400,7 @@ def split_vectors(storage: Storage, plans: list[IndexPlan], parts: list[str], pa
         num_cpus: CPUs per split task.
         min_piece_bytes: the size each piece should reach (see :data:`MIN_PIECE_BYTES`).
         samples: by index name, sorted positions among its rows (in part order) to pick out.
-        wanted: item ids whose fused-index rows to pick out (put in the object store once).
+        wanted: item ids whose fused vectors to pick out (put in the object store once).
     """
     import ray
 

@@ -142,9 +142,8 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     plans = plan_indexes(scan, cfg.num_shards, planned)
     _check_build_params(cfg, plans, tower_cfg.out_dim)
     part_rows = scan.part_rows
-    # the fused index's item hashes, sorted: the users sampled for the check keep their events on them
-    indexed = np.unique(scan.hashes[FUSED]) if src.interactions_uri is not None else None
-    known = np.unique(scan.hashes[ALL_ROWS]) if src.interactions_uri is not None else None  # the catalog
+    # the catalog's item hashes, sorted: the users sampled for the check count their events on them
+    known = np.unique(scan.hashes[ALL_ROWS]) if src.interactions_uri is not None else None
     del scan  # the hashes: 8 bytes an item and index
     print(f"[index] vectors in {vectors.seconds:.1f}s: {vectors.counts}; building "
           f"{sum(p.num_shards for p in plans)} shards ({', '.join(f'{p.name}: {p.num_shards}' for p in plans)})",
@@ -158,7 +157,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
         print("[index] warning: no interaction log found beside the embedding run's items: no user check, and "
               "the fused shards tune on their own vectors only (set interactions_uri)", flush=True)
     run = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
-                           cfg.self_check.tuning_user_queries if approximate else 0, indexed, lease, known)
+                           cfg.self_check.tuning_user_queries if approximate else 0, lease, known)
     built, users = run.shards, run.users
     build_s = time.perf_counter() - t_build
     if run.tuning_vectors is not None:
@@ -258,10 +257,11 @@ class _BuildRun:
 
 def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, plans: list[IndexPlan],
                      parts: list[str], part_rows: dict[str, list[int]], tuning_count: int,
-                     indexed: np.ndarray | None, lease: RunLease, known: np.ndarray | None = None) -> _BuildRun:
+                     lease: RunLease, known: np.ndarray | None = None) -> _BuildRun:
     """Split, build and self-check every shard: the users are sampled from the log first (the check's users
-    and ``tuning_count`` more, their histories kept to the last events on ``indexed`` items the user
-    tower reads), the split tasks pick out the sampled item rows and those history items, a task turns
+    and ``tuning_count`` more, their events on ``known`` items, the catalog's, histories kept to the last
+    events the user tower reads), the split tasks pick out the sampled item rows and those history items
+    (in the fused index or not: training reads an item without a usable modality too), a task turns
     them into user vectors, and each build task tunes on the tuning users' and checks its saved shard on
     the check's queries; each saves its shard only while ``lease`` still holds this build's token."""
     import ray
@@ -272,7 +272,7 @@ def _build_and_check(cfg: IndexJobConfig, storage: Storage, src: IndexSources, p
     if src.interactions_uri is not None and (check.user_queries or tuning_count):
         # tasks reading a log file at a time: sized like the split tasks reading a vectors part
         users = select_users(storage, src.interactions_uri, check, tuning_count, _history_limit(storage, cfg),
-                             indexed, task_options={"num_cpus": cfg.build.split_num_cpus}, known=known)
+                             task_options={"num_cpus": cfg.build.split_num_cpus}, known=known)
     users_s = time.perf_counter() - t0
     split = split_vectors(storage, plans, parts, part_rows, cfg.build.split_num_cpus,
                           samples={plan.name: item_sample(plan.num_items, check) for plan in plans},

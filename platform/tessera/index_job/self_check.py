@@ -10,7 +10,8 @@ Queries:
 * **user queries** (fused index only): users sampled from the interaction log (:func:`select_users`:
   the first users of a seeded hash order, found in two passes of Ray tasks over the log's files, no
   process holding the log); each one's history (all but the last ``holdout`` events, the most recent
-  ``max_history`` of them, items outside the index dropped) goes through the bundle's user tower, its
+  ``max_history`` of them, items outside the index kept, as training keeps them: an item without a
+  usable modality has a fused vector all the same) goes through the bundle's user tower, its
   time gaps measured to the history's latest event as in training and serving (:func:`user_queries`).
   Only the history items' vectors are gathered, again by the split tasks. The next users of the same
   order make the fused shards' tuning queries.
@@ -25,7 +26,7 @@ index column. A returned item counts as a hit when its exact score ties the exac
 Example::
 
     users = select_users(storage, interactions_uri, cfg.self_check, tuning_count=200, max_history=50,
-                         indexed=np.sort(fused_hashes), task_options={"num_cpus": 0.5})
+                         task_options={"num_cpus": 0.5}, known=np.sort(catalog_hashes))
     checked, tuning = user_queries(storage, model_uri, users, cfg.self_check, 1, (ids, vectors))
     parts = check_saved_shard(storage, shard_uri, sha256, ids, vectors, checked, (query_ids, queries), k=10)
 """
@@ -48,7 +49,6 @@ from tessera.interactions import (
     event_order,
     hash_user_ids,
     interaction_files,
-    last_flagged,
     normalize_log,
     read_log_file,
     runs,
@@ -105,8 +105,7 @@ class _Events:
     :func:`_user_events`).
 
     Attributes:
-        table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32), ``usable`` (a
-            history keeps it: see :func:`_usable`).
+        table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32).
         users: the users' ids; ``counts`` (same length): their events in the piece, cut or not.
     """
 
@@ -139,13 +138,12 @@ def _lowest_users(table: pa.Table, key: str, budget: int, known: np.ndarray | No
     return hashes[present][:budget], counts[present][:budget]
 
 
-def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndarray | None,
-                 max_history: int | None, holdout: int, known: np.ndarray | None = None) -> _Events:
+def _user_events(table: pa.Table, key: str, chosen: np.ndarray, max_history: int | None, holdout: int,
+                 known: np.ndarray | None = None) -> _Events:
     """The events of a piece of the log whose user's hash is in sorted ``chosen``, each user's cut to
-    what its history can need whatever the other pieces hold: its last ``max(holdout, 1)`` events (the
-    held-out ones; at least one, so that every chosen user has a run of events), and its last
-    ``max_history + holdout`` events on an indexed item (at most ``holdout`` of them can be held out;
-    ``max_history`` None: all). Events without a user id, a time or a catalog item are ignored."""
+    what its history can need whatever the other pieces hold: its last ``max_history + holdout`` events
+    (``max_history`` None: all; at least one, so that every chosen user has a run of events). Events
+    without a user id, a time or a catalog item are ignored."""
     users, counted = _timed_users(table, key, known)
     wanted = np.append(is_member(chosen, users.hashes), False)  # the last entry: code -1, no user id
     rows = np.flatnonzero(wanted[users.codes] & counted)
@@ -160,30 +158,26 @@ def _user_events(table: pa.Table, key: str, chosen: np.ndarray, indexed: np.ndar
                         codes)
     rows, codes, ts = rows[order], codes[order], ts[order]
     items, weights = items.take(pa.array(order, pa.int64())), weights.take(pa.array(order, pa.int64()))
-    usable = _usable(items, indexed)
     starts, ends = runs(codes)
     run_end = np.repeat(ends, ends - starts)  # each event's user's end
-    keep = run_end - 1 - np.arange(len(rows)) < max(holdout, 1)  # the user's last events
-    keep |= usable if max_history is None else last_flagged(usable, run_end, max_history + holdout)
-    kept = np.flatnonzero(keep)
+    last = len(rows) if max_history is None else max(max_history + holdout, 1)
+    kept = np.flatnonzero(run_end - 1 - np.arange(len(rows)) < last)  # the user's last events
     out = pa.table({
         "user_id": users.names.take(pa.array(codes[kept], pa.int64())),
         "item_id": items.take(pa.array(kept, pa.int64())),
         "ts": pa.array(ts[kept], pa.int64()),
         "weight": weights.take(pa.array(kept, pa.int64())),
-        "usable": pa.array(usable[kept], pa.bool_()),
     })
     return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
 
 
-def _usable(items: pa.Array | pa.ChunkedArray, indexed: np.ndarray | None) -> np.ndarray:
-    """(n,) bool: events with an item id whose hash is in sorted ``indexed`` (None: any item id): those a
-    history keeps (``indexed``: the index's items), or those counted at all (the catalog's); each distinct
-    item hashed once."""
+def _usable(items: pa.Array | pa.ChunkedArray, known: np.ndarray | None) -> np.ndarray:
+    """(n,) bool: events with an item id whose hash is in sorted ``known`` (the catalog's; None: any item
+    id), those counted at all; each distinct item hashed once."""
     values, codes = encode_strings(items if isinstance(items, pa.ChunkedArray) else pa.chunked_array([items]))
     usable = codes >= 0
-    if indexed is not None and usable.any():
-        usable[usable] = is_member(indexed, hash_ids(values.to_pylist()))[codes[usable]]
+    if known is not None and usable.any():
+        usable[usable] = is_member(known, hash_ids(values.to_pylist()))[codes[usable]]
     return usable
 
 
@@ -210,12 +204,11 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
     ts = log.column("ts").to_numpy()
     weights = log.column("weight").to_numpy().astype(np.float32)
     items = log.column("item_id").combine_chunks()
-    usable = log.column("usable").to_numpy()
     sample = []
     for user in picked:
         a, b = spans[user]
         cut = b - cfg.holdout  # the held-out events: [cut, b)
-        kept = a + np.flatnonzero(usable[a:cut])
+        kept = np.arange(a, cut)
         if max_history is not None:
             kept = kept[max(len(kept) - max_history, 0):]
         sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept]))
@@ -223,22 +216,20 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
 
 
 def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
-                 max_history: int | None = None, indexed: np.ndarray | None = None,
-                 known: np.ndarray | None = None) -> list[UserHistory]:
+                 max_history: int | None = None, known: np.ndarray | None = None) -> list[UserHistory]:
     """Up to ``count`` users with more than ``cfg.holdout`` events, after the first ``skip`` of one seeded
     random order (users by their id's hash under :func:`user_order_key` of ``cfg.seed``, ties by id): the
     tuning users (``skip = cfg.user_queries``) are never checked ones. A log held in memory;
     :func:`select_users` draws the same sample from a log in storage, a file at a time.
 
     Each history keeps its events (oldest first, in :func:`tessera.interactions.event_order`: by time, then item
-    id and weight) before the last ``cfg.holdout`` ones, on items whose id hash is in ``indexed`` (sorted uint64
-    hashes of the index's items, :func:`tessera.index.hash_ids`; None keeps every item), the last ``max_history``
-    of them (None: all): what the user tower will read, so long histories stay small. Events without an item id
-    are dropped from histories; events without a user id or a time are ignored."""
+    id and weight) before the last ``cfg.holdout`` ones, the last ``max_history`` of them (None: all): what the
+    user tower will read, so long histories stay small. An item outside the fused index (no usable modality)
+    stays in a history, as training keeps it. Events without a user id, a time or an item of the catalog
+    (hash in sorted ``known``, :func:`tessera.index.hash_ids`; None: any item id) are ignored."""
     log = normalize_log(log, "(a table)")
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget, known)],
-                        lambda key, chosen: [_user_events(log, key, chosen, indexed, max_history, cfg.holdout,
-                                                          known)],
+                        lambda key, chosen: [_user_events(log, key, chosen, max_history, cfg.holdout, known)],
                         cfg, count, skip, max_history)
 
 
@@ -299,10 +290,9 @@ def _lowest_of(found: list[tuple[np.ndarray, np.ndarray]], budget: int | None = 
 
 
 def _events_in_file(piece: int, uri: str, storage: Storage, key: str, chosen: np.ndarray,
-                    indexed: np.ndarray | None, max_history: int | None, holdout: int,
-                    known: np.ndarray | None = None) -> _Events:
+                    max_history: int | None, holdout: int, known: np.ndarray | None = None) -> _Events:
     del piece  # :func:`_map_log`'s callback shape; the events' order is their own (:func:`event_order`)
-    return _user_events(read_log_file(storage, uri), key, chosen, indexed, max_history, holdout, known)
+    return _user_events(read_log_file(storage, uri), key, chosen, max_history, holdout, known)
 
 
 def _over_files(fn, per_task: bool, pieces: list[tuple[int, str]], *args) -> list:
@@ -326,8 +316,7 @@ def _map_log(fn, files: list[str], task_options: dict | None, files_per_task: in
 
 
 def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, tuning_count: int,
-                 max_history: int | None = None, indexed: np.ndarray | None = None,
-                 task_options: dict | None = None, files_per_task: int = 8,
+                 max_history: int | None = None, task_options: dict | None = None, files_per_task: int = 8,
                  known: np.ndarray | None = None) -> UserSample:
     """The check's users (``cfg.user_queries``) and after them the tuning users (``tuning_count``): the
     sample :func:`sample_users` draws from the whole log, read a file at a time (in Ray tasks of
@@ -340,22 +329,21 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
 
     files = interaction_files(storage, interactions_uri)
     if task_options is not None and ray.is_initialized():  # once, for every task of every pass
-        indexed = ray.put(indexed) if indexed is not None else None
         known = ray.put(known) if known is not None else None
     picked = _first_users(
         lambda key, budget: _map_log(_lowest_in_files, files, task_options, files_per_task, storage, key, budget,
                                      known, per_task=True),
         lambda key, chosen: _map_log(_events_in_file, files, task_options, files_per_task, storage, key, chosen,
-                                     indexed, max_history, cfg.holdout, known),
+                                     max_history, cfg.holdout, known),
         cfg, cfg.user_queries + tuning_count, 0, max_history)
     return UserSample(picked[:cfg.user_queries], picked[cfg.user_queries:])
 
 
 def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
                  max_history: int | None = None) -> np.ndarray:
-    """The user tower's vectors of ``histories``, each keeping its items found in ``ids`` (the index's
-    items: at least those of the histories), the last ``max_history`` of them (None: the tower's own
-    limit); a user left with no item is dropped.
+    """The user tower's vectors of ``histories``, each keeping its items found in ``ids`` (items with a
+    fused vector: at least those of the histories), the last ``max_history`` of them (None: the tower's
+    own limit); a user left with no item is dropped.
 
     Returns:
         (Q, E) float32, Q <= len(histories).
@@ -385,7 +373,7 @@ def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vecto
 def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfCheckConfig, torch_threads: int,
                  *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
     """A Ray task in the job: the check's and the tuning's user vectors, from the history items' fused
-    vectors (``pieces``: the split tasks' rows of :meth:`UserSample.wanted` found in the fused index)."""
+    vectors (``pieces``: the split tasks' rows of :meth:`UserSample.wanted`)."""
     import torch
 
     from tessera.models.bundle import ModelBundle

@@ -21,8 +21,8 @@ def random_vectors_table(ids: Sequence[str], dim: int, rng: np.random.Generator,
                          modalities: Sequence[str] = ("text", "image"), share: float = 0.7) -> pa.Table:
     """``item_id``, ``status``, ``modalities``, ``fused`` and one column per modality.
 
-    Each item has each modality with probability ``share``; an item with none is ``no_modality``
-    (no fused vector), as the vector stage marks it.
+    Each item has each modality with probability ``share``; an item with none is ``no_modality`` (out of
+    the fused index, with a fused vector all the same), as the vector stage marks it.
     """
     n = len(ids)
     has = {m: rng.random(n) < share for m in modalities}
@@ -38,6 +38,6 @@ def random_vectors_table(ids: Sequence[str], dim: int, rng: np.random.Generator,
         "item_id": pa.array(list(ids), pa.string()),
         "status": np.where(ok, STATUS_OK, STATUS_NO_MODALITY).tolist(),
         "modalities": [",".join(m for m in modalities if has[m][i]) for i in range(n)],
-        FUSED: matrix_column(unit(n), ok),
+        FUSED: matrix_column(unit(n), np.ones(n, bool)),
         **{m: matrix_column(unit(n), has[m]) for m in modalities},
     })

@@ -9,12 +9,16 @@ The output, ``<index>/vectors/part-*.parquet``, holds every input item exactly o
 ``status``              ``ok`` (in the fused index) or ``no_modality`` (no usable modality and
                         ``no_modality: exclude``: counted in the manifest, not indexed)
 ``modalities``          comma-joined modalities the item had (``""`` for none)
-``fused``               ``fixed_size_list<float32>[out_dim]``: the fused item vector (null if excluded)
+``fused``               ``fixed_size_list<float32>[out_dim]``: the fused item vector, for every item
+                        (an item without a usable modality has the tower's learned "empty item"
+                        vector, or its hashed-id one: what training fed the user tower for it)
 ``<modality>``          the tower's projection of that modality alone (null where absent), the
                         vectors of the per-modality indexes ``modal/<modality>/``
 ======================  ===================================================================
 
-Serving reads ``fused`` to turn a user's history into a user vector with the same model.
+Serving and the self-check read ``fused`` to turn a user's history into a user vector with the same model.
+Training reads an excluded item in a history as the tower makes it, so they do too: ``status`` decides
+what the fused index holds (what can be recommended), not what a history can hold.
 
 Example::
 
@@ -126,7 +130,7 @@ def item_vector_table(tower, table: pa.Table, no_modality: str = "exclude") -> p
         "item_id": pa.array(ids, pa.string()),
         "status": pa.array(np.where(indexed, STATUS_OK, STATUS_NO_MODALITY).tolist(), pa.string()),
         "modalities": pa.array(names, pa.string()),
-        FUSED: matrix_column(fused, indexed),
+        FUSED: matrix_column(fused, np.ones(n, bool)),  # every item: a history may hold an excluded one
     }
     for m in dims:
         if m in single:

@@ -145,15 +145,16 @@ class UserHistories:
         if not len(distinct):
             return cls.empty()
         histories = cls.build(np.concatenate(rows), np.concatenate(ts), np.concatenate(weights),
-                              index[np.concatenate(codes)], distinct, items.indexed, max_history)
+                              index[np.concatenate(codes)], distinct, items.has_vector, max_history)
         histories.dropped = dropped
         return histories
 
     @classmethod
     def build(cls, rows: np.ndarray, ts: np.ndarray, weights: np.ndarray, code: np.ndarray, names: pa.Array,
-              indexed: np.ndarray, max_history: int) -> UserHistories:
+              has_vector: np.ndarray, max_history: int) -> UserHistories:
         """From the catalog events in log order: ``rows`` (catalog rows), ``ts``, ``weights``, and ``code``,
-        each event's user as an entry of ``names`` (distinct ids); ``indexed``: catalog rows with a vector."""
+        each event's user as an entry of ``names`` (distinct ids); ``has_vector``: catalog rows with a fused
+        vector (all of them but in an index built before every item had one)."""
         from tessera.embed.ids import new_key
         from tessera.interactions import event_order, hash_user_ids, last_flagged
 
@@ -172,7 +173,7 @@ class UserHistories:
         counts = np.bincount(user, minlength=len(names))
         ends = np.cumsum(counts)
         last_ts = ts[np.maximum(ends - 1, 0)] if len(ts) else np.zeros(len(names), np.int64)
-        keep = last_flagged(indexed[rows], ends[user], max_history)
+        keep = last_flagged(has_vector[rows], ends[user], max_history)
         history_at = np.r_[0, np.cumsum(np.bincount(user[keep], minlength=len(names)))]
         by_item = np.lexsort((rows, user))
         first = np.r_[True, (user[by_item][1:] != user[by_item][:-1]) | (rows[by_item][1:] != rows[by_item][:-1])] \
@@ -280,7 +281,7 @@ class QueryCore:
             w = np.concatenate([w, np.ones(len(recent), np.float32)])
             exclude = np.unique(np.concatenate([seen, recent])) if q.exclude_seen else np.empty(0, np.int64)
             exclude_ids = self.items.ids[exclude].tolist()
-            usable = self.items.indexed[rows]  # items without a fused vector cannot feed the tower
+            usable = self.items.has_vector[rows]  # in the index or not, as training reads them
             keep = np.flatnonzero(usable)[-self.max_history:]
             rows, ts, w = rows[keep], ts[keep], w[keep]
             if len(rows) == 0:

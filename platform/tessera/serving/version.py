@@ -119,12 +119,21 @@ class ItemVectors:
     Attributes:
         ids: ``(I,)`` sorted item ids.
         fused: ``(I, E)`` float32 fused vectors, zeros where the item has none.
-        indexed: ``(I,)`` bool, True for items with a fused vector (the ones in the index).
+        has_vector: ``(I,)`` bool, True for items with a fused vector: those a history can hold. Every
+            item has one, an item without a usable modality the one training fed the user tower for it;
+            an index built before they all had one left those out.
+        indexed: ``(I,)`` bool, True for the items of the fused index (``status == ok``): those that can be
+            recommended or asked for as an item.
     """
 
     ids: np.ndarray
     fused: np.ndarray
+    has_vector: np.ndarray
     indexed: np.ndarray
+
+    def __post_init__(self):
+        if (self.indexed & ~self.has_vector).any():
+            raise VersionError("an item of the fused index has no fused vector")
 
     @property
     def num_items(self) -> int:
@@ -136,19 +145,19 @@ class ItemVectors:
 
     @classmethod
     def load(cls, storage: Storage, ref: VersionRef) -> ItemVectors:
-        """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``)."""
+        """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``, ``status``)."""
         if not ref.manifest.item_vectors:
             raise VersionError(f"the index manifest at {ref.index_uri} lists no item vectors parts")
-        from tessera.index_job.vectors import served_part
+        from tessera.index_job.vectors import STATUS_OK, served_part
 
-        ids, fused, valid = [], [], []
+        ids, fused, valid, ok = [], [], [], []
         digests = ref.manifest.item_vectors_sha256  # empty for an index built before they were recorded
         for rel in ref.manifest.item_vectors:
             uri = join_uri(ref.index_uri, rel)
             fs, path = storage.filesystem(uri)
             try:
                 with fs.open_input_file(path) as f:
-                    table = pq.read_table(f, columns=["item_id", "fused"])
+                    table = pq.read_table(f, columns=["item_id", "fused", "status"])
             except FileNotFoundError:
                 raise VersionError(f"item vectors part {uri} named by the index manifest is missing") from None
             part_ids, part_fused, part_valid, digest = served_part(table, ref.manifest.dim)  # zeros where null
@@ -158,14 +167,16 @@ class ItemVectors:
             ids += part_ids
             fused.append(part_fused)
             valid.append(part_valid)
+            ok.append(np.asarray(table.column("status").to_pylist(), dtype=object) == STATUS_OK)
 
         ids = np.asarray(ids, dtype=object).astype(str)
-        fused, valid = np.concatenate(fused), np.concatenate(valid)
+        fused, valid, ok = np.concatenate(fused), np.concatenate(valid), np.concatenate(ok)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
             raise VersionError(f"the item vectors of {ref.index_uri} hold an item id more than once")
-        return cls(ids=ids, fused=np.ascontiguousarray(fused[order]), indexed=valid[order])
+        return cls(ids=ids, fused=np.ascontiguousarray(fused[order]), has_vector=valid[order],
+                   indexed=(valid & ok)[order])
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each id, ``-1`` for ids not in the catalog.
