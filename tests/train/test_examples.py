@@ -49,6 +49,62 @@ def test_logq_counts_are_the_towers_targets():
     assert target_counts(records, 50, 2).sum() < item_counts(records, 50).sum()
 
 
+def test_a_user_gives_at_most_max_examples_the_most_recent_and_logq_counts_only_those():
+    """A bot with 300 events and a user with 6: capped at 4 examples each, the bot's are its last 4 training
+    positions (same histories as uncapped), the small user's all 4; logQ counts exactly the capped targets."""
+    rng = np.random.default_rng(1)
+    one = [user_records({"user_id": np.array([user] * n), "item_row": rng.integers(0, 40, n), "ts": np.arange(n),
+                         "weight": np.ones(n, np.float32)}, holdout=1) for user, n in (("bot", 300), ("u", 6))]
+    records = {k: np.concatenate([r[k] for r in one]) for k in one[0]}
+    full = next_item_examples(records, max_history=5)
+    capped = next_item_examples(records, max_history=5, max_examples=4)
+    assert len(full["target"]) == 298 + 4 and len(capped["target"]) == 4 + 4
+    keep = full["from_end"] < 4  # the most recent positions, the same examples
+    for k in EXAMPLE_COLUMNS:
+        np.testing.assert_array_equal(capped[k], full[k][keep])
+    for tail in (0, 2):
+        targets = capped["target"][capped["from_end"] >= tail]
+        assert target_counts(records, 40, tail, max_examples=4).tolist() == np.bincount(targets, minlength=40).tolist()
+
+
+def test_max_examples_per_user_must_leave_the_towers_examples(tmp_path):
+    import pytest
+
+    from tessera.config import ConfigError, load_config
+    from tessera.train.config import TrainConfig
+
+    assert TrainConfig(max_examples_per_user=3).max_examples_per_user == 3  # ranker.tail 2
+    path = tmp_path / "train.yaml"
+    path.write_text("max_examples_per_user: 2\n")
+    with pytest.raises(ConfigError, match=r"max_examples_per_user \(2\) must exceed ranker.tail \(2\)") as err:
+        load_config(TrainConfig, path)
+    assert str(path) in str(err.value)
+    assert TrainConfig(max_examples_per_user=1, ranker={"enabled": False}).max_examples_per_user == 1
+
+
+def test_a_target_the_user_had_before_is_not_evaluated():
+    """Every metric leaves the user's history out of the ranking (serving leaves out what a user has seen), so
+    a held-out item the user had already had could never be found: it is left out of the targets and counted,
+    and a user left with none is not evaluated. u1 re-buys 3 (its test target); u2's validation target 4 is
+    a repeat, its test target 2 is not."""
+    def rec(user, rows):
+        return user_records({"user_id": np.array([user] * len(rows)), "item_row": np.array(rows),
+                             "ts": np.arange(len(rows)), "weight": np.ones(len(rows), np.float32)},
+                            holdout=1, validation=1)
+
+    one, two = rec("u1", [3, 1, 9, 3]), rec("u2", [4, 6, 4, 2])
+    records = {k: np.concatenate([one[k], two[k]]) for k in one}
+    test = EvalSet.from_records(records, max_history=4, split="test")
+    assert [x.tolist() for x in test.test_items] == [[2]] and test.repeat_targets == 1
+    assert test.train_items[0].tolist() == [4, 6, 4]
+    val = EvalSet.from_records(records, max_history=4, split="validation")
+    assert [x.tolist() for x in val.test_items] == [[9]] and val.repeat_targets == 1
+    scores = torch.zeros(1, 10)
+    scores[0, 2] = 1.0
+    metrics = metrics_of_scores(scores, test, ks=(10,))
+    assert metrics["recall@10"] == 1.0 and metrics["num_users"] == 1 and metrics["repeat_targets"] == 1
+
+
 def test_events_at_the_same_time_split_the_same_whatever_order_they_arrive_in():
     """Ray Data's groupby hands a user's events over in no fixed order: ties on ts are broken by item."""
     events = {"user_id": np.array(["u"] * 4), "item_row": np.array([8, 2, 5, 6]), "ts": np.array([10, 30, 30, 20]),

@@ -131,6 +131,9 @@ class TrainConfig(TesseraConfig):
             the final epoch (the default: every variant compared at the same training budget). ``best``
             needs ``validation >= 1``.
         max_history: N, the most recent items a user tower / ranker reads.
+        max_examples_per_user: a user's training examples are its last this many training positions (a
+            bot's or a power user's thousands of events would outweigh everyone else's in the loss, and
+            each example holds a padded history: ~20 bytes x max_history). Must exceed ``ranker.tail``.
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
         ks: cut-offs of Recall@K / NDCG@K / coverage@K.
@@ -155,6 +158,7 @@ class TrainConfig(TesseraConfig):
     validation: int = Field(1, ge=0)
     keep_epoch: Literal["best", "last"] = "last"
     max_history: int = Field(20, ge=1)
+    max_examples_per_user: int = Field(500, ge=1)
     variants: list[str] = Field(default_factory=lambda: list(VARIANT_NAMES))
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50], min_length=1)
     group_partitions: int = Field(8, ge=1)
@@ -178,6 +182,10 @@ class TrainConfig(TesseraConfig):
         if self.keep_epoch == "best" and not self.validation:
             raise ValueError("keep_epoch 'best' chooses by the validation targets: it needs validation >= 1 "
                              "(or set keep_epoch: last)")
+        if self.ranker.enabled and self.max_examples_per_user <= self.ranker.tail:
+            raise ValueError(f"max_examples_per_user ({self.max_examples_per_user}) must exceed ranker.tail "
+                             f"({self.ranker.tail}): a user's last ranker.tail examples are the ranker's alone, "
+                             "the towers train on the ones before")
         if (self.fail_at_epoch is None) != (self.fail_marker_uri is None):
             raise ValueError("fail_at_epoch and fail_marker_uri go together")
         if self.towers.d_model % self.towers.n_heads:

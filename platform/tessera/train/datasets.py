@@ -131,7 +131,8 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
         user_records, fn_kwargs={"holdout": cfg.holdout, "validation": cfg.validation},
         batch_format="numpy").materialize()
-    examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history},
+    examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history,
+                                                                "max_examples": cfg.max_examples_per_user},
                                  batch_format="numpy").materialize()
     tail = cfg.ranker.tail if cfg.ranker.enabled else 0
     # From here on (the context of this build's datasets, read_interactions' copy of the driver's) blocks

@@ -2,11 +2,13 @@
 
 Every metric ranks the whole catalog with the user's training items removed
 (:func:`tessera.models.ranking_metrics`, where a non-finite score is a miss); never sampled negatives.
+Targets the user had already had are not evaluated (:meth:`tessera.train.examples.EvalSet.from_records`);
+``repeat_targets`` counts them.
 
 Example::
 
     metrics = evaluate_retrieval(model, eval_set, ks=(10, 50))
-    # {'recall@10': ..., 'ndcg@10': ..., 'coverage@10': ..., 'mrr': ..., 'num_users': ...}
+    # {'recall@10': ..., 'ndcg@10': ..., 'coverage@10': ..., 'mrr': ..., 'num_users': ..., 'repeat_targets': ...}
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from tessera.train.retrieval import TwoTowerModel
 
 
 def metrics_of_scores(scores: torch.Tensor, eval_set: EvalSet, ks: Sequence[int]) -> dict[str, float]:
-    """Ranking metrics of a ``(U, I)`` score matrix against the held-out items, seen items excluded."""
+    """Ranking metrics of a ``(U, I)`` score matrix against the held-out items, seen items excluded; with
+    the number of targets left out as repeats."""
     out = ranking_metrics(scores, eval_set.test_items, ks=tuple(ks), exclude=eval_set.train_items)
-    return {k: float(v) for k, v in out.items()}
+    return {**{k: float(v) for k, v in out.items()}, "repeat_targets": eval_set.repeat_targets}
 
 
 def evaluate_retrieval(model: TwoTowerModel, eval_set: EvalSet, ks: Sequence[int]) -> dict[str, float]:

@@ -5,8 +5,11 @@ events are the test targets (users with fewer than ``holdout + 1`` events keep e
 training), and the ``validation`` events before them the validation targets (when the user has
 more than ``validation`` events left; otherwise none). Every training position ``t >= 1`` then
 gives one *example*: the (up to) ``N`` items before it, left-padded to fixed width, predict the
-item at ``t``. Validation and test events are never training targets; the test's history holds the
-validation events (they happened before it).
+item at ``t``; a user gives at most ``max_examples`` of them, the most recent (a bot's or a power user's
+thousands of events would otherwise outweigh everyone else in the loss and in memory). Validation and
+test events are never training targets; the test's history holds the validation events (they happened
+before it). A target the user had already had before is not evaluated: every metric leaves the user's
+history out of the ranking, as serving does, so it could never be found.
 
 Example::
 
@@ -71,8 +74,10 @@ def user_records(events: dict[str, np.ndarray], holdout: int, validation: int = 
             "val_ts": one(ts[cut:end]), "val_w": one(w[cut:end]), "test_items": one(items[end:])}
 
 
-def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict[str, np.ndarray]:
-    """User records -> one fixed-width example per training position ``t >= 1`` of each user.
+def next_item_examples(records: dict[str, np.ndarray], max_history: int,
+                       max_examples: int | None = None) -> dict[str, np.ndarray]:
+    """User records -> one fixed-width example per training position ``t >= 1`` of each user, the last
+    ``max_examples`` positions of each (None: every one).
 
     Returns:
         ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
@@ -85,7 +90,8 @@ def next_item_examples(records: dict[str, np.ndarray], max_history: int) -> dict
     hist, hts, hw, tgt, tw, fe, uk = [], [], [], [], [], [], []
     keys = user_keys(records["user_id"])
     for key, items, ts, w in zip(keys, records["train_items"], records["train_ts"], records["train_w"], strict=True):
-        for t in range(1, len(items)):
+        first = 1 if max_examples is None else max(1, len(items) - max_examples)
+        for t in range(first, len(items)):
             lo = max(0, t - max_history)
             hist.append(items[lo:t])
             hts.append(ts[lo:t])
@@ -151,6 +157,7 @@ class EvalSet:
     history: HistoryBatch
     train_items: list[np.ndarray]  # the history's items: left out of the ranking
     test_items: list[np.ndarray]  # the targets
+    repeat_targets: int = 0  # targets left out: the user had the item before (out of the ranking, never found)
 
     @property
     def num_users(self) -> int:
@@ -159,7 +166,9 @@ class EvalSet:
     @classmethod
     def from_records(cls, records: dict[str, np.ndarray], max_history: int, split: str = "test") -> EvalSet:
         """Users with at least one target and one history event of ``split``, from user-record columns
-        (records without ``val_*`` columns have no validation events)."""
+        (records without ``val_*`` columns have no validation events). A target already in the user's
+        history is left out (counted in ``repeat_targets``): the ranking leaves the history out, as serving
+        leaves out what a user has seen, so it would be a miss whatever the model."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         n = len(records["train_items"])
@@ -172,21 +181,30 @@ class EvalSet:
             seen = {k: [np.concatenate([np.asarray(a), np.asarray(b, dtype=np.asarray(a).dtype)])
                         for a, b in zip(records[f"train_{k}"], val[k], strict=True)] for k in ("items", "ts", "w")}
             targets = list(records["test_items"])
+        repeats = 0
+        for i in range(n):
+            if len(targets[i]) and len(seen["items"][i]):
+                t = np.asarray(targets[i], dtype=np.int64)
+                new = t[~np.isin(t, np.asarray(seen["items"][i], dtype=np.int64))]
+                repeats += len(t) - len(new)
+                targets[i] = new
         keep = [i for i in range(n) if len(targets[i]) and len(seen["items"][i])]
         items = [np.asarray(seen["items"][i], dtype=np.int64) for i in keep]
         history = pad_histories(items, max_len=max_history, timestamps=[seen["ts"][i] for i in keep],
                                 weights=[seen["w"][i] for i in keep])
         return cls(history=history, train_items=items,
-                   test_items=[np.asarray(targets[i], dtype=np.int64) for i in keep])
+                   test_items=[np.asarray(targets[i], dtype=np.int64) for i in keep], repeat_targets=repeats)
 
 
-def target_counts(records: dict[str, np.ndarray], num_items: int, tail: int) -> np.ndarray:
+def target_counts(records: dict[str, np.ndarray], num_items: int, tail: int,
+                  max_examples: int | None = None) -> np.ndarray:
     """``(I,)`` how often each catalog row is a target of the retrieval towers' examples (positions
-    ``1 <= t <= len - 1 - tail`` of each user's training events: :func:`next_item_examples` with
-    ``from_end >= tail``). In-batch negatives are other examples' targets, so this, not every training
-    event, is the distribution logQ corrects for: a user's first event is never a target, and the last
-    ``tail`` are the ranker's."""
-    flat = [np.asarray(x, dtype=np.int64)[1:max(1, len(x) - tail)] for x in records["train_items"]]
+    ``max(1, len - max_examples) <= t <= len - 1 - tail`` of each user's training events:
+    :func:`next_item_examples` with ``from_end >= tail``). In-batch negatives are other examples' targets,
+    so this, not every training event, is the distribution logQ corrects for: a user's first event is
+    never a target, nor one before its last ``max_examples``, and the last ``tail`` are the ranker's."""
+    first = (lambda n: 1) if max_examples is None else (lambda n: max(1, n - max_examples))
+    flat = [np.asarray(x, dtype=np.int64)[first(len(x)):max(1, len(x) - tail)] for x in records["train_items"]]
     rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
     return np.bincount(rows, minlength=num_items)
 

@@ -170,7 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
     users = _users_table(ray.train.get_dataset_shard("users"))
     counts = item_counts(users, catalog.num_items)
-    q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0)
+    q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0,
+                             cfg.max_examples_per_user)
     seen_before = SeenBefore(users)
     test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
     val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
@@ -232,7 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
             score = float("nan")
             if val_set is not None and val_set.num_users:  # rank 0 (the others hold no evaluation set)
                 validated = evaluate(inner, val_set, cfg.ks)
-                metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items() if k != "num_users"})
+                metrics.update({f"{stage.name}/val_{k}": v for k, v in validated.items()
+                                if k not in ("num_users", "repeat_targets")})
                 score = validated["ndcg@10"]
             if cfg.keep_epoch == "best":  # every rank keeps the same best (DDP keeps replicas equal)
                 offer_epoch(state, inner, stage, epoch + 1, _from_rank0(score, device))
