@@ -63,7 +63,6 @@ from tessera.embedded.state import read_env_file  # noqa: E402
 BENCH_ROOT = "s3://tessera-bench/serve"
 APP, NOOP_APP = "bench-recommender", "bench-noop-chain"
 APP_PREFIX, NOOP_PREFIX = "/bench/recommender", "/bench/noop"
-STAGES = ("queue", "encode", "retrieve", "rank", "total")
 MIX = {"known_user": 0.70, "known_user_with_recent": 0.15, "anonymous_recent_items": 0.10, "unknown_user": 0.05}
 
 
@@ -107,7 +106,9 @@ def summarize(samples: list[Sample], elapsed_s: float) -> dict:
     lat = np.array([s.latency_s for s in ok]) * 1000.0
     stages = {}
     timed = [s for s in ok if s.timings]
-    for stage in STAGES:  # (the no-op chain's answers have no queue)
+    from tessera.serving.schemas import TIMED_STAGES
+
+    for stage in TIMED_STAGES:  # (the no-op chain's answers have no queue)
         stages[stage if stage != "total" else "ingress_total"] = _pct(
             [s.timings[f"{stage}_ms"] for s in timed if f"{stage}_ms" in s.timings], 50)
     stages["outside_ingress"] = _pct([s.latency_s * 1000.0 - s.timings["total_ms"] for s in timed], 50)

@@ -49,6 +49,7 @@ from tessera.serving.errors import RequestError
 from tessera.serving.flow import Flow
 from tessera.serving.schemas import (
     MAX_K,
+    TIMED_STAGES,
     ErrorResponse,
     RecommendRequest,
     RecommendResponse,
@@ -60,8 +61,6 @@ from tessera.serving.schemas import (
 from tessera.storage import Storage, StorageConfig
 
 logger = logging.getLogger("ray.serve")
-
-STAGES = ("queue", "encode", "retrieve", "rank", "total")
 
 
 class BatchArgs(BaseModel):
@@ -640,7 +639,7 @@ class _Metrics:
     def observe(self, route: str, status: int, timings: dict | None = None) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         if timings:
-            for stage in STAGES:
+            for stage in TIMED_STAGES:
                 self.latency.observe(timings[f"{stage}_ms"], tags={"route": route, "stage": stage})
 
 

@@ -74,6 +74,9 @@ class Timings(BaseModel):
     total_ms: float = Field(0.0, description="in the Ingress, from the request's arrival to its answer")
 
 
+TIMED_STAGES = tuple(name.removesuffix("_ms") for name in Timings.model_fields)  # queue, encode, ..., total
+
+
 class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     cold_start: bool = Field(description="no usable history: these are the most popular items")
