@@ -272,8 +272,9 @@ def test_an_item_out_of_the_index_still_feeds_a_history(storage, served_index, b
     """An item without a usable modality is left out of the fused index (``no_modality: exclude``) but keeps the
     fused vector training fed the user tower for it: serving reads it in a history, never recommends it and
     answers 404 for its vector. Made here by marking two items of the served vectors ``no_modality`` (the vectors
-    untouched, so their digests hold). An index built before every item had a vector (those two nulled) still
-    loads, the two left out of histories as that build's self-check left them."""
+    untouched, so their digests hold; the manifest's count of indexed items follows, and a status changed
+    without it is refused). An index built before every item had a vector (those two nulled) still loads, the
+    two left out of histories as that build's self-check left them."""
     import pyarrow as pa
 
     from tessera.index import write_index_manifest
@@ -285,7 +286,6 @@ def test_an_item_out_of_the_index_still_feeds_a_history(storage, served_index, b
     assert served.has_vector.all() and served.indexed.sum() == manifest.counts["indexed"]
     for name, old in (("excluded", False), ("excluded-old", True)):
         uri = f"{bucket_uri}/index/{name}"
-        write_index_manifest(storage, uri, manifest.model_copy(update={"item_vectors_sha256": {}} if old else {}))
         marked = []
         for n, rel in enumerate(manifest.item_vectors):
             table = pq.read_table(pa.BufferReader(storage.read_bytes(join_uri(served_index, rel))))
@@ -303,6 +303,12 @@ def test_an_item_out_of_the_index_still_feeds_a_history(storage, served_index, b
                     table = table.set_column(table.schema.get_field_index("fused"), table.schema.field("fused"),
                                              pa.array(fused, table.schema.field("fused").type))
             storage.write_parquet(join_uri(uri, rel), table)
+        digests = {"item_vectors_sha256": {}} if old else {}  # an old index: recorded none (its nulls differ)
+        write_index_manifest(storage, uri, manifest.model_copy(update=digests))  # indexed items: 2 too many
+        with pytest.raises(VersionError, match="mark .* items as in the fused index, its manifest counts"):
+            ItemVectors.load(storage, VersionRef.resolve(storage, uri))
+        counts = {**manifest.counts, "indexed": manifest.counts["indexed"] - 2}
+        write_index_manifest(storage, uri, manifest.model_copy(update={"counts": counts, **digests}))
         items = ItemVectors.load(storage, VersionRef.resolve(storage, uri))
         rows = items.rows(marked)
         assert len(marked) == 2 and not items.indexed[rows].any()

@@ -175,8 +175,13 @@ class ItemVectors:
         ids = ids[order]
         if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
             raise VersionError(f"the item vectors of {ref.index_uri} hold an item id more than once")
+        indexed, expected = valid & ok, ref.manifest.counts.get("indexed")
+        if expected is not None and int(indexed.sum()) != int(expected):  # status is outside the parts' digests
+            raise VersionError(f"the item vectors of {ref.index_uri} mark {int(indexed.sum())} items as in the "
+                               f"fused index, its manifest counts {expected} (changed since the build): rebuild "
+                               "the index")
         return cls(ids=ids, fused=np.ascontiguousarray(fused[order]), has_vector=valid[order],
-                   indexed=(valid & ok)[order])
+                   indexed=indexed[order])
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each id, ``-1`` for ids not in the catalog.
