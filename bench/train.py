@@ -83,15 +83,18 @@ def plain_loop_samples_per_s(cfg, storage: Storage, epochs: int) -> float:
 
     from tessera.train.catalog import ItemCatalog
     from tessera.train.datasets import build_datasets
-    from tessera.train.examples import EXAMPLE_COLUMNS, item_counts
+    from tessera.train.examples import EXAMPLE_COLUMNS, UserTimelines, target_counts
     from tessera.train.retrieval import TwoTowerModel, variant
 
     data = build_datasets(cfg, storage)
     ex = data.train.to_pandas()
     cols = {c: torch.from_numpy(np.stack(ex[c].to_numpy())) for c in EXAMPLE_COLUMNS}
     users = data.users.to_pandas()
+    timelines = UserTimelines({c: users[c].to_numpy() for c in ("user_id", "train_items", "train_ts", "train_w")})
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
-    counts = item_counts({"train_items": users["train_items"].to_numpy()}, catalog.num_items)
+    # logQ over the towers' targets, as the workers count them (the speed runs train no ranker: no tail)
+    counts = target_counts({"train_items": users["train_items"].to_numpy()}, catalog.num_items,
+                           cfg.ranker.tail if cfg.ranker.enabled else 0, cfg.max_examples_per_user)
     torch.set_num_threads(cfg.scaling.num_workers * cfg.scaling.torch_threads)
     torch.manual_seed(cfg.seed)
     model = TwoTowerModel.build(variant("fused", catalog.modalities), catalog, cfg.towers, counts, cfg.max_history)
@@ -106,7 +109,7 @@ def plain_loop_samples_per_s(cfg, storage: Storage, epochs: int) -> float:
         t0 = time.perf_counter()
         for s in range(0, n - batch + 1, batch):
             idx = perm[s:s + batch]
-            loss = model({c: v[idx] for c, v in cols.items()})
+            loss = model(timelines.with_histories({c: v[idx] for c, v in cols.items()}, cfg.max_history))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

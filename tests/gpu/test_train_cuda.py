@@ -19,7 +19,7 @@ import torch
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import RankerSection, TowerSection, TrainConfig
 from tessera.train.evaluate import evaluate_ranked, evaluate_retrieval
-from tessera.train.examples import EvalSet, item_counts, next_item_examples, user_records
+from tessera.train.examples import EvalSet, UserTimelines, item_counts, next_item_examples, user_records
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
 from tessera.train.state import RANKED, TrainState, bundle_from_state, load_state, save_state
@@ -52,7 +52,8 @@ def _records() -> dict[str, np.ndarray]:
 
 
 def _batches(records, device: str) -> list[dict[str, torch.Tensor]]:
-    ex = next_item_examples(records, MAX_HISTORY)
+    ex = next_item_examples(records)
+    ex = {**ex, **UserTimelines(records).histories(ex["user_key"], ex["from_end"], MAX_HISTORY)}
     n = len(ex["target"])
     return [{k: torch.from_numpy(v[s:s + 32]).to(device) for k, v in ex.items()} for s in range(0, n - 31, 32)]
 

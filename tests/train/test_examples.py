@@ -10,8 +10,9 @@ from tessera.train.catalog import ItemCatalog, vector_matrix
 from tessera.train.evaluate import metrics_of_scores
 from tessera.train.examples import (
     EXAMPLE_COLUMNS,
+    HISTORY_COLUMNS,
     EvalSet,
-    SeenBefore,
+    UserTimelines,
     history_from_batch,
     item_counts,
     next_item_examples,
@@ -42,7 +43,7 @@ def test_logq_counts_are_the_towers_targets():
     users = [f"u{n}" for n in rng.integers(0, 30, 400)]
     records = user_records({"user_id": np.array(users), "item_row": rng.integers(0, 50, 400),
                             "ts": rng.permutation(400), "weight": np.ones(400, np.float32)}, holdout=1)
-    examples = next_item_examples(records, max_history=5)
+    examples = next_item_examples(records)
     for tail in (0, 2):
         targets = examples["target"][examples["from_end"] >= tail]
         assert target_counts(records, 50, tail).tolist() == np.bincount(targets, minlength=50).tolist()
@@ -56,12 +57,15 @@ def test_a_user_gives_at_most_max_examples_the_most_recent_and_logq_counts_only_
     one = [user_records({"user_id": np.array([user] * n), "item_row": rng.integers(0, 40, n), "ts": np.arange(n),
                          "weight": np.ones(n, np.float32)}, holdout=1) for user, n in (("bot", 300), ("u", 6))]
     records = {k: np.concatenate([r[k] for r in one]) for k in one[0]}
-    full = next_item_examples(records, max_history=5)
-    capped = next_item_examples(records, max_history=5, max_examples=4)
+    full = next_item_examples(records)
+    capped = next_item_examples(records, max_examples=4)
     assert len(full["target"]) == 298 + 4 and len(capped["target"]) == 4 + 4
     keep = full["from_end"] < 4  # the most recent positions, the same examples
     for k in EXAMPLE_COLUMNS:
         np.testing.assert_array_equal(capped[k], full[k][keep])
+    timelines = UserTimelines(records)
+    for k, v in timelines.histories(capped["user_key"], capped["from_end"], 5).items():
+        np.testing.assert_array_equal(v, timelines.histories(full["user_key"], full["from_end"], 5)[k][keep])
     for tail in (0, 2):
         targets = capped["target"][capped["from_end"] >= tail]
         assert target_counts(records, 40, tail, max_examples=4).tolist() == np.bincount(targets, minlength=40).tolist()
@@ -117,20 +121,60 @@ def test_events_at_the_same_time_split_the_same_whatever_order_they_arrive_in():
 
 
 def test_next_item_examples_use_only_earlier_items_left_padded():
-    ex = next_item_examples(_records(), max_history=2)
-    assert ex["target"].tolist() == [1, 9]  # u1 positions 1 and 2; u2 has a single event
-    assert ex["hist_items"].tolist() == [[0, 3], [3, 1]] and ex["hist_len"].tolist() == [1, 2]
-    assert ex["hist_ts"].tolist() == [[0, 10], [10, 20]] and set(ex) == set(EXAMPLE_COLUMNS)
-    hist = history_from_batch({k: torch.from_numpy(v) for k, v in ex.items()})
+    ex = next_item_examples(_records())
+    assert ex["target"].tolist() == [1, 9] and set(ex) == set(EXAMPLE_COLUMNS)  # u1 positions 1, 2; u2: one event
+    batch = UserTimelines(_records()).with_histories({k: torch.from_numpy(v) for k, v in ex.items()}, max_history=2)
+    assert set(batch) == set(EXAMPLE_COLUMNS) | set(HISTORY_COLUMNS)
+    assert batch["hist_items"].tolist() == [[0, 3], [3, 1]] and batch["hist_len"].tolist() == [1, 2]
+    assert batch["hist_ts"].tolist() == [[0, 10], [10, 20]] and batch["hist_w"].dtype == torch.float32
+    hist = history_from_batch(batch)
     assert hist.mask.tolist() == [[False, True], [True, True]]
 
 
 def test_seen_before_is_every_training_item_before_the_target_beyond_the_history_window():
-    ex = next_item_examples(_records(), max_history=1)  # u1's training items 3, 1, 9: targets 1 and 9
-    assert ex["hist_items"].tolist() == [[3], [1]]
-    batch = {k: torch.from_numpy(v) for k, v in ex.items()}
-    seen = SeenBefore(_records())(batch["user_key"], batch["from_end"])
+    ex = {k: torch.from_numpy(v) for k, v in next_item_examples(_records()).items()}  # u1: 3, 1, 9; targets 1, 9
+    timelines = UserTimelines(_records())
+    assert timelines.with_histories(ex, max_history=1)["hist_items"].tolist() == [[3], [1]]
+    seen = timelines.seen_before(ex["user_key"], ex["from_end"])
     assert [x.tolist() for x in seen] == [[3], [3, 1]]
+
+
+def test_histories_rebuilt_from_the_timelines_are_the_padded_histories_of_each_place():
+    """The worker rebuilds each example's history from the user records: the last max_history training
+    events before its target, left-padded as pad_histories pads them (what the examples used to carry),
+    whatever order the records come in and for histories shorter and longer than max_history; a place
+    outside the records is an error, not a wrong history."""
+    import pytest
+
+    from tessera.models import pad_histories
+    from tessera.train.examples import user_keys
+
+    rng = np.random.default_rng(3)
+    one = []
+    for u in range(40):
+        n = int(rng.integers(1, 30))
+        one.append(user_records({"user_id": np.array([f"u{u}"] * n), "item_row": rng.integers(0, 90, n),
+                                 "ts": rng.integers(0, 10**12, n), "weight": rng.uniform(0.5, 2, n).astype(np.float32)},
+                                holdout=1))
+    records = {k: np.concatenate([r[k] for r in one]) for k in one[0]}
+    ex = next_item_examples(records)
+    row_of = {int(k): r for r, k in enumerate(user_keys(records["user_id"]))}
+    rows = [row_of[int(k)] for k in ex["user_key"]]
+    before = {c: [records[c][r][:len(records[c][r]) - 1 - b] for r, b in zip(rows, ex["from_end"], strict=True)]
+              for c in ("train_items", "train_ts", "train_w")}
+    reversed_records = {k: v[::-1] for k, v in records.items()}
+    for n_hist in (1, 7, 40):
+        got = UserTimelines(reversed_records).histories(ex["user_key"], ex["from_end"], n_hist)
+        want = pad_histories(before["train_items"], n_hist, timestamps=before["train_ts"], weights=before["train_w"])
+        np.testing.assert_array_equal(got["hist_items"], want.item_idx.numpy())
+        np.testing.assert_array_equal(got["hist_ts"], want.timestamps_ms.numpy())
+        np.testing.assert_array_equal(got["hist_w"], want.weights.numpy())
+        np.testing.assert_array_equal(got["hist_len"], want.mask.numpy().sum(1))
+    assert UserTimelines(records).histories(ex["user_key"][:0], ex["from_end"][:0], 4)["hist_items"].shape == (0, 4)
+    with pytest.raises(KeyError, match="not among the user records"):
+        UserTimelines(records).histories(np.array([12345], np.int64), np.array([0]), 4)
+    with pytest.raises(ValueError, match="outside its user's training events"):
+        UserTimelines(records).histories(ex["user_key"][:1], np.array([10**6]), 4)
 
 
 def test_eval_set_keeps_users_with_history_and_targets():
@@ -164,7 +208,7 @@ def test_validation_targets_precede_the_test_and_are_never_training_targets():
     assert test.history.timestamps_ms[0].tolist() == [0, 10, 20, 30]
     assert test.history.weights[0].tolist() == [0.0, 2.0, 4.0, 3.0]
 
-    targets = next_item_examples(records, max_history=4)["target"].tolist()
+    targets = next_item_examples(records)["target"].tolist()
     assert targets == [1]  # u1's second training event; 9, 5, 8, 7, 2 never
     assert item_counts(records, 10).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 0, 0]
     assert item_counts(records, 10, with_validation=True).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 1, 1]

@@ -18,7 +18,7 @@ import torch
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TowerSection
 from tessera.train.evaluate import evaluate_popularity, evaluate_retrieval
-from tessera.train.examples import EvalSet, item_counts, next_item_examples
+from tessera.train.examples import EvalSet, UserTimelines, item_counts, next_item_examples
 from tessera.train.retrieval import TwoTowerModel, variant
 from tests.models.synthetic import make_problem
 
@@ -42,7 +42,8 @@ def _records(problem):
 def _fit(name, catalog, records, cfg, steps=150, seed=0):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    ex = {k: torch.from_numpy(v) for k, v in next_item_examples(records, max_history=8).items()}
+    ex = {k: torch.from_numpy(v) for k, v in next_item_examples(records).items()}
+    ex = UserTimelines(records).with_histories(ex, max_history=8)
     counts = item_counts(records, catalog.num_items)
     model = TwoTowerModel.build(variant(name, catalog.modalities), catalog, cfg, counts, max_history=8)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

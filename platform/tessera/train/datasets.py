@@ -2,12 +2,13 @@
 
     read_parquet(interactions) -> map ids to catalog rows (item ids read from the embedding run)
       -> groupby(user_id).map_groups(time split)     = ``users``   (one row per user)
-      -> map_batches(next-item examples)
+      -> map_batches(next-item examples: user key, place, target; no history)
       -> all but each user's last ``ranker.tail``      = ``train``   (the retrieval towers)
          every example                                = ``ranker``  (the ranker's lists)
       (both shuffled once across users)
 
-Both are materialised once before training (they are small next to the object store), so restarts
+Both are materialised once before training (28 bytes an example: each worker rebuilds an example's
+history from the user records it holds, :class:`tessera.train.examples.UserTimelines`), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
 the embedding run are counted and dropped (the count goes into the manifest); events without a user, an
 item or a time are left out (:func:`tessera.interactions.normalize_log`, which also gives every reader
@@ -131,8 +132,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
         user_records, fn_kwargs={"holdout": cfg.holdout, "validation": cfg.validation},
         batch_format="numpy").materialize()
-    examples = users.map_batches(next_item_examples, fn_kwargs={"max_history": cfg.max_history,
-                                                                "max_examples": cfg.max_examples_per_user},
+    examples = users.map_batches(next_item_examples, fn_kwargs={"max_examples": cfg.max_examples_per_user},
                                  batch_format="numpy").materialize()
     tail = cfg.ranker.tail if cfg.ranker.enabled else 0
     # From here on (the context of this build's datasets, read_interactions' copy of the driver's) blocks

@@ -14,8 +14,9 @@ history out of the ranking, as serving does, so it could never be found.
 Example::
 
     rec = user_records({"user_id": ..., "item_row": ..., "ts": ..., "weight": ...}, holdout=1, validation=1)
-    ex = next_item_examples(rec, max_history=20)
-    ex["hist_items"].shape      # (E, 20) int64, 0 where padded;  ex["hist_len"]: (E,) real items
+    ex = next_item_examples(rec)                     # target, target_w, from_end, user_key: (E,) each
+    hist = UserTimelines(rec).histories(ex["user_key"], ex["from_end"], max_history=20)
+    hist["hist_items"].shape    # (E, 20) int64, 0 where padded;  hist["hist_len"]: (E,) real items
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from tessera.interactions import event_order
 from tessera.models import HistoryBatch, pad_histories
 
-EXAMPLE_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len", "target", "target_w", "from_end", "user_key")
+EXAMPLE_COLUMNS = ("target", "target_w", "from_end", "user_key")  # what a materialised example holds
+HISTORY_COLUMNS = ("hist_items", "hist_ts", "hist_w", "hist_len")  # added per batch (UserTimelines)
 USER_KEY = "tessera-users-01"  # the (16-character) key of the examples' user hashes (user_key)
 
 
@@ -74,64 +76,112 @@ def user_records(events: dict[str, np.ndarray], holdout: int, validation: int = 
             "val_ts": one(ts[cut:end]), "val_w": one(w[cut:end]), "test_items": one(items[end:])}
 
 
-def next_item_examples(records: dict[str, np.ndarray], max_history: int,
-                       max_examples: int | None = None) -> dict[str, np.ndarray]:
-    """User records -> one fixed-width example per training position ``t >= 1`` of each user, the last
-    ``max_examples`` positions of each (None: every one).
+def next_item_examples(records: dict[str, np.ndarray], max_examples: int | None = None) -> dict[str, np.ndarray]:
+    """User records -> one example per training position ``t >= 1`` of each user, the last ``max_examples``
+    positions of each (None: every one). An example names its place, not its history: the worker rebuilds
+    the history from the user records it holds (:class:`UserTimelines`), so a materialised example is 28
+    bytes whatever ``max_history`` (with its padded history it was ~20 x max_history, three copies over).
 
     Returns:
-        ``hist_items``/``hist_ts`` ``(E, N)`` int64 and ``hist_w`` ``(E, N)`` float32 (oldest first,
-        left-padded with 0), ``hist_len`` ``(E,)``, ``target`` ``(E,)`` int64,
-        ``target_w`` ``(E,)`` float32, ``from_end`` ``(E,)`` int64: 0 for the user's last training
-        event, 1 for the one before... (the ranker trains on the most recent examples, which the
-        retrieval towers do not see), and ``user_key`` ``(E,)`` int64 (:func:`user_keys`; with
-        ``from_end``, :class:`SeenBefore` finds every item the user had before the target).
+        ``target`` ``(E,)`` int64, ``target_w`` ``(E,)`` float32, ``from_end`` ``(E,)`` int64: 0 for the
+        user's last training event, 1 for the one before... (the ranker trains on the most recent examples,
+        which the retrieval towers do not see), and ``user_key`` ``(E,)`` int64 (:func:`user_keys`; with
+        ``from_end``, :class:`UserTimelines` finds the example's history and every item the user had before
+        its target).
     """
-    hist, hts, hw, tgt, tw, fe, uk = [], [], [], [], [], [], []
+    tgt, tw, fe, uk = [], [], [], []
     keys = user_keys(records["user_id"])
-    for key, items, ts, w in zip(keys, records["train_items"], records["train_ts"], records["train_w"], strict=True):
-        first = 1 if max_examples is None else max(1, len(items) - max_examples)
-        for t in range(first, len(items)):
-            lo = max(0, t - max_history)
-            hist.append(items[lo:t])
-            hts.append(ts[lo:t])
-            hw.append(w[lo:t])
-            tgt.append(items[t])
-            tw.append(w[t])
-            fe.append(len(items) - 1 - t)
-            uk.append(key)
-    batch = pad_histories(hist, max_len=max_history, timestamps=hts, weights=hw)
-    return {"hist_items": batch.item_idx.numpy(), "hist_ts": batch.timestamps_ms.numpy(),
-            "hist_w": batch.weights.numpy(), "hist_len": batch.mask.sum(1).numpy().astype(np.int64),
-            "target": np.asarray(tgt, dtype=np.int64),
-            "target_w": np.asarray(tw, dtype=np.float32), "from_end": np.asarray(fe, dtype=np.int64),
-            "user_key": np.asarray(uk, dtype=np.int64)}
+    for key, items, w in zip(keys, records["train_items"], records["train_w"], strict=True):
+        n = len(items)
+        first = 1 if max_examples is None else max(1, n - max_examples)
+        if first >= n:
+            continue
+        tgt.append(np.asarray(items[first:], dtype=np.int64))
+        tw.append(np.asarray(w[first:], dtype=np.float32))
+        fe.append(np.arange(n - 1 - first, -1, -1, dtype=np.int64))
+        uk.append(np.full(n - first, key, dtype=np.int64))
+
+    def flat(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return {"target": flat(tgt, np.int64), "target_w": flat(tw, np.float32), "from_end": flat(fe, np.int64),
+            "user_key": flat(uk, np.int64)}
 
 
-class SeenBefore:
-    """Every item each example's user had before its target: their training events up to it, where the
-    example's history holds only the last ``max_history``. The ranker's training lists leave them all
-    out, as evaluation and serving leave out everything a user has seen (an older seen item was a hard
-    negative in training, and can never be a candidate after).
+class UserTimelines:
+    """Every user's training events, flat, by user key: an example's history (its ``max_history`` events
+    before the target, left-padded as :func:`tessera.models.pad_histories` pads) and every item the user had
+    before its target, from the example's ``user_key`` and ``from_end``.
+
+    The ranker's training lists leave all of those items out (the history holds only the last
+    ``max_history``), as evaluation and serving leave out everything a user has seen: an older seen item was a
+    hard negative in training, and can never be a candidate after.
 
     Args:
-        records: user records (:func:`user_records` columns ``user_id``, ``train_items``), of every user
-            the examples come from (each worker holds them all).
+        records: user records (:func:`user_records` columns ``user_id``, ``train_items``, ``train_ts``,
+            ``train_w``), of every user the examples come from (each worker holds them all).
 
     Example::
 
-        seen = SeenBefore(users)(batch["user_key"], batch["from_end"])   # one array of rows per example
+        timelines = UserTimelines(users)
+        batch = timelines.with_histories(batch, max_history=20)    # + hist_items, hist_ts, hist_w, hist_len
+        seen = timelines.seen_before(batch["user_key"], batch["from_end"])   # one array of rows per example
     """
 
     def __init__(self, records: dict[str, np.ndarray]):
-        self._items = dict(zip(user_keys(records["user_id"]).tolist(), records["train_items"], strict=True))
+        keys = user_keys(records["user_id"])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        lengths = np.asarray([len(records["train_items"][i]) for i in order], dtype=np.int64)
+        self.lengths = lengths
+        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
 
-    def __call__(self, user_key: torch.Tensor, from_end: torch.Tensor) -> list[np.ndarray]:
-        out = []
-        for key, back in zip(user_key.tolist(), from_end.tolist(), strict=True):
-            items = self._items[key]
-            out.append(np.asarray(items[:len(items) - 1 - back], dtype=np.int64))
+        def flat(column: str, dtype) -> np.ndarray:
+            parts = [np.asarray(records[column][i], dtype=dtype) for i in order]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+        self.items, self.ts, self.w = flat("train_items", np.int64), flat("train_ts", np.int64), flat("train_w",
+                                                                                                     np.float32)
+
+    def _places(self, user_key, from_end) -> tuple[np.ndarray, np.ndarray]:
+        """Each example's user's first event in the flat arrays, and its target's position among the user's."""
+        key = np.asarray(user_key, dtype=np.int64)
+        u = np.searchsorted(self.keys, key)
+        found = u < len(self.keys)
+        found[found] = self.keys[u[found]] == key[found]
+        if not found.all():
+            raise KeyError(f"examples of {int((~found).sum())} users not among the user records "
+                           f"(user_key {int(key[~found][0])})")
+        t = self.lengths[u] - 1 - np.asarray(from_end, dtype=np.int64)
+        if ((t < 0) | (t >= self.lengths[u])).any():
+            raise ValueError("an example's from_end lies outside its user's training events")
+        return self.starts[u], t
+
+    def histories(self, user_key, from_end, max_history: int) -> dict[str, np.ndarray]:
+        """``hist_items`` / ``hist_ts`` ``(B, N)`` int64, ``hist_w`` ``(B, N)`` float32 (oldest first, left-padded
+        with 0) and ``hist_len`` ``(B,)`` of examples ``(user_key, from_end)`` (arrays or CPU tensors)."""
+        start, t = self._places(user_key, from_end)
+        pos = t[:, None] - max_history + np.arange(max_history)[None, :]  # (B, N): the N positions before t
+        valid = pos >= 0  # the rest is padding; a valid position is one of the user's events, so in range
+        at = np.where(valid, start[:, None] + pos, 0) if valid.any() else None
+        out = {}
+        for name, values, dtype in (("hist_items", self.items, np.int64), ("hist_ts", self.ts, np.int64),
+                                    ("hist_w", self.w, np.float32)):
+            out[name] = (np.where(valid, values[at], 0).astype(dtype) if at is not None
+                         else np.zeros(pos.shape, dtype))
+        out["hist_len"] = valid.sum(1).astype(np.int64)
         return out
+
+    def with_histories(self, batch: dict[str, torch.Tensor], max_history: int) -> dict[str, torch.Tensor]:
+        """An example batch (tensors on any device) with its histories added (on the same device)."""
+        device = batch["user_key"].device
+        hist = self.histories(batch["user_key"].cpu().numpy(), batch["from_end"].cpu().numpy(), max_history)
+        return {**batch, **{k: torch.from_numpy(v).to(device) for k, v in hist.items()}}
+
+    def seen_before(self, user_key: torch.Tensor, from_end: torch.Tensor) -> list[np.ndarray]:
+        """Per example, every item its user had before its target (training events, oldest first)."""
+        start, t = self._places(user_key.cpu().numpy(), from_end.cpu().numpy())
+        return [self.items[a:a + n] for a, n in zip(start.tolist(), t.tolist(), strict=True)]
 
 
 def history_from_batch(batch: dict[str, torch.Tensor]) -> HistoryBatch:

@@ -158,7 +158,7 @@ class RankerModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], rng: np.random.Generator,
                 seen: Sequence[np.ndarray] | None = None) -> torch.Tensor:
         """Training loss over the lists of one batch of examples (see :meth:`training_lists`); ``seen``:
-        each example's items before its target (:class:`~tessera.train.examples.SeenBefore`), left out
+        each example's items before its target (:meth:`~tessera.train.examples.UserTimelines.seen_before`), left out
         of its list as evaluation and serving leave out seen items (None: the history's items only)."""
         hist = history_from_batch(batch)
         target = batch["target"].long()

@@ -39,7 +39,7 @@ from tessera.storage import Storage
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
-from tessera.train.examples import EvalSet, SeenBefore, item_counts, target_counts
+from tessera.train.examples import EvalSet, UserTimelines, item_counts, target_counts
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
 from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
@@ -172,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     counts = item_counts(users, catalog.num_items)
     q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0,
                              cfg.max_examples_per_user)
-    seen_before = SeenBefore(users)
+    timelines = UserTimelines(users)  # the examples' histories: an example names only its user and place
     test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
     val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
     shards = {"retrieval": ray.train.get_dataset_shard(f"train.{rank}"),
@@ -208,7 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
             batches = seeded_batches(shards[stage.kind], batch_size, 4, int(rng.integers(1 << 62)),
                                      drop_last=stage.kind == "retrieval", device=device)
             for batch in batches:
-                loss = (model(batch, rng, seen_before(batch["user_key"], batch["from_end"]))
+                batch = timelines.with_histories(batch, cfg.max_history)
+                loss = (model(batch, rng, timelines.seen_before(batch["user_key"], batch["from_end"]))
                         if stage.kind == "ranker" else model(batch))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
