@@ -237,3 +237,15 @@ def test_catalog_sorts_ids_and_marks_null_and_nonfinite_vectors_missing():
     cat = ItemCatalog.from_table(table, {"text": dim})
     assert cat.item_ids.tolist() == ["a", "b", "c"] and cat.embeddings["text"][0].tolist() == [6, 7, 8]
     assert cat.rows(["c", "zz", "a"]).tolist() == [2, -1, 0]
+
+
+def test_two_users_with_one_key_are_refused(monkeypatch):
+    """An example names its user by a 64-bit key alone: two users sharing one would read each other's events
+    (the lookup finds the first), so the timelines refuse them, naming both."""
+    import pytest
+
+    from tessera.train import examples
+
+    monkeypatch.setattr(examples, "user_keys", lambda ids: np.zeros(len(ids), np.int64))
+    with pytest.raises(ValueError, match=r"user ids '?u1'? and '?u2'? have the same 64-bit key"):
+        UserTimelines(_records())

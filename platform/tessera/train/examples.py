@@ -132,6 +132,11 @@ class UserTimelines:
         keys = user_keys(records["user_id"])
         order = np.argsort(keys, kind="stable")
         self.keys = keys[order]
+        same = np.flatnonzero(self.keys[1:] == self.keys[:-1])
+        if len(same):  # an example names its user by key alone: it would read another user's events
+            a, b = str(records["user_id"][order[same[0]]]), str(records["user_id"][order[same[0] + 1]])
+            raise ValueError(f"user ids {a!r} and {b!r} have the same 64-bit key ({len(same)} such pair(s) among "
+                             f"{len(keys)} users): the examples cannot tell them apart")
         lengths = np.asarray([len(records["train_items"][i]) for i in order], dtype=np.int64)
         self.lengths = lengths
         self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
@@ -142,6 +147,7 @@ class UserTimelines:
 
         self.items, self.ts, self.w = flat("train_items", np.int64), flat("train_ts", np.int64), flat("train_w",
                                                                                                      np.float32)
+        self.items.flags.writeable = False  # seen_before hands out views of it
 
     def _places(self, user_key, from_end) -> tuple[np.ndarray, np.ndarray]:
         """Each example's user's first event in the flat arrays, and its target's position among the user's."""
