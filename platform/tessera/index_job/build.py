@@ -62,7 +62,7 @@ from tessera.index import (
 from tessera.index.shard_io import manifest_sha256
 from tessera.index_job.self_check import Piece, check_saved_shard
 from tessera.index_job.sources import IndexSourceError
-from tessera.index_job.vectors import FUSED, STATUS_OK, column_matrix
+from tessera.index_job.vectors import FUSED, column_matrix, in_fused_index
 from tessera.lease import LeaseRef
 from tessera.storage import Storage, join_uri
 
@@ -110,7 +110,7 @@ def index_rows(table: pa.Table, name: str) -> np.ndarray:
     if name == ALL_ROWS:
         return np.ones(table.num_rows, bool)
     if name == "fused":
-        return np.asarray(table.column("status").to_pylist(), dtype=object) == STATUS_OK
+        return in_fused_index(table.column("status"))
     return np.asarray([name in filter(None, s.split(",")) for s in table.column("modalities").to_pylist()], bool)
 
 
@@ -301,13 +301,13 @@ def split_part(storage: Storage, uris: list[str], plans: list[IndexPlan],
             pieces.append(([ids[rows[j]] for j in sel], vectors[sel]))
         picked = np.asarray(samples.get(plan.name, ()), np.int64)
         sampled.append(([ids[rows[j]] for j in picked], vectors[picked]))
-        if plan.name == "fused":
-            sel = np.asarray([r for r, item in enumerate(ids) if item in wanted_set] if wanted_set else [], np.int64)
-            column = table.column(FUSED).take(pa.array(sel, pa.int64()))
-            if column.null_count:
-                raise IndexIntegrityError(f"{', '.join(uris)}: {column.null_count} rows without a {FUSED} vector "
-                                          "(a vectors part written before every item had one: rebuild it)")
-            asked = ([ids[r] for r in sel], column_matrix(column, table.schema.field(FUSED).type.list_size))
+    if any(plan.name == "fused" for plan in plans):  # every row's fused vector, in the fused index or not
+        sel = np.asarray([r for r, item in enumerate(ids) if item in wanted_set] if wanted_set else [], np.int64)
+        column = table.column(FUSED).take(pa.array(sel, pa.int64()))
+        if column.null_count:
+            raise IndexIntegrityError(f"{', '.join(uris)}: {column.null_count} rows without a {FUSED} vector "
+                                      "(a vectors part written before every item had one: rebuild it)")
+        asked = ([ids[r] for r in sel], column_matrix(column, table.schema.field(FUSED).type.list_size))
     return [*pieces, *sampled, asked]
 
 

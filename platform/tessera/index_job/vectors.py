@@ -44,6 +44,12 @@ STATUS_OK = "ok"
 STATUS_NO_MODALITY = "no_modality"
 
 
+def in_fused_index(status: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n,) bool: the rows of a vectors table in the fused index, by their ``status`` column (``ok``); every
+    row has a fused vector, so this, not a null, is what the index holds and serving can recommend."""
+    return np.asarray(status.to_pylist(), dtype=object) == STATUS_OK
+
+
 def column_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     """A nullable ``fixed_size_list<float32>[dim]`` column as (N, dim) float32, NaN rows where null."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -148,7 +148,7 @@ class ItemVectors:
         """Read ``vectors/part-*.parquet`` named by the index manifest (``item_id``, ``fused``, ``status``)."""
         if not ref.manifest.item_vectors:
             raise VersionError(f"the index manifest at {ref.index_uri} lists no item vectors parts")
-        from tessera.index_job.vectors import STATUS_OK, served_part
+        from tessera.index_job.vectors import in_fused_index, served_part
 
         ids, fused, valid, ok = [], [], [], []
         digests = ref.manifest.item_vectors_sha256  # empty for an index built before they were recorded
@@ -167,7 +167,7 @@ class ItemVectors:
             ids += part_ids
             fused.append(part_fused)
             valid.append(part_valid)
-            ok.append(np.asarray(table.column("status").to_pylist(), dtype=object) == STATUS_OK)
+            ok.append(in_fused_index(table.column("status")))
 
         ids = np.asarray(ids, dtype=object).astype(str)
         fused, valid, ok = np.concatenate(fused), np.concatenate(valid), np.concatenate(ok)

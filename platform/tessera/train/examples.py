@@ -76,6 +76,13 @@ def user_records(events: dict[str, np.ndarray], holdout: int, validation: int = 
             "val_ts": one(ts[cut:end]), "val_w": one(w[cut:end]), "test_items": one(items[end:])}
 
 
+def first_example(num_events: int, max_examples: int | None) -> int:
+    """The first training position of a user with ``num_events`` training events that gives an example: 1
+    (the first event has nothing before it), or later when ``max_examples`` keeps only the last ones.
+    :func:`next_item_examples` and :func:`target_counts` (logQ) both cut here, so they cannot disagree."""
+    return 1 if max_examples is None else max(1, num_events - max_examples)
+
+
 def next_item_examples(records: dict[str, np.ndarray], max_examples: int | None = None) -> dict[str, np.ndarray]:
     """User records -> one example per training position ``t >= 1`` of each user, the last ``max_examples``
     positions of each (None: every one). An example names its place, not its history: the worker rebuilds
@@ -93,7 +100,7 @@ def next_item_examples(records: dict[str, np.ndarray], max_examples: int | None 
     keys = user_keys(records["user_id"])
     for key, items, w in zip(keys, records["train_items"], records["train_w"], strict=True):
         n = len(items)
-        first = 1 if max_examples is None else max(1, n - max_examples)
+        first = first_example(n, max_examples)
         if first >= n:
             continue
         tgt.append(np.asarray(items[first:], dtype=np.int64))
@@ -259,8 +266,8 @@ def target_counts(records: dict[str, np.ndarray], num_items: int, tail: int,
     :func:`next_item_examples` with ``from_end >= tail``). In-batch negatives are other examples' targets,
     so this, not every training event, is the distribution logQ corrects for: a user's first event is
     never a target, nor one before its last ``max_examples``, and the last ``tail`` are the ranker's."""
-    first = (lambda n: 1) if max_examples is None else (lambda n: max(1, n - max_examples))
-    flat = [np.asarray(x, dtype=np.int64)[first(len(x)):max(1, len(x) - tail)] for x in records["train_items"]]
+    flat = [np.asarray(x, dtype=np.int64)[first_example(len(x), max_examples):max(1, len(x) - tail)]
+            for x in records["train_items"]]
     rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
     return np.bincount(rows, minlength=num_items)
 
