@@ -78,7 +78,7 @@ def test_a_worse_item_is_no_tie(duplicated):
     assert measure_recall(partial, query, ids, vectors, k=4).recall == pytest.approx(held / 4)
 
 
-def _by_shard(index, ids, vectors, queries, k, query_ids=None, ordered_as_catalog=True):
+def _by_shard(index, ids, vectors, queries, k, query_ids=None, ordered_as_catalog=True, exclude=None):
     """Each shard's share, measured against its own rows only (listed in catalog order, or the shard's)."""
     row_of = {item: r for r, item in enumerate(ids)}
     parts = []
@@ -86,8 +86,9 @@ def _by_shard(index, ids, vectors, queries, k, query_ids=None, ordered_as_catalo
         held = set(shard.id_list)
         mine = [i for i in ids if i in held] if ordered_as_catalog else shard.id_list
         parts.append(shard_recall(shard, vectors[[row_of[i] for i in mine]], queries, k, query_ids=query_ids,
-                                  ids=mine))
-    return combine_recall(parts, k, query_items_excluded=query_ids is not None)
+                                  ids=mine, exclude=exclude))
+    return combine_recall(parts, k, query_items_excluded=query_ids is not None,
+                          seen_items_excluded=exclude is not None)
 
 
 def test_the_shards_shares_combine_to_the_whole_index_figure(small_catalog):
@@ -102,6 +103,38 @@ def test_the_shards_shares_combine_to_the_whole_index_figure(small_catalog):
         assert parts.recall == whole.recall and parts.num_queries == whole.num_queries
         assert parts.query_items_excluded == (query_ids is not None)
     assert whole.recall < 1.0 or len(queries) == 1  # a figure that can be wrong
+
+
+def test_seen_items_are_left_out_of_both_answers_and_the_shares_still_combine(small_catalog):
+    """Queries searched without a set of items each (a user's seen items, as serving searches): the exact
+    answer leaves them out too, so an exact index scores 1.0 even when every one of a query's best items is
+    excluded, an index that returned them would not, and the shards' shares give the whole figure."""
+    ids, vectors = small_catalog
+    queries = unit_rows(np.random.default_rng(21), 60, vectors.shape[1])
+    top, _ = exact_search(queries, vectors, 10)
+    seen = [{ids[r] for r in row[:j % 11]} for j, row in enumerate(top)]  # 0-10 of each query's exact top 10
+    exact = ShardedIndex.from_arrays(ids, vectors, IndexConfig(), num_shards=3)
+    check = measure_recall(exact, queries, ids, vectors, k=10, exclude=seen)
+    assert check.recall == 1.0 and check.seen_items_excluded and not check.query_items_excluded
+    assert _by_shard(exact, ids, vectors, queries, 10, exclude=seen).recall == 1.0
+    # the answers without the exclusions, scored against the truth with them: the excluded items are misses
+    found, _ = exact.search(queries, 10)
+    truth, _ = exact_search(queries, vectors, 10, [[ids.index(i) for i in ex] for ex in seen])
+    assert recall_at_k(found, [[ids[r] for r in row] for row in truth]) < 0.7
+    ah = ShardedIndex.from_arrays(ids, vectors, IndexConfig(mode="ah", num_neighbors=2, reorder_num_neighbors=2,
+                                                            training_threads=1), num_shards=3)
+    whole = measure_recall(ah, queries, ids, vectors, k=10, exclude=seen)
+    assert whole.recall < 1.0  # a figure that can be wrong
+    assert _by_shard(ah, ids, vectors, queries, 10, exclude=seen).recall == whole.recall
+    item_ids = ids[:60]  # with the query items excluded as well
+    both = measure_recall(ah, vectors[:60], ids, vectors, k=10, query_ids=item_ids, exclude=seen)
+    shares = _by_shard(ah, ids, vectors, vectors[:60], 10, item_ids, ordered_as_catalog=False, exclude=seen)
+    assert shares.recall == both.recall and both.query_items_excluded and both.seen_items_excluded
+    with pytest.raises(ValueError, match="59 exclusion sets for 60 queries"):
+        measure_recall(ah, queries, ids, vectors, k=10, exclude=seen[1:])
+    with pytest.raises(TypeError, match="a set of item ids per query, not 'small-0001'"):
+        shard_recall(ah.shards[0], vectors[[ids.index(i) for i in ah.shards[0].id_list]], queries[:1], 10,
+                     ids=ah.shards[0].id_list, exclude=["small-0001"])
 
 
 def test_shares_with_ties_across_shards_and_shards_smaller_than_k(duplicated):

@@ -21,6 +21,7 @@ from tessera.index_job.build import (
     split_part,
     split_vectors,
 )
+from tessera.index_job.self_check import UserQueries
 from tessera.index_job.synthetic import random_vectors_table
 from tessera.index_job.vectors import STATUS_OK, matrix_column
 from tessera.storage import join_uri
@@ -124,10 +125,13 @@ def test_each_build_checks_its_shard_as_the_whole_index_would_be_checked(storage
     split = split_vectors(storage, plans, parts, part_rows, min_piece_bytes=0, samples=samples)
     items = {name: ray.remote(gather_rows).remote(*refs) for name, refs in split.samples.items()}
     users = np.random.default_rng(6).standard_normal((20, DIM)).astype(np.float32)
+    all_ids, _ = read_rows(storage, parts, "fused")
+    seen = [all_ids[j:j + j % 4] for j in range(20)]  # 0-3 items a user, most of them in no user's top 5
     config = IndexConfig(mode="ah", num_neighbors=2, reorder_num_neighbors=2, training_threads=1)
     index_uri = join_uri(bucket_uri, "checked")
     built = build_shards(storage, plans, split.pieces, index_uri, config, num_cpus=0.5, check_k=cfg.k,
-                         check_queries={"fused": (users, items["fused"]), "text": (None, items["text"])})
+                         check_queries={"fused": (UserQueries(users, seen), items["fused"]),
+                                        "text": (None, items["text"])})
     for plan in plans:
         checks = combine_checks([b.checks for b in built[plan.name]], cfg.k, {"item": "{n} items", "user": "{n}"})
         assert set(checks) == ({"item", "user"} if plan.name == "fused" else {"item"})
@@ -140,7 +144,9 @@ def test_each_build_checks_its_shard_as_the_whole_index_would_be_checked(storage
         assert checks["item"].recall == pytest.approx(whole.recall) and checks["item"].num_queries == len(sample)
         assert checks["item"].recall < 1.0  # AH without reordering depth: a figure that can be wrong
         if plan.name == "fused":
-            assert checks["user"].recall == pytest.approx(measure_recall(index, users, ids, vectors, cfg.k).recall)
+            assert checks["user"].recall == pytest.approx(measure_recall(index, users, ids, vectors, cfg.k,
+                                                                         exclude=[set(s) for s in seen]).recall)
+            assert checks["user"].seen_items_excluded
 
 
 def test_builds_read_only_their_pieces(storage, parts, bucket_uri, ray_session):

@@ -32,7 +32,8 @@ def test_manifest_counts_and_self_check(built, sample_embeddings):
     assert abs(manifest.shards[0].count - manifest.shards[1].count) <= 1
     assert manifest.model_version == "seeded-index" and manifest.embedding_run == sample_embeddings["output"]["uri"]
     assert set(manifest.recall_checks) == {"user", "item"} and manifest.recall_floor == 0.95
-    assert manifest.recall_checks["user"].num_queries > 10
+    assert manifest.recall_checks["user"].num_queries > 10 and manifest.recall_checks["user"].seen_items_excluded
+    assert "seen items excluded" in manifest.recall_checks["user"].queries
     assert manifest.recall_check.recall >= 0.95 and manifest.dim == 32
     assert manifest.recall_checks["item"].query_items_excluded and manifest.recall_checks["item"].tie_tolerance
     assert [s.num_shards for s in manifest.shards] == [2, 2]  # each shard.json records the shard count
@@ -193,7 +194,7 @@ def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, r
     wanted = [i for i in users.wanted() if i in row_of]
     assert 0 < len(wanted) < len(ids)
     only = user_queries(storage, bundle_uri, users, cfg.self_check, 1, (wanted, vectors[[row_of[i] for i in wanted]]))
-    np.testing.assert_allclose(only[0], checked, atol=1e-6)
+    np.testing.assert_allclose(only[0].vectors, checked.vectors, atol=1e-6)
     np.testing.assert_allclose(only[1], tuning, atol=1e-6)
     # the job's histories: cut to the last events the tower reads, before the split gathers them
     limit = ModelBundle.load(storage, bundle_uri).user_tower.config.max_history
@@ -201,10 +202,11 @@ def test_ah_shards_tune_on_user_vectors_outside_the_checked_sample(bundle_uri, r
                        known=np.unique(hash_ids(ids)))
     assert max(len(h.items) for h in cut.check + cut.tuning) <= limit < max(len(h.items) for h in users.check)
     same = user_queries(storage, bundle_uri, cut, cfg.self_check, 1, (ids, vectors))
-    np.testing.assert_allclose(same[0], checked, atol=1e-6)
+    np.testing.assert_allclose(same[0].vectors, checked.vectors, atol=1e-6)
     np.testing.assert_allclose(same[1], tuning, atol=1e-6)
+    assert same[0].seen == checked.seen  # every item seen before the holdout, however short the history
     assert len(tuning) > 10 and len(checked) > 10
-    same = np.isclose(tuning @ checked.T, 1.0, atol=1e-6)  # unit vectors: a shared user scores 1
+    same = np.isclose(tuning @ checked.vectors.T, 1.0, atol=1e-6)  # unit vectors: a shared user scores 1
     assert not same.any()
 
 

@@ -18,7 +18,7 @@ from tessera.index import (
     recall_at_k,
 )
 from tessera.index_job.config import SelfCheckConfig
-from tessera.index_job.self_check import check_saved_shard, combine_checks, item_sample
+from tessera.index_job.self_check import UserQueries, check_saved_shard, combine_checks, item_sample
 from tessera.storage import join_uri
 from tests.index.conftest import unit_rows
 
@@ -72,7 +72,9 @@ def test_item_queries_do_not_count_the_item_itself(storage, bucket_uri):
     manifest = index.save(storage, bucket_uri)
     cfg = SelfCheckConfig(item_queries=100, user_queries=0, k=1)
     users = unit_rows(np.random.default_rng(13), 50, 32)
-    checks = self_check(storage, bucket_uri, manifest, ids, vectors, cfg, users)
+    top, _ = exact_search(users, vectors, 3)
+    seen = [[ids[r] for r in row[:j % 3]] for j, row in enumerate(top)]  # 0-2 of each user's best items
+    checks = self_check(storage, bucket_uri, manifest, ids, vectors, cfg, UserQueries(users, seen))
     check = checks["item"]
     sample = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), size=100, replace=False))
     q = vectors[sample]
@@ -82,10 +84,14 @@ def test_item_queries_do_not_count_the_item_itself(storage, bucket_uri):
     truth, _ = exact_search(q, vectors, 1, [[r] for r in sample])
     assert check.recall == pytest.approx(recall_at_k(without, [[ids[r] for r in row] for row in truth]))
     assert check.recall < 0.85
-    # user queries (no item to exclude): the same figure as the whole index measured in one process
-    whole = measure_recall(ShardedIndex.load(storage, bucket_uri), users, ids, vectors, k=1)
+    # user queries, their seen items excluded (a user's best items, for two thirds of them): the same figure
+    # as the whole index measured in one process with those exclusions, and not the figure without them
+    loaded = ShardedIndex.load(storage, bucket_uri)
+    whole = measure_recall(loaded, users, ids, vectors, k=1, exclude=[set(s) for s in seen])
     assert checks["user"].recall == pytest.approx(whole.recall) and checks["user"].num_queries == 50
-    assert not checks["user"].query_items_excluded
+    assert checks["user"].recall != pytest.approx(measure_recall(loaded, users, ids, vectors, k=1).recall)
+    assert not checks["user"].query_items_excluded and checks["user"].seen_items_excluded
+    assert not checks["item"].seen_items_excluded
 
 
 def test_a_shard_whose_saved_files_changed_fails_its_check(storage, bucket_uri):
@@ -166,8 +172,10 @@ def test_sampled_histories_keep_the_last_events_on_catalog_items():
     for h in checked + tuning:
         u = int(h.user_id[1:])
         events = [(f"it-{(u * 7 + e) % 40:02d}", 1_000 * (e + 1)) for e in range(30) if e != 3]
-        kept = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][:-1][-5:]  # the last catalog event held out
-        assert list(zip(h.items, h.ts.tolist(), strict=True)) == kept
+        before = [(i, t) for i, t in events if int(i[3:]) % 2 == 0][:-1]  # the last catalog event held out
+        assert list(zip(h.items, h.ts.tolist(), strict=True)) == before[-5:]
+        # seen: every catalog item before the held-out event, older than the history's five too
+        assert h.seen == sorted({i for i, _ in before}) and len(h.seen) > len(set(h.items))
     everything = sample_users(table, cfg, 3)
     assert [len(h.items) for h in everything] == [28] * 3  # 30 events, one held out, one without an item
 
@@ -225,12 +233,13 @@ def _reference_sample(rows, cfg, count, skip=0, max_history=None, known_items=No
         cut = len(events) - cfg.holdout
         history = events[:cut]
         history = history[max(len(history) - max_history, 0):] if max_history is not None else history
-        out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history]))
+        out.append((user, [e[2] for e in history], [e[0] for e in history], [e[3] for e in history],
+                    sorted({e[2] for e in events[:cut]})))
     return out
 
 
 def _as_tuples(histories):
-    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist()) for h in histories]
+    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist(), h.seen) for h in histories]
 
 
 @pytest.mark.parametrize("holdout,max_history", [(1, 4), (3, None), (0, 2), (0, None)])

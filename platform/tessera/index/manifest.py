@@ -48,6 +48,10 @@ class RecallCheck(BaseModel):
     query_items_excluded: bool | None = Field(
         default=None, description="item queries were searched without the item itself (None: recorded before "
                                   "the rule, the item counted as a hit)")
+    seen_items_excluded: bool | None = Field(
+        default=None, description="queries were searched without their user's seen items, in the exact answer "
+                                  "too, as serving's exclude_seen searches (None: recorded before the rule, "
+                                  "user queries searched over every item)")
 
 
 class ModalIndexRef(BaseModel):

@@ -7,7 +7,9 @@ magnitude when above 1): among items tied at the cut-off, exact search keeps som
 another of them is as good an answer. Queries that are vectors of catalog items (``query_ids``) are
 searched with that item excluded, in the exact answer and in the index's: the item itself, its own
 nearest neighbour, would otherwise be a free hit (1/k of the figure), as the shard tuning's
-leave-one-out queries already avoid.
+leave-one-out queries already avoid. Queries may also leave out further items (``exclude``: a user's
+history, as serving's ``exclude_seen`` leaves it out), again from both answers: the index then has to
+find the best items past the excluded ones, as it does in serving.
 
 Both ways give the same figure. The exact top-``k`` over the catalog is the top-``k`` of the shards'
 exact top-``k`` lists, and the index's answer is the merge of its shards' answers
@@ -54,7 +56,8 @@ def query_recall(found_scores: np.ndarray, truth: np.ndarray, tie_tolerance: flo
 
 def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_vectors, k: int = 10,
                    query_ids: Sequence[str | None] | None = None,
-                   tie_tolerance: float = RECALL_TIE_TOLERANCE) -> RecallCheck:
+                   tie_tolerance: float = RECALL_TIE_TOLERANCE,
+                   exclude: Sequence[set[str]] | None = None) -> RecallCheck:
     """Recall@k of ``index`` against exact search over the full catalog, in one process (see the
     module docstring for what counts as found).
 
@@ -66,6 +69,8 @@ def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_v
         query_ids: per query, the catalog item it is the vector of (None: not an item); None for
             queries that are no item's (user vectors).
         tie_tolerance: see above; :data:`RECALL_TIE_TOLERANCE` covers float32 rounding only.
+        exclude: per query, a set of item ids left out of both answers (recorded as
+            ``seen_items_excluded``: a user's seen items); None: nothing more than ``query_ids``.
 
     Example::
 
@@ -80,7 +85,8 @@ def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_v
     if index.shards[0].params.normalized:
         x, q = l2_normalize(x), l2_normalize(q, "queries")
     row_of = {str(item): r for r, item in enumerate(item_ids)}
-    exclude = _exclusions(query_ids)
+    seen_excluded = exclude is not None
+    exclude = _exclusions(query_ids, exclude, q.shape[0])
     exclude_rows = None if exclude is None else [[row_of[i] for i in ex if i in row_of] for ex in exclude]
     start = time.perf_counter()
     approx, _ = index.search(q, k, exclude)
@@ -91,7 +97,7 @@ def measure_recall(index: ShardedIndex, queries, item_ids: Sequence[str], item_v
         skip = exclude[i] if exclude is not None else ()
         rows = [row_of[item] for item in dict.fromkeys(found[:k]) if item in row_of and item not in skip]
         recalls.append(query_recall(x[rows] @ q[i], exact_scores[i][np.isfinite(exact_scores[i])], tie_tolerance))
-    return _recall_check(recalls, k, seconds, tie_tolerance, query_ids is not None)
+    return _recall_check(recalls, k, seconds, tie_tolerance, query_ids is not None, seen_excluded)
 
 
 @dataclass
@@ -113,7 +119,8 @@ class ShardRecall:
 
 
 def shard_recall(shard: ShardArtifact, vectors, queries, k: int = 10,
-                 query_ids: Sequence[str | None] | None = None, ids: Sequence[str] | None = None) -> ShardRecall:
+                 query_ids: Sequence[str | None] | None = None, ids: Sequence[str] | None = None,
+                 exclude: Sequence[set[str]] | None = None) -> ShardRecall:
     """Search ``queries`` in one shard (as :meth:`ShardedIndex.search` searches each of its shards) and
     score its answers and its exact top-``k`` against the shard's own ``vectors``.
 
@@ -125,6 +132,7 @@ def shard_recall(shard: ShardArtifact, vectors, queries, k: int = 10,
         query_ids: per query, the catalog item it is the vector of (None: not an item), left out of
             both answers where this shard holds it.
         ids: the items of ``vectors`` (None: the shard's own order, ``shard.ids``).
+        exclude: per query, further item ids left out of both answers where this shard holds them.
     """
     x = as_float_matrix(vectors, "item vectors", shard.dim)
     q = as_float_matrix(queries, "queries", shard.dim)
@@ -135,7 +143,7 @@ def shard_recall(shard: ShardArtifact, vectors, queries, k: int = 10,
     if shard.params.normalized:
         x, q = l2_normalize(x), l2_normalize(q, "queries")
     row_of = {item: r for r, item in enumerate(ids)}
-    exclude = _exclusions(query_ids)
+    exclude = _exclusions(query_ids, exclude, q.shape[0])
     searched = prepare_queries(q, shard.dim, shard.params.normalized)  # as ShardedIndex.search prepares them
     start = time.perf_counter()
     rows, scores = search_shard(shard, searched, k,
@@ -156,7 +164,7 @@ def shard_recall(shard: ShardArtifact, vectors, queries, k: int = 10,
 
 
 def combine_recall(parts: Sequence[ShardRecall], k: int = 10, tie_tolerance: float = RECALL_TIE_TOLERANCE,
-                   query_items_excluded: bool = False) -> RecallCheck:
+                   query_items_excluded: bool = False, seen_items_excluded: bool = False) -> RecallCheck:
     """The index's recall from every shard's :class:`ShardRecall` (in shard order): the shards' answers
     merged as the index merges them, against the top-``k`` of their exact lists.
 
@@ -165,6 +173,7 @@ def combine_recall(parts: Sequence[ShardRecall], k: int = 10, tie_tolerance: flo
         k: the cut-off they were measured at.
         tie_tolerance: see :func:`measure_recall`.
         query_items_excluded: the queries were item vectors searched without their item (recorded).
+        seen_items_excluded: the queries were searched without their users' seen items (recorded).
     """
     if not parts:
         raise ValueError("no shard to combine")
@@ -178,7 +187,8 @@ def combine_recall(parts: Sequence[ShardRecall], k: int = 10, tie_tolerance: flo
                                      [p.found[i] for p in parts])
         truth = np.sort(exact[i][np.isfinite(exact[i])])[::-1][:k]
         recalls.append(query_recall(np.array([score for _, score in merged], np.float32), truth, tie_tolerance))
-    return _recall_check(recalls, k, sum(p.search_seconds for p in parts), tie_tolerance, query_items_excluded)
+    return _recall_check(recalls, k, sum(p.search_seconds for p in parts), tie_tolerance, query_items_excluded,
+                         seen_items_excluded)
 
 
 def _check_query_ids(query_ids: Sequence[str | None] | None, q: np.ndarray) -> None:
@@ -186,12 +196,26 @@ def _check_query_ids(query_ids: Sequence[str | None] | None, q: np.ndarray) -> N
         raise ValueError(f"{len(query_ids)} query ids for {q.shape[0]} queries")
 
 
-def _exclusions(query_ids: Sequence[str | None] | None) -> list[set[str]] | None:
-    return None if query_ids is None else [set() if i is None else {str(i)} for i in query_ids]
+def _exclusions(query_ids: Sequence[str | None] | None, exclude: Sequence[set[str]] | None,
+                num_queries: int) -> list[set[str]] | None:
+    """Per query, the item ids left out of both answers: its own item (``query_ids``) and ``exclude``'s set."""
+    if exclude is not None:
+        if len(exclude) != num_queries:
+            raise ValueError(f"{len(exclude)} exclusion sets for {num_queries} queries")
+        bad = next((ex for ex in exclude if isinstance(ex, (str, bytes)) or ex is None), False)
+        if bad is not False:
+            raise TypeError(f"an exclusion is a set of item ids per query, not {bad!r}")
+    if query_ids is None and exclude is None:
+        return None
+    out = [set() if query_ids is None or query_ids[i] is None else {str(query_ids[i])} for i in range(num_queries)]
+    for i, ex in enumerate(exclude or ()):
+        out[i].update(str(item) for item in ex)
+    return out
 
 
 def _recall_check(recalls: list[float | None], k: int, seconds: float, tie_tolerance: float,
-                  query_items_excluded: bool) -> RecallCheck:
+                  query_items_excluded: bool, seen_items_excluded: bool = False) -> RecallCheck:
     counted = [r for r in recalls if r is not None]
     return RecallCheck(k=k, num_queries=len(recalls), recall=sum(counted) / len(counted) if counted else 1.0,
-                       search_seconds=seconds, tie_tolerance=tie_tolerance, query_items_excluded=query_items_excluded)
+                       search_seconds=seconds, tie_tolerance=tie_tolerance, query_items_excluded=query_items_excluded,
+                       seen_items_excluded=seen_items_excluded)

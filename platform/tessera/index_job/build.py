@@ -60,7 +60,7 @@ from tessera.index import (
     shard_sizes,
 )
 from tessera.index.shard_io import manifest_sha256
-from tessera.index_job.self_check import Piece, check_saved_shard
+from tessera.index_job.self_check import Piece, UserQueries, check_saved_shard
 from tessera.index_job.sources import IndexSourceError
 from tessera.index_job.vectors import FUSED, column_matrix, in_fused_index
 from tessera.lease import LeaseRef
@@ -341,7 +341,7 @@ class BuiltShard:
 
 def build_shard_task(num_items: int, shard_id: int, storage: Storage, index_uri: str, config: IndexConfig,
                      catalog_size: int, tuning_queries: np.ndarray | None, num_shards: int, check_k: int | None,
-                     user_queries: np.ndarray | None, item_queries: Piece | None, *pieces: Piece,
+                     user_queries: UserQueries | None, item_queries: Piece | None, *pieces: Piece,
                      lease: LeaseRef | None = None) -> BuiltShard:
     """Body of one shard's Ray task: assemble its pieces (Ray resolves them before the task runs:
     they are its top-level arguments), build (tuning also on ``tuning_queries``), save with
@@ -446,8 +446,8 @@ def build_shards(storage: Storage, plans: list[IndexPlan], pieces: list[list], i
         tuning_queries: by index name, real queries its shards also tune on (e.g. user vectors for
             ``fused``): an array or an object ref, shared by that index's tasks.
         check_k: the self-check's cut-off (None: no check).
-        check_queries: by index name, ``(user vectors, item queries piece)`` (arrays or object refs;
-            either may be None), measured on every shard of that index.
+        check_queries: by index name, ``(user queries, item queries piece)`` (:class:`UserQueries`,
+            pieces or object refs; either may be None), measured on every shard of that index.
         lease: the build's lease, checked by each task before it saves its shard (None: not checked).
     """
     import ray

@@ -184,7 +184,8 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
             model_version=src.model_version, embedding_run=src.embedding_run)
         descriptions = {"item": f"{{n}} sampled item vectors ({plan.column}), each item excluded from its own results",
                         "user": f"{{n}} user vectors (user tower over histories, last {cfg.self_check.holdout} "
-                                f"event(s) held out) from {src.interactions_uri}"}
+                                f"event(s) held out) from {src.interactions_uri}, each user's seen items "
+                                f"excluded from its results (serving's exclude_seen)"}
         checks[plan.name] = combine_checks([b.checks for b in built[plan.name]], cfg.self_check.k, descriptions)
     if users is not None and cfg.self_check.user_queries and "user" not in checks["fused"]:
         print(f"[index] warning: no user check (self_check.user_queries={cfg.self_check.user_queries}): no user "

@@ -13,6 +13,9 @@ Queries:
   ``max_history`` of them, items outside the index kept, as training keeps them: an item without a
   usable modality has a fused vector all the same) goes through the bundle's user tower, its
   time gaps measured to the history's latest event as in training and serving (:func:`user_queries`).
+  Each is searched as serving searches with ``exclude_seen`` (the default): without every item the user
+  interacted with before the held-out events (:attr:`UserHistory.seen`, older than the history too),
+  in the exact answer as well, so the index must find the best items past them.
   Only the history items' vectors are gathered, again by the split tasks. The next users of the same
   order make the fused shards' tuning queries.
 
@@ -70,12 +73,26 @@ def gather_rows(*pieces: Piece) -> Piece:
 @dataclass
 class UserHistory:
     """One sampled user: the history the user tower reads (see :func:`sample_users` for what is kept),
-    (the tower measures time gaps to its latest event)."""
+    (the tower measures time gaps to its latest event), and ``seen``: every distinct catalog item of the
+    user's events before the held-out ones, sorted (what serving's ``exclude_seen`` leaves out of the
+    user's results at that time: older events than the history's too)."""
 
     user_id: str
     items: list[str]
     ts: np.ndarray  # (n,) int64 ms, oldest first
     weights: np.ndarray  # (n,) float32
+    seen: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UserQueries:
+    """The check's user vectors and, per vector, the items its search leaves out (:attr:`UserHistory.seen`)."""
+
+    vectors: np.ndarray  # (Q, E) float32
+    seen: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
 
 
 @dataclass
@@ -107,11 +124,14 @@ class _Events:
     Attributes:
         table: ``user_id``, ``item_id`` (strings), ``ts`` (int64), ``weight`` (float32).
         users: the users' ids; ``counts`` (same length): their events in the piece, cut or not.
+        older: ``user_id``, ``item_id``: the distinct items of the events the cut left out (all of them
+            before any history's held-out events: seen items).
     """
 
     table: pa.Table
     users: list[str]
     counts: np.ndarray
+    older: pa.Table
 
 
 def _timed_users(table: pa.Table, key: str, known: np.ndarray | None = None) -> tuple[UserColumn, np.ndarray]:
@@ -161,14 +181,17 @@ def _user_events(table: pa.Table, key: str, chosen: np.ndarray, max_history: int
     starts, ends = runs(codes)
     run_end = np.repeat(ends, ends - starts)  # each event's user's end
     last = len(rows) if max_history is None else max(max_history + holdout, 1)
-    kept = np.flatnonzero(run_end - 1 - np.arange(len(rows)) < last)  # the user's last events
+    recent = run_end - 1 - np.arange(len(rows)) < last  # the user's last events
+    kept, cut = np.flatnonzero(recent), pa.array(np.flatnonzero(~recent), pa.int64())
     out = pa.table({
         "user_id": users.names.take(pa.array(codes[kept], pa.int64())),
         "item_id": items.take(pa.array(kept, pa.int64())),
         "ts": pa.array(ts[kept], pa.int64()),
         "weight": weights.take(pa.array(kept, pa.int64())),
     })
-    return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts)
+    older = pa.table({"user_id": users.names.take(pa.array(codes, pa.int64()).take(cut)),
+                      "item_id": items.take(cut)}).group_by(["user_id", "item_id"]).aggregate([])
+    return _Events(out, users.names.take(pa.array(codes[starts], pa.int64())).to_pylist(), ends - starts, older)
 
 
 def _usable(items: pa.Array | pa.ChunkedArray, known: np.ndarray | None) -> np.ndarray:
@@ -197,6 +220,12 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
         return []
     log = pa.concat_tables([piece.table for piece in events])
     log = log.filter(pc.is_in(log.column("user_id"), pa.array(picked, pa.string())))
+    older: dict[str, set[str]] = {user: set() for user in picked}
+    for piece in events:
+        for user, item in zip(piece.older.column("user_id").to_pylist(), piece.older.column("item_id").to_pylist(),
+                              strict=True):
+            if user in older:
+                older[user].add(item)
     log = log.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending"),
                        ("weight", "ascending")])  # training's order (:func:`event_order`)
     names, codes = encode_strings(log.column("user_id"))
@@ -208,10 +237,12 @@ def _pick(events: list[_Events], key: str, cfg: SelfCheckConfig, count: int, ski
     for user in picked:
         a, b = spans[user]
         cut = b - cfg.holdout  # the held-out events: [cut, b)
+        seen = older[user].union(items[a:cut].to_pylist())
         kept = np.arange(a, cut)
         if max_history is not None:
             kept = kept[max(len(kept) - max_history, 0):]
-        sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept]))
+        sample.append(UserHistory(user, items.take(pa.array(kept, pa.int64())).to_pylist(), ts[kept], weights[kept],
+                                  sorted(seen)))
     return sample
 
 
@@ -226,7 +257,8 @@ def sample_users(log: pa.Table, cfg: SelfCheckConfig, count: int, skip: int = 0,
     id and weight) before the last ``cfg.holdout`` ones, the last ``max_history`` of them (None: all): what the
     user tower will read, so long histories stay small. An item outside the fused index (no usable modality)
     stays in a history, as training keeps it. Events without a user id, a time or an item of the catalog
-    (hash in sorted ``known``, :func:`tessera.index.hash_ids`; None: any item id) are ignored."""
+    (hash in sorted ``known``, :func:`tessera.index.hash_ids`; None: any item id) are ignored. A
+    history's ``seen`` holds the items of all the user's events before the held-out ones, older ones too."""
     log = normalize_log(log, "(a table)")
     return _first_users(lambda key, budget: [_lowest_users(log, key, budget, known)],
                         lambda key, chosen: [_user_events(log, key, chosen, max_history, cfg.holdout, known)],
@@ -340,13 +372,13 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
 
 
 def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vectors: np.ndarray,
-                 max_history: int | None = None) -> np.ndarray:
+                 max_history: int | None = None) -> UserQueries:
     """The user tower's vectors of ``histories``, each keeping its items found in ``ids`` (items with a
     fused vector: at least those of the histories), the last ``max_history`` of them (None: the tower's
     own limit); a user left with no item is dropped.
 
     Returns:
-        (Q, E) float32, Q <= len(histories).
+        Q <= len(histories) vectors, (Q, E) float32, each with its user's seen items.
     """
     import torch
 
@@ -354,26 +386,27 @@ def user_vectors(user_tower, histories: list[UserHistory], ids: list[str], vecto
 
     row_of = {item: r for r, item in enumerate(ids)}
     max_len = max_history or user_tower.config.max_history
-    rows, stamps, weights = [], [], []
+    rows, stamps, weights, seen = [], [], [], []
     for h in histories:
         kept = [j for j, item in enumerate(h.items) if item in row_of][-max_len:]
         if kept:
             rows.append(np.asarray([row_of[h.items[j]] for j in kept], np.int64))
             stamps.append(h.ts[kept])
             weights.append(h.weights[kept])
+            seen.append(h.seen)
     if not rows:
-        return np.empty((0, vectors.shape[1]), np.float32)
+        return UserQueries(np.empty((0, vectors.shape[1]), np.float32), [])
     batch = pad_histories(rows, max_len, timestamps=stamps, weights=weights)
     item_vecs = torch.from_numpy(vectors)[batch.item_idx]  # (Q, N, E)
     with torch.no_grad():
         out = user_tower(item_vecs, batch.mask, batch.timestamps_ms, batch.weights)
-    return out.numpy().astype(np.float32)  # (Q, E)
+    return UserQueries(out.numpy().astype(np.float32), seen)  # (Q, E)
 
 
 def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfCheckConfig, torch_threads: int,
-                 *pieces: Piece) -> tuple[np.ndarray, np.ndarray]:
-    """A Ray task in the job: the check's and the tuning's user vectors, from the history items' fused
-    vectors (``pieces``: the split tasks' rows of :meth:`UserSample.wanted`)."""
+                 *pieces: Piece) -> tuple[UserQueries, np.ndarray]:
+    """A Ray task in the job: the check's user vectors (with their seen items) and the tuning's, from the
+    history items' fused vectors (``pieces``: the split tasks' rows of :meth:`UserSample.wanted`)."""
     import torch
 
     from tessera.models.bundle import ModelBundle
@@ -382,20 +415,20 @@ def user_queries(storage: Storage, model_uri: str, users: UserSample, cfg: SelfC
     ids, vectors = gather_rows(*pieces)
     user_tower = ModelBundle.load(storage, model_uri).user_tower.eval()
     return (user_vectors(user_tower, users.check, ids, vectors, cfg.max_history),
-            user_vectors(user_tower, users.tuning, ids, vectors, cfg.max_history))
+            user_vectors(user_tower, users.tuning, ids, vectors, cfg.max_history).vectors)
 
 
 def check_saved_shard(storage: Storage, shard_uri: str, manifest_sha256: str, ids: list[str], vectors: np.ndarray,
-                      users: np.ndarray | None, item_queries: Piece | None, k: int) -> dict[str, ShardRecall]:
+                      users: UserQueries | None, item_queries: Piece | None, k: int) -> dict[str, ShardRecall]:
     """One shard's share of the self-check, in its build task: load the shard back from ``shard_uri``
     as serving does (every checksum verified against ``shard.json``, itself against ``manifest_sha256``)
-    and measure it on the user queries and the item queries (their own items excluded) against
-    ``ids`` / ``vectors``, the rows it was built from. Keyed ``user`` / ``item``; a query set that is
-    None or empty is skipped."""
+    and measure it on the user queries (their seen items excluded) and the item queries (their own items
+    excluded) against ``ids`` / ``vectors``, the rows it was built from. Keyed ``user`` / ``item``; a
+    query set that is None or empty is skipped."""
     shard = load_shard(storage, shard_uri, expected_manifest_sha256=manifest_sha256)
     found: dict[str, ShardRecall] = {}
     if users is not None and len(users):
-        found["user"] = shard_recall(shard, vectors, users, k, ids=ids)
+        found["user"] = shard_recall(shard, vectors, users.vectors, k, ids=ids, exclude=users.seen)
     if item_queries is not None and len(item_queries[0]):
         query_ids, queries = item_queries
         found["item"] = shard_recall(shard, vectors, queries, k, query_ids=query_ids, ids=ids)
@@ -409,7 +442,8 @@ def combine_checks(by_shard: list[dict[str, ShardRecall]], k: int,
     checks = {}
     for source in ("item", "user"):
         if by_shard and source in by_shard[0]:
-            check = combine_recall([parts[source] for parts in by_shard], k, query_items_excluded=source == "item")
+            check = combine_recall([parts[source] for parts in by_shard], k, query_items_excluded=source == "item",
+                                   seen_items_excluded=source == "user")
             checks[source] = check.model_copy(update={"queries": descriptions[source].format(n=check.num_queries)})
     return checks
 
