@@ -186,3 +186,28 @@ def test_one_seed_trains_one_model(sample_embeddings, storage, train_root):
     assert [{k: v for k, v in h.items() if k not in timing} for h in a.history] == \
         [{k: v for k, v in h.items() if k not in timing} for h in b.history]
     assert a.results == b.results and a.kept_epochs == b.kept_epochs
+
+
+def test_the_datasets_cap_each_users_examples_at_max_examples_per_user(sample_embeddings, storage, train_root,
+                                                                       ray_session):
+    """``build_datasets`` hands ``max_examples_per_user`` to the examples: each user gives its last that many
+    training positions (the towers' rows leaving out the ranker's tail), fewer than uncapped on this corpus."""
+    from tessera.train.datasets import build_datasets
+    from tessera.train.examples import user_keys
+
+    from .conftest import tiny_train_config
+
+    cap, tail = 4, 2
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, max_examples_per_user=cap,
+                            ranker={"tail": tail})
+    ds = build_datasets(cfg, storage)
+    users = ds.users.to_pandas()
+    lengths = dict(zip(user_keys(users["user_id"].to_numpy()).tolist(), users["train_items"].map(len), strict=True))
+    expected = {key: min(n - 1, cap) for key, n in lengths.items() if n > 1}
+    assert sum(n - 1 for n in lengths.values() if n > 1) > sum(expected.values())  # the cap binds here
+    assert ds.examples == sum(expected.values())
+    train = ds.train.to_pandas()
+    per_user = train.groupby("user_key")["from_end"].agg(["count", "max", "min"])
+    assert per_user["max"].max() == cap - 1 and per_user["min"].min() == tail
+    assert len(train) == sum(max(0, n - tail) for n in expected.values())
+    assert len(ds.ranker.to_pandas()) == ds.examples
