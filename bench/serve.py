@@ -5,7 +5,9 @@
 Runs on the embedded demo stack (``make demo``: SeaweedFS + the Ray head with token auth, the demo's
 embedding run and model bundle); the settings come from ``.tessera/env.sh`` (variables already set
 win). Unlike the other benches it does not start its own store and Ray: the app is measured behind
-the demo's Serve proxy (127.0.0.1:8000), next to the demo app (idle meanwhile).
+the demo's Serve proxy (127.0.0.1:8000), next to the demo app (idle meanwhile). When the stack is down
+or the demo's run or bundle is missing, the bench runs ``make demo`` first (~7 minutes on 2 cores, its
+log in ``.tessera/bench/serve-make-demo.log``; ``--no-demo`` exits instead, saying what is missing).
 
 1. Version: a ``--items`` catalog made from the demo's real artifacts (``bench/_scaled.py``: the
    demo embedding run plus synthetic noisy copies, then the real index job with ``configs/index.yaml``
@@ -340,6 +342,55 @@ def load_demo_env() -> dict[str, str]:
     return saved
 
 
+def demo_missing(source_run: str, model_uri: str) -> list[str]:
+    """What the bench needs of the demo and does not find: the store and the Ray head up (``tessera storage
+    status``, ``tessera ray status``), then the embedding run's and the bundle's manifests in the store."""
+    import subprocess
+
+    cli = Path(sys.executable).with_name("tessera")
+    down = [f"{what} down" for what in ("storage", "ray")
+            if subprocess.run([str(cli), what, "status"], capture_output=True).returncode != 0]
+    if down:
+        return down
+    saved = read_env_file()
+    if not all(saved.get(k) or os.environ.get(k) for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")):
+        return ["no stack settings in .tessera/env.sh"]
+    for key, value in saved.items():
+        os.environ.setdefault(key, value)
+    from tessera.storage import Storage, join_uri
+
+    storage = Storage()
+    return [f"{uri} (no _MANIFEST.json)" for uri in (source_run, model_uri)
+            if not storage.exists(join_uri(uri, "_MANIFEST.json"))]
+
+
+def ensure_demo(args) -> str:
+    """Bring up what the bench runs on (see the module docstring); says what it found or did."""
+    import subprocess
+
+    from tessera.embedded.state import state_dir
+
+    missing = demo_missing(args.source_run, args.model_uri)
+    if not missing:
+        return "demo stack and artifacts found"
+    if args.no_demo:
+        sys.exit(f"bench/serve.py needs the demo (make demo): {'; '.join(missing)}")
+    log = state_dir() / "bench" / "serve-make-demo.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] {'; '.join(missing)}: running make demo (log in {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(["make", "demo"], cwd=Path(__file__).resolve().parents[1], stdout=out,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"make demo failed (exit {done.returncode}); the end of {log}:\n{tail}")
+    still = demo_missing(args.source_run, args.model_uri)
+    if still:  # e.g. --source-run / --model-uri naming what the demo does not make
+        sys.exit(f"after make demo, bench/serve.py still lacks: {'; '.join(still)}")
+    return f"make demo run first ({time.perf_counter() - start:.0f} s)"
+
+
 def known_users(interactions_uri: str) -> list[str]:
     from tessera.interactions import read_interactions
     from tessera.storage import Storage
@@ -418,6 +469,7 @@ def targets(levels: dict, noop: dict) -> dict:
 
 
 def run(args) -> dict:
+    setup = ensure_demo(args)
     env = load_demo_env()
     import ray
     from ray import serve
@@ -506,7 +558,7 @@ def run(args) -> dict:
         "setup": {
             "stack": f"demo stack from .tessera/env.sh: S3 {os.environ.get('AWS_ENDPOINT_URL')}, Ray head "
                      f"{os.environ.get('RAY_ADDRESS')} (token auth: {os.environ.get('RAY_AUTH_MODE') == 'token'}); "
-                     f"{'env.sh read' if env else 'env.sh missing, environment used'}",
+                     f"{'env.sh read' if env else 'env.sh missing, environment used'}; {setup}",
             "code": code,
             "proxy": base, "direct_ingress": bases if args.direct_ingress else None,
             "app": {"name": APP, "route_prefix": APP_PREFIX,
@@ -553,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-apps", action="store_true", help="leave both bench apps deployed")
     parser.add_argument("--direct-ingress", action="store_true",
                         help="load each app's ingress replica (Serve's direct ingress), not the proxy")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="exit when the demo stack or its artifacts are missing instead of running make demo")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `timeout` still deletes the bench apps
     print(json.dumps(run(args)))
