@@ -71,6 +71,30 @@ def test_a_user_gives_at_most_max_examples_the_most_recent_and_logq_counts_only_
         assert target_counts(records, 40, tail, max_examples=4).tolist() == np.bincount(targets, minlength=40).tolist()
 
 
+def test_popularity_counts_each_users_last_events_up_to_the_cap():
+    """A bot's 300 events on one item made it the most popular of the catalog: with the cap, a user counts its
+    last ``max_per_user`` events (validation ones last, when counted), and users under it count all of theirs."""
+    bot = user_records({"user_id": np.array(["bot"] * 300), "item_row": np.array([7] * 290 + [3] * 10),
+                        "ts": np.arange(300), "weight": np.ones(300, np.float32)}, holdout=1, validation=1)
+    rng = np.random.default_rng(5)
+    people = [user_records({"user_id": np.array([f"u{u}"] * 6), "item_row": rng.integers(0, 6, 6) * 2,
+                            "ts": np.arange(6), "weight": np.ones(6, np.float32)}, holdout=1, validation=1)
+              for u in range(40)]
+    records = {k: np.concatenate([r[k] for r in [bot, *people]]) for k in bot}
+    plain = item_counts(records, 12)
+    assert plain.argmax() == 7 and plain[7] == 290
+    capped = item_counts(records, 12, max_per_user=20)
+    # the bot's last 20 events before its validation and test ones: 12 of item 7, then 8 of item 3
+    bot_part = np.bincount(np.r_[[7] * 12, [3] * 8], minlength=12)
+    assert capped.tolist() == (plain - np.bincount(bot["train_items"][0], minlength=12) + bot_part).tolist()
+    assert capped.argmax() != 7
+    # with the validation event (an item 3, after the training ones): the bot's last 20 are 11 of item 7, 9 of 3
+    assert bot["val_items"][0].tolist() == [3]
+    people_val = sum(np.bincount(np.r_[p["train_items"][0], p["val_items"][0]], minlength=12) for p in people)
+    expected = people_val + np.bincount(np.r_[[7] * 11, [3] * 9], minlength=12)
+    assert item_counts(records, 12, with_validation=True, max_per_user=20).tolist() == expected.tolist()
+
+
 def test_max_examples_per_user_must_leave_the_towers_examples(tmp_path):
     import pytest
 

@@ -133,7 +133,8 @@ class TrainConfig(TesseraConfig):
         max_history: N, the most recent items a user tower / ranker reads.
         max_examples_per_user: a user's training examples are its last this many training positions (a
             bot's or a power user's thousands of events would outweigh everyone else's in the loss and
-            fill the examples). Must exceed ``ranker.tail``.
+            fill the examples). Must exceed ``ranker.tail``. The ranker's popularity statistic (and the
+            served popularity fallback) counts each user's last this many events alone, for the same reason.
         variants: retrieval variants trained in the same run; ``fused`` is the one shipped, the
             others (single modalities, ``id_only``) are baselines. Popularity is always evaluated.
         ks: cut-offs of Recall@K / NDCG@K / coverage@K.

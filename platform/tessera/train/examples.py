@@ -272,11 +272,16 @@ def target_counts(records: dict[str, np.ndarray], num_items: int, tail: int,
     return np.bincount(rows, minlength=num_items)
 
 
-def item_counts(records: dict[str, np.ndarray], num_items: int, with_validation: bool = False) -> np.ndarray:
+def item_counts(records: dict[str, np.ndarray], num_items: int, with_validation: bool = False,
+                max_per_user: int | None = None) -> np.ndarray:
     """``(I,)`` training interactions per catalog row (the ranker's popularity statistic);
     ``with_validation``: the validation events counted too (everything before the test: the popularity
-    baseline's counts when it is tested)."""
+    baseline's counts when it is tested); ``max_per_user``: each user's last that many of those events
+    only (None: all), as its examples are capped (``max_examples_per_user``), so that one bot's
+    million events on a few items do not make them the catalog's most popular."""
     parts = ("train_items", "val_items") if with_validation and "val_items" in records else ("train_items",)
-    flat = [np.asarray(x, dtype=np.int64) for part in parts for x in records[part]]
+    per_user = [np.concatenate([np.asarray(records[part][u], dtype=np.int64) for part in parts])
+                for u in range(len(records["train_items"]))]
+    flat = [x if max_per_user is None else x[max(0, len(x) - max_per_user):] for x in per_user]
     rows = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
     return np.bincount(rows, minlength=num_items)

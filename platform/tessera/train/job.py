@@ -42,6 +42,7 @@ from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.datasets import build_datasets
 from tessera.train.evaluate import quality_checks
+from tessera.train.examples import item_counts
 from tessera.train.state import RANKED, STATE_FILE, bundle_from_state, load_state
 from tessera.train.worker import train_loop_per_worker
 
@@ -188,8 +189,9 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
     with result.checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE))
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
-    counts = np.bincount(np.concatenate([np.asarray(x, dtype=np.int64) for x in
-                                         data.users.to_pandas()["train_items"]]), minlength=catalog.num_items)
+    # the ranker's popularity as the workers counted it (each user's last max_examples_per_user events)
+    counts = item_counts({"train_items": data.users.to_pandas()["train_items"].to_numpy()}, catalog.num_items,
+                         max_per_user=cfg.max_examples_per_user)
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,
                "kept_epochs": state.kept_epochs}

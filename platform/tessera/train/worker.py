@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
         lease.verify(storage)
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
     users = _users_table(ray.train.get_dataset_shard("users"))
-    counts = item_counts(users, catalog.num_items)
+    counts = item_counts(users, catalog.num_items, max_per_user=cfg.max_examples_per_user)
     q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0,
                              cfg.max_examples_per_user)
     timelines = UserTimelines(users)  # the examples' histories: an example names only its user and place
@@ -186,8 +186,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(os.path.join(d, STATE_FILE))
         state.resumes.append({"stage": state.stage, "epoch": state.epoch, "world_size": world})
     if rank == 0 and "popularity" not in state.results:
-        state.results["popularity"] = evaluate_popularity(item_counts(users, catalog.num_items, with_validation=True),
-                                                          test_set, cfg.ks)
+        state.results["popularity"] = evaluate_popularity(
+            item_counts(users, catalog.num_items, with_validation=True, max_per_user=cfg.max_examples_per_user),
+            test_set, cfg.ks)
 
     plan = stage_plan(cfg)
     global_epoch = sum(s.epochs for s in plan[:state.stage]) + state.epoch
