@@ -183,3 +183,19 @@ def _all_indexed(ids) -> ItemVectors:
     n = len(ids)
     return ItemVectors(ids=np.asarray(ids), fused=np.zeros((n, 4), np.float32), has_vector=np.ones(n, bool),
                        indexed=np.ones(n, bool))
+
+
+def test_a_log_of_seconds_or_nanoseconds_is_named_and_one_of_milliseconds_is_not():
+    """Integer times are taken as milliseconds; a log of Unix seconds read that way has every gap 1000x too
+    short, and nothing failed. Training now warns (printed, and in the bundle manifest)."""
+    from tessera.interactions import ts_unit_warning
+
+    seconds = (1_700_000_000, 1_705_000_000)  # Nov 2023 - Jan 2024 as seconds
+    warning = ts_unit_warning(*seconds)
+    assert warning and "looks like seconds" in warning and "1970-01-20" in warning
+    nanos = ts_unit_warning(1_700_000_000 * 10**9, 1_705_000_000 * 10**9)
+    assert nanos and "microseconds or nanoseconds" in nanos and "past the year 9999" in nanos
+    assert ts_unit_warning(1_700_000_000_000, 1_705_000_000_000) is None  # milliseconds
+    assert ts_unit_warning(0, 5_000_000) is None  # small synthetic times: no dates at all
+    assert ts_unit_warning(1_000, 1_705_000_000) is None  # not all of them date-like as seconds
+    assert ts_unit_warning(None, None) is None  # an empty log

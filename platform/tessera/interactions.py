@@ -139,6 +139,41 @@ def _ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
     raise TypeError("times must be int64 milliseconds, an Arrow timestamp or a date")
 
 
+# Integer times are taken as milliseconds (ARCHITECTURE.md). A log of Unix seconds (or micro- or
+# nanoseconds) reads without error, only every time gap off by 1000x: a log whose times all fall in
+# these ranges, read as milliseconds, is most likely in another unit (see :func:`ts_unit_warning`).
+_SECONDS_LIKE_MS = (946_684_800, 4_102_444_800)  # 2000-01-01 .. 2100-01-01 in seconds: January 1970 as ms
+_BEYOND_MS = 4_102_444_800_000  # 2100-01-01 in ms: micro- or nanoseconds past it
+
+
+def ts_unit_warning(ts_min: int | None, ts_max: int | None) -> str | None:
+    """A warning when a log's integer times, taken as milliseconds as the contract says, look like another
+    unit: all within 2000-2100 read as seconds (January 1970 as milliseconds), or past the year 2100 as
+    milliseconds (micro- or nanoseconds). None when they look like milliseconds, or are no real dates at
+    all (small synthetic times)."""
+    if ts_min is None or ts_max is None:
+        return None
+    if _SECONDS_LIKE_MS[0] <= ts_min and ts_max < _SECONDS_LIKE_MS[1]:
+        unit = "seconds"
+    elif ts_min >= _BEYOND_MS:
+        unit = "microseconds or nanoseconds"
+    else:
+        return None
+    return (f"the interaction log's ts runs from {ts_min} to {ts_max}: as milliseconds (what an integer ts is "
+            f"taken as) that is {_as_date(ts_min)} to {_as_date(ts_max)}; it looks like {unit}, which puts every "
+            f"time gap the towers read off by a factor of 1000 or more. Write ts as int64 milliseconds or as an "
+            f"Arrow timestamp column (converted from its own unit)")
+
+
+def _as_date(ms: int) -> str:
+    import datetime
+
+    try:
+        return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):
+        return "past the year 9999"
+
+
 def _weights(column: pa.ChunkedArray) -> pa.ChunkedArray:
     t = column.type
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)):

@@ -30,6 +30,8 @@ def test_trains_every_variant_and_writes_a_loadable_bundle(sample_embeddings, st
     assert manifest["encoders"] == sample_embeddings["encoders"]
     assert sorted(manifest["modalities"]) == sorted(sample_embeddings["encoders"])
     assert manifest["training"]["data"]["unknown_items"] == 0
+    first, last = manifest["training"]["data"]["ts_range_ms"]  # the corpus' times: milliseconds of 2024-2025
+    assert 1_700_000_000_000 < first < last < 1_800_000_000_000 and manifest["training"]["data"]["ts_warning"] is None
     # every epoch of every stage was reported (fused 2 + ranker 1 + 4 baselines x 2), with its validation
     # metrics; the test's are in the results only, never a per-epoch signal
     history = storage.read_json(join_uri(cfg.bundle_uri, "metrics.json"))["history"]

@@ -49,6 +49,7 @@ class TrainDatasets:
     unknown_items: int
     examples: int
     num_users: int
+    ts_range: tuple[int | None, int | None] = (None, None)  # the log's first and last time (int64 ms)
 
 
 def _catalog_ids(cfg: TrainConfig, storage: Storage) -> np.ndarray:
@@ -127,6 +128,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     inter = read_interactions(storage, cfg.interactions_uri)
     mapped = inter.map_batches(_to_rows, fn_kwargs={"item_ids": item_ids}, batch_format="numpy").materialize()
     total = mapped.count()
+    ts_range = (mapped.min("ts"), mapped.max("ts")) if total else (None, None)
     known = mapped.filter(expr=col("item_row") >= 0)
     n_known = known.count()
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
@@ -147,4 +149,5 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     ranker = (seeded_order(examples, cfg.seed + 1).materialize() if cfg.ranker.enabled
               else examples.filter(expr=col("from_end") < 0).materialize())
     return TrainDatasets(train=train, ranker=ranker, users=users, num_items=len(item_ids), interactions=total,
-                         unknown_items=total - n_known, examples=examples.count(), num_users=users.count())
+                         unknown_items=total - n_known, examples=examples.count(), num_users=users.count(),
+                         ts_range=tuple(None if t is None else int(t) for t in ts_range))

@@ -33,7 +33,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from tessera.config import ConfigError
-from tessera.interactions import log_schema_error
+from tessera.interactions import log_schema_error, ts_unit_warning
 from tessera.lease import LeaseLostError, LeaseRef, RunLease
 from tessera.models.bundle import MANIFEST, POPULARITY_FILE
 from tessera.ray_utils import check_paths_for_cluster
@@ -175,6 +175,8 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
             raise
         raise ConfigError(f"interactions_uri: {bad}") from None
     t_data = time.perf_counter()
+    if (warning := ts_unit_warning(*data.ts_range)) is not None:
+        print(f"[train] warning: {warning}", flush=True)  # as the index job warns; also in the manifest
     trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users},
                            lease.ref)
     try:
@@ -218,6 +220,7 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         "training": {"config": cfg.model_dump(mode="json"),
                      "checkpoint": _uri_of(cfg.checkpoint_uri, result.checkpoint.path),
                      "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
+                              "ts_range_ms": list(data.ts_range), "ts_warning": ts_unit_warning(*data.ts_range),
                               "users": data.num_users, "examples": data.examples, "items": data.num_items,
                               "retrieval_examples": data.train.count(), "ranker_examples": data.ranker.count()}},
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
