@@ -88,7 +88,7 @@ def one_process_task(storage: Storage, uri: str, cfg: SelfCheckConfig, tuning: i
 
 
 def _key(sample: UserSample) -> list:
-    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist()) for h in sample.check + sample.tuning]
+    return [(h.user_id, h.items, h.ts.tolist(), h.weights.tolist(), h.seen) for h in sample.check + sample.tuning]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,7 +150,8 @@ def ts_unit_warning(ts_min: int | None, ts_max: int | None) -> str | None:
     """A warning when a log's integer times, taken as milliseconds as the contract says, look like another
     unit: all within 2000-2100 read as seconds (January 1970 as milliseconds), or past the year 2100 as
     milliseconds (micro- or nanoseconds). None when they look like milliseconds, or are no real dates at
-    all (small synthetic times)."""
+    all (small synthetic times); a heuristic over the log's range: one event outside the window (a 0
+    written for a missing time) turns it off."""
     if ts_min is None or ts_max is None:
         return None
     if _SECONDS_LIKE_MS[0] <= ts_min and ts_max < _SECONDS_LIKE_MS[1]:

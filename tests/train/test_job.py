@@ -213,3 +213,37 @@ def test_the_datasets_cap_each_users_examples_at_max_examples_per_user(sample_em
     assert per_user["max"].max() == cap - 1 and per_user["min"].min() == tail
     assert len(train) == sum(max(0, n - tail) for n in expected.values())
     assert len(ds.ranker.to_pandas()) == ds.examples
+
+
+@pytest.mark.slow
+def test_the_popularity_the_bundle_ships_counts_each_users_last_events_up_to_the_cap(sample_embeddings, storage,
+                                                                                    train_root):
+    """With ``max_examples_per_user`` 3 (below most users' events here), the bundle's popularity file (what
+    serving's ranker feature and cold-start answers read) and the popularity baseline count each user's last 3
+    events (the baseline's with the validation event), not every event as before."""
+    import pyarrow.parquet as pq
+
+    from tessera.train.catalog import ItemCatalog
+    from tessera.train.datasets import build_datasets
+    from tessera.train.evaluate import evaluate_popularity
+    from tessera.train.examples import EvalSet, item_counts
+    from tessera.train.job import run_training
+
+    from .conftest import tiny_train_config
+
+    cap = 3
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], join_uri(train_root, "capped"), variants=["fused"],
+                            max_examples_per_user=cap, ranker={"tail": 2}, towers={"epochs": 1})
+    manifest = run_training(cfg, storage)
+    fs, path = storage.filesystem(join_uri(cfg.bundle_uri, "item_popularity.parquet"))
+    shipped = pq.read_table(path, filesystem=fs)
+    catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
+    assert shipped.column("item_id").to_pylist() == catalog.item_ids.tolist()
+    users = build_datasets(cfg, storage).users.to_pandas()
+    records = {c: users[c].to_numpy() for c in users.columns}
+    capped = item_counts(records, catalog.num_items, max_per_user=cap)
+    assert (capped != item_counts(records, catalog.num_items)).any()  # the cap binds on this corpus
+    assert shipped.column("train_interactions").to_pylist() == capped.tolist()
+    baseline = evaluate_popularity(item_counts(records, catalog.num_items, with_validation=True, max_per_user=cap),
+                                   EvalSet.from_records(records, cfg.max_history, "test"), cfg.ks)
+    assert manifest["metrics"]["results"]["popularity"] == pytest.approx(baseline)

@@ -356,7 +356,9 @@ def select_users(storage: Storage, interactions_uri: str, cfg: SelfCheckConfig, 
 
     Passes over the files: each file's lowest user hashes with their event counts, then the events of
     the first users of the order with enough events, each file's cut to what a history can need
-    (:func:`_user_events`); see :func:`_first_users`. The driver holds the hashes and those users' events."""
+    (:func:`_user_events`), with the distinct items of their older events (what :attr:`UserHistory.seen` adds:
+    as many as a user has distinct items, so a bot with 100k of them sends 100k ids a file); see
+    :func:`_first_users`. The driver holds the hashes and those users' events and seen items."""
     import ray
 
     files = interaction_files(storage, interactions_uri)

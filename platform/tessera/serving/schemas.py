@@ -61,7 +61,8 @@ class SearchRequest(_Strict):
 class ScoredItem(BaseModel):
     item_id: str
     score: float = Field(description="the final score: the ranker's when it ran, else the retrieval cosine; for a "
-                                     "cold-start answer, the item's popularity in the interaction log")
+                                     "cold-start answer, the item's popularity in the training log (each user's last "
+                                     "max_examples_per_user events counted)")
     retrieval_score: float | None = Field(None, description="cosine of query and item vectors")
 
 

@@ -205,7 +205,8 @@ class ItemVectors:
 
 
 def read_popularity(storage: Storage, ref: VersionRef, items: ItemVectors) -> np.ndarray:
-    """``(I,)`` float32 training interactions per item row, from the bundle's popularity file.
+    """``(I,)`` float32 training interactions per item row (each user's last ``max_examples_per_user``),
+    from the bundle's popularity file.
 
     A bundle without the file (a placeholder) gives zeros: cold-start answers then fall back to id
     order, and the ranker's popularity feature is 0 for every item.

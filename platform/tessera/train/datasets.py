@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import ray.data
+from ray.data.aggregate import Max, Min
 from ray.data.expressions import col
 
 from tessera.embed.output import committed_parts
@@ -128,7 +129,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     inter = read_interactions(storage, cfg.interactions_uri)
     mapped = inter.map_batches(_to_rows, fn_kwargs={"item_ids": item_ids}, batch_format="numpy").materialize()
     total = mapped.count()
-    ts_range = (mapped.min("ts"), mapped.max("ts")) if total else (None, None)
+    ts_range = tuple(mapped.aggregate(Min("ts"), Max("ts")).values()) if total else (None, None)
     known = mapped.filter(expr=col("item_row") >= 0)
     n_known = known.count()
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(

@@ -118,7 +118,8 @@ def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, lease: Leas
 
 
 def write_popularity(storage: Storage, uri: str, catalog: ItemCatalog, counts: np.ndarray) -> None:
-    """``item_id``, ``train_interactions``: the ranker's ``log_popularity`` input, for serving."""
+    """``item_id``, ``train_interactions`` (each user's last ``max_examples_per_user`` training events): the
+    ranker's ``log_popularity`` input, for serving."""
     table = pa.table({"item_id": catalog.item_ids.tolist(), "train_interactions": counts.astype(np.int64)})
     storage.write_parquet(uri, table)
 
