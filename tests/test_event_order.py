@@ -199,3 +199,10 @@ def test_a_log_of_seconds_or_nanoseconds_is_named_and_one_of_milliseconds_is_not
     assert ts_unit_warning(0, 5_000_000) is None  # small synthetic times: no dates at all
     assert ts_unit_warning(1_000, 1_705_000_000) is None  # not all of them date-like as seconds
     assert ts_unit_warning(None, None) is None  # an empty log
+    # the way out the warning names: the same int64 seconds typed timestamp[s] read as milliseconds
+    from tessera.interactions import normalize_log
+
+    assert "pa.timestamp('s')" in warning
+    table = pa.table({"user_id": ["u", "u"], "item_id": ["a", "b"], "ts": pa.array(seconds, pa.int64()).cast(
+        pa.timestamp("s"))})
+    assert normalize_log(table, "(a table)").column("ts").to_pylist() == [t * 1000 for t in seconds]

@@ -162,8 +162,9 @@ def ts_unit_warning(ts_min: int | None, ts_max: int | None) -> str | None:
         return None
     return (f"the interaction log's ts runs from {ts_min} to {ts_max}: as milliseconds (what an integer ts is "
             f"taken as) that is {_as_date(ts_min)} to {_as_date(ts_max)}; it looks like {unit}, which puts every "
-            f"time gap the towers read off by a factor of 1000 or more. Write ts as int64 milliseconds or as an "
-            f"Arrow timestamp column (converted from its own unit)")
+            f"time gap the towers read off by a factor of 1000 or more. Write ts as int64 milliseconds, or give "
+            f"the column its unit as an Arrow timestamp type (the same int64 values: e.g. pa.timestamp('s') for "
+            f"Unix seconds), which every reader converts from its own unit")
 
 
 def _as_date(ms: int) -> str:
