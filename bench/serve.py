@@ -330,12 +330,18 @@ def in_process(index_uri: str, mix: RequestMix, requests: int, seed: int) -> dic
 
 
 # --- setup -------------------------------------------------------------------------------------
-def load_demo_env() -> dict[str, str]:
-    """The demo stack's settings from ``.tessera/env.sh`` (variables already set win); Ray reads them at import."""
+def _apply_env_file() -> tuple[dict[str, str], list[str]]:
+    """``.tessera/env.sh``'s settings put in the environment (variables already set win), and the stack's
+    settings still unset after that."""
     saved = read_env_file()
     for key, value in saved.items():
         os.environ.setdefault(key, value)
-    missing = [k for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL") if not os.environ.get(k)]
+    return saved, [k for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL") if not os.environ.get(k)]
+
+
+def load_demo_env() -> dict[str, str]:
+    """The demo stack's settings from ``.tessera/env.sh`` (variables already set win); Ray reads them at import."""
+    saved, missing = _apply_env_file()
     if missing:
         sys.exit(f"bench/serve.py needs the demo stack (make demo): {', '.join(missing)} unset and not in "
                  f".tessera/env.sh")
@@ -352,11 +358,8 @@ def demo_missing(source_run: str, model_uri: str) -> list[str]:
             if subprocess.run([str(cli), what, "status"], capture_output=True).returncode != 0]
     if down:
         return down
-    saved = read_env_file()
-    if not all(saved.get(k) or os.environ.get(k) for k in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")):
+    if _apply_env_file()[1]:
         return ["no stack settings in .tessera/env.sh"]
-    for key, value in saved.items():
-        os.environ.setdefault(key, value)
     from tessera.storage import Storage, join_uri
 
     storage = Storage()

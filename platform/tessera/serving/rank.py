@@ -3,9 +3,9 @@
 The features are built exactly as in training (:func:`tessera.models.ranker_dense_features`): the
 retrieval score, per modality the cosine between the candidate's encoder embedding and the
 history's mean and whether both exist, and ``log1p`` of the item's training interactions (each
-user's last ``max_examples_per_user`` counted; the bundle's ``item_popularity.parquet``). The final score follows the bundle manifest's
-``ranker_features.score``: ``retrieval_score / temperature + ranker_logit`` for a residual ranker.
-A bundle whose ranker was not trained keeps the retrieval order.
+user's last ``max_examples_per_user`` counted; the bundle's ``item_popularity.parquet``). The final
+score follows the bundle manifest's ``ranker_features.score``: ``retrieval_score / temperature +
+ranker_logit`` for a residual ranker. A bundle whose ranker was not trained keeps the retrieval order.
 
 Cold requests (no usable history) get the most popular items instead, minus excluded ones.
 

@@ -129,7 +129,7 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
     inter = read_interactions(storage, cfg.interactions_uri)
     mapped = inter.map_batches(_to_rows, fn_kwargs={"item_ids": item_ids}, batch_format="numpy").materialize()
     total = mapped.count()
-    ts_range = tuple(mapped.aggregate(Min("ts"), Max("ts")).values()) if total else (None, None)
+    ts_range = tuple(int(t) for t in mapped.aggregate(Min("ts"), Max("ts")).values()) if total else (None, None)
     known = mapped.filter(expr=col("item_row") >= 0)
     n_known = known.count()
     users = known.groupby("user_id", num_partitions=cfg.group_partitions).map_groups(
@@ -151,4 +151,4 @@ def build_datasets(cfg: TrainConfig, storage: Storage) -> TrainDatasets:
               else examples.filter(expr=col("from_end") < 0).materialize())
     return TrainDatasets(train=train, ranker=ranker, users=users, num_items=len(item_ids), interactions=total,
                          unknown_items=total - n_known, examples=examples.count(), num_users=users.count(),
-                         ts_range=tuple(None if t is None else int(t) for t in ts_range))
+                         ts_range=ts_range)

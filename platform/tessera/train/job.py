@@ -176,8 +176,9 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
             raise
         raise ConfigError(f"interactions_uri: {bad}") from None
     t_data = time.perf_counter()
-    if (warning := ts_unit_warning(*data.ts_range)) is not None:
-        print(f"[train] warning: {warning}", flush=True)  # as the index job warns; also in the manifest
+    ts_warning = ts_unit_warning(*data.ts_range)
+    if ts_warning is not None:
+        print(f"[train] warning: {ts_warning}", flush=True)  # as the index job warns; also in the manifest
     trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users},
                            lease.ref)
     try:
@@ -221,7 +222,7 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         "training": {"config": cfg.model_dump(mode="json"),
                      "checkpoint": _uri_of(cfg.checkpoint_uri, result.checkpoint.path),
                      "data": {"interactions": data.interactions, "unknown_items": data.unknown_items,
-                              "ts_range_ms": list(data.ts_range), "ts_warning": ts_unit_warning(*data.ts_range),
+                              "ts_range_ms": list(data.ts_range), "ts_warning": ts_warning,
                               "users": data.num_users, "examples": data.examples, "items": data.num_items,
                               "retrieval_examples": data.train.count(), "ranker_examples": data.ranker.count()}},
         "timings": {"data_s": round(t_data - t0, 2), "train_s": round(t_train - t_data, 2),
