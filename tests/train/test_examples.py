@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from tessera.train.catalog import ItemCatalog, vector_matrix
@@ -236,6 +237,38 @@ def test_validation_targets_precede_the_test_and_are_never_training_targets():
     assert targets == [1]  # u1's second training event; 9, 5, 8, 7, 2 never
     assert item_counts(records, 10).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 0, 0]
     assert item_counts(records, 10, with_validation=True).tolist() == [0, 1, 0, 1, 1, 0, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_eval_set_leaves_out_each_users_repeat_targets_as_a_loop_over_users_does(split):
+    """The targets already in a user's history, found for every user at once, are the ones a plain loop of
+    ``np.isin`` a user finds (users of 0 to 12 events over 15 items: many repeats, some users left with no
+    target); and the set comes back whole from a pickle (packed flat, as Ray stores it)."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    rows = [user_records({"user_id": np.array([f"u{u}"] * n), "item_row": rng.integers(0, 15, n),
+                          "ts": rng.permutation(n), "weight": np.ones(n, np.float32)}, holdout=2, validation=2)
+            for u, n in enumerate(rng.integers(0, 13, 300)) if n]
+    records = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    ev = EvalSet.from_records(records, max_history=4, split=split)
+    want, repeats = [], 0
+    for i in range(len(records["train_items"])):
+        seen = np.concatenate([records["train_items"][i]] + ([records["val_items"][i]] if split == "test" else []))
+        t = np.asarray(records["test_items"][i] if split == "test" else records["val_items"][i], dtype=np.int64)
+        new = t[~np.isin(t, seen)]
+        repeats += len(t) - len(new)
+        if len(new) and len(seen):
+            want.append((new.tolist(), seen.tolist()))
+    assert repeats > 50 and len(want) < len(records["train_items"]) - 50  # repeats, and users left out
+    assert ev.repeat_targets == repeats
+    assert [(t.tolist(), h.tolist()) for t, h in zip(ev.test_items, ev.train_items, strict=True)] == want
+    back = pickle.loads(pickle.dumps(ev, protocol=5))
+    assert back.repeat_targets == ev.repeat_targets and torch.equal(back.history.item_idx, ev.history.item_idx)
+    assert [x.tolist() for x in back.test_items] == [x.tolist() for x in ev.test_items]
+    assert [x.tolist() for x in back.train_items] == [x.tolist() for x in ev.train_items]
+    empty = pickle.loads(pickle.dumps(EvalSet.from_records({k: v[:0] for k, v in records.items()}, 4, split)))
+    assert empty.num_users == 0 and empty.train_items == []
 
 
 def test_nan_scores_are_misses_in_the_training_evaluation():

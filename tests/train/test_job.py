@@ -130,6 +130,30 @@ def test_a_variant_of_a_modality_the_embedding_run_lacks_fails_before_any_work(s
     assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
 
 
+def test_a_log_without_an_event_of_a_catalog_item_exits_2_naming_the_key(sample_embeddings, storage, train_root,
+                                                                        ray_session, tmp_path, capsys):
+    """Every event names an item the embedding run lacks: no user to train on. Exit 2 naming the key and
+    the counts, before any worker starts (they would each fail on the user data)."""
+    import pyarrow as pa
+    import yaml
+
+    from jobs.train import main
+
+    from .conftest import tiny_train_config
+
+    log = join_uri(train_root, "log-of-unknown-items")
+    storage.write_parquet(join_uri(log, "part-0.parquet"), pa.table({
+        "user_id": ["u1", "u1", "u2"], "item_id": ["nope-1", "nope-2", "nope-1"],
+        "ts": pa.array([1, 2, 3], pa.timestamp("ms")), "weight": pa.array([1.0, 1.0, 1.0], pa.float32())}))
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, interactions_uri=log)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage"})))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "interactions_uri" in err and "3 events, 3 of items it lacks" in err and str(path) in err, err
+    assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+
+
 def test_a_second_attempt_of_a_version_is_refused_while_the_first_holds_it(storage, train_root, ray_session,
                                                                            tmp_path, capsys):
     """A retried ``ray job submit`` used to train into the same checkpoints and bundle as the attempt still

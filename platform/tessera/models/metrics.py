@@ -69,9 +69,9 @@ def ranking_metrics(scores: np.ndarray | torch.Tensor, targets: Sequence[np.ndar
         tgt = torch.zeros(b, n_items, dtype=torch.bool)
         for r in range(b):
             t = np.asarray(targets[start + r], dtype=np.int64)
-            tgt[r, torch.from_numpy(t)] = True
+            tgt[r, torch.tensor(t)] = True  # a copy: t may be a read-only view
             if exclude is not None and len(exclude[start + r]):
-                e = torch.from_numpy(np.asarray(exclude[start + r], dtype=np.int64))
+                e = torch.tensor(np.asarray(exclude[start + r], dtype=np.int64))
                 block[r, e] = float("-inf")
                 finite[r, e] = False
         has = tgt.any(dim=1)  # (b,)

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
@@ -42,8 +43,8 @@ from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.datasets import build_datasets
 from tessera.train.evaluate import quality_checks
-from tessera.train.examples import item_counts
 from tessera.train.state import RANKED, STATE_FILE, bundle_from_state, load_state
+from tessera.train.users import UserDataRefs, share_user_data
 from tessera.train.worker import train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
@@ -96,16 +97,18 @@ def row_ranges(datasets: dict, world_size: int) -> dict:
     return out
 
 
-def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, lease: LeaseRef | None = None) -> TorchTrainer:
+def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, users: UserDataRefs,
+                 lease: LeaseRef | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split;
-    ``lease``: the run's, checked by rank 0 before each checkpoint."""
+    ``users``: the run's shared user data (:func:`~tessera.train.users.share_user_data`); ``lease``: the
+    run's, checked by rank 0 before each checkpoint."""
     fs, path = storage.filesystem(cfg.checkpoint_uri)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "lease": lease},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "lease": lease, "users": users},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -175,12 +178,16 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         if (bad := log_schema_error(err)) is None:
             raise
         raise ConfigError(f"interactions_uri: {bad}") from None
+    if data.num_users == 0:  # the task sharing the user records would fail in every worker instead
+        raise ConfigError(f"interactions_uri: {cfg.interactions_uri} holds no event of an item in the embedding "
+                          f"run {cfg.embeddings_uri} ({data.interactions} events, {data.unknown_items} of items "
+                          "it lacks): nothing to train on")
     t_data = time.perf_counter()
     ts_warning = ts_unit_warning(*data.ts_range)
     if ts_warning is not None:
         print(f"[train] warning: {ts_warning}", flush=True)  # as the index job warns; also in the manifest
-    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker, "users": data.users},
-                           lease.ref)
+    users = share_user_data(data.users, cfg, data.num_items)  # built once, read by every worker
+    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker}, users, lease.ref)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:  # Train V2 raises (workers failed past max_failures)
@@ -193,9 +200,7 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
     with result.checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE))
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
-    # the ranker's popularity as the workers counted it (each user's last max_examples_per_user events)
-    counts = item_counts({"train_items": data.users.to_pandas()["train_items"].to_numpy()}, catalog.num_items,
-                         max_per_user=cfg.max_examples_per_user)
+    counts = np.array(ray.get(users.counts))  # the ranker's popularity the workers trained with (writable)
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,
                "kept_epochs": state.kept_epochs}

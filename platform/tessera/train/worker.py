@@ -14,10 +14,11 @@ Data: the ``train`` (retrieval) and ``ranker`` datasets (next-item examples; the
 each user's most recent ``ranker.tail``, the ranker's are all of them) are split across workers, each
 a range of rows of their seeded order (:func:`~tessera.train.job.row_ranges`), read in seeded
 batches (:func:`seeded_batches`): one seed, one model;
-the ``users`` dataset (time-split user records) is read whole by every worker for the logQ counts (the
-towers' targets, :func:`~tessera.train.examples.target_counts`), the ranker's popularity
-and, on rank 0, the evaluation set. The item feature table is read from the embedding run by each
-worker.
+what the user records give (every user's training events for the examples' histories, the logQ
+counts of the towers' targets, the ranker's popularity and, on rank 0, the evaluation sets) is built
+once a run by one task and read from Ray's object store (``config["users"]``,
+:class:`~tessera.train.users.UserDataRefs`): one shared copy a node, not one a worker. The item feature
+table is read from the embedding run by each worker.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from tessera.storage import Storage
 from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
-from tessera.train.examples import EvalSet, UserTimelines, item_counts, target_counts
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
 from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
+from tessera.train.users import EvalData, UserData, UserDataRefs
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,6 @@ class EpochGauges:
         tags = {"stage": stage, "version": self.version}
         self.loss.set(float(loss), tags=tags)
         self.throughput.set(float(samples_per_s), tags=tags)
-
-
-def _users_table(shard) -> dict[str, np.ndarray]:
-    """Every user record, ordered by user id (the groupby that made them hands them over in no fixed order)."""
-    cols: dict[str, list] = {}
-    for batch in shard.iter_batches(batch_format="numpy", batch_size=4096):
-        for k, v in batch.items():
-            cols.setdefault(k, []).extend(list(v))
-    table = {k: np.asarray(v, dtype=object) for k, v in cols.items()}
-    order = np.argsort(table["user_id"].astype(str), kind="stable") if table else None
-    return {k: v[order] for k, v in table.items()}
 
 
 def seeded_batches(shard, batch_size: int, window: int, seed: int, drop_last: bool, device):
@@ -157,7 +147,8 @@ def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point on each worker; ``config = {"train": TrainConfig.model_dump(), "lease": LeaseRef | None}``."""
+    """Entry point on each worker; ``config = {"train": TrainConfig.model_dump(), "lease": LeaseRef | None,
+    "users": UserDataRefs}``."""
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -168,13 +159,13 @@ def train_loop_per_worker(config: dict) -> None:
     if lease is not None:  # a restart after the lease was lost stops here, not an epoch later
         lease.verify(storage)
     catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
-    users = _users_table(ray.train.get_dataset_shard("users"))
-    counts = item_counts(users, catalog.num_items, max_per_user=cfg.max_examples_per_user)
-    q_counts = target_counts(users, catalog.num_items, cfg.ranker.tail if cfg.ranker.enabled else 0,
-                             cfg.max_examples_per_user)
-    timelines = UserTimelines(users)  # the examples' histories: an example names only its user and place
-    test_set = EvalSet.from_records(users, cfg.max_history, "test") if rank == 0 else None
-    val_set = EvalSet.from_records(users, cfg.max_history, "validation") if rank == 0 and cfg.validation else None
+    refs: UserDataRefs = config["users"]
+    users: UserData = ray.get(refs.shared)  # read-only views of the node's one copy
+    counts, q_counts = np.array(users.counts), np.array(users.q_counts)  # (I,) each: copies of our own
+    timelines = users.timelines  # the examples' histories: an example names only its user and place
+    evaluation: EvalData | None = ray.get(refs.evaluation) if rank == 0 else None
+    test_set = evaluation.test if evaluation is not None else None
+    val_set = evaluation.validation if evaluation is not None else None
     shards = {"retrieval": ray.train.get_dataset_shard(f"train.{rank}"),
               "ranker": ray.train.get_dataset_shard(f"ranker.{rank}")}
     gauges = EpochGauges(cfg.version) if rank == 0 else None
@@ -186,9 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = load_state(os.path.join(d, STATE_FILE))
         state.resumes.append({"stage": state.stage, "epoch": state.epoch, "world_size": world})
     if rank == 0 and "popularity" not in state.results:
-        state.results["popularity"] = evaluate_popularity(
-            item_counts(users, catalog.num_items, with_validation=True, max_per_user=cfg.max_examples_per_user),
-            test_set, cfg.ks)
+        state.results["popularity"] = evaluate_popularity(np.array(users.counts_with_val), test_set, cfg.ks)
 
     plan = stage_plan(cfg)
     global_epoch = sum(s.epochs for s in plan[:state.stage]) + state.epoch
