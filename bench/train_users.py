@@ -9,9 +9,9 @@ in all past 2) get
 what the training loop needs from it, both ways, in turns (``--rounds``, fresh actors each time):
 
 * **baseline**: what each worker did before 2026-12-07: read the whole users dataset
-  (:func:`tessera.train.users.users_table`) and derive the timelines, counts and (rank 0) evaluation sets
-  itself (:func:`tessera.train.users.derive`), keeping the records for the run.
-* **ours**: :func:`tessera.train.users.share_user_data` as the job runs it: one task derives them, every
+  (:func:`tessera.train.shared.users_table`) and derive the timelines, counts and (rank 0) evaluation sets
+  itself (:func:`tessera.train.shared.derive`), keeping the records for the run.
+* **ours**: :func:`tessera.train.shared.share_user_data` as the job runs it: one task derives them, every
   worker ``ray.get``-s them from the object store (rank 0 the evaluation sets too) and reads every page of
   the timelines once (a training run reads them all within an epoch).
 
@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from tessera.train.examples import next_item_examples, user_records  # noqa: E402
-from tessera.train.users import derive, share_user_data, users_table  # noqa: E402
+from tessera.train.shared import derive, share_user_data, users_table  # noqa: E402
 
 NUM_ITEMS = 50_000
 MAX_HISTORY = 20

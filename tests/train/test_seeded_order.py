@@ -84,7 +84,7 @@ def test_each_worker_takes_a_fixed_range_of_rows(ray_session):
 def test_users_are_read_in_user_id_order(ray_session):
     import ray.data
 
-    from tessera.train.users import users_table
+    from tessera.train.shared import users_table
 
     rows = [{"user_id": f"u{n}", "train_items": np.arange(n % 3)} for n in (5, 1, 9, 3)]
     table = users_table(ray.data.from_items(rows, override_num_blocks=2).materialize().iterator())

@@ -1,9 +1,9 @@
 """The item feature table every worker holds: per-modality embeddings indexed by catalog row (no Ray).
 
-An embedding run is small next to the interaction log (items x ~1.1k floats: 4.6 MB per 1000 items),
-so each training worker reads it whole from storage and indexes it by *catalog row*: the position
-of the item id in the sorted id list. Sorting makes the row of an id the same in every process
-without passing a mapping around.
+An embedding run is small next to the interaction log (items x ~1.1k floats: 4.6 MB per 1000 items), so
+training holds it whole (one copy a node, read once a run: :mod:`tessera.train.shared`) and indexes it by
+*catalog row*: the position of the item id in the sorted id list. Sorting makes the row of an id the same
+in every process without passing a mapping around.
 
 Example::
 
@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,23 @@ class ItemCatalog:
         fs, _ = storage.filesystem(parts[0])
         tables = [pq.read_table(storage.filesystem(p)[1], filesystem=fs, columns=["item_id", *dims]) for p in parts]
         return cls.from_table(pa.concat_tables(tables), dims)
+
+    def arrays(self) -> dict:
+        """The table as numpy arrays on the CPU (``item_ids``, ``embeddings``, ``present``), what
+        :meth:`from_arrays` takes: what training workers share through Ray's object store."""
+        return {"item_ids": self.item_ids,
+                "embeddings": {m: e.detach().cpu().numpy() for m, e in self.embeddings.items()},
+                "present": {m: p.detach().cpu().numpy() for m, p in self.present.items()}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> ItemCatalog:
+        """The table over :meth:`arrays` without a copy, read-only ones included (a catalog's tensors are
+        never written: lookups index them, :meth:`to` copies them to another device)."""
+        with warnings.catch_warnings():  # torch warns of every read-only array it wraps
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return cls(item_ids=arrays["item_ids"],
+                       embeddings={m: torch.from_numpy(e) for m, e in arrays["embeddings"].items()},
+                       present={m: torch.from_numpy(p) for m, p in arrays["present"].items()})
 
     def rows(self, item_ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """Catalog row of each id, ``-1`` for ids not in the catalog."""

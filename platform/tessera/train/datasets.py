@@ -9,7 +9,7 @@
 
 Both are materialised once before training (28 bytes an example: each worker rebuilds an example's
 history from the user records, :class:`tessera.train.examples.UserTimelines`, which one task builds a run
-and every worker reads from the object store: :mod:`tessera.train.users`), so restarts
+and every worker reads from the object store: :mod:`tessera.train.shared`), so restarts
 after a worker failure re-read blocks instead of recomputing. Interactions whose item is not in
 the embedding run are counted and dropped (the count goes into the manifest); events without a user, an
 item or a time are left out (:func:`tessera.interactions.normalize_log`, which also gives every reader

@@ -87,7 +87,7 @@ def next_item_examples(records: dict[str, np.ndarray], max_examples: int | None 
     """User records -> one example per training position ``t >= 1`` of each user, the last ``max_examples``
     positions of each (None: every one). An example names its place, not its history: the worker rebuilds
     the history from the user records (:class:`UserTimelines`, shared by the workers:
-    :mod:`tessera.train.users`), so a materialised example is 28 bytes whatever ``max_history`` (with its
+    :mod:`tessera.train.shared`), so a materialised example is 28 bytes whatever ``max_history`` (with its
     padded history it was ~20 x max_history, three copies over).
 
     Returns:
@@ -128,7 +128,7 @@ class UserTimelines:
     Args:
         records: user records (:func:`user_records` columns ``user_id``, ``train_items``, ``train_ts``,
             ``train_w``), of every user the examples come from (built once a run and shared by every
-            worker: :mod:`tessera.train.users`).
+            worker: :mod:`tessera.train.shared`).
 
     Example::
 
@@ -262,7 +262,7 @@ class EvalSet:
 
     def __reduce__(self):
         """Pickled with each list of arrays as one flat array and its lengths: Ray's object store took 3.3 s to
-        store and 1.7 s to read the two sets of 100k users as 200k arrays each (:mod:`tessera.train.users`)."""
+        store and 1.7 s to read the two sets of 100k users as 200k arrays each (:mod:`tessera.train.shared`)."""
         return _eval_set, (self.history, _pack(self.train_items), _pack(self.test_items), self.repeat_targets)
 
 

@@ -43,8 +43,8 @@ from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.datasets import build_datasets
 from tessera.train.evaluate import quality_checks
+from tessera.train.shared import SharedRefs, share_run_data
 from tessera.train.state import RANKED, STATE_FILE, bundle_from_state, load_state
-from tessera.train.users import UserDataRefs, share_user_data
 from tessera.train.worker import train_loop_per_worker
 
 METRICS_FILE = "metrics.json"
@@ -97,18 +97,18 @@ def row_ranges(datasets: dict, world_size: int) -> dict:
     return out
 
 
-def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, users: UserDataRefs,
+def make_trainer(cfg: TrainConfig, storage: Storage, datasets: dict, shared: SharedRefs,
                  lease: LeaseRef | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of ``cfg``: scaling, S3 checkpoint storage, failure policy, dataset split;
-    ``users``: the run's shared user data (:func:`~tessera.train.users.share_user_data`); ``lease``: the
-    run's, checked by rank 0 before each checkpoint."""
+    ``shared``: the run's user data and catalog (:func:`~tessera.train.shared.share_run_data`); ``lease``:
+    the run's, checked by rank 0 before each checkpoint."""
     fs, path = storage.filesystem(cfg.checkpoint_uri)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "lease": lease, "users": users},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "lease": lease, "shared": shared},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -186,8 +186,8 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
     ts_warning = ts_unit_warning(*data.ts_range)
     if ts_warning is not None:
         print(f"[train] warning: {ts_warning}", flush=True)  # as the index job warns; also in the manifest
-    users = share_user_data(data.users, cfg, data.num_items)  # built once, read by every worker
-    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker}, users, lease.ref)
+    shared = share_run_data(data.users, cfg, data.num_items)  # built once, read by every worker
+    trainer = make_trainer(cfg, storage, {"train": data.train, "ranker": data.ranker}, shared, lease.ref)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:  # Train V2 raises (workers failed past max_failures)
@@ -199,8 +199,8 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")
     with result.checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE))
-    catalog = ItemCatalog.load(storage, cfg.embeddings_uri)
-    counts = np.array(ray.get(users.counts))  # the ranker's popularity the workers trained with (writable)
+    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog))
+    counts = np.array(ray.get(shared.users.counts))  # the ranker's popularity the workers trained with (writable)
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,
                "kept_epochs": state.kept_epochs}

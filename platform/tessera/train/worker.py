@@ -15,10 +15,9 @@ each user's most recent ``ranker.tail``, the ranker's are all of them) are split
 a range of rows of their seeded order (:func:`~tessera.train.job.row_ranges`), read in seeded
 batches (:func:`seeded_batches`): one seed, one model;
 what the user records give (every user's training events for the examples' histories, the logQ
-counts of the towers' targets, the ranker's popularity and, on rank 0, the evaluation sets) is built
-once a run by one task and read from Ray's object store (``config["users"]``,
-:class:`~tessera.train.users.UserDataRefs`): one shared copy a node, not one a worker. The item feature
-table is read from the embedding run by each worker.
+counts of the towers' targets, the ranker's popularity and, on rank 0, the evaluation sets) and the
+item feature table are built once a run by two tasks and read from Ray's object store
+(``config["shared"]``, :class:`~tessera.train.shared.SharedRefs`): one shared copy a node, not one a worker.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ from tessera.train.config import TrainConfig
 from tessera.train.evaluate import evaluate_popularity, evaluate_ranked, evaluate_retrieval
 from tessera.train.ranking import RankerModel
 from tessera.train.retrieval import TwoTowerModel, variant
+from tessera.train.shared import EvalData, SharedRefs, UserData
 from tessera.train.state import RANKED, STATE_FILE, TrainState, load_state, save_state
-from tessera.train.users import EvalData, UserData, UserDataRefs
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ def stage_model(stage: Stage, cfg: TrainConfig, catalog: ItemCatalog, counts: np
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point on each worker; ``config = {"train": TrainConfig.model_dump(), "lease": LeaseRef | None,
-    "users": UserDataRefs}``."""
+    "shared": SharedRefs}``."""
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -158,8 +157,9 @@ def train_loop_per_worker(config: dict) -> None:
     lease: LeaseRef | None = config.get("lease") if rank == 0 else None
     if lease is not None:  # a restart after the lease was lost stops here, not an epoch later
         lease.verify(storage)
-    catalog = ItemCatalog.load(storage, cfg.embeddings_uri).to(device)
-    refs: UserDataRefs = config["users"]
+    shared: SharedRefs = config["shared"]
+    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog)).to(device)  # on the CPU, the node's one copy
+    refs = shared.users
     users: UserData = ray.get(refs.shared)  # read-only views of the node's one copy
     counts, q_counts = np.array(users.counts), np.array(users.q_counts)  # (I,) each: copies of our own
     timelines = users.timelines  # the examples' histories: an example names only its user and place

@@ -1,28 +1,32 @@
-"""What training derives from the user records, built once a run and shared by every worker.
+"""What every training worker reads, built once a run and shared through Ray's object store.
 
 Every worker needs every user's training events (an example names only its user and place:
-:class:`~tessera.train.examples.UserTimelines` rebuilds its history) and the item counts (the ranker's
-popularity, the towers' logQ); rank 0 also the evaluation sets. Each worker used to read the whole ``users``
-dataset and build all of it itself: W workers on a node held W copies (~20 bytes an event each, plus a
-Python array object per user and column while building), and each spent the CPU to build them.
+:class:`~tessera.train.examples.UserTimelines` rebuilds its history), the item counts (the ranker's
+popularity, the towers' logQ) and the item feature table (:class:`~tessera.train.catalog.ItemCatalog`,
+~4.6 MB per 1,000 items); rank 0 also the evaluation sets. Each worker used to read the whole ``users``
+dataset and the whole embedding run and build all of it itself: W workers on a node held W copies (the
+timelines ~20 bytes an event, plus a Python array object per user and column while building; the catalog
+~4.6 GB at 1M items), and each spent the CPU (and the storage reads) to build them.
 
-Now one Ray task (:func:`share_user_data`) reads the records once and returns three objects:
-:class:`UserData` (the timelines' flat arrays and the counts), which every worker fetches from Ray's object
-store, :class:`EvalData` (the evaluation sets), which rank 0 alone fetches, and the ranker's popularity
-counts, which the driver writes into the bundle. A numpy array fetched from the object store is a
-read-only view of shared memory, not a copy: the workers of a node share one copy, which a worker on
-another node pulls once for its node.
+Now :func:`share_run_data` runs two Ray tasks once a run: one reads the user records and returns
+:class:`UserData` (the timelines' flat arrays and the counts), which every worker fetches, :class:`EvalData`
+(the evaluation sets), which rank 0 alone fetches, and the ranker's popularity counts, which the driver
+writes into the bundle; the other reads the embedding run and returns the catalog's arrays. A numpy array
+fetched from the object store is a read-only view of shared memory, not a copy: the workers of a node share
+one copy, which a worker on another node pulls once for its node. On a GPU the worker copies the catalog
+to its device, as before.
 
-The driver waits for the task (1 CPU) before it starts the trainer: workers holding every CPU would
-otherwise leave the task none while they wait on it. The results are rebuilt from lineage if a node
+The driver waits for the tasks (1 CPU each) before it starts the trainer: workers holding every CPU would
+otherwise leave the tasks none while they wait on them. The results are rebuilt from lineage if a node
 holding them is lost; a worker group restarted after that loss waits on the rebuild, which needs a free
 CPU (a cluster whose training workers take every CPU has none until the group's old workers are gone).
 
 Example::
 
-    refs = share_user_data(data.users, cfg, data.num_items)     # on the driver, before the trainer starts
-    shared = ray.get(refs.shared)                              # on each worker
+    refs = share_run_data(data.users, cfg, data.num_items)     # on the driver, before the trainer starts
+    shared = ray.get(refs.users.shared)                        # on each worker
     shared.timelines.histories(user_key, from_end, cfg.max_history)
+    catalog = ItemCatalog.from_arrays(ray.get(refs.catalog))   # tensors over the shared arrays
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from tessera.storage import Storage
+from tessera.train.catalog import ItemCatalog
 from tessera.train.config import TrainConfig
 from tessera.train.examples import EvalSet, UserTimelines, item_counts, target_counts
 
@@ -106,9 +112,7 @@ def _derive_task(users, cfg_json: dict, num_items: int) -> tuple[UserData, EvalD
 
 def share_user_data(users, cfg: TrainConfig, num_items: int, wait: bool = True) -> UserDataRefs:
     """Run the task that reads ``users`` (the materialised user records) once and derives what the workers
-    need; returns its refs. ``wait``: return once the task is done (its results stay where it ran): the job
-    waits before starting the trainer, whose workers could otherwise take the CPUs the task waits for
-    while they wait on it.
+    need; returns its refs. ``wait``: return once the task is done (its results stay where it ran).
 
     Raises:
         ValueError: no user records (with ``wait``; otherwise on the first ``ray.get``).
@@ -118,3 +122,39 @@ def share_user_data(users, cfg: TrainConfig, num_items: int, wait: bool = True) 
         ray.wait([shared], fetch_local=False)
         ray.get(counts)  # small; raises the task's error here, on the driver
     return UserDataRefs(shared=shared, evaluation=evaluation, counts=counts)
+
+
+@ray.remote(max_retries=3)
+def _catalog_task(cfg_json: dict) -> dict:
+    cfg = TrainConfig.model_validate(cfg_json)
+    return ItemCatalog.load(Storage(cfg.storage), cfg.embeddings_uri).arrays()
+
+
+@dataclass(frozen=True)
+class SharedRefs:
+    """Object refs of one run's :func:`share_run_data` (the driver holds them for the run's length)."""
+
+    users: UserDataRefs
+    catalog: ray.ObjectRef  # ItemCatalog.arrays() of the embedding run
+
+
+def share_catalog(cfg: TrainConfig, wait: bool = True) -> ray.ObjectRef:
+    """Run the task that reads the embedding run ``cfg.embeddings_uri`` once; returns the ref of its
+    :meth:`ItemCatalog.arrays` (``wait``: once the task is done; its errors raise on the first ``ray.get``)."""
+    ref = _catalog_task.remote(cfg.model_dump(mode="json"))
+    if wait:
+        ray.wait([ref], fetch_local=False)
+    return ref
+
+
+def share_run_data(users, cfg: TrainConfig, num_items: int) -> SharedRefs:
+    """The user data (:func:`share_user_data`) and the item catalog (:func:`share_catalog`), built by two
+    tasks side by side; returns once both are done (the job starts the trainer after, see the module doc).
+
+    Raises:
+        ValueError: no user records.
+    """
+    catalog = share_catalog(cfg, wait=False)
+    refs = SharedRefs(users=share_user_data(users, cfg, num_items), catalog=catalog)
+    ray.wait([catalog], fetch_local=False)
+    return refs

@@ -1,4 +1,4 @@
-"""The user data a training run derives once and every worker reads from Ray's object store."""
+"""The user data and item catalog a training run builds once and every worker reads from Ray's object store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.train.examples import EvalSet, UserTimelines, item_counts, next_item_examples, target_counts, user_records
-from tessera.train.users import derive
+from tessera.train.shared import derive
 from tests.train.conftest import tiny_train_config
 
 NUM_ITEMS = 60
@@ -95,7 +95,7 @@ def test_workers_read_one_shared_copy_of_what_one_task_derived(ray_session):
     import ray
     import ray.data
 
-    from tessera.train.users import share_user_data
+    from tessera.train.shared import share_user_data
 
     cfg, records = _cfg(), _records()
     users = ray.data.from_items(_rows(records), override_num_blocks=3).materialize()
@@ -124,8 +124,34 @@ def test_a_log_without_users_is_refused_by_name(ray_session):
     import ray
     import ray.data
 
-    from tessera.train.users import share_user_data
+    from tessera.train.shared import share_user_data
 
     empty = ray.data.from_items([{"user_id": "u"}]).filter(lambda r: r["user_id"] != "u").materialize()
     with pytest.raises(ValueError, match="no user records"):  # on the driver, before any worker waits on it
         share_user_data(empty, _cfg(), NUM_ITEMS)
+
+
+def test_the_catalog_is_read_once_and_workers_wrap_the_shared_arrays(sample_embeddings, storage, ray_session):
+    """Another process builds the catalog over the object store's arrays (tensors sharing their memory, no
+    copy): the same ids, embeddings and present masks as the embedding run read from storage."""
+    import ray
+
+    from tessera.train.catalog import ItemCatalog
+    from tessera.train.shared import share_catalog
+
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], "s3://unused/out")
+    ref = share_catalog(cfg)
+
+    @ray.remote(num_cpus=0)
+    def worker(refs):
+        catalog = ItemCatalog.from_arrays(ray.get(refs[0])).to("cpu")
+        mapped = {m: _mapped_file(e.numpy()) for m, e in catalog.embeddings.items()}
+        return mapped, catalog.item_ids, catalog.embeddings, catalog.present
+
+    mapped, ids, embeddings, present = ray.get(worker.remote([ref]))
+    want = ItemCatalog.load(storage, cfg.embeddings_uri)
+    assert sorted(mapped) == ["audio", "image", "text"] and all("plasma" in f for f in mapped.values()), mapped
+    assert ids.tolist() == want.item_ids.tolist() and len(ids) == 160
+    for m in want.modalities:
+        assert torch.equal(embeddings[m], want.embeddings[m]) and torch.equal(present[m], want.present[m])
+    assert not all(bool(p.all()) for p in present.values())  # failed items' rows are absent, as read
