@@ -140,7 +140,7 @@ def test_the_catalog_is_read_once_and_workers_wrap_the_shared_arrays(sample_embe
     from tessera.train.shared import share_catalog
 
     cfg = tiny_train_config(sample_embeddings["output"]["uri"], "s3://unused/out")
-    ref = share_catalog(cfg)
+    ref = share_catalog(cfg).arrays
 
     @ray.remote(num_cpus=0)
     def worker(refs):
@@ -155,3 +155,39 @@ def test_the_catalog_is_read_once_and_workers_wrap_the_shared_arrays(sample_embe
     for m in want.modalities:
         assert torch.equal(embeddings[m], want.embeddings[m]) and torch.equal(present[m], want.present[m])
     assert not all(bool(p.all()) for p in present.values())  # failed items' rows are absent, as read
+
+
+def test_a_write_through_a_catalog_tensor_is_caught_before_the_bundle(sample_embeddings, ray_session):
+    """Ray maps its object store writable and torch drops numpy's read-only flag: an in-place write to a
+    catalog tensor changes the shared copy itself (every worker's, and the bundle's). Nothing writes it;
+    the driver's check before it builds the bundle would catch a change that did."""
+    import ray
+
+    from tessera.train.catalog import ItemCatalog
+    from tessera.train.shared import share_catalog
+
+    refs = share_catalog(tiny_train_config(sample_embeddings["output"]["uri"], "s3://unused/out"))
+    refs.check_unchanged()
+    catalog = ItemCatalog.from_arrays(ray.get(refs.arrays))
+    catalog.embeddings["text"][0, 0] += 1.0  # what no training code may do
+    assert float(ItemCatalog.from_arrays(ray.get(refs.arrays)).embeddings["text"][0, 0]) == float(
+        catalog.embeddings["text"][0, 0])  # the same memory: the write went through to the shared copy
+    with pytest.raises(RuntimeError, match="changed while they trained"):
+        refs.check_unchanged()
+
+
+def test_a_missing_embedding_run_or_one_that_changed_is_an_error_on_the_driver(sample_embeddings, bucket_uri,
+                                                                                ray_session):
+    import ray.data
+
+    from tessera.train.shared import share_catalog, share_run_data
+
+    missing = f"{bucket_uri}/no-such-run"
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        share_catalog(tiny_train_config(missing, "s3://unused/out"))
+    records = _records()
+    users = ray.data.from_items(_rows(records), override_num_blocks=2).materialize()
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], "s3://unused/out")
+    with pytest.raises(RuntimeError, match="holds 160 items, 159 when the training data was built"):
+        share_run_data(users, cfg, 159)
+    assert share_run_data(users, cfg, 160).catalog.num_items == 160

@@ -199,7 +199,8 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         raise TrainingFailedError(f"training run {cfg.version} failed: {result.error!r}")
     with result.checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE))
-    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog))
+    shared.catalog.check_unchanged()  # before the bundle is built from it
+    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog.arrays))
     counts = np.array(ray.get(shared.users.counts))  # the ranker's popularity the workers trained with (writable)
     bundle = bundle_from_state(cfg, state, catalog, counts)
     metrics = {"results": state.results, "checks": quality_checks(state.results), "history": state.history,

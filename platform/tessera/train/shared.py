@@ -26,11 +26,12 @@ Example::
     refs = share_run_data(data.users, cfg, data.num_items)     # on the driver, before the trainer starts
     shared = ray.get(refs.users.shared)                        # on each worker
     shared.timelines.histories(user_key, from_end, cfg.max_history)
-    catalog = ItemCatalog.from_arrays(ray.get(refs.catalog))   # tensors over the shared arrays
+    catalog = ItemCatalog.from_arrays(ray.get(refs.catalog.arrays))   # tensors over the shared arrays
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,10 +125,42 @@ def share_user_data(users, cfg: TrainConfig, num_items: int, wait: bool = True) 
     return UserDataRefs(shared=shared, evaluation=evaluation, counts=counts)
 
 
-@ray.remote(max_retries=3)
-def _catalog_task(cfg_json: dict) -> dict:
+def catalog_fingerprint(arrays: dict) -> str:
+    """blake2b of a catalog's arrays (:meth:`ItemCatalog.arrays`): ids, embeddings and present masks."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\n".join(arrays["item_ids"].tolist()).encode())
+    for part in ("embeddings", "present"):
+        for m in sorted(arrays[part]):
+            h.update(m.encode())
+            h.update(np.ascontiguousarray(arrays[part][m]).data)
+    return h.hexdigest()
+
+
+@ray.remote(num_returns=2, max_retries=3)
+def _catalog_task(cfg_json: dict) -> tuple[dict, dict]:
     cfg = TrainConfig.model_validate(cfg_json)
-    return ItemCatalog.load(Storage(cfg.storage), cfg.embeddings_uri).arrays()
+    arrays = ItemCatalog.load(Storage(cfg.storage), cfg.embeddings_uri).arrays()
+    return arrays, {"num_items": len(arrays["item_ids"]), "fingerprint": catalog_fingerprint(arrays)}
+
+
+@dataclass(frozen=True)
+class CatalogRefs:
+    """The shared item catalog: the ref of its arrays and what the driver checks them by."""
+
+    arrays: ray.ObjectRef  # ItemCatalog.arrays() of the embedding run
+    num_items: int
+    fingerprint: str  # catalog_fingerprint of the arrays as the task built them
+
+    def check_unchanged(self) -> None:
+        """Raise if the shared arrays differ from what the task built. Ray maps its object store writable: a
+        tensor over it (:meth:`ItemCatalog.from_arrays`) written in place would change every worker's copy
+        and the bundle's, silently; nothing writes them, and this would catch a change that did.
+
+        Raises:
+            RuntimeError: they changed."""
+        if catalog_fingerprint(ray.get(self.arrays)) != self.fingerprint:
+            raise RuntimeError("the item catalog shared with the training workers changed while they trained "
+                               "(a tensor over the object store was written in place)")
 
 
 @dataclass(frozen=True)
@@ -135,16 +168,15 @@ class SharedRefs:
     """Object refs of one run's :func:`share_run_data` (the driver holds them for the run's length)."""
 
     users: UserDataRefs
-    catalog: ray.ObjectRef  # ItemCatalog.arrays() of the embedding run
+    catalog: CatalogRefs
 
 
-def share_catalog(cfg: TrainConfig, wait: bool = True) -> ray.ObjectRef:
-    """Run the task that reads the embedding run ``cfg.embeddings_uri`` once; returns the ref of its
-    :meth:`ItemCatalog.arrays` (``wait``: once the task is done; its errors raise on the first ``ray.get``)."""
-    ref = _catalog_task.remote(cfg.model_dump(mode="json"))
-    if wait:
-        ray.wait([ref], fetch_local=False)
-    return ref
+def share_catalog(cfg: TrainConfig) -> CatalogRefs:
+    """Run the task that reads the embedding run ``cfg.embeddings_uri`` once; returns once it is done (its
+    error raised here, on the driver)."""
+    arrays, info = _catalog_task.remote(cfg.model_dump(mode="json"))
+    info = ray.get(info)
+    return CatalogRefs(arrays=arrays, num_items=info["num_items"], fingerprint=info["fingerprint"])
 
 
 def share_run_data(users, cfg: TrainConfig, num_items: int) -> SharedRefs:
@@ -153,8 +185,15 @@ def share_run_data(users, cfg: TrainConfig, num_items: int) -> SharedRefs:
 
     Raises:
         ValueError: no user records.
+        RuntimeError: the embedding run holds another number of items than ``num_items`` (it changed since
+            the datasets mapped the log's item ids to catalog rows).
+        The catalog task's error (e.g. ``FileNotFoundError``: the embedding run has no parts).
     """
-    catalog = share_catalog(cfg, wait=False)
-    refs = SharedRefs(users=share_user_data(users, cfg, num_items), catalog=catalog)
-    ray.wait([catalog], fetch_local=False)
-    return refs
+    arrays, info = _catalog_task.remote(cfg.model_dump(mode="json"))  # runs beside the user data's task
+    user_data = share_user_data(users, cfg, num_items)
+    info = ray.get(info)
+    if info["num_items"] != num_items:
+        raise RuntimeError(f"the embedding run {cfg.embeddings_uri} holds {info['num_items']} items, "
+                           f"{num_items} when the training data was built: it changed during the job")
+    return SharedRefs(users=user_data, catalog=CatalogRefs(arrays=arrays, num_items=info["num_items"],
+                                                           fingerprint=info["fingerprint"]))

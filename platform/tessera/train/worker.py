@@ -158,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     if lease is not None:  # a restart after the lease was lost stops here, not an epoch later
         lease.verify(storage)
     shared: SharedRefs = config["shared"]
-    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog)).to(device)  # on the CPU, the node's one copy
+    catalog = ItemCatalog.from_arrays(ray.get(shared.catalog.arrays)).to(device)  # on the CPU, the node's one copy
     refs = shared.users
     users: UserData = ray.get(refs.shared)  # read-only views of the node's one copy
     counts, q_counts = np.array(users.counts), np.array(users.q_counts)  # (I,) each: copies of our own
