@@ -89,7 +89,7 @@ class Worker:
         import gc
 
         gc.collect()
-        self.rank, self.held = rank, None
+        self.rank, self.held, self.timelines = rank, None, None
         self.before = _uss_mb()
 
     def ready(self) -> bool:
@@ -101,7 +101,7 @@ class Worker:
         cfg = TrainConfig.model_validate(cfg_json)
         records = users_table(users)  # the old loop kept ``users`` (the records) for the whole run
         shared, evaluation = derive(records, cfg, NUM_ITEMS, with_evaluation=self.rank == 0)  # as the loop did
-        self.held = (records, shared, evaluation)
+        self.held, self.timelines = (records, shared, evaluation), shared.timelines
         return time.time()
 
     def shared_copy(self, refs) -> float:
@@ -109,16 +109,14 @@ class Worker:
         evaluation = ray.get(refs[0].evaluation) if self.rank == 0 else None
         t = shared.timelines
         int(t.items.sum()) + int(t.ts.sum()) + float(t.w.sum())  # every page read once, as an epoch does
-        self.held = (shared, evaluation)
+        self.held, self.timelines = (shared, evaluation), t
         return time.time()
 
     def memory(self) -> float:
         return _uss_mb() - self.before
 
     def histories(self, user_key: np.ndarray, from_end: np.ndarray) -> dict[str, np.ndarray]:
-        shared = self.held[1]
-        return (shared if hasattr(shared, "timelines") else self.held[0]).timelines.histories(
-            user_key, from_end, MAX_HISTORY)
+        return self.timelines.histories(user_key, from_end, MAX_HISTORY)
 
 
 def _ray_workers_uss_mb() -> float:
@@ -136,7 +134,7 @@ def _ray_workers_uss_mb() -> float:
 
 
 def one_round(users: ray.data.Dataset, cfg, workers: int, mode: str, probe: dict) -> dict:
-    # at most 1 CPU for them all: ours' task needs the other (the job runs it before the trainer starts)
+    # 1 CPU at most for them all: the deriving task needs the other (the job runs it before the trainer starts)
     actors = [Worker.options(num_cpus=min(0.5, 1 / workers)).remote(r) for r in range(workers)]
     ray.get([a.ready.remote() for a in actors])
     time.sleep(1.0)
