@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import statistics
 import sys
@@ -92,8 +93,8 @@ class Worker:
         self.rank, self.held, self.timelines = rank, None, None
         self.before = _uss_mb()
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        return os.getpid()
 
     def own_copy(self, users, cfg_json: dict) -> float:
         from tessera.train.config import TrainConfig
@@ -136,7 +137,7 @@ def _ray_workers_uss_mb() -> float:
 def one_round(users: ray.data.Dataset, cfg, workers: int, mode: str, probe: dict) -> dict:
     # 1 CPU at most for them all: the deriving task needs the other (the job runs it before the trainer starts)
     actors = [Worker.options(num_cpus=min(0.5, 1 / workers)).remote(r) for r in range(workers)]
-    ray.get([a.ready.remote() for a in actors])
+    pids = ray.get([a.ready.remote() for a in actors])
     time.sleep(1.0)
     before = _ray_workers_uss_mb()
     t0 = time.time()
@@ -154,6 +155,13 @@ def one_round(users: ray.data.Dataset, cfg, workers: int, mode: str, probe: dict
     for a in actors:
         ray.kill(a)
     del refs
+    import psutil
+
+    for pid in pids:  # ray.kill returns at once: an actor still exiting would count in the next round's start
+        try:
+            psutil.Process(pid).wait(timeout=60)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
     return {"s": seconds, "node_mb": sum(uss) + store, "store_mb": store, "all_node_mb": workers_mb + store,
             "per_worker_uss_mb": [round(m, 1) for m in uss], "hist": hist}
 
