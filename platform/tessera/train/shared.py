@@ -171,12 +171,16 @@ class SharedRefs:
     catalog: CatalogRefs
 
 
+def _catalog_refs(arrays: ray.ObjectRef, info: ray.ObjectRef) -> CatalogRefs:
+    """The refs of a :func:`_catalog_task`, once it is done (its error raised here, on the driver)."""
+    info = ray.get(info)
+    return CatalogRefs(arrays=arrays, num_items=info["num_items"], fingerprint=info["fingerprint"])
+
+
 def share_catalog(cfg: TrainConfig) -> CatalogRefs:
     """Run the task that reads the embedding run ``cfg.embeddings_uri`` once; returns once it is done (its
     error raised here, on the driver)."""
-    arrays, info = _catalog_task.remote(cfg.model_dump(mode="json"))
-    info = ray.get(info)
-    return CatalogRefs(arrays=arrays, num_items=info["num_items"], fingerprint=info["fingerprint"])
+    return _catalog_refs(*_catalog_task.remote(cfg.model_dump(mode="json")))
 
 
 def share_run_data(users, cfg: TrainConfig, num_items: int) -> SharedRefs:
@@ -189,11 +193,10 @@ def share_run_data(users, cfg: TrainConfig, num_items: int) -> SharedRefs:
             the datasets mapped the log's item ids to catalog rows).
         The catalog task's error (e.g. ``FileNotFoundError``: the embedding run has no parts).
     """
-    arrays, info = _catalog_task.remote(cfg.model_dump(mode="json"))  # runs beside the user data's task
+    started = _catalog_task.remote(cfg.model_dump(mode="json"))  # runs beside the user data's task
     user_data = share_user_data(users, cfg, num_items)
-    info = ray.get(info)
-    if info["num_items"] != num_items:
-        raise RuntimeError(f"the embedding run {cfg.embeddings_uri} holds {info['num_items']} items, "
+    catalog = _catalog_refs(*started)
+    if catalog.num_items != num_items:
+        raise RuntimeError(f"the embedding run {cfg.embeddings_uri} holds {catalog.num_items} items, "
                            f"{num_items} when the training data was built: it changed during the job")
-    return SharedRefs(users=user_data, catalog=CatalogRefs(arrays=arrays, num_items=info["num_items"],
-                                                           fingerprint=info["fingerprint"]))
+    return SharedRefs(users=user_data, catalog=catalog)
