@@ -2,9 +2,11 @@
 
     ray job submit --working-dir . -- python -m jobs.embed --config configs/embed.yaml
     python -m jobs.embed --config configs/embed.yaml [--run-id R] [--max-error-rate 0.1]
+    python -m jobs.embed --config configs/embed.yaml --run-id R2 --retry-failed-from R [--retry-kinds missing,corrupt]
 
 Exit codes: 0 done; 2 bad config or input (null / repeated item ids, pools that do not fit the
-cluster, a run id started with other settings); 3 error rate above --max-error-rate (the summary is
+cluster, a run id started with other settings, a run to retry that is absent, unfinished or of other
+settings); 3 error rate above --max-error-rate (the summary is
 printed and the output is kept); 4 the output does not hold every input item exactly once, or a pool's
 actors ran different weights of one encoder; 5 another
 attempt of the run holds it (started before this one and still running, or took it over from this one).
@@ -40,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--break-lease", action="store_true",
                         help="take the run over from another attempt that still holds its lease (only when "
                              "you know that attempt is gone: two at once write duplicates)")
+    parser.add_argument("--retry-failed-from", default=None, metavar="RUN_ID",
+                        help="embed again the failed items of this finished run, into --run-id (a new run that "
+                             "copies the rest of it); for objects uploaded or repaired since")
+    parser.add_argument("--retry-kinds", default=None, metavar="KIND[,KIND...]",
+                        help="with --retry-failed-from: only items failed with these error kinds (default: all)")
     args = parser.parse_args(argv)
+    kinds = None if args.retry_kinds is None else [k.strip() for k in args.retry_kinds.split(",") if k.strip()]
     try:
         cfg = apply_flags(load_config(EmbedConfig, args.config), [
-            ("--run-id", "run_id", args.run_id or None), ("--max-error-rate", "max_error_rate", args.max_error_rate)])
+            ("--run-id", "run_id", args.run_id or None), ("--max-error-rate", "max_error_rate", args.max_error_rate),
+            ("--retry-failed-from", "retry_failed_from", args.retry_failed_from),
+            ("--retry-kinds", "retry_kinds", kinds)])
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -64,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"embeddings {state} at {manifest['output']['uri']}: {manifest['input']['items']} items, "
           f"error rate {rate:.3f}")
     print("\n".join(summary_lines(manifest)))
+    if (retried := manifest.get("retried_from")) is not None:
+        print(f"  retried {retried['items_retried']} items of {retried['run']} "
+              f"({retried['parts_copied']} of its {retried['parts']} parts copied as they were)")
     print(json.dumps({"counts": manifest["counts"], "timings": manifest["timings"]}, sort_keys=True))
     if rate > cfg.max_error_rate:
         print(f"error: error rate {rate:.3f} is above max_error_rate {cfg.max_error_rate}", file=sys.stderr)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tessera.config import TesseraConfig
 from tessera.embed.limits import DECODE_BATCH_TIMEOUT_S, DECODE_ITEM_TIMEOUT_S
 from tessera.encoders.audio import AudioEncoderConfig
+from tessera.encoders.errors import MEDIA_ERROR_KINDS, MediaErrorKind
 from tessera.encoders.image import ImageEncoderConfig
 from tessera.encoders.text import TextEncoderConfig
 from tessera.storage import StorageConfig
@@ -164,6 +165,13 @@ class EmbedConfig(TesseraConfig):
             process on the same machine that has exited. Keep it above ``storage.retry_window_s``: an
             attempt that cannot renew for a ttl stops (the store down that long), where the storage
             retries would have ridden the outage out.
+        retry_failed_from: the run id (under ``output_uri``) of a finished run whose failed items this
+            run embeds again (:mod:`tessera.embed.retry`): the new run starts with a copy of every item
+            of that run that failed no ``retry_kinds`` error, and embeds only the rest. For objects
+            uploaded or repaired since, without embedding the whole catalog again; the earlier run is
+            left as it is. Both runs must have the same identity (items, modalities, encoder settings).
+        retry_kinds: the error kinds (``missing``, ``corrupt``, ...) whose items are embedded again;
+            default every kind.
     """
 
     items_uri: str = "s3://tessera-demo/corpus/items"
@@ -175,10 +183,17 @@ class EmbedConfig(TesseraConfig):
     read_batch_rows: int = Field(256, ge=1, description="rows per block coming out of the reader")
     io_concurrency: int | None = Field(None, ge=1)
     lease_ttl_s: float = Field(150.0, ge=5)
+    retry_failed_from: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    retry_kinds: list[MediaErrorKind] = Field(default_factory=lambda: list(MEDIA_ERROR_KINDS), min_length=1)
     text: TextModality = TextModality()
     image: ImageModality = ImageModality()
     audio: AudioModality = AudioModality()
     storage: StorageConfig = StorageConfig()
+
+    @field_validator("retry_kinds")
+    @classmethod
+    def _kinds_once_each(cls, kinds: list[str]) -> list[str]:
+        return sorted(set(kinds))
 
     def modalities(self) -> dict[str, TextModality | ImageModality | AudioModality]:
         """The enabled modalities, in pipeline order."""

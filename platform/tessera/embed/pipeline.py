@@ -34,6 +34,7 @@ from tessera.embed.output import (
     superseded_copies,
     tally,
 )
+from tessera.embed.retry import RetrySourceError, check_finished_retry, prepare_retry
 from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
 from tessera.encoders.image import ImageEncoder
@@ -457,6 +458,12 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
         check_paths_for_cluster({"output_uri": cfg.output_uri}, {"items_uri": cfg.items_uri})
     except ConfigError as err:
         raise EmbeddingInputError(str(err)) from None
+    if cfg.retry_failed_from == cfg.run_id:
+        raise EmbeddingInputError(f"retry_failed_from is the run itself ({cfg.run_id!r}): a retry writes a new run "
+                                  "beside the one it retries; give it another run_id")
+    if "retry_kinds" in cfg.model_fields_set and not cfg.retry_failed_from:
+        raise EmbeddingInputError("retry_kinds is set but retry_failed_from is not: name the finished run whose "
+                                  "failed items to embed again")
     storage = Storage(cfg.storage)
     run_uri = join_uri(cfg.output_uri, cfg.run_id)
     files = storage.list_files(cfg.items_uri, ".parquet")
@@ -468,7 +475,7 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     identity = run_identity(cfg, files, n_input)
     # a finished run is read, not written: no lease (read-only credentials, two callers at once)
     if (finished := run_state(storage, run_uri, identity, n_input)[1]) is not None:
-        return finished
+        return _checked_finished(cfg, run_uri, finished)
     lease = RunLease(storage, join_uri(run_uri, "_LEASE.json"), cfg.lease_ttl_s, what=run_uri,
                      break_lease=break_lease)
     try:
@@ -480,6 +487,15 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
             return _run_leased(cfg, storage, run_uri, lease, files, n_input, identity, t0)
         finally:
             clear_guard_marks()  # decode batches whose every attempt died (see map_guarded)
+
+
+def _checked_finished(cfg: EmbedConfig, run_uri: str, finished: dict) -> dict:
+    """A finished run, returned as it is; one asked to be a retry must be that retry."""
+    try:
+        check_finished_retry(finished, run_uri, cfg.retry_failed_from, cfg.retry_kinds, cfg.output_uri)
+    except RetrySourceError as err:
+        raise EmbeddingInputError(str(err)) from None
+    return finished
 
 
 def run_state(storage: Storage, run_uri: str, identity: dict, n_input: int,
@@ -518,7 +534,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     # again, holding the lease: an attempt that held it before may have finished or started the run
     started, finished = run_state(storage, run_uri, identity, n_input, announce=True)
     if finished is not None:
-        return finished
+        return _checked_finished(cfg, run_uri, finished)
     if storage.exists(join_uri(run_uri, MIXED_FILE)):  # a rerun would find every item done: one checksum
         raise EncoderMismatchError(f"{run_uri}: {storage.read_json(join_uri(run_uri, MIXED_FILE))['error']}; its "
                                    f"parts mix both: delete the run's folder, or embed into another run_id")
@@ -530,13 +546,23 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
     check_fits(cfg, cpus, gpus, nodes)
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
+    modalities = cfg.modalities()
+    try:  # a retry of another run's failed items: that run's other rows are copied in first
+        seeded = prepare_retry(storage, run_uri, cfg.retry_failed_from, cfg.retry_kinds, cfg.output_uri, identity,
+                               list(modalities), lease, lambda found: check_resumed_weights(cfg, storage, found),
+                               cfg.read_num_cpus)
+    except RetrySourceError as err:
+        raise EmbeddingInputError(str(err)) from None
+    if seeded is not None:
+        print(f"[embed] retrying {seeded['items_retried']} failed items of {seeded['run']} "
+              f"({', '.join(f'{k} {n}' for k, n in seeded['retried_by_kind'].items()) or 'none'}); "
+              f"{seeded['items_copied']} copied as they were", flush=True)
     key = new_key()  # drawn per attempt: see tessera.embed.ids on the skip filter of a resumed run
     done, recorded = done_items(storage, run_uri, key, cfg.read_num_cpus)
     check_resumed_weights(cfg, storage, recorded)
     if started is None:
         lease.check()
         storage.write_json(identity_uri, identity)
-    modalities = cfg.modalities()
     print(f"[embed] {n_input} items in {len(files)} files; {len(done)} already done in {run_uri}; "
           f"modalities: {', '.join(modalities)}", flush=True)
     seen: set[str] = set()  # encoder identities reported by the actors, through the writer
@@ -592,6 +618,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         "encoders": encoders,
         "counts": counts.per_modality,
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
+        **({"retried_from": seeded} if seeded is not None else {}),
         "timings": {"pipeline_s": round(t_pipeline, 2), "total_s": round(elapsed, 2),
                     "items_written_this_attempt": written, "resumed_from": len(done),
                     "items_per_s": round(written / t_pipeline, 2) if written else None},
