@@ -148,7 +148,7 @@ def test_a_retry_is_refused_from_an_absent_run_other_settings_or_into_another_ru
     with pytest.raises(EmbeddingInputError, match="already holds parts"):
         run_embedding(config("stray", retry_failed_from="first"))
     # kinds to retry with no run to retry them from
-    with pytest.raises(EmbeddingInputError, match="retry_kinds is set but retry_failed_from is not"):
+    with pytest.raises(EmbeddingInputError, match=r"retry_kinds is set \(missing\) but retry_failed_from is not"):
         run_embedding(config("first", retry_kinds=["missing"]))
 
     path = tmp_path / "embed.yaml"

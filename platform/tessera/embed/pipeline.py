@@ -37,6 +37,7 @@ from tessera.embed.output import (
 from tessera.embed.retry import RetrySourceError, check_finished_retry, prepare_retry
 from tessera.embed.stages import EncodeActor, clear_guard_marks, decode, fetch, read_items, write_batch
 from tessera.encoders.audio import AudioEncoder
+from tessera.encoders.errors import MEDIA_ERROR_KINDS
 from tessera.encoders.image import ImageEncoder
 from tessera.encoders.text import TextEncoder
 from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
@@ -461,9 +462,9 @@ def run_embedding(cfg: EmbedConfig, break_lease: bool = False) -> dict:
     if cfg.retry_failed_from == cfg.run_id:
         raise EmbeddingInputError(f"retry_failed_from is the run itself ({cfg.run_id!r}): a retry writes a new run "
                                   "beside the one it retries; give it another run_id")
-    if "retry_kinds" in cfg.model_fields_set and not cfg.retry_failed_from:
-        raise EmbeddingInputError("retry_kinds is set but retry_failed_from is not: name the finished run whose "
-                                  "failed items to embed again")
+    if sorted(cfg.retry_kinds) != sorted(MEDIA_ERROR_KINDS) and not cfg.retry_failed_from:  # a narrowed set
+        raise EmbeddingInputError(f"retry_kinds is set ({', '.join(cfg.retry_kinds)}) but retry_failed_from is "
+                                  "not: name the finished run whose failed items to embed again")
     storage = Storage(cfg.storage)
     run_uri = join_uri(cfg.output_uri, cfg.run_id)
     files = storage.list_files(cfg.items_uri, ".parquet")
