@@ -11,8 +11,9 @@ import pytest
 
 from jobs import embed as embed_job
 from tessera.embed.output import committed_parts, list_parts
-from tessera.embed.pipeline import EmbeddingInputError, run_embedding
-from tessera.embed.retry import SEEDED, retried_rows
+from tessera.embed.pipeline import EmbeddingInputError, run_embedding, run_identity
+from tessera.embed.retry import SEEDED, prepare_retry, retried_rows
+from tessera.lease import RunLease
 from tessera.storage import join_uri
 from tests.conftest import embed_config
 
@@ -93,10 +94,12 @@ def test_a_retry_embeds_the_failed_items_and_copies_the_rest(first_run, storage)
     # the uploaded photo is item-00's: embedded now, to item-00's vector (same bytes, same weights)
     late, same = np.asarray(after["item-late"]["image"]), np.asarray(before["item-00"]["image"])
     assert after["item-late"]["image_error"] is None and float(late @ same) > 0.999
-    for name in {uri.rsplit("/", 1)[-1] for uri in first_parts} & {uri.rsplit("/", 1)[-1] for uri in
-                                                                   list_parts(storage, retry["output"]["uri"])}:
-        assert storage.read_bytes(join_uri(first_uri, name)) == storage.read_bytes(
-            join_uri(retry["output"]["uri"], name))  # a part without failed items is the same file
+    common = {uri.rsplit("/", 1)[-1] for uri in first_parts} & {uri.rsplit("/", 1)[-1] for uri in
+                                                               list_parts(storage, retry["output"]["uri"])}
+    assert len(common) == seeded["parts_copied"]
+    for name in common:  # a part without failed items is the same file
+        copied = storage.read_bytes(join_uri(retry["output"]["uri"], name))
+        assert storage.read_bytes(join_uri(first_uri, name)) == copied
 
     # the first run is as it was, and the retry, once finished, is kept as it is
     assert storage.read_bytes(join_uri(first_uri, "_MANIFEST.json")) == first_manifest_bytes
@@ -109,24 +112,36 @@ def test_a_retry_embeds_the_failed_items_and_copies_the_rest(first_run, storage)
 
 
 def test_a_retry_killed_during_its_copy_resumes_as_it_was_begun(first_run, storage):
-    """The state a retry killed during its copy leaves: its intent recorded and one part copied. Resumed
-    without the flags it goes on as begun, and ends as an uninterrupted retry does."""
+    """The copy made by the job's own code, then cut back to the state a kill during it leaves (its intent
+    recorded, one part copied). Resumed under other settings it is refused; resumed without the flags it
+    goes on as begun and ends as an uninterrupted retry does."""
     first = first_run["manifest"]
-    first_parts = committed_parts(storage, first["output"]["uri"], first)
-    resumed_uri = join_uri(first_run["root"], "embeddings", "resumed")
-    storage.write_json(join_uri(resumed_uri, SEEDED), {"run": first["output"]["uri"], "kinds": ["missing"],
-                                                       "complete": False})
-    storage.write_bytes(join_uri(resumed_uri, first_parts[0].rsplit("/", 1)[1]), storage.read_bytes(first_parts[0]))
+    cfg = first_run["config"]("resumed", retry_failed_from="first", retry_kinds=["missing"])
+    resumed_uri = join_uri(cfg.output_uri, "resumed")
+    files = storage.list_files(cfg.items_uri, ".parquet")
+    identity = run_identity(cfg, files, storage.parquet_rows(files))
+    with RunLease(storage, join_uri(resumed_uri, "_LEASE.json"), 60.0) as lease:
+        seeded = prepare_retry(storage, resumed_uri, "first", ["missing"], cfg.output_uri, identity,
+                               list(cfg.modalities()), lease, lambda found: None)
+    assert seeded["complete"] and seeded["items_retried"] == 1
+    marker = storage.read_json(join_uri(resumed_uri, SEEDED))
+    storage.write_json(join_uri(resumed_uri, SEEDED), {k: marker[k] for k in ("run", "kinds", "source_parts")}
+                       | {"complete": False})
+    for uri in list_parts(storage, resumed_uri)[1:]:
+        storage.delete(uri)
 
     with pytest.raises(EmbeddingInputError, match=r"begun as a retry of .*first \(kinds missing\)"):
         run_embedding(first_run["config"]("resumed", retry_failed_from="first", retry_kinds=["truncated"]))
+    with pytest.raises(EmbeddingInputError, match=r"started with other settings \(encoders.text.max_length"):
+        run_embedding(first_run["config"]("resumed", text={"encoder": {"max_length": 64}}))  # pinned before the copy
     resumed = run_embedding(first_run["config"]("resumed"))
 
     assert resumed["retried_from"]["kinds"] == ["missing"] and resumed["retried_from"]["items_retried"] == 1
     after = _rows(storage, committed_parts(storage, resumed_uri, resumed))
-    before = _rows(storage, first_parts)
+    before = _rows(storage, committed_parts(storage, first["output"]["uri"], first))
     assert sorted(after) == sorted(before)
-    assert {item for item in after if after[item] != before[item]} <= {"item-late"}  # nothing else embedded again
+    assert {item for item in after if after[item] != before[item]} == {"item-late"}  # nothing else embedded again
+    assert after["item-late"]["image"] is not None and after["item-broken"] == before["item-broken"]
     assert resumed["timings"]["items_written_this_attempt"] == 1
 
 

@@ -19,11 +19,13 @@ Both runs must have the same identity (``_RUN.json``: the items, the enabled mod
 setting that changes the vectors or which items fail), since the copied rows and the new ones must be
 vectors of one kind; a retry under other settings is refused naming the keys (embed a new run instead).
 
-A retry killed halfway resumes like any run. ``_SEEDED.json`` records the source and the kinds before
-the copy starts and what was copied once it is done: a resumed attempt copies from the same run with the
-same kinds (without the flags it goes on as begun; with others it is refused), a finished copy is not
-made again, and the items embedded before the kill are skipped. A finished run named as a retry it is
-not (no retry, or of another run or kinds) is refused rather than returned as it is.
+A retry killed halfway resumes like any run. Its settings (``_RUN.json``) and ``_SEEDED.json`` (the
+source, a digest of the source's part names, the kinds) are written before the copy starts, and what was
+copied once it is done: a resumed attempt copies from the same run with the same kinds and settings
+(without the flags it goes on as begun; with others, or once the source was embedded again, it is
+refused), a finished copy is not made again, and the items embedded before the kill are skipped. A
+finished run named as a retry it is not (no retry, or of another run or kinds) is refused rather than
+returned as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tessera.embed.ids import map_files
-from tessera.embed.output import MANIFEST, committed_parts, list_parts, part_name
+from tessera.embed.output import MANIFEST, committed_parts, ids_digest, list_parts, part_name
 from tessera.lease import RunLease
 from tessera.storage import Storage, join_uri
 
@@ -67,6 +69,9 @@ def source_run(storage: Storage, uri: str, identity: dict) -> dict:
     if not storage.exists(identity_uri):
         raise RetrySourceError(f"retry_failed_from: {uri} has no _RUN.json (written before runs recorded their "
                                "settings): its vectors cannot be checked to be of this run's kind")
+    if (manifest.get("output") or {}).get("files") is None:
+        raise RetrySourceError(f"retry_failed_from: {uri}'s manifest does not list its parts (written by an older "
+                               "Tessera): the parts to copy are not known; embed a new run instead")
     changed = identity_changes(storage.read_json(identity_uri), identity)
     if changed:
         raise RetrySourceError(f"retry_failed_from: {uri} was embedded with other settings ({', '.join(changed)} "
@@ -152,19 +157,31 @@ def prepare_retry(storage: Storage, run_uri: str, retry_from: str | None, kinds:
     manifest = source_run(storage, source_uri, identity)
     check_weights(source_weights(manifest, join_uri(source_uri, MANIFEST)))
     parts = committed_parts(storage, source_uri, manifest)
+    if absent := sorted({name_of(uri) for uri in parts} - {name_of(uri) for uri in list_parts(storage, source_uri)}):
+        raise RetrySourceError(f"retry_failed_from: {source_uri} lacks {len(absent)} of the parts its manifest lists "
+                               f"({absent[0]}, ...): it cannot be copied whole; embed a new run instead")
+    source_digest = ids_digest(sorted(name_of(uri) for uri in parts))  # the source as this copy read it
+    if begun is not None and begun.get("source_parts") != source_digest:
+        raise RetrySourceError(f"retry_failed_from: {begun['run']} has other parts than when the copy into "
+                               f"{run_uri} began (it was embedded again since): use another run_id")
     if begun is None:  # a run that holds parts already is no new run: the copy would join them
         if stray := list_parts(storage, run_uri):
             raise RetrySourceError(f"retry_failed_from: {run_uri} already holds parts ({name_of(stray[0])}, "
                                    f"{len(stray)} in all): a retry starts a new run; use another run_id")
         lease.check()
-        storage.write_json(marker, {"run": source_uri, "kinds": sorted(kinds), "complete": False})
+        # the run's settings are pinned before the copy: resumed under others, it is refused by the run's
+        # own identity check (the copied rows and those embedded after must be of one kind)
+        storage.write_json(join_uri(run_uri, "_RUN.json"), identity)
+        storage.write_json(marker, {"run": source_uri, "kinds": sorted(kinds), "source_parts": source_digest,
+                                    "complete": False})
     lease.check()
     done = map_files(_seed_part, parts, storage, run_uri, list(modalities), sorted(kinds), num_cpus=num_cpus)
     actions = Counter(d["action"] for d in done)
     by_kind: Counter = Counter()
     for d in done:
         by_kind.update(d["by_kind"])
-    seeded = {"run": source_uri, "kinds": sorted(kinds), "complete": True, "parts": len(parts),
+    seeded = {"run": source_uri, "kinds": sorted(kinds), "source_parts": source_digest, "complete": True,
+              "parts": len(parts),
               "parts_copied": actions["copied"], "parts_rewritten": actions["rewritten"],
               "parts_left_out": actions["left_out"],
               "items_copied": sum(d["rows"] - d["retried"] for d in done),
