@@ -7,7 +7,7 @@ embeds only those items::
     python -m jobs.embed --config configs/embed.yaml --run-id demo-2 --retry-failed-from demo [--retry-kinds missing]
 
 The new run begins with a copy of the finished run's parts, less the rows of items that failed one of
-``retry_kinds`` in some modality (:func:`seed_from_run`): a part without such a row is copied byte for
+``retry_kinds`` in some modality (:func:`prepare_retry`): a part without such a row is copied byte for
 byte under its own name; a part with some is written again without them (its other rows and its weights
 metadata as they were, named by its remaining ids); a part of nothing but such rows is left out. The
 pipeline then embeds what the copy lacks, exactly those items, every modality of each (the modalities
