@@ -162,6 +162,29 @@ def test_a_retry_is_refused_from_an_absent_run_other_settings_or_into_another_ru
     storage.write_bytes(join_uri(runs, "stray", first_parts[0].rsplit("/", 1)[1]), storage.read_bytes(first_parts[0]))
     with pytest.raises(EmbeddingInputError, match="already holds parts"):
         run_embedding(config("stray", retry_failed_from="first"))
+    # a source embedded again since a copy from it began, and one missing a part its manifest lists
+    first_uri = first_run["manifest"]["output"]["uri"]
+    twin = join_uri(runs, "twin")
+    for uri in storage.list_files(first_uri):
+        storage.write_bytes(join_uri(twin, uri.rsplit("/", 1)[1]), storage.read_bytes(uri))
+    cfg = config("from-twin", retry_failed_from="twin")
+    files = storage.list_files(cfg.items_uri, ".parquet")
+    with RunLease(storage, join_uri(runs, "from-twin", "_LEASE.json"), 60.0) as lease:
+        prepare_retry(storage, join_uri(runs, "from-twin"), "twin", cfg.retry_kinds, cfg.output_uri,
+                      run_identity(cfg, files, storage.parquet_rows(files)), list(cfg.modalities()), lease,
+                      lambda found: None)
+    marker = storage.read_json(join_uri(runs, "from-twin", SEEDED))
+    storage.write_json(join_uri(runs, "from-twin", SEEDED), marker | {"complete": False})  # as if killed
+    manifest = storage.read_json(join_uri(twin, "_MANIFEST.json"))
+    gone, *kept = manifest["output"]["files"]
+    storage.delete(join_uri(twin, gone))
+    storage.write_json(join_uri(twin, "_MANIFEST.json"), manifest | {"output": manifest["output"] | {"files": kept}})
+    with pytest.raises(EmbeddingInputError, match="has other parts than when the copy"):
+        run_embedding(cfg)
+    storage.delete(join_uri(twin, kept[0]))  # its manifest still lists it
+    with pytest.raises(EmbeddingInputError, match=r"lacks 1 of the parts its manifest lists"):
+        run_embedding(config("from-gappy", retry_failed_from="twin"))
+
     # kinds to retry with no run to retry them from
     with pytest.raises(EmbeddingInputError, match=r"retry_kinds is set \(missing\) but retry_failed_from is not"):
         run_embedding(config("first", retry_kinds=["missing"]))
