@@ -114,10 +114,14 @@ class Tally:
         return self.rows - self.distinct_ids
 
 
+def name_of(uri: str) -> str:
+    """A part's (or any object's) name: the last segment of its URI."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def list_parts(storage: Storage, run_uri: str) -> list[str]:
     """Every ``part-*.parquet`` in the run's folder now (sorted URIs, not in subfolders), committed or not."""
-    return [u for u in storage.list_files(run_uri, ".parquet", recursive=False)
-            if u.rsplit("/", 1)[-1].startswith("part-")]
+    return [u for u in storage.list_files(run_uri, ".parquet", recursive=False) if name_of(u).startswith("part-")]
 
 
 def committed_parts(storage: Storage, run_uri: str, manifest: dict | None = None) -> list[str]:

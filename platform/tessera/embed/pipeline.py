@@ -31,6 +31,7 @@ from tessera.embed.output import (
     Tally,
     done_items,
     list_parts,
+    name_of,
     superseded_copies,
     tally,
 )
@@ -574,7 +575,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         for row in ds.iter_rows():
             lease.check()
             written += int(row["rows"])
-            written_parts.add(_name(row["part"]))
+            written_parts.add(name_of(row["part"]))
             seen.update(json.loads(row["encoders"]))
     t_pipeline = time.perf_counter() - t0
     try:
@@ -615,7 +616,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
         "complete": True,
         "input": {"items_uri": cfg.items_uri, "items": n_input, "files": len(files)},
         "output": {"uri": run_uri, "parts": counts.parts, "rows": counts.rows,
-                   "files": [_name(p) for p in parts], "superseded_parts": [_name(p) for p in superseded]},
+                   "files": [name_of(p) for p in parts], "superseded_parts": [name_of(p) for p in superseded]},
         "encoders": encoders,
         "counts": counts.per_modality,
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
@@ -661,10 +662,6 @@ def _delete_superseded(storage: Storage, parts: list[str], lease: RunLease) -> N
             return
 
 
-def _name(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
-
-
 def settle_repeats(storage: Storage, run_uri: str, counts: Tally, written_here: set[str]) -> list[str]:
     """The parts to leave out of the run when its tally found repeated ids: those whose every id is in a
     part kept (:func:`~tessera.embed.output.superseded_copies`), trying first the parts another attempt
@@ -676,7 +673,7 @@ def settle_repeats(storage: Storage, run_uri: str, counts: Tally, written_here: 
         print(f"[embed] {len(counts.repeated_parts)} parts of {run_uri} hold repeated ids: more than "
               f"{MAX_PARTS_TO_SETTLE}, not settled here", flush=True)
         return []
-    suspects = sorted(counts.repeated_parts, key=lambda uri: (_name(uri) in written_here, _name(uri)))
+    suspects = sorted(counts.repeated_parts, key=lambda uri: (name_of(uri) in written_here, name_of(uri)))
     superseded = superseded_copies(storage, suspects)
     if superseded:
         print(f"[embed] {len(superseded)} part(s) of {run_uri} repeat items found in other parts (written by an "

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tessera.embed.ids import map_files
-from tessera.embed.output import MANIFEST, committed_parts, ids_digest, list_parts, part_name
+from tessera.embed.output import MANIFEST, committed_parts, ids_digest, list_parts, name_of, part_name
 from tessera.lease import RunLease
 from tessera.storage import Storage, join_uri
 
@@ -142,8 +142,8 @@ def prepare_retry(storage: Storage, run_uri: str, retry_from: str | None, kinds:
     marker = join_uri(run_uri, SEEDED)
     begun = storage.read_json(marker) if storage.exists(marker) else None
     if begun is not None:
-        source = join_uri(output_uri, retry_from) if retry_from else begun["run"]
-        if (begun["run"], begun["kinds"]) != (source, sorted(kinds) if retry_from else begun["kinds"]):
+        source = join_uri(output_uri, retry_from) if retry_from else None  # None: resumed without the flags
+        if source is not None and (begun["run"], begun["kinds"]) != (source, sorted(kinds)):
             raise RetrySourceError(f"retry_failed_from: {run_uri} was begun as a retry of {begun['run']} (kinds "
                                    f"{', '.join(begun['kinds'])}), not of {source} (kinds {', '.join(sorted(kinds))})"
                                    f": resume it as it was begun, or use another run_id")
@@ -206,7 +206,3 @@ def check_finished_retry(manifest: dict, run_uri: str, retry_from: str | None, k
         was = f"a retry of {done['run']} (kinds {', '.join(done['kinds'])})" if done else "no retry"
         raise RetrySourceError(f"retry_failed_from: {run_uri} is a finished run, {was}, not a retry of "
                                f"{wanted[0]} (kinds {', '.join(wanted[1])}): use another run_id")
-
-
-def name_of(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1]
