@@ -18,7 +18,10 @@ demo's run or bundle is missing then, it runs ``make demo`` first (~7 minutes on
    job's user-query self-check then reads recall@10 0.98). ``--reorder`` pins the depth instead,
    ``num_neighbors`` is overridden only when the bundle retrieves another count than the config's.
 2. In-process baseline: ``Flow(LocalStages(storage))`` in this process (1 torch thread, as each
-   replica), one request at a time; request parsing and the response model included, no HTTP.
+   replica), one request at a time; request parsing and the response model included, no HTTP. Then
+   the same requests paced, one every ``--in-process-gap-ms`` plus its own time (``paced``,
+   ``in_process_paced_p50_ms``): a lone client through Serve leaves each stage idle between its calls,
+   and its compute then runs 2-3x slower than back to back (cold CPU caches).
 3. Two Serve apps on the same proxy, measured one after the other at each level (alternating, so
    a load change on the shared machine hits both): ours, ``build_app(RecommenderArgs(...))`` (the
    deployments' own settings: one replica each, 0.25 CPU) on ``/bench/recommender``; and the no-op
@@ -294,8 +297,14 @@ def noop_chain_app(max_ongoing: int, num_cpus: float):
 
 
 # --- the in-process baseline -------------------------------------------------------------------
-def in_process(index_uri: str, mix: RequestMix, requests: int, seed: int) -> dict:
-    """``Flow(LocalStages)`` in this process, one request at a time (1 torch thread, as each replica)."""
+def in_process(index_uri: str, mix: RequestMix, requests: int, seed: int, gap_s: float = 0.0) -> dict:
+    """``Flow(LocalStages)`` in this process, one request at a time (1 torch thread, as each replica).
+
+    ``gap_s``: wait this long before each request (spinning, not sleeping), as a lone client through Serve
+    leaves each stage idle between its calls. Back to back, each stage's compute runs on warm CPU caches
+    and branch predictors; paced, it costs 2-3x more here (2026-12-07: the user tower 0.63 -> 1.8 ms,
+    the fused search 0.35 -> 0.9 ms, the ranker 1.15 -> 2.5 ms with 20 ms gaps, spinning or sleeping
+    alike), which is what the stages pay at 1 client."""
     import torch
 
     from tessera.serving import Flow, LocalStages, RequestError, VersionRef
@@ -317,6 +326,9 @@ def in_process(index_uri: str, mix: RequestMix, requests: int, seed: int) -> dic
         samples = []
         for i in range(20 + requests):
             body = mix.body(rng)
+            end = time.perf_counter() + gap_s
+            while time.perf_counter() < end:  # spin: a sleep would add the wake-up's delay to nothing
+                pass
             t0 = time.perf_counter()
             [answer] = await flow.recommend([RecommendRequest.model_validate(body)])
             ok = not isinstance(answer, RequestError)
@@ -525,6 +537,12 @@ def run(args) -> dict:
 
     gate = wait_for_quiet(args.quiet_cores, args.quiet_wait)
     local = {**in_process(version.index_uri, mix, args.in_process_requests, args.seed), "before": gate}
+    if args.in_process_gap_ms > 0:  # the same requests, spaced as a lone client's through Serve
+        paced = in_process(version.index_uri, mix, args.in_process_requests, args.seed, args.in_process_gap_ms / 1e3)
+        local["paced"] = {"gap_ms": args.in_process_gap_ms,
+                          **{k: paced[k] for k in ("p50_ms", "p95_ms", "p99_ms", "stage_p50_ms")}}
+        print(f"[bench] in-process, one request every {args.in_process_gap_ms:g} ms + its own time: "
+              f"{json.dumps(local['paced'])}", flush=True)
     print(f"[bench] in-process: p50 {local['p50_ms']} ms over {local['requests']} requests", flush=True)
 
     code = code_version()
@@ -574,6 +592,7 @@ def run(args) -> dict:
     return {
         "levels": levels,
         "in_process_p50_ms": local["p50_ms"],
+        "in_process_paced_p50_ms": local.get("paced", {}).get("p50_ms"),
         "noop_chain_qps": noop20,
         "qps_ratio_vs_noop_chain": round(levels["20"]["qps"] / noop20, 3) if noop20 and "20" in levels else None,
         "noop_chain_p50_ms_1_client": noop.get("1", {}).get("p50_ms"),
@@ -618,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds recorded per level")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each recorded level")
     parser.add_argument("--in-process-requests", type=int, default=300)
+    parser.add_argument("--in-process-gap-ms", type=float, default=25.0,
+                        help="also run the in-process baseline with this gap before each request (0: not)")
     parser.add_argument("--quiet-cores", type=float, default=0.5,
                         help="before each level, wait until at most this many cores are busy (shared machine)")
     parser.add_argument("--quiet-wait", type=float, default=180.0, help="longest wait for that, in seconds")
