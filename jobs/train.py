@@ -24,6 +24,19 @@ from tessera.ray_utils import init_ray
 from tessera.train.config import TrainConfig
 
 
+def job_config(args: argparse.Namespace) -> TrainConfig:
+    """The config file with the flags applied. ``--keep-existing`` wins over ``overwrite: true`` in the file or
+    ``TESSERA__OVERWRITE`` (with those, an existing bundle was not refused, so not kept: it was replaced).
+
+    Raises:
+        ConfigError: a bad file or flag, or ``--keep-existing`` with ``--overwrite``."""
+    if args.keep_existing and args.overwrite:
+        raise ConfigError("--keep-existing and --overwrite contradict each other: give one")
+    return apply_flags(load_config(TrainConfig, args.config), [
+        ("--version", "version", args.version or None), ("--overwrite", "overwrite", args.overwrite or None),
+        ("--keep-existing", "overwrite", False if args.keep_existing else None)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--config", default="configs/train.yaml")
@@ -36,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                              "that attempt is known to be gone)")
     args = parser.parse_args(argv)
     try:
-        cfg = apply_flags(load_config(TrainConfig, args.config), [
-            ("--version", "version", args.version or None), ("--overwrite", "overwrite", args.overwrite or None)])
+        cfg = job_config(args)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = run_training(cfg, break_lease=args.break_lease)
     except BundleExistsError as err:
-        if args.keep_existing and not args.overwrite:
+        if args.keep_existing:
             print(f"kept: {err}")
             return 0
         print(f"error: {err}", file=sys.stderr)

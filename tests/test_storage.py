@@ -42,6 +42,15 @@ def test_s3_round_trip_listing_and_missing(storage, bucket_uri):
     assert storage.list_files(join_uri(bucket_uri, "a")) == [join_uri(bucket_uri, "a/b/two.bin"),
                                                              join_uri(bucket_uri, "a/one.bin")]
     assert storage.list_files(join_uri(bucket_uri, "nothing-here")) == []
+    stats = storage.list_file_stats(join_uri(bucket_uri, "a"), ".bin")  # one listing, the ETag each
+    assert [(u, n) for u, n, _ in stats] == [(join_uri(bucket_uri, "a/b/two.bin"), 2),
+                                             (join_uri(bucket_uri, "a/one.bin"), 1)]
+    storage.write_bytes(join_uri(bucket_uri, "a/one.bin"), b"1")  # the same bytes again: the same tag
+    assert storage.list_file_stats(join_uri(bucket_uri, "a"), ".bin") == stats
+    storage.write_bytes(join_uri(bucket_uri, "a/one.bin"), b"9")
+    assert storage.list_file_stats(join_uri(bucket_uri, "a"), ".bin")[1][2] != stats[1][2]
+    assert storage.list_file_stats(join_uri(bucket_uri, "nothing-here")) == []
+    assert storage.list_file_stats("s3://no-such-bucket-for-tessera/x") == []
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(join_uri(bucket_uri, "absent"))
     assert not storage.exists(join_uri(bucket_uri, "absent"))
@@ -83,6 +92,10 @@ def test_local_paths(tmp_path):
     # a file is no prefix: nothing under it (as on S3; pyarrow raised NotADirectoryError, and a job given a
     # single local items file exited 1 before its single-file fallback ran)
     assert s.list_files(str(tmp_path / "x" / "y.bin"), ".bin") == []
+    [(path, size, tag)] = s.list_file_stats(f"file://{tmp_path}", ".bin")
+    assert (path, size) == (str(tmp_path / "x" / "y.bin"), 3) and tag
+    s.write_bytes(str(tmp_path / "x" / "y.bin"), b"abd")  # replaced: another tag
+    assert s.list_file_stats(str(tmp_path), ".bin")[0][2] != tag
     s.delete(str(tmp_path / "x" / "y.bin"))
     s.delete(str(tmp_path / "x" / "y.bin"))
     assert s.list_files(str(tmp_path)) == []

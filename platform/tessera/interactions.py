@@ -34,6 +34,22 @@ def interaction_files(storage: Storage, interactions_uri: str) -> list[str]:
     return files
 
 
+def log_fingerprint(storage: Storage, interactions_uri: str) -> dict:
+    """What the log under ``interactions_uri`` holds now, from one listing: its Parquet files' count, total
+    bytes, and a sha256 of each file's name (relative to the log), size and version tag
+    (:meth:`~tessera.storage.Storage.list_file_stats`: its ETag on S3). A file added, removed or changed
+    changes it; reading no event. Empty (``files`` 0) when there is no log."""
+    import hashlib
+
+    root = interactions_uri.rstrip("/") + "/"
+    stats = storage.list_file_stats(interactions_uri, ".parquet")
+    digest = hashlib.sha256()
+    for uri, size, tag in stats:
+        name = uri[len(root):] if uri.startswith(root) else uri
+        digest.update(f"{name}\t{size}\t{tag}\n".encode())
+    return {"files": len(stats), "bytes": sum(size for _, size, _ in stats), "sha256": digest.hexdigest()}
+
+
 def read_interactions(storage: Storage, interactions_uri: str) -> pa.Table:
     """``user_id``, ``item_id``, ``ts``, ``weight`` of every part of the interaction log, in one table
     (for small logs and benchmarks; the jobs and the app read a file at a time)."""

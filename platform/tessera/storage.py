@@ -497,7 +497,39 @@ class Storage:
         when the prefix does not exist, or is a local file."""
         return sorted(self._iter_files(prefix_uri, suffix, recursive))
 
+    def list_file_stats(self, prefix_uri: str, suffix: str = "") -> list[tuple[str, int, str]]:
+        """``(uri, size, version tag)`` of every object under a prefix (subfolders too), sorted by URI, from the
+        listing itself (no request per object). The tag is the object's ETag on S3 (its MD5 for a plain upload:
+        the same bytes written again keep it; a store's Last-Modified has whole seconds only), inode, mtime
+        and size of a local file."""
+        loc = parse_uri(prefix_uri)
+        if loc.scheme == "file":
+            return sorted((uri, info.size, _stat_tag(os.stat(uri)))
+                          for uri, info in self._iter_infos(prefix_uri, suffix, True))
+        prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+
+        def listing() -> list[tuple[str, int, str]]:
+            from botocore.exceptions import ClientError
+
+            out = []
+            pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            try:
+                pages = list(pages)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") == "NoSuchBucket":  # as list_files: nothing there
+                    return []
+                raise
+            for page in pages:
+                out += [(f"s3://{loc.bucket}/{o['Key']}", int(o["Size"]), str(o.get("ETag", "")))
+                        for o in page.get("Contents", []) if o["Key"].endswith(suffix) and not o["Key"].endswith("/")]
+            return sorted(out)
+
+        return self._retrying(f"LIST {prefix_uri}", listing)
+
     def _iter_files(self, prefix_uri: str, suffix: str, recursive: bool = True) -> Iterator[str]:
+        return (uri for uri, _ in self._iter_infos(prefix_uri, suffix, recursive))
+
+    def _iter_infos(self, prefix_uri: str, suffix: str, recursive: bool) -> Iterator[tuple[str, pafs.FileInfo]]:
         loc = parse_uri(prefix_uri)
         fs, path = self.filesystem(prefix_uri)
         selector = pafs.FileSelector(path.rstrip("/"), recursive=recursive, allow_not_found=True)
@@ -507,7 +539,7 @@ class Storage:
             return
         for info in infos:
             if info.type == pafs.FileType.File and info.path.endswith(suffix):
-                yield f"s3://{info.path}" if loc.scheme == "s3" else info.path
+                yield (f"s3://{info.path}" if loc.scheme == "s3" else info.path), info
 
     def parquet_rows(self, uris: list[str], threads: int = 16) -> int:
         """Total rows over Parquet files, read from their footers only, ``threads`` files at a time.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -96,6 +97,28 @@ def test_a_rerun_resumes_only_checkpoints_of_the_same_settings_and_data(storage,
     with pytest.raises(RunConflictError, match=r"embedding_run\.encoders"):
         _claim_run(cfg, storage, reembedded)
     assert storage.exists(join_uri(run_dir, "checkpoint_1", "state.pt"))
+    # a log rewritten in place under the same URI (events dropped): its checkpoints' split no longer holds
+    log = join_uri(train_root, f"log-{cfg.version}")
+    events = pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "a"], "ts": [1, 2, 3]})
+    storage.write_parquet(join_uri(log, "part-0.parquet"), events)
+    on_log = cfg.model_copy(update={"interactions_uri": log, "version": cfg.version + "-log"})
+    log_run = join_uri(cfg.checkpoint_uri, on_log.version)
+    _claim_run(on_log, storage, embed)
+    assert storage.read_json(join_uri(log_run, RUN_FILE))["interactions"]["files"] == 1
+    storage.write_bytes(join_uri(log_run, "checkpoint_1", "state.pt"), b"x")
+    _claim_run(on_log, storage, embed)  # the same log: resumes
+    storage.write_parquet(join_uri(log, "part-0.parquet"), events)  # the same bytes written again: the same log
+    _claim_run(on_log, storage, embed)
+    storage.write_parquet(join_uri(log, "part-0.parquet"), events.slice(0, 2))
+    with pytest.raises(RunConflictError, match=r"interactions\.bytes, interactions\.sha256"):
+        _claim_run(on_log, storage, embed)
+    swapped = events.set_column(1, "item_id", pa.array(["b", "a", "a"]))  # as many bytes, other events
+    storage.write_parquet(join_uri(log, "part-0.parquet"), swapped)
+    with pytest.raises(RunConflictError, match=r"\(interactions\.sha256\)"):
+        _claim_run(on_log, storage, embed)
+    storage.write_parquet(join_uri(log, "part-1.parquet"), events)  # a file added
+    with pytest.raises(RunConflictError, match=r"interactions\.files"):
+        _claim_run(on_log, storage, embed)
     _claim_run(other.model_copy(update={"overwrite": True}), storage, embed)  # starts the run again
     assert storage.list_files(run_dir) == [join_uri(run_dir, RUN_FILE)]
     _claim_run(other, storage, embed)
@@ -151,6 +174,27 @@ def test_a_log_without_an_event_of_a_catalog_item_exits_2_naming_the_key(sample_
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "interactions_uri" in err and "3 events, 3 of items it lacks" in err and str(path) in err, err
+    assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
+
+
+def test_ranker_lists_longer_than_the_catalog_exit_2_naming_the_keys_before_training(sample_embeddings, storage,
+                                                                                     train_root, ray_session,
+                                                                                     tmp_path, capsys):
+    """They failed the first ranker step in every worker, after the towers had trained: exit 4 naming no key."""
+    import yaml
+
+    from jobs.train import main
+
+    from .conftest import tiny_train_config
+
+    items = sample_embeddings["input"]["items"]
+    cfg = tiny_train_config(sample_embeddings["output"]["uri"], train_root, ranker={"num_random": items})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"storage"})))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "ranker.num_random" in err and f"{items} items of the embedding run" in err, err
+    assert not storage.list_files(join_uri(cfg.checkpoint_uri, cfg.version), "state.pt")  # nothing trained
     assert not storage.exists(join_uri(cfg.bundle_uri, MANIFEST))
 
 
@@ -271,3 +315,21 @@ def test_the_popularity_the_bundle_ships_counts_each_users_last_events_up_to_the
     baseline = evaluate_popularity(item_counts(records, catalog.num_items, with_validation=True, max_per_user=cap),
                                    EvalSet.from_records(records, cfg.max_history, "test"), cfg.ks)
     assert manifest["metrics"]["results"]["popularity"] == pytest.approx(baseline)
+
+
+def test_keep_existing_wins_over_overwrite_in_the_config_or_environment(tmp_path, monkeypatch, capsys):
+    """With `overwrite: true` in the file (or TESSERA__OVERWRITE), an existing bundle was not refused, so
+    `--keep-existing` never saw one to keep: the bundle was retrained and replaced."""
+    import argparse
+
+    from jobs.train import job_config, main
+
+    path = tmp_path / "train.yaml"
+    path.write_text("overwrite: true\n")
+    flags = {"config": str(path), "version": None, "overwrite": False, "keep_existing": False}
+    assert job_config(argparse.Namespace(**flags)).overwrite is True
+    assert job_config(argparse.Namespace(**{**flags, "keep_existing": True})).overwrite is False
+    monkeypatch.setenv("TESSERA__OVERWRITE", "true")
+    assert job_config(argparse.Namespace(**{**flags, "keep_existing": True})).overwrite is False
+    assert main(["--config", str(path), "--keep-existing", "--overwrite"]) == 2  # before Ray starts
+    assert "--keep-existing and --overwrite contradict" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tessera.train.catalog import ItemCatalog
@@ -136,3 +137,39 @@ def test_training_lists_leave_out_every_item_seen_before_the_target_not_only_the
     assert [e.tolist() for e in excluded] == [o.tolist() for o in older]  # random negatives leave them out too
     _, cands, _ = real(batch["target"], s, np.random.default_rng(0))
     assert not set(older[0].tolist()) & set(cands[0].tolist())
+
+
+def test_re_ranked_items_keep_the_order_of_logits_closer_than_float32_steps_at_1e4():
+    """The top-K sat above the rest by adding 1e4 to the logits, where float32 steps are ~0.001: logits
+    3.14159 and 3.14200 became one score, and the metrics broke the tie by catalog row."""
+    from tessera.train.ranking import place_ranked
+
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, float("-inf")],
+                           [float("-inf")] * 5])
+    top = torch.tensor([[2, 0], [0, 1]])
+    logits = torch.tensor([[3.14159, 3.14200], [float("-inf"), float("-inf")]])
+    out = place_ranked(scores, top, logits)
+    assert out[0].argsort(descending=True).tolist()[:4] == [0, 2, 3, 1]  # re-ranked by logit, then retrieval
+    assert out[0, 0] > out[0, 2] and out[0, 2] - out[0, 3] > 0.5 and out[0, 4] == float("-inf")
+    assert torch.isneginf(out[1]).all()  # every item excluded: nothing above anything
+    assert not torch.isnan(out).any()
+    # unchanged: the scores passed in, and a list of no candidates
+    assert scores[0, 0] == pytest.approx(0.9) and torch.equal(place_ranked(scores, top[:, :0], logits[:, :0]), scores)
+
+
+def test_ranker_lists_longer_than_the_catalog_are_a_config_error_naming_the_keys():
+    from tessera.config import ConfigError
+    from tessera.train.config import TrainConfig
+    from tessera.train.job import check_ranker_lists
+
+    cfg = TrainConfig.model_validate({})  # lists of 1 + 49 + 16 = 66 items
+    check_ranker_lists(cfg, 66)
+    with pytest.raises(ConfigError,
+                       match=r"ranker\.num_hard \(49\) and ranker\.num_random \(16\).* 66 distinct .* 60 items"):
+        check_ranker_lists(cfg, 60)
+    check_ranker_lists(cfg.model_copy(update={"ranker": cfg.ranker.model_copy(update={"enabled": False})}), 60)
+    # fewer candidates than hard negatives: the hard ones are capped at candidates - 1 (1 + 9 + 16)
+    few = cfg.model_copy(update={"ranker": cfg.ranker.model_copy(update={"candidates": 10})})
+    check_ranker_lists(few, 26)
+    with pytest.raises(ConfigError, match="26 distinct"):
+        check_ranker_lists(few, 25)

@@ -182,6 +182,7 @@ def _train_leased(cfg: TrainConfig, storage: Storage, lease: RunLease, t0: float
         raise ConfigError(f"interactions_uri: {cfg.interactions_uri} holds no event of an item in the embedding "
                           f"run {cfg.embeddings_uri} ({data.interactions} events, {data.unknown_items} of items "
                           "it lacks): nothing to train on")
+    check_ranker_lists(cfg, data.num_items)
     t_data = time.perf_counter()
     ts_warning = ts_unit_warning(*data.ts_range)
     if ts_warning is not None:
@@ -261,19 +262,45 @@ def check_variants(cfg: TrainConfig, modalities: list[str]) -> None:
                           f"have (it has {modalities}); remove them from `variants`")
 
 
-def run_identity(cfg: TrainConfig, embed_manifest: dict) -> dict:
-    """What a run's checkpoints depend on: the settings (less :data:`_RESUMABLE_KEYS`) and the embedding
-    run (its encoders with weight checksums, and its counts)."""
+def check_ranker_lists(cfg: TrainConfig, num_items: int) -> None:
+    """Refuse, before any training, ranker lists longer than the catalog: each holds the positive,
+    ``min(num_hard, min(candidates, I) - 1)`` retrieved items and ``num_random`` others, all distinct.
+    (Found by the first ranker step otherwise, in every worker and every restart, after the towers had
+    trained: the job exited 4, "training failed", naming no key.)
+
+    Raises:
+        ConfigError: naming the keys, the list length and the catalog's."""
+    r = cfg.ranker
+    if not r.enabled:
+        return
+    size = 1 + min(r.num_hard, min(r.candidates, num_items) - 1) + r.num_random
+    if size > num_items:
+        raise ConfigError(f"ranker.num_hard ({r.num_hard}) and ranker.num_random ({r.num_random}) make ranker lists "
+                          f"of {size} distinct items (with ranker.candidates {r.candidates}), more than the "
+                          f"{num_items} items of the embedding run {cfg.embeddings_uri}: lower them, or set "
+                          "ranker.enabled false")
+
+
+def run_identity(cfg: TrainConfig, embed_manifest: dict, log: dict) -> dict:
+    """What a run's checkpoints depend on: the settings (less :data:`_RESUMABLE_KEYS`), the embedding
+    run (its encoders with weight checksums, and its counts) and the interaction log as it is now
+    (``log``: :func:`~tessera.interactions.log_fingerprint`). The log's URI alone let a resumed attempt
+    train checkpointed towers on a log rewritten in place since: events they trained on could become
+    the new split's validation or test targets."""
     return {"config": cfg.model_dump(mode="json", exclude=_RESUMABLE_KEYS),
             "embedding_run": {"uri": cfg.embeddings_uri,
-                              **{k: embed_manifest.get(k) for k in ("encoders", "counts")}}}
+                              **{k: embed_manifest.get(k) for k in ("encoders", "counts")}},
+            "interactions": {"uri": cfg.interactions_uri, **log}}
 
 
 def _claim_run(cfg: TrainConfig, storage: Storage, embed_manifest: dict) -> None:
     """Ray Train resumes any run of the same name from its checkpoints: make sure those were trained from
     what this attempt trains from, or start over (``overwrite``), or refuse naming what differs."""
     run_dir = join_uri(cfg.checkpoint_uri, cfg.version)
-    identity, uri = run_identity(cfg, embed_manifest), join_uri(run_dir, RUN_FILE)
+    from tessera.interactions import log_fingerprint
+
+    identity = run_identity(cfg, embed_manifest, log_fingerprint(storage, cfg.interactions_uri))
+    uri = join_uri(run_dir, RUN_FILE)
     if cfg.overwrite:
         storage.delete_prefix(run_dir)
     else:

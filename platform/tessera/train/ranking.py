@@ -41,7 +41,27 @@ from tessera.train.config import RankerSection
 from tessera.train.examples import history_from_batch
 from tessera.train.retrieval import TwoTowerModel
 
-RANKED_OFFSET = 1e4  # re-ranked top-K items sit above every retrieval score (cosines are in [-1, 1])
+
+def place_ranked(scores: torch.Tensor, top: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``(U, I)`` scores with the re-ranked top-K (``top``, ``(U, K)`` columns) above every other item, in
+    the order of their ranker ``logits`` (``(U, K)``), and the rest after them in retrieval order.
+
+    Each row's retrieval scores are shifted below its lowest logit; the logits keep their own values. (A
+    constant offset of 1e4 added to the logits left float32 steps of ~0.001 there: logits closer than that
+    tied, and the metrics broke the tie by catalog row, not by the ranker.)"""
+    out = scores.clone()
+    if top.shape[1] == 0:
+        return out
+
+    def finite_or(x: torch.Tensor, fill: float) -> torch.Tensor:  # excluded items score -inf
+        return torch.where(torch.isfinite(x), x, torch.full_like(x, fill))
+
+    lowest = finite_or(logits, float("inf")).amin(dim=1, keepdim=True)
+    lowest = finite_or(lowest, 0.0)  # a row whose candidates are all excluded
+    shift = finite_or(scores, float("-inf")).amax(dim=1, keepdim=True)
+    shift = finite_or(shift, 0.0) - lowest + 1.0  # (U, 1)
+    out -= shift  # -inf (excluded) stays -inf
+    return out.scatter_(1, top, logits.to(out.dtype))
 
 
 def mask_rows(scores: torch.Tensor, rows: Sequence[np.ndarray] | torch.Tensor, mask: torch.Tensor | None = None,
@@ -191,7 +211,5 @@ class RankerModel(nn.Module):
             if exclude is not None:
                 scores = mask_rows(scores, exclude[s:s + chunk])
             top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices  # (b, K)
-            out = scores.clone()
-            out.scatter_(1, top, RANKED_OFFSET + self.logits(h, top, scores))
-            outs.append(out)
+            outs.append(place_ranked(scores, top, self.logits(h, top, scores)))
         return torch.cat(outs)
