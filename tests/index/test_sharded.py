@@ -8,6 +8,7 @@ from tessera.index import (
     SearchConfig,
     ShardArtifact,
     ShardedIndex,
+    build_shard,
     exact_search,
     measure_recall,
     recall_at_k,
@@ -147,6 +148,13 @@ def test_exclusions_are_matched_as_strings_and_a_bare_string_is_refused(num_quer
     for bad in ("0", [None] * num_queries, ["0"] * num_queries):
         with pytest.raises(ValueError, match="exclude"):
             index.search(q, k=3, exclude=bad)
+    # a set of strings and ints: every id matched, whichever the set yields first (only the first one's type
+    # was checked, so an int after a string stayed an int and was returned, as the hash seed decided)
+    c = next(c for c in range(40) if type(next(iter({"y0", c}))) is str)  # a set that yields the string first
+    qc = np.repeat(vectors[c:c + 1], num_queries, axis=0)
+    assert index.search(qc, k=1)[0][0] == [str(c)]
+    [got, *_], _ = index.search(qc, k=3, exclude=[{"y0", c}] * num_queries)
+    assert str(c) not in got and len(got) == 3
 
 
 def test_shards_must_be_numbered_and_disjoint(exact_index):
@@ -154,8 +162,26 @@ def test_shards_must_be_numbered_and_disjoint(exact_index):
     with pytest.raises(ValueError, match="shard ids"):
         ShardedIndex([first, first])
     twin = ShardArtifact(shard_id=1, ids=first.ids, params=first.params, vectors=first.vectors)
-    with pytest.raises(ValueError, match="unique across shards"):
+    with pytest.raises(ValueError, match=f"unique across shards: '{first.id_list[0]}' is in shard 0 and shard 1"):
         ShardedIndex([first, twin])
+    wider = build_shard(["other"], np.ones((1, first.dim + 1), np.float32), IndexConfig(), shard_id=1)
+    with pytest.raises(ValueError, match=f"shard 0: {first.dim}-d, normalised, shard 1: {first.dim + 1}-d"):
+        ShardedIndex([first, wider])
+
+
+def test_a_bad_row_is_named_by_its_shard_and_item_not_its_row_within_the_shard():
+    """Rows are split by id hash before each shard is built: "row 30" was the row within a shard, which the
+    caller's own row 90 is not."""
+    vectors = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    vectors[90] = 0.0
+    with pytest.raises(ValueError, match=r"shard \d: item vectors row \d+ has zero norm .*\(item 'item-90'\)"):
+        ShardedIndex.from_arrays([f"item-{i}" for i in range(100)], vectors, IndexConfig(), num_shards=3)
+    vectors[90] = np.inf  # checked before the split: the caller's row
+    with pytest.raises(ValueError, match=r"^item vectors row 90 has non-finite"):
+        ShardedIndex.from_arrays([f"item-{i}" for i in range(100)], vectors, IndexConfig(), num_shards=3)
+    vectors[90] = 1.0
+    with pytest.raises(ValueError, match="unique: 'item-7' appears more than once"):
+        ShardedIndex.from_arrays([f"item-{i}" for i in range(99)] + ["item-7"], vectors, IndexConfig(), num_shards=3)
 
 
 def test_one_query_at_a_time_gets_the_batch_answer_ties_included(small_catalog):

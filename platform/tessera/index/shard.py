@@ -65,7 +65,10 @@ class ShardArtifact:
         self.id_list = self.ids.tolist()
         self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
         if len(self.row_of) != len(self.ids):
-            raise ValueError(f"shard {self.shard_id}: item ids must be unique")
+            from tessera.index.sharding import first_duplicate
+
+            raise ValueError(f"shard {self.shard_id}: item ids must be unique: {first_duplicate(self.id_list)!r} "
+                             "appears more than once")
         if (self.searcher is None) == (self.vectors is None):
             raise ValueError(f"shard {self.shard_id}: needs exactly one of a ScaNN searcher or exact vectors")
 
@@ -81,6 +84,15 @@ class ShardArtifact:
         """Rows of the given ids that live in this shard (others are ignored)."""
         rows = [self.row_of[i] for i in item_ids if i in self.row_of]
         return np.asarray(rows, dtype=np.int64)
+
+
+def _item_of_row(message: str, ids: list[str]) -> str:
+    """`` (item <id>)`` for a message naming ``row N`` of ``ids`` (the row within a shard means nothing to a
+    caller who split the catalog by hash); '' otherwise."""
+    import re
+
+    found = re.search(r"\brow (\d+)\b", message)
+    return f" (item {ids[int(found.group(1))]!r})" if found and int(found.group(1)) < len(ids) else ""
 
 
 def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, shard_id: int = 0,
@@ -106,13 +118,16 @@ def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, 
     config = config or IndexConfig()
     start = time.perf_counter()
     ids = [str(i) for i in ids]
-    x = as_float_matrix(vectors, "item vectors")
-    if x.shape[0] != len(ids):
-        raise ValueError(f"shard {shard_id}: {len(ids)} ids for {x.shape[0]} vectors")
-    if x.shape[0] == 0:
-        raise ValueError(f"shard {shard_id} is empty")
-    if config.normalize:
-        x = l2_normalize(x, "item vectors")
+    try:
+        x = as_float_matrix(vectors, "item vectors")
+        if x.shape[0] != len(ids):
+            raise ValueError(f"{len(ids)} ids for {x.shape[0]} vectors")
+        if x.shape[0] == 0:
+            raise ValueError("no item")
+        if config.normalize:
+            x = l2_normalize(x, "item vectors")
+    except ValueError as err:  # name the shard and, for a bad row, its item (the row is this shard's own)
+        raise ValueError(f"shard {shard_id}: {err}{_item_of_row(str(err), ids)}") from None
     extra = None
     if tuning_queries is not None and len(tuning_queries):
         extra = as_float_matrix(tuning_queries, "tuning queries")

@@ -96,9 +96,11 @@ class ShardedIndex:
         if [s.shard_id for s in self.shards] != list(range(len(self.shards))):
             raise ValueError(f"shard ids must be 0..{len(self.shards) - 1}, got {[s.shard_id for s in self.shards]}")
         if len({s.dim for s in self.shards}) != 1 or len({s.params.normalized for s in self.shards}) != 1:
-            raise ValueError("all shards must share one dimension and one normalisation")
+            described = ", ".join(f"shard {s.shard_id}: {s.dim}-d, {'' if s.params.normalized else 'not '}normalised"
+                                  for s in self.shards)
+            raise ValueError(f"all shards must share one dimension and one normalisation ({described})")
         if sum(s.count for s in self.shards) != len(set().union(*(s.row_of for s in self.shards))):
-            raise ValueError("item ids must be unique across shards")
+            raise ValueError(f"item ids must be unique across shards: {_shared_id(self.shards)}")
         self.config = config or SearchConfig()
         self.manifest = manifest
         self._search_params = [self._with_overrides(s) for s in self.shards]
@@ -164,9 +166,10 @@ class ShardedIndex:
         self-checked; without it the load is refused (a build still running, killed, or failed). With
         ``require_manifest=False`` the ``shard-NNNN/shard.json`` folders found are loaded instead, for
         inspecting shards saved without a manifest; each ``shard.json`` records the index's shard count,
-        so a missing shard (the last one included) or a shard left by another build is still refused
-        (shards saved before that count was recorded load as found). A folder holding ``_FAILED.json``
-        (a build that failed its self-check) is refused either way.
+        so a missing shard (the last one included), or a shard left by a build of another shard count, is
+        still refused (shards saved before that count was recorded load as found). Shards of two builds of
+        the same count are not told apart there: only the manifest, which pins every ``shard.json``, does.
+        A folder holding ``_FAILED.json`` (a build that failed its self-check) is refused either way.
 
         Args:
             storage: where to read.
@@ -408,6 +411,17 @@ def _complete_shard_set(storage: Storage, uri: str, names: list[str]) -> list[tu
     return [(m.name, digest) for m, digest in read]
 
 
+def _shared_id(shards) -> str:
+    """Which id two shards share, for an error message."""
+    owner: dict[str, int] = {}
+    for shard in shards:
+        for item_id in shard.id_list:
+            if item_id in owner:
+                return f"{item_id!r} is in shard {owner[item_id]} and shard {shard.shard_id}"
+            owner[item_id] = shard.shard_id
+    return "none found"
+
+
 def _exclusions(exclude, num_queries: int) -> list[set[str]]:
     """``exclude`` as one set of id strings per query (the index holds its ids as strings: an int id
     excluded as an int was returned). A lone string or None where a collection of ids belongs is refused:
@@ -419,8 +433,9 @@ def _exclusions(exclude, num_queries: int) -> list[set[str]]:
     for i, ids in enumerate(exclude):
         if ids is None or isinstance(ids, (str, bytes)):
             raise ValueError(f"exclude[{i}] must be a collection of item ids (a set), got {ids!r:.80}")
-        if isinstance(ids, (set, frozenset)) and (not ids or type(next(iter(ids))) is str):
-            out.append(ids)  # serving's sets of id strings, as they are (a set holds one kind of id)
+        if isinstance(ids, (set, frozenset)) and all(type(x) is str for x in ids):
+            out.append(ids)  # serving's sets of id strings, as they are (checking the first alone let an int
+            # id in a set of mostly strings through as an int: returned, as the set's order decided)
         else:
             out.append({str(x) for x in ids})
     return out

@@ -38,6 +38,16 @@ def shard_key(item_id: str) -> tuple[int, str]:
     return id_hash(item_id), item_id
 
 
+def first_duplicate(ids: Iterable) -> object | None:
+    """The first id of ``ids`` seen before it (None: all distinct), for an error message."""
+    seen = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
 def assign_shards(ids: Sequence[str], num_shards: int) -> list[np.ndarray]:
     """Split rows ``0..len(ids)-1`` into ``num_shards`` near-equal groups, deterministically.
 
@@ -57,7 +67,7 @@ def assign_shards(ids: Sequence[str], num_shards: int) -> list[np.ndarray]:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     n = len(ids)
     if len(set(ids)) != n:
-        raise ValueError("item ids must be unique")
+        raise ValueError(f"item ids must be unique: {first_duplicate(ids)!r} appears more than once")
     hashes = hash_ids(str(i) for i in ids)
     order = sorted(range(n), key=lambda r: (int(hashes[r]), str(ids[r])))  # shard_key, hashed in one pass
     runs = np.array_split(np.asarray(order, dtype=np.int64), num_shards)
