@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.serving.errors import RequestError
 from tessera.serving.flow import Flow
@@ -89,7 +90,8 @@ class RecommenderArgs(BaseModel):
             from a config file, leave it out and set ``user_config.index_uri`` of every deployment
             instead (changing ``args`` replaces every replica; changing ``user_config`` does not).
         storage: how to reach object storage (defaults: the environment, as the jobs do).
-        max_k: the largest ``k`` a request may ask for.
+        max_k: the largest ``k`` a request may ask for; at least 10, the ``k`` of a request that names none
+            (below it, such requests were refused: "k=10 is above max_k").
         max_body_bytes: requests with a larger body are refused with 413.
         retriever_groups: Retriever deployments, group ``i`` holding the shards whose id is ``i`` modulo
             ``retriever_groups`` (1: one holds all; a group with no shard of a version answers nothing).
@@ -113,7 +115,7 @@ class RecommenderArgs(BaseModel):
 
     index_uri: str | None = None
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    max_k: int = Field(100, ge=1, le=1000)
+    max_k: int = Field(100, ge=10, le=1000)
     max_body_bytes: int = Field(8_000_000, ge=1024)
     retriever_groups: int = Field(1, ge=1, le=64)
     torch_threads: int = Field(1, ge=1)
@@ -693,6 +695,19 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(detail), "kind": "bad_request"})
 
 
+_HTTP_KINDS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own answers (a body that is not JSON or not UTF-8: 400; a path or method the app lacks:
+    404, 405), counted like every other answer and given a ``kind`` as ours are (they were neither)."""
+    metrics().observe(_route_of(request.url.path), exc.status_code)
+    kind = _HTTP_KINDS.get(exc.status_code, "bad_request" if exc.status_code < 500 else "error")
+    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail, "kind": kind},
+                        headers=getattr(exc, "headers", None))
+
+
 def _too_large(path: str, size: int, limit: int, declared: bool) -> JSONResponse:
     metrics().observe(_route_of(path), 413)
     said = f"{size} bytes" if declared else f"over {limit} bytes (sent without a length)"
@@ -1072,15 +1087,19 @@ class Ingress:
         if self.rollout is not None:  # informative: the current version still answers
             body["rollout"] = self.rollout
         if not deep:
+            metrics().observe("healthz", 200)
             return body
         stages = await self.stages.probe(self.flow.index_uri, HEALTH_TIMEOUT_S)
         if not all(stage["ok"] for stage in stages.values()):
             body["status"] = "unavailable"
         body["stages"] = stages
-        return JSONResponse(status_code=200 if body["status"] == "ok" else 503, content=body)
+        status = 200 if body["status"] == "ok" else 503
+        metrics().observe("healthz", status)
+        return JSONResponse(status_code=status, content=body)
 
     @api.get("/v1/version", response_model=VersionResponse)
     async def version(self):
+        metrics().observe("version", 200)
         return VersionResponse.model_validate({**self.ref.describe(), "rollout": self.rollout})
 
 

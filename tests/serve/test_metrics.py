@@ -23,6 +23,18 @@ def test_stage_latency_status_and_cold_start_metrics_are_exported(app_url, ray_s
     conn.endheaders()
     assert conn.getresponse().status == 413
     conn.close()
+    # FastAPI's own answers are counted and say their kind: a body that is not UTF-8 (400), a path the app
+    # lacks (404), a method a route lacks (405); health and version answers too
+    bad = requests.post(f"{app_url}/v1/recommend", data=b'{"user_id": "\xff"}',
+                        headers={"content-type": "application/json"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["kind"] == "bad_request", bad.text
+    missing = requests.get(f"{app_url}/{made_up}", timeout=60)
+    assert missing.status_code == 404 and missing.json()["kind"] == "not_found", missing.text
+    wrong = requests.get(f"{app_url}/v1/recommend", timeout=60)
+    assert wrong.status_code == 405 and wrong.json()["kind"] == "method_not_allowed", wrong.text
+    assert "POST" in wrong.headers["allow"]
+    assert requests.get(f"{app_url}/healthz", timeout=60).status_code == 200
+    assert requests.get(f"{app_url}/v1/version", timeout=60).status_code == 200
     port = ray_session.nodes()[0]["MetricsExportPort"]
     wanted = {
         "latency": re.compile(r'^ray_tessera_serve_stage_latency_ms_bucket\{[^}]*route="recommend"[^}]*stage="rank"',
@@ -34,6 +46,10 @@ def test_stage_latency_status_and_cold_start_metrics_are_exported(app_url, ray_s
         "cold": re.compile(r'^ray_tessera_serve_cold_start_total\{[^}]*route="recommend"[^}]*\} (\S+)', re.M),
         "other": re.compile(r'^ray_tessera_serve_requests_total\{[^}]*route="other"[^}]*status="413"[^}]*\} (\S+)',
                             re.M),
+        **{name: re.compile(rf'^ray_tessera_serve_requests_total\{{[^}}]*route="{route}"[^}}]*status="{status}"', re.M)
+           for name, route, status in (("not_utf8", "recommend", 400), ("not_found", "other", 404),
+                                       ("not_allowed", "recommend", 405), ("health", "healthz", 200),
+                                       ("version", "version", 200))},
     }
     deadline, found = time.monotonic() + 60, {}
     while time.monotonic() < deadline:

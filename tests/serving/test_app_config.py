@@ -23,3 +23,14 @@ def test_user_config_takes_index_uri_only_and_names_what_is_wrong():
 ])
 def test_metric_routes_are_the_apps_own_or_other(path, route):
     assert _route_of(path) == route
+
+
+def test_max_k_below_the_default_k_is_refused_naming_the_key():
+    """With max_k 5, every request that left k out (the routes default to 10) was refused: "k=10 is above max_k"."""
+    from pydantic import ValidationError
+
+    from serve_apps.recommender import RecommenderArgs
+
+    assert RecommenderArgs.model_validate({"max_k": 10}).max_k == 10
+    with pytest.raises(ValidationError, match=r"max_k\s+Input should be greater than or equal to 10"):
+        RecommenderArgs.model_validate({"max_k": 5})

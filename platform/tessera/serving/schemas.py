@@ -33,7 +33,9 @@ class RecommendRequest(_Strict):
                                        description="items the user interacted with since the snapshot, oldest first")
     # strict: JSON true, "5" and 5.0 are not a count, nor "yes" a boolean (lax mode took them)
     k: int = Field(10, ge=1, le=MAX_K, strict=True, description="items to return")
-    exclude_seen: bool = Field(True, strict=True, description="leave out items in the user's history and recent items")
+    exclude_seen: bool = Field(True, strict=True, description="leave out items in the user's history (the snapshot's "
+                                "events that have a time: an event without one is no event to training, "
+                                "the index self-check or serving) and recent items")
 
 
 class SearchRequest(_Strict):
