@@ -208,6 +208,53 @@ def test_hugging_face_vision_model_folder(tmp_path, photos):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [
+    {"image_processor_type": "DeiTImageProcessor", "size": 256, "crop_size": 224, "do_center_crop": True},  # square
+    {"image_processor_type": "CLIPImageProcessor", "size": 224, "crop_size": 224},  # shorter side
+    {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 0.875},
+    {"image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224}},  # class defaults
+])
+def test_a_checkpoint_s_processor_config_gives_its_own_processor_s_pixels(tmp_path, shared_data, config):
+    """An integer size was always read as the shorter side (DeiT's is a square: a 640x480 photo lost a third of
+    its width to the crop, not an eighth), keys left out took our defaults (bilinear, mean 0) not the class's,
+    and ConvNeXt's crop_pct was ignored. Compared with the transformers processor itself on non-square photos."""
+    import transformers
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    prep = ImagePreprocessor(ImageEncoderConfig(weights=str(tmp_path), device="cpu"))
+    t = prep.transform
+    reference = getattr(transformers, config["image_processor_type"]).from_dict(config)
+    checked = set()
+    for path in sorted((shared_data / "grocery" / "dataset").rglob("*.jpg")):  # 3:4 and 4:3 photos among them
+        raw = path.read_bytes()
+        image = Image.open(io.BytesIO(raw)).convert("RGB")
+        if image.width == image.height or (image.width > image.height) in checked:
+            continue
+        ours = torch.from_numpy(prep(raw)).float() * t.rescale
+        ours = (ours - torch.tensor(t.mean)[:, None, None]) / torch.tensor(t.std)[:, None, None]
+        theirs = torch.as_tensor(np.asarray(reference(image, return_tensors="np")["pixel_values"][0]))
+        assert ours.shape == theirs.shape == (3, 224, 224)
+        # resampling kernels differ a little (and ours is uint8): the geometry must not
+        assert (ours - theirs).abs().mean() < 0.03, (config, path.name, (ours - theirs).abs().mean())
+        checked.add(image.width > image.height)
+        if len(checked) == 2:
+            break
+    assert checked == {True, False}  # a landscape and a portrait photo
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"size": 224, "crop_size": 224}, "an integer is the shorter side for some image processors and a square"),
+    ({"image_processor_type": "PoolFormerImageProcessor", "size": {"shortest_edge": 224}}, "crop_pct 0.9"),
+    ({"image_processor_type": "LevitImageProcessor"}, "LeViT's"),
+    ({"size": {"height": 64, "width": 64}, "resample": 1}, r"resample 1 \(Lanczos\)"),
+    ({"size": {"height": 64, "width": 64}, "do_resize": False}, "do_resize false"),
+])
+def test_a_processor_config_the_transform_cannot_follow_is_refused_naming_the_file(tmp_path, config, message):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"preprocessor_config.json: .*{message}"):
+        _ = ImagePreprocessor(ImageEncoderConfig(weights=str(tmp_path), device="cpu")).transform
+
+
 @pytest.mark.parametrize("kind", ["vision_with_projection", "dual_encoder"])
 def test_a_clip_folder_gives_clip_s_own_image_embedding(tmp_path, photos, kind):
     """A CLIP vision tower (the README's suggested replacement) gives CLIP's image embedding: the

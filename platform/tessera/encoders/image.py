@@ -7,7 +7,9 @@ ResNet folder or a Hugging Face vision model (e.g. a CLIP vision tower) is a con
 
 Preprocessing follows the checkpoint's ``preprocessor_config.json`` (Hugging Face image-processor
 keys: ``size``, ``crop_size``, ``do_center_crop``, ``image_mean``, ``image_std``, ``resample``,
-``rescale_factor``) and ships ``uint8`` pixels ``(3, H, W)``, 4x smaller than floats; the encoder
+``rescale_factor``), read as the ``image_processor_type`` it names reads it (an integer ``size``, the
+class's defaults for keys left out, ConvNeXt's ``crop_pct``; what the transform cannot reproduce is
+refused naming the file), and ships ``uint8`` pixels ``(3, H, W)``, 4x smaller than floats; the encoder
 rescales and normalises on its device.
 
 Example::
@@ -103,30 +105,113 @@ class ImageTransform:
 
     @classmethod
     def from_checkpoint(cls, cfg: dict, image_size: int | None) -> ImageTransform:
-        """Read Hugging Face image-processor keys; ``image_size`` overrides resize and crop."""
-        size = cfg.get("size")
-        crop = cfg.get("crop_size") if cfg.get("do_center_crop", True) else None
+        """Read Hugging Face image-processor keys; ``image_size`` overrides resize and crop.
+
+        A config naming its ``image_processor_type`` is read as that class reads it (:func:`resolved_config`):
+        an integer ``size`` is the shorter side for some processors (CLIP, SigLIP, BiT) and a square for
+        others (ViT, DeiT); keys left out take the class's defaults (bicubic, its mean and std), and
+        ConvNeXt's ``crop_pct`` rule is followed.
+
+        Raises:
+            ValueError: what the transform cannot reproduce (a resize rule of its own, a resampling filter
+                tensors lack, no resize), or an integer ``size`` whose meaning no processor type decides."""
+        cfg = resolved_config(cfg)
         if image_size is not None:
             resize, crop_hw = image_size, (image_size, image_size)
         else:
-            resize = _parse_size(size, "size")
-            crop_hw = _parse_size(crop, "crop_size") if crop is not None else None
-            if isinstance(crop_hw, int):
+            if cfg.get("do_resize", True) is False:
+                raise ValueError("do_resize false: images of every size would reach the model; set image_size")
+            resize = _parse_size(cfg.get("size"), "size")
+            crop = cfg.get("crop_size") if cfg.get("do_center_crop", True) else None
+            # an integer crop_size is a square for every processor
+            crop_hw = (crop, crop) if isinstance(crop, int) else _parse_size(crop, "crop_size") if crop else None
+            if isinstance(crop_hw, int):  # {"shortest_edge": n} as a crop: a square
                 crop_hw = (crop_hw, crop_hw)
             if crop_hw is None and isinstance(resize, int):
                 raise ValueError("preprocessing config resizes the shorter side without a crop: "
                                  "outputs would differ in shape; set crop_size or image_size")
         normalize = cfg.get("do_normalize", True)
+        resample = cfg.get("resample", 2)
+        if int(resample) not in _RESAMPLE:
+            raise ValueError(f"resample {int(resample)} ({_PIL_FILTERS.get(int(resample), 'unknown')}): tensors resize "
+                             "with nearest (0), bilinear (2) or bicubic (3) only")
         return cls(resize=resize, crop=crop_hw,
                    mean=tuple(cfg.get("image_mean", (0.0, 0.0, 0.0))) if normalize else (0.0, 0.0, 0.0),
                    std=tuple(cfg.get("image_std", (1.0, 1.0, 1.0))) if normalize else (1.0, 1.0, 1.0),
                    rescale=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
-                   interpolation=_RESAMPLE.get(cfg.get("resample", 2), InterpolationMode.BILINEAR))
+                   interpolation=_RESAMPLE[int(resample)])
+
+
+_PIL_FILTERS = {1: "Lanczos", 4: "box", 5: "Hamming"}
+_PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                   "do_normalize", "image_mean", "image_std")
+
+
+def resolved_config(cfg: dict) -> dict:
+    """``cfg`` as the Hugging Face image processor it names (``image_processor_type``) reads it: sizes as
+    dicts (an integer ``size`` is a shorter side or a square depending on the class), the class's defaults
+    for keys left out. A config without a type, or one naming a class transformers lacks, is returned as it
+    is. ConvNeXt's ``crop_pct`` (shorter side to ``size / crop_pct``, then a centre crop of ``size``; a
+    square warp from 384 up) is turned into the equivalent resize and crop.
+
+    Raises:
+        ValueError: a processor whose resize rule the transform does not reproduce (``crop_pct`` of another
+            class than ConvNeXt, LeViT's)."""
+    name = cfg.get("image_processor_type") or str(cfg.get("feature_extractor_type") or "").replace(
+        "FeatureExtractor", "ImageProcessor")
+    kind = str(name).removesuffix("Fast").removesuffix("ImageProcessor")
+    if not name or (_explicit(cfg) and kind not in _OWN_RULES):
+        return cfg  # nothing for the class to decide (and no transformers import: 1.3 s, 70 MB a process)
+    import transformers
+
+    processor_class = getattr(transformers, str(name).removesuffix("Fast"), None)
+    if processor_class is None:
+        return cfg
+    processor = processor_class.from_dict({k: v for k, v in cfg.items() if not k.endswith("_type")})
+    out = dict(cfg)
+    for key in _PROCESSOR_KEYS:
+        value = getattr(processor, key, None)
+        if value is not None:
+            out[key] = _plain(value)
+    crop_pct = getattr(processor, "crop_pct", None)
+    if kind == "Levit" or (crop_pct is not None and kind != "ConvNext"):
+        rule = f"crop_pct {crop_pct}" if crop_pct is not None else "LeViT's"
+        raise ValueError(f"{name} resizes by a rule of its own ({rule}) that the transform does not reproduce; "
+                         "set image_size to resize and crop to a square")
+    if kind == "ConvNext":
+        edge = int(out["size"]["shortest_edge"])
+        if edge < 384:  # as ConvNextImageProcessor.resize: shorter side to edge / crop_pct, centre crop edge
+            out.update(size={"shortest_edge": int(edge / (crop_pct or 224 / 256))},
+                       crop_size={"height": edge, "width": edge}, do_center_crop=True)
+        else:  # warped to a square, no crop
+            out.update(size={"height": edge, "width": edge}, do_center_crop=False)
+    return out
+
+
+_OWN_RULES = {"ConvNext", "Levit", "PoolFormer"}  # resize rules beyond size / crop_size: always read by the class
+
+
+def _explicit(cfg: dict) -> bool:
+    """Whether ``cfg`` leaves no key to a processor class: sizes as dicts, every other key set."""
+    crop = cfg.get("do_center_crop") is False or isinstance(cfg.get("crop_size"), (dict, int))
+    return (isinstance(cfg.get("size"), dict) and crop and "crop_pct" not in cfg
+            and all(k in cfg for k in _PROCESSOR_KEYS if k not in ("size", "crop_size")))
+
+
+def _plain(value):
+    """A processor attribute as JSON-like data: a ``SizeDict`` as a dict of its set keys, an enum as its value."""
+    if hasattr(value, "shortest_edge") and hasattr(value, "height"):  # transformers' SizeDict (unset keys None)
+        return {k: int(v) for k, v in vars(value).items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return getattr(value, "value", value)
 
 
 def _parse_size(size, key: str) -> int | tuple[int, int]:
     if isinstance(size, int):
-        return size
+        raise ValueError(f"{key} {size}: an integer is the shorter side for some image processors and a square "
+                         "for others; name the image_processor_type, or write {\"shortest_edge\": "
+                         f"{size}}} or {{\"height\": {size}, \"width\": {size}}}")
     if isinstance(size, dict) and "shortest_edge" in size:
         return int(size["shortest_edge"])
     if isinstance(size, dict) and "height" in size and "width" in size:
