@@ -4,10 +4,11 @@
     python -m jobs.build_index --config configs/index.yaml [--model-uri U] [--version V] [--shards S]
         [--keep-existing] [--break-lease]
 
-Exit codes: 0 done (or the version exists and --keep-existing was given); 2 bad config; 3 a self-check
-recall is below the floor (``_FAILED.json`` written, no manifest); 4 the vectors do not hold every
-input item exactly once; 5 the index version already exists, or another build of it is running (or
-took it over); 6 an input (bundle, embedding run) is missing or inconsistent.
+Exit codes: 0 done (or the version exists, built from the same bundle training and embedding run, and
+--keep-existing was given); 2 bad config; 3 a self-check recall is below the floor (``_FAILED.json``
+written, no manifest); 4 the vectors do not hold every input item exactly once; 5 the index version
+already exists (with --keep-existing: built from other inputs, which it names), or another build of it
+is running (or took it over); 6 an input (bundle, embedding run) is missing or inconsistent.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 4
     except IndexExistsError as err:
-        if args.keep_existing:
+        if args.keep_existing and err.same_inputs:
             print(f"kept: {err}")
             return 0
+        if args.keep_existing:  # an index of another model (or training of it) would stay in service
+            print(f"error: {err} (--keep-existing keeps only an index of the same inputs)", file=sys.stderr)
+            return 5
         print(f"error: {err}", file=sys.stderr)
         return 5
     except (LeaseHeldError, LeaseLostError) as err:  # another build of the same version

@@ -64,13 +64,29 @@ def test_loads_from_s3_and_answers(built, storage):
         ShardedIndex.load(storage, uri)
 
 
-def test_existing_version_is_refused(built, bundle_uri, tmp_path):
+def test_existing_version_is_refused(built, bundle_uri, bucket_uri, storage, tmp_path, capsys):
     cfg, _, _ = built
     with pytest.raises(IndexExistsError):
         run_index_job(cfg)
     config = tmp_path / "index.yaml"
     config.write_text(f"model_uri: {bundle_uri}\noutput_uri: {cfg.output_uri}\n")
     assert main(["--config", str(config)]) == 5
+    assert main(["--config", str(config), "--keep-existing"]) == 0  # built from these inputs: kept
+    assert "built from these inputs" in capsys.readouterr().out
+    # the same version asked of another bundle (a copy, with one file's checksum as a retrain would change
+    # it): --keep-existing kept the old model's index in service, exit 0; now exit 5 naming what differs
+    other = join_uri(bucket_uri, "bundle-retrained")
+    for uri in storage.list_files(bundle_uri):
+        storage.write_bytes(join_uri(other, uri[len(bundle_uri.rstrip("/")) + 1:]), storage.read_bytes(uri))
+    manifest = storage.read_json(join_uri(other, "_MANIFEST.json"))
+    first = sorted(manifest["files"])[0]
+    manifest["files"][first] = {**manifest["files"][first], "sha256": "0" * 64} \
+        if isinstance(manifest["files"][first], dict) else "0" * 64
+    storage.write_json(join_uri(other, "_MANIFEST.json"), manifest)
+    config.write_text(f"model_uri: {other}\noutput_uri: {cfg.output_uri}\nversion: {cfg.version or 'seeded-index'}\n")
+    assert main(["--config", str(config), "--keep-existing"]) == 5
+    err = capsys.readouterr().err
+    assert "built from other inputs" in err and "model_uri: " in err and "model_fingerprint: sha256:" in err, err
     config.write_text("num_shards: 0\n")
     assert main(["--config", str(config)]) == 2
 
@@ -118,6 +134,14 @@ def test_an_embedding_run_of_other_widths_than_the_tower_is_an_input_error(bundl
                       f"embeddings_uri: {copy}\n")
     assert main(["--config", str(config)]) == 6
     assert f"'text': ({width}, {width + 8})" in capsys.readouterr().err
+    assert not storage.list_files(join_uri(bucket_uri, "index-wider"))
+    # a run without a modality the model was trained on: every item counted as lacking it (those with
+    # nothing else left out of the index, its own index dropped), exit 0; now exit 6 naming it
+    manifest["encoders"]["text"]["dim"] = width
+    del manifest["encoders"]["audio"]
+    storage.write_json(join_uri(copy, "_MANIFEST.json"), manifest)
+    assert main(["--config", str(config)]) == 6
+    assert "has no audio vectors, which the model was trained on" in capsys.readouterr().err
     assert not storage.list_files(join_uri(bucket_uri, "index-wider"))
 
 

@@ -69,7 +69,14 @@ LEASE_FILE = "_LEASE.json"
 
 
 class IndexExistsError(FileExistsError):
-    """The index version already has a manifest; indexes are immutable, pick another version."""
+    """The index version already has a manifest; indexes are immutable, pick another version.
+
+    ``same_inputs``: its manifest records the bundle (its training) and the embedding run this build would
+    read; only such an index is kept by ``--keep-existing``."""
+
+    def __init__(self, message: str, same_inputs: bool = False):
+        super().__init__(message)
+        self.same_inputs = same_inputs
 
 
 class IndexRecallError(RuntimeError):
@@ -103,6 +110,11 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
                              "interactions_uri": cfg.interactions_uri})
     storage = Storage(cfg.storage)
     src = resolve_sources(cfg, storage)
+    # and the inputs found from the bundle (its embedding run) and the run (the log beside its items)
+    check_paths_for_cluster({}, {"embeddings_uri (the bundle's embedding_run)":
+                                 None if cfg.embeddings_uri else src.embedding_run,
+                                 "interactions_uri (beside the run's items)":
+                                 None if cfg.interactions_uri else src.interactions_uri})
     _refuse_existing(storage, src)
     lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}",
                      break_lease=break_lease)
@@ -113,9 +125,21 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
 
 
 def _refuse_existing(storage: Storage, src: IndexSources) -> None:
-    if storage.exists(join_uri(src.index_uri, INDEX_MANIFEST)):
-        raise IndexExistsError(f"index {src.index_uri} already exists (it has {INDEX_MANIFEST}); indexes are "
-                               f"immutable: set version (or --version) to build another")
+    """Raises:
+        IndexExistsError: the version exists, built from these inputs (``same_inputs``) or not."""
+    uri = join_uri(src.index_uri, INDEX_MANIFEST)
+    if storage.exists(uri):
+        differ = _differing_sources(storage.read_json(uri).get("source") or {}, src)
+        said = (f"built from other inputs ({'; '.join(differ)})" if differ else "built from these inputs")
+        raise IndexExistsError(f"index {src.index_uri} already exists (it has {INDEX_MANIFEST}), {said}; indexes "
+                               f"are immutable: set version (or --version) to build another", same_inputs=not differ)
+
+
+def _differing_sources(recorded: dict, src: IndexSources) -> list[str]:
+    """What an existing index's manifest ``source`` records otherwise than ``src`` (``key: recorded vs now``)."""
+    now = {"model_uri": src.model_uri, "model_fingerprint": src.model_fingerprint, "embedding_run": src.embedding_run}
+    return [f"{k}: {recorded[k]} vs {v}" for k, v in now.items()  # a key an older manifest lacks: not compared
+            if k in recorded and str(recorded[k]).rstrip("/") != str(v).rstrip("/")]
 
 
 def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, lease: RunLease,
@@ -159,7 +183,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     run = _build_and_check(cfg, storage, src, plans, vectors.parts, part_rows,
                            cfg.self_check.tuning_user_queries if approximate else 0, lease, known)
     built, users = run.shards, run.users
-    build_s = time.perf_counter() - t_build
+    build_s = time.perf_counter() - t_build - run.users_s  # the users' sampling is timed on its own
     if run.tuning_vectors is not None:
         print(f"[index] fused shards tuned on their own vectors and {run.tuning_vectors} user vectors (users "
               f"outside the self-check's sample)", flush=True)
@@ -208,7 +232,7 @@ def _build_leased(cfg: IndexJobConfig, storage: Storage, src: IndexSources, leas
     top.counts = {"input_items": src.num_items, **{k: v for k, v in vectors.counts.items() if k != "rows"},
                   **{f"with_{m}": n for m, n in sorted(vectors.per_modality.items())}}
     # build_s includes each build task's check of its shard; self_check_s is the longest of those checks,
-    # self_check_users_s the log's read and the users' sampling before the split
+    # self_check_users_s the log's read and the users' sampling before the split (not in build_s)
     timings = {"vectors_s": vectors.seconds, "build_s": build_s, "self_check_s": check_s,
                "self_check_users_s": run.users_s,
                "shard_build_s_sum": sum(s.build_seconds for ms in shard_manifests.values() for s in ms)}

@@ -112,9 +112,15 @@ def resolve_sources(cfg: IndexJobConfig, storage: Storage) -> IndexSources:
 
 
 def _check_encoders(bundle: dict, run_manifest: dict, run: str) -> None:
-    """Refuse a run made with other encoder weights than those the bundle was trained on."""
+    """Refuse a run made with other encoder weights than those the bundle was trained on, or without a
+    modality it was trained on (every item would count as lacking it: those with nothing else left out
+    of the index, and that modality's own index dropped, with the job exiting 0)."""
     trained = bundle.get("encoders") or {}
     used = run_manifest.get("encoders") or {}
+    missing = sorted(set(trained) - set(used))
+    if missing:
+        raise IndexSourceError(f"embedding run {run} has no {', '.join(missing)} vectors, which the model was trained "
+                               f"on (it has {sorted(used)}): embed the catalog with every modality of the model")
     for modality, enc in trained.items():
         if modality in used and enc.get("weights_checksum") != used[modality].get("weights_checksum"):
             raise IndexSourceError(f"embedding run {run}: {modality} encoder weights differ from those the model "
