@@ -280,13 +280,14 @@ def test_a_media_uri_that_is_not_utf8_fails_its_item_not_the_block(storage, buck
     good = join_uri(bucket_uri, "media", "a.bin")
     storage.write_bytes(good, b"some bytes")
     fs, path = storage.filesystem(uri)
-    pq.write_table(pa.table({"item_id": ["a", "b", "c"], "image_uri": _unchecked_strings([good.encode(),
-                                                                                          b"s3://x/\xff.jpg", None])}),
-                   path, filesystem=fs)
+    pq.write_table(pa.table({"item_id": ["a", "b", "c", "d"], "image_uri": _unchecked_strings(
+        [good.encode(), b"s3://x/\xff.jpg", None, b""])}), path, filesystem=fs)
     [table] = list(read_items({"uri": [uri]}, storage, ["item_id", "image_uri"], rows_per_batch=10))
+    # "" is no object, as null is: absent (it was a failed item, kind missing, counted against max_error_rate)
+    assert table.column("image_uri").to_pylist()[2:] == [None, None]
     [out] = list(fetch(table, "image", storage, max_bytes=1000, threads=2))
-    assert out.column("image_bytes").to_pylist() == [b"some bytes", None, None]
-    assert out.column("image_error").to_pylist() == [None, "missing: invalid URI: not UTF-8 (byte 7)", None]
+    assert out.column("image_bytes").to_pylist() == [b"some bytes", None, None, None]
+    assert out.column("image_error").to_pylist() == [None, "missing: invalid URI: not UTF-8 (byte 7)", None, None]
 
 
 def test_a_fetch_task_yields_blocks_bounded_by_bytes_every_item_once(storage, bucket_uri):

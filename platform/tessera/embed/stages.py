@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tessera.embed.ids import hash_ids, is_member
@@ -114,7 +115,12 @@ def read_items(batch: dict, storage: Storage, columns: list[str], rows_per_batch
                     if name == "item_id":
                         table = table.set_column(idx, name, table.column(name).cast(pa.string()))
                     elif name == "text" or name.endswith("_uri"):
-                        table = table.set_column(idx, name, table.column(name).cast(pa.binary()))
+                        column = table.column(name).cast(pa.binary())
+                        if name.endswith("_uri"):  # "" is no object, as null is (catalogs exported from SQL
+                            # write "" for none): absent, not a failed item counted against max_error_rate
+                            column = pc.if_else(pc.equal(pc.binary_length(column), 0), pa.scalar(None, pa.binary()),
+                                                column)
+                        table = table.set_column(idx, name, column)
                 if table.num_rows:
                     yield table
 
