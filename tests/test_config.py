@@ -182,3 +182,12 @@ def test_an_empty_training_version_is_refused():
         with pytest.raises(ConfigError, match=r"key 'version' in environment variable TESSERA__VERSION"):
             parse_config(TrainConfig, base, environ={"TESSERA__VERSION": bad})
     assert parse_config(TrainConfig, base, environ={"TESSERA__VERSION": "2"}).version == "2"
+
+
+def test_a_variant_listed_twice_is_refused():
+    """It was trained twice, for the same result."""
+    from tessera.train.config import TrainConfig
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "train.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"variants lists \['text'\] more than once"):
+        parse_config(TrainConfig, {**base, "variants": ["fused", "text", "image", "text"]})

@@ -179,6 +179,8 @@ def resolved_config(cfg: dict) -> dict:
         raise ValueError(f"{name} resizes by a rule of its own ({rule}) that the transform does not reproduce; "
                          "set image_size to resize and crop to a square")
     if kind == "ConvNext":
+        if "shortest_edge" not in out["size"]:
+            raise ValueError(f"{name} takes size as {{\"shortest_edge\": n}}, got {out['size']}")
         edge = int(out["size"]["shortest_edge"])
         if edge < 384:  # as ConvNextImageProcessor.resize: shorter side to edge / crop_pct, centre crop edge
             out.update(size={"shortest_edge": int(edge / (crop_pct or 224 / 256))},

@@ -178,6 +178,9 @@ class TrainConfig(TesseraConfig):
             raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANT_NAMES)}")
         if "fused" not in self.variants:
             raise ValueError("variants must include 'fused' (the model the bundle ships)")
+        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
+        if repeated:  # each would be trained again, for the same result
+            raise ValueError(f"variants lists {repeated} more than once")
         if 10 not in self.ks:
             raise ValueError("ks must include 10 (NDCG@10 is the headline metric)")
         if self.keep_epoch == "best" and not self.validation:
