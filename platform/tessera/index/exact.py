@@ -20,13 +20,20 @@ import numpy as np
 _MAX_BLOCK = 1 << 24
 
 
-def as_float_matrix(x, name: str = "vectors", dim: int | None = None) -> np.ndarray:
+def _item(row: int, ids: Sequence[str] | None) -> str:
+    """`` (item <id>)`` of ``row`` when ``ids`` names the rows, else ''."""
+    return f" (item {ids[row]!r})" if ids is not None and row < len(ids) else ""
+
+
+def as_float_matrix(x, name: str = "vectors", dim: int | None = None, ids: Sequence[str] | None = None) -> np.ndarray:
     """``x`` as a C-contiguous (N, D) float32 array; raises ``ValueError`` on bad shape or non-finite values.
 
     Args:
         x: array-like of shape (N, D).
         name: what to call it in error messages.
         dim: the D it must have, if known.
+        ids: the rows' item ids, named in a bad row's error (a shard's own row number means nothing to a
+            caller who split the catalog by hash).
     """
     arr = np.ascontiguousarray(x, dtype=np.float32)
     if arr.ndim != 2:
@@ -35,21 +42,24 @@ def as_float_matrix(x, name: str = "vectors", dim: int | None = None) -> np.ndar
         raise ValueError(f"{name} have dimension {arr.shape[1]}, the index has {dim}")
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
-        raise ValueError(f"{name} row {int(np.argmax(bad))} has non-finite values ({int(bad.sum())} such rows)")
+        row = int(np.argmax(bad))
+        raise ValueError(f"{name} row {row} has non-finite values ({int(bad.sum())} such rows){_item(row, ids)}")
     return arr
 
 
-def l2_normalize(x: np.ndarray, name: str = "vectors") -> np.ndarray:
+def l2_normalize(x: np.ndarray, name: str = "vectors", ids: Sequence[str] | None = None) -> np.ndarray:
     """Rows scaled to unit L2 norm (a new float32 array); a zero row raises ``ValueError``.
 
     Args:
         x: (N, D) float32.
         name: what to call it in error messages.
+        ids: the rows' item ids, named in a zero row's error.
     """
     norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
     zero = norms[:, 0] == 0
     if zero.any():
-        raise ValueError(f"{name} row {int(np.argmax(zero))} has zero norm ({int(zero.sum())} such rows)")
+        row = int(np.argmax(zero))
+        raise ValueError(f"{name} row {row} has zero norm ({int(zero.sum())} such rows){_item(row, ids)}")
     return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 

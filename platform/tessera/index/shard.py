@@ -86,15 +86,6 @@ class ShardArtifact:
         return np.asarray(rows, dtype=np.int64)
 
 
-def _item_of_row(message: str, ids: list[str]) -> str:
-    """`` (item <id>)`` for a message naming ``row N`` of ``ids`` (the row within a shard means nothing to a
-    caller who split the catalog by hash); '' otherwise."""
-    import re
-
-    found = re.search(r"\brow (\d+)\b", message)
-    return f" (item {ids[int(found.group(1))]!r})" if found and int(found.group(1)) < len(ids) else ""
-
-
 def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, shard_id: int = 0,
                 catalog_size: int | None = None, tuning_queries=None) -> ShardArtifact:
     """Build one shard from its ids and vectors.
@@ -118,16 +109,16 @@ def build_shard(ids: Sequence[str], vectors, config: IndexConfig | None = None, 
     config = config or IndexConfig()
     start = time.perf_counter()
     ids = [str(i) for i in ids]
-    try:
-        x = as_float_matrix(vectors, "item vectors")
+    try:  # a bad row is named by its item too (its row is this shard's own)
+        x = as_float_matrix(vectors, "item vectors", ids=ids)
         if x.shape[0] != len(ids):
             raise ValueError(f"{len(ids)} ids for {x.shape[0]} vectors")
         if x.shape[0] == 0:
             raise ValueError("no item")
         if config.normalize:
-            x = l2_normalize(x, "item vectors")
-    except ValueError as err:  # name the shard and, for a bad row, its item (the row is this shard's own)
-        raise ValueError(f"shard {shard_id}: {err}{_item_of_row(str(err), ids)}") from None
+            x = l2_normalize(x, "item vectors", ids)
+    except ValueError as err:
+        raise ValueError(f"shard {shard_id}: {err}") from None
     extra = None
     if tuning_queries is not None and len(tuning_queries):
         extra = as_float_matrix(tuning_queries, "tuning queries")

@@ -56,7 +56,7 @@ from tessera.index.shard_io import (
     save_shard,
     shard_name,
 )
-from tessera.index.sharding import assign_shards
+from tessera.index.sharding import assign_shards, first_duplicate
 from tessera.storage import Storage, join_uri
 
 # Merges of up to this many queries run in plain Python (see ShardedIndex._merge_few).
@@ -413,13 +413,8 @@ def _complete_shard_set(storage: Storage, uri: str, names: list[str]) -> list[tu
 
 def _shared_id(shards) -> str:
     """Which id two shards share, for an error message."""
-    owner: dict[str, int] = {}
-    for shard in shards:
-        for item_id in shard.id_list:
-            if item_id in owner:
-                return f"{item_id!r} is in shard {owner[item_id]} and shard {shard.shard_id}"
-            owner[item_id] = shard.shard_id
-    return "none found"
+    shared = first_duplicate(item_id for shard in shards for item_id in shard.id_list)
+    return f"{shared!r} is in shard " + " and shard ".join(str(s.shard_id) for s in shards if shared in s.row_of)
 
 
 def _exclusions(exclude, num_queries: int) -> list[set[str]]:

@@ -105,16 +105,14 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
     """
 
     t0 = time.perf_counter()
-    check_paths_for_cluster({"output_uri": cfg.output_uri},
-                            {"model_uri": cfg.model_uri, "embeddings_uri": cfg.embeddings_uri,
-                             "interactions_uri": cfg.interactions_uri})
     storage = Storage(cfg.storage)
-    src = resolve_sources(cfg, storage)
-    # and the inputs found from the bundle (its embedding run) and the run (the log beside its items)
-    check_paths_for_cluster({}, {"embeddings_uri (the bundle's embedding_run)":
-                                 None if cfg.embeddings_uri else src.embedding_run,
-                                 "interactions_uri (beside the run's items)":
-                                 None if cfg.interactions_uri else src.interactions_uri})
+    src = resolve_sources(cfg, storage)  # reads manifests only
+    # the inputs as resolved: the bundle names the embedding run, the run's items the log, when not configured
+    check_paths_for_cluster({"output_uri": cfg.output_uri}, {
+        "model_uri": cfg.model_uri,
+        "embeddings_uri" if cfg.embeddings_uri else "embeddings_uri (the bundle's embedding_run)": src.embedding_run,
+        "interactions_uri" if cfg.interactions_uri else "interactions_uri (beside the run's items)":
+            src.interactions_uri})
     _refuse_existing(storage, src)
     lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}",
                      break_lease=break_lease)
