@@ -254,3 +254,50 @@ def test_fetch_media_store_trouble_fails_the_job_not_the_item(storage, bucket_ur
         with pytest.raises(OSError) as err:
             fetch_media(mute, "s3://b/k.jpg")
         assert not isinstance(err.value, MediaError) and "timeout" in type(err.value).__name__.lower(), err.value
+
+
+def _changing_download(monkeypatch, storage, uri: str, times: int, replaced: str) -> list:
+    """Make the first ``times`` downloads of ``uri`` see ``replaced`` rewritten in the store with other
+    bytes (a real PUT, as an upload still in progress does) right after they read config.json, the
+    first file: config.json itself has then been read already, a later file not yet."""
+    from tessera.encoders import weights
+
+    real, calls = weights._download, []
+
+    def replacing(fs, src, dst):
+        got = real(fs, src, dst)
+        if calls.count("replaced") < times and dst.name == "config.json":
+            old = json.loads(storage.read_bytes(join_uri(uri, replaced)))
+            storage.write_bytes(join_uri(uri, replaced), json.dumps({**old, "_edit": "x" * len(calls)}).encode())
+            calls.append("replaced")
+        return got
+
+    monkeypatch.setattr(weights, "_download", replacing)
+    return calls
+
+
+@pytest.mark.parametrize("replaced", ["config.json", "preprocessor_config.json"])
+@pytest.mark.parametrize("times", [1, 3])
+def test_weights_changed_while_downloading_are_not_cached(storage, models_uri, tmp_path, monkeypatch, times,
+                                                          replaced):
+    """A file replaced after it was read (found by listing again) or before (its size differs) makes the
+    download start over; the cache never holds a mix of old and new files."""
+    from tessera.encoders import weights
+
+    uri = f"s3://tessera-test/{uuid.uuid4().hex[:12]}/changing"
+    source = join_uri(models_uri, SEEDED_AUDIO_FOLDER)
+    for rel in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        storage.write_bytes(join_uri(uri, rel), storage.read_bytes(join_uri(source, rel)))
+    calls = _changing_download(monkeypatch, storage, uri, times, replaced)
+    if times >= getattr(weights, "DOWNLOAD_ATTEMPTS", 3):
+        with pytest.raises(getattr(weights, "WeightsChangedError", RuntimeError),
+                           match=f"changed while they were downloaded.*{replaced}"):
+            resolve_weights(uri, storage, tmp_path)
+        assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+        return
+    resolved = resolve_weights(uri, storage, tmp_path)
+    assert resolved.fetched and calls == ["replaced"]
+    for rel in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        assert (resolved.path / rel).read_bytes() == storage.read_bytes(join_uri(uri, rel)), rel
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [resolved.path.name]
+    load_preprocessor(AudioEncoderConfig(weights=uri, cache_dir=str(tmp_path)), storage)  # the cached folder loads

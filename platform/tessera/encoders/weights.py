@@ -5,7 +5,9 @@ A weights location is a *folder* in the layout the model's own library reads (a 
 place. An ``s3://`` prefix is listed and downloaded into ``~/.cache/tessera/weights/<key>/`` where the
 key covers the URI and the listing (names, sizes, modification times), so a changed upload is a new
 key. Downloads go to a temporary folder renamed into place under an exclusive file lock: concurrent
-encoder actors on one node download once and never see a half-written folder.
+encoder actors on one node download once and never see a half-written folder. A folder is cached only
+if every file read back its listed size and the prefix lists the same after the download: files
+replaced while they were read (an upload in progress) are downloaded again, from a new listing.
 
 :class:`CheckpointFiles` reads a folder's small configuration files, from disk or straight from the
 prefix: the encoders parse their configuration through it, and the embedding job's driver checks that
@@ -75,6 +77,7 @@ def resolve_weights(uri: str, storage: Storage | None = None, cache_dir: str | o
 
     Raises:
         FileNotFoundError: the folder or prefix does not exist or holds no files.
+        WeightsChangedError: the prefix changed during each of ``DOWNLOAD_ATTEMPTS`` downloads.
     """
     loc = parse_uri(uri)
     if loc.scheme == "file":
@@ -84,28 +87,55 @@ def resolve_weights(uri: str, storage: Storage | None = None, cache_dir: str | o
         return ResolvedWeights(path, uri, fetched=False)
     storage = storage or Storage()
     fs, root = storage.filesystem(uri)
-    listing = storage.retrying_io(f"LIST {uri}", lambda: _list_remote(fs, root, patterns))
-    if not listing:
-        raise FileNotFoundError(f"no weight files under {uri}" + (f" matching {patterns}" if patterns else ""))
-    key = _cache_key(uri, listing, patterns)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / key
-    if final.is_dir():
-        return ResolvedWeights(final, uri, fetched=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if final.is_dir():  # another process on this node finished while we waited
+    changed = None
+    for _ in range(DOWNLOAD_ATTEMPTS):
+        listing = storage.retrying_io(f"LIST {uri}", lambda: _list_remote(fs, root, patterns))
+        if not listing:
+            raise FileNotFoundError(f"no weight files under {uri}" + (f" matching {patterns}" if patterns else ""))
+        key = _cache_key(uri, listing, patterns)
+        final = cache / key
+        if final.is_dir():
             return ResolvedWeights(final, uri, fetched=False)
-        tmp = cache / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            for rel, _size, _mtime in listing:
-                src = f"{root.rstrip('/')}/{rel}"
-                storage.retrying_io(f"GET {src}", lambda src=src, rel=rel: _download(fs, src, tmp / rel))
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
-    return ResolvedWeights(final, uri, fetched=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if final.is_dir():  # another process on this node finished while we waited
+                return ResolvedWeights(final, uri, fetched=False)
+            tmp = cache / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                changed = _download_listing(storage, fs, root, listing, tmp, patterns)
+                if changed is None:
+                    os.rename(tmp, final)
+                    return ResolvedWeights(final, uri, fetched=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # only our own temporary folder
+    raise WeightsChangedError(f"the weights under {uri} changed while they were downloaded, {DOWNLOAD_ATTEMPTS} times "
+                              f"({changed}); nothing was cached: load them again once the upload is complete")
+
+
+class WeightsChangedError(RuntimeError):
+    """An ``s3://`` weights prefix kept changing while it was downloaded (an upload still in progress)."""
+
+
+DOWNLOAD_ATTEMPTS = 3
+
+
+def _download_listing(storage: Storage, fs: pafs.FileSystem, root: str, listing: list[tuple[str, int, int]],
+                      tmp: Path, patterns: tuple[str, ...] | None) -> str | None:
+    """Download every listed file into ``tmp``; None when the copy is the listing's, else what changed: a
+    file that read another size than listed, or a listing that differs after the download (a file
+    replaced, added or removed meanwhile; sizes and modification times are compared)."""
+    for rel, size, _mtime in listing:
+        src = f"{root.rstrip('/')}/{rel}"
+        got = storage.retrying_io(f"GET {src}", lambda src=src, rel=rel: _download(fs, src, tmp / rel))
+        if got != size:
+            return f"{rel}: listed {size} bytes, read {got}"
+    after = storage.retrying_io(f"LIST {root}", lambda: _list_remote(fs, root, patterns))
+    if after != listing:
+        diff = sorted({e[0] for e in set(after) ^ set(listing)})
+        return "files " + ", ".join(diff[:5]) + (" ..." if len(diff) > 5 else "") + " changed in the listing"
+    return None
 
 
 def _list_remote(fs: pafs.FileSystem, root: str, patterns: tuple[str, ...] | None) -> list[tuple[str, int, int]]:
@@ -129,10 +159,12 @@ def _cache_key(uri: str, listing: list[tuple[str, int, int]], patterns: tuple[st
     return f"{slug}-{digest}"
 
 
-def _download(fs: pafs.FileSystem, src: str, dst: Path) -> None:
+def _download(fs: pafs.FileSystem, src: str, dst: Path) -> int:
+    """Copy ``src`` to ``dst``; returns the bytes written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with fs.open_input_stream(src) as stream, open(dst, "wb") as out:
         shutil.copyfileobj(stream, out, _CHUNK)
+        return out.tell()
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
