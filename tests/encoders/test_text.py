@@ -174,6 +174,57 @@ def test_tokenizer_file_gives_the_same_ids_as_transformers(shared_data):
         np.testing.assert_array_equal(a, b, err_msg=text[:60])
 
 
+def _minilm_with(tmp_path, tokenizer_config: dict | None = None, tokenizer_json: dict | None = None) -> str:
+    """The packaged MiniLM folder (links to its files) with keys of tokenizer_config.json / tokenizer.json set."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tessera.encoders.text import packaged_minilm_path
+
+    src, dst = Path(packaged_minilm_path()), tmp_path / "minilm-tok"
+    shutil.copytree(src, dst, copy_function=os.symlink)
+    for name, changes in (("tokenizer_config.json", tokenizer_config), ("tokenizer.json", tokenizer_json)):
+        if changes:
+            cfg = {**json.loads((src / name).read_text()), **changes}
+            (dst / name).unlink()
+            (dst / name).write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("config", [{"do_lower_case": False}, {"strip_accents": False},
+                                    {"tokenize_chinese_chars": False}])
+def test_tokenizer_file_follows_tokenizer_config_as_transformers_does(tmp_path, config, shared_data):
+    """tokenizer.json says lowercase, strip accents (as lowercasing does), split CJK; a tokenizer_config.json
+    saying otherwise wins in AutoTokenizer, and so in the tokenizer.json path (before, it kept tokenizer.json's:
+    "Hello" gave "hello"'s id where AutoTokenizer gives [UNK] for this uncased vocabulary)."""
+    from bench.texts import real_texts
+    from tessera.encoders.text import PROBE_TEXTS
+
+    weights = _minilm_with(tmp_path, tokenizer_config=config)
+    fast = TextPreprocessor(TextEncoderConfig(weights=weights))
+    slow = TextPreprocessor(TextEncoderConfig(weights=weights, fast_tokenizer_file=False))
+    texts = list(PROBE_TEXTS) + real_texts(shared_data, 50)
+    got, want = fast.map(texts), slow.map(texts)
+    assert "tokenizer" not in fast.__dict__
+    default = TextPreprocessor(TextEncoderConfig()).map(texts)
+    assert any(not np.array_equal(a, b) for a, b in zip(got, default, strict=True))  # the change matters
+    for text, a, b in zip(texts, got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=text[:60])
+    fast.check_backend()
+
+
+def test_a_tokenizer_file_transformers_does_not_follow_is_refused_at_model_load(tmp_path):
+    """A tokenizer.json whose pre-tokenizer AutoTokenizer rebuilds from its class (BertTokenizer splits on
+    punctuation whatever the file says) would give the decode tasks other ids than the model's tokenizer:
+    the encoder refuses to load, naming the setting; with fast_tokenizer_file: false it loads."""
+    weights = _minilm_with(tmp_path, tokenizer_json={"pre_tokenizer": {"type": "WhitespaceSplit"}})
+    with pytest.raises(ValueError, match="tokenizer.json tokenises .* fast_tokenizer_file: false"):
+        TextEncoder(TextEncoderConfig(weights=weights))
+    enc = TextEncoder(TextEncoderConfig(weights=weights, fast_tokenizer_file=False))
+    assert enc.embed(["don't stop-believing!"]).shape == (1, 384)
+
+
 def _minilm_copy(tmp_path, pooling: dict | None = None, extra_module: str | None = None):
     """The packaged MiniLM folder (links to its files) with its Pooling config or modules list changed."""
     import json

@@ -153,9 +153,31 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_file(str(path))
+        apply_tokenizer_config(backend, CheckpointFiles(self.weights_dir).json("tokenizer_config.json") or {})
         backend.no_padding()
         backend.enable_truncation(self.max_length, stride=0, strategy="longest_first", direction="right")
         return backend
+
+    def check_backend(self) -> None:
+        """Check that the ``tokenizer.json`` path gives the ids ``AutoTokenizer`` gives, on :data:`PROBE_TEXTS`
+        (loads transformers; the text encoder calls it when it loads its model, which imports it anyway).
+
+        Raises:
+            ValueError: some probe text tokenises differently; the message names the folder, the text, both
+                id lists and the setting that tokenises through transformers instead.
+        """
+        if self.backend is None:
+            return
+        ours = self._tokenize(list(PROBE_TEXTS))
+        theirs = self.tokenizer(list(PROBE_TEXTS), truncation=True, max_length=self.max_length, padding=False,
+                                return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        for text, a, b in zip(PROBE_TEXTS, ours, theirs, strict=True):
+            if a.tolist() != list(b):
+                raise ValueError(f"{self.config.weights}: tokenizer.json tokenises {text!r} as {a.tolist()}, "
+                                 f"transformers' AutoTokenizer for this folder as {list(b)} (it follows "
+                                 "tokenizer_config.json where the two files disagree): fix the folder's tokenizer "
+                                 "files, or set the text encoder's fast_tokenizer_file: false to tokenise through "
+                                 "AutoTokenizer")
 
     @functools.cached_property
     def max_length(self) -> int:
@@ -204,6 +226,35 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
                              return_attention_mask=False, return_token_type_ids=False)
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+
+
+# texts the tokenizer.json path must tokenise as AutoTokenizer does: case, accents, CJK, emoji, punctuation
+PROBE_TEXTS = ("Hello World", "ALL CAPS Mixed Case 42", "Àccénts naïve CAFÉ Ångström", "中文字符 テスト 한국어",
+               "emoji 🍎🍐 ★", "don't stop-believing! (a/b) #1 $9.99", "tab\tand\nnewline   spaced",
+               "Zürich Straße ﬁ ½ Ⅻ")
+
+
+def apply_tokenizer_config(backend, config: dict) -> None:
+    """Set a ``BertNormalizer`` in ``backend`` (a ``tokenizers.Tokenizer`` read from ``tokenizer.json``) from
+    ``tokenizer_config.json``'s ``do_lower_case``, ``strip_accents`` and ``tokenize_chinese_chars``, as
+    transformers' BERT-family tokenizers do: their class builds the normaliser from those keys, so where
+    the two files disagree (a cased checkpoint whose tokenizer.json says lowercase), AutoTokenizer
+    follows tokenizer_config.json. Keys the config leaves out keep tokenizer.json's values; other
+    normalisers are left alone (:meth:`TextPreprocessor.check_backend` catches any other disagreement)."""
+    import json
+
+    from tokenizers import normalizers
+
+    if backend.normalizer is None:
+        return
+    state = json.loads(backend.normalizer.__getstate__())
+    if state.get("type") != "BertNormalizer":
+        return
+    wanted = {"lowercase": config.get("do_lower_case", state.get("lowercase", True)),
+              "strip_accents": config.get("strip_accents", state.get("strip_accents")),
+              "handle_chinese_chars": config.get("tokenize_chinese_chars", state.get("handle_chinese_chars", True))}
+    if any(state.get(key) != value for key, value in wanted.items()):
+        backend.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
 
 
 def checkpoint_max_length(files: CheckpointFiles, configured: int | None,
@@ -311,6 +362,7 @@ class TextEncoder(Encoder[TextEncoderConfig]):
         declared = checkpoint_pooling(CheckpointFiles(self.weights_dir), self.config.pooling)
         self.pooling = self.config.pooling or declared or "mean"  # the config wins
         tokenizer = self.preprocessor.tokenizer
+        self.preprocessor.check_backend()  # the decode tasks' tokenizer.json ids are AutoTokenizer's
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._wants_token_types = "token_type_ids" in tokenizer.model_input_names
         import torch
