@@ -412,3 +412,19 @@ def test_ensure_bucket_creates_only_a_missing_bucket_in_the_configured_region(st
     with pytest.raises(ClientError, match="403|Forbidden"):
         s.ensure_bucket("s3://theirs/x")
     assert [r[0] for r in recorder.requests] == ["HEAD"]
+
+
+def test_a_pickled_filesystem_keeps_its_retries(recorder, monkeypatch):
+    """Ray pickles the filesystem handed to Ray Train (storage_filesystem) and Ray Data's reads; pyarrow's
+    own pickle drops the retry strategy, so the copy retried 3 times, the SDK's default, whatever
+    max_attempts said (a store answering 503 here counts the requests)."""
+    recorder.status = 503
+    s = _recorded_store(recorder, monkeypatch)
+    s.config.max_attempts = 4  # one more than the SDK's default; each retry backs off longer
+    fs, path = s.filesystem("s3://b/k")
+    copy = pickle.loads(pickle.dumps(fs))
+    for each in (fs, copy):
+        recorder.requests.clear()
+        with pytest.raises(OSError, match="503"):
+            each.get_file_info(path)
+        assert len(recorder.requests) == 4, [r[:2] for r in recorder.requests]

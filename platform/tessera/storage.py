@@ -678,10 +678,35 @@ _FILESYSTEMS: dict[tuple, pafs.S3FileSystem] = {}
 _CLIENTS: dict[tuple, object] = {}
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's ``S3FileSystem`` whose retry strategy survives pickling. pyarrow pickles an S3 filesystem's
+    options but not its ``retry_strategy``: the copy Ray pickles into Ray Train's workers
+    (``storage_filesystem``) and Ray Data's read tasks came back with the SDK's default of 3 attempts,
+    so a store restart that the configured ``max_attempts`` rides out failed checkpoint uploads and reads
+    there.
+
+    Args:
+        max_attempts: attempts per request, retries included (``AwsStandardS3RetryStrategy``).
+        **options: ``S3FileSystem``'s own keyword arguments.
+    """
+
+    def __init__(self, *, max_attempts: int, **options):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self):
+        _, (options,) = super().__reduce__()
+        return _rebuild_filesystem, (self.max_attempts, options)
+
+
+def _rebuild_filesystem(max_attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts=max_attempts, **options)
+
+
 def _make_filesystem(endpoint_url, region, creds, max_attempts, connect_timeout, request_timeout):
     kwargs: dict = {
         "region": region,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+        "max_attempts": max_attempts,
         "connect_timeout": connect_timeout,
         "request_timeout": request_timeout,
     }
@@ -695,7 +720,7 @@ def _make_filesystem(endpoint_url, region, creds, max_attempts, connect_timeout,
     if endpoint_url:
         parsed = urlparse(endpoint_url)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 @functools.lru_cache(maxsize=8)
