@@ -14,7 +14,10 @@ from tessera.storage import Storage, StorageConfig, join_uri, parse_uri
 
 def test_parse_and_join():
     assert parse_uri("s3://b/k/x").bucket == "b" and parse_uri("s3://b/k/x").key == "k/x"
-    assert parse_uri("file:///tmp/a").path == "/tmp/a"
+    assert parse_uri("file:///tmp/a").path == "/tmp/a" and parse_uri("file://localhost/tmp/a").path == "/tmp/a"
+    for hosted in ("file://data/out", "file://./out"):  # was /out: a folder at the root, silently
+        with pytest.raises(ValueError, match="names the host .* plain path"):
+            parse_uri(hosted)
     assert parse_uri("rel/path").scheme == "file"
     assert join_uri("s3://b/x/", "/y/", "z") == "s3://b/x/y/z"
     for bad in ("gs://b/k", "s3://", "", "s3:///k", "S3://b/k", "s3a://b/k", "s3:/b/k"):  # the last two: a

@@ -107,7 +107,12 @@ def parse_uri(uri: str) -> Location:
             raise ValueError(f"S3 URI {uri!r} has no bucket")
         return Location("s3", rest)
     if uri.startswith("file://"):
-        return Location("file", os.path.abspath(urlparse(uri).path))
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):  # file://data/out is host "data", path /out
+            raise ValueError(f"file URI {uri!r} names the host {parsed.netloc!r}: write a local folder as "
+                             f"file:///absolute/path or as a plain path (relative paths are plain: "
+                             f"{parsed.netloc}{parsed.path})")
+        return Location("file", os.path.abspath(parsed.path))
     if "://" in uri or re.match(r"(?i)(s3[an]?|file):", uri):  # S3://, s3a://, and s3:/b/k (a slash short)
         raise ValueError(f"unsupported URI scheme in {uri!r}: use s3://bucket/key or a local path")
     return Location("file", os.path.abspath(uri))
