@@ -125,8 +125,13 @@ class EmbeddedPrometheus:
             FileNotFoundError: ``prometheus`` is not installed.
             RuntimeError / TimeoutError: it exited or did not become ready (the log's tail is included).
         """
-        if self.pid() is not None and self.ready():
-            return self.url
+        if self.pid() is not None:
+            # ours and alive: it may still be replaying its write-ahead log on a loaded machine; one that
+            # never answers is replaced (a second server beside it failed on the port and the data folder's
+            # lock, and the pid file then named that dead one, so nothing could stop the first)
+            if self._wait_ready(None, time.monotonic() + timeout_s):
+                return self.url
+            self.stop()
         binary = self.binary()
         if binary is None:
             raise FileNotFoundError("prometheus is not on PATH (Debian: apt-get install prometheus)")
@@ -139,15 +144,27 @@ class EmbeddedPrometheus:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         self.pid_file.write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with code {proc.returncode}:\n{self._log_tail()}")
-            if self.ready():
-                return self.url
-            time.sleep(0.5)
+        if self._wait_ready(proc, time.monotonic() + timeout_s):
+            return self.url
         self.stop()
         raise TimeoutError(f"prometheus not ready on {self.url} within {timeout_s:.0f}s:\n{self._log_tail()}")
+
+    def _wait_ready(self, proc: subprocess.Popen | None, deadline: float) -> bool:
+        """Poll ``/-/ready`` until ``deadline``; False when it never answered or the server is gone.
+
+        Raises:
+            RuntimeError: ``proc`` (a server this call started) exited; the log's tail is included.
+        """
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with code {proc.returncode}:\n{self._log_tail()}")
+            if proc is None and self.pid() is None:
+                return False
+            if self.ready():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     def stop(self, timeout_s: float = 15.0) -> bool:
         """SIGTERM (SIGKILL after ``timeout_s``); returns True if a server was running."""
