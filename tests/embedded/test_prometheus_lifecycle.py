@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 from tessera.embedded.prometheus import EmbeddedPrometheus
 
 STANDIN = """#!{python}
@@ -67,4 +69,7 @@ def test_a_second_up_while_the_server_starts_waits_for_it(tmp_path, monkeypatch)
     finally:
         starting.join(60)
         stopped = EmbeddedPrometheus(home, discovery, port=port).stop()
+        for proc in psutil.process_iter(["cmdline"]):  # any stand-in the pid file lost track of
+            if str(script) in (proc.info["cmdline"] or []):
+                proc.kill()
     assert stopped and not EmbeddedPrometheus(home, discovery, port=port).ready()
