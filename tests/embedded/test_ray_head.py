@@ -100,3 +100,35 @@ def test_a_head_whose_agent_port_is_held_is_refused_naming_the_port(tmp_path):
         with pytest.raises(RuntimeError, match=f"{52365 + offset} \\(dashboard agent\\)"):
             h.start(ports_wait_s=1.5)
     assert not h.running() and not h._processes()
+
+
+def test_another_dashboard_on_the_port_is_not_this_head(tmp_path):
+    """A Ray without token auth (a local Ray a job started without env.sh) answers /api/version to any
+    token: it was taken for the head, `tessera ray up` started nothing and wrote env.sh naming a GCS that
+    nobody ran. Now the head must be running too; here the port is held and start says so."""
+    import http.server
+    import threading
+
+    class Version(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    offset = free_head_offsets()[0]
+    h = EmbeddedRay(tmp_path, port_offset=offset, num_cpus=1)
+    h.ensure_token()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", h.dashboard_port), Version)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert not h.running()
+        with pytest.raises(RuntimeError, match=f"ports in use by another process: {h.dashboard_port} .dashboard."):
+            h.start(ports_wait_s=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not h._processes()

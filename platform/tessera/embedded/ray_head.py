@@ -130,8 +130,11 @@ class EmbeddedRay:
         return str(Path(sys.executable).parent / "ray")
 
     def running(self) -> bool:
-        """True when the dashboard answers an authenticated request."""
-        if not self.token_file.exists():
+        """True when this head's processes run (found by its temp dir) and its dashboard answers an
+        authenticated request. Another Ray's dashboard on the port is not this head: a local Ray that a
+        job started without env.sh answers any token (it has no auth), and `tessera ray up` took it for
+        the head, started nothing and wrote env.sh naming a GCS nobody ran."""
+        if not self.token_file.exists() or not self._gcs_running():
             return False
         req = urllib.request.Request(f"{self.dashboard_url}/api/version",
                                      headers={"Authorization": f"Bearer {self.token_file.read_text().strip()}"})
@@ -201,6 +204,16 @@ class EmbeddedRay:
         """The fixed ports this head listens on: ``{port: what}``."""
         return {self.gcs_port: "GCS", self.dashboard_port: "dashboard", self.client_port: "Ray client server",
                 self.agent_port: "dashboard agent"}
+
+    def _gcs_running(self) -> bool:
+        """Whether a GCS server of this head (its temp dir on the command line) is running."""
+        import psutil
+
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            if cmdline and "gcs_server" in cmdline[0] and any(self.temp_dir in arg for arg in cmdline):
+                return True
+        return False
 
     def _processes(self) -> list:
         """This head's processes: those naming its temp dir, their descendants (workers and agents
