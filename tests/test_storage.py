@@ -431,3 +431,15 @@ def test_a_pickled_filesystem_keeps_its_retries(recorder, monkeypatch):
         with pytest.raises(OSError, match="503"):
             each.get_file_info(path)
         assert len(recorder.requests) == 4, [r[:2] for r in recorder.requests]
+
+
+def test_a_credentials_file_missing_a_field_names_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    path = tmp_path / "creds.json"
+    path.write_text('{"access_key_id": "AKIA"}')
+    with pytest.raises(RuntimeError, match=f"{path} has no 'secret_access_key'"):
+        Storage(StorageConfig(credentials_file=str(path)))._credentials()
+    path.write_text('["not", "an", "object"]')
+    with pytest.raises(RuntimeError, match="cannot read S3 credentials .*TypeError"):
+        Storage(StorageConfig(credentials_file=str(path)))._credentials()

@@ -34,7 +34,11 @@ SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 def _storage(action: str) -> int:
     s3 = EmbeddedS3(state_dir())
     if action == "up":
-        conn = s3.start()
+        try:
+            conn = s3.start()
+        except (RuntimeError, TimeoutError) as err:  # no weed binary, it exited, or it never answered
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         path = update_env_file(conn.env())
         print(f"SeaweedFS S3 up at {conn.endpoint_url} (data in {s3.data_dir}); credentials in {path}")
     elif action == "down":
@@ -64,7 +68,7 @@ def _ray(action: str, num_cpus: int | None, num_gpus: int | None, port_offset: i
         try:
             head.start(extra_env={**{k: saved[k] for k in AWS_KEYS if k in saved},
                                   **(SERVE_THROUGHPUT_ENV if serve_throughput else {})})
-        except RuntimeError as err:  # a port held by another process, or `ray start` failed
+        except (RuntimeError, TimeoutError) as err:  # a port held, `ray start` failed, or it never answered
             print(f"error: {err}", file=sys.stderr)
             return 1
         path = update_env_file(head.client_env())

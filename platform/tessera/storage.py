@@ -176,7 +176,9 @@ class Storage:
             try:
                 data = json.loads(Path(path).read_text())
                 return _Credentials(data["access_key_id"], data["secret_access_key"], data.get("session_token"))
-            except (OSError, ValueError, KeyError) as err:
+            except KeyError as err:
+                raise RuntimeError(f"S3 credentials file {path} has no {err.args[0]!r}") from None
+            except (OSError, ValueError, TypeError) as err:
                 raise RuntimeError(f"cannot read S3 credentials from {path}: {type(err).__name__}") from None
         return None
 

@@ -197,6 +197,7 @@ class EmbeddedRay:
             if self.running() and not port_free(self.agent_port):
                 return
             time.sleep(1.0)
+        self.stop()  # not left half-started, holding its ports
         raise TimeoutError(f"Ray dashboard ({self.dashboard_url}) and its agent (port {self.agent_port}) did not both "
                            f"answer within {timeout_s:.0f}s; see {self.temp_dir}/session_latest/logs")
 
