@@ -184,6 +184,24 @@ def test_bad_media_queries_fail_their_request_only(local, shared_data):
     assert isinstance(answers[3], RequestError) and answers[3].status == 422 and "audio" in answers[3].detail
 
 
+def test_a_query_with_a_non_finite_embedding_fails_alone(local, shared_data):
+    """A float WAV of samples near float32's maximum passes the decoder's finiteness check, but its
+    normalisation overflows: its embedding is NaN. That query gets a 422; the good one sharing its
+    encode batch is answered (projecting the batch refused it whole, a 503 for every query in it)."""
+    import io
+
+    import soundfile
+
+    _, flow, _ = local
+    wav = next((shared_data / "fsdd").rglob("*.wav")).read_bytes()
+    out = io.BytesIO()
+    soundfile.write(out, np.full(8000, 3e38, np.float32), 8000, subtype="FLOAT", format="WAV")
+    answers = run(flow.search([SearchRequest(audio="x", k=3), SearchRequest(audio="x", k=3)], [out.getvalue(), wav]))
+    assert isinstance(answers[0], RequestError) and answers[0].status == 422, answers[0]
+    assert "not finite" in answers[0].detail
+    assert not isinstance(answers[1], RequestError) and answers[1]["items"], answers[1]
+
+
 def test_similar_leaves_the_item_out_and_unknown_is_404(local, served_index):
     stages, flow, _ = local
     items = stages.query.get(served_index).items

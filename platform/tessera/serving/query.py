@@ -389,8 +389,19 @@ class QueryCore:
                 by_modality.setdefault(modality, []).append((i, pre))
         for modality, entries in by_modality.items():
             emb = self.encoder(modality).encode([x for _, x in entries])  # (b, Dm)
+            # a query whose embedding is not finite (a float WAV of samples near 3e38: its normalisation
+            # overflows) fails alone, as the embedding job fails such an item; project refuses a batch
+            # holding one, which failed every query sharing the batch with a 503
+            finite = np.isfinite(emb).all(axis=1)
+            for (i, _), ok in zip(entries, finite, strict=True):
+                if not ok:
+                    out[i] = RequestError(422, "bad_media", f"{modality} query rejected: corrupt: its embedding "
+                                                            "is not finite (sample values out of range?)")
+            kept = [(i, row) for (i, _), row, ok in zip(entries, emb, finite, strict=True) if ok]
+            if not kept:
+                continue
             with torch.inference_mode():
-                vecs = self.item_tower.project(modality, torch.from_numpy(emb)).numpy()
-            for (i, _), v in zip(entries, vecs, strict=True):
+                vecs = self.item_tower.project(modality, torch.from_numpy(np.stack([r for _, r in kept]))).numpy()
+            for (i, _), v in zip(kept, vecs, strict=True):
                 out[i] = v.astype(np.float32)
         return out  # type: ignore[return-value]
