@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:13s} recall@10 {r['recall@10']:.4f}  ndcg@10 {r['ndcg@10']:.4f}  mrr {r['mrr']:.4f}  "
               f"coverage@10 {r['coverage@10']:.3f}")
     beats = checks["fused_beats_all"]
-    print(f"  fused beats every single-modality variant on ndcg@10: "
+    print(f"  fused beats every single-modality variant, id-only and popularity on ndcg@10: "
           f"{'(none trained)' if beats is None else beats}; "
           f"ranker beats retrieval: {checks['ranker_beats_retrieval']}")
     print(json.dumps({"version": cfg.version, "results": results, "checks": checks,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.train.catalog import ItemCatalog, vector_matrix
-from tessera.train.evaluate import metrics_of_scores
+from tessera.train.evaluate import metrics_of_scores, quality_checks
 from tessera.train.examples import (
     EXAMPLE_COLUMNS,
     HISTORY_COLUMNS,
@@ -306,3 +306,15 @@ def test_two_users_with_one_key_are_refused(monkeypatch):
     monkeypatch.setattr(examples, "user_keys", lambda ids: np.zeros(len(ids), np.int64))
     with pytest.raises(ValueError, match=r"user ids '?u1'? and '?u2'? have the same 64-bit key"):
         UserTimelines(_records())
+
+
+def test_fused_must_beat_popularity_too():
+    """README's claim: fused beats every single-modality variant, id-only and popularity. The check left
+    popularity out, so fused losing to it still passed."""
+    results = {"fused": {"ndcg@10": 0.30}, "text": {"ndcg@10": 0.20}, "id_only": {"ndcg@10": 0.25},
+               "popularity": {"ndcg@10": 0.31}}
+    checks = quality_checks(results)
+    assert checks["fused_beats_all"] is False and round(checks["fused_margins"]["popularity"], 4) == -0.01
+    results["popularity"]["ndcg@10"] = 0.10
+    assert quality_checks(results)["fused_beats_all"] is True
+    assert quality_checks({"fused": {"ndcg@10": 0.3}, "popularity": {"ndcg@10": 0.1}})["fused_beats_all"] is None

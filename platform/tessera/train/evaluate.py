@@ -60,12 +60,13 @@ def evaluate_popularity(counts: np.ndarray, eval_set: EvalSet, ks: Sequence[int]
 
 
 def quality_checks(results: dict[str, dict[str, float]], metric: str = "ndcg@10") -> dict[str, object]:
-    """The issue's conditions, with margins: fused vs every single-modality / id variant present, and
-    fused + ranker vs fused, on ``metric``.
+    """The issue's conditions, with margins: fused vs every single-modality / id variant present and the
+    popularity baseline, and fused + ranker vs fused, on ``metric``.
 
     Returns:
         ``{"metric", "fused_margins": {variant: fused - variant}, "fused_beats_all": bool | None,
-        "ranker_margin": float | None, "ranker_beats_retrieval": bool | None}``
+        "ranker_margin": float | None, "ranker_beats_retrieval": bool | None}``; ``fused_beats_all`` is
+        None when no single-modality / id variant was trained (popularity alone is not the comparison).
     """
     fused = results["fused"][metric]
     margins = {v: fused - r[metric] for v, r in results.items() if v not in ("fused", "fused_ranked")}
@@ -73,7 +74,6 @@ def quality_checks(results: dict[str, dict[str, float]], metric: str = "ndcg@10"
     ranker_margin = None if ranked is None else ranked[metric] - fused
     return {"metric": metric, "fused_margins": margins,
             # None when no single-modality / id variant was trained: nothing to beat is not a win
-            "fused_beats_all": (all(m > 0 for v, m in margins.items() if v != "popularity")
-                                if set(margins) - {"popularity"} else None),
+            "fused_beats_all": all(m > 0 for m in margins.values()) if set(margins) - {"popularity"} else None,
             "ranker_margin": ranker_margin,
             "ranker_beats_retrieval": None if ranker_margin is None else ranker_margin > 0}

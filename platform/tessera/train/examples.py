@@ -92,8 +92,9 @@ def next_item_examples(records: dict[str, np.ndarray], max_examples: int | None 
 
     Returns:
         ``target`` ``(E,)`` int64, ``target_w`` ``(E,)`` float32, ``from_end`` ``(E,)`` int64: 0 for the
-        user's last training event, 1 for the one before... (the ranker trains on the most recent examples,
-        which the retrieval towers do not see), and ``user_key`` ``(E,)`` int64 (:func:`user_keys`; with
+        user's last training event, 1 for the one before... (the retrieval towers leave out each user's last
+        ``ranker.tail`` examples, so part of the ranker's lists, which come from every example, carry
+        retrieval scores of unseen data), and ``user_key`` ``(E,)`` int64 (:func:`user_keys`; with
         ``from_end``, :class:`UserTimelines` finds the example's history and every item the user had before
         its target).
     """
