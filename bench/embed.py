@@ -8,19 +8,23 @@ Brings up its own SeaweedFS and a local Ray (2 CPUs). Measures, on real data fro
 real text on this machine (bench/texts.py):
 
 - text: the whole job (items table in S3 -> Parquet embeddings in S3, wall clock, actor start and
-  model load included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 and vs
-  our bare encoder loop (``TextEncoder.embed`` over all the texts in one call, so sorted by length
-  over all of them, in a Ray actor started on the pools' ``--allocator``), same thread count and
-  micro-batch (the job splits the ``--threads`` over
-  ``--text-actors`` one-thread actors by default; the baselines run them in one process); cosine of
-  our vectors to the fp32 ones. The bare loop runs before the first text job and after the last
-  (``--text-rounds`` jobs, 2 by default: bare, job, job, bare), and ``pipeline_efficiency`` is the
-  mean job rate over the mean bare rate, so drift in the machine's speed falls on both sides (one
-  pass of each gave 0.83 and 0.90 in two runs of the same code; the bare loop alone moved 162-208/s).
+  model load included) vs sentence-transformers ``SentenceTransformer(...).encode()`` in fp32 (one
+  process, ``--threads`` threads) and vs our bare encoder loop in the job's own layout: as many Ray
+  actors as the job's ``--text-actors`` (1 thread each by default), started on the pools'
+  ``--allocator``, each running ``TextEncoder.embed`` over its share of the texts in one call (sorted
+  by length over all of it), the rate all texts over the slowest actor's time; same micro-batch.
+  Cosine of our vectors to the fp32 ones. The baselines run before the first text job and after the
+  last (``--text-rounds`` jobs, 2 by default: st, bare, job, job, bare, st), and ``pipeline_efficiency``
+  is the mean job rate over the mean bare rate, ``ratio_vs_sentence_transformers`` over the mean
+  sentence-transformers rate, so drift in the machine's speed falls on both sides (one pass of each
+  gave 0.83 and 0.90 in two runs of the same code; the bare loop alone moved 162-208/s).
   sentence-transformers runs on a seeded random sample of ``--st-sample`` texts (its rate does not
   depend on how many: it sorts by length within the call, and the sample has the corpus' lengths);
 - image / audio: the job vs a plain single-process loop over the same items in S3 (fetch, decode,
-  encode with the same model and batch size). Every photo and recording is uploaded once; with
+  encode with the same model and batch size, one after another), in a Ray actor started on the pools'
+  ``--allocator`` with ``--threads`` torch threads (on the driver's C-library allocator, the pools'
+  jemalloc counted as pipeline gain: image 0.85 of the plain loop with ``--allocator system``, 0.92
+  without, in one run each). Every photo and recording is uploaded once; with
   more items than files the items cycle over them (each item still fetches and decodes its object);
 - peak RSS of the driver and its Ray workers, and with ``--scale`` the same text job at larger sizes
   to show whether memory stays flat (each size a seeded sample of the largest size's texts, so only
@@ -85,8 +89,8 @@ def _write_items(storage: Storage, uri: str, rows: dict[str, list], per_part: in
 
 
 TEXT_BATCH = 32  # micro-batch of the encoder, sentence-transformers and the bare loop alike
-# the encoder pools' and the bare text loop's (--allocator); the plain media loops and sentence-transformers
-# run in this process, on the C library's
+# the encoder pools', the bare text loop's and the plain media loops' (--allocator); sentence-transformers
+# runs in this process, on the C library's
 ALLOCATOR = {"allocator": "jemalloc"}
 TEXT_POOL_BATCH = 2048  # texts per encoder call, sorted by length before cutting micro-batches (configs/embed.yaml)
 
@@ -148,16 +152,64 @@ class BareTextLoop:
         return self._allocator, os.getpid()
 
     def run(self, texts: list[str]) -> tuple[float, float]:
+        """(wall seconds, CPU seconds) of one ``embed`` call over ``texts``."""
         t0, c0 = time.perf_counter(), time.process_time()
         self.enc.embed(texts)
-        return len(texts) / (time.perf_counter() - t0), time.process_time() - c0
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+class PlainMediaLoop:
+    """The plain media loop (fetch, decode, encode, a batch at a time) in a process of its own on the
+    encoder pools' allocator, as :class:`BareTextLoop`."""
+
+    def __init__(self, modality: str, cfg, threads: int, warm: bytes):
+        import torch
+
+        from tessera.memory import active_allocator
+
+        torch.set_num_threads(threads)
+        self.storage = Storage()
+        self.enc = (ImageEncoder if modality == "image" else AudioEncoder)(cfg, self.storage)
+        self.enc.embed([warm])
+        self._allocator = active_allocator()
+
+    def allocator(self) -> tuple[str, int]:
+        return self._allocator, os.getpid()
+
+    def run(self, uris: list[str], batch: int) -> tuple[float, float]:
+        """(items/s, CPU seconds of this process) over ``uris``."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        for start in range(0, len(uris), batch):
+            chunk = uris[start:start + batch]
+            self.enc.encode([self.enc.preprocessor(fetch_media(self.storage, u)) for u in chunk])
+        return len(uris) / (time.perf_counter() - t0), time.process_time() - c0
+
+
+def _in_actor(cls, *args):
+    """An actor of ``cls`` on the pools' allocator (num_cpus 0: it runs alone, between the jobs), and a
+    function that kills it and waits for its process to exit (alive during a job, its memory would count
+    in the job's peak)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(cls).options(
+        runtime_env={"env_vars": allocator_env(ALLOCATOR["allocator"])}).remote(*args)
+    allocator, pid = ray.get(actor.allocator.remote())
+
+    def done() -> None:
+        ray.kill(actor)
+        try:
+            psutil.Process(pid).wait(timeout=30)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
+
+    return actor, allocator, done
 
 
 def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BATCH, rounds=2) -> dict:
-    """Text: sentence-transformers, then the bare loop and the job in an A-B-B-A order (``rounds``
-    jobs, with a bare-loop pass before the first and after the last: 2 gives bare, job, job, bare),
-    so a machine whose speed drifts during the minutes this takes weighs on both sides alike.
-    ``pipeline_efficiency`` is the mean job rate over the mean bare rate; every pass is listed."""
+    """Text: sentence-transformers and the bare loop, then the text jobs, then both baselines again
+    (``rounds`` jobs: st, bare, job, job, bare, st at 2), so a machine whose speed drifts during the
+    minutes this takes weighs on both sides alike. ``pipeline_efficiency`` is the mean job rate over
+    the mean bare rate; every pass is listed."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -170,34 +222,39 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
     sample = sorted(np.random.default_rng(0).choice(len(texts), min(st_sample, len(texts)), replace=False))
     st = SentenceTransformer(cfg.weights, device="cpu")
     st.encode(texts[:64], batch_size=TEXT_BATCH)
-    t0 = time.perf_counter()
-    ref = st.encode([texts[k] for k in sample], batch_size=TEXT_BATCH, normalize_embeddings=True,
-                    convert_to_numpy=True)
-    st_rate = len(sample) / (time.perf_counter() - t0)
-    del st
+    ref = None
+
+    def st_pass() -> float:
+        nonlocal ref
+        t0 = time.perf_counter()
+        ref = st.encode([texts[k] for k in sample], batch_size=TEXT_BATCH, normalize_embeddings=True,
+                        convert_to_numpy=True)
+        return len(sample) / (time.perf_counter() - t0)
+
     import ray
 
-    texts_ref = ray.put(texts)
-    actor = ray.remote(num_cpus=0)(BareTextLoop)
+    # the job's layout: its actors, its threads each, each over a contiguous share of the texts
+    shares = [ray.put(part.tolist()) for part in np.array_split(np.asarray(texts, dtype=object), actors)]
+    per_actor = max(1, threads // actors)
 
     def bare() -> tuple[float, float, str]:
-        """One pass, in an actor started for it (alive during a job, it would count in the job's memory)."""
-        loop = actor.options(runtime_env={"env_vars": allocator_env(ALLOCATOR["allocator"])}).remote(
-            cfg, threads)
-        allocator, pid = ray.get(loop.allocator.remote())
+        """One pass, in actors started for it; (texts/s over the slowest actor, CPU s, allocator)."""
+        started = [_in_actor(BareTextLoop, cfg, per_actor) for _ in range(actors)]
         try:
-            return (*ray.get(loop.run.remote(texts_ref)), allocator)
+            passes = ray.get([a.run.remote(share) for (a, _, _), share in zip(started, shares, strict=True)])
         finally:
-            ray.kill(loop)  # asynchronous: wait for the process, or its memory counts in the next job's peak
-            try:
-                psutil.Process(pid).wait(timeout=30)
-            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-                pass
+            for _, _, done in started:
+                done()
+        return (len(texts) / max(w for w, _ in passes), sum(c for _, c in passes),
+                "+".join(sorted({alloc for _, alloc, _ in started})))
 
-    bares, jobs = [bare()], []
+    sts, bares, jobs = [st_pass()], [bare()], []
     for _ in range(rounds):
         jobs.append(_job(storage, items, "text", None, threads, TEXT_BATCH, pool_batch, actors=actors))
     bares.append(bare())
+    sts.append(st_pass())
+    st = None  # noqa: F841  (frees the model)
+    st_rate = float(np.mean(sts))
     job_rate, bare_rate = float(np.mean([j[0] for j in jobs])), float(np.mean([b[0] for b in bares]))
     _, manifest, rss, _ = jobs[0]
     wall = float(np.mean([j[3] for j in jobs]))
@@ -209,12 +266,14 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
     cos = [float(ours[ids[k]] @ ref[j]) for j, k in enumerate(sample) if ids[k] in ours]
     return {"texts": len(texts), "mean_chars": round(float(np.mean([len(t) for t in texts])), 1),
             "text_failed": manifest["counts"]["text"]["failed"], "cosine_sample_without_vector": len(sample) - len(cos),
-            "bare_encoder_allocator": sorted({b[2] for b in bares}),
+            "bare_encoder_allocator": sorted({b[2] for b in bares}), "bare_encoder_actors": actors,
+            "bare_encoder_threads_per_actor": per_actor,
             "st_sample": len(sample), "text_items_per_s": round(job_rate, 1),
             "text_job_wall_s": round(wall, 2),
             "st_items_per_s": round(st_rate, 1), "bare_encoder_items_per_s": round(bare_rate, 1),
             "bare_encoder_cpu_s": round(float(np.mean([b[1] for b in bares])), 1),
-            "text_passes": {"bare_items_per_s": [round(b[0], 1) for b in bares],
+            "text_passes": {"st_items_per_s": [round(r, 1) for r in sts],
+                            "bare_items_per_s": [round(b[0], 1) for b in bares],
                             "job_items_per_s": [round(j[0], 1) for j in jobs]},
             "ratio_vs_sentence_transformers": round(job_rate / st_rate, 2),
             "mean_cosine_vs_fp32": round(float(np.mean(cos)), 5), "min_cosine_vs_fp32": round(float(np.min(cos)), 5),
@@ -224,17 +283,8 @@ def bench_text(storage, n, threads, st_sample, actors=1, pool_batch=TEXT_POOL_BA
             "text_job_timings": manifest["timings"], "text_job_cpu": rss.cpu_by_process()}
 
 
-def _plain_loop(storage, uris, encoder, batch) -> tuple[float, float]:
-    """Fetch, decode and encode in this process; (items/s, CPU seconds of this process)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for start in range(0, len(uris), batch):
-        chunk = uris[start:start + batch]
-        encoder.encode([encoder.preprocessor(fetch_media(storage, u)) for u in chunk])
-    return len(uris) / (time.perf_counter() - t0), time.process_time() - c0
-
-
 def bench_media(storage, modality, files, n_items, weights, threads, actors=1, actor_threads=None) -> dict:
-    import torch
+    import ray
 
     prefix = f"{ROOT}/{modality}-{uuid.uuid4().hex[:6]}"
     objects = []
@@ -245,12 +295,12 @@ def bench_media(storage, modality, files, n_items, weights, threads, actors=1, a
     uris = [objects[i % len(objects)] for i in range(n_items)]
     ids = [f"{modality[0]}{i:07d}" for i in range(len(uris))]
     _write_items(storage, join_uri(prefix, "items"), {"item_id": ids, f"{modality}_uri": uris})
-    torch.set_num_threads(threads)
     cfg = (ImageEncoderConfig if modality == "image" else AudioEncoderConfig)(weights=weights, batch_size=32)
-    enc = (ImageEncoder if modality == "image" else AudioEncoder)(cfg, storage)
-    enc.embed([files[0].read_bytes()])
-    plain, plain_cpu = _plain_loop(storage, uris, enc, 32)
-    del enc
+    loop, plain_allocator, done = _in_actor(PlainMediaLoop, modality, cfg, threads, files[0].read_bytes())
+    try:
+        plain, plain_cpu = ray.get(loop.run.remote(uris, 32))
+    finally:
+        done()
     # micro-batches of 32 as the plain loop; MEDIA_BATCH items per fetch task, decode task and encoder call
     job_rate, manifest, rss, wall = _job(storage, join_uri(prefix, "items"), modality, weights, threads, 32,
                                          MEDIA_BATCH, actors=actors, torch_threads=actor_threads)
@@ -263,6 +313,7 @@ def bench_media(storage, modality, files, n_items, weights, threads, actors=1, a
     return {f"{modality}_items": len(uris), f"{modality}_files": len(objects),
             f"{modality}_items_per_s": round(job_rate, 1),
             f"{modality}_plain_loop_items_per_s": round(plain, 1), f"{modality}_plain_loop_cpu_s": round(plain_cpu, 1),
+            f"{modality}_plain_loop_allocator": plain_allocator,
             f"{modality}_ratio_vs_plain_loop": round(job_rate / plain, 2), f"{modality}_job_wall_s": round(wall, 2),
             f"{modality}_job_fixed_s": round(fixed, 2),
             f"{modality}_job_steady_items_per_s": round(steady, 1) if steady else None,
@@ -294,8 +345,8 @@ def main() -> None:
     # two 1-thread text actors beat one 2-thread actor here (separate runs, 20k texts: 228 texts/s at
     # 2048 a call vs 209 at 8192); for audio two actors were slower (0.66 vs 0.80 of its plain loop)
     parser.add_argument("--allocator", choices=("jemalloc", "system"), default="jemalloc",
-                        help="the encoder pools' allocator (pool.allocator), and the bare text loop's; the "
-                             "plain media loops and sentence-transformers run on this process's")
+                        help="the encoder pools' allocator (pool.allocator), and the bare text loop's and "
+                             "plain media loops'; sentence-transformers runs on this process's")
     parser.add_argument("--text-actors", type=int, default=2,
                         help="text encoder actors, sharing --threads (threads // actors torch threads each)")
     parser.add_argument("--media-actors", type=int, default=1, help="image / audio encoder actors, as --text-actors")
