@@ -22,8 +22,9 @@ demo's run or bundle is missing then, it runs ``make demo`` first (~7 minutes on
    the same requests paced, one every ``--in-process-gap-ms`` plus its own time (``paced``,
    ``in_process_paced_p50_ms``): a lone client through Serve leaves each stage idle between its calls,
    and its compute then runs 2-3x slower than back to back (cold CPU caches).
-3. Two Serve apps on the same proxy, measured one after the other at each level (alternating, so
-   a load change on the shared machine hits both): ours, ``build_app(RecommenderArgs(...))`` (the
+3. Two Serve apps on the same proxy, measured one after the other at each level (the no-op chain
+   first at the 1st, 3rd... level, ours first at the others, so a load change on the shared machine
+   does not always hit the same one): ours, ``build_app(RecommenderArgs(...))`` (the
    deployments' own settings: one replica each, 0.25 CPU) on ``/bench/recommender``; and the no-op
    chain on ``/bench/noop``: the same four deployments (FastAPI ingress awaiting three stage
    deployments one after the other) with bodies that return at once, one request per hop, and
@@ -568,9 +569,12 @@ def run(args) -> dict:
             print(f"[bench] direct ingress: {bases}", flush=True)
 
         cpu = CpuMeter(cluster_actors((APP, NOOP_APP)))
-        for clients in args.levels:
+        for step, clients in enumerate(args.levels):
             runs = [("no-op chain", noop, NOOP_APP, NOOP_PREFIX)] if clients in args.noop_levels else []
-            for label, into, app, prefix in [*runs, ("ours", levels, APP, APP_PREFIX)]:
+            ours = [("ours", levels, APP, APP_PREFIX)]
+            # which app goes first alternates from level to level: a slow change in the machine's load
+            # does not always fall on the same one
+            for label, into, app, prefix in ([*runs, *ours] if step % 2 == 0 else [*ours, *runs]):
                 attempts = []
                 for _ in range(1 + args.retries):  # again when other work took cores meanwhile; keep the calmest
                     gate = wait_for_quiet(args.quiet_cores, args.quiet_wait)
