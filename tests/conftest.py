@@ -1,6 +1,6 @@
 """Session-wide fixtures: one real SeaweedFS (S3 API) and one real Ray per test session.
 
-The object store runs on its own ports (the defaults + 20000) in a temporary folder, so tests run
+The object store runs on its own ports (a free block of ports from 24000) in a temporary folder, so tests run
 beside a demo stack without touching it. Ray starts locally with 2 CPUs and token auth on; its
 workers inherit the S3 settings from this process's environment, as on a real cluster.
 """
