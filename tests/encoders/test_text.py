@@ -186,29 +186,38 @@ def _minilm_with(tmp_path, tokenizer_config: dict | None = None, tokenizer_json:
     shutil.copytree(src, dst, copy_function=os.symlink)
     for name, changes in (("tokenizer_config.json", tokenizer_config), ("tokenizer.json", tokenizer_json)):
         if changes:
-            cfg = {**json.loads((src / name).read_text()), **changes}
+            cfg = {k: v for k, v in {**json.loads((src / name).read_text()), **changes}.items() if v is not None}
             (dst / name).unlink()
             (dst / name).write_text(json.dumps(cfg))
     return str(dst)
 
 
-@pytest.mark.parametrize("config", [{"do_lower_case": False}, {"strip_accents": False},
-                                    {"tokenize_chinese_chars": False}])
-def test_tokenizer_file_follows_tokenizer_config_as_transformers_does(tmp_path, config, shared_data):
+_CASED_FILE = {"normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                               "strip_accents": None, "lowercase": False}}
+
+
+@pytest.mark.parametrize("config, file", [
+    ({"do_lower_case": False}, None), ({"strip_accents": False}, None), ({"tokenize_chinese_chars": False}, None),
+    # a key the config leaves out takes BertTokenizer's default (lowercase), not tokenizer.json's
+    ({"do_lower_case": None}, _CASED_FILE),
+    # a class that loads tokenizer.json as saved: its do_lower_case is not applied
+    ({"do_lower_case": False, "tokenizer_class": "PreTrainedTokenizerFast"}, None)])
+def test_tokenizer_file_follows_tokenizer_config_as_transformers_does(tmp_path, config, file, shared_data):
     """tokenizer.json says lowercase, strip accents (as lowercasing does), split CJK; a tokenizer_config.json
     saying otherwise wins in AutoTokenizer, and so in the tokenizer.json path (before, it kept tokenizer.json's:
     "Hello" gave "hello"'s id where AutoTokenizer gives [UNK] for this uncased vocabulary)."""
     from bench.texts import real_texts
     from tessera.encoders.text import PROBE_TEXTS
 
-    weights = _minilm_with(tmp_path, tokenizer_config=config)
+    weights = _minilm_with(tmp_path, tokenizer_config=config, tokenizer_json=file)
     fast = TextPreprocessor(TextEncoderConfig(weights=weights))
     slow = TextPreprocessor(TextEncoderConfig(weights=weights, fast_tokenizer_file=False))
     texts = list(PROBE_TEXTS) + real_texts(shared_data, 50)
     got, want = fast.map(texts), slow.map(texts)
     assert "tokenizer" not in fast.__dict__
     default = TextPreprocessor(TextEncoderConfig()).map(texts)
-    assert any(not np.array_equal(a, b) for a, b in zip(got, default, strict=True))  # the change matters
+    differs = any(not np.array_equal(a, b) for a, b in zip(got, default, strict=True))
+    assert differs == (file is None and "tokenizer_class" not in config)  # where the files' change matters
     for text, a, b in zip(texts, got, want, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=text[:60])
     fast.check_backend()

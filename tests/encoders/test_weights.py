@@ -301,3 +301,35 @@ def test_weights_changed_while_downloading_are_not_cached(storage, models_uri, t
         assert (resolved.path / rel).read_bytes() == storage.read_bytes(join_uri(uri, rel)), rel
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [resolved.path.name]
     load_preprocessor(AudioEncoderConfig(weights=uri, cache_dir=str(tmp_path)), storage)  # the cached folder loads
+
+
+def test_a_compressed_weight_file_is_cached_as_stored(storage, tmp_path):
+    """pyarrow's input streams decompress files named .gz / .zst by default: a tokenizer shipped as .gz was
+    cached decompressed (and, with the size check, refused as changed on every attempt)."""
+    import gzip
+
+    uri = f"s3://tessera-test/{uuid.uuid4().hex[:12]}/gz"
+    packed = gzip.compress(b"x" * 1000)
+    storage.write_bytes(join_uri(uri, "vocab.txt.gz"), packed)
+    storage.write_bytes(join_uri(uri, "config.json"), b"{}")
+    resolved = resolve_weights(uri, storage, tmp_path)
+    assert (resolved.path / "vocab.txt.gz").read_bytes() == packed
+
+
+def test_a_file_removed_after_the_listing_starts_the_download_over(storage, tmp_path, monkeypatch):
+    from tessera.encoders import weights
+
+    uri = f"s3://tessera-test/{uuid.uuid4().hex[:12]}/removed"
+    for rel in ("a.json", "b.json", "c.json"):
+        storage.write_bytes(join_uri(uri, rel), b"{}")
+    real, removed = weights._download, []
+
+    def removing(fs, src, dst):
+        if dst.name == "a.json" and not removed:  # as `aws s3 sync --delete` would, between LIST and GET
+            storage.delete(join_uri(uri, "b.json"))
+            removed.append("b.json")
+        return real(fs, src, dst)
+
+    monkeypatch.setattr(weights, "_download", removing)
+    resolved = resolve_weights(uri, storage, tmp_path)
+    assert removed == ["b.json"] and sorted(p.name for p in resolved.path.iterdir()) == ["a.json", "c.json"]

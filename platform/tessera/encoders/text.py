@@ -174,10 +174,10 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         for text, a, b in zip(PROBE_TEXTS, ours, theirs, strict=True):
             if a.tolist() != list(b):
                 raise ValueError(f"{self.config.weights}: tokenizer.json tokenises {text!r} as {a.tolist()}, "
-                                 f"transformers' AutoTokenizer for this folder as {list(b)} (it follows "
-                                 "tokenizer_config.json where the two files disagree): fix the folder's tokenizer "
-                                 "files, or set the text encoder's fast_tokenizer_file: false to tokenise through "
-                                 "AutoTokenizer")
+                                 f"transformers' AutoTokenizer for this folder as {list(b)} (its tokenizer class "
+                                 "builds part of the pipeline from tokenizer_config.json or its own defaults, not "
+                                 "from tokenizer.json): fix the folder's tokenizer files, or set the text "
+                                 "encoder's fast_tokenizer_file: false to tokenise through AutoTokenizer")
 
     @functools.cached_property
     def max_length(self) -> int:
@@ -234,27 +234,33 @@ PROBE_TEXTS = ("Hello World", "ALL CAPS Mixed Case 42", "Àccénts naïve CAFÉ 
                "Zürich Straße ﬁ ½ Ⅻ")
 
 
+# tokenizer classes that load tokenizer.json as it is; the BERT family (BertTokenizer and the classes built on
+# it: DistilBert, MPNet, Funnel, ConvBert, DPR...) builds its normaliser from tokenizer_config.json instead
+_AS_SAVED_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def apply_tokenizer_config(backend, config: dict) -> None:
-    """Set a ``BertNormalizer`` in ``backend`` (a ``tokenizers.Tokenizer`` read from ``tokenizer.json``) from
-    ``tokenizer_config.json``'s ``do_lower_case``, ``strip_accents`` and ``tokenize_chinese_chars``, as
-    transformers' BERT-family tokenizers do: their class builds the normaliser from those keys, so where
-    the two files disagree (a cased checkpoint whose tokenizer.json says lowercase), AutoTokenizer
-    follows tokenizer_config.json. Keys the config leaves out keep tokenizer.json's values; other
-    normalisers are left alone (:meth:`TextPreprocessor.check_backend` catches any other disagreement)."""
+    """Set a ``BertNormalizer`` in ``backend`` (a ``tokenizers.Tokenizer`` read from ``tokenizer.json``) as
+    transformers' BERT-family tokenizers build theirs: from ``tokenizer_config.json``'s ``do_lower_case``,
+    ``strip_accents`` and ``tokenize_chinese_chars``, with the class's defaults (True, None, True) for
+    keys it leaves out, whatever tokenizer.json says; so where the two files disagree (a cased
+    checkpoint whose tokenizer.json says lowercase), the ids are AutoTokenizer's. A folder whose
+    ``tokenizer_class`` loads tokenizer.json as saved (``PreTrainedTokenizerFast``), and other
+    normalisers, are left alone; :meth:`TextPreprocessor.check_backend` catches any other difference."""
     import json
 
     from tokenizers import normalizers
 
-    if backend.normalizer is None:
+    if backend.normalizer is None or config.get("tokenizer_class") in _AS_SAVED_CLASSES:
         return
     state = json.loads(backend.normalizer.__getstate__())
     if state.get("type") != "BertNormalizer":
         return
-    wanted = {"lowercase": config.get("do_lower_case", state.get("lowercase", True)),
-              "strip_accents": config.get("strip_accents", state.get("strip_accents")),
-              "handle_chinese_chars": config.get("tokenize_chinese_chars", state.get("handle_chinese_chars", True))}
+    wanted = {"clean_text": True, "lowercase": config.get("do_lower_case", True),
+              "strip_accents": config.get("strip_accents"),
+              "handle_chinese_chars": config.get("tokenize_chinese_chars", True)}
     if any(state.get(key) != value for key, value in wanted.items()):
-        backend.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
+        backend.normalizer = normalizers.BertNormalizer(**wanted)
 
 
 def checkpoint_max_length(files: CheckpointFiles, configured: int | None,

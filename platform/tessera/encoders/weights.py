@@ -128,7 +128,10 @@ def _download_listing(storage: Storage, fs: pafs.FileSystem, root: str, listing:
     replaced, added or removed meanwhile; sizes and modification times are compared)."""
     for rel, size, _mtime in listing:
         src = f"{root.rstrip('/')}/{rel}"
-        got = storage.retrying_io(f"GET {src}", lambda src=src, rel=rel: _download(fs, src, tmp / rel))
+        try:
+            got = storage.retrying_io(f"GET {src}", lambda src=src, rel=rel: _download(fs, src, tmp / rel))
+        except FileNotFoundError:
+            return f"{rel}: removed after the listing"
         if got != size:
             return f"{rel}: listed {size} bytes, read {got}"
     after = storage.retrying_io(f"LIST {root}", lambda: _list_remote(fs, root, patterns))
@@ -162,7 +165,8 @@ def _cache_key(uri: str, listing: list[tuple[str, int, int]], patterns: tuple[st
 def _download(fs: pafs.FileSystem, src: str, dst: Path) -> int:
     """Copy ``src`` to ``dst``; returns the bytes written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_input_stream(src) as stream, open(dst, "wb") as out:
+    # compression=None: pyarrow would decompress a .gz / .zst / .bz2 file while reading it (detect)
+    with fs.open_input_stream(src, compression=None) as stream, open(dst, "wb") as out:
         shutil.copyfileobj(stream, out, _CHUNK)
         return out.tell()
 

@@ -352,7 +352,7 @@ def _download_all(storage: Storage, shard_uri: str, root: Path, manifest: ShardM
         with tempfile.NamedTemporaryFile(dir=scratch, prefix=".partial-", delete=False) as dst:
             partial = Path(dst.name)
         try:
-            with fs.open_input_stream(path) as src, open(partial, "wb") as out:
+            with fs.open_input_stream(path, compression=None) as src, open(partial, "wb") as out:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
