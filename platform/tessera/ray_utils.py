@@ -28,6 +28,43 @@ def autoscaler_max_resources() -> dict | None:
         return None
 
 
+def unplaceable(asks: list[tuple[str, float, float]], nodes: list[dict]) -> str | None:
+    """What is wrong with the first ask (``(config key, CPUs, GPUs)`` of one worker) that no node can hold,
+    or None: Ray would queue such an actor or task forever, however many CPUs and GPUs the cluster has in
+    all (2 GPUs an actor on nodes of 1), so a job checks first and names the key.
+
+    Args:
+        nodes: each live node's resources (``ray.nodes()``' ``Resources``). Pass none on an autoscaling
+            cluster, whose node types may be larger than its nodes now.
+    """
+    for key, cpus, gpus in asks:
+        if not any(float(n.get("CPU", 0)) + 1e-9 >= cpus and float(n.get("GPU", 0)) + 1e-9 >= gpus for n in nodes):
+            largest = max(nodes, key=lambda n: (float(n.get("GPU", 0)), float(n.get("CPU", 0))))
+            return (f"{key} asks each of its workers for {cpus:g} CPUs and {gpus:g} GPUs, but no node of this "
+                    f"cluster has that much (the largest: {float(largest.get('CPU', 0)):g} CPUs, "
+                    f"{float(largest.get('GPU', 0)):g} GPUs): lower {key}.num_cpus / num_gpus, or add such a node")
+    return None
+
+
+def cluster_capacity(current: dict, autoscaler_max: dict | None) -> tuple[float, float]:
+    """``(CPUs, GPUs)`` a job's pools can count on: what the cluster has now, or on an autoscaling cluster the
+    most its autoscaler may add (the pools' actors then bring the nodes up: ``cluster.yaml`` scales its
+    GPU workers from zero)."""
+    maximum = autoscaler_max or {}
+    return (max(float(current.get("CPU", 0.0)), float(maximum.get("CPU", 0) or 0)),
+            max(float(current.get("GPU", 0.0)), float(maximum.get("GPU", 0) or 0)))
+
+
+def cluster_layout() -> tuple[float, float, list[dict] | None]:
+    """``(CPUs, GPUs, nodes)`` a job can plan with (:func:`cluster_capacity`), and each live node's resources,
+    or None on an autoscaling cluster, whose node types, not its nodes now, bound an actor's size."""
+    import ray
+
+    maximum = autoscaler_max_resources()
+    cpus, gpus = cluster_capacity(ray.cluster_resources(), maximum)
+    return cpus, gpus, (None if maximum is not None else [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+
+
 SHARED_FS_ENV = "TESSERA_SHARED_FS"  # "1": local paths are a mount every node of the cluster shares
 
 

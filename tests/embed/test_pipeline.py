@@ -139,8 +139,7 @@ def test_max_error_rate_and_bad_config_exit_codes(sample_embeddings, encoder_wei
 def test_an_autoscaling_cluster_counts_what_its_autoscaler_may_add(ray_session):
     """cluster.yaml scales its GPU workers from zero: a GPU pool must not be refused for the GPUs the
     cluster has before the pool asks for them. Without an autoscaler (this test Ray) only what is there counts."""
-    from tessera.embed.pipeline import cluster_capacity
-    from tessera.ray_utils import autoscaler_max_resources
+    from tessera.ray_utils import autoscaler_max_resources, cluster_capacity
 
     assert autoscaler_max_resources() is None
     now = {"CPU": 4.0}
@@ -163,15 +162,18 @@ def test_pools_that_cannot_fit_are_refused_before_running(encoder_weights):
 
 
 def test_an_actor_no_node_can_hold_is_refused_whatever_the_cluster_holds_in_all(encoder_weights):
-    """Two nodes of 1 GPU make 2 GPUs in all, but a pool actor asking for 2 would wait forever: refused, naming
-    the key; the same actor fits a node of 2 GPUs, and on an autoscaling cluster (nodes None) is not judged by
-    the nodes there now."""
-    cfg = embed_config(encoder_weights, "x", image={"pool": {"num_gpus": 2, "num_cpus": 0.25}})
-    small = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
-    with pytest.raises(ValueError, match=r"image\.pool asks each of its workers for 0.25 CPUs and 2 GPUs, but no node"):
-        check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=small)
-    check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=[{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0}])
-    check_fits(cfg, cluster_cpus=16, cluster_gpus=2, nodes=None)
+    """A node of 8 CPUs and one of 4 CPUs and a GPU hold both in all, but a pool actor asking for 6 CPUs and a
+    GPU would wait forever: refused, naming the key; the same actor fits a node of 8 CPUs and a GPU, and on an
+    autoscaling cluster (nodes None) is not judged by the nodes there now. An actor uses one GPU: more is a
+    config error."""
+    cfg = embed_config(encoder_weights, "x", image={"pool": {"num_gpus": 1, "num_cpus": 6}})
+    split = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0}]
+    with pytest.raises(ValueError, match=r"image\.pool asks each of its workers for 6 CPUs and 1 GPUs, but no node"):
+        check_fits(cfg, cluster_cpus=12, cluster_gpus=1, nodes=split)
+    check_fits(cfg, cluster_cpus=12, cluster_gpus=1, nodes=[{"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0}])
+    check_fits(cfg, cluster_cpus=12, cluster_gpus=1, nodes=None)
+    with pytest.raises(ValueError, match="num_gpus"):
+        embed_config(encoder_weights, "x", image={"pool": {"num_gpus": 2, "num_cpus": 0.25}})
     wide = embed_config(encoder_weights, "x", audio={"preprocess": {"num_cpus": 6}})
     with pytest.raises(ValueError, match=r"audio\.preprocess asks each of its workers for 6 CPUs"):
         check_fits(wide, cluster_cpus=16, cluster_gpus=0, nodes=[{"CPU": 4.0}] * 4)

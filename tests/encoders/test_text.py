@@ -312,3 +312,12 @@ def test_a_roberta_style_model_takes_texts_as_long_as_its_positions_hold(tmp_pat
     monkeypatch.setattr(text_module, "_OFFSET_POSITIONS", frozenset())
     with pytest.raises(ValueError, match="cut at 34 tokens, but the model's positions hold 33.*max_length to 33"):
         TextEncoder(TextEncoderConfig(weights=folder, device="cpu"))
+
+
+def test_cuda_asked_for_where_torch_sees_none_names_the_setting():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this node has a CUDA device")
+    with pytest.raises(RuntimeError, match=r"text\.encoder\.device is 'cuda' but torch sees no CUDA device.*'auto'"):
+        TextEncoder(TextEncoderConfig(device="cuda"))

@@ -247,3 +247,28 @@ def test_one_shard_no_user_queries_and_every_item_a_query(bundle_uri, ray_sessio
     for name, ref in manifest.modal_indexes.items():
         modal = read_index_manifest(storage, join_uri(uri, ref.path))
         assert modal.num_shards == 1 and modal.recall_checks["item"].num_queries == ref.num_items, name
+
+
+def test_resources_no_node_or_cluster_can_give_are_refused_naming_the_key():
+    """A GPU vectors stage on a CPU cluster, actors holding every CPU (their read tasks never run) or one no
+    node can hold made Ray Data wait forever (wait_for_min_actors_s is -1 in Ray 2.60); now exit 2 naming
+    the key. An actor uses one GPU: more is refused by the config."""
+    from tessera.config import ConfigError
+    from tessera.index_job.job import check_fits
+
+    gpu = job_config("s3://b/m", "s3://b/i", vectors={"num_gpus": 1})
+    with pytest.raises(ConfigError, match=r"vectors.actors x vectors.num_gpus \(1 x 1\) is more than the cluster's 0"):
+        check_fits(gpu, 2, 0, None)  # no autoscaler GPUs either
+    with pytest.raises(ConfigError, match=r"vectors asks each of its workers for 0.5 CPUs and 1 GPUs"):
+        check_fits(gpu, 2, 0, [{"CPU": 2.0}])
+    check_fits(gpu, 2, 1, [{"CPU": 2.0, "GPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"vectors asks each of its workers for 0.5 CPUs and 1 GPUs, but no node"):
+        check_fits(gpu, 4, 1, [{"CPU": 2.0}, {"CPU": 0.25, "GPU": 1.0}])
+    check_fits(gpu, 4, 1, None)  # an autoscaling cluster: its node types, not its nodes now, bound an actor
+    crowded = job_config("s3://b/m", "s3://b/i", vectors={"actors": 4})
+    with pytest.raises(ConfigError, match=r"vectors.actors x vectors.num_cpus \(4 x 0.5\)"):
+        check_fits(crowded, 2, 0, [{"CPU": 2.0}])
+    with pytest.raises(ConfigError, match=r"build asks each of its workers for 4 CPUs"):
+        check_fits(job_config("s3://b/m", "s3://b/i", build={"num_cpus": 4}), 8, 0, [{"CPU": 2.0}] * 4)
+    with pytest.raises(ValueError, match="num_gpus"):
+        job_config("s3://b/m", "s3://b/i", vectors={"num_gpus": 2})

@@ -37,7 +37,8 @@ from tessera.storage import StorageConfig
 class PoolConfig(TesseraConfig):
     """One encoder actor pool: autoscales between ``min_actors`` and ``max_actors``.
 
-    ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one); with 0 the actors run on the
+    ``num_gpus`` > 0 puts each actor on a GPU (CUDA when torch sees one; at most 1, an encoder uses one
+    device: a share such as 0.5 puts two actors on one GPU); with 0 the actors run on the
     CPU even on a GPU node (an ``auto`` encoder device follows the pool; Ray 2.60 leaves
     ``CUDA_VISIBLE_DEVICES`` unset for a worker without GPUs, so torch would see them all); ``torch_threads`` caps the
     intra-op threads of a CPU actor (None: Ray's default, one thread per requested CPU).
@@ -49,7 +50,7 @@ class PoolConfig(TesseraConfig):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(64, ge=1)
     torch_threads: int | None = Field(None, ge=1)
     max_tasks_in_flight_per_actor: int = Field(2, ge=1)

@@ -44,7 +44,7 @@ from tessera.encoders.text import TextEncoder
 from tessera.encoders.weights import CheckpointFiles, resolve_weights, weights_checksum
 from tessera.lease import LeaseLostError, RunLease
 from tessera.memory import allocator_env
-from tessera.ray_utils import autoscaler_max_resources, check_paths_for_cluster
+from tessera.ray_utils import check_paths_for_cluster, cluster_layout, unplaceable
 from tessera.storage import Storage, join_uri, parse_uri
 
 ENCODERS = {"text": TextEncoder, "image": ImageEncoder, "audio": AudioEncoder}
@@ -385,15 +385,6 @@ def build_dataset(cfg: EmbedConfig, files: list[str], done: np.ndarray, hash_key
                                      "attempt": attempt})
 
 
-def cluster_capacity(current: dict, autoscaler_max: dict | None) -> tuple[float, float]:
-    """``(CPUs, GPUs)`` the pools can count on: what the cluster has now, or on an autoscaling cluster the
-    most its autoscaler may add (the pools' actors then bring the nodes up: ``cluster.yaml`` scales its
-    GPU workers from zero)."""
-    maximum = autoscaler_max or {}
-    return (max(float(current.get("CPU", 0.0)), float(maximum.get("CPU", 0) or 0)),
-            max(float(current.get("GPU", 0.0)), float(maximum.get("GPU", 0) or 0)))
-
-
 def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes: list[dict] | None = None) -> None:
     """Refuse a config whose pools, at their minimum size, leave no CPU for the stages that feed them,
     or whose one actor or task asks for more than any node has.
@@ -413,14 +404,8 @@ def check_fits(cfg: EmbedConfig, cluster_cpus: float, cluster_gpus: float, nodes
     if nodes:
         asks = [(f"{m}.pool", mc.pool.num_cpus, mc.pool.num_gpus) for m, mc in mods.items()]
         asks += [(key, cpus, 0.0) for key, cpus in stages]
-        for key, cpus, gpus in asks:
-            if not any(float(n.get("CPU", 0)) + 1e-9 >= cpus and float(n.get("GPU", 0)) + 1e-9 >= gpus
-                       for n in nodes):
-                largest = max(nodes, key=lambda n: (float(n.get("GPU", 0)), float(n.get("CPU", 0))))
-                raise EmbeddingInputError(
-                    f"{key} asks each of its workers for {cpus:g} CPUs and {gpus:g} GPUs, but no node of this "
-                    f"cluster has that much (the largest: {float(largest.get('CPU', 0)):g} CPUs, "
-                    f"{float(largest.get('GPU', 0)):g} GPUs): lower {key}.num_cpus / num_gpus, or add such a node")
+        if problem := unplaceable(asks, nodes):
+            raise EmbeddingInputError(problem)
     pools = sum(m.pool.min_actors * m.pool.num_cpus for m in mods.values())
     stage = max(cpus for _, cpus in stages)
     if pools + stage > cluster_cpus + 1e-9:
@@ -530,7 +515,6 @@ def run_state(storage: Storage, run_uri: str, identity: dict, n_input: int,
 
 def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLease, files: list[str],
                 n_input: int, identity: dict, t0: float) -> dict:
-    import ray
 
     manifest_uri, identity_uri = join_uri(run_uri, "_MANIFEST.json"), join_uri(run_uri, "_RUN.json")
     # again, holding the lease: an attempt that held it before may have finished or started the run
@@ -542,10 +526,7 @@ def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLeas
                                    f"parts mix both: delete the run's folder, or embed into another run_id")
     # an earlier run's incomplete or outdated manifest, if any: this attempt replaces that version only
     started_manifest = storage.read_versioned(manifest_uri)[1] if storage.exists(manifest_uri) else None
-    autoscaler_max = autoscaler_max_resources()
-    cpus, gpus = cluster_capacity(ray.cluster_resources(), autoscaler_max)
-    nodes = None if autoscaler_max is not None else [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_fits(cfg, cpus, gpus, nodes)
+    check_fits(cfg, *cluster_layout())
     check_weights(cfg, storage)
     check_item_ids(storage, files, cfg.read_num_cpus, columns=source_columns(cfg))
     modalities = cfg.modalities()

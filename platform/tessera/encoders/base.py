@@ -77,14 +77,17 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def choose_device(requested: str) -> torch.device:
-    """Map the config's ``device`` to a torch device; asking for ``cuda`` without one is an error."""
+def choose_device(requested: str, key: str = "device") -> torch.device:
+    """Map the config's ``device`` to a torch device; asking for ``cuda`` without one is an error naming
+    ``key`` (the setting that asked)."""
     import torch
 
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+        raise RuntimeError(f"{key} is 'cuda' but torch sees no CUDA device on this node "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}): set it to "
+                           "'auto', or run this on a node with a GPU and a CUDA build of torch")
     return torch.device(requested)
 
 
@@ -209,7 +212,7 @@ class Encoder(ABC, Generic[C]):
 
         self.config = config
         self.weights_dir = resolve_weights(config.weights, storage, config.cache_dir).path
-        self._device = choose_device(config.device)
+        self._device = choose_device(config.device, f"{self.modality}.encoder.device")
         self.autocast_dtype = autocast_dtype(self._device, config.bf16_autocast)
         self.preprocessor = self.preprocessor_class(config, storage, weights_dir=self.weights_dir)
         # fp32 weights whatever the checkpoint stores: transformers 5 loads a checkpoint saved in fp16 or

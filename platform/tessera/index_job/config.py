@@ -35,7 +35,8 @@ class VectorStageConfig(TesseraConfig):
     Args:
         actors: actors in the pool.
         num_cpus: CPUs per actor (fractional on small nodes).
-        num_gpus: GPUs per actor (0 on CPU clusters); with one, the actor runs the tower on CUDA.
+        num_gpus: GPUs per actor (0 on CPU clusters); with one (or a share of one), the actor runs the tower
+            on CUDA. At most 1: an actor uses one device.
         batch_size: items per tower forward pass.
         torch_threads: intra-op threads per actor (None: torch's default).
         read_num_cpus: CPUs per read / write task.
@@ -44,7 +45,7 @@ class VectorStageConfig(TesseraConfig):
 
     actors: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(256, ge=1)
     torch_threads: int | None = Field(1, ge=1)
     read_num_cpus: float = Field(0.1, gt=0)

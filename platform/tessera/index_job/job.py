@@ -62,7 +62,7 @@ from tessera.index_job.self_check import (
 from tessera.index_job.sources import IndexSourceError, IndexSources, resolve_sources
 from tessera.index_job.vectors import FUSED, VECTORS_DIR, compute_item_vectors
 from tessera.lease import RunLease
-from tessera.ray_utils import check_paths_for_cluster
+from tessera.ray_utils import check_paths_for_cluster, cluster_layout, unplaceable
 from tessera.storage import Storage, join_uri
 
 LEASE_FILE = "_LEASE.json"
@@ -101,7 +101,8 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
         IndexRecallError: a self-check below ``self_check.recall_floor`` (``_FAILED.json`` written).
         LeaseHeldError: another build of the version is running.
         LeaseLostError: another build took the version over while this one ran (this one stopped).
-        ConfigError: a local ``output_uri`` on a cluster of several nodes (:func:`check_paths_for_cluster`).
+        ConfigError: a local ``output_uri`` on a cluster of several nodes (:func:`check_paths_for_cluster`), or
+            resources the cluster cannot give (:func:`check_fits`).
     """
 
     t0 = time.perf_counter()
@@ -113,6 +114,7 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
         "embeddings_uri" if cfg.embeddings_uri else "embeddings_uri (the bundle's embedding_run)": src.embedding_run,
         "interactions_uri" if cfg.interactions_uri else "interactions_uri (beside the run's items)":
             src.interactions_uri})
+    check_fits(cfg, *cluster_layout())
     _refuse_existing(storage, src)
     lease = RunLease(storage, join_uri(src.index_uri, LEASE_FILE), cfg.lease_ttl_s, what=f"index {src.index_uri}",
                      break_lease=break_lease)
@@ -120,6 +122,27 @@ def run_index_job(cfg: IndexJobConfig, break_lease: bool = False) -> IndexManife
     with lease:  # renewed while the build goes on, released at its end
         _refuse_existing(storage, src)  # a build that held the lease before this one may have published it
         return _build_leased(cfg, storage, src, lease, t0)
+
+
+def check_fits(cfg: IndexJobConfig, cluster_cpus: float, cluster_gpus: float, nodes: list[dict] | None) -> None:
+    """Refuse settings Ray would wait on forever: a vectors actor or a build task no node can hold, vector
+    actors holding every CPU (the read tasks that feed them then never run) or more GPUs than the cluster
+    has (Ray Data starts the whole pool before any data flows).
+
+    Raises:
+        ConfigError: naming the keys to change.
+    """
+    stage = cfg.vectors
+    if nodes and (problem := unplaceable([("vectors", stage.num_cpus, stage.num_gpus),
+                                          ("build", cfg.build.num_cpus, 0.0)], nodes)):
+        raise ConfigError(problem)
+    if stage.actors * stage.num_cpus + stage.read_num_cpus > cluster_cpus + 1e-9:
+        raise ConfigError(f"vectors.actors x vectors.num_cpus ({stage.actors} x {stage.num_cpus:g}) and a read task "
+                          f"(vectors.read_num_cpus {stage.read_num_cpus:g}) need more than the cluster's "
+                          f"{cluster_cpus:g} CPUs: lower them, or add nodes")
+    if stage.actors * stage.num_gpus > cluster_gpus + 1e-9:
+        raise ConfigError(f"vectors.actors x vectors.num_gpus ({stage.actors} x {stage.num_gpus:g}) is more than the "
+                          f"cluster's {cluster_gpus:g} GPUs: lower them, or add GPU nodes")
 
 
 def _refuse_existing(storage: Storage, src: IndexSources) -> None:
