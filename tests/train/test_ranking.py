@@ -173,3 +173,25 @@ def test_ranker_lists_longer_than_the_catalog_are_a_config_error_naming_the_keys
     check_ranker_lists(few, 26)
     with pytest.raises(ConfigError, match="26 distinct"):
         check_ranker_lists(few, 25)
+
+
+def test_evaluation_in_user_chunks_gives_the_whole_matrix_figures_on_the_host():
+    """Scores are computed a chunk of users at a time and copied to the host as each is done (the whole
+    users x items matrix on a GPU ran out of its memory at scale): the figures are the unchunked ones."""
+    from tessera.models.history import pad_histories
+    from tessera.train.evaluate import evaluate_ranked, evaluate_retrieval
+    from tessera.train.examples import EvalSet
+
+    model = _ranker_model(num_hard=K - 1, num_random=0)
+    rng = np.random.default_rng(3)
+    seen = [rng.choice(NUM_ITEMS, size=rng.integers(1, 5), replace=False) for _ in range(23)]
+    targets = [np.setdiff1d(rng.choice(NUM_ITEMS, size=2, replace=False), s) for s in seen]
+    ev = EvalSet(pad_histories(seen, 4), seen, targets)
+    whole = evaluate_retrieval(model.retrieval, ev, (10,), max_chunk_elements=10**9)
+    for per_chunk in (1, 5 * NUM_ITEMS):  # a user a chunk, and 5
+        assert evaluate_retrieval(model.retrieval, ev, (10,), max_chunk_elements=per_chunk) == whole
+    with torch.no_grad():
+        ranked = model.rerank(ev.history, exclude=ev.train_items, chunk=256)
+        assert ranked.device.type == "cpu"
+        torch.testing.assert_close(model.rerank(ev.history, exclude=ev.train_items, chunk=4), ranked)
+    assert evaluate_ranked(model, ev, (10,))["num_users"] == whole["num_users"]

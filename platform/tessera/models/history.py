@@ -36,6 +36,13 @@ class HistoryBatch:
         """The same batch on ``device``."""
         return HistoryBatch(*(t.to(device) for t in (self.item_idx, self.mask, self.timestamps_ms, self.weights)))
 
+    def rows(self, start: int, stop: int) -> HistoryBatch:
+        """Users ``start:stop`` of the batch (views, on the batch's device)."""
+        return HistoryBatch(*(t[start:stop] for t in (self.item_idx, self.mask, self.timestamps_ms, self.weights)))
+
+    def __len__(self) -> int:
+        return len(self.item_idx)
+
 
 def pad_histories(item_idx: Sequence[np.ndarray], max_len: int, timestamps: Sequence[np.ndarray] | None = None,
                   weights: Sequence[np.ndarray] | None = None, pad_index: int = 0) -> HistoryBatch:

@@ -31,15 +31,22 @@ def metrics_of_scores(scores: torch.Tensor, eval_set: EvalSet, ks: Sequence[int]
     return {**{k: float(v) for k, v in out.items()}, "repeat_targets": eval_set.repeat_targets}
 
 
-def evaluate_retrieval(model: TwoTowerModel, eval_set: EvalSet, ks: Sequence[int]) -> dict[str, float]:
-    """Metrics of a retrieval model (put in eval mode for the call, then restored)."""
+def evaluate_retrieval(model: TwoTowerModel, eval_set: EvalSet, ks: Sequence[int],
+                       max_chunk_elements: int = 2**26) -> dict[str, float]:
+    """Metrics of a retrieval model (put in eval mode for the call, then restored). The users are scored
+    a chunk of at most ``max_chunk_elements`` scores at a time on the model's device, each chunk copied
+    to the host as it is done (the whole matrix on a GPU ran out of its memory at scale)."""
     was_training = model.training
     model.eval()
     try:
-        scores, _ = model.score(eval_set.history)
+        vecs = model.all_item_vectors()
+        chunk = max(1, max_chunk_elements // max(1, vecs.shape[0]))
+        history = eval_set.history
+        scores = torch.cat([model.score(history.rows(s, s + chunk), vecs)[0].cpu()
+                            for s in range(0, len(history), chunk)])
     finally:
         model.train(was_training)
-    return metrics_of_scores(scores.cpu(), eval_set, ks)
+    return metrics_of_scores(scores, eval_set, ks)
 
 
 def evaluate_ranked(model: RankerModel, eval_set: EvalSet, ks: Sequence[int]) -> dict[str, float]:
@@ -47,10 +54,10 @@ def evaluate_ranked(model: RankerModel, eval_set: EvalSet, ks: Sequence[int]) ->
     was_training = model.training
     model.eval()
     try:
-        scores = model.rerank(eval_set.history, exclude=eval_set.train_items)
+        scores = model.rerank(eval_set.history, exclude=eval_set.train_items)  # on the host
     finally:
         model.train(was_training)
-    return metrics_of_scores(scores.cpu(), eval_set, ks)
+    return metrics_of_scores(scores, eval_set, ks)
 
 
 def evaluate_popularity(counts: np.ndarray, eval_set: EvalSet, ks: Sequence[int]) -> dict[str, float]:

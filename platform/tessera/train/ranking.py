@@ -200,16 +200,17 @@ class RankerModel(nn.Module):
     @torch.no_grad()
     def rerank(self, hist: HistoryBatch, exclude: Sequence[np.ndarray] | None = None,
                chunk: int = 256) -> torch.Tensor:
-        """``(U, I)`` full-catalog scores: retrieval top-K re-ordered by the ranker, the rest after it (on
-        the catalog's device, wherever ``hist`` is)."""
+        """``(U, I)`` full-catalog scores on the host: retrieval top-K re-ordered by the ranker, the rest after
+        it. Computed ``chunk`` users at a time on the catalog's device, each chunk copied to the host as it
+        is done: on a GPU the whole matrix (users x items x 4 bytes, 40 GB for 100k x 100k) is host RAM's
+        to hold, as on a CPU, not the device's."""
         device = self.item_vecs.device
-        hist = hist.to(device)
         outs = []
-        for s in range(0, len(hist.item_idx), chunk):
-            h = HistoryBatch(*(t[s:s + chunk] for t in (hist.item_idx, hist.mask, hist.timestamps_ms, hist.weights)))
+        for s in range(0, len(hist), chunk):
+            h = hist.rows(s, s + chunk).to(device)
             scores = self.retrieve(h)
             if exclude is not None:
                 scores = mask_rows(scores, exclude[s:s + chunk])
             top = scores.topk(min(self.cfg.candidates, scores.shape[1]), dim=1).indices  # (b, K)
-            outs.append(place_ranked(scores, top, self.logits(h, top, scores)))
+            outs.append(place_ranked(scores, top, self.logits(h, top, scores)).cpu())
         return torch.cat(outs)
