@@ -133,23 +133,31 @@ def _vectors(storage, manifest, modality) -> dict[str, np.ndarray]:
     return out
 
 
-class BareTextLoop:
-    """The bare encoder loop in a process of its own, started on the encoder pools' allocator (the
-    driver runs on the C library's: jemalloc's ~7% less CPU would otherwise count as pipeline gain).
-    (Ray is imported only once :func:`bench_stack` has set the token variables: Ray reads them at import.)"""
+class _BaselineProcess:
+    """A baseline loop's Ray actor, started by :func:`_in_actor` on the encoder pools' allocator (the
+    driver runs on the C library's, whose extra CPU would otherwise count as pipeline gain): ``threads``
+    torch threads, the encoder ``make_encoder()`` builds, warmed up on ``warm``. (Ray is imported only once
+    :func:`bench_stack` has set the token variables: Ray reads them at import.)"""
 
-    def __init__(self, cfg, threads: int):
+    def __init__(self, threads: int, make_encoder, warm: list):
         import torch
 
         from tessera.memory import active_allocator
 
         torch.set_num_threads(threads)
-        self.enc = TextEncoder(cfg)
-        self.enc.embed(["warm up"] * 64)
+        self.enc = make_encoder()
+        self.enc.embed(warm)
         self._allocator = active_allocator()
 
     def allocator(self) -> tuple[str, int]:
         return self._allocator, os.getpid()
+
+
+class BareTextLoop(_BaselineProcess):
+    """The bare encoder loop: ``TextEncoder.embed`` over texts in one call."""
+
+    def __init__(self, cfg, threads: int):
+        super().__init__(threads, lambda: TextEncoder(cfg), ["warm up"] * 64)
 
     def run(self, texts: list[str]) -> tuple[float, float]:
         """(wall seconds, CPU seconds) of one ``embed`` call over ``texts``."""
@@ -158,23 +166,13 @@ class BareTextLoop:
         return time.perf_counter() - t0, time.process_time() - c0
 
 
-class PlainMediaLoop:
-    """The plain media loop (fetch, decode, encode, a batch at a time) in a process of its own on the
-    encoder pools' allocator, as :class:`BareTextLoop`."""
+class PlainMediaLoop(_BaselineProcess):
+    """The plain media loop: fetch, decode, encode, a batch at a time."""
 
     def __init__(self, modality: str, cfg, threads: int, warm: bytes):
-        import torch
-
-        from tessera.memory import active_allocator
-
-        torch.set_num_threads(threads)
         self.storage = Storage()
-        self.enc = (ImageEncoder if modality == "image" else AudioEncoder)(cfg, self.storage)
-        self.enc.embed([warm])
-        self._allocator = active_allocator()
-
-    def allocator(self) -> tuple[str, int]:
-        return self._allocator, os.getpid()
+        encoder = ImageEncoder if modality == "image" else AudioEncoder
+        super().__init__(threads, lambda: encoder(cfg, self.storage), [warm])
 
     def run(self, uris: list[str], batch: int) -> tuple[float, float]:
         """(items/s, CPU seconds of this process) over ``uris``."""

@@ -515,7 +515,6 @@ def run_state(storage: Storage, run_uri: str, identity: dict, n_input: int,
 
 def _run_leased(cfg: EmbedConfig, storage: Storage, run_uri: str, lease: RunLease, files: list[str],
                 n_input: int, identity: dict, t0: float) -> dict:
-
     manifest_uri, identity_uri = join_uri(run_uri, "_MANIFEST.json"), join_uri(run_uri, "_RUN.json")
     # again, holding the lease: an attempt that held it before may have finished or started the run
     started, finished = run_state(storage, run_uri, identity, n_input, announce=True)

@@ -169,12 +169,11 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         if self.backend is None:
             return
         ours = self._tokenize(list(PROBE_TEXTS))
-        theirs = self.tokenizer(list(PROBE_TEXTS), truncation=True, max_length=self.max_length, padding=False,
-                                return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        theirs = self._tokenize_with_transformers(list(PROBE_TEXTS))
         for text, a, b in zip(PROBE_TEXTS, ours, theirs, strict=True):
-            if a.tolist() != list(b):
+            if not np.array_equal(a, b):
                 raise ValueError(f"{self.config.weights}: tokenizer.json tokenises {text!r} as {a.tolist()}, "
-                                 f"transformers' AutoTokenizer for this folder as {list(b)} (its tokenizer class "
+                                 f"transformers' AutoTokenizer for this folder as {b.tolist()} (its tokenizer class "
                                  "builds part of the pipeline from tokenizer_config.json or its own defaults, not "
                                  "from tokenizer.json): fix the folder's tokenizer files, or set the text "
                                  "encoder's fast_tokenizer_file: false to tokenise through AutoTokenizer")
@@ -223,6 +222,9 @@ class TextPreprocessor(Preprocessor[TextEncoderConfig]):
         if self.backend is not None:
             encodings = self.backend.encode_batch(texts, add_special_tokens=True)
             return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        return self._tokenize_with_transformers(texts)
+
+    def _tokenize_with_transformers(self, texts: list[str]) -> list[np.ndarray]:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
                              return_attention_mask=False, return_token_type_ids=False)
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]

@@ -392,12 +392,13 @@ class QueryCore:
             # a query whose embedding is not finite (a float WAV of samples near 3e38: its normalisation
             # overflows) fails alone, as the embedding job fails such an item; project refuses a batch
             # holding one, which failed every query sharing the batch with a 503
-            finite = np.isfinite(emb).all(axis=1)
-            for (i, _), ok in zip(entries, finite, strict=True):
-                if not ok:
+            kept = []
+            for (i, _), row, ok in zip(entries, emb, np.isfinite(emb).all(axis=1), strict=True):
+                if ok:
+                    kept.append((i, row))
+                else:
                     out[i] = RequestError(422, "bad_media", f"{modality} query rejected: corrupt: its embedding "
                                                             "is not finite (sample values out of range?)")
-            kept = [(i, row) for (i, _), row, ok in zip(entries, emb, finite, strict=True) if ok]
             if not kept:
                 continue
             with torch.inference_mode():
